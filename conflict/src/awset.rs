@@ -1,0 +1,292 @@
+//! Add-wins observed-remove set of byte strings, on `crdts`' `VClock` and `Dot`.
+//!
+//! The algorithm is the ORSWOT's (an observed-remove set without tombstones): every add is
+//! witnessed by a dot `(origin, n)`, each member keeps the dots of its live adds, and a remove
+//! carries the clock of what the remover had seen, so it removes exactly those dots and no
+//! concurrent add. `crdts::Orswot` implements the same algorithm but keeps its state in
+//! `HashMap`s (iteration order and encoded bytes differ from process to process, which would leak
+//! into replies, digests and simulator traces) and cannot remove "everything observed" by a clock
+//! alone, which `DEL` needs to stay bounded in size. This type keeps the state in `BTreeMap`s and
+//! adds [`AwSet::remove_all`].
+//!
+//! ```text
+//!  add(dot, members) ── dot <= clock? ──yes──► already seen (or removed): nothing
+//!                          │no
+//!                          ▼
+//!             members[m] += dot unless pending[m] covers it; clock += dot
+//!
+//!  remove(observed, members) ──► drop the members' dots <= observed
+//!                                observed not <= clock? ──► pending[m] |= observed
+//!                                (an add it saw has not arrived yet: suppress it when it does)
+//!
+//!  remove_all(observed) ───────► drop every dot <= observed; clock |= observed
+//! ```
+//!
+//! Op-based application assumes each origin's operations arrive in the order that origin issued
+//! them (the replication protocol guarantees it); duplicates and any interleaving of origins are
+//! harmless. State-based [`AwSet::merge`] needs no ordering at all.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use crdts::{CmRDT, CvRDT, Dot, ResetRemove, VClock};
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// An add-wins observed-remove set. See the module documentation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwSet {
+    /// Every add dot this replica has seen (applied, or known to be removed).
+    clock: VClock<NodeId>,
+    /// Live members, each with the dots of its adds that no remove has covered.
+    /// Invariant: no entry is empty.
+    entries: BTreeMap<Bytes, VClock<NodeId>>,
+    /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
+    /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
+    pending: BTreeMap<Bytes, VClock<NodeId>>,
+}
+
+impl AwSet {
+    /// Whether `member` is in the set.
+    pub fn contains(&self, member: &[u8]) -> bool {
+        self.entries.contains_key(member)
+    }
+
+    /// The members, in byte order.
+    pub fn members(&self) -> impl Iterator<Item = &Bytes> {
+        self.entries.keys()
+    }
+
+    /// How many members the set holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the set holds no member.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every add dot seen: what a remove of everything would observe.
+    pub fn clock(&self) -> &VClock<NodeId> {
+        &self.clock
+    }
+
+    /// The dots that make `members` present: what removing them observes.
+    pub fn observed(&self, members: &[Bytes]) -> VClock<NodeId> {
+        let mut observed = VClock::new();
+        for member in members {
+            if let Some(dots) = self.entries.get(member) {
+                observed.merge(dots.clone());
+            }
+        }
+        observed
+    }
+
+    /// The counter of the next add dot `origin` would issue on this set.
+    pub fn next_counter(&self, origin: NodeId) -> u64 {
+        self.clock.get(&origin) + 1
+    }
+
+    /// Applies an add of `members` witnessed by `dot`.
+    pub fn add(&mut self, dot: Dot<NodeId>, members: &[Bytes]) {
+        if self.clock.get(&dot.actor) >= dot.counter {
+            return; // seen before: a duplicate, or covered by a remove of everything
+        }
+        for member in members {
+            let covered = self
+                .pending
+                .get(member)
+                .is_some_and(|p| p.get(&dot.actor) >= dot.counter);
+            if !covered {
+                self.entries.entry(member.clone()).or_default().apply(dot);
+            }
+        }
+        self.clock.apply(dot);
+        self.prune_pending();
+    }
+
+    /// Applies a remove of `members` that observed the dots in `observed`.
+    pub fn remove(&mut self, observed: &VClock<NodeId>, members: &[Bytes]) {
+        // Not `<=` (partial order): some dot it observed has not arrived here yet.
+        let ahead = !matches!(
+            observed.partial_cmp(&self.clock),
+            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+        );
+        for member in members {
+            if let Some(dots) = self.entries.get_mut(member) {
+                dots.reset_remove(observed);
+                if dots.is_empty() {
+                    self.entries.remove(member);
+                }
+            }
+            if ahead {
+                self.pending
+                    .entry(member.clone())
+                    .or_default()
+                    .merge(observed.clone());
+            }
+        }
+        self.prune_pending();
+    }
+
+    /// Applies a remove of every member, observing the dots in `observed`.
+    pub fn remove_all(&mut self, observed: &VClock<NodeId>) {
+        self.entries.retain(|_, dots| {
+            dots.reset_remove(observed);
+            !dots.is_empty()
+        });
+        // An add covered by `observed` that has not arrived yet was seen, and removed, by the
+        // remover: marking it seen makes `add` ignore it when it comes.
+        self.clock.merge(observed.clone());
+        self.prune_pending();
+    }
+
+    /// State-based merge: the least upper bound of two replicas of the set.
+    pub fn merge(&mut self, other: &AwSet) {
+        let ours = std::mem::take(&mut self.entries);
+        let mut merged: BTreeMap<Bytes, VClock<NodeId>> = BTreeMap::new();
+        for (member, dots) in &ours {
+            let theirs = other.entries.get(member);
+            let kept = merge_member_dots(dots, &self.clock, theirs, &other.clock);
+            if !kept.is_empty() {
+                merged.insert(member.clone(), kept);
+            }
+        }
+        for (member, dots) in &other.entries {
+            if ours.contains_key(member) {
+                continue;
+            }
+            let kept = merge_member_dots(dots, &other.clock, None, &self.clock);
+            if !kept.is_empty() {
+                merged.insert(member.clone(), kept);
+            }
+        }
+        self.entries = merged;
+        self.clock.merge(other.clock.clone());
+        for (member, observed) in &other.pending {
+            self.pending
+                .entry(member.clone())
+                .or_default()
+                .merge(observed.clone());
+        }
+        for (member, observed) in &self.pending {
+            if let Some(dots) = self.entries.get_mut(member) {
+                dots.reset_remove(observed);
+                if dots.is_empty() {
+                    self.entries.remove(member);
+                }
+            }
+        }
+        self.prune_pending();
+    }
+
+    /// Drops pending removes whose every covered add has arrived.
+    fn prune_pending(&mut self) {
+        let clock = &self.clock;
+        self.pending.retain(|_, observed| {
+            !matches!(
+                (*observed).partial_cmp(clock),
+                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+            )
+        });
+    }
+}
+
+/// The dots of one member that survive a merge: a dot survives if both sides hold it, or if one
+/// side holds it and the other has never seen it (had the other seen it and not kept it, the
+/// other removed it).
+fn merge_member_dots(
+    ours: &VClock<NodeId>,
+    our_clock: &VClock<NodeId>,
+    theirs: Option<&VClock<NodeId>>,
+    their_clock: &VClock<NodeId>,
+) -> VClock<NodeId> {
+    let mut kept = VClock::new();
+    for dot in ours.iter() {
+        let in_both = theirs.is_some_and(|t| t.get(dot.actor) == dot.counter);
+        if in_both || their_clock.get(dot.actor) < dot.counter {
+            kept.apply(Dot::new(*dot.actor, dot.counter));
+        }
+    }
+    if let Some(theirs) = theirs {
+        for dot in theirs.iter() {
+            if our_clock.get(dot.actor) < dot.counter {
+                kept.apply(Dot::new(*dot.actor, dot.counter));
+            }
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+
+    fn m(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn clock(dots: &[(NodeId, u64)]) -> VClock<NodeId> {
+        let mut c = VClock::new();
+        for (actor, counter) in dots {
+            c.apply(Dot::new(*actor, *counter));
+        }
+        c
+    }
+
+    #[test]
+    fn remove_before_its_add_arrives_suppresses_the_add() {
+        let mut set = AwSet::default();
+        set.remove(&clock(&[(A, 1)]), &[m("x")]);
+        set.add(Dot::new(A, 1), &[m("x")]);
+        assert!(!set.contains(b"x"));
+        assert!(
+            set.pending.is_empty(),
+            "pending remove must be pruned once its add arrived"
+        );
+        set.add(Dot::new(A, 2), &[m("x")]);
+        assert!(set.contains(b"x"));
+    }
+
+    #[test]
+    fn remove_all_before_the_adds_arrive_suppresses_them_and_spares_later_ones() {
+        let mut set = AwSet::default();
+        set.remove_all(&clock(&[(A, 2)]));
+        set.add(Dot::new(A, 1), &[m("x")]);
+        set.add(Dot::new(A, 2), &[m("y")]);
+        set.add(Dot::new(A, 3), &[m("z")]);
+        assert_eq!(set.members().cloned().collect::<Vec<_>>(), vec![m("z")]);
+    }
+
+    #[test]
+    fn concurrent_add_survives_remove() {
+        let mut a = AwSet::default();
+        a.add(Dot::new(A, 1), &[m("x")]);
+        let mut b = a.clone();
+        b.remove(&b.observed(&[m("x")]), &[m("x")]);
+        a.add(Dot::new(A, 2), &[m("x")]);
+        let mut ab = a.clone();
+        ab.merge(&b);
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert!(ab.contains(b"x"));
+        assert_eq!(ab, ba);
+    }
+
+    #[test]
+    fn merge_drops_what_the_other_side_removed() {
+        let mut a = AwSet::default();
+        a.add(Dot::new(A, 1), &[m("x")]);
+        a.add(Dot::new(B, 1), &[m("y")]);
+        let mut b = a.clone();
+        b.remove(&b.observed(&[m("x")]), &[m("x")]);
+        a.merge(&b);
+        assert!(!a.contains(b"x"));
+        assert!(a.contains(b"y"));
+    }
+}

@@ -1,0 +1,220 @@
+//! The oracle: the converged value of every key, computed straight from the set of operations
+//! ever issued, by the documented semantics (docs/conflicts.md), without replaying them through
+//! [`KeyState`](crate::KeyState).
+//!
+//! It shares no merge code with the replicas on purpose: a replica that applies, merges or
+//! garbage-collects wrongly disagrees with it, even if every replica is wrong the same way.
+//!
+//! ```text
+//!   (key, hlc, op) for every acknowledged write ──► per key, per type:
+//!       string  the write or tombstone with the greatest HLC
+//!       counter per origin: greatest total minus greatest observed-and-removed total
+//!       set     a member is in iff one of its add dots is covered by no remove
+//!       hash    per field as string, minus fields at or below the greatest whole-hash tombstone
+//!   ──► the visible type: the present type whose latest write has the greatest HLC
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use crdts::{PNCounter, VClock};
+
+use crate::value::{Direction, Observed, Op, Value, ValueType, Write};
+use crate::{Hlc, NodeId};
+
+/// Everything the oracle gathers about one key.
+#[derive(Default)]
+struct KeyFacts {
+    /// String writes and tombstones: (hlc, value or None).
+    string: Option<(Hlc, Option<Bytes>)>,
+    counter_up: BTreeMap<NodeId, u64>,
+    counter_down: BTreeMap<NodeId, u64>,
+    counter_removed: Vec<PNCounter<NodeId>>,
+    counter_latest: Option<Hlc>,
+    set_adds: Vec<(NodeId, u64, Bytes)>,
+    set_removes: Vec<(VClock<NodeId>, Bytes)>,
+    set_removes_all: Vec<VClock<NodeId>>,
+    set_latest: Option<Hlc>,
+    hash_fields: BTreeMap<Bytes, (Hlc, Option<Bytes>)>,
+    hash_cleared: Option<Hlc>,
+    hash_latest: Option<Hlc>,
+}
+
+fn lww(slot: &mut Option<(Hlc, Option<Bytes>)>, hlc: Hlc, value: Option<Bytes>) {
+    if slot.as_ref().is_none_or(|(at, _)| hlc > *at) {
+        *slot = Some((hlc, value));
+    }
+}
+
+fn latest(slot: &mut Option<Hlc>, hlc: Hlc) {
+    *slot = Some(slot.map_or(hlc, |at| at.max(hlc)));
+}
+
+impl KeyFacts {
+    fn removal(&mut self, observed: &Observed, hlc: Hlc) {
+        if observed.string {
+            lww(&mut self.string, hlc, None);
+        }
+        if let Some(counter) = &observed.counter {
+            self.counter_removed.push(counter.clone());
+        }
+        if let Some(clock) = &observed.set {
+            self.set_removes_all.push(clock.clone());
+        }
+        if observed.hash {
+            latest(&mut self.hash_cleared, hlc);
+        }
+    }
+
+    fn write(&mut self, write: &Write, hlc: Hlc) {
+        let origin = hlc.node;
+        match write {
+            Write::Set(value) => lww(&mut self.string, hlc, Some(value.clone())),
+            Write::Counter { direction, total } => {
+                let totals = match direction {
+                    Direction::Up => &mut self.counter_up,
+                    Direction::Down => &mut self.counter_down,
+                };
+                let slot = totals.entry(origin).or_default();
+                *slot = (*slot).max(*total);
+                latest(&mut self.counter_latest, hlc);
+            }
+            Write::SetAdd { counter, members } => {
+                for member in members {
+                    self.set_adds.push((origin, *counter, member.clone()));
+                }
+                latest(&mut self.set_latest, hlc);
+            }
+            Write::SetRemove { observed, members } => {
+                for member in members {
+                    self.set_removes.push((observed.clone(), member.clone()));
+                }
+                latest(&mut self.set_latest, hlc);
+            }
+            Write::HashSet(fields) => {
+                for (field, value) in fields {
+                    let mut slot = self.hash_fields.remove(field);
+                    lww(&mut slot, hlc, Some(value.clone()));
+                    self.hash_fields
+                        .insert(field.clone(), slot.unwrap_or((hlc, None)));
+                }
+                latest(&mut self.hash_latest, hlc);
+            }
+            Write::HashDelete(fields) => {
+                for field in fields {
+                    let mut slot = self.hash_fields.remove(field);
+                    lww(&mut slot, hlc, None);
+                    self.hash_fields
+                        .insert(field.clone(), slot.unwrap_or((hlc, None)));
+                }
+                latest(&mut self.hash_latest, hlc);
+            }
+        }
+    }
+
+    /// Per origin, the greatest removed totals `(up, down)` over every observed counter.
+    fn counter_value(&self) -> Option<i128> {
+        let origins: BTreeSet<NodeId> = self
+            .counter_up
+            .keys()
+            .chain(self.counter_down.keys())
+            .copied()
+            .collect();
+        let mut present = false;
+        let mut value: i128 = 0;
+        for origin in origins {
+            let (removed_up, removed_down) = self
+                .counter_removed
+                .iter()
+                .map(|seen| {
+                    (
+                        seen.inc_many(origin, 0).dot.counter,
+                        seen.dec_many(origin, 0).dot.counter,
+                    )
+                })
+                .fold((0, 0), |(u, d), (su, sd)| (u.max(su), d.max(sd)));
+            let up = self.counter_up.get(&origin).copied().unwrap_or(0);
+            let down = self.counter_down.get(&origin).copied().unwrap_or(0);
+            let up_live = up.saturating_sub(removed_up);
+            let down_live = down.saturating_sub(removed_down);
+            present |= up_live > 0 || down_live > 0;
+            value += i128::from(up_live) - i128::from(down_live);
+        }
+        present.then_some(value)
+    }
+
+    fn set_members(&self) -> Vec<Bytes> {
+        let mut members: BTreeSet<Bytes> = BTreeSet::new();
+        for (origin, counter, member) in &self.set_adds {
+            let covered = |clock: &VClock<NodeId>| clock.get(origin) >= *counter;
+            let removed = self.set_removes_all.iter().any(covered)
+                || self
+                    .set_removes
+                    .iter()
+                    .any(|(clock, m)| m == member && covered(clock));
+            if !removed {
+                members.insert(member.clone());
+            }
+        }
+        members.into_iter().collect()
+    }
+
+    fn hash_value(&self) -> Vec<(Bytes, Bytes)> {
+        self.hash_fields
+            .iter()
+            .filter(|(_, (hlc, _))| self.hash_cleared.is_none_or(|cleared| *hlc > cleared))
+            .filter_map(|(field, (_, value))| value.as_ref().map(|v| (field.clone(), v.clone())))
+            .collect()
+    }
+
+    fn value(&self) -> Option<Value> {
+        let mut candidates: Vec<(Hlc, ValueType)> = Vec::new();
+        if let Some((hlc, Some(_))) = &self.string {
+            candidates.push((*hlc, ValueType::String));
+        }
+        let counter = self.counter_value();
+        if let (Some(_), Some(hlc)) = (counter, self.counter_latest) {
+            candidates.push((hlc, ValueType::Counter));
+        }
+        let members = self.set_members();
+        if let (false, Some(hlc)) = (members.is_empty(), self.set_latest) {
+            candidates.push((hlc, ValueType::Set));
+        }
+        let fields = self.hash_value();
+        if let (false, Some(hlc)) = (fields.is_empty(), self.hash_latest) {
+            candidates.push((hlc, ValueType::Hash));
+        }
+        let (_, visible) = candidates.into_iter().max()?;
+        Some(match visible {
+            ValueType::String => Value::String(self.string.clone()?.1?),
+            ValueType::Counter => Value::Counter(counter?),
+            ValueType::Set => Value::Set(members),
+            ValueType::Hash => Value::Hash(fields),
+        })
+    }
+}
+
+/// The converged value of every key that has one, from every operation ever issued: `(key, hlc
+/// of the operation, operation)`, in any order, duplicates allowed.
+pub fn converged<'a, I>(ops: I) -> BTreeMap<Bytes, Value>
+where
+    I: IntoIterator<Item = (&'a Bytes, Hlc, &'a Op)>,
+{
+    let mut facts: BTreeMap<Bytes, KeyFacts> = BTreeMap::new();
+    for (key, hlc, op) in ops {
+        let key_facts = facts.entry(key.clone()).or_default();
+        match op {
+            Op::Delete(observed) => key_facts.removal(observed, hlc),
+            Op::Write { replaces, write } => {
+                if let Some(observed) = replaces {
+                    key_facts.removal(observed, hlc);
+                }
+                key_facts.write(write, hlc);
+            }
+        }
+    }
+    facts
+        .into_iter()
+        .filter_map(|(key, f)| f.value().map(|v| (key, v)))
+        .collect()
+}

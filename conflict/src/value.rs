@@ -1,0 +1,789 @@
+//! Typed values of one key and the operations on them.
+//!
+//! A key holds one of four types: **string** (last-writer-wins register), **counter**
+//! (PN-counter with observed reset), **set** (add-wins observed-remove set) and **hash** (field ->
+//! LWW register). [`KeyState`] keeps one sub-state per type; each is a join-semilattice, so their
+//! product is one too, and every replica that has seen the same operations holds the same state.
+//!
+//! ```text
+//!   Command ──► KeyState::prepare (at the origin: reads local state, checks types)
+//!                  └─► Prepared { op, reply }
+//!   Op + Hlc ─► KeyState::apply   (everywhere, in origin order per origin)
+//!   KeyState ─► KeyState::merge   (state-based: snapshots and repair; any order)
+//!   KeyState ─► KeyState::value   (what a client reads)
+//! ```
+//!
+//! **Which type is visible.** Normally a key has one present sub-state. When two regions create
+//! one key with two types concurrently, both sub-states exist after they meet; the visible one is
+//! the present type whose latest write carries the greatest HLC, the same everywhere. The others
+//! are kept, hidden, until a `DEL` (which removes what it observed of every type) clears them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use crdts::{CmRDT, CvRDT, Dot, LWWReg, PNCounter, VClock};
+use serde::{Deserialize, Serialize};
+
+use crate::awset::AwSet;
+use crate::{Hlc, NodeId};
+
+/// The four value types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ValueType {
+    /// A byte string; last writer wins.
+    String,
+    /// A signed 64-bit counter; increments from every region add up.
+    Counter,
+    /// A set of byte strings; add wins over a concurrent remove.
+    Set,
+    /// A map from field to byte string; each field is last-writer-wins.
+    Hash,
+}
+
+impl fmt::Display for ValueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ValueType::String => "string",
+            ValueType::Counter => "counter",
+            ValueType::Set => "set",
+            ValueType::Hash => "hash",
+        })
+    }
+}
+
+/// Direction of a counter change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// An increment.
+    Up,
+    /// A decrement.
+    Down,
+}
+
+/// What a removal observed at its origin, per type. A removal removes exactly this, so that
+/// concurrent writes elsewhere (which it did not observe) survive where the type's semantics say so.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// Tombstone the string at the operation's HLC (last writer wins).
+    pub string: bool,
+    /// The counter's per-origin totals the remover had seen; they stop counting.
+    pub counter: Option<PNCounter<NodeId>>,
+    /// The set's add dots the remover had seen; they are removed.
+    pub set: Option<VClock<NodeId>>,
+    /// Remove every hash field written before the operation's HLC (fields are LWW registers).
+    pub hash: bool,
+}
+
+impl Observed {
+    /// Whether this observes nothing at all.
+    pub fn is_empty(&self) -> bool {
+        !self.string && self.counter.is_none() && self.set.is_none() && !self.hash
+    }
+}
+
+/// A write of one type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Write {
+    /// `SET`: the string becomes `value` unless a write with a greater HLC exists.
+    Set(Bytes),
+    /// `INCRBY`/`DECRBY`: the origin's running total in one direction is now `total`.
+    /// Totals, not deltas, so that a duplicate is harmless.
+    Counter {
+        /// Which of the origin's two totals this advances.
+        direction: Direction,
+        /// The origin's new running total in that direction.
+        total: u64,
+    },
+    /// `SADD`: the members, witnessed by the origin's add dot `counter`.
+    SetAdd {
+        /// The origin's per-key add counter (the dot is `(origin, counter)`).
+        counter: u64,
+        /// Members added; sorted, no duplicates.
+        members: Vec<Bytes>,
+    },
+    /// `SREM`: the members, removing the add dots the origin had observed of them.
+    SetRemove {
+        /// The add dots of `members` the origin had seen.
+        observed: VClock<NodeId>,
+        /// Members removed; sorted, no duplicates.
+        members: Vec<Bytes>,
+    },
+    /// `HSET`: each field becomes its value unless a write with a greater HLC exists.
+    HashSet(Vec<(Bytes, Bytes)>),
+    /// `HDEL`: each field is tombstoned at the operation's HLC.
+    HashDelete(Vec<Bytes>),
+}
+
+impl Write {
+    /// The type this write belongs to.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Write::Set(_) => ValueType::String,
+            Write::Counter { .. } => ValueType::Counter,
+            Write::SetAdd { .. } | Write::SetRemove { .. } => ValueType::Set,
+            Write::HashSet(_) | Write::HashDelete(_) => ValueType::Hash,
+        }
+    }
+}
+
+/// The operation a change event carries. The origin and the HLC travel beside it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// `DEL`: removes what the origin observed of every type.
+    Delete(Observed),
+    /// A write, which may first remove what the origin observed of other types (`SET` over a
+    /// set, say, or `INCR` over a string holding an integer).
+    Write {
+        /// What is removed before the write applies.
+        replaces: Option<Observed>,
+        /// The write itself.
+        write: Write,
+    },
+}
+
+/// An operation that can never have been produced by [`KeyState::prepare`]: refused before it
+/// touches any state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOp {
+    /// A list of members or fields is not sorted and free of duplicates.
+    #[error("members or fields are not sorted and unique")]
+    NotCanonical,
+    /// A write with nothing in it.
+    #[error("empty write")]
+    Empty,
+    /// A string write that also tombstones the string at the same HLC.
+    #[error("a SET cannot also tombstone the string it writes")]
+    SetReplacesString,
+    /// An add dot counter or a counter total of zero.
+    #[error("zero dot counter")]
+    ZeroCounter,
+}
+
+impl Op {
+    /// Checks the shape rules [`KeyState::prepare`] guarantees, for an op that came off the wire.
+    pub fn validate(&self) -> Result<(), InvalidOp> {
+        let write = match self {
+            Op::Delete(observed) if observed.is_empty() => return Err(InvalidOp::Empty),
+            Op::Delete(_) => return Ok(()),
+            Op::Write { replaces, write } => {
+                if matches!(write, Write::Set(_)) && replaces.as_ref().is_some_and(|r| r.string) {
+                    return Err(InvalidOp::SetReplacesString);
+                }
+                write
+            }
+        };
+        match write {
+            Write::Set(_) => Ok(()),
+            Write::Counter { total, .. } if *total == 0 => Err(InvalidOp::ZeroCounter),
+            Write::Counter { .. } => Ok(()),
+            Write::SetAdd { counter: 0, .. } => Err(InvalidOp::ZeroCounter),
+            Write::SetAdd { members, .. } | Write::SetRemove { members, .. } => canonical(members),
+            Write::HashSet(fields) => {
+                if fields.is_empty() {
+                    return Err(InvalidOp::Empty);
+                }
+                match fields.windows(2).all(|w| w[0].0 < w[1].0) {
+                    true => Ok(()),
+                    false => Err(InvalidOp::NotCanonical),
+                }
+            }
+            Write::HashDelete(fields) => canonical(fields),
+        }
+    }
+}
+
+fn canonical(items: &[Bytes]) -> Result<(), InvalidOp> {
+    if items.is_empty() {
+        return Err(InvalidOp::Empty);
+    }
+    match items.windows(2).all(|w| w[0] < w[1]) {
+        true => Ok(()),
+        false => Err(InvalidOp::NotCanonical),
+    }
+}
+
+/// A command from a client, before it becomes an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `SET key value`.
+    Set(Bytes),
+    /// `INCRBY key delta` (and `INCR`, `DECR`, `DECRBY`).
+    IncrBy(i64),
+    /// `SADD key member...`.
+    SetAdd(Vec<Bytes>),
+    /// `SREM key member...`.
+    SetRemove(Vec<Bytes>),
+    /// `HSET key field value...`.
+    HashSet(Vec<(Bytes, Bytes)>),
+    /// `HDEL key field...`.
+    HashDelete(Vec<Bytes>),
+    /// `DEL key`.
+    Delete,
+}
+
+/// A command the key's current state refuses, as Redis would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The key holds another type.
+    #[error("WRONGTYPE Operation against a key holding the wrong kind of value")]
+    WrongType {
+        /// The type the key holds.
+        held: ValueType,
+    },
+    /// `INCR` on a string that is not a decimal 64-bit integer.
+    #[error("ERR value is not an integer or out of range")]
+    NotAnInteger,
+    /// The counter would leave the signed 64-bit range.
+    #[error("ERR increment or decrement would overflow")]
+    Overflow,
+}
+
+/// What [`KeyState::prepare`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The operation to replicate, or `None` when the command changes nothing (`DEL` of a missing
+    /// key, `SREM` of absent members).
+    pub op: Option<Op>,
+    /// The integer Redis replies with: new members or fields for `SADD`/`HSET`, removed ones for
+    /// `SREM`/`HDEL`/`DEL`, the new value for `INCRBY`; 0 for `SET`.
+    pub reply: i64,
+}
+
+/// What a client reads from a key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Value {
+    /// A string.
+    String(Bytes),
+    /// A counter's value. Each origin's increments stay within `i64`; their sum is kept wide.
+    Counter(i128),
+    /// A set's members, in byte order.
+    Set(Vec<Bytes>),
+    /// A hash's fields and values, in field order.
+    Hash(Vec<(Bytes, Bytes)>),
+}
+
+impl Value {
+    /// The type of this value.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Value::String(_) => ValueType::String,
+            Value::Counter(_) => ValueType::Counter,
+            Value::Set(_) => ValueType::Set,
+            Value::Hash(_) => ValueType::Hash,
+        }
+    }
+}
+
+/// A counter: per-origin totals, and the part of them removed by observed resets (`DEL`).
+/// Invariant: `removed <= total` pointwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct CounterState {
+    total: PNCounter<NodeId>,
+    removed: PNCounter<NodeId>,
+    latest: Hlc,
+}
+
+impl CounterState {
+    fn present(&self) -> bool {
+        self.total != self.removed
+    }
+
+    fn value(&self) -> i128 {
+        let diff = self.total.read() - self.removed.read();
+        // Each origin's totals are u64 and there are at most a few hundred origins: far inside
+        // i128. Saturate rather than panic should a corrupt state say otherwise.
+        i128::try_from(&diff).unwrap_or(if diff.sign() == num_bigint::Sign::Minus {
+            i128::MIN
+        } else {
+            i128::MAX
+        })
+    }
+
+    /// The origin's own running totals `(up, down)`.
+    fn own_totals(&self, origin: NodeId) -> (u64, u64) {
+        // PNCounter keeps its parts private: read the origin's totals off the dots it would
+        // issue for a step of zero.
+        let up = self.total.inc_many(origin, 0).dot.counter;
+        let down = self.total.dec_many(origin, 0).dot.counter;
+        (up, down)
+    }
+}
+
+/// A set and the HLC of its latest write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SetState {
+    members: AwSet,
+    latest: Hlc,
+}
+
+/// A hash: LWW registers per field, and an LWW tombstone for the whole hash.
+/// Invariant: no field's marker is `<= cleared`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct HashState {
+    fields: BTreeMap<Bytes, LWWReg<Option<Bytes>, Hlc>>,
+    cleared: Hlc,
+    latest: Hlc,
+}
+
+impl HashState {
+    fn present(&self) -> bool {
+        self.fields.values().any(|reg| reg.val.is_some())
+    }
+
+    fn live(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+        self.fields
+            .iter()
+            .filter_map(|(field, reg)| reg.val.as_ref().map(|v| (field, v)))
+    }
+
+    fn write_field(&mut self, field: &Bytes, val: Option<Bytes>, hlc: Hlc) {
+        if hlc <= self.cleared {
+            return;
+        }
+        match self.fields.get_mut(field) {
+            Some(reg) => reg.update(val, hlc),
+            None => {
+                self.fields
+                    .insert(field.clone(), LWWReg { val, marker: hlc });
+            }
+        }
+    }
+
+    fn clear(&mut self, hlc: Hlc) {
+        self.cleared = self.cleared.max(hlc);
+        let cleared = self.cleared;
+        self.fields.retain(|_, reg| reg.marker > cleared);
+    }
+}
+
+/// The replicated state of one key. See the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    string: Option<LWWReg<Option<Bytes>, Hlc>>,
+    counter: Option<CounterState>,
+    set: Option<SetState>,
+    hash: Option<HashState>,
+}
+
+/// What applying an operation resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Last-writer-wins conflicts seen: registers (a string or hash fields) this write reached
+    /// after a write with a greater HLC had, so this write lost. A conflict between two writes is
+    /// seen this way in at least one region: wherever the older arrives second.
+    pub lww_lost: u32,
+}
+
+impl KeyState {
+    /// The type a client sees, if any value is present.
+    pub fn visible_type(&self) -> Option<ValueType> {
+        let mut best: Option<(Hlc, ValueType)> = None;
+        let mut consider = |latest: Hlc, ty: ValueType| {
+            if best.is_none_or(|(hlc, _)| latest > hlc) {
+                best = Some((latest, ty));
+            }
+        };
+        if let Some(reg) = &self.string {
+            if reg.val.is_some() {
+                consider(reg.marker, ValueType::String);
+            }
+        }
+        if let Some(counter) = self.counter.as_ref().filter(|c| c.present()) {
+            consider(counter.latest, ValueType::Counter);
+        }
+        if let Some(set) = self.set.as_ref().filter(|s| !s.members.is_empty()) {
+            consider(set.latest, ValueType::Set);
+        }
+        if let Some(hash) = self.hash.as_ref().filter(|h| h.present()) {
+            consider(hash.latest, ValueType::Hash);
+        }
+        best.map(|(_, ty)| ty)
+    }
+
+    /// What a client reads, or `None` for a missing key.
+    pub fn value(&self) -> Option<Value> {
+        Some(match self.visible_type()? {
+            ValueType::String => Value::String(self.string_value()?.clone()),
+            ValueType::Counter => Value::Counter(self.counter.as_ref()?.value()),
+            ValueType::Set => Value::Set(self.set.as_ref()?.members.members().cloned().collect()),
+            ValueType::Hash => Value::Hash(
+                self.hash
+                    .as_ref()?
+                    .live()
+                    .map(|(f, v)| (f.clone(), v.clone()))
+                    .collect(),
+            ),
+        })
+    }
+
+    /// Whether nothing at all is stored (not even a tombstone): the key can be forgotten.
+    pub fn is_empty(&self) -> bool {
+        self.string.is_none() && self.counter.is_none() && self.set.is_none() && self.hash.is_none()
+    }
+
+    fn string_value(&self) -> Option<&Bytes> {
+        self.string.as_ref()?.val.as_ref()
+    }
+
+    /// Whether `member` is in the key's set (false when the key is not a visible set).
+    pub fn set_contains(&self, member: &[u8]) -> bool {
+        self.visible_type() == Some(ValueType::Set)
+            && self
+                .set
+                .as_ref()
+                .is_some_and(|s| s.members.contains(member))
+    }
+
+    /// The number of members of the key's set (0 when the key is not a visible set).
+    pub fn set_len(&self) -> usize {
+        match (self.visible_type(), &self.set) {
+            (Some(ValueType::Set), Some(set)) => set.members.len(),
+            _ => 0,
+        }
+    }
+
+    /// The value of one hash field (`None` when the key is not a visible hash).
+    pub fn hash_field(&self, field: &[u8]) -> Option<&Bytes> {
+        if self.visible_type() != Some(ValueType::Hash) {
+            return None;
+        }
+        self.hash.as_ref()?.fields.get(field)?.val.as_ref()
+    }
+
+    /// Everything of every type this replica holds, as a removal would observe it.
+    fn observe_all(&self, string: bool) -> Observed {
+        Observed {
+            string: string && self.string_value().is_some(),
+            counter: self
+                .counter
+                .as_ref()
+                .filter(|c| c.present())
+                .map(|c| c.total.clone()),
+            set: self
+                .set
+                .as_ref()
+                .filter(|s| !s.members.is_empty())
+                .map(|s| s.members.clock().clone()),
+            hash: self.hash.as_ref().is_some_and(|h| h.present()),
+        }
+    }
+
+    /// What other types a write of `ty` replaces, if any is present.
+    fn replaces_others(&self, ty: ValueType) -> Option<Observed> {
+        let mut observed = self.observe_all(ty != ValueType::String);
+        match ty {
+            ValueType::String => observed.string = false,
+            ValueType::Counter => observed.counter = None,
+            ValueType::Set => observed.set = None,
+            ValueType::Hash => observed.hash = false,
+        }
+        (!observed.is_empty()).then_some(observed)
+    }
+
+    /// Turns a client command into the operation to replicate, at the origin `origin`, checking
+    /// it against this replica's state as Redis would.
+    pub fn prepare(&self, origin: NodeId, command: Command) -> Result<Prepared, CommandError> {
+        let visible = self.visible_type();
+        let expect = |ty: ValueType| match visible {
+            Some(held) if held != ty => Err(CommandError::WrongType { held }),
+            _ => Ok(()),
+        };
+        let write = |write: Write| {
+            Some(Op::Write {
+                replaces: None,
+                write,
+            })
+        };
+        match command {
+            Command::Set(value) => Ok(Prepared {
+                op: Some(Op::Write {
+                    replaces: self.replaces_others(ValueType::String),
+                    write: Write::Set(value),
+                }),
+                reply: 0,
+            }),
+            Command::IncrBy(delta) => match visible {
+                Some(ValueType::String) => {
+                    // A string holding an integer stays a string: the increment is a
+                    // read-modify-write of it, last writer wins (see docs/conflicts.md).
+                    let current = parse_i64(self.string_value().map(|b| &b[..]).unwrap_or(b""))
+                        .ok_or(CommandError::NotAnInteger)?;
+                    let new = current.checked_add(delta).ok_or(CommandError::Overflow)?;
+                    let value = Bytes::from(new.to_string());
+                    Ok(Prepared {
+                        op: write(Write::Set(value)),
+                        reply: new,
+                    })
+                }
+                _ => {
+                    expect(ValueType::Counter)?;
+                    let counter = self.counter.clone().unwrap_or_default();
+                    let current = counter.value();
+                    let new = i64::try_from(current + i128::from(delta))
+                        .map_err(|_| CommandError::Overflow)?;
+                    if delta == 0 {
+                        return Ok(Prepared {
+                            op: None,
+                            reply: new,
+                        });
+                    }
+                    let write_op = counter_delta(&counter, origin, delta)?;
+                    Ok(Prepared {
+                        op: write(write_op),
+                        reply: new,
+                    })
+                }
+            },
+            Command::SetAdd(members) => {
+                expect(ValueType::Set)?;
+                let members = sorted_unique(members);
+                let set = self.set.as_ref().map(|s| &s.members);
+                let new = members
+                    .iter()
+                    .filter(|m| !set.is_some_and(|s| s.contains(m)))
+                    .count();
+                let counter = set.map_or(1, |s| s.next_counter(origin));
+                Ok(Prepared {
+                    op: write(Write::SetAdd { counter, members }),
+                    reply: new as i64,
+                })
+            }
+            Command::SetRemove(members) => {
+                expect(ValueType::Set)?;
+                let Some(set) = self.set.as_ref().map(|s| &s.members) else {
+                    return Ok(Prepared { op: None, reply: 0 });
+                };
+                let present: Vec<Bytes> = sorted_unique(members)
+                    .into_iter()
+                    .filter(|m| set.contains(m))
+                    .collect();
+                if present.is_empty() {
+                    return Ok(Prepared { op: None, reply: 0 });
+                }
+                let reply = present.len() as i64;
+                let observed = set.observed(&present);
+                Ok(Prepared {
+                    op: write(Write::SetRemove {
+                        observed,
+                        members: present,
+                    }),
+                    reply,
+                })
+            }
+            Command::HashSet(pairs) => {
+                expect(ValueType::Hash)?;
+                // Within one command the last value given for a field wins, as in Redis.
+                let fields: BTreeMap<Bytes, Bytes> = pairs.into_iter().collect();
+                let new = fields
+                    .keys()
+                    .filter(|f| self.hash_field(f).is_none())
+                    .count();
+                Ok(Prepared {
+                    op: (!fields.is_empty()).then(|| Op::Write {
+                        replaces: None,
+                        write: Write::HashSet(fields.into_iter().collect()),
+                    }),
+                    reply: new as i64,
+                })
+            }
+            Command::HashDelete(fields) => {
+                expect(ValueType::Hash)?;
+                let present: Vec<Bytes> = sorted_unique(fields)
+                    .into_iter()
+                    .filter(|f| self.hash_field(f).is_some())
+                    .collect();
+                let reply = present.len() as i64;
+                let op = (!present.is_empty()).then(|| Op::Write {
+                    replaces: None,
+                    write: Write::HashDelete(present),
+                });
+                Ok(Prepared { op, reply })
+            }
+            Command::Delete => {
+                if visible.is_none() {
+                    return Ok(Prepared { op: None, reply: 0 });
+                }
+                Ok(Prepared {
+                    op: Some(Op::Delete(self.observe_all(true))),
+                    reply: 1,
+                })
+            }
+        }
+    }
+
+    /// Applies an operation issued at `hlc` by `hlc.node` (op-based replication).
+    ///
+    /// Operations of one origin must be applied in the order it issued them; duplicates and any
+    /// interleaving of origins converge. The op must have passed [`Op::validate`].
+    pub fn apply(&mut self, op: &Op, hlc: Hlc) -> Applied {
+        let mut applied = Applied::default();
+        match op {
+            Op::Delete(observed) => self.remove_observed(observed, hlc),
+            Op::Write { replaces, write } => {
+                if let Some(observed) = replaces {
+                    self.remove_observed(observed, hlc);
+                }
+                applied.lww_lost = self.apply_write(write, hlc);
+            }
+        }
+        applied
+    }
+
+    fn remove_observed(&mut self, observed: &Observed, hlc: Hlc) {
+        if observed.string {
+            let reg = self.string.get_or_insert(LWWReg {
+                val: None,
+                marker: Hlc::ZERO,
+            });
+            reg.update(None, hlc);
+        }
+        if let Some(seen) = &observed.counter {
+            let counter = self.counter.get_or_insert_with(CounterState::default);
+            // The totals it saw are real and will arrive; taking them now keeps removed <= total.
+            counter.total.merge(seen.clone());
+            counter.removed.merge(seen.clone());
+        }
+        if let Some(seen) = &observed.set {
+            self.set
+                .get_or_insert_with(SetState::default)
+                .members
+                .remove_all(seen);
+        }
+        if observed.hash {
+            self.hash.get_or_insert_with(HashState::default).clear(hlc);
+        }
+    }
+
+    fn apply_write(&mut self, write: &Write, hlc: Hlc) -> u32 {
+        let origin = hlc.node;
+        match write {
+            Write::Set(value) => {
+                let reg = self.string.get_or_insert(LWWReg {
+                    val: None,
+                    marker: Hlc::ZERO,
+                });
+                let lost = u32::from(reg.marker > hlc);
+                reg.update(Some(value.clone()), hlc);
+                lost
+            }
+            Write::Counter { direction, total } => {
+                let counter = self.counter.get_or_insert_with(CounterState::default);
+                let dot = Dot::new(origin, *total);
+                let op = match direction {
+                    Direction::Up => crdts::pncounter::Op {
+                        dot,
+                        dir: crdts::pncounter::Dir::Pos,
+                    },
+                    Direction::Down => crdts::pncounter::Op {
+                        dot,
+                        dir: crdts::pncounter::Dir::Neg,
+                    },
+                };
+                counter.total.apply(op);
+                counter.latest = counter.latest.max(hlc);
+                0
+            }
+            Write::SetAdd { counter, members } => {
+                let set = self.set.get_or_insert_with(SetState::default);
+                set.members.add(Dot::new(origin, *counter), members);
+                set.latest = set.latest.max(hlc);
+                0
+            }
+            Write::SetRemove { observed, members } => {
+                let set = self.set.get_or_insert_with(SetState::default);
+                set.members.remove(observed, members);
+                set.latest = set.latest.max(hlc);
+                0
+            }
+            Write::HashSet(fields) => {
+                let hash = self.hash.get_or_insert_with(HashState::default);
+                let mut lost = 0;
+                for (field, value) in fields {
+                    lost += u32::from(hash.fields.get(field).is_some_and(|r| r.marker > hlc));
+                    hash.write_field(field, Some(value.clone()), hlc);
+                }
+                hash.latest = hash.latest.max(hlc);
+                lost
+            }
+            Write::HashDelete(fields) => {
+                let hash = self.hash.get_or_insert_with(HashState::default);
+                for field in fields {
+                    hash.write_field(field, None, hlc);
+                }
+                hash.latest = hash.latest.max(hlc);
+                0
+            }
+        }
+    }
+
+    /// State-based merge: the least upper bound of two replicas of this key. Commutative,
+    /// associative and idempotent; needs no delivery order.
+    pub fn merge(&mut self, other: &KeyState) {
+        if let Some(theirs) = &other.string {
+            match &mut self.string {
+                Some(ours) => ours.merge(theirs.clone()),
+                None => self.string = Some(theirs.clone()),
+            }
+        }
+        if let Some(theirs) = &other.counter {
+            let ours = self.counter.get_or_insert_with(CounterState::default);
+            ours.total.merge(theirs.total.clone());
+            ours.removed.merge(theirs.removed.clone());
+            ours.latest = ours.latest.max(theirs.latest);
+        }
+        if let Some(theirs) = &other.set {
+            let ours = self.set.get_or_insert_with(SetState::default);
+            ours.members.merge(&theirs.members);
+            ours.latest = ours.latest.max(theirs.latest);
+        }
+        if let Some(theirs) = &other.hash {
+            let ours = self.hash.get_or_insert_with(HashState::default);
+            for (field, reg) in &theirs.fields {
+                ours.write_field(field, reg.val.clone(), reg.marker);
+            }
+            ours.clear(theirs.cleared);
+            ours.latest = ours.latest.max(theirs.latest);
+        }
+    }
+}
+
+/// The counter write that makes `origin`'s contribution move by `delta`.
+fn counter_delta(
+    counter: &CounterState,
+    origin: NodeId,
+    delta: i64,
+) -> Result<Write, CommandError> {
+    let (up, down) = counter.own_totals(origin);
+    let (direction, total) = if delta > 0 {
+        (Direction::Up, up.checked_add(delta.unsigned_abs()))
+    } else {
+        (Direction::Down, down.checked_add(delta.unsigned_abs()))
+    };
+    Ok(Write::Counter {
+        direction,
+        total: total.ok_or(CommandError::Overflow)?,
+    })
+}
+
+/// Sorts and de-duplicates, the canonical order of members and fields in an operation.
+fn sorted_unique(mut items: Vec<Bytes>) -> Vec<Bytes> {
+    items.sort();
+    items.dedup();
+    items
+}
+
+/// Parses a string as Redis parses an integer for `INCR`: optional `-`, decimal digits, no
+/// leading zeros or `+`, no spaces, within `i64`.
+pub fn parse_i64(bytes: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let valid = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0";
+    if !valid {
+        return None;
+    }
+    text.parse().ok()
+}

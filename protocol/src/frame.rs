@@ -1,0 +1,285 @@
+//! Framing: how messages travel on a byte stream.
+//!
+//! ```text
+//!   ┌──────────────┬─────────┬──────────────────────────────┐
+//!   │ length: u32  │ version │ message (bincode 2, standard │
+//!   │ big-endian   │ u8 (=1) │ config: little-endian varint)│
+//!   └──────────────┴─────────┴──────────────────────────────┘
+//!     4 bytes        └──────── length bytes, 1..=FRAME_BYTES_MAX ┘
+//! ```
+//!
+//! Decoding is two-step, as for any untrusted input: [`check`] looks at the length prefix only
+//! (is a whole frame here, and is it within the limit?); [`decode`] then decodes that one frame's
+//! body with bincode's allocation limit set to [`FRAME_BYTES_MAX`], and validates every rule a
+//! well-behaved peer keeps. Neither panics, whatever the bytes.
+
+use bincode::config::{self, Configuration, Limit};
+
+use crate::ids::VersionVector;
+use crate::limits::{
+    BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
+    SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
+};
+use crate::message::{ChangeEvent, Message, PROTOCOL_VERSION};
+use braid_conflict::InvalidOp;
+
+/// The bincode configuration of every frame body.
+type WireConfig = Configuration<config::LittleEndian, config::Varint, Limit<FRAME_BYTES_MAX>>;
+
+fn wire_config() -> WireConfig {
+    config::standard().with_limit::<FRAME_BYTES_MAX>()
+}
+
+/// A message that cannot be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded message is larger than the frame limit.
+    #[error("message of {body_bytes} bytes exceeds the frame limit of {FRAME_BYTES_MAX} bytes")]
+    TooLarge {
+        /// The size it would have had.
+        body_bytes: usize,
+    },
+    /// bincode refused the value (cannot happen for well-formed messages).
+    #[error("encoding failed: {0}")]
+    Bincode(#[from] bincode::error::EncodeError),
+}
+
+/// A frame that was refused. The stream it came on should be closed with an error message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix announces a body over the limit (nothing more was read or allocated).
+    #[error("frame of {body_bytes} bytes exceeds the limit of {FRAME_BYTES_MAX} bytes")]
+    FrameTooLarge {
+        /// The announced body length.
+        body_bytes: usize,
+    },
+    /// A body of length zero: not even a version byte.
+    #[error("empty frame")]
+    Empty,
+    /// The version byte names a protocol version this build does not speak.
+    #[error("unknown protocol version {version} (this node speaks {PROTOCOL_VERSION})")]
+    UnknownVersion {
+        /// The version received.
+        version: u8,
+    },
+    /// The body does not decode as a message.
+    #[error("malformed message: {reason}")]
+    Malformed {
+        /// What bincode reported.
+        reason: String,
+    },
+    /// The body decoded but left bytes unread.
+    #[error("{extra_bytes} unexpected bytes after the message")]
+    TrailingBytes {
+        /// How many.
+        extra_bytes: usize,
+    },
+    /// The message decoded but breaks a protocol rule.
+    #[error("invalid message: {0}")]
+    Invalid(#[from] ProtocolViolation),
+}
+
+/// A rule of the protocol that a decoded message breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolViolation {
+    /// More events than a batch may hold.
+    #[error("batch of {events} events exceeds {BATCH_EVENTS_MAX}")]
+    BatchTooLarge {
+        /// Events in the batch.
+        events: usize,
+    },
+    /// More entries than a vector may hold.
+    #[error("vector of {entries} entries exceeds {VECTOR_ENTRIES_MAX}")]
+    VectorTooLarge {
+        /// Entries in the vector.
+        entries: usize,
+    },
+    /// More origins than a subscription may name.
+    #[error("subscription names {origins} origins, more than {SUBSCRIBE_ORIGINS_MAX}")]
+    TooManyOrigins {
+        /// Origins named.
+        origins: usize,
+    },
+    /// A key over the length limit.
+    #[error("key of {key_bytes} bytes exceeds {KEY_BYTES_MAX}")]
+    KeyTooLong {
+        /// The key's length.
+        key_bytes: usize,
+    },
+    /// An event whose HLC was issued by another node than its origin.
+    #[error("event of origin {origin} carries an HLC of node {hlc_node}")]
+    OriginMismatch {
+        /// The event's origin.
+        origin: braid_conflict::NodeId,
+        /// The node in its HLC.
+        hlc_node: braid_conflict::NodeId,
+    },
+    /// Sequence number zero, which no event has.
+    #[error("event with sequence number 0")]
+    ZeroSeq,
+    /// Events of one origin out of order within a batch.
+    #[error("events of one origin out of order in a batch")]
+    OutOfOrder,
+    /// An operation no node could have produced.
+    #[error("invalid operation: {0}")]
+    Op(#[from] InvalidOp),
+    /// An error text over the length limit.
+    #[error("error text of {text_bytes} bytes exceeds {ERROR_TEXT_BYTES_MAX}")]
+    ErrorTextTooLong {
+        /// The text's length.
+        text_bytes: usize,
+    },
+}
+
+/// Appends one frame holding `message` to `out`. On error `out` is left as it was.
+pub fn encode(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_LENGTH_BYTES]);
+    out.push(PROTOCOL_VERSION);
+    if let Err(err) = bincode::serde::encode_into_std_write(message, out, wire_config()) {
+        out.truncate(start);
+        return Err(err.into());
+    }
+    let body_bytes = out.len() - start - FRAME_LENGTH_BYTES;
+    if body_bytes > FRAME_BYTES_MAX {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { body_bytes });
+    }
+    // Fits: FRAME_BYTES_MAX <= u32::MAX is asserted in `limits`.
+    let length = (body_bytes as u32).to_be_bytes();
+    out[start..start + FRAME_LENGTH_BYTES].copy_from_slice(&length);
+    Ok(())
+}
+
+/// Encodes one frame into a new buffer.
+pub fn encode_to_vec(message: &Message) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    encode(message, &mut out)?;
+    Ok(out)
+}
+
+/// Looks at the start of `buf`: `Ok(Some(n))` when a whole frame of `n` bytes (prefix included)
+/// is there, `Ok(None)` when more bytes are needed, an error when the prefix announces a body
+/// over the limit. Reads only the prefix.
+pub fn check(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    let Some(prefix) = buf.get(..FRAME_LENGTH_BYTES) else {
+        return Ok(None);
+    };
+    let mut length = [0u8; FRAME_LENGTH_BYTES];
+    length.copy_from_slice(prefix);
+    let body_bytes = u32::from_be_bytes(length) as usize;
+    if body_bytes > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge { body_bytes });
+    }
+    if body_bytes == 0 {
+        return Err(DecodeError::Empty);
+    }
+    let frame_bytes = FRAME_LENGTH_BYTES + body_bytes;
+    Ok((buf.len() >= frame_bytes).then_some(frame_bytes))
+}
+
+/// Decodes the frame at the start of `buf`: `Ok(Some((message, n)))` having used `n` bytes,
+/// `Ok(None)` when the frame is not all there yet.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(frame_bytes) = check(buf)? else {
+        return Ok(None);
+    };
+    let message = decode_body(&buf[FRAME_LENGTH_BYTES..frame_bytes])?;
+    Ok(Some((message, frame_bytes)))
+}
+
+/// Decodes and validates one frame body (the bytes after the length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge {
+            body_bytes: body.len(),
+        });
+    }
+    let (&version, payload) = body.split_first().ok_or(DecodeError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion { version });
+    }
+    let (message, used): (Message, usize) =
+        bincode::serde::decode_from_slice(payload, wire_config()).map_err(|err| {
+            DecodeError::Malformed {
+                reason: err.to_string(),
+            }
+        })?;
+    if used != payload.len() {
+        return Err(DecodeError::TrailingBytes {
+            extra_bytes: payload.len() - used,
+        });
+    }
+    validate(&message)?;
+    Ok(message)
+}
+
+/// Checks the rules a decoded message must keep beyond its shape.
+pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
+    match message {
+        Message::Handshake(_) => Ok(()),
+        Message::Subscribe(subscribe) => {
+            validate_vector(&subscribe.vector)?;
+            if subscribe.origins.len() > SUBSCRIBE_ORIGINS_MAX {
+                return Err(ProtocolViolation::TooManyOrigins {
+                    origins: subscribe.origins.len(),
+                });
+            }
+            Ok(())
+        }
+        Message::EventBatch(events) => validate_batch(events),
+        Message::Ack(vector) => validate_vector(vector),
+        Message::Error(error) => match error.text.len() > ERROR_TEXT_BYTES_MAX {
+            true => Err(ProtocolViolation::ErrorTextTooLong {
+                text_bytes: error.text.len(),
+            }),
+            false => Ok(()),
+        },
+    }
+}
+
+fn validate_vector(vector: &VersionVector) -> Result<(), ProtocolViolation> {
+    match vector.len() > VECTOR_ENTRIES_MAX {
+        true => Err(ProtocolViolation::VectorTooLarge {
+            entries: vector.len(),
+        }),
+        false => Ok(()),
+    }
+}
+
+/// Validates one event on its own.
+pub fn validate_event(event: &ChangeEvent) -> Result<(), ProtocolViolation> {
+    if event.hlc.node != event.origin {
+        return Err(ProtocolViolation::OriginMismatch {
+            origin: event.origin,
+            hlc_node: event.hlc.node,
+        });
+    }
+    if event.seq.0 == 0 {
+        return Err(ProtocolViolation::ZeroSeq);
+    }
+    if event.key.len() > KEY_BYTES_MAX {
+        return Err(ProtocolViolation::KeyTooLong {
+            key_bytes: event.key.len(),
+        });
+    }
+    event.op.validate()?;
+    Ok(())
+}
+
+fn validate_batch(events: &[ChangeEvent]) -> Result<(), ProtocolViolation> {
+    if events.len() > BATCH_EVENTS_MAX {
+        return Err(ProtocolViolation::BatchTooLarge {
+            events: events.len(),
+        });
+    }
+    let mut last_seq = VersionVector::new();
+    for event in events {
+        validate_event(event)?;
+        if last_seq.get(event.origin) >= event.seq {
+            return Err(ProtocolViolation::OutOfOrder);
+        }
+        last_seq.advance(event.origin, event.seq);
+    }
+    Ok(())
+}

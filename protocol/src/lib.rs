@@ -1,0 +1,27 @@
+//! Braid's mesh protocol: the versioned, bounded wire format that regions speak to each other.
+//! Pure: no tokio, no sockets, no clock.
+//!
+//! # Layout
+//!
+//! - [`ids`]: [`NodeId`], [`Seq`], [`ClusterId`], [`VersionVector`].
+//! - [`message`]: the messages of protocol version 1 and the [`ChangeEvent`].
+//! - [`frame`]: length-prefixed framing, two-step decoding of untrusted bytes, validation.
+//! - [`limits`]: every bound, with the reason for its value.
+//!
+//! The specification, field by field, is `docs/protocol.md`; golden byte vectors of every message
+//! are in `protocol/tests/golden/`.
+
+#![warn(missing_docs)]
+// Library code proves each unwrap cannot fail, or does not unwrap; tests may.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod frame;
+pub mod ids;
+pub mod limits;
+pub mod message;
+
+pub use frame::{DecodeError, EncodeError, ProtocolViolation};
+pub use ids::{ClusterId, NodeId, Seq, VersionVector};
+pub use message::{
+    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, Subscribe, PROTOCOL_VERSION,
+};

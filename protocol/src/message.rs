@@ -1,0 +1,116 @@
+//! The messages of protocol version 1.
+//!
+//! ```text
+//!   subscriber                              publisher
+//!      │── Handshake ──────────────────────────►│   (both ways, first frame on a stream)
+//!      │◄────────────────────────── Handshake ──│
+//!      │── Subscribe { vector, origins } ──────►│
+//!      │◄──────────── EventBatch { events } ────│   (events the vector lacks, in origin order)
+//!      │── Ack { vector } ─────────────────────►│
+//!      │◄──────────── EventBatch { events } ────│   ...
+//!      │◄──────────────────── Error { code } ───│   (then the stream closes)
+//! ```
+
+use braid_conflict::{Hlc, Op};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, NodeId, Seq, VersionVector};
+
+/// The protocol version this build speaks; the first byte of every frame body.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// One local write, as every region applies it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// The region that accepted the write.
+    pub origin: NodeId,
+    /// Its position in the origin's dense sequence.
+    pub seq: Seq,
+    /// The origin's HLC when it accepted the write (its `node` is `origin`).
+    pub hlc: Hlc,
+    /// The key written.
+    pub key: Bytes,
+    /// What the write does.
+    pub op: Op,
+}
+
+/// The first message on every stream, sent by both sides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// The protocol version the sender speaks (also in every frame header).
+    pub protocol_version: u8,
+    /// The sender's cluster; a mismatch ends the stream.
+    pub cluster_id: ClusterId,
+    /// The sender's node id.
+    pub node_id: NodeId,
+}
+
+/// A subscription: "send me, from your change log, every event of these origins my vector lacks".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// What the subscriber has applied.
+    pub vector: VersionVector,
+    /// The origins the subscriber wants from this peer (in a full mesh, normally the peer
+    /// itself; more when an origin is unreachable and this peer relays for it). Never the
+    /// subscriber itself: the publisher skips those events whatever this says.
+    pub origins: Vec<NodeId>,
+}
+
+/// Why a stream is being closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peer sent something that does not decode or breaks a protocol rule.
+    Malformed,
+    /// The peer speaks a protocol version this node does not.
+    UnsupportedVersion,
+    /// The peer belongs to another cluster.
+    WrongCluster,
+    /// The peer is not a member of this cluster's topology.
+    UnknownPeer,
+    /// A frame was larger than the limit.
+    FrameTooLarge,
+    /// The events a subscription needs were garbage-collected; resynchronise from a snapshot.
+    Behind,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// Anything else.
+    Internal,
+}
+
+/// Closes a stream with a reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// The reason, for machines.
+    pub code: ErrorCode,
+    /// The reason, for people (at most `ERROR_TEXT_BYTES_MAX` bytes).
+    pub text: String,
+}
+
+/// Every message of protocol version 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Opens a stream.
+    Handshake(Handshake),
+    /// Starts (or restarts) a subscription.
+    Subscribe(Subscribe),
+    /// Events for a subscriber, in origin order per origin.
+    EventBatch(Vec<ChangeEvent>),
+    /// The subscriber's vector after applying what it received.
+    Ack(VersionVector),
+    /// The sender closes the stream, and says why.
+    Error(ErrorMessage),
+}
+
+impl Message {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Handshake(_) => "handshake",
+            Message::Subscribe(_) => "subscribe",
+            Message::EventBatch(_) => "event_batch",
+            Message::Ack(_) => "ack",
+            Message::Error(_) => "error",
+        }
+    }
+}
