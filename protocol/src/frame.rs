@@ -228,7 +228,7 @@ pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
             Ok(())
         }
         Message::EventBatch(events) => validate_batch(events),
-        Message::Ack(vector) => validate_vector(vector),
+        Message::Ack(vector) | Message::Heartbeat(vector) => validate_vector(vector),
         Message::Error(error) => match error.text.len() > ERROR_TEXT_BYTES_MAX {
             true => Err(ProtocolViolation::ErrorTextTooLong {
                 text_bytes: error.text.len(),

@@ -7,6 +7,11 @@
 //! - [`message`]: the messages of protocol version 1 and the [`ChangeEvent`].
 //! - [`frame`]: length-prefixed framing, two-step decoding of untrusted bytes, validation.
 //! - [`limits`]: every bound, with the reason for its value.
+//! - [`replica`]: the sans-IO replica core: version vectors, exactly-once apply, subscriptions,
+//!   relay and echo suppression.
+//! - [`storage`]: the synchronous storage seam the core commits through, and an in-memory
+//!   implementation.
+//! - [`topology`]: nodes, links and the distances routing uses.
 //!
 //! The specification, field by field, is `docs/protocol.md`; golden byte vectors of every message
 //! are in `protocol/tests/golden/`.
@@ -19,9 +24,15 @@ pub mod frame;
 pub mod ids;
 pub mod limits;
 pub mod message;
+pub mod replica;
+pub mod storage;
+pub mod topology;
 
 pub use frame::{DecodeError, EncodeError, ProtocolViolation};
 pub use ids::{ClusterId, NodeId, Seq, VersionVector};
 pub use message::{
     ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, Subscribe, PROTOCOL_VERSION,
 };
+pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, Transmit};
+pub use storage::{Commit, MemoryStorage, Recovered, Storage};
+pub use topology::{Topology, TopologyError};

@@ -8,6 +8,7 @@
 //!      │◄──────────── EventBatch { events } ────│   (events the vector lacks, in origin order)
 //!      │── Ack { vector } ─────────────────────►│
 //!      │◄──────────── EventBatch { events } ────│   ...
+//!      │◄──────────────── Heartbeat { vector } ─│   (on an idle feed)
 //!      │◄──────────────────── Error { code } ───│   (then the stream closes)
 //! ```
 
@@ -55,6 +56,10 @@ pub struct Subscribe {
     /// itself; more when an origin is unreachable and this peer relays for it). Never the
     /// subscriber itself: the publisher skips those events whatever this says.
     pub origins: Vec<NodeId>,
+    /// Restart every origin from `vector`, even what was already sent on this stream (to fill a
+    /// gap). Otherwise, for an origin the stream already carried, the publisher goes on from
+    /// what it already sent where that is further: those events are on their way.
+    pub rewind: bool,
 }
 
 /// Why a stream is being closed.
@@ -100,6 +105,9 @@ pub enum Message {
     Ack(VersionVector),
     /// The sender closes the stream, and says why.
     Error(ErrorMessage),
+    /// The publisher's own vector, sent on an idle feed so the subscriber knows how far behind it
+    /// is (and that the peer is alive).
+    Heartbeat(VersionVector),
 }
 
 impl Message {
@@ -111,6 +119,7 @@ impl Message {
             Message::EventBatch(_) => "event_batch",
             Message::Ack(_) => "ack",
             Message::Error(_) => "error",
+            Message::Heartbeat(_) => "heartbeat",
         }
     }
 }

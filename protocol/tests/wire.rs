@@ -79,9 +79,11 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
             Message::Subscribe(Subscribe {
                 vector: vector(),
                 origins: vec![B],
+                rewind: false,
             }),
         ),
         ("ack", Message::Ack(vector())),
+        ("heartbeat", Message::Heartbeat(vector())),
         (
             "error",
             Message::Error(ErrorMessage {
@@ -415,7 +417,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
             vector.clone(),
             prop::collection::vec(any::<u64>().prop_map(NodeId), 0..4)
         )
-            .prop_map(|(vector, origins)| Message::Subscribe(Subscribe { vector, origins })),
+            .prop_map(|(vector, origins)| Message::Subscribe(Subscribe {
+                vector,
+                origins,
+                rewind: false
+            })),
         events.prop_map(Message::EventBatch),
         vector.prop_map(Message::Ack),
         ".{0,64}".prop_map(|text| Message::Error(ErrorMessage {

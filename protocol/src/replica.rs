@@ -1,0 +1,891 @@
+//! The replica core: one region's replication logic as a sans-IO state machine.
+//!
+//! ```text
+//!            client commands          messages from peers          time
+//!                  │                          │                      │
+//!   handle_commands│      handle_message(peer, stream, msg)   handle_tick(now_ms)
+//!   (group commit) │      handle_{subscription,feed}_{open,closed}   │
+//!                  ▼                          ▼                      ▼
+//!          ┌────────────────────────── Replica ──────────────────────────┐
+//!          │ vector: per origin, highest seq applied contiguously         │
+//!          │ clock: HLC                  held: out-of-order events (bound)│
+//!          │ subscriptions (we pull)     feeds (peers pull from us)       │
+//!          └─────┬───────────────────────────────┬────────────────────────┘
+//!                │ Storage::commit (one atomic    │ poll_transmit: messages to send
+//!                ▼ batch: keys + log + vector)    ▼ poll_timeout: next tick
+//! ```
+//!
+//! # Contract
+//!
+//! The replica never awaits, spawns, locks, reads a clock or draws randomness. Methods are of
+//! four kinds: getters; `handle_*` for inputs (each takes the current time in milliseconds);
+//! [`Replica::handle_commands`] for writes from clients; `poll_*` for outputs, which the driver
+//! drains after every input. Storage is the one synchronous seam: every change is a single atomic
+//! [`Commit`], made before the call returns, so a reply sent after `handle_commands` returns is
+//! sent after the write is durable.
+//!
+//! # Replication
+//!
+//! Subscriptions are pull-based. For each link, the replica subscribes to the peer with its own
+//! vector and the origins it wants from that peer; the peer streams, from its change log, the
+//! events of those origins the vector lacks, never the subscriber's own. Each origin is pulled
+//! from one peer at a time: the linked neighbor nearest to the origin (the origin itself in a full
+//! mesh), or, when none of those is reachable, the reachable neighbor known to hold the most of
+//! its events. An event is applied only after every earlier event of its origin, and its apply and
+//! the vector's advance are one commit; an event at or below the vector (a duplicate, or an echo)
+//! is dropped after that comparison alone.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use crate::ids::{NodeId, Seq, VersionVector};
+use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
+use crate::message::{ChangeEvent, ErrorCode, Message, Subscribe};
+use crate::storage::{Commit, Storage};
+use crate::topology::Topology;
+
+/// Tunables of the replica, with their defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// This replica's node id.
+    pub node: NodeId,
+    /// How far ahead of local physical time a remote HLC may be.
+    pub clock_skew_ms_max: u64,
+    /// Event batches sent on one feed and not yet acknowledged. With QUIC's own flow control
+    /// below it, this bounds what a slow subscriber can make the publisher hold.
+    pub peer_inflight_batches_max: usize,
+    /// Events in one batch.
+    pub batch_events_max: usize,
+    /// Approximate key and value bytes in one batch; far below the frame limit.
+    pub batch_bytes_max: usize,
+    /// Events received ahead of a gap and held until it fills. Past this they are dropped and
+    /// fetched again by the next re-subscription.
+    pub held_events_max: usize,
+    /// How often each feed carries a heartbeat, and how often the replica ticks.
+    pub heartbeat_ms: u64,
+    /// How long a gap may stay open before the replica re-subscribes to fill it.
+    pub resubscribe_ms: u64,
+}
+
+impl ReplicaConfig {
+    /// The defaults for `node`.
+    pub fn new(node: NodeId) -> ReplicaConfig {
+        ReplicaConfig {
+            node,
+            clock_skew_ms_max: braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT,
+            peer_inflight_batches_max: 8,
+            batch_events_max: BATCH_EVENTS_MAX,
+            batch_bytes_max: 1024 * 1024,
+            held_events_max: 4096,
+            heartbeat_ms: 1_000,
+            resubscribe_ms: 2_000,
+        }
+    }
+}
+
+const _: () = assert!(
+    1024 * 1024 * 2 <= FRAME_BYTES_MAX,
+    "a full batch must fit a frame"
+);
+
+/// Which of a peer's two streams a message travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StreamKind {
+    /// The stream on which this replica subscribes to the peer (it sends `Subscribe` and `Ack`,
+    /// it receives `EventBatch` and `Heartbeat`).
+    Subscription,
+    /// The stream on which the peer subscribes to this replica (the other way round).
+    Feed,
+}
+
+/// A message for the driver to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The peer to send it to.
+    pub peer: NodeId,
+    /// The stream to send it on.
+    pub stream: StreamKind,
+    /// The message.
+    pub message: Message,
+}
+
+/// A message from a peer that the replica refuses. The driver closes that stream (sending the
+/// error code) and keeps serving everyone else; a storage error is fatal instead.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError<E: std::error::Error> {
+    /// A message that does not belong on that stream.
+    #[error("unexpected {kind} message on the {stream:?} stream of {peer}")]
+    Unexpected {
+        /// The peer.
+        peer: NodeId,
+        /// The stream.
+        stream: StreamKind,
+        /// The message kind.
+        kind: &'static str,
+    },
+    /// A peer outside the topology.
+    #[error("{0} is not in the topology")]
+    UnknownPeer(NodeId),
+    /// The peer closed the stream with an error.
+    #[error("{peer} closed the stream: {code:?}: {text}")]
+    Closed {
+        /// The peer.
+        peer: NodeId,
+        /// Its reason.
+        code: ErrorCode,
+        /// Its explanation.
+        text: String,
+    },
+    /// Storage failed: fatal.
+    #[error("storage failed: {0}")]
+    Storage(E),
+}
+
+impl<E: std::error::Error> PeerError<E> {
+    /// The code to close the stream with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PeerError::Unexpected { .. } => ErrorCode::Malformed,
+            PeerError::UnknownPeer(_) => ErrorCode::UnknownPeer,
+            PeerError::Closed { code, .. } => *code,
+            PeerError::Storage(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Counters of one peer's traffic, as seen by this replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Events this replica sent to the peer.
+    pub events_sent: u64,
+    /// Batches this replica sent to the peer.
+    pub batches_sent: u64,
+    /// Events received from the peer.
+    pub events_received: u64,
+    /// Events received from the peer and applied here.
+    pub events_applied: u64,
+    /// Events received from the peer and dropped after the vector comparison (duplicates and
+    /// echoes).
+    pub events_duplicate: u64,
+    /// Events received from the peer with an HLC too far ahead (refused, fetched again later).
+    pub events_clock_refused: u64,
+}
+
+/// Replication statistics, for status pages and metrics.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Local writes committed (events this replica originated).
+    pub writes: u64,
+    /// Per peer traffic.
+    pub peers: BTreeMap<NodeId, PeerCounters>,
+    /// Per origin: events applied here.
+    pub applied_by_origin: BTreeMap<NodeId, u64>,
+    /// Last-writer-wins conflicts seen (a write arriving after a newer one to the same register).
+    pub conflicts_lww: u64,
+    /// Out-of-order events dropped because the hold buffer was full.
+    pub held_dropped: u64,
+    /// Per origin: milliseconds from the origin's HLC to the apply here.
+    pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
+    /// Per origin: the lag of the latest event applied, in milliseconds.
+    pub lag_ms_last: BTreeMap<NodeId, u64>,
+    /// Per origin: the HLC of the latest event applied (a freshness watermark).
+    pub latest_hlc: BTreeMap<NodeId, Hlc>,
+}
+
+/// Histograms track 1 ms .. 1 hour with 3 significant digits: lag past an hour is an outage,
+/// reported as an hour.
+const LAG_MS_TRACKED_MAX: u64 = 3_600_000;
+
+fn lag_histogram() -> Histogram<u64> {
+    // Valid bounds (1 <= low, high >= 2 * low, sigfig <= 5): construction cannot fail.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, LAG_MS_TRACKED_MAX, 3).expect("valid histogram bounds")
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            writes: 0,
+            peers: BTreeMap::new(),
+            applied_by_origin: BTreeMap::new(),
+            conflicts_lww: 0,
+            held_dropped: 0,
+            lag_ms: BTreeMap::new(),
+            lag_ms_last: BTreeMap::new(),
+            latest_hlc: BTreeMap::new(),
+        }
+    }
+
+    fn peer(&mut self, peer: NodeId) -> &mut PeerCounters {
+        self.peers.entry(peer).or_default()
+    }
+
+    fn record_apply(&mut self, event: &ChangeEvent, now_ms: u64) {
+        let lag = now_ms.saturating_sub(event.hlc.wall_ms);
+        let histogram = self
+            .lag_ms
+            .entry(event.origin)
+            .or_insert_with(lag_histogram);
+        histogram.saturating_record(lag.clamp(1, LAG_MS_TRACKED_MAX));
+        self.lag_ms_last.insert(event.origin, lag);
+        self.latest_hlc.insert(event.origin, event.hlc);
+        *self.applied_by_origin.entry(event.origin).or_default() += 1;
+    }
+}
+
+/// Our subscription to one peer.
+#[derive(Debug, Clone)]
+struct Subscription {
+    /// The origins last requested from this peer; `None` before the first `Subscribe`.
+    origins: Option<Vec<NodeId>>,
+}
+
+/// One peer's subscription to us.
+#[derive(Debug, Clone)]
+struct Feed {
+    /// The origins the peer asked for, minus the peer itself.
+    origins: Vec<NodeId>,
+    /// Per origin, the last seq sent (or known to be held by the peer).
+    cursor: VersionVector,
+    /// Batches sent and not yet acknowledged.
+    inflight: usize,
+    /// Whether a `Subscribe` has arrived; nothing is sent before.
+    subscribed: bool,
+    /// Rotates which origin a batch starts with, so no origin starves another.
+    rotation: usize,
+}
+
+/// One region's replication state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Replica<S: Storage> {
+    config: ReplicaConfig,
+    storage: S,
+    clock: HlcClock,
+    /// Per origin, the highest seq applied contiguously; our own entry is our last seq.
+    vector: VersionVector,
+    topology: Topology,
+    subscriptions: BTreeMap<NodeId, Subscription>,
+    feeds: BTreeMap<NodeId, Feed>,
+    /// Events that arrived ahead of a gap in their origin's sequence.
+    held: BTreeMap<(NodeId, Seq), ChangeEvent>,
+    /// When the oldest still-open gap (or refused event) was noticed.
+    gap_since_ms: Option<u64>,
+    /// What each peer is known to have applied (from its heartbeats, subscriptions and acks).
+    peer_vectors: BTreeMap<NodeId, VersionVector>,
+    transmits: VecDeque<Transmit>,
+    next_tick_ms: u64,
+    stats: Stats,
+}
+
+impl<S: Storage> Replica<S> {
+    /// Opens the replica on `storage`, resuming from its last commit.
+    pub fn open(
+        config: ReplicaConfig,
+        topology: Topology,
+        mut storage: S,
+        now_ms: u64,
+    ) -> Result<Replica<S>, S::Error> {
+        assert!(
+            topology.contains(config.node),
+            "the replica's own node must be in the topology"
+        );
+        assert!(config.peer_inflight_batches_max > 0 && config.batch_events_max > 0);
+        assert!(config.batch_events_max <= BATCH_EVENTS_MAX);
+        let recovered = storage.recover()?;
+        let clock = HlcClock::resume(config.node, config.clock_skew_ms_max, recovered.hlc);
+        Ok(Replica {
+            clock,
+            vector: recovered.vector,
+            topology,
+            storage,
+            subscriptions: BTreeMap::new(),
+            feeds: BTreeMap::new(),
+            held: BTreeMap::new(),
+            gap_since_ms: None,
+            peer_vectors: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            next_tick_ms: now_ms,
+            stats: Stats::new(),
+            config,
+        })
+    }
+
+    // ---- getters ----
+
+    /// This replica's node id.
+    pub fn node(&self) -> NodeId {
+        self.config.node
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Per origin, the highest seq applied contiguously.
+    pub fn vector(&self) -> &VersionVector {
+        &self.vector
+    }
+
+    /// The topology in force.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Replication statistics.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// What `peer` is known to have applied.
+    pub fn peer_vector(&self, peer: NodeId) -> Option<&VersionVector> {
+        self.peer_vectors.get(&peer)
+    }
+
+    /// Whether our subscription to `peer` is open.
+    pub fn is_subscribed(&self, peer: NodeId) -> bool {
+        self.subscriptions.contains_key(&peer)
+    }
+
+    /// Whether `peer`'s subscription to us is open.
+    pub fn has_feed(&self, peer: NodeId) -> bool {
+        self.feeds.contains_key(&peer)
+    }
+
+    /// The origins currently pulled from `peer`.
+    pub fn origins_from(&self, peer: NodeId) -> Vec<NodeId> {
+        self.subscriptions
+            .get(&peer)
+            .and_then(|s| s.origins.clone())
+            .unwrap_or_default()
+    }
+
+    /// Events held ahead of a gap.
+    pub fn held_events(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The greatest HLC issued or adopted.
+    pub fn hlc(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// The stored state of `key`.
+    pub fn read(&mut self, key: &[u8]) -> Result<Option<KeyState>, S::Error> {
+        self.storage.key_state(key)
+    }
+
+    /// The storage, for reads the replica does not wrap.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// Gives the storage back, dropping the replica (a clean stop, or a simulated crash).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    // ---- writes from clients ----
+
+    /// Runs a group of client commands as one commit (group commit: one durable write for all of
+    /// them). Each gets its own result: the integer reply of [`braid_conflict::Prepared`], or the
+    /// reason it was refused. Returns only once the commit is durable.
+    pub fn handle_commands(
+        &mut self,
+        commands: Vec<(Bytes, Command)>,
+        now_ms: u64,
+    ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
+        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut events = Vec::new();
+        let mut results = Vec::with_capacity(commands.len());
+        let node = self.config.node;
+        for (key, command) in commands {
+            let mut state = match overlay.remove(&key) {
+                Some(state) => state,
+                None => self.storage.key_state(&key)?.unwrap_or_default(),
+            };
+            let prepared = match state.prepare(node, command) {
+                Ok(prepared) => prepared,
+                Err(err) => {
+                    overlay.insert(key, state);
+                    results.push(Err(err));
+                    continue;
+                }
+            };
+            if let Some(op) = prepared.op {
+                let seq = self.vector.get(node).next();
+                let hlc = self.clock.now(now_ms);
+                let applied = state.apply(&op, hlc);
+                self.stats.conflicts_lww += u64::from(applied.lww_lost);
+                self.vector.advance(node, seq);
+                events.push(ChangeEvent {
+                    origin: node,
+                    seq,
+                    hlc,
+                    key: key.clone(),
+                    op,
+                });
+            }
+            overlay.insert(key, state);
+            results.push(Ok(prepared.reply));
+        }
+        if !events.is_empty() {
+            self.stats.writes += events.len() as u64;
+            let keys = overlay.into_iter().collect();
+            self.commit(keys, events)?;
+            self.pump_all()?;
+        }
+        Ok(results)
+    }
+
+    fn commit(
+        &mut self,
+        keys: Vec<(Bytes, KeyState)>,
+        events: Vec<ChangeEvent>,
+    ) -> Result<(), S::Error> {
+        let commit = Commit {
+            keys,
+            events,
+            vector: self.vector.clone(),
+            hlc: self.clock.last(),
+        };
+        self.storage.commit(&commit)
+    }
+
+    // ---- connection lifecycle ----
+
+    /// Our subscription stream to `peer` is open (handshake done): the replica subscribes.
+    pub fn handle_subscription_open(
+        &mut self,
+        peer: NodeId,
+        now_ms: u64,
+    ) -> Result<(), PeerError<S::Error>> {
+        self.check_peer(peer)?;
+        self.subscriptions
+            .insert(peer, Subscription { origins: None });
+        self.refresh_routes(now_ms);
+        Ok(())
+    }
+
+    /// Our subscription stream to `peer` closed or failed: its origins are pulled elsewhere.
+    pub fn handle_subscription_closed(&mut self, peer: NodeId, now_ms: u64) {
+        if self.subscriptions.remove(&peer).is_some() {
+            self.refresh_routes(now_ms);
+        }
+    }
+
+    /// `peer` opened a stream to subscribe to us (handshake done); it sends `Subscribe` next.
+    pub fn handle_feed_open(
+        &mut self,
+        peer: NodeId,
+        _now_ms: u64,
+    ) -> Result<(), PeerError<S::Error>> {
+        self.check_peer(peer)?;
+        self.feeds.insert(
+            peer,
+            Feed {
+                origins: Vec::new(),
+                cursor: VersionVector::new(),
+                inflight: 0,
+                subscribed: false,
+                rotation: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// `peer`'s subscription stream closed.
+    pub fn handle_feed_closed(&mut self, peer: NodeId, _now_ms: u64) {
+        self.feeds.remove(&peer);
+    }
+
+    fn check_peer(&self, peer: NodeId) -> Result<(), PeerError<S::Error>> {
+        if peer == self.config.node || !self.topology.contains(peer) {
+            return Err(PeerError::UnknownPeer(peer));
+        }
+        Ok(())
+    }
+
+    // ---- messages ----
+
+    /// A message from `peer` on one of its streams. On error the driver closes that stream
+    /// with [`PeerError::code`]; a [`PeerError::Storage`] is fatal.
+    pub fn handle_message(
+        &mut self,
+        peer: NodeId,
+        stream: StreamKind,
+        message: Message,
+        now_ms: u64,
+    ) -> Result<(), PeerError<S::Error>> {
+        self.check_peer(peer)?;
+        let unexpected = |kind| PeerError::Unexpected { peer, stream, kind };
+        match (stream, message) {
+            (_, Message::Error(error)) => Err(PeerError::Closed {
+                peer,
+                code: error.code,
+                text: error.text,
+            }),
+            (StreamKind::Subscription, Message::EventBatch(events)) => {
+                if !self.subscriptions.contains_key(&peer) {
+                    return Err(unexpected("event_batch"));
+                }
+                self.handle_events(peer, events, now_ms)
+                    .map_err(PeerError::Storage)
+            }
+            (StreamKind::Subscription, Message::Heartbeat(vector)) => {
+                self.peer_vectors.entry(peer).or_default().merge(&vector);
+                Ok(())
+            }
+            (StreamKind::Feed, Message::Subscribe(subscribe)) => self
+                .handle_subscribe(peer, subscribe)
+                .map_err(PeerError::Storage),
+            (StreamKind::Feed, Message::Ack(vector)) => {
+                self.handle_ack(peer, vector).map_err(PeerError::Storage)
+            }
+            (_, message) => Err(unexpected(message.kind())),
+        }
+    }
+
+    fn handle_subscribe(&mut self, peer: NodeId, subscribe: Subscribe) -> Result<(), S::Error> {
+        let Some(feed) = self.feeds.get_mut(&peer) else {
+            return Ok(());
+        };
+        // Never send a subscriber its own events: that would be an echo.
+        let mut origins: Vec<NodeId> = subscribe
+            .origins
+            .into_iter()
+            .filter(|o| *o != peer)
+            .collect();
+        origins.sort();
+        origins.dedup();
+        let mut cursor = VersionVector::new();
+        for origin in &origins {
+            let mut from = subscribe.vector.get(*origin);
+            if !subscribe.rewind && feed.subscribed && feed.origins.contains(origin) {
+                // Already sent on this ordered stream: on its way, not worth sending twice.
+                from = from.max(feed.cursor.get(*origin));
+            }
+            cursor.advance(*origin, from);
+        }
+        feed.origins = origins;
+        feed.cursor = cursor;
+        feed.inflight = 0;
+        feed.subscribed = true;
+        self.peer_vectors
+            .entry(peer)
+            .or_default()
+            .merge(&subscribe.vector);
+        self.pump(peer)
+    }
+
+    fn handle_ack(&mut self, peer: NodeId, vector: VersionVector) -> Result<(), S::Error> {
+        if let Some(feed) = self.feeds.get_mut(&peer) {
+            feed.inflight = feed.inflight.saturating_sub(1);
+            // What the peer already has (from us or elsewhere) need not be sent again.
+            for origin in &feed.origins {
+                feed.cursor.advance(*origin, vector.get(*origin));
+            }
+        }
+        self.peer_vectors.entry(peer).or_default().merge(&vector);
+        self.pump(peer)
+    }
+
+    fn handle_events(
+        &mut self,
+        peer: NodeId,
+        events: Vec<ChangeEvent>,
+        now_ms: u64,
+    ) -> Result<(), S::Error> {
+        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut applied: Vec<ChangeEvent> = Vec::new();
+        self.stats.peer(peer).events_received += events.len() as u64;
+        for event in events {
+            let next = self.vector.get(event.origin).next();
+            if event.origin == self.config.node || event.seq < next {
+                self.stats.peer(peer).events_duplicate += 1;
+                continue;
+            }
+            if event.seq > next {
+                self.hold(event, now_ms);
+                continue;
+            }
+            if !self.apply_event(peer, event, &mut overlay, &mut applied, now_ms)? {
+                continue;
+            }
+            // The event may have closed a gap: apply what was held behind it.
+            while let Some((origin, _)) = applied.last().map(|e| (e.origin, e.seq)) {
+                let key = (origin, self.vector.get(origin).next());
+                let Some(held) = self.held.remove(&key) else {
+                    break;
+                };
+                if !self.apply_event(peer, held, &mut overlay, &mut applied, now_ms)? {
+                    break;
+                }
+            }
+        }
+        if !applied.is_empty() {
+            self.commit(overlay.into_iter().collect(), applied)?;
+        }
+        self.transmits.push_back(Transmit {
+            peer,
+            stream: StreamKind::Subscription,
+            message: Message::Ack(self.vector.clone()),
+        });
+        // Relay: peers subscribed to these origins through us get them now.
+        self.pump_all()
+    }
+
+    /// Applies one in-order event into the overlay. Returns false if its HLC is refused.
+    fn apply_event(
+        &mut self,
+        peer: NodeId,
+        event: ChangeEvent,
+        overlay: &mut BTreeMap<Bytes, KeyState>,
+        applied: &mut Vec<ChangeEvent>,
+        now_ms: u64,
+    ) -> Result<bool, S::Error> {
+        debug_assert_eq!(event.seq, self.vector.get(event.origin).next());
+        match self.clock.update_from_remote(event.hlc, now_ms) {
+            Ok(_) => {}
+            Err(ClockError::TooFarAhead { .. }) => {
+                // Refused and counted; the origin's sequence stops here until a re-subscription
+                // brings the event again and the local clock has caught up.
+                self.stats.peer(peer).events_clock_refused += 1;
+                self.gap_since_ms.get_or_insert(now_ms);
+                return Ok(false);
+            }
+        }
+        let state = match overlay.get_mut(&event.key) {
+            Some(state) => state,
+            None => {
+                let stored = self.storage.key_state(&event.key)?.unwrap_or_default();
+                overlay.entry(event.key.clone()).or_insert(stored)
+            }
+        };
+        let outcome = state.apply(&event.op, event.hlc);
+        self.stats.conflicts_lww += u64::from(outcome.lww_lost);
+        self.vector.advance(event.origin, event.seq);
+        self.stats.peer(peer).events_applied += 1;
+        self.stats.record_apply(&event, now_ms);
+        applied.push(event);
+        Ok(true)
+    }
+
+    fn hold(&mut self, event: ChangeEvent, now_ms: u64) {
+        self.gap_since_ms.get_or_insert(now_ms);
+        if self.held.len() >= self.config.held_events_max {
+            self.stats.held_dropped += 1;
+            return;
+        }
+        self.held.insert((event.origin, event.seq), event);
+    }
+
+    // ---- publishing ----
+
+    fn pump_all(&mut self) -> Result<(), S::Error> {
+        let peers: Vec<NodeId> = self.feeds.keys().copied().collect();
+        for peer in peers {
+            self.pump(peer)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `peer` what it lacks of the origins it asked for, while its window has room,
+    /// reading the change log on demand.
+    fn pump(&mut self, peer: NodeId) -> Result<(), S::Error> {
+        let Some(feed) = self.feeds.get_mut(&peer) else {
+            return Ok(());
+        };
+        if !feed.subscribed || feed.origins.is_empty() {
+            return Ok(());
+        }
+        while feed.inflight < self.config.peer_inflight_batches_max {
+            let mut batch: Vec<ChangeEvent> = Vec::new();
+            let mut bytes = 0usize;
+            let count = feed.origins.len();
+            for i in 0..count {
+                let origin = feed.origins[(feed.rotation + i) % count];
+                let sent = feed.cursor.get(origin);
+                if self.vector.get(origin) <= sent {
+                    continue;
+                }
+                let room = self.config.batch_events_max - batch.len();
+                let events = self.storage.log_after(
+                    origin,
+                    sent,
+                    room,
+                    self.config.batch_bytes_max.saturating_sub(bytes),
+                )?;
+                if let Some(last) = events.last() {
+                    feed.cursor.advance(origin, last.seq);
+                }
+                bytes += events
+                    .iter()
+                    .map(crate::storage::event_size_bytes)
+                    .sum::<usize>();
+                batch.extend(events);
+                if batch.len() >= self.config.batch_events_max
+                    || bytes >= self.config.batch_bytes_max
+                {
+                    break;
+                }
+            }
+            feed.rotation = feed.rotation.wrapping_add(1);
+            if batch.is_empty() {
+                break;
+            }
+            debug_assert!(
+                batch.iter().all(|e| e.origin != peer),
+                "never echo to the origin"
+            );
+            let counters = self.stats.peers.entry(peer).or_default();
+            counters.events_sent += batch.len() as u64;
+            counters.batches_sent += 1;
+            feed.inflight += 1;
+            self.transmits.push_back(Transmit {
+                peer,
+                stream: StreamKind::Feed,
+                message: Message::EventBatch(batch),
+            });
+        }
+        Ok(())
+    }
+
+    // ---- routing ----
+
+    /// The reachable neighbor to pull `origin` from: the one nearest to it in the topology; among
+    /// equals, the one known to hold most of its events; then the one already used; then the
+    /// lowest id.
+    fn route(&self, origin: NodeId) -> Option<NodeId> {
+        let current = self
+            .subscriptions
+            .iter()
+            .find(|(_, s)| s.origins.as_ref().is_some_and(|o| o.contains(&origin)));
+        let current = current.map(|(peer, _)| *peer);
+        self.subscriptions
+            .keys()
+            .copied()
+            .filter(|peer| self.topology.distance(*peer, origin).is_some())
+            .min_by_key(|peer| {
+                let distance = self.topology.distance(*peer, origin).unwrap_or(u32::MAX);
+                let held = self
+                    .peer_vectors
+                    .get(peer)
+                    .map_or(Seq::ZERO, |v| v.get(origin));
+                (
+                    distance,
+                    std::cmp::Reverse(held),
+                    Some(*peer) != current,
+                    *peer,
+                )
+            })
+    }
+
+    /// Recomputes which origins each subscription pulls, and re-subscribes where that changed.
+    fn refresh_routes(&mut self, _now_ms: u64) {
+        let me = self.config.node;
+        let mut wanted: BTreeMap<NodeId, Vec<NodeId>> = self
+            .subscriptions
+            .keys()
+            .map(|peer| (*peer, Vec::new()))
+            .collect();
+        for origin in self.topology.nodes().filter(|o| *o != me) {
+            if let Some(peer) = self.route(origin) {
+                wanted.entry(peer).or_default().push(origin);
+            }
+        }
+        for (peer, origins) in wanted {
+            let Some(subscription) = self.subscriptions.get_mut(&peer) else {
+                continue;
+            };
+            if subscription.origins.as_ref() != Some(&origins) {
+                subscription.origins = Some(origins.clone());
+                self.transmits.push_back(Transmit {
+                    peer,
+                    stream: StreamKind::Subscription,
+                    message: Message::Subscribe(Subscribe {
+                        vector: self.vector.clone(),
+                        origins,
+                        rewind: false,
+                    }),
+                });
+            }
+        }
+    }
+
+    /// Re-sends every subscription with the current vector: publishers restart from it, which
+    /// fills any gap.
+    fn resubscribe_all(&mut self) {
+        for (peer, subscription) in &self.subscriptions {
+            let origins = subscription.origins.clone().unwrap_or_default();
+            self.transmits.push_back(Transmit {
+                peer: *peer,
+                stream: StreamKind::Subscription,
+                message: Message::Subscribe(Subscribe {
+                    vector: self.vector.clone(),
+                    origins,
+                    rewind: true,
+                }),
+            });
+        }
+        self.held.clear();
+    }
+
+    // ---- time ----
+
+    /// Time passed: heartbeats, route refresh, gap repair. Call at or after [`Replica::poll_timeout`].
+    pub fn handle_tick(&mut self, now_ms: u64) -> Result<(), S::Error> {
+        if now_ms < self.next_tick_ms {
+            return Ok(());
+        }
+        self.next_tick_ms = now_ms + self.config.heartbeat_ms;
+        for (peer, feed) in &self.feeds {
+            if feed.subscribed {
+                self.transmits.push_back(Transmit {
+                    peer: *peer,
+                    stream: StreamKind::Feed,
+                    message: Message::Heartbeat(self.vector.clone()),
+                });
+            }
+        }
+        self.refresh_routes(now_ms);
+        if let Some(since) = self.gap_since_ms {
+            if now_ms.saturating_sub(since) >= self.config.resubscribe_ms {
+                self.gap_since_ms = None;
+                self.resubscribe_all();
+            }
+        }
+        self.pump_all()
+    }
+
+    /// When the replica next wants [`Replica::handle_tick`], in milliseconds.
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_tick_ms
+    }
+
+    /// The next message to send, if any. Drain after every input.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Checks the replica's invariants (cheap ones always, costly ones in debug builds).
+    pub fn check_invariants(&self) {
+        for feed in self.feeds.values() {
+            assert!(feed.inflight <= self.config.peer_inflight_batches_max);
+        }
+        assert!(self.held.len() <= self.config.held_events_max);
+        debug_assert!(self
+            .held
+            .keys()
+            .all(|(origin, seq)| *seq > self.vector.get(*origin).next()));
+        for (peer, feed) in &self.feeds {
+            assert!(
+                !feed.origins.contains(peer),
+                "a feed never carries the subscriber's own events"
+            );
+        }
+    }
+}

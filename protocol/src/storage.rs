@@ -1,0 +1,152 @@
+//! How the replica core sees storage: a synchronous trait, implemented on RocksDB by the node and
+//! in memory here (for tests and the simulator).
+//!
+//! Every change the core makes is one [`Commit`], applied atomically: the new states of the keys
+//! it touched, the events it appended to the change log, and the version vector and HLC
+//! high-water mark after it. A crash leaves either all of a commit or none of it, which is what
+//! makes "apply an event and advance the vector" exactly-once.
+
+use std::collections::BTreeMap;
+
+use braid_conflict::{Hlc, KeyState};
+use bytes::Bytes;
+
+use crate::ids::{NodeId, Seq, VersionVector};
+use crate::message::ChangeEvent;
+
+/// One atomic change of a replica's durable state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// Keys and their new states.
+    pub keys: Vec<(Bytes, KeyState)>,
+    /// Events appended to the change log (own and relayed), in origin order per origin.
+    pub events: Vec<ChangeEvent>,
+    /// The version vector after the commit.
+    pub vector: VersionVector,
+    /// The HLC high-water mark after the commit.
+    pub hlc: Hlc,
+}
+
+/// What a replica finds in storage when it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The version vector of the last commit.
+    pub vector: VersionVector,
+    /// The HLC high-water mark of the last commit.
+    pub hlc: Hlc,
+}
+
+/// Durable state of one replica. Implementations apply each [`Commit`] atomically, and return
+/// from [`Storage::commit`] only once it is as durable as their durability mode promises.
+///
+/// An error from any method is fatal to the replica: it cannot know what is durable any more.
+pub trait Storage {
+    /// The implementation's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Reads the vector and HLC high-water mark of the last commit.
+    fn recover(&mut self) -> Result<Recovered, Self::Error>;
+
+    /// The stored state of `key`, if any.
+    fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Self::Error>;
+
+    /// Applies `commit` atomically.
+    fn commit(&mut self, commit: &Commit) -> Result<(), Self::Error>;
+
+    /// Events of `origin` with sequence numbers above `after`, in order: at most `events_max`
+    /// of them, and no more than `bytes_max` bytes of keys and values (at least one event is
+    /// returned if any exists).
+    fn log_after(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<ChangeEvent>, Self::Error>;
+}
+
+/// Storage in memory, for tests and the simulator. Each commit is atomic; nothing survives the
+/// value being dropped (the simulator models crashes on top of it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryStorage {
+    /// Key states.
+    pub keys: BTreeMap<Bytes, KeyState>,
+    /// The change log, by origin and sequence number.
+    pub log: BTreeMap<(NodeId, Seq), ChangeEvent>,
+    /// The last committed vector and HLC.
+    pub recovered: Recovered,
+    /// Commits applied so far.
+    pub commits: u64,
+}
+
+/// Memory storage never fails.
+#[derive(Debug, thiserror::Error)]
+#[error("memory storage cannot fail")]
+pub struct Infallible;
+
+impl Storage for MemoryStorage {
+    type Error = Infallible;
+
+    fn recover(&mut self) -> Result<Recovered, Infallible> {
+        Ok(self.recovered.clone())
+    }
+
+    fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
+        Ok(self.keys.get(key).cloned())
+    }
+
+    fn commit(&mut self, commit: &Commit) -> Result<(), Infallible> {
+        for (key, state) in &commit.keys {
+            self.keys.insert(key.clone(), state.clone());
+        }
+        for event in &commit.events {
+            self.log.insert((event.origin, event.seq), event.clone());
+        }
+        self.recovered = Recovered {
+            vector: commit.vector.clone(),
+            hlc: commit.hlc,
+        };
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn log_after(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<ChangeEvent>, Infallible> {
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        for (_, event) in self
+            .log
+            .range((origin, after.next())..=(origin, Seq(u64::MAX)))
+        {
+            if events.len() >= events_max || (bytes >= bytes_max && !events.is_empty()) {
+                break;
+            }
+            bytes += event_size_bytes(event);
+            events.push(event.clone());
+        }
+        Ok(events)
+    }
+}
+
+/// A cheap estimate of an event's size on the wire: its key and the values it carries.
+pub fn event_size_bytes(event: &ChangeEvent) -> usize {
+    use braid_conflict::{Op, Write};
+    let op = match &event.op {
+        Op::Delete(_) => 64,
+        Op::Write { write, .. } => match write {
+            Write::Set(value) => value.len(),
+            Write::Counter { .. } => 16,
+            Write::SetAdd { members, .. } | Write::SetRemove { members, .. } => {
+                members.iter().map(|m| m.len() + 1).sum()
+            }
+            Write::HashSet(fields) => fields.iter().map(|(f, v)| f.len() + v.len() + 2).sum(),
+            Write::HashDelete(fields) => fields.iter().map(|f| f.len() + 1).sum(),
+        },
+    };
+    event.key.len() + op + 32
+}

@@ -1,0 +1,671 @@
+//! The replica core driven by hand: exact outputs for given inputs, and small meshes whose
+//! messages go through the real encoding, checking convergence against the oracle, exactly-once
+//! apply, echo freedom, relay and bounds.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use braid_conflict::{oracle, Command, Hlc, Value};
+use braid_protocol::frame;
+use braid_protocol::{
+    ChangeEvent, MemoryStorage, Message, NodeId, PeerError, Replica, ReplicaConfig, Seq,
+    StreamKind, Subscribe, Topology, Transmit, VersionVector,
+};
+use bytes::Bytes;
+
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+const C: NodeId = NodeId(3);
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn replica(node: NodeId, topology: &Topology) -> Replica<MemoryStorage> {
+    Replica::open(
+        ReplicaConfig::new(node),
+        topology.clone(),
+        MemoryStorage::default(),
+        0,
+    )
+    .unwrap()
+}
+
+/// Replicas joined by ordered, lossless streams; every message is encoded and decoded.
+struct Net {
+    replicas: BTreeMap<NodeId, Replica<MemoryStorage>>,
+    /// Messages in flight, per (from, to, stream kind at the receiver).
+    wires: BTreeMap<(NodeId, NodeId, StreamKind), VecDeque<Message>>,
+    now_ms: u64,
+    /// Every event issued, for the oracle.
+    issued: Vec<ChangeEvent>,
+}
+
+impl Net {
+    fn new(topology: &Topology) -> Net {
+        let replicas = topology
+            .nodes()
+            .map(|n| (n, replica(n, topology)))
+            .collect();
+        Net {
+            replicas,
+            wires: BTreeMap::new(),
+            now_ms: 1_000,
+            issued: Vec::new(),
+        }
+    }
+
+    /// `subscriber` subscribes to `publisher`.
+    fn connect(&mut self, subscriber: NodeId, publisher: NodeId) {
+        let now = self.now_ms;
+        self.replicas
+            .get_mut(&publisher)
+            .unwrap()
+            .handle_feed_open(subscriber, now)
+            .unwrap();
+        self.replicas
+            .get_mut(&subscriber)
+            .unwrap()
+            .handle_subscription_open(publisher, now)
+            .unwrap();
+        self.collect();
+    }
+
+    /// Connects every linked pair both ways.
+    fn connect_links(&mut self, topology: &Topology) {
+        for (x, y) in topology.links() {
+            self.connect(x, y);
+            self.connect(y, x);
+        }
+        self.run();
+    }
+
+    fn disconnect(&mut self, subscriber: NodeId, publisher: NodeId) {
+        let now = self.now_ms;
+        if let Some(r) = self.replicas.get_mut(&publisher) {
+            r.handle_feed_closed(subscriber, now);
+        }
+        if let Some(r) = self.replicas.get_mut(&subscriber) {
+            r.handle_subscription_closed(publisher, now);
+        }
+        self.wires
+            .remove(&(subscriber, publisher, StreamKind::Feed));
+        self.wires
+            .remove(&(publisher, subscriber, StreamKind::Subscription));
+        self.collect();
+    }
+
+    /// Moves every pending transmit onto its wire, through the real encoding.
+    fn collect(&mut self) {
+        for (node, replica) in self.replicas.iter_mut() {
+            while let Some(Transmit {
+                peer,
+                stream,
+                message,
+            }) = replica.poll_transmit()
+            {
+                let bytes = frame::encode_to_vec(&message).unwrap();
+                let (decoded, _) = frame::decode(&bytes).unwrap().unwrap();
+                let at_receiver = match stream {
+                    StreamKind::Subscription => StreamKind::Feed,
+                    StreamKind::Feed => StreamKind::Subscription,
+                };
+                self.wires
+                    .entry((*node, peer, at_receiver))
+                    .or_default()
+                    .push_back(decoded);
+            }
+        }
+    }
+
+    fn write(&mut self, node: NodeId, key: &str, command: Command) -> i64 {
+        self.now_ms += 1;
+        let replica = self.replicas.get_mut(&node).unwrap();
+        let before = replica.vector().get(node);
+        let result = replica
+            .handle_commands(vec![(b(key), command)], self.now_ms)
+            .unwrap();
+        let after = replica.vector().get(node);
+        if after > before {
+            let storage = replica.storage_mut();
+            let event = storage.log.get(&(node, after)).unwrap().clone();
+            self.issued.push(event);
+        }
+        self.collect();
+        result[0].clone().unwrap()
+    }
+
+    /// Delivers messages until nothing is in flight. Returns how many were delivered.
+    fn run(&mut self) -> usize {
+        let mut delivered = 0;
+        while let Some(link) = self
+            .wires
+            .iter()
+            .find(|(_, q)| !q.is_empty())
+            .map(|(k, _)| *k)
+        {
+            let message = self.wires.get_mut(&link).unwrap().pop_front().unwrap();
+            let (from, to, stream) = link;
+            self.now_ms += 1;
+            let now = self.now_ms;
+            if let Some(replica) = self.replicas.get_mut(&to) {
+                replica.handle_message(from, stream, message, now).unwrap();
+                replica.check_invariants();
+            }
+            self.collect();
+            delivered += 1;
+            assert!(delivered < 100_000, "the mesh does not quiesce");
+        }
+        delivered
+    }
+
+    fn values(&mut self, node: NodeId) -> BTreeMap<Bytes, Value> {
+        let storage = self.replicas.get_mut(&node).unwrap().storage_mut();
+        storage
+            .keys
+            .iter()
+            .filter_map(|(k, s)| s.value().map(|v| (k.clone(), v)))
+            .collect()
+    }
+
+    fn oracle(&self) -> BTreeMap<Bytes, Value> {
+        oracle::converged(self.issued.iter().map(|e| (&e.key, e.hlc, &e.op)))
+    }
+
+    fn total_sent(&self) -> u64 {
+        self.replicas
+            .values()
+            .flat_map(|r| r.stats().peers.values())
+            .map(|p| p.events_sent)
+            .sum()
+    }
+
+    fn total_duplicates(&self) -> u64 {
+        self.replicas
+            .values()
+            .flat_map(|r| r.stats().peers.values())
+            .map(|p| p.events_duplicate)
+            .sum()
+    }
+
+    fn assert_converged(&mut self) {
+        let expected = self.oracle();
+        let nodes: Vec<NodeId> = self.replicas.keys().copied().collect();
+        for node in nodes {
+            assert_eq!(
+                self.values(node),
+                expected,
+                "{node} differs from the oracle"
+            );
+        }
+    }
+}
+
+fn mixed_writes(net: &mut Net, nodes: &[NodeId], rounds: usize) {
+    for round in 0..rounds {
+        for (i, node) in nodes.iter().enumerate() {
+            let key = format!("k{}", round % 3);
+            net.write(*node, &key, Command::Set(b(&format!("{node}-{round}"))));
+            net.write(*node, "counter", Command::IncrBy(i as i64 + 1));
+            net.write(*node, "set", Command::SetAdd(vec![b(&format!("m{round}"))]));
+            if round % 2 == 1 {
+                net.write(
+                    *node,
+                    "set",
+                    Command::SetRemove(vec![b(&format!("m{}", round - 1))]),
+                );
+            }
+            net.write(
+                *node,
+                "hash",
+                Command::HashSet(vec![(b(&format!("f{i}")), b(&format!("{round}")))]),
+            );
+        }
+    }
+}
+
+#[test]
+fn opening_a_subscription_sends_the_vector_and_the_origins_wanted() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_commands(vec![(b("k"), Command::Set(b("v")))], 10)
+        .unwrap();
+    a.handle_subscription_open(B, 20).unwrap();
+    let mut vector = VersionVector::new();
+    vector.advance(A, Seq(1));
+    assert_eq!(
+        a.poll_transmit(),
+        Some(Transmit {
+            peer: B,
+            stream: StreamKind::Subscription,
+            // Only B, and C's events too while C is unreachable: nobody else has them for us.
+            message: Message::Subscribe(Subscribe {
+                vector: vector.clone(),
+                origins: vec![B, C],
+                rewind: false
+            }),
+        })
+    );
+    assert_eq!(a.poll_transmit(), None);
+    a.handle_subscription_open(C, 30).unwrap();
+    let sent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert_eq!(
+        sent,
+        vec![
+            Transmit {
+                peer: B,
+                stream: StreamKind::Subscription,
+                message: Message::Subscribe(Subscribe {
+                    vector: vector.clone(),
+                    origins: vec![B],
+                    rewind: false
+                })
+            },
+            Transmit {
+                peer: C,
+                stream: StreamKind::Subscription,
+                message: Message::Subscribe(Subscribe {
+                    vector,
+                    origins: vec![C],
+                    rewind: false
+                })
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_feed_streams_what_the_subscriber_lacks_and_never_its_own_events() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_commands(
+        vec![
+            (b("x"), Command::Set(b("1"))),
+            (b("y"), Command::Set(b("2"))),
+        ],
+        10,
+    )
+    .unwrap();
+    a.handle_feed_open(B, 11).unwrap();
+    assert_eq!(
+        a.poll_transmit(),
+        None,
+        "nothing before the peer subscribes"
+    );
+    let mut has_one = VersionVector::new();
+    has_one.advance(A, Seq(1));
+    a.handle_message(
+        B,
+        StreamKind::Feed,
+        Message::Subscribe(Subscribe {
+            vector: has_one,
+            origins: vec![A, B],
+            rewind: false,
+        }),
+        12,
+    )
+    .unwrap();
+    match a.poll_transmit() {
+        Some(Transmit {
+            peer: B,
+            stream: StreamKind::Feed,
+            message: Message::EventBatch(events),
+        }) => {
+            assert_eq!(events.len(), 1);
+            assert_eq!(
+                (events[0].origin, events[0].seq, &events[0].key[..]),
+                (A, Seq(2), &b"y"[..])
+            );
+        }
+        other => panic!("expected one batch, got {other:?}"),
+    }
+    assert_eq!(a.poll_transmit(), None);
+}
+
+#[test]
+fn duplicates_and_echoes_are_dropped_after_the_vector_comparison() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    let mut b_replica = replica(B, &topology);
+    b_replica
+        .handle_commands(vec![(b("k"), Command::IncrBy(5))], 10)
+        .unwrap();
+    let event = b_replica.storage_mut().log.values().next().unwrap().clone();
+    a.handle_subscription_open(B, 11).unwrap();
+    while a.poll_transmit().is_some() {}
+    for _ in 0..3 {
+        a.handle_message(
+            B,
+            StreamKind::Subscription,
+            Message::EventBatch(vec![event.clone()]),
+            12,
+        )
+        .unwrap();
+    }
+    // An echo: A's own event coming back.
+    a.handle_commands(vec![(b("mine"), Command::Set(b("v")))], 13)
+        .unwrap();
+    let own = a.storage_mut().log.get(&(A, Seq(1))).unwrap().clone();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![own]),
+        14,
+    )
+    .unwrap();
+    let counters = &a.stats().peers[&B];
+    assert_eq!(
+        (
+            counters.events_received,
+            counters.events_applied,
+            counters.events_duplicate
+        ),
+        (4, 1, 3)
+    );
+    assert_eq!(
+        a.read(b"k").unwrap().unwrap().value(),
+        Some(Value::Counter(5))
+    );
+    assert_eq!(
+        a.storage_mut().commits,
+        2,
+        "duplicates and echoes write nothing"
+    );
+}
+
+#[test]
+fn out_of_order_events_are_held_until_the_gap_fills() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut b_replica = replica(B, &topology);
+    for i in 0..3 {
+        b_replica
+            .handle_commands(vec![(b("n"), Command::IncrBy(1 << i))], 10 + i)
+            .unwrap();
+    }
+    let events: Vec<ChangeEvent> = b_replica.storage_mut().log.values().cloned().collect();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 20).unwrap();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[2].clone()]),
+        21,
+    )
+    .unwrap();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[1].clone()]),
+        22,
+    )
+    .unwrap();
+    assert_eq!(a.vector().get(B), Seq(0));
+    assert_eq!(a.held_events(), 2);
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[0].clone()]),
+        23,
+    )
+    .unwrap();
+    assert_eq!(a.vector().get(B), Seq(3));
+    assert_eq!(a.held_events(), 0);
+    assert_eq!(
+        a.read(b"n").unwrap().unwrap().value(),
+        Some(Value::Counter(7))
+    );
+}
+
+#[test]
+fn a_gap_that_stays_open_triggers_a_resubscription() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut b_replica = replica(B, &topology);
+    b_replica
+        .handle_commands(vec![(b("n"), Command::IncrBy(1))], 10)
+        .unwrap();
+    b_replica
+        .handle_commands(vec![(b("n"), Command::IncrBy(1))], 11)
+        .unwrap();
+    let second = b_replica
+        .storage_mut()
+        .log
+        .get(&(B, Seq(2)))
+        .unwrap()
+        .clone();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 0).unwrap();
+    a.handle_tick(0).unwrap();
+    while a.poll_transmit().is_some() {}
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![second]),
+        100,
+    )
+    .unwrap();
+    while a.poll_transmit().is_some() {}
+    let config = a.config().clone();
+    a.handle_tick(100 + config.heartbeat_ms).unwrap();
+    assert!(std::iter::from_fn(|| a.poll_transmit())
+        .all(|t| !matches!(t.message, Message::Subscribe(_))));
+    a.handle_tick(100 + config.resubscribe_ms + config.heartbeat_ms)
+        .unwrap();
+    let resent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert!(resent.iter().any(|t| t.peer == B && matches!(&t.message, Message::Subscribe(s) if s.vector.get(B) == Seq(0) && s.rewind)), "{resent:?}");
+}
+
+#[test]
+fn a_remote_clock_too_far_ahead_is_refused_and_counted() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 0).unwrap();
+    let event = ChangeEvent {
+        origin: B,
+        seq: Seq(1),
+        hlc: Hlc::new(1_000_000, 0, B),
+        key: b("k"),
+        op: braid_conflict::Op::Write {
+            replaces: None,
+            write: braid_conflict::Write::Set(b("future")),
+        },
+    };
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![event.clone()]),
+        1_000,
+    )
+    .unwrap();
+    assert_eq!(a.vector().get(B), Seq(0));
+    assert_eq!(a.stats().peers[&B].events_clock_refused, 1);
+    // Once local time is within the bound, the same event applies.
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![event]),
+        1_000_000,
+    )
+    .unwrap();
+    assert_eq!(a.vector().get(B), Seq(1));
+}
+
+#[test]
+fn unknown_peers_and_misplaced_messages_are_refused() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    assert!(matches!(
+        a.handle_feed_open(NodeId(9), 0),
+        Err(PeerError::UnknownPeer(NodeId(9)))
+    ));
+    assert!(matches!(
+        a.handle_subscription_open(A, 0),
+        Err(PeerError::UnknownPeer(_))
+    ));
+    a.handle_feed_open(B, 0).unwrap();
+    let err = a
+        .handle_message(B, StreamKind::Feed, Message::EventBatch(vec![]), 0)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PeerError::Unexpected {
+                kind: "event_batch",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = a
+        .handle_message(B, StreamKind::Subscription, Message::EventBatch(vec![]), 0)
+        .unwrap_err();
+    assert!(
+        matches!(err, PeerError::Unexpected { .. }),
+        "events on a subscription never opened: {err}"
+    );
+}
+
+#[test]
+fn a_slow_subscriber_holds_the_publisher_to_its_window() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut config = ReplicaConfig::new(A);
+    config.batch_events_max = 2;
+    let mut a = Replica::open(config.clone(), topology, MemoryStorage::default(), 0).unwrap();
+    for i in 0..100 {
+        a.handle_commands(vec![(b(&format!("k{i}")), Command::Set(b("v")))], i)
+            .unwrap();
+    }
+    a.handle_feed_open(B, 200).unwrap();
+    a.handle_message(
+        B,
+        StreamKind::Feed,
+        Message::Subscribe(Subscribe {
+            vector: VersionVector::new(),
+            origins: vec![A],
+            rewind: false,
+        }),
+        200,
+    )
+    .unwrap();
+    let batches = std::iter::from_fn(|| a.poll_transmit()).count();
+    assert_eq!(batches, config.peer_inflight_batches_max);
+    a.handle_message(B, StreamKind::Feed, Message::Ack(VersionVector::new()), 201)
+        .unwrap();
+    assert_eq!(
+        std::iter::from_fn(|| a.poll_transmit()).count(),
+        1,
+        "one ack frees one batch"
+    );
+}
+
+#[test]
+fn full_mesh_converges_to_the_oracle_with_each_event_crossing_each_link_once() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    mixed_writes(&mut net, &[A, B, C], 6);
+    net.run();
+    net.assert_converged();
+    let writes = net.issued.len() as u64;
+    assert_eq!(
+        net.total_sent(),
+        writes * 2,
+        "each event crosses N-1 = 2 links, once"
+    );
+    assert_eq!(net.total_duplicates(), 0);
+    for replica in net.replicas.values() {
+        assert_eq!(
+            replica.stats().applied_by_origin.values().sum::<u64>() + replica.stats().writes,
+            writes
+        );
+    }
+}
+
+#[test]
+fn chain_relays_through_the_middle_without_echo() {
+    let topology = Topology::with_links([A, B, C], [(A, B), (B, C)]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    assert_eq!(net.replicas[&A].origins_from(B), vec![B, C]);
+    mixed_writes(&mut net, &[A, B, C], 5);
+    net.run();
+    net.assert_converged();
+    let writes = net.issued.len() as u64;
+    // A chain of 3 has 2 links: every event crosses each once.
+    assert_eq!(net.total_sent(), writes * 2);
+    assert_eq!(net.total_duplicates(), 0);
+}
+
+#[test]
+fn a_dead_regions_events_are_fetched_from_a_region_that_holds_them() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    // C is down. A and B are connected.
+    net.connect(A, B);
+    net.connect(B, A);
+    for i in 0..20 {
+        net.write(A, &format!("k{i}"), Command::Set(b("from-a")));
+    }
+    net.run();
+    // A dies for good.
+    net.disconnect(A, B);
+    net.disconnect(B, A);
+    net.replicas.remove(&A);
+    // C comes up and can reach only B.
+    net.connect(C, B);
+    net.connect(B, C);
+    assert_eq!(net.replicas[&C].origins_from(B), vec![A, B]);
+    net.run();
+    assert_eq!(net.replicas[&C].vector().get(A), Seq(20));
+    let expected = net.oracle();
+    assert_eq!(net.values(C), expected);
+}
+
+#[test]
+fn when_the_origin_returns_its_events_come_from_it_again() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    net.disconnect(C, A);
+    assert_eq!(net.replicas[&C].origins_from(B), vec![A, B]);
+    net.write(A, "k", Command::Set(b("1")));
+    net.run();
+    net.connect(C, A);
+    assert_eq!(net.replicas[&C].origins_from(A), vec![A]);
+    assert_eq!(net.replicas[&C].origins_from(B), vec![B]);
+    net.write(A, "k", Command::Set(b("2")));
+    net.run();
+    net.assert_converged();
+}
+
+#[test]
+fn a_restarted_replica_resumes_from_its_vector() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    for i in 0..10 {
+        net.write(B, "n", Command::IncrBy(i + 1));
+    }
+    net.run();
+    // A restarts on the same storage.
+    net.disconnect(A, B);
+    net.disconnect(B, A);
+    let storage = net.replicas.remove(&A).unwrap().into_storage();
+    let restarted =
+        Replica::open(ReplicaConfig::new(A), topology.clone(), storage, net.now_ms).unwrap();
+    assert_eq!(restarted.vector().get(B), Seq(10));
+    assert!(
+        restarted.hlc() >= net.issued.last().unwrap().hlc,
+        "the HLC resumes above what it saw"
+    );
+    net.replicas.insert(A, restarted);
+    for i in 0..5 {
+        net.write(B, "n", Command::IncrBy(i + 1));
+    }
+    net.connect_links(&topology);
+    net.run();
+    net.assert_converged();
+    assert_eq!(
+        net.replicas[&B].stats().peers[&A].events_sent,
+        15,
+        "no full resync: only the 5 new events were sent after restart"
+    );
+}
