@@ -1,10 +1,17 @@
-//! Braid's node: the real world around the replica core. It will hold the tokio driver, the quinn
-//! transport, RocksDB storage, the openraft glue, the RESP and HTTP servers, configuration and the
-//! `braid` binary. For now it only fixes the crate's place in the dependency direction
-//! (`conflict` <- `protocol` <- `node` <- `sim`).
+//! Braid's node: the real world around the replica core.
+//!
+//! # Layout
+//!
+//! - [`storage`]: RocksDB storage behind the core's `Storage` trait (feature `server`).
+//!
+//! IO adapters sit behind the `server` feature, so the simulator can depend on this crate
+//! without RocksDB, quinn or tokio.
 
 #![warn(missing_docs)]
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub use braid_protocol as protocol;
+
+#[cfg(feature = "server")]
+pub mod storage;
