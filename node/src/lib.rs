@@ -2,7 +2,16 @@
 //!
 //! # Layout
 //!
-//! - [`storage`]: RocksDB storage behind the core's `Storage` trait (feature `server`).
+//! - [`config`]: the node's TOML configuration.
+//! - [`storage`]: RocksDB storage behind the core's `Storage` trait.
+//! - [`driver`]: the tokio task that owns the replica core and executes its outputs.
+//! - [`transport`]: QUIC streams between nodes.
+//! - [`tls`]: the cluster CA, node certificates, mutual TLS.
+//! - [`resp`]: the Redis-protocol server.
+//! - [`http`]: health, status and metrics.
+//! - [`node`]: all of it assembled.
+//! - [`cluster`]: `braid init` and local clusters.
+//! - [`admin_client`]: a small HTTP GET client for the admin API.
 //!
 //! IO adapters sit behind the `server` feature, so the simulator can depend on this crate
 //! without RocksDB, quinn or tokio.
@@ -14,4 +23,22 @@
 pub use braid_protocol as protocol;
 
 #[cfg(feature = "server")]
+pub mod admin_client;
+#[cfg(feature = "server")]
+pub mod cluster;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod driver;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub mod node;
+#[cfg(feature = "server")]
+pub mod resp;
+#[cfg(feature = "server")]
 pub mod storage;
+#[cfg(feature = "server")]
+pub mod tls;
+#[cfg(feature = "server")]
+pub mod transport;

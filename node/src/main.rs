@@ -1,1 +1,541 @@
-fn main() {}
+//! `braid`: the command-line interface of a Braid node and of local clusters.
+
+// The binary talks to people on stdout and stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use braid_node::cluster::{self, ClusterFile, InitOptions};
+use braid_node::config::NodeConfig;
+use braid_node::http::Status;
+use braid_node::storage::Durability;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+/// Braid: a multi-active, bidirectional replication mesh.
+///
+/// One node runs in each region; clients write to their own region over the Redis protocol
+/// (RESP); nodes replicate every change to each other over QUIC with mutual TLS and converge
+/// deterministically.
+#[derive(Debug, Parser)]
+#[command(name = "braid", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Write a cluster CA, node certificates and one configuration per region.
+    Init(InitArgs),
+    /// Run one node from its configuration file, until SIGINT or SIGTERM.
+    Start {
+        /// The node's configuration file (written by `braid init`).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Start or stop a local cluster of several regions on this machine.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Print a node's status: peers, their state, lag and counters.
+    Status {
+        /// The node's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TopologyArg {
+    /// Every region linked to every other.
+    Mesh,
+    /// Regions in a line, each linked to the next (events are relayed along it).
+    Chain,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    /// Survive a process crash (the write-ahead log is written, not synced).
+    Process,
+    /// Survive power loss (the write-ahead log is synced, with group commit).
+    Machine,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Region names, comma-separated (node ids 1, 2, ... in this order).
+    #[arg(long, value_delimiter = ',', required = true, value_name = "A,B,C")]
+    regions: Vec<String>,
+    /// Directory to write into (created if missing; must not hold a cluster yet).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    #[command(flatten)]
+    layout: Layout,
+}
+
+#[derive(Debug, Args)]
+struct Layout {
+    /// First port: region i listens on base+10i (RESP), base+10i+1 (HTTP), base+10i+2 (QUIC).
+    #[arg(long, value_name = "PORT", default_value_t = 7000)]
+    base_port: u16,
+    /// Address every node listens on.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// How regions are linked.
+    #[arg(long, value_enum, default_value_t = TopologyArg::Mesh)]
+    topology: TopologyArg,
+    /// Durability of acknowledged writes.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Process)]
+    durability: DurabilityArg,
+    /// Require RESP clients to AUTH with this password.
+    #[arg(long, value_name = "PASSWORD")]
+    password: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start a local N-region cluster as child processes; stops them all on Ctrl-C unless
+    /// --detach is given. Re-uses the cluster already in DIR, if there is one.
+    Up {
+        /// Number of regions (named a, b, c, ...).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=26))]
+        regions: u16,
+        /// Directory for configurations, data, logs and cluster.json.
+        #[arg(long, value_name = "DIR", default_value = "braid-cluster")]
+        dir: PathBuf,
+        /// Return once the cluster is up, leaving it running (stop it with `braid cluster down`).
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        layout: Layout,
+    },
+    /// Stop a cluster started with --detach.
+    Down {
+        /// The cluster's directory.
+        #[arg(long, value_name = "DIR", default_value = "braid-cluster")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Commands::Init(args) => init(args),
+            Commands::Start { config } => start(&config).await,
+            Commands::Cluster(ClusterCommand::Up {
+                regions,
+                dir,
+                detach,
+                layout,
+            }) => cluster_up(regions as usize, &dir, detach, &layout).await,
+            Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
+            Commands::Status { http, json } => status(http, json).await,
+        }
+    })
+}
+
+fn init_options(regions: Vec<String>, dir: &Path, layout: &Layout) -> InitOptions {
+    let links = match layout.topology {
+        TopologyArg::Mesh => None,
+        TopologyArg::Chain => Some(
+            regions
+                .windows(2)
+                .map(|w| [w[0].clone(), w[1].clone()])
+                .collect(),
+        ),
+    };
+    InitOptions {
+        regions,
+        dir: dir.to_owned(),
+        host: layout.host,
+        base_port: layout.base_port,
+        links,
+        durability: match layout.durability {
+            DurabilityArg::Process => Durability::Process,
+            DurabilityArg::Machine => Durability::Machine,
+        },
+        password: layout.password.clone(),
+    }
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    let file = cluster::init(&init_options(args.regions, &args.dir, &args.layout))?;
+    println!(
+        "Wrote a cluster of {} regions to {}:",
+        file.regions.len(),
+        args.dir.display()
+    );
+    print_regions(&file);
+    println!(
+        "\nStart each node with: braid start --config {}/<region>/braid.toml",
+        args.dir.display()
+    );
+    Ok(())
+}
+
+async fn start(config_path: &Path) -> Result<()> {
+    let config = NodeConfig::load(config_path)?;
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping");
+        let _ = stop.send(true);
+    });
+    braid_node::node::run(config, shutdown)
+        .await
+        .context("node failed")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print_regions(file: &ClusterFile) {
+    println!(
+        "{:<8} {:>3}  {:<21} {:<21} {:<21} {:>8}",
+        "REGION", "ID", "RESP", "HTTP", "PEER (QUIC)", "PID"
+    );
+    for r in &file.regions {
+        let pid = r.pid.map_or("-".to_string(), |p| p.to_string());
+        println!(
+            "{:<8} {:>3}  {:<21} {:<21} {:<21} {:>8}",
+            r.name, r.id, r.resp, r.http, r.peer, pid
+        );
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // Signal 0 checks that the process exists without touching it.
+    unsafe_kill(pid, 0)
+}
+
+fn unsafe_kill(pid: u32, signal: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY-free: libc::kill only sends a signal; it has no memory effects on this process.
+    libc_kill(pid, signal) == 0
+}
+
+fn libc_kill(pid: i32, signal: i32) -> i32 {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    unsafe {
+        libc::kill(pid, signal)
+    }
+}
+
+async fn wait_healthy(
+    file: &ClusterFile,
+    children: &mut [tokio::process::Child],
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for (region, child) in file.regions.iter().zip(children.iter_mut()) {
+        let addr: SocketAddr = region.http.parse()?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let log = region
+                    .config
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("braid.log");
+                bail!(
+                    "region {} exited during start-up ({status}); see {}",
+                    region.name,
+                    log.display()
+                );
+            }
+            if braid_node::admin_client::get(addr, "/health", Duration::from_millis(500))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "region {} did not become healthy within {:?}",
+                    region.name,
+                    timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every region reports every neighbor connected, so the first write replicates at
+/// once; warns (without failing) if that takes too long.
+async fn wait_meshed(file: &ClusterFile, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for region in &file.regions {
+        let Ok(addr) = region.http.parse::<SocketAddr>() else {
+            continue;
+        };
+        loop {
+            let meshed = match braid_node::admin_client::get(
+                addr,
+                "/status",
+                Duration::from_secs(1),
+            )
+            .await
+            {
+                Ok(body) => serde_json::from_str::<Status>(&body)
+                    .is_ok_and(|s| s.peers.iter().all(|p| p.state == "connected")),
+                Err(_) => false,
+            };
+            if meshed {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "warning: region {} is not connected to all its peers yet",
+                    region.name
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> Result<()> {
+    let mut file = if dir.join("cluster.json").exists() {
+        let file = ClusterFile::load(dir)?;
+        if let Some(r) = file.regions.iter().find(|r| r.pid.is_some_and(alive)) {
+            bail!("the cluster in {} is already running (region {} is pid {:?}); stop it with `braid cluster down --dir {}`",
+                dir.display(), r.name, r.pid, dir.display());
+        }
+        println!("Restarting the cluster in {}", dir.display());
+        file
+    } else {
+        cluster::init(&init_options(
+            cluster::default_region_names(count),
+            dir,
+            layout,
+        ))?
+    };
+    let exe = std::env::current_exe().context("cannot find the braid executable")?;
+    let mut children = Vec::new();
+    for region in &mut file.regions {
+        let log_path = region
+            .config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("braid.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .arg("start")
+            .arg("--config")
+            .arg(&region.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if detach {
+            // Its own process group: a Ctrl-C in this terminal later does not reach it.
+            command.process_group(0);
+        } else {
+            command.kill_on_drop(true);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start region {}", region.name))?;
+        region.pid = child.id();
+        children.push(child);
+    }
+    file.save(dir)?;
+    if let Err(err) = wait_healthy(&file, &mut children, Duration::from_secs(30)).await {
+        stop_children(&file).await;
+        return Err(err);
+    }
+    wait_meshed(&file, Duration::from_secs(10)).await;
+    println!(
+        "Braid cluster of {} regions is up ({}):",
+        file.regions.len(),
+        dir.display()
+    );
+    print_regions(&file);
+    println!(
+        "\nTry: redis-cli -p {} SET greeting hello; redis-cli -p {} GET greeting",
+        port_of(&file.regions[0].resp),
+        port_of(&file.regions[file.regions.len() - 1].resp)
+    );
+    println!("Status: braid status --http {}", file.regions[0].http);
+    if detach {
+        println!(
+            "Running in the background; stop it with: braid cluster down --dir {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop every region.");
+    let mut exits = Vec::new();
+    for child in &mut children {
+        exits.push(Box::pin(child.wait()));
+    }
+    let first_exit = futures_first(exits);
+    tokio::select! {
+        _ = wait_for_signal() => println!("\nStopping the cluster..."),
+        region = first_exit => println!("Region {} exited; stopping the cluster...", file.regions[region].name),
+    }
+    stop_children(&file).await;
+    for region in &mut file.regions {
+        region.pid = None;
+    }
+    file.save(dir)?;
+    Ok(())
+}
+
+/// Waits for the first of several child exits; returns its index.
+async fn futures_first<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> usize {
+    std::future::poll_fn(|cx| {
+        for (i, f) in futures.iter_mut().enumerate() {
+            if std::pin::Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(i);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap_or(addr)
+}
+
+/// SIGTERM every region, wait up to 10 s, then SIGKILL what is left.
+async fn stop_children(file: &ClusterFile) {
+    let pids: Vec<u32> = file.regions.iter().filter_map(|r| r.pid).collect();
+    for pid in &pids {
+        unsafe_kill(*pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p) && !zombie(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pid in pids.iter().filter(|p| alive(**p) && !zombie(**p)) {
+        unsafe_kill(*pid, libc::SIGKILL);
+    }
+}
+
+/// A child that exited but was not reaped yet still answers signal 0.
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+async fn cluster_down(dir: &Path) -> Result<()> {
+    let mut file =
+        ClusterFile::load(dir).with_context(|| format!("no cluster in {}", dir.display()))?;
+    let running: Vec<&str> = file
+        .regions
+        .iter()
+        .filter(|r| r.pid.is_some_and(alive))
+        .map(|r| r.name.as_str())
+        .collect();
+    if running.is_empty() {
+        println!("No region of the cluster in {} is running.", dir.display());
+    } else {
+        println!("Stopping regions {}...", running.join(", "));
+        stop_children(&file).await;
+    }
+    for region in &mut file.regions {
+        region.pid = None;
+    }
+    file.save(dir)?;
+    println!("Stopped.");
+    Ok(())
+}
+
+async fn status(http: SocketAddr, json: bool) -> Result<()> {
+    let body = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot reach the node at http://{http}/status"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: Status = serde_json::from_str(&body).context("unexpected /status document")?;
+    println!(
+        "node {} (region {}), durability {}, hlc {}",
+        status.node, status.region, status.durability, status.hlc
+    );
+    let vector: Vec<String> = status
+        .vector
+        .iter()
+        .map(|(r, s)| format!("{r}={s}"))
+        .collect();
+    println!(
+        "vector: {}   writes: {}   conflicts resolved: {}   change log: ~{} events",
+        vector.join(" "),
+        status.writes,
+        status.conflicts_resolved,
+        status.change_log_events
+    );
+    println!();
+    println!(
+        "{:<8} {:<13} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "PEER", "STATE", "PULLING", "LAG(ev)", "LAG(ms)", "P99(ms)", "SENT", "APPLIED", "DUPLICATE"
+    );
+    for p in &status.peers {
+        let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "{:<8} {:<13} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+            p.region,
+            p.state,
+            p.pulling.join(","),
+            p.lag_events,
+            ms(p.lag_ms),
+            ms(p.lag_ms_p99),
+            p.events_sent,
+            p.events_applied,
+            p.events_duplicate
+        );
+    }
+    Ok(())
+}

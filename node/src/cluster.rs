@@ -1,0 +1,284 @@
+//! Local clusters: `braid init` writes configurations and certificates for N regions;
+//! `braid cluster up` starts them as child processes and writes `cluster.json`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use braid_protocol::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Listen, NodeConfig, PeerConfig, TlsFiles};
+use crate::storage::Durability;
+use crate::tls;
+
+/// Each region takes this many consecutive ports from the base: RESP, HTTP, QUIC.
+pub const PORTS_PER_REGION: u16 = 10;
+
+/// How to lay out a new cluster.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Region names, in order; node ids are 1, 2, ... in this order.
+    pub regions: Vec<String>,
+    /// Where to write everything.
+    pub dir: PathBuf,
+    /// Host every node listens on.
+    pub host: IpAddr,
+    /// First port: region i uses base + 10 i (RESP), + 1 (HTTP), + 2 (QUIC).
+    pub base_port: u16,
+    /// Links as pairs of region names; full mesh when `None`.
+    pub links: Option<Vec<[String; 2]>>,
+    /// Durability mode of every node.
+    pub durability: Durability,
+    /// RESP password of every node, if any.
+    pub password: Option<String>,
+}
+
+/// A region's addresses, as `cluster.json` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionEntry {
+    /// Region name.
+    pub name: String,
+    /// Node id.
+    pub id: u64,
+    /// RESP address.
+    pub resp: String,
+    /// HTTP address.
+    pub http: String,
+    /// QUIC address.
+    pub peer: String,
+    /// Process id, once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Its configuration file.
+    pub config: PathBuf,
+}
+
+/// `cluster.json`: how to reach every region of a local cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// The regions.
+    pub regions: Vec<RegionEntry>,
+}
+
+impl ClusterFile {
+    /// Reads `DIR/cluster.json`.
+    pub fn load(dir: &Path) -> Result<ClusterFile, InitError> {
+        let path = dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| InitError::Io(path.clone(), e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| InitError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes `DIR/cluster.json`.
+    pub fn save(&self, dir: &Path) -> Result<(), InitError> {
+        let path = dir.join("cluster.json");
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| InitError::Invalid(e.to_string()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| InitError::Io(path, e))
+    }
+}
+
+/// `init` could not lay out the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A file could not be written or read.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// The options or files make no sense.
+    #[error("{0}")]
+    Invalid(String),
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A configuration that would not load.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError> {
+    std::fs::write(path, contents).map_err(|e| InitError::Io(path.to_owned(), e))?;
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| InitError::Io(path.to_owned(), e))?;
+    }
+    Ok(())
+}
+
+fn valid_region(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Writes a CA, one certificate and one configuration per region, and `cluster.json`.
+/// Refuses to overwrite an existing cluster in `dir`.
+pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
+    let n = options.regions.len();
+    if n == 0 {
+        return Err(InitError::Invalid("at least one region is needed".into()));
+    }
+    for (i, name) in options.regions.iter().enumerate() {
+        if !valid_region(name) {
+            return Err(InitError::Invalid(format!(
+                "region name {name:?}: use 1-32 letters, digits, '-' or '_'"
+            )));
+        }
+        if options.regions[..i].contains(name) {
+            return Err(InitError::Invalid(format!("region {name} appears twice")));
+        }
+    }
+    let last_port = u32::from(options.base_port) + u32::from(PORTS_PER_REGION) * n as u32;
+    if last_port > u32::from(u16::MAX) {
+        return Err(InitError::Invalid(format!(
+            "base port {} leaves no room for {n} regions",
+            options.base_port
+        )));
+    }
+    if options.dir.join("cluster.json").exists() {
+        return Err(InitError::Invalid(format!(
+            "{} already holds a cluster (cluster.json); choose another directory or remove it",
+            options.dir.display()
+        )));
+    }
+    let dir = &options.dir;
+    std::fs::create_dir_all(dir).map_err(|e| InitError::Io(dir.clone(), e))?;
+    let mut cluster_id = [0u8; 16];
+    getrandom::fill(&mut cluster_id)
+        .map_err(|e| InitError::Invalid(format!("no randomness: {e}")))?;
+    let cluster_hex: String = cluster_id.iter().map(|b| format!("{b:02x}")).collect();
+    let ca = tls::generate_ca(&format!("braid cluster {cluster_hex}"))?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem, false)?;
+    write_file(&dir.join("ca.key"), &ca.key_pem, true)?;
+
+    let addr = |i: usize, offset: u16| {
+        SocketAddr::new(
+            options.host,
+            options.base_port + PORTS_PER_REGION * i as u16 + offset,
+        )
+    };
+    let mut entries = Vec::new();
+    for (i, name) in options.regions.iter().enumerate() {
+        let node = NodeId(i as u64 + 1);
+        let region_dir = dir.join(name);
+        std::fs::create_dir_all(&region_dir).map_err(|e| InitError::Io(region_dir.clone(), e))?;
+        let cert = tls::generate_node_cert(&ca, node)?;
+        write_file(&region_dir.join("node.pem"), &cert.cert_pem, false)?;
+        write_file(&region_dir.join("node.key"), &cert.key_pem, true)?;
+        let config = NodeConfig {
+            cluster_id: cluster_hex.clone(),
+            node_id: node.0,
+            region: name.clone(),
+            data_dir: PathBuf::from("data"),
+            durability: options.durability,
+            password: options.password.clone(),
+            clock_skew_ms_max: braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT,
+            listen: Listen {
+                resp: addr(i, 0),
+                http: addr(i, 1),
+                peer: addr(i, 2),
+            },
+            tls: TlsFiles {
+                ca_cert: PathBuf::from("../ca.pem"),
+                cert: PathBuf::from("node.pem"),
+                key: PathBuf::from("node.key"),
+            },
+            peers: options
+                .regions
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, other)| PeerConfig {
+                    id: j as u64 + 1,
+                    region: other.clone(),
+                    address: addr(j, 2),
+                })
+                .collect(),
+            links: options.links.clone(),
+        };
+        let text =
+            toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
+        let path = region_dir.join("braid.toml");
+        let header = format!(
+            "# Braid node configuration for region {name} (written by `braid init`).\n\
+             # Every key is described in docs/operations.md.\n\n"
+        );
+        write_file(&path, &(header + &text), config.password.is_some())?;
+        // What was written must load.
+        NodeConfig::load(&path)?;
+        entries.push(RegionEntry {
+            name: name.clone(),
+            id: node.0,
+            resp: addr(i, 0).to_string(),
+            http: addr(i, 1).to_string(),
+            peer: addr(i, 2).to_string(),
+            pid: None,
+            config: path,
+        });
+    }
+    let file = ClusterFile { regions: entries };
+    file.save(dir)?;
+    Ok(file)
+}
+
+/// Region names for `cluster up --regions N`: a, b, c, ... (then r27, r28, ...).
+pub fn default_region_names(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| match i {
+            0..=25 => ((b'a' + i as u8) as char).to_string(),
+            _ => format!("r{}", i + 1),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_loadable_configs_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            regions: vec!["us".into(), "eu".into(), "ap".into()],
+            dir: dir.path().to_owned(),
+            host: "127.0.0.1".parse().unwrap(),
+            base_port: 17000,
+            links: None,
+            durability: Durability::Process,
+            password: None,
+        };
+        let file = init(&options).unwrap();
+        assert_eq!(file.regions.len(), 3);
+        assert_eq!(file.regions[1].resp, "127.0.0.1:17010");
+        let config = NodeConfig::load(&file.regions[2].config).unwrap();
+        assert_eq!(
+            (config.node_id, config.region.as_str(), config.peers.len()),
+            (3, "ap", 2)
+        );
+        crate::tls::MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key).unwrap();
+        let err = init(&options).unwrap_err().to_string();
+        assert!(err.contains("already holds a cluster"), "{err}");
+    }
+
+    #[test]
+    fn init_refuses_bad_region_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = InitOptions {
+            regions: vec!["a".into(), "a".into()],
+            dir: dir.path().to_owned(),
+            host: "127.0.0.1".parse().unwrap(),
+            base_port: 17000,
+            links: None,
+            durability: Durability::Process,
+            password: None,
+        };
+        assert!(init(&options).unwrap_err().to_string().contains("twice"));
+        options.regions = vec!["a b".into()];
+        assert!(init(&options)
+            .unwrap_err()
+            .to_string()
+            .contains("region name"));
+    }
+}

@@ -1,0 +1,299 @@
+//! Node configuration: a TOML file (kebab-case keys), one per node, written by `braid init`.
+//! Relative paths are relative to the file's directory. See `docs/operations.md` for every key.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use braid_protocol::{ClusterId, NodeId, Topology, TopologyError};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::Durability;
+
+/// One node's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The cluster's id: 32 hex digits, the same in every node's file.
+    pub cluster_id: String,
+    /// This node's id, unique in the cluster.
+    pub node_id: u64,
+    /// This node's region name, unique in the cluster.
+    pub region: String,
+    /// Where the database lives.
+    pub data_dir: PathBuf,
+    /// `process` (default: survives a process crash) or `machine` (syncs: survives power loss).
+    #[serde(default)]
+    pub durability: Durability,
+    /// When set, RESP clients must `AUTH` with it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// How far ahead of local time a remote HLC may be, in milliseconds (default 60,000).
+    #[serde(default = "default_clock_skew_ms_max")]
+    pub clock_skew_ms_max: u64,
+    /// Addresses this node listens on.
+    pub listen: Listen,
+    /// Certificates for the mesh's mutual TLS.
+    pub tls: TlsFiles,
+    /// The other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// The links between regions; every pair when absent (full mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<[String; 2]>>,
+}
+
+fn default_clock_skew_ms_max() -> u64 {
+    braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Listen {
+    /// QUIC, for the other nodes (UDP).
+    pub peer: SocketAddr,
+    /// RESP, for clients (TCP).
+    pub resp: SocketAddr,
+    /// HTTP admin and metrics (TCP).
+    pub http: SocketAddr,
+}
+
+/// PEM files for mutual TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA's certificate: peers must present a certificate it signed.
+    pub ca_cert: PathBuf,
+    /// This node's certificate (its DNS name is `node-<id>`).
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// Another node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: u64,
+    /// Its region name.
+    pub region: String,
+    /// Its QUIC address.
+    pub address: SocketAddr,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with line and column).
+        source: Box<toml::de::Error>,
+    },
+    /// A rule across fields is broken.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The links do not form a usable topology.
+    #[error("invalid topology: {0}")]
+    Topology(#[from] TopologyError),
+}
+
+impl NodeConfig {
+    /// Reads, resolves relative paths against the file's directory, and validates.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: NodeConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [
+            &mut config.data_dir,
+            &mut config.tls.ca_cert,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+        ] {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that span fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        self.cluster_id()?;
+        if self.region.is_empty() {
+            return invalid("region must not be empty".into());
+        }
+        let mut ids = BTreeSet::from([self.node_id]);
+        let mut regions = BTreeSet::from([self.region.as_str()]);
+        for peer in &self.peers {
+            if !ids.insert(peer.id) {
+                return invalid(format!("node id {} appears twice", peer.id));
+            }
+            if !regions.insert(peer.region.as_str()) {
+                return invalid(format!("region {} appears twice", peer.region));
+            }
+        }
+        if self.password.as_deref() == Some("") {
+            return invalid("password, when set, must not be empty".into());
+        }
+        let listen = [self.listen.peer, self.listen.resp, self.listen.http];
+        if listen[1] == listen[2] {
+            return invalid("listen.resp and listen.http must differ".into());
+        }
+        self.topology()?;
+        Ok(())
+    }
+
+    /// The cluster id, parsed.
+    pub fn cluster_id(&self) -> Result<ClusterId, ConfigError> {
+        parse_cluster_id(&self.cluster_id).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "cluster-id {:?} is not 32 hex digits",
+                self.cluster_id
+            ))
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        NodeId(self.node_id)
+    }
+
+    /// The node id of a region name, this node included.
+    pub fn node_of_region(&self, region: &str) -> Option<NodeId> {
+        if region == self.region {
+            return Some(self.node());
+        }
+        self.peers
+            .iter()
+            .find(|p| p.region == region)
+            .map(|p| NodeId(p.id))
+    }
+
+    /// The region name of a node id, this node included.
+    pub fn region_of(&self, node: NodeId) -> Option<&str> {
+        if node == self.node() {
+            return Some(&self.region);
+        }
+        self.peers
+            .iter()
+            .find(|p| p.id == node.0)
+            .map(|p| p.region.as_str())
+    }
+
+    /// The topology: the configured links, or a full mesh.
+    pub fn topology(&self) -> Result<Topology, ConfigError> {
+        let nodes: Vec<NodeId> = std::iter::once(self.node())
+            .chain(self.peers.iter().map(|p| NodeId(p.id)))
+            .collect();
+        match &self.links {
+            None => Ok(Topology::full_mesh(nodes)?),
+            Some(links) => {
+                let mut pairs = Vec::new();
+                for [a, b] in links {
+                    let (Some(x), Some(y)) = (self.node_of_region(a), self.node_of_region(b))
+                    else {
+                        return Err(ConfigError::Invalid(format!(
+                            "link {a}-{b} names an unknown region"
+                        )));
+                    };
+                    pairs.push((x, y));
+                }
+                Ok(Topology::with_links(nodes, pairs)?)
+            }
+        }
+    }
+}
+
+/// Parses 32 hex digits.
+pub fn parse_cluster_id(text: &str) -> Option<ClusterId> {
+    if text.len() != 32 || !text.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(ClusterId(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        r#"
+cluster-id = "000102030405060708090a0b0c0d0e0f"
+node-id = 1
+region = "a"
+data-dir = "data"
+[listen]
+peer = "127.0.0.1:7002"
+resp = "127.0.0.1:7000"
+http = "127.0.0.1:7001"
+[tls]
+ca-cert = "../ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[peers]]
+id = 2
+region = "b"
+address = "127.0.0.1:7012"
+"#
+        .to_owned()
+    }
+
+    fn load(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("braid.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeConfig::load(&path)
+    }
+
+    #[test]
+    fn loads_with_defaults_and_resolves_paths() {
+        let config = load(&sample()).unwrap();
+        assert_eq!(config.durability, Durability::Process);
+        assert_eq!(config.clock_skew_ms_max, 60_000);
+        assert!(config.data_dir.is_absolute());
+        assert!(config.topology().unwrap().is_full_mesh());
+    }
+
+    #[test]
+    fn refuses_unknown_keys_bad_ids_and_bad_links() {
+        let err = load(&(sample() + "\nbogus = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = load(&sample().replace("000102", "zz0102"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster-id"), "{err}");
+        let err = load(&sample().replace("id = 2", "id = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        let text = sample().replace("node-id = 1", "node-id = 1\nlinks = [[\"a\", \"z\"]]");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown region"), "{err}");
+    }
+}

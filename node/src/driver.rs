@@ -1,0 +1,361 @@
+//! The tokio driver around the replica core: one task owns the [`Replica`], feeds it inputs from
+//! a bounded channel, executes its transmits, and re-arms its one timer.
+//!
+//! ```text
+//!   RESP connections ─┐                                   ┌─► per-stream outboxes (bounded)
+//!   peer streams ─────┼─► inputs (bounded mpsc) ─► driver ┤
+//!   HTTP /status ─────┘        │ group commit:           └─► replies (oneshot)
+//!                              └─ consecutive writes ─► one Replica::handle_commands
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use braid_conflict::{Command, CommandError, Hlc};
+use braid_protocol::replica::Stats;
+use braid_protocol::{
+    ErrorCode, ErrorMessage, Message, NodeId, PeerError, Replica, StreamKind, VersionVector,
+};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::storage::{RocksStorage, StorageError};
+
+/// Inputs waiting for the driver. Bounded so that clients and peers feel back-pressure rather
+/// than growing a queue: 4,096 covers a burst of pipelined commands from many clients.
+pub const INPUT_QUEUE_MAX: usize = 4096;
+
+/// Client commands folded into one commit. One commit (and, in `machine` mode, one fsync) per
+/// group; 1,024 keeps a commit's write batch around 100 KiB for 100-byte values.
+pub const WRITE_GROUP_COMMANDS_MAX: usize = 1024;
+
+/// Messages waiting to be written on one peer stream. The replica sends at most its window of
+/// batches plus acks and heartbeats, well under this; a stream whose outbox is full is not
+/// being read and is closed.
+pub const STREAM_OUTBOX_MAX: usize = 256;
+
+/// Milliseconds since the Unix epoch: the physical time fed to the replica's HLC.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What happened on a peer stream.
+#[derive(Debug)]
+pub enum PeerInput {
+    /// The stream is open and its handshake done; the driver writes to it through `outbox`.
+    Opened {
+        /// Messages for the peer on this stream.
+        outbox: mpsc::Sender<Message>,
+    },
+    /// A message arrived.
+    Message(Message),
+    /// The stream ended.
+    Closed,
+}
+
+/// The answer to a group of client commands.
+pub type CommandReplies = Vec<Result<i64, CommandError>>;
+
+/// An input to the driver.
+#[derive(Debug)]
+pub enum Input {
+    /// Client write commands, run in one commit; the reply is sent once it is durable.
+    Commands {
+        /// The commands.
+        commands: Vec<(Bytes, Command)>,
+        /// Where the results go.
+        reply: oneshot::Sender<CommandReplies>,
+    },
+    /// Something on a peer stream. `conn` tells streams of one peer apart across reconnects.
+    Peer {
+        /// The peer.
+        peer: NodeId,
+        /// Which of its streams.
+        stream: StreamKind,
+        /// Identifies this stream among the peer's successive ones.
+        conn: u64,
+        /// What happened.
+        input: PeerInput,
+    },
+    /// A status snapshot, for HTTP and INFO.
+    Status {
+        /// Where it goes.
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+/// What the replica looks like right now.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The node.
+    pub node: NodeId,
+    /// Its vector.
+    pub vector: VersionVector,
+    /// Its HLC high-water mark.
+    pub hlc: Hlc,
+    /// Its statistics.
+    pub stats: Stats,
+    /// Events held ahead of a gap.
+    pub held_events: usize,
+    /// Per neighbor: whether our subscription and its feed are open, the origins we pull from
+    /// it, and its vector as last known.
+    pub peers: BTreeMap<NodeId, PeerSnapshot>,
+}
+
+/// One neighbor, as the replica sees it.
+#[derive(Debug, Clone, Default)]
+pub struct PeerSnapshot {
+    /// Our subscription to it is open.
+    pub subscribed: bool,
+    /// Its subscription to us is open.
+    pub feed: bool,
+    /// Origins we pull from it.
+    pub origins: Vec<NodeId>,
+    /// Its vector, as last reported.
+    pub vector: Option<VersionVector>,
+}
+
+/// The driver: owns the replica, runs until shutdown or a storage failure.
+pub struct Driver {
+    replica: Replica<RocksStorage>,
+    inputs: mpsc::Receiver<Input>,
+    /// The open stream of each peer and kind: its conn id and outbox.
+    streams: BTreeMap<(NodeId, StreamKind), (u64, mpsc::Sender<Message>)>,
+    /// Added to physical time: clock-skew fault injection (0 unless enabled).
+    clock_offset_ms: i64,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("node", &self.replica.node())
+            .finish()
+    }
+}
+
+impl Driver {
+    /// A driver for `replica`, reading `inputs`.
+    pub fn new(replica: Replica<RocksStorage>, inputs: mpsc::Receiver<Input>) -> Driver {
+        Driver {
+            replica,
+            inputs,
+            streams: BTreeMap::new(),
+            clock_offset_ms: 0,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        now_ms().saturating_add_signed(self.clock_offset_ms)
+    }
+
+    /// Runs until `shutdown` turns true or every input sender is gone. A storage error stops the
+    /// driver: the node must not go on with unknown durable state.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StorageError> {
+        info!(node = %self.replica.node(), vector = ?self.replica.vector(), "replica started");
+        loop {
+            let wait_ms = self.replica.poll_timeout().saturating_sub(self.now());
+            let timer = tokio::time::sleep(Duration::from_millis(wait_ms));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                input = self.inputs.recv() => match input {
+                    Some(input) => self.handle(input)?,
+                    None => break,
+                },
+                _ = timer => {
+                    let now = self.now();
+                    self.replica.handle_tick(now)?;
+                }
+            }
+            self.flush();
+        }
+        info!(node = %self.replica.node(), "replica stopped");
+        Ok(())
+    }
+
+    fn handle(&mut self, first: Input) -> Result<(), StorageError> {
+        let mut pending = vec![first];
+        // Group commit: take every write already queued behind the first (bounded), so they
+        // share one commit. Other inputs queued meanwhile are handled right after, in order.
+        let mut commands: Vec<(Bytes, Command)> = Vec::new();
+        let mut replies: Vec<(oneshot::Sender<CommandReplies>, usize)> = Vec::new();
+        let mut others = Vec::new();
+        while let Some(input) = pending.pop() {
+            match input {
+                Input::Commands {
+                    commands: batch,
+                    reply,
+                } => {
+                    replies.push((reply, batch.len()));
+                    commands.extend(batch);
+                }
+                other => others.push(other),
+            }
+            if commands.len() < WRITE_GROUP_COMMANDS_MAX {
+                if let Ok(next) = self.inputs.try_recv() {
+                    pending.push(next);
+                }
+            }
+        }
+        if !commands.is_empty() {
+            let now = self.now();
+            let mut results = self.replica.handle_commands(commands, now)?.into_iter();
+            for (reply, count) in replies {
+                // A client that went away does not care for its reply.
+                let _ = reply.send(results.by_ref().take(count).collect());
+            }
+        }
+        for input in others {
+            self.handle_other(input)?;
+        }
+        Ok(())
+    }
+
+    fn handle_other(&mut self, input: Input) -> Result<(), StorageError> {
+        let now = self.now();
+        match input {
+            Input::Commands { .. } => unreachable!("commands are grouped by handle"),
+            Input::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Input::Peer {
+                peer,
+                stream,
+                conn,
+                input,
+            } => match input {
+                PeerInput::Opened { outbox } => {
+                    self.streams.insert((peer, stream), (conn, outbox));
+                    let opened = match stream {
+                        StreamKind::Subscription => {
+                            self.replica.handle_subscription_open(peer, now)
+                        }
+                        StreamKind::Feed => self.replica.handle_feed_open(peer, now),
+                    };
+                    self.peer_result(peer, stream, opened)?;
+                }
+                PeerInput::Message(message) => {
+                    if self
+                        .streams
+                        .get(&(peer, stream))
+                        .is_some_and(|(c, _)| *c == conn)
+                    {
+                        let result = self.replica.handle_message(peer, stream, message, now);
+                        self.peer_result(peer, stream, result)?;
+                    }
+                }
+                PeerInput::Closed => {
+                    if self
+                        .streams
+                        .get(&(peer, stream))
+                        .is_some_and(|(c, _)| *c == conn)
+                    {
+                        self.close_stream(peer, stream, None);
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// A peer error closes that stream (telling the peer why); a storage error is fatal.
+    fn peer_result(
+        &mut self,
+        peer: NodeId,
+        stream: StreamKind,
+        result: Result<(), PeerError<StorageError>>,
+    ) -> Result<(), StorageError> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(PeerError::Storage(err)) => Err(err),
+            Err(PeerError::Closed { code, text, .. }) => {
+                warn!(%peer, ?stream, ?code, %text, "peer closed the stream with an error");
+                self.close_stream(peer, stream, None);
+                Ok(())
+            }
+            Err(err) => {
+                warn!(%peer, ?stream, error = %err, "refusing peer stream");
+                let text = err.to_string();
+                self.close_stream(
+                    peer,
+                    stream,
+                    Some(ErrorMessage {
+                        code: err.code(),
+                        text,
+                    }),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn close_stream(&mut self, peer: NodeId, stream: StreamKind, error: Option<ErrorMessage>) {
+        if let Some((_, outbox)) = self.streams.remove(&(peer, stream)) {
+            if let Some(error) = error {
+                let _ = outbox.try_send(Message::Error(error));
+            }
+            // Dropping the outbox ends the stream's writer, which closes the stream.
+        }
+        let now = self.now();
+        match stream {
+            StreamKind::Subscription => self.replica.handle_subscription_closed(peer, now),
+            StreamKind::Feed => self.replica.handle_feed_closed(peer, now),
+        }
+        debug!(%peer, ?stream, "stream closed");
+    }
+
+    /// Hands every transmit to its stream's outbox, without waiting.
+    fn flush(&mut self) {
+        while let Some(transmit) = self.replica.poll_transmit() {
+            let key = (transmit.peer, transmit.stream);
+            let Some((_, outbox)) = self.streams.get(&key) else {
+                continue;
+            };
+            if let Err(err) = outbox.try_send(transmit.message) {
+                let reason = match err {
+                    mpsc::error::TrySendError::Full(_) => "outbox full: the peer is not reading",
+                    mpsc::error::TrySendError::Closed(_) => "stream writer gone",
+                };
+                warn!(peer = %transmit.peer, stream = ?transmit.stream, reason, "closing peer stream");
+                let error = ErrorMessage {
+                    code: ErrorCode::Internal,
+                    text: reason.into(),
+                };
+                self.close_stream(transmit.peer, transmit.stream, Some(error));
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut peers = BTreeMap::new();
+        let me = self.replica.node();
+        for peer in self.replica.topology().neighbors(me) {
+            peers.insert(
+                peer,
+                PeerSnapshot {
+                    subscribed: self.replica.is_subscribed(peer),
+                    feed: self.replica.has_feed(peer),
+                    origins: self.replica.origins_from(peer),
+                    vector: self.replica.peer_vector(peer).cloned(),
+                },
+            );
+        }
+        Snapshot {
+            node: me,
+            vector: self.replica.vector().clone(),
+            hlc: self.replica.hlc(),
+            stats: self.replica.stats().clone(),
+            held_events: self.replica.held_events(),
+            peers,
+        }
+    }
+}
+
+/// Logs a fatal driver error.
+pub fn log_fatal(err: &StorageError) {
+    error!(error = %err, "storage failed: stopping the node");
+}

@@ -1,0 +1,301 @@
+//! HTTP admin: `GET /health`, `GET /status` (JSON), `GET /metrics` (Prometheus text).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use braid_protocol::NodeId;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::driver::{now_ms, Input, Snapshot};
+use crate::transport::TrafficMap;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The driver's inputs.
+    pub inputs: mpsc::Sender<Input>,
+    /// Region names by node id, this node included.
+    pub regions: Arc<BTreeMap<NodeId, String>>,
+    /// Bytes per peer.
+    pub traffic: TrafficMap,
+    /// Durability mode, for display.
+    pub durability: &'static str,
+    /// Approximate change-log length.
+    pub log_len: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+/// `GET /status`, and what `braid status` prints.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    /// This node's id.
+    pub node: u64,
+    /// This node's region.
+    pub region: String,
+    /// Durability mode.
+    pub durability: String,
+    /// HLC high-water mark, as `wall_ms.logical`.
+    pub hlc: String,
+    /// Per origin region: highest seq applied contiguously.
+    pub vector: BTreeMap<String, u64>,
+    /// Local writes since start.
+    pub writes: u64,
+    /// Last-writer-wins conflicts resolved here since start.
+    pub conflicts_resolved: u64,
+    /// Events held ahead of a gap.
+    pub held_events: usize,
+    /// Approximate events in the change log.
+    pub change_log_events: u64,
+    /// Each neighbor.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One neighbor in `/status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// Its node id.
+    pub id: u64,
+    /// Its region.
+    pub region: String,
+    /// `connected` when both streams are open, `partial` with one, `disconnected` with none.
+    pub state: String,
+    /// Regions whose events are pulled from this peer.
+    pub pulling: Vec<String>,
+    /// Its vector, as it last reported.
+    pub vector: BTreeMap<String, u64>,
+    /// Its own events not yet applied here.
+    pub lag_events: u64,
+    /// Delay of the latest of its events applied here, origin commit to local apply.
+    pub lag_ms: Option<u64>,
+    /// Median and 99th percentile of that delay since start.
+    pub lag_ms_p50: Option<u64>,
+    /// 99th percentile.
+    pub lag_ms_p99: Option<u64>,
+    /// Events sent to it.
+    pub events_sent: u64,
+    /// Events received from it.
+    pub events_received: u64,
+    /// Events received from it and applied.
+    pub events_applied: u64,
+    /// Events received from it and dropped as duplicates (or echoes).
+    pub events_duplicate: u64,
+    /// Bytes sent to it.
+    pub bytes_sent: u64,
+    /// Bytes received from it.
+    pub bytes_received: u64,
+}
+
+impl AdminState {
+    fn region(&self, node: NodeId) -> String {
+        self.regions
+            .get(&node)
+            .cloned()
+            .unwrap_or_else(|| node.to_string())
+    }
+
+    async fn snapshot(&self) -> Option<Snapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.inputs.send(Input::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Builds the status document from a snapshot.
+    pub fn status(&self, snapshot: &Snapshot) -> Status {
+        let named = |v: &braid_protocol::VersionVector| -> BTreeMap<String, u64> {
+            v.iter().map(|(n, s)| (self.region(n), s.0)).collect()
+        };
+        let mut peers = Vec::new();
+        for (peer, state) in &snapshot.peers {
+            let counters = snapshot.stats.peers.get(peer).cloned().unwrap_or_default();
+            let traffic = self.traffic.get(peer);
+            let theirs = state.vector.as_ref().map(|v| v.get(*peer).0).unwrap_or(0);
+            let histogram = snapshot.stats.lag_ms.get(peer);
+            peers.push(PeerStatus {
+                id: peer.0,
+                region: self.region(*peer),
+                state: match (state.subscribed, state.feed) {
+                    (true, true) => "connected",
+                    (false, false) => "disconnected",
+                    _ => "partial",
+                }
+                .into(),
+                pulling: state.origins.iter().map(|o| self.region(*o)).collect(),
+                vector: state.vector.as_ref().map(named).unwrap_or_default(),
+                lag_events: theirs.saturating_sub(snapshot.vector.get(*peer).0),
+                lag_ms: snapshot.stats.lag_ms_last.get(peer).copied(),
+                lag_ms_p50: histogram.map(|h| h.value_at_quantile(0.5)),
+                lag_ms_p99: histogram.map(|h| h.value_at_quantile(0.99)),
+                events_sent: counters.events_sent,
+                events_received: counters.events_received,
+                events_applied: counters.events_applied,
+                events_duplicate: counters.events_duplicate,
+                bytes_sent: traffic.map_or(0, |t| t.bytes_sent.load(Ordering::Relaxed)),
+                bytes_received: traffic.map_or(0, |t| t.bytes_received.load(Ordering::Relaxed)),
+            });
+        }
+        Status {
+            node: snapshot.node.0,
+            region: self.region(snapshot.node),
+            durability: self.durability.into(),
+            hlc: format!("{}.{}", snapshot.hlc.wall_ms, snapshot.hlc.logical),
+            vector: named(&snapshot.vector),
+            writes: snapshot.stats.writes,
+            conflicts_resolved: snapshot.stats.conflicts_lww,
+            held_events: snapshot.held_events,
+            change_log_events: (self.log_len)(),
+            peers,
+        }
+    }
+
+    /// The Prometheus text exposition of a snapshot.
+    pub fn metrics(&self, snapshot: &Snapshot) -> String {
+        let status = self.status(snapshot);
+        let mut out = String::new();
+        let region = &status.region;
+        let _ = writeln!(
+            out,
+            "# HELP braid_writes_total Local writes committed.\n# TYPE braid_writes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "braid_writes_total{{region=\"{region}\"}} {}",
+            status.writes
+        );
+        type Counter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+        let peer_counters: [Counter; 6] = [
+            ("braid_events_sent_total", "Events sent to a peer.", |p| {
+                p.events_sent
+            }),
+            (
+                "braid_events_received_total",
+                "Events received from a peer.",
+                |p| p.events_received,
+            ),
+            (
+                "braid_events_applied_total",
+                "Events received from a peer and applied.",
+                |p| p.events_applied,
+            ),
+            (
+                "braid_events_duplicate_total",
+                "Events received from a peer and dropped as duplicates or echoes.",
+                |p| p.events_duplicate,
+            ),
+            ("braid_bytes_sent_total", "Bytes sent to a peer.", |p| {
+                p.bytes_sent
+            }),
+            (
+                "braid_bytes_received_total",
+                "Bytes received from a peer.",
+                |p| p.bytes_received,
+            ),
+        ];
+        for (name, help, value) in peer_counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for peer in &status.peers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{region=\"{region}\",peer=\"{}\"}} {}",
+                    peer.region,
+                    value(peer)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP braid_events_applied_by_origin_total Events applied here, by origin region.\n# TYPE braid_events_applied_by_origin_total counter");
+        for (origin, count) in &snapshot.stats.applied_by_origin {
+            let _ = writeln!(
+                out,
+                "braid_events_applied_by_origin_total{{region=\"{region}\",origin=\"{}\"}} {count}",
+                self.region(*origin)
+            );
+        }
+        let _ = writeln!(out, "# HELP braid_conflicts_resolved_total Last-writer-wins conflicts resolved here.\n# TYPE braid_conflicts_resolved_total counter\nbraid_conflicts_resolved_total{{region=\"{region}\"}} {}", status.conflicts_resolved);
+        let _ = writeln!(out, "# HELP braid_lag_events Events of a peer not yet applied here.\n# TYPE braid_lag_events gauge");
+        for peer in &status.peers {
+            let _ = writeln!(
+                out,
+                "braid_lag_events{{region=\"{region}\",peer=\"{}\"}} {}",
+                peer.region, peer.lag_events
+            );
+        }
+        let _ = writeln!(out, "# HELP braid_replication_lag_ms Milliseconds from an event's commit at its origin to its apply here.\n# TYPE braid_replication_lag_ms summary");
+        for (origin, histogram) in &snapshot.stats.lag_ms {
+            let origin = self.region(*origin);
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let _ = writeln!(out, "braid_replication_lag_ms{{region=\"{region}\",origin=\"{origin}\",quantile=\"{q}\"}} {}", histogram.value_at_quantile(q));
+            }
+            let sum = histogram.mean() * histogram.len() as f64;
+            let _ = writeln!(
+                out,
+                "braid_replication_lag_ms_sum{{region=\"{region}\",origin=\"{origin}\"}} {sum:.0}"
+            );
+            let _ = writeln!(
+                out,
+                "braid_replication_lag_ms_count{{region=\"{region}\",origin=\"{origin}\"}} {}",
+                histogram.len()
+            );
+        }
+        let _ = writeln!(out, "# HELP braid_change_log_events Approximate events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
+        let _ = writeln!(out, "# HELP braid_up Seconds since the Unix epoch at scrape time.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} {}", now_ms() / 1000);
+        out
+    }
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn status(State(state): State<AdminState>) -> Response {
+    match state.snapshot().await {
+        Some(snapshot) => Json(state.status(&snapshot)).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    match state.snapshot().await {
+        Some(snapshot) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics(&snapshot),
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
+    }
+}
+
+/// Serves the admin API until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}

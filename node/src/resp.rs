@@ -1,0 +1,757 @@
+//! The RESP (Redis protocol) server: bytes -> frame -> command -> reply.
+//!
+//! ```text
+//!   TCP ─► read buffer ─► parse (arrays of bulk strings, or inline) ─► commands
+//!          every command of a pipelined burst, in order:
+//!            writes ─► collected into one Input::Commands ─► one commit ─► replies
+//!            reads  ─► straight from RocksDB, after the writes before them committed
+//!   replies ─► write buffer ─► TCP
+//! ```
+//!
+//! Errors follow Redis's texts so that clients react as they would with Redis: `WRONGTYPE`,
+//! `ERR wrong number of arguments for '...' command`, `ERR unknown command`, `NOAUTH`. A
+//! protocol error (malformed framing, an oversized bulk) gets an error reply and the connection
+//! is closed, as Redis does; nothing else is affected.
+
+use std::sync::Arc;
+
+use braid_conflict::{value::parse_i64, Command, CommandError, KeyState, Value, ValueType};
+use braid_protocol::limits::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use crate::driver::{Input, Snapshot};
+use crate::storage::{RocksStorage, StorageError};
+
+/// Most arguments in one command (Redis allows more; a million-member SADD is a mistake).
+pub const RESP_ARGS_MAX: usize = 1024 * 1024;
+/// Largest bulk string: the largest value, plus nothing.
+pub const RESP_BULK_BYTES_MAX: usize = VALUE_BYTES_MAX;
+/// Longest inline command line.
+pub const RESP_INLINE_BYTES_MAX: usize = 64 * 1024;
+/// Most bytes a connection may have buffered and not yet parsed: one full command.
+pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
+
+/// A client's bytes that are not RESP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    /// Something other than what the protocol allows at this point.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+}
+
+fn protocol<T>(msg: impl Into<String>) -> Result<T, RespError> {
+    Err(RespError::Protocol(msg.into()))
+}
+
+/// Finds `\r\n` at or after `from`.
+fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|p| from + p)
+}
+
+fn parse_len(bytes: &[u8], what: &str) -> Result<i64, RespError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .map_or_else(|| protocol(format!("invalid {what} length")), Ok)
+}
+
+/// Parses one command from the front of `buf`: `Ok(Some((args, used)))`, `Ok(None)` when more
+/// bytes are needed. Checks every length before buffering anything for it.
+pub fn parse_command(buf: &[u8]) -> Result<Option<(Vec<Bytes>, usize)>, RespError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != b'*' {
+        return parse_inline(buf);
+    }
+    let Some(end) = line_end(buf, 1) else {
+        return if buf.len() > RESP_INLINE_BYTES_MAX {
+            protocol("too big count")
+        } else {
+            Ok(None)
+        };
+    };
+    let count = parse_len(&buf[1..end], "multibulk")?;
+    if count > RESP_ARGS_MAX as i64 {
+        return protocol("invalid multibulk length");
+    }
+    let mut at = end + 2;
+    let mut args = Vec::with_capacity(count.clamp(0, 64) as usize);
+    for _ in 0..count.max(0) {
+        match buf.get(at) {
+            None => return Ok(None),
+            Some(b'$') => {}
+            Some(other) => return protocol(format!("expected '$', got '{}'", *other as char)),
+        }
+        let Some(end) = line_end(buf, at + 1) else {
+            return if buf.len() - at > 64 {
+                protocol("invalid bulk length")
+            } else {
+                Ok(None)
+            };
+        };
+        let len = parse_len(&buf[at + 1..end], "bulk")?;
+        if len < 0 || len as usize > RESP_BULK_BYTES_MAX {
+            return protocol("invalid bulk length");
+        }
+        let start = end + 2;
+        let stop = start + len as usize;
+        if buf.len() < stop + 2 {
+            return Ok(None);
+        }
+        if &buf[stop..stop + 2] != b"\r\n" {
+            return protocol("bulk string not terminated by CRLF");
+        }
+        args.push(Bytes::copy_from_slice(&buf[start..stop]));
+        at = stop + 2;
+    }
+    Ok(Some((args, at)))
+}
+
+fn parse_inline(buf: &[u8]) -> Result<Option<(Vec<Bytes>, usize)>, RespError> {
+    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+        return if buf.len() > RESP_INLINE_BYTES_MAX {
+            protocol("too big inline request")
+        } else {
+            Ok(None)
+        };
+    };
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    let args = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|part| !part.is_empty())
+        .map(Bytes::copy_from_slice)
+        .collect();
+    Ok(Some((args, end + 1)))
+}
+
+/// A reply, as RESP2 encodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+OK`
+    Simple(&'static str),
+    /// `-ERR ...` (the text includes its prefix, `ERR`, `WRONGTYPE`, ...).
+    Error(String),
+    /// `:n`
+    Integer(i64),
+    /// `$n\r\n...`
+    Bulk(Bytes),
+    /// `$-1`
+    Nil,
+    /// `*n ...`
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// Appends the encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Reply::Simple(text) => {
+                out.push(b'+');
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Error(text) => {
+                out.push(b'-');
+                // An error text must stay on one line.
+                out.extend(
+                    text.bytes()
+                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+                );
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Integer(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+            Reply::Bulk(bytes) => {
+                out.extend_from_slice(format!("${}\r\n", bytes.len()).as_bytes());
+                out.extend_from_slice(bytes);
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Nil => out.extend_from_slice(b"$-1\r\n"),
+            Reply::Array(items) => {
+                out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+                for item in items {
+                    item.encode(out);
+                }
+            }
+        }
+    }
+
+    fn err(text: impl Into<String>) -> Reply {
+        Reply::Error(text.into())
+    }
+}
+
+fn wrong_args(name: &str) -> Reply {
+    Reply::err(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
+}
+
+fn wrong_type() -> Reply {
+    Reply::err(
+        CommandError::WrongType {
+            held: ValueType::String,
+        }
+        .to_string(),
+    )
+}
+
+/// Shared by every connection.
+#[derive(Clone)]
+pub struct RespContext {
+    /// The driver's inputs.
+    pub inputs: mpsc::Sender<Input>,
+    /// Direct reads of committed state.
+    pub storage: RocksStorage,
+    /// The password, if AUTH is required.
+    pub password: Option<Arc<str>>,
+    /// Renders INFO's text from a status snapshot.
+    pub info: Arc<dyn Fn(&Snapshot) -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for RespContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RespContext")
+            .field("auth", &self.password.is_some())
+            .finish()
+    }
+}
+
+/// Accepts RESP clients until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    context: RespContext,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (socket, remote) = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    warn!(error = %err, "accepting a RESP client failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let context = context.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = Connection::new(context).run(socket, shutdown).await {
+                debug!(%remote, error = %err, "RESP connection ended");
+            }
+        });
+    }
+}
+
+/// What ends a connection.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("the node is stopping")]
+    Stopping,
+}
+
+/// A parsed command waiting to run.
+enum Pending {
+    /// A write for the replica, and how to turn its integer result into a reply.
+    Write {
+        key: Bytes,
+        command: Command,
+        reply: WriteReply,
+    },
+    /// Already answered (a read, an error, a PING...).
+    Done(Reply),
+    /// Several writes answered as one: DEL sums their counts, MSET answers OK.
+    Sum(Vec<Pending>),
+    /// QUIT: reply OK and close.
+    Quit,
+}
+
+#[derive(Clone, Copy)]
+enum WriteReply {
+    Ok,
+    Integer,
+}
+
+struct Connection {
+    context: RespContext,
+    authenticated: bool,
+}
+
+impl Connection {
+    fn new(context: RespContext) -> Connection {
+        let authenticated = context.password.is_none();
+        Connection {
+            context,
+            authenticated,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut socket: TcpStream,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnectionError> {
+        socket.set_nodelay(true)?;
+        let mut input = BytesMut::with_capacity(16 * 1024);
+        let mut output = Vec::with_capacity(16 * 1024);
+        loop {
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                read = socket.read_buf(&mut input) => read?,
+            };
+            if read == 0 {
+                return Ok(());
+            }
+            // Every whole command in the buffer is one pipelined burst.
+            let mut burst = Vec::new();
+            let mut fatal = None;
+            loop {
+                match parse_command(&input) {
+                    Ok(Some((args, used))) => {
+                        input.advance(used);
+                        if !args.is_empty() {
+                            burst.push(args);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        fatal = Some(err);
+                        break;
+                    }
+                }
+            }
+            if fatal.is_none() && input.len() > RESP_BUFFER_BYTES_MAX {
+                fatal = Some(RespError::Protocol("request too large".into()));
+            }
+            let quit = self.execute(burst, &mut output).await?;
+            if let Some(err) = &fatal {
+                Reply::err(format!("ERR {err}")).encode(&mut output);
+            }
+            socket.write_all(&output).await?;
+            output.clear();
+            if quit || fatal.is_some() {
+                socket.shutdown().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs a burst in order; writes are committed in groups, each group before any later read.
+    async fn execute(
+        &mut self,
+        burst: Vec<Vec<Bytes>>,
+        output: &mut Vec<u8>,
+    ) -> Result<bool, ConnectionError> {
+        let mut queue: Vec<Pending> = Vec::new();
+        for args in burst {
+            let pending = self.plan(args).await?;
+            let is_read_or_quit = matches!(pending, Pending::Done(_) | Pending::Quit);
+            if is_read_or_quit && queue.iter().any(has_writes) {
+                // A read must see the writes before it: commit them first.
+                self.flush(&mut queue, output).await?;
+            }
+            let quit = matches!(pending, Pending::Quit);
+            queue.push(pending);
+            if quit {
+                self.flush(&mut queue, output).await?;
+                return Ok(true);
+            }
+        }
+        self.flush(&mut queue, output).await?;
+        Ok(false)
+    }
+
+    /// Commits the queued writes as one group and encodes every queued reply in order.
+    async fn flush(
+        &mut self,
+        queue: &mut Vec<Pending>,
+        output: &mut Vec<u8>,
+    ) -> Result<(), ConnectionError> {
+        let mut commands = Vec::new();
+        for pending in queue.iter() {
+            collect_writes(pending, &mut commands);
+        }
+        let mut results = if commands.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.context
+                .inputs
+                .send(Input::Commands { commands, reply })
+                .await
+                .map_err(|_| ConnectionError::Stopping)?;
+            rx.await.map_err(|_| ConnectionError::Stopping)?.into_iter()
+        };
+        for pending in queue.drain(..) {
+            render(pending, &mut results).encode(output);
+        }
+        Ok(())
+    }
+
+    /// Turns one command into a pending reply: reads are answered now, writes wait for commit.
+    async fn plan(&mut self, args: Vec<Bytes>) -> Result<Pending, ConnectionError> {
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+        let argc = args.len();
+        let done = |reply| Ok(Pending::Done(reply));
+        if !self.authenticated && !matches!(name.as_str(), "auth" | "quit" | "hello") {
+            return done(Reply::err("NOAUTH Authentication required."));
+        }
+        if let Some(key) = args.get(1) {
+            let keyed = !matches!(
+                name.as_str(),
+                "auth"
+                    | "echo"
+                    | "ping"
+                    | "info"
+                    | "config"
+                    | "client"
+                    | "select"
+                    | "command"
+                    | "hello"
+            );
+            if keyed && key.len() > KEY_BYTES_MAX {
+                return done(Reply::err(format!(
+                    "ERR key longer than {KEY_BYTES_MAX} bytes"
+                )));
+            }
+        }
+        let write = |key: &Bytes, command, reply| Pending::Write {
+            key: key.clone(),
+            command,
+            reply,
+        };
+        match name.as_str() {
+            "ping" => match argc {
+                1 => done(Reply::Simple("PONG")),
+                2 => done(Reply::Bulk(args[1].clone())),
+                _ => done(wrong_args("ping")),
+            },
+            "echo" if argc == 2 => done(Reply::Bulk(args[1].clone())),
+            "quit" => Ok(Pending::Quit),
+            "auth" => done(self.auth(&args)),
+            "select" if argc == 2 => done(match &args[1][..] {
+                b"0" => Reply::Simple("OK"),
+                _ => Reply::err("ERR DB index is out of range"),
+            }),
+            "config" | "command" => done(Reply::Array(Vec::new())),
+            "client" => done(Reply::Simple("OK")),
+            "info" => done(self.info().await?),
+            "get" if argc == 2 => done(read_string(self.read(&args[1])?)),
+            "mget" if argc >= 2 => {
+                let mut values = Vec::with_capacity(argc - 1);
+                for key in &args[1..] {
+                    values.push(match read_string(self.read(key)?) {
+                        Reply::Bulk(b) => Reply::Bulk(b),
+                        _ => Reply::Nil,
+                    });
+                }
+                done(Reply::Array(values))
+            }
+            "exists" if argc >= 2 => {
+                let mut count = 0;
+                for key in &args[1..] {
+                    count += i64::from(self.read(key)?.and_then(|s| s.visible_type()).is_some());
+                }
+                done(Reply::Integer(count))
+            }
+            "set" if argc == 3 => Ok(write(
+                &args[1],
+                Command::Set(args[2].clone()),
+                WriteReply::Ok,
+            )),
+            "set" if argc > 3 => done(Reply::err("ERR syntax error")),
+            "mset" if argc >= 3 && argc % 2 == 1 => Ok(Pending::Sum(
+                args[1..]
+                    .chunks(2)
+                    .map(|kv| write(&kv[0], Command::Set(kv[1].clone()), WriteReply::Ok))
+                    .collect(),
+            )),
+            "del" if argc >= 2 => Ok(Pending::Sum(
+                args[1..]
+                    .iter()
+                    .map(|k| write(k, Command::Delete, WriteReply::Integer))
+                    .collect(),
+            )),
+            "incr" | "decr" if argc == 2 => {
+                let delta = if name == "incr" { 1 } else { -1 };
+                Ok(write(&args[1], Command::IncrBy(delta), WriteReply::Integer))
+            }
+            "incrby" | "decrby" if argc == 3 => match parse_i64(&args[2]) {
+                Some(delta) if name == "incrby" => {
+                    Ok(write(&args[1], Command::IncrBy(delta), WriteReply::Integer))
+                }
+                Some(delta) => match delta.checked_neg() {
+                    Some(neg) => Ok(write(&args[1], Command::IncrBy(neg), WriteReply::Integer)),
+                    None => done(Reply::err("ERR decrement would overflow")),
+                },
+                None => done(Reply::err("ERR value is not an integer or out of range")),
+            },
+            "sadd" if argc >= 3 => Ok(write(
+                &args[1],
+                Command::SetAdd(args[2..].to_vec()),
+                WriteReply::Integer,
+            )),
+            "srem" if argc >= 3 => Ok(write(
+                &args[1],
+                Command::SetRemove(args[2..].to_vec()),
+                WriteReply::Integer,
+            )),
+            "smembers" if argc == 2 => done(match self.read_typed(&args[1], ValueType::Set)? {
+                Err(reply) => reply,
+                Ok(Some(Value::Set(members))) => {
+                    Reply::Array(members.into_iter().map(Reply::Bulk).collect())
+                }
+                Ok(_) => Reply::Array(Vec::new()),
+            }),
+            "sismember" if argc == 3 => done(match self.read_typed(&args[1], ValueType::Set)? {
+                Err(reply) => reply,
+                Ok(Some(Value::Set(members))) => {
+                    Reply::Integer(i64::from(members.contains(&args[2])))
+                }
+                Ok(_) => Reply::Integer(0),
+            }),
+            "scard" if argc == 2 => done(match self.read_typed(&args[1], ValueType::Set)? {
+                Err(reply) => reply,
+                Ok(Some(Value::Set(members))) => Reply::Integer(members.len() as i64),
+                Ok(_) => Reply::Integer(0),
+            }),
+            "hset" if argc >= 4 && argc % 2 == 0 => {
+                let pairs = args[2..]
+                    .chunks(2)
+                    .map(|fv| (fv[0].clone(), fv[1].clone()))
+                    .collect();
+                Ok(write(
+                    &args[1],
+                    Command::HashSet(pairs),
+                    WriteReply::Integer,
+                ))
+            }
+            "hdel" if argc >= 3 => Ok(write(
+                &args[1],
+                Command::HashDelete(args[2..].to_vec()),
+                WriteReply::Integer,
+            )),
+            "hget" if argc == 3 => done(match self.read_typed(&args[1], ValueType::Hash)? {
+                Err(reply) => reply,
+                Ok(Some(Value::Hash(fields))) => fields
+                    .into_iter()
+                    .find(|(f, _)| *f == args[2])
+                    .map_or(Reply::Nil, |(_, v)| Reply::Bulk(v)),
+                Ok(_) => Reply::Nil,
+            }),
+            "hgetall" if argc == 2 => done(match self.read_typed(&args[1], ValueType::Hash)? {
+                Err(reply) => reply,
+                Ok(Some(Value::Hash(fields))) => Reply::Array(
+                    fields
+                        .into_iter()
+                        .flat_map(|(f, v)| [Reply::Bulk(f), Reply::Bulk(v)])
+                        .collect(),
+                ),
+                Ok(_) => Reply::Array(Vec::new()),
+            }),
+            "echo" | "select" | "get" | "mget" | "exists" | "set" | "mset" | "del" | "incr"
+            | "decr" | "incrby" | "decrby" | "sadd" | "srem" | "smembers" | "sismember"
+            | "scard" | "hset" | "hdel" | "hget" | "hgetall" => done(wrong_args(&name)),
+            _ => {
+                let preview: Vec<String> = args[1..]
+                    .iter()
+                    .take(4)
+                    .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(64)])))
+                    .collect();
+                done(Reply::err(format!(
+                    "ERR unknown command '{}', with args beginning with: {}",
+                    String::from_utf8_lossy(&args[0]),
+                    preview.join(" ")
+                )))
+            }
+        }
+    }
+
+    fn auth(&mut self, args: &[Bytes]) -> Reply {
+        let Some(password) = &self.context.password else {
+            return Reply::err(
+                "ERR AUTH <password> called without any password configured for the default user. \
+                 Are you sure your configuration is correct?",
+            );
+        };
+        let given = match args.len() {
+            2 => &args[1],
+            3 => &args[2], // AUTH username password: the only user is "default"
+            _ => return wrong_args("auth"),
+        };
+        if given.as_ref() == password.as_bytes() {
+            self.authenticated = true;
+            Reply::Simple("OK")
+        } else {
+            Reply::err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<KeyState>, ConnectionError> {
+        Ok(self.context.storage.get(key)?)
+    }
+
+    /// The key's value if it is of `ty` (or missing); a WRONGTYPE reply otherwise.
+    fn read_typed(
+        &self,
+        key: &[u8],
+        ty: ValueType,
+    ) -> Result<Result<Option<Value>, Reply>, ConnectionError> {
+        let value = self.read(key)?.and_then(|s| s.value());
+        Ok(match value {
+            Some(v) if v.value_type() != ty => Err(wrong_type()),
+            other => Ok(other),
+        })
+    }
+
+    async fn info(&self) -> Result<Reply, ConnectionError> {
+        let (reply, rx) = oneshot::channel();
+        self.context
+            .inputs
+            .send(Input::Status { reply })
+            .await
+            .map_err(|_| ConnectionError::Stopping)?;
+        let snapshot = rx.await.map_err(|_| ConnectionError::Stopping)?;
+        Ok(Reply::Bulk(Bytes::from((self.context.info)(&snapshot))))
+    }
+}
+
+/// GET's view of a key: strings as they are, counters in decimal, other types refused.
+fn read_string(state: Option<KeyState>) -> Reply {
+    match state.and_then(|s| s.value()) {
+        None => Reply::Nil,
+        Some(Value::String(bytes)) => Reply::Bulk(bytes),
+        Some(Value::Counter(n)) => Reply::Bulk(Bytes::from(n.to_string())),
+        Some(_) => wrong_type(),
+    }
+}
+
+fn has_writes(pending: &Pending) -> bool {
+    match pending {
+        Pending::Write { .. } => true,
+        Pending::Sum(parts) => parts.iter().any(has_writes),
+        _ => false,
+    }
+}
+
+fn collect_writes(pending: &Pending, out: &mut Vec<(Bytes, Command)>) {
+    match pending {
+        Pending::Write { key, command, .. } => out.push((key.clone(), command.clone())),
+        Pending::Sum(parts) => parts.iter().for_each(|p| collect_writes(p, out)),
+        _ => {}
+    }
+}
+
+fn render(
+    pending: Pending,
+    results: &mut impl Iterator<Item = Result<i64, CommandError>>,
+) -> Reply {
+    match pending {
+        Pending::Done(reply) => reply,
+        Pending::Quit => Reply::Simple("OK"),
+        Pending::Write { reply, .. } => match results.next() {
+            Some(Ok(n)) => match reply {
+                WriteReply::Ok => Reply::Simple("OK"),
+                WriteReply::Integer => Reply::Integer(n),
+            },
+            Some(Err(err)) => Reply::err(err.to_string()),
+            None => Reply::err("ERR internal error: missing result"),
+        },
+        Pending::Sum(parts) => {
+            let mut total = 0;
+            let mut last = Reply::Integer(0);
+            for part in parts {
+                match render(part, results) {
+                    Reply::Integer(n) => total += n,
+                    Reply::Error(e) => return Reply::Error(e),
+                    other => last = other,
+                }
+            }
+            match last {
+                Reply::Simple(text) => Reply::Simple(text),
+                _ => Reply::Integer(total),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(items: &[&str]) -> Vec<Bytes> {
+        items
+            .iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_arrays_of_bulk_strings_and_waits_for_more() {
+        let frame = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        assert_eq!(
+            parse_command(frame),
+            Ok(Some((args(&["GET", "k"]), frame.len())))
+        );
+        for cut in 0..frame.len() {
+            assert_eq!(parse_command(&frame[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn parses_inline_commands() {
+        assert_eq!(parse_command(b"PING\r\n"), Ok(Some((args(&["PING"]), 6))));
+        assert_eq!(
+            parse_command(b"set  k v\n"),
+            Ok(Some((args(&["set", "k", "v"]), 9)))
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_and_oversized_input() {
+        assert!(parse_command(b"*1\r\n+GET\r\n").is_err());
+        assert!(parse_command(b"*x\r\n").is_err());
+        assert!(parse_command(b"*1\r\n$-5\r\n").is_err());
+        assert!(
+            parse_command(format!("*1\r\n${}\r\n", RESP_BULK_BYTES_MAX + 1).as_bytes()).is_err()
+        );
+        assert!(parse_command(format!("*{}\r\n", RESP_ARGS_MAX + 1).as_bytes()).is_err());
+        assert!(parse_command(b"*1\r\n$1\r\nab\r\n").is_err());
+        assert!(parse_command(&vec![b'a'; RESP_INLINE_BYTES_MAX + 1]).is_err());
+    }
+
+    #[test]
+    fn encodes_replies() {
+        let mut out = Vec::new();
+        Reply::Array(vec![
+            Reply::Bulk(Bytes::from_static(b"x")),
+            Reply::Nil,
+            Reply::Integer(-3),
+        ])
+        .encode(&mut out);
+        Reply::Error("ERR a\r\nb".into()).encode(&mut out);
+        assert_eq!(out, b"*3\r\n$1\r\nx\r\n$-1\r\n:-3\r\n-ERR a  b\r\n");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_command(&bytes);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Certificates and TLS for the mesh: a cluster CA made at `braid init` (rcgen), one certificate
+//! per node whose DNS name is `node-<id>`, and rustls configurations that require a certificate
+//! from the cluster CA on both sides of every QUIC connection (ALPN `braid/1`, TLS 1.3 only).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use braid_protocol::NodeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+/// The ALPN protocol of the mesh.
+pub const ALPN: &[u8] = b"braid/1";
+
+/// A TLS setup that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file does not hold what it should.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The configuration lacks what QUIC needs.
+    #[error("quic: {0}")]
+    Quic(String),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The DNS name in node `id`'s certificate, and the server name used to connect to it.
+pub fn node_dns_name(node: NodeId) -> String {
+    format!("node-{}", node.0)
+}
+
+/// A CA certificate and key, in PEM.
+#[derive(Debug, Clone)]
+pub struct CaPem {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key (keep it secret: it can admit any node).
+    pub key_pem: String,
+}
+
+/// A node certificate and key, in PEM.
+#[derive(Debug, Clone)]
+pub struct NodePem {
+    /// The certificate, signed by the cluster CA.
+    pub cert_pem: String,
+    /// The private key.
+    pub key_pem: String,
+}
+
+/// Generates a new cluster CA.
+pub fn generate_ca(name: &str) -> Result<CaPem, TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok(CaPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Generates node `node`'s certificate, signed by the CA.
+pub fn generate_node_cert(ca: &CaPem, node: NodeId) -> Result<NodePem, TlsError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let name = node_dns_name(node);
+    let mut params = CertificateParams::new(vec![name.clone()])?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(NodePem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The QUIC client and server configurations of one node.
+#[derive(Debug, Clone)]
+pub struct MeshTls {
+    /// For accepting peers (client certificate required).
+    pub server: quinn::ServerConfig,
+    /// For connecting to peers (presents this node's certificate).
+    pub client: quinn::ClientConfig,
+}
+
+impl MeshTls {
+    /// Builds both configurations from PEM files.
+    pub fn load(ca_cert: &Path, cert: &Path, key: &Path) -> Result<MeshTls, TlsError> {
+        let pem_err = |path: &Path, reason: String| TlsError::Pem {
+            path: path.display().to_string(),
+            reason,
+        };
+        let ca = CertificateDer::from_pem_slice(&read(ca_cert)?)
+            .map_err(|e| pem_err(ca_cert, format!("no CA certificate: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(cert, format!("bad certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(pem_err(cert, "no certificate".into()));
+        }
+        let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+            .map_err(|e| pem_err(key, format!("no private key: {e}")))?;
+        MeshTls::build(ca, chain, key_der)
+    }
+
+    fn build(
+        ca: CertificateDer<'static>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<MeshTls, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca)?;
+        let roots = Arc::new(roots);
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+        let mut client = quinn::ClientConfig::new(Arc::new(client));
+        let mut transport = quinn::TransportConfig::default();
+        // Peers heartbeat every second; a connection silent for 10 s is dead.
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+            10_000,
+        ))));
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+        let transport = Arc::new(transport);
+        server.transport_config(transport.clone());
+        client.transport_config(transport);
+        Ok(MeshTls { server, client })
+    }
+}
+
+/// The node id a peer's certificate names (its `node-<id>` DNS name), or `None`.
+pub fn peer_node(connection: &quinn::Connection) -> Option<NodeId> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::DNSName(dns) => {
+            dns.strip_prefix("node-")?.parse().ok().map(NodeId)
+        }
+        _ => None,
+    })
+}

@@ -1,0 +1,414 @@
+//! QUIC transport between nodes (quinn, mutual TLS against the cluster CA, ALPN `braid/1`).
+//!
+//! ```text
+//!   for each neighbor: subscriber task ── connect (backoff) ── open_bi ──┐
+//!   accept loop ── incoming connection ── check cert ── accept_bi ───────┤
+//!                                                                        ▼
+//!            stream task: Handshake both ways ─► Input::Peer(Opened{outbox})
+//!                          reader: frames ─► Input::Peer(Message)   (bounded: back-pressure)
+//!                          writer: outbox ─► frames
+//!                          end ─► Input::Peer(Closed)
+//! ```
+//!
+//! Each node connects to each neighbor to subscribe (our `Subscription` stream) and accepts the
+//! neighbor's connection carrying its subscription to us (our `Feed` stream).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use braid_protocol::frame::{self, DecodeError};
+use braid_protocol::limits::{FRAME_BYTES_MAX, FRAME_LENGTH_BYTES};
+use braid_protocol::{
+    ClusterId, ErrorCode, ErrorMessage, Handshake, Message, NodeId, StreamKind, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::driver::{Input, PeerInput, STREAM_OUTBOX_MAX};
+use crate::tls::{node_dns_name, peer_node};
+
+/// Reconnect backoff: first retry after 100 ms, doubling up to 2 s, so a restarted peer is
+/// found again within about two seconds.
+const RECONNECT_MS_MIN: u64 = 100;
+const RECONNECT_MS_MAX: u64 = 2_000;
+
+/// How long a stream may take to complete its handshake.
+const HANDSHAKE_MS_MAX: u64 = 5_000;
+
+/// Bytes moved per peer, for metrics.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes sent to the peer (frames, both streams).
+    pub bytes_sent: AtomicU64,
+    /// Bytes received from the peer (frames, both streams).
+    pub bytes_received: AtomicU64,
+    /// Streams refused (bad handshake, bad frames, wrong cluster).
+    pub streams_refused: AtomicU64,
+}
+
+/// Per peer traffic counters, created once for every known peer.
+pub type TrafficMap = Arc<BTreeMap<NodeId, Traffic>>;
+
+/// What every stream needs to know.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    /// This node.
+    pub node: NodeId,
+    /// The cluster.
+    pub cluster: ClusterId,
+    /// Peer addresses.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Where stream events go.
+    pub inputs: mpsc::Sender<Input>,
+    /// Traffic counters.
+    pub traffic: TrafficMap,
+    /// Stream ids, unique per process.
+    pub conn_ids: Arc<AtomicU64>,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("bad frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("the node is stopping")]
+    Stopping,
+}
+
+impl StreamError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StreamError::Decode(DecodeError::FrameTooLarge { .. }) => ErrorCode::FrameTooLarge,
+            StreamError::Decode(DecodeError::UnknownVersion { .. }) => {
+                ErrorCode::UnsupportedVersion
+            }
+            StreamError::Handshake(_) => ErrorCode::WrongCluster,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl Mesh {
+    fn traffic(&self, peer: NodeId) -> Option<&Traffic> {
+        self.traffic.get(&peer)
+    }
+
+    /// Spawns the accept loop and one subscriber task per neighbor.
+    pub fn start(
+        self,
+        endpoint: quinn::Endpoint,
+        neighbors: Vec<NodeId>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let mesh = Arc::new(self);
+        tokio::spawn(accept_loop(
+            mesh.clone(),
+            endpoint.clone(),
+            shutdown.clone(),
+        ));
+        for peer in neighbors {
+            if let Some(addr) = mesh.peers.get(&peer).copied() {
+                tokio::spawn(subscriber(
+                    mesh.clone(),
+                    endpoint.clone(),
+                    peer,
+                    addr,
+                    shutdown.clone(),
+                ));
+            }
+        }
+    }
+
+    async fn send_input(&self, input: Input) -> Result<(), StreamError> {
+        self.inputs
+            .send(input)
+            .await
+            .map_err(|_| StreamError::Stopping)
+    }
+}
+
+async fn accept_loop(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let mesh = mesh.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(err) => {
+                    // A certificate from another CA, garbage, a scan: refused and logged.
+                    warn!(%remote, error = %err, "refused incoming peer connection");
+                    return;
+                }
+            };
+            let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.contains_key(p)) else {
+                warn!(%remote, "refused peer: its certificate names no node of this cluster");
+                connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
+                return;
+            };
+            debug!(%peer, %remote, "peer connected");
+            serve_feeds(mesh, connection, peer, shutdown).await;
+        });
+    }
+}
+
+/// Serves every subscription stream the peer opens on its connection.
+async fn serve_feeds(
+    mesh: Arc<Mesh>,
+    connection: quinn::Connection,
+    peer: NodeId,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (send, recv) = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            stream = connection.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    debug!(%peer, error = %err, "peer connection ended");
+                    return;
+                }
+            },
+        };
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            if let Err(err) = run_stream(&mesh, peer, StreamKind::Feed, send, recv).await {
+                debug!(%peer, error = %err, "feed stream ended");
+            }
+        });
+    }
+}
+
+/// Keeps a subscription to `peer` open: connect, open a stream, run it; on failure, back off
+/// and try again.
+async fn subscriber(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    peer: NodeId,
+    addr: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff_ms = RECONNECT_MS_MIN;
+    loop {
+        let attempt = async {
+            let connecting = endpoint
+                .connect(addr, &node_dns_name(peer))
+                .map_err(|e| e.to_string())?;
+            let connection = connecting.await.map_err(|e| e.to_string())?;
+            let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            info!(%peer, %addr, "subscribing");
+            let result = run_stream(&mesh, peer, StreamKind::Subscription, send, recv).await;
+            connection.close(quinn::VarInt::from_u32(0), b"subscription ended");
+            result.map_err(|e| e.to_string())
+        };
+        let outcome = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            outcome = attempt => outcome,
+        };
+        match outcome {
+            Ok(()) => backoff_ms = RECONNECT_MS_MIN,
+            Err(err) => {
+                debug!(%peer, %addr, error = %err, retry_ms = backoff_ms, "subscription failed");
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+        }
+        backoff_ms = (backoff_ms * 2).min(RECONNECT_MS_MAX);
+    }
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    body: &mut Vec<u8>,
+) -> Result<Option<(Message, usize)>, StreamError> {
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    }
+    // Two-step decoding: the length is checked before anything is allocated for the body.
+    let body_bytes = u32::from_be_bytes(prefix) as usize;
+    if body_bytes > FRAME_BYTES_MAX {
+        return Err(DecodeError::FrameTooLarge { body_bytes }.into());
+    }
+    if body_bytes == 0 {
+        return Err(DecodeError::Empty.into());
+    }
+    body.resize(body_bytes, 0);
+    recv.read_exact(body).await?;
+    let message = frame::decode_body(body)?;
+    Ok(Some((message, FRAME_LENGTH_BYTES + body_bytes)))
+}
+
+async fn write_message(
+    send: &mut quinn::SendStream,
+    message: &Message,
+    buf: &mut Vec<u8>,
+) -> Result<usize, StreamError> {
+    buf.clear();
+    frame::encode(message, buf).map_err(|e| StreamError::Handshake(e.to_string()))?;
+    send.write_all(buf).await?;
+    Ok(buf.len())
+}
+
+/// Runs one stream: handshake, then frames both ways until either side ends it.
+async fn run_stream(
+    mesh: &Mesh,
+    peer: NodeId,
+    kind: StreamKind,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let mut buf = Vec::new();
+    let handshake = Message::Handshake(Handshake {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: mesh.cluster,
+        node_id: mesh.node,
+    });
+    let checked = tokio::time::timeout(Duration::from_millis(HANDSHAKE_MS_MAX), async {
+        write_message(&mut send, &handshake, &mut buf).await?;
+        let mut body = Vec::new();
+        match read_frame(&mut recv, &mut body).await? {
+            Some((Message::Handshake(theirs), _)) => check_handshake(mesh, peer, &theirs),
+            Some((other, _)) => Err(StreamError::Handshake(format!(
+                "expected a handshake, got {}",
+                other.kind()
+            ))),
+            None => Err(StreamError::Handshake(
+                "stream ended before the handshake".into(),
+            )),
+        }
+    })
+    .await
+    .unwrap_or(Err(StreamError::HandshakeTimeout));
+    if let Err(err) = checked {
+        refuse(mesh, peer, &mut send, &err, &mut buf).await;
+        return Err(err);
+    }
+
+    let conn = mesh.conn_ids.fetch_add(1, Ordering::Relaxed);
+    let (outbox, mut outgoing) = mpsc::channel::<Message>(STREAM_OUTBOX_MAX);
+    let input = |input| Input::Peer {
+        peer,
+        stream: kind,
+        conn,
+        input,
+    };
+    mesh.send_input(input(PeerInput::Opened { outbox })).await?;
+
+    let reader = async {
+        let mut body = Vec::new();
+        loop {
+            match read_frame(&mut recv, &mut body).await? {
+                Some((message, bytes)) => {
+                    if let Some(t) = mesh.traffic(peer) {
+                        t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
+                    }
+                    // Awaiting here is the back-pressure: a busy driver slows the peer down
+                    // through QUIC flow control instead of queueing without bound.
+                    mesh.send_input(input(PeerInput::Message(message))).await?;
+                }
+                None => return Ok::<(), StreamError>(()),
+            }
+        }
+    };
+    let writer = async {
+        let mut buf = Vec::new();
+        while let Some(message) = outgoing.recv().await {
+            let is_error = matches!(message, Message::Error(_));
+            let bytes = write_message(&mut send, &message, &mut buf).await?;
+            if let Some(t) = mesh.traffic(peer) {
+                t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            if is_error {
+                break;
+            }
+        }
+        // The driver dropped the outbox (or sent an error): end the stream.
+        let _ = send.finish();
+        Ok::<(), StreamError>(())
+    };
+    let result = tokio::select! {
+        result = reader => result,
+        result = writer => result,
+    };
+    if let Err(err @ StreamError::Decode(_)) = &result {
+        warn!(%peer, ?kind, error = %err, "bad frame from peer: closing the stream");
+        if let Some(t) = mesh.traffic(peer) {
+            t.streams_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let _ = mesh.inputs.send(input(PeerInput::Closed)).await;
+    result
+}
+
+fn check_handshake(mesh: &Mesh, peer: NodeId, theirs: &Handshake) -> Result<(), StreamError> {
+    if theirs.protocol_version != PROTOCOL_VERSION {
+        return Err(StreamError::Handshake(format!(
+            "protocol version {}",
+            theirs.protocol_version
+        )));
+    }
+    if theirs.cluster_id != mesh.cluster {
+        return Err(StreamError::Handshake(format!(
+            "cluster {} is not {}",
+            theirs.cluster_id, mesh.cluster
+        )));
+    }
+    if theirs.node_id != peer {
+        return Err(StreamError::Handshake(format!(
+            "says it is {} but its certificate is {peer}",
+            theirs.node_id
+        )));
+    }
+    Ok(())
+}
+
+async fn refuse(
+    mesh: &Mesh,
+    peer: NodeId,
+    send: &mut quinn::SendStream,
+    err: &StreamError,
+    buf: &mut Vec<u8>,
+) {
+    warn!(%peer, error = %err, "refusing peer stream");
+    if let Some(t) = mesh.traffic(peer) {
+        t.streams_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    let message = Message::Error(ErrorMessage {
+        code: err.code(),
+        text: err.to_string(),
+    });
+    let _ = write_message(send, &message, buf).await;
+    let _ = send.finish();
+}
