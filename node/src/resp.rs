@@ -541,6 +541,13 @@ impl Connection {
                     WriteReply::Integer,
                 ))
             }
+            "hmset" if argc >= 4 && argc % 2 == 0 => {
+                let pairs = args[2..]
+                    .chunks(2)
+                    .map(|fv| (fv[0].clone(), fv[1].clone()))
+                    .collect();
+                Ok(write(&args[1], Command::HashSet(pairs), WriteReply::Ok))
+            }
             "hdel" if argc >= 3 => Ok(write(
                 &args[1],
                 Command::HashDelete(args[2..].to_vec()),

@@ -175,6 +175,22 @@ impl RocksStorage {
         }
     }
 
+    /// Every key's visible value, in key order (for checks and tools; reads the whole data
+    /// column family).
+    pub fn values(
+        &self,
+    ) -> Result<std::collections::BTreeMap<bytes::Bytes, braid_conflict::Value>, StorageError> {
+        let mut values = std::collections::BTreeMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_DATA)?, IteratorMode::Start) {
+            let (key, bytes) = item?;
+            let state: KeyState = decode(&bytes, "key state")?;
+            if let Some(value) = state.value() {
+                values.insert(bytes::Bytes::copy_from_slice(&key), value);
+            }
+        }
+        Ok(values)
+    }
+
     /// Approximate number of events in the change log.
     pub fn log_len_estimate(&self) -> u64 {
         self.cf(CF_LOG)

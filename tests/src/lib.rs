@@ -1,1 +1,403 @@
-//! Test-only crate.
+//! Harness for the end-to-end tests: real `braid` processes on loopback, a Redis client, the
+//! admin API, and the oracle over every node's change log.
+//!
+//! Each test lays out its own cluster in a temporary directory, on ports it checks are free,
+//! and every process it starts is killed when the test's [`Cluster`] is dropped.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use braid_conflict::{oracle, Value};
+use braid_node::cluster::{self, ClusterFile, InitOptions};
+use braid_node::config::NodeConfig;
+use braid_node::http::Status;
+use braid_node::storage::{Durability, RocksStorage};
+use braid_protocol::{ChangeEvent, NodeId, Seq, Storage};
+use bytes::Bytes;
+
+/// The `braid` binary built by this workspace.
+pub fn braid_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/braid
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("braid"));
+    match bin {
+        Some(bin) if bin.exists() => bin,
+        _ => panic!("the braid binary is not built: run `cargo test --workspace` (or `cargo build -p braid-node`)"),
+    }
+}
+
+static NEXT_SLOT: AtomicU16 = AtomicU16::new(0);
+
+/// A base port whose `regions` x 10 ports are free now, in 20000..60000, different for every
+/// cluster of this process.
+pub fn free_base_port(regions: usize) -> u16 {
+    let span = (regions as u16) * cluster::PORTS_PER_REGION;
+    for _ in 0..200 {
+        let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+        let seed = (std::process::id() as u16)
+            .wrapping_mul(131)
+            .wrapping_add(slot.wrapping_mul(97));
+        let base = 20_000 + (seed % 400) * 100;
+        let free = (0..regions as u16).all(|i| {
+            let at = base + i * cluster::PORTS_PER_REGION;
+            TcpListener::bind(("127.0.0.1", at)).is_ok()
+                && TcpListener::bind(("127.0.0.1", at + 1)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", at + 2)).is_ok()
+        });
+        if free && span > 0 {
+            return base;
+        }
+    }
+    panic!("no free ports found for {regions} regions");
+}
+
+/// One region's process.
+#[derive(Debug)]
+pub struct Node {
+    /// Region name.
+    pub name: String,
+    /// Node id.
+    pub id: NodeId,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// RESP address.
+    pub resp: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// QUIC address.
+    pub peer: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts the process (it must not be running).
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = self.config.parent().unwrap().join("braid.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(braid_bin())
+            .arg("start")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start braid");
+        self.child = Some(child);
+    }
+
+    /// Whether the process is running.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) sends a signal; no memory of this process is involved.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A Redis connection, retried until the node answers.
+    pub fn redis(&self) -> redis::Connection {
+        let url = format!("redis://{}/", self.resp);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let attempt = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
+            match attempt {
+                Ok(connection) => return connection,
+                Err(err) if Instant::now() > deadline => {
+                    panic!("{} does not answer RESP: {err}", self.name)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// `GET /status`.
+    pub fn status(&self) -> Status {
+        let body =
+            http_get(self.http, "/status").unwrap_or_else(|e| panic!("{} /status: {e}", self.name));
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits until `/health` answers.
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(self.http, "/health").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never became healthy; log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.parent().unwrap().join("braid.log")).unwrap_or_default()
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        NodeConfig::load(&self.config).unwrap().data_dir
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// GET from the admin API, blocking.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(braid_node::admin_client::get(
+            addr,
+            path,
+            Duration::from_secs(5),
+        ))
+        .map_err(|e| e.to_string())
+}
+
+/// A local cluster of real processes.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Its directory (configurations, data, logs).
+    pub dir: tempfile::TempDir,
+    /// The regions, in order.
+    pub nodes: Vec<Node>,
+}
+
+/// How to build a test cluster.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Region names.
+    pub regions: Vec<String>,
+    /// Links, or a full mesh.
+    pub links: Option<Vec<[String; 2]>>,
+    /// RESP password.
+    pub password: Option<String>,
+}
+
+impl Layout {
+    /// A full mesh of regions a, b, c, ...
+    pub fn mesh(count: usize) -> Layout {
+        Layout {
+            regions: cluster::default_region_names(count),
+            links: None,
+            password: None,
+        }
+    }
+
+    /// A chain a-b-c-...
+    pub fn chain(count: usize) -> Layout {
+        let regions = cluster::default_region_names(count);
+        let links = regions
+            .windows(2)
+            .map(|w| [w[0].clone(), w[1].clone()])
+            .collect();
+        Layout {
+            regions,
+            links: Some(links),
+            password: None,
+        }
+    }
+}
+
+impl Cluster {
+    /// Lays out the cluster (nothing is started).
+    pub fn new(layout: Layout) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            regions: layout.regions.clone(),
+            dir: dir.path().to_owned(),
+            host: "127.0.0.1".parse().unwrap(),
+            base_port: free_base_port(layout.regions.len()),
+            links: layout.links,
+            durability: Durability::Process,
+            password: layout.password,
+        };
+        let file: ClusterFile = cluster::init(&options).unwrap();
+        let nodes = file
+            .regions
+            .into_iter()
+            .map(|r| Node {
+                name: r.name,
+                id: NodeId(r.id),
+                config: r.config,
+                resp: r.resp.parse().unwrap(),
+                http: r.http.parse().unwrap(),
+                peer: r.peer.parse().unwrap(),
+                child: None,
+            })
+            .collect();
+        Cluster { dir, nodes }
+    }
+
+    /// Lays out and starts every region, and waits until each is connected to its neighbors.
+    pub fn start(layout: Layout) -> Cluster {
+        let mut cluster = Cluster::new(layout);
+        for node in &mut cluster.nodes {
+            node.start();
+        }
+        for node in &cluster.nodes {
+            node.wait_healthy();
+        }
+        cluster.wait_connected(&(0..cluster.nodes.len()).collect::<Vec<_>>());
+        cluster
+    }
+
+    /// The node of a region.
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no region {name}"))
+    }
+
+    /// Waits until each listed node reports every neighbor that is also listed as connected.
+    pub fn wait_connected(&self, indexes: &[usize]) {
+        let names: Vec<&str> = indexes
+            .iter()
+            .map(|i| self.nodes[*i].name.as_str())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for i in indexes {
+            let node = &self.nodes[*i];
+            node.wait_healthy();
+            loop {
+                let status = node.status();
+                let ok = status
+                    .peers
+                    .iter()
+                    .filter(|p| names.contains(&p.region.as_str()))
+                    .all(|p| p.state == "connected");
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} is not connected: {:?}",
+                    node.name,
+                    status.peers
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Waits until every running node has the same vector, with every origin at least at
+    /// `floor` (what the running nodes wrote, as far as the test knows).
+    pub fn wait_converged(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let vectors: Vec<BTreeMap<String, u64>> = self
+                .nodes
+                .iter()
+                .filter(|n| n.running())
+                .map(|n| n.status().vector)
+                .collect();
+            let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+            for vector in &vectors {
+                for (origin, seq) in vector {
+                    let slot = merged.entry(origin.clone()).or_default();
+                    *slot = (*slot).max(*seq);
+                }
+            }
+            if vectors.iter().all(|v| *v == merged) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no convergence within {timeout:?}: {vectors:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops every running node (SIGTERM).
+    pub fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+
+    /// With every node stopped: the union of all change logs, and the oracle's values from it.
+    pub fn oracle_from_logs(&self) -> (Vec<ChangeEvent>, BTreeMap<Bytes, Value>) {
+        assert!(
+            self.nodes.iter().all(|n| !n.running()),
+            "stop the nodes first"
+        );
+        let mut events: BTreeMap<(NodeId, Seq), ChangeEvent> = BTreeMap::new();
+        for node in &self.nodes {
+            let mut storage = RocksStorage::open(&node.data_dir(), Durability::Process).unwrap();
+            for origin in &self.nodes {
+                let mut after = Seq::ZERO;
+                loop {
+                    let batch = storage
+                        .log_after(origin.id, after, 1024, usize::MAX)
+                        .unwrap();
+                    let Some(last) = batch.last() else { break };
+                    after = last.seq;
+                    for event in batch {
+                        events.insert((event.origin, event.seq), event);
+                    }
+                }
+            }
+        }
+        let events: Vec<ChangeEvent> = events.into_values().collect();
+        let values = oracle::converged(events.iter().map(|e| (&e.key, e.hlc, &e.op)));
+        (events, values)
+    }
+
+    /// With every node stopped: each node's stored values.
+    pub fn stored_values(&self) -> Vec<(String, BTreeMap<Bytes, Value>)> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let storage = RocksStorage::open(&node.data_dir(), Durability::Process).unwrap();
+                (node.name.clone(), storage.values().unwrap())
+            })
+            .collect()
+    }
+}
