@@ -359,12 +359,11 @@ impl Connection {
     ) -> Result<bool, ConnectionError> {
         let mut queue: Vec<Pending> = Vec::new();
         for args in burst {
-            let pending = self.plan(args).await?;
-            let is_read_or_quit = matches!(pending, Pending::Done(_) | Pending::Quit);
-            if is_read_or_quit && queue.iter().any(has_writes) {
+            if !is_write(&args[0]) && queue.iter().any(has_writes) {
                 // A read must see the writes before it: commit them first.
                 self.flush(&mut queue, output).await?;
             }
+            let pending = self.plan(args).await?;
             let quit = matches!(pending, Pending::Quit);
             queue.push(pending);
             if quit {
@@ -646,6 +645,17 @@ fn read_string(state: Option<KeyState>) -> Reply {
         Some(Value::Counter(n)) => Reply::Bulk(Bytes::from(n.to_string())),
         Some(_) => wrong_type(),
     }
+}
+
+/// Whether a command (by name) is a write, which may be grouped with the writes before it.
+fn is_write(name: &[u8]) -> bool {
+    const WRITES: [&str; 12] = [
+        "set", "mset", "del", "incr", "decr", "incrby", "decrby", "sadd", "srem", "hset", "hmset",
+        "hdel",
+    ];
+    WRITES
+        .iter()
+        .any(|w| w.as_bytes().eq_ignore_ascii_case(name))
 }
 
 fn has_writes(pending: &Pending) -> bool {

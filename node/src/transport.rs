@@ -363,10 +363,8 @@ async fn run_stream(
         result = writer => result,
     };
     if let Err(err @ StreamError::Decode(_)) = &result {
-        warn!(%peer, ?kind, error = %err, "bad frame from peer: closing the stream");
-        if let Some(t) = mesh.traffic(peer) {
-            t.streams_refused.fetch_add(1, Ordering::Relaxed);
-        }
+        // Tell the peer why, then close: the rest of the connection and the node go on.
+        refuse(mesh, peer, &mut send, err, &mut buf).await;
     }
     let _ = mesh.inputs.send(input(PeerInput::Closed)).await;
     result

@@ -1,0 +1,136 @@
+//! Failures with real processes: `kill -9` under write load, and a dead region's writes
+//! reaching a region that was down through a third one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use braid_tests::{Cluster, Layout};
+use redis::Commands;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+#[test]
+fn t20_kill_9_under_load_loses_no_acknowledged_write_and_applies_none_twice() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs: Vec<(String, std::net::SocketAddr)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.resp))
+        .collect();
+    // One writer per region; each counts only the increments its region acknowledged.
+    let writers: Vec<_> = addrs
+        .into_iter()
+        .map(|(name, addr)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut acked = 0i64;
+                let mut conn: Option<redis::Connection> = None;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() {
+                        conn = redis::Client::open(format!("redis://{addr}/"))
+                            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                            .ok();
+                        if conn.is_none() {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    }
+                    let c = conn.as_mut().expect("connected above");
+                    let result: redis::RedisResult<i64> = c.incr("total", 1);
+                    match result {
+                        Ok(_) => acked += 1,
+                        Err(_) => conn = None, // not acknowledged: not counted
+                    }
+                    let _: redis::RedisResult<()> = c_set(&mut conn, &format!("{name}-{i}"));
+                    i += 1;
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.node("b").kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.node("b").start();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let acked: i64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(acked > 100, "the load made progress ({acked} increments)");
+    cluster.wait_connected(&[0, 1, 2]);
+    cluster.wait_converged(CONVERGE);
+    for name in ["a", "b", "c"] {
+        let total: i64 = cluster.node(name).redis().get("total").unwrap();
+        assert_eq!(
+            total, acked,
+            "{name}: every acknowledged increment exactly once"
+        );
+    }
+    // b resumed from its vectors: since its restart it received what it missed, not the
+    // other regions' whole logs again.
+    let others: u64 = ["a", "c"]
+        .iter()
+        .map(|n| cluster.node(n).status().writes)
+        .sum();
+    let received: u64 = cluster
+        .node("b")
+        .status()
+        .peers
+        .iter()
+        .map(|p| p.events_received)
+        .sum();
+    assert!(
+        received < others,
+        "b received {received} events after restart; a full resync is {others}"
+    );
+    cluster.stop_all();
+    let (_, oracle) = cluster.oracle_from_logs();
+    for (name, stored) in cluster.stored_values() {
+        assert_eq!(stored, oracle, "{name} differs from the oracle");
+    }
+}
+
+fn c_set(conn: &mut Option<redis::Connection>, key: &str) -> redis::RedisResult<()> {
+    match conn {
+        Some(c) => {
+            let result = c.set(key, "v");
+            if result.is_err() {
+                *conn = None;
+            }
+            result
+        }
+        None => Ok(()),
+    }
+}
+
+#[test]
+fn t21_a_dead_regions_writes_reach_a_returning_region_through_a_third() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    cluster.node("c").stop();
+    let mut a = cluster.node("a").redis();
+    for i in 0..100 {
+        let _: () = a.set(format!("from-a-{i}"), i).unwrap();
+    }
+    drop(a);
+    cluster.wait_converged(CONVERGE);
+    let b_vector = cluster.node("b").status().vector;
+    assert_eq!(b_vector.get("a"), Some(&100));
+    // a is lost for good.
+    cluster.node("a").kill9();
+    cluster.node("c").start();
+    cluster.wait_connected(&[1, 2]);
+    cluster.wait_converged(CONVERGE);
+    let mut c = cluster.node("c").redis();
+    for i in [0, 57, 99] {
+        let value: i64 = c.get(format!("from-a-{i}")).unwrap();
+        assert_eq!(value, i);
+    }
+    let status = cluster.node("c").status();
+    let b = status.peers.iter().find(|p| p.region == "b").unwrap();
+    assert!(
+        b.pulling.contains(&"a".to_string()),
+        "c pulls a's events from b: {b:?}"
+    );
+}

@@ -1,0 +1,244 @@
+//! Bad input from the network: a peer with another CA's certificate, oversized and garbage
+//! frames from a real peer, garbage datagrams on the QUIC port, malformed RESP. Each gets a
+//! clear refusal, and the node keeps serving everyone else.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use braid_node::config::NodeConfig;
+use braid_node::tls::{self, MeshTls};
+use braid_protocol::frame;
+use braid_protocol::limits::FRAME_BYTES_MAX;
+use braid_protocol::{ErrorCode, Handshake, Message, NodeId, PROTOCOL_VERSION};
+use braid_tests::{Cluster, Layout};
+use redis::Commands;
+
+fn still_serving(cluster: &mut Cluster, key: &str) {
+    let mut a = cluster.node("a").redis();
+    let _: () = a.set(key, "ok").unwrap();
+    drop(a);
+    cluster.wait_converged(Duration::from_secs(20));
+    let value: String = cluster.node("b").redis().get(key).unwrap();
+    assert_eq!(value, "ok");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A QUIC client presenting the given certificate files.
+fn client(ca: &Path, cert: &Path, key: &Path) -> quinn::Endpoint {
+    let tls = MeshTls::load(ca, cert, key).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(tls.client);
+    endpoint
+}
+
+#[test]
+fn t30_a_peer_with_a_certificate_from_another_ca_is_refused_and_logged() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue_ca = tls::generate_ca("rogue").unwrap();
+    let rogue = tls::generate_node_cert(&rogue_ca, NodeId(2)).unwrap();
+    std::fs::write(rogue_dir.path().join("node.pem"), &rogue.cert_pem).unwrap();
+    std::fs::write(rogue_dir.path().join("node.key"), &rogue.key_pem).unwrap();
+    let real_ca = cluster.dir.path().join("ca.pem");
+    let a_peer = cluster.node("a").peer;
+    let refused = runtime().block_on(async {
+        let endpoint = client(
+            &real_ca,
+            &rogue_dir.path().join("node.pem"),
+            &rogue_dir.path().join("node.key"),
+        );
+        let outcome = async {
+            let connection = endpoint.connect(a_peer, "node-1").unwrap().await?;
+            let (mut send, mut recv) = connection.open_bi().await?;
+            // In TLS 1.3 the client finishes first; the refusal shows on the first stream use.
+            let _ = send.write_all(b"hello").await;
+            let _ = recv.read_to_end(1024).await;
+            Ok::<_, quinn::ConnectionError>(connection.close_reason())
+        }
+        .await;
+        match outcome {
+            Err(err) => Some(err.to_string()),
+            Ok(reason) => reason.map(|r| r.to_string()),
+        }
+    });
+    let refused = refused.expect("the connection must be refused");
+    assert!(
+        refused.contains("UnknownIssuer") || refused.contains("certificate"),
+        "{refused}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        cluster
+            .node("a")
+            .log()
+            .contains("refused incoming peer connection"),
+        "a logs the refusal"
+    );
+    still_serving(&mut cluster, "after-rogue");
+}
+
+/// Connects to `a` as region c (a real member, its process not running) and runs `script` on
+/// a subscription stream after a valid handshake. Returns what `a` answered.
+fn as_peer_c(cluster: &Cluster, script: impl FnOnce(&mut Vec<u8>)) -> Vec<Message> {
+    let c = cluster.nodes.iter().find(|n| n.name == "c").unwrap();
+    let config = NodeConfig::load(&c.config).unwrap();
+    let a = cluster.nodes.iter().find(|n| n.name == "a").unwrap();
+    let mut payload = Vec::new();
+    frame::encode(
+        &Message::Handshake(Handshake {
+            protocol_version: PROTOCOL_VERSION,
+            cluster_id: config.cluster_id().unwrap(),
+            node_id: NodeId(3),
+        }),
+        &mut payload,
+    )
+    .unwrap();
+    script(&mut payload);
+    runtime().block_on(async {
+        let endpoint = client(&config.tls.ca_cert, &config.tls.cert, &config.tls.key);
+        let connection = endpoint.connect(a.peer, "node-1").unwrap().await.unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(&payload).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20)).await;
+        let bytes = reply
+            .expect("a answers and ends the stream")
+            .unwrap_or_default();
+        let mut messages = Vec::new();
+        let mut rest = &bytes[..];
+        while let Ok(Some((message, used))) = frame::decode(rest) {
+            messages.push(message);
+            rest = &rest[used..];
+        }
+        messages
+    })
+}
+
+#[test]
+fn t31_oversized_and_garbage_frames_from_a_real_peer_get_errors() {
+    let mut cluster = Cluster::start(Layout::mesh(3).without_running("c"));
+    let oversized = as_peer_c(&cluster, |out| {
+        out.extend_from_slice(&((FRAME_BYTES_MAX + 1) as u32).to_be_bytes())
+    });
+    assert!(
+        matches!(oversized.first(), Some(Message::Handshake(_))),
+        "{oversized:?}"
+    );
+    assert!(
+        oversized
+            .iter()
+            .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::FrameTooLarge)),
+        "an oversized frame is answered with FrameTooLarge: {oversized:?}"
+    );
+    let garbage = as_peer_c(&cluster, |out| {
+        out.extend_from_slice(&8u32.to_be_bytes());
+        out.extend_from_slice(&[1, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa, 0xf9]);
+    });
+    assert!(
+        garbage
+            .iter()
+            .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::Malformed)),
+        "a garbage frame is answered with Malformed: {garbage:?}"
+    );
+    let version = as_peer_c(&cluster, |out| {
+        out.extend_from_slice(&2u32.to_be_bytes());
+        out.extend_from_slice(&[9, 0]);
+    });
+    assert!(
+        version
+            .iter()
+            .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::UnsupportedVersion)),
+        "an unknown version is answered with UnsupportedVersion: {version:?}"
+    );
+    still_serving(&mut cluster, "after-bad-frames");
+}
+
+#[test]
+fn t32_garbage_datagrams_on_the_quic_port_change_nothing() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target: SocketAddr = cluster.node("a").peer;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for size in [1usize, 7, 100, 1200, 1500] {
+        for _ in 0..20 {
+            let bytes: Vec<u8> = (0..size)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            socket.send_to(&bytes, target).unwrap();
+        }
+    }
+    still_serving(&mut cluster, "after-garbage");
+}
+
+fn raw_resp(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn t33_malformed_resp_gets_an_error_and_a_closed_connection_only() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let resp = cluster.node("a").resp;
+    let mut bystander = cluster.node("a").redis();
+    let reply = raw_resp(resp, b"*1\r\n$-5\r\n");
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply:?}");
+    let reply = raw_resp(
+        resp,
+        format!("*2\r\n$3\r\nGET\r\n${}\r\n", 64 * 1024 * 1024).as_bytes(),
+    );
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply:?}");
+    let reply = raw_resp(
+        resp,
+        b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nNOPE\r\n*1\r\n$3\r\nGET\r\nQUIT\r\n",
+    );
+    assert!(
+        reply.starts_with("$-1\r\n-ERR unknown command 'NOPE'"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.contains("-ERR wrong number of arguments for 'get' command"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.ends_with("+OK\r\n"),
+        "QUIT answers OK and closes: {reply:?}"
+    );
+    let _: () = bystander.set("s", "text").unwrap();
+    let err = bystander.sadd::<_, _, i64>("s", "x").unwrap_err();
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    still_serving(&mut cluster, "after-bad-resp");
+}
+
+#[test]
+fn t34_auth_is_required_when_a_password_is_set() {
+    let mut layout = Layout::mesh(1);
+    layout.password = Some("s3cret".into());
+    let mut cluster = Cluster::start(layout);
+    let resp = cluster.node("a").resp;
+    let reply = raw_resp(
+        resp,
+        b"GET k\r\nAUTH wrong\r\nAUTH s3cret\r\nSET k v\r\nGET k\r\nQUIT\r\n",
+    );
+    assert_eq!(
+        reply,
+        "-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n+OK\r\n$1\r\nv\r\n+OK\r\n"
+    );
+}
