@@ -68,6 +68,10 @@ pub struct ReplicaConfig {
     pub heartbeat_ms: u64,
     /// How long a gap may stay open before the replica re-subscribes to fill it.
     pub resubscribe_ms: u64,
+    /// How long a neighbor may be unreachable before its origin's events are pulled through
+    /// another neighbor. The grace keeps a starting or reconnecting region from pulling
+    /// everything through whichever peer answered first, and then again from the others.
+    pub route_fallback_ms: u64,
 }
 
 impl ReplicaConfig {
@@ -82,6 +86,7 @@ impl ReplicaConfig {
             held_events_max: 4096,
             heartbeat_ms: 1_000,
             resubscribe_ms: 2_000,
+            route_fallback_ms: 2_000,
         }
     }
 }
@@ -275,6 +280,11 @@ pub struct Replica<S: Storage> {
     gap_since_ms: Option<u64>,
     /// What each peer is known to have applied (from its heartbeats, subscriptions and acks).
     peer_vectors: BTreeMap<NodeId, VersionVector>,
+    /// Since when each neighbor without an open subscription has been unreachable.
+    down_since_ms: BTreeMap<NodeId, u64>,
+    /// Per origin pulled from a peer that is ahead of us: our seq and since when it has not
+    /// moved. A stall past `resubscribe_ms` means something was lost: re-subscribe.
+    stalled: BTreeMap<NodeId, (Seq, u64)>,
     transmits: VecDeque<Transmit>,
     next_tick_ms: u64,
     stats: Stats,
@@ -296,7 +306,14 @@ impl<S: Storage> Replica<S> {
         assert!(config.batch_events_max <= BATCH_EVENTS_MAX);
         let recovered = storage.recover()?;
         let clock = HlcClock::resume(config.node, config.clock_skew_ms_max, recovered.hlc);
+        let down_since_ms = topology
+            .neighbors(config.node)
+            .into_iter()
+            .map(|n| (n, now_ms))
+            .collect();
         Ok(Replica {
+            down_since_ms,
+            stalled: BTreeMap::new(),
             clock,
             vector: recovered.vector,
             topology,
@@ -376,6 +393,11 @@ impl<S: Storage> Replica<S> {
     /// The stored state of `key`.
     pub fn read(&mut self, key: &[u8]) -> Result<Option<KeyState>, S::Error> {
         self.storage.key_state(key)
+    }
+
+    /// The storage, read-only.
+    pub fn storage(&self) -> &S {
+        &self.storage
     }
 
     /// The storage, for reads the replica does not wrap.
@@ -473,6 +495,7 @@ impl<S: Storage> Replica<S> {
     /// Our subscription stream to `peer` closed or failed: its origins are pulled elsewhere.
     pub fn handle_subscription_closed(&mut self, peer: NodeId, now_ms: u64) {
         if self.subscriptions.remove(&peer).is_some() {
+            self.down_since_ms.insert(peer, now_ms);
             self.refresh_routes(now_ms);
         }
     }
@@ -758,34 +781,36 @@ impl<S: Storage> Replica<S> {
 
     /// The reachable neighbor to pull `origin` from: the one nearest to it in the topology; among
     /// equals, the one known to hold most of its events; then the one already used; then the
-    /// lowest id.
-    fn route(&self, origin: NodeId) -> Option<NodeId> {
+    /// lowest id. While a nearer neighbor has been unreachable for less than the fallback grace,
+    /// nobody: it is probably about to come (back).
+    fn route(&self, origin: NodeId, now_ms: u64) -> Option<NodeId> {
+        let distance = |peer: NodeId| self.topology.distance(peer, origin).unwrap_or(u32::MAX);
         let current = self
             .subscriptions
             .iter()
-            .find(|(_, s)| s.origins.as_ref().is_some_and(|o| o.contains(&origin)));
-        let current = current.map(|(peer, _)| *peer);
-        self.subscriptions
-            .keys()
-            .copied()
-            .filter(|peer| self.topology.distance(*peer, origin).is_some())
-            .min_by_key(|peer| {
-                let distance = self.topology.distance(*peer, origin).unwrap_or(u32::MAX);
-                let held = self
-                    .peer_vectors
-                    .get(peer)
-                    .map_or(Seq::ZERO, |v| v.get(origin));
-                (
-                    distance,
-                    std::cmp::Reverse(held),
-                    Some(*peer) != current,
-                    *peer,
-                )
-            })
+            .find(|(_, s)| s.origins.as_ref().is_some_and(|o| o.contains(&origin)))
+            .map(|(peer, _)| *peer);
+        let best = self.subscriptions.keys().copied().min_by_key(|peer| {
+            let held = self
+                .peer_vectors
+                .get(peer)
+                .map_or(Seq::ZERO, |v| v.get(origin));
+            (
+                distance(*peer),
+                std::cmp::Reverse(held),
+                Some(*peer) != current,
+                *peer,
+            )
+        })?;
+        let waiting = self.down_since_ms.iter().any(|(peer, since)| {
+            distance(*peer) < distance(best)
+                && now_ms.saturating_sub(*since) < self.config.route_fallback_ms
+        });
+        (!waiting).then_some(best)
     }
 
     /// Recomputes which origins each subscription pulls, and re-subscribes where that changed.
-    fn refresh_routes(&mut self, _now_ms: u64) {
+    fn refresh_routes(&mut self, now_ms: u64) {
         let me = self.config.node;
         let mut wanted: BTreeMap<NodeId, Vec<NodeId>> = self
             .subscriptions
@@ -793,7 +818,7 @@ impl<S: Storage> Replica<S> {
             .map(|peer| (*peer, Vec::new()))
             .collect();
         for origin in self.topology.nodes().filter(|o| *o != me) {
-            if let Some(peer) = self.route(origin) {
+            if let Some(peer) = self.route(origin, now_ms) {
                 wanted.entry(peer).or_default().push(origin);
             }
         }
@@ -852,13 +877,41 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.refresh_routes(now_ms);
+        self.detect_stalls(now_ms);
         if let Some(since) = self.gap_since_ms {
             if now_ms.saturating_sub(since) >= self.config.resubscribe_ms {
                 self.gap_since_ms = None;
+                self.stalled.clear();
                 self.resubscribe_all();
             }
         }
         self.pump_all()
+    }
+
+    /// Notes origins whose events a peer holds but that have not advanced here: a lost message
+    /// (or a refused one) leaves no gap to see, only a peer that stays ahead.
+    fn detect_stalls(&mut self, now_ms: u64) {
+        let mut behind: BTreeMap<NodeId, Seq> = BTreeMap::new();
+        for (peer, subscription) in &self.subscriptions {
+            let Some(theirs) = self.peer_vectors.get(peer) else {
+                continue;
+            };
+            for origin in subscription.origins.iter().flatten() {
+                let ours = self.vector.get(*origin);
+                if theirs.get(*origin) > ours {
+                    behind.insert(*origin, ours);
+                }
+            }
+        }
+        self.stalled.retain(|origin, _| behind.contains_key(origin));
+        for (origin, ours) in behind {
+            let entry = self.stalled.entry(origin).or_insert((ours, now_ms));
+            if ours > entry.0 {
+                *entry = (ours, now_ms);
+            } else if now_ms.saturating_sub(entry.1) >= self.config.resubscribe_ms {
+                self.gap_since_ms.get_or_insert(entry.1);
+            }
+        }
     }
 
     /// When the replica next wants [`Replica::handle_tick`], in milliseconds.

@@ -79,10 +79,17 @@ pub struct MemoryStorage {
     pub commits: u64,
 }
 
-/// Memory storage never fails.
-#[derive(Debug, thiserror::Error)]
-#[error("memory storage cannot fail")]
-pub struct Infallible;
+/// Memory storage never fails: this error has no values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Infallible {}
+
+impl std::fmt::Display for Infallible {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {}
+    }
+}
+
+impl std::error::Error for Infallible {}
 
 impl Storage for MemoryStorage {
     type Error = Infallible;

@@ -117,6 +117,16 @@ impl Net {
         }
     }
 
+    /// Lets `ms` pass and ticks every replica.
+    fn tick_all(&mut self, ms: u64) {
+        self.now_ms += ms;
+        let now = self.now_ms;
+        for replica in self.replicas.values_mut() {
+            replica.handle_tick(now).unwrap();
+        }
+        self.collect();
+    }
+
     fn write(&mut self, node: NodeId, key: &str, command: Command) -> i64 {
         self.now_ms += 1;
         let replica = self.replicas.get_mut(&node).unwrap();
@@ -232,21 +242,37 @@ fn opening_a_subscription_sends_the_vector_and_the_origins_wanted() {
     a.handle_subscription_open(B, 20).unwrap();
     let mut vector = VersionVector::new();
     vector.advance(A, Seq(1));
+    let subscribe = |origins: Vec<NodeId>| {
+        Message::Subscribe(Subscribe {
+            vector: vector.clone(),
+            origins,
+            rewind: false,
+        })
+    };
+    // Only B: C may be about to connect, so its events are not pulled through B yet.
     assert_eq!(
         a.poll_transmit(),
         Some(Transmit {
             peer: B,
             stream: StreamKind::Subscription,
-            // Only B, and C's events too while C is unreachable: nobody else has them for us.
-            message: Message::Subscribe(Subscribe {
-                vector: vector.clone(),
-                origins: vec![B, C],
-                rewind: false
-            }),
+            message: subscribe(vec![B])
         })
     );
     assert_eq!(a.poll_transmit(), None);
-    a.handle_subscription_open(C, 30).unwrap();
+    // C stays unreachable past the grace: B relays C's events.
+    let grace = a.config().route_fallback_ms;
+    a.handle_tick(grace).unwrap();
+    let sent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert!(
+        sent.contains(&Transmit {
+            peer: B,
+            stream: StreamKind::Subscription,
+            message: subscribe(vec![B, C])
+        }),
+        "{sent:?}"
+    );
+    // C connects: each origin comes from itself again.
+    a.handle_subscription_open(C, grace + 10).unwrap();
     let sent: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
     assert_eq!(
         sent,
@@ -254,20 +280,12 @@ fn opening_a_subscription_sends_the_vector_and_the_origins_wanted() {
             Transmit {
                 peer: B,
                 stream: StreamKind::Subscription,
-                message: Message::Subscribe(Subscribe {
-                    vector: vector.clone(),
-                    origins: vec![B],
-                    rewind: false
-                })
+                message: subscribe(vec![B])
             },
             Transmit {
                 peer: C,
                 stream: StreamKind::Subscription,
-                message: Message::Subscribe(Subscribe {
-                    vector,
-                    origins: vec![C],
-                    rewind: false
-                })
+                message: subscribe(vec![C])
             },
         ]
     );
@@ -612,7 +630,17 @@ fn a_dead_regions_events_are_fetched_from_a_region_that_holds_them() {
     // C comes up and can reach only B.
     net.connect(C, B);
     net.connect(B, C);
-    assert_eq!(net.replicas[&C].origins_from(B), vec![A, B]);
+    assert_eq!(
+        net.replicas[&C].origins_from(B),
+        vec![B],
+        "A might still come back"
+    );
+    net.tick_all(ReplicaConfig::new(C).route_fallback_ms);
+    assert_eq!(
+        net.replicas[&C].origins_from(B),
+        vec![A, B],
+        "A is gone: B relays its events"
+    );
     net.run();
     assert_eq!(net.replicas[&C].vector().get(A), Seq(20));
     let expected = net.oracle();
@@ -625,6 +653,7 @@ fn when_the_origin_returns_its_events_come_from_it_again() {
     let mut net = Net::new(&topology);
     net.connect_links(&topology);
     net.disconnect(C, A);
+    net.tick_all(ReplicaConfig::new(C).route_fallback_ms);
     assert_eq!(net.replicas[&C].origins_from(B), vec![A, B]);
     net.write(A, "k", Command::Set(b("1")));
     net.run();
@@ -668,4 +697,28 @@ fn a_restarted_replica_resumes_from_its_vector() {
         15,
         "no full resync: only the 5 new events were sent after restart"
     );
+}
+
+#[test]
+fn a_lost_batch_is_noticed_from_heartbeats_and_fetched_again() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 0).unwrap();
+    while a.poll_transmit().is_some() {}
+    // B wrote 3 events; their batch was lost. Only B's heartbeat arrives.
+    let mut theirs = VersionVector::new();
+    theirs.advance(B, Seq(3));
+    a.handle_message(B, StreamKind::Subscription, Message::Heartbeat(theirs), 10)
+        .unwrap();
+    let config = a.config().clone();
+    let mut now = 10;
+    let mut rewound = false;
+    for _ in 0..10 {
+        now += config.heartbeat_ms;
+        a.handle_tick(now).unwrap();
+        rewound |= std::iter::from_fn(|| a.poll_transmit()).any(
+            |t| matches!(t.message, Message::Subscribe(s) if s.rewind && s.vector.get(B) == Seq(0)),
+        );
+    }
+    assert!(rewound, "a stalled origin must be fetched again");
 }

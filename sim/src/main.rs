@@ -1,0 +1,219 @@
+//! `braid-sim`: run a scenario deterministically, for one seed or a sweep of seeds.
+
+// The binary talks to people on stdout and stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use braid_sim::{sweep, InjectedBug, Report, RunOptions, Scenario};
+use clap::{Parser, Subcommand};
+
+/// Braid's deterministic simulator: rehearse a topology and a workload under faults, seed by
+/// seed, on the real replication core, far faster than real time.
+#[derive(Debug, Parser)]
+#[command(name = "braid-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run a scenario file with one seed (--seed) or a range of seeds (--seeds A..B).
+    Run {
+        /// The scenario (TOML; see docs/scenarios.md).
+        scenario: PathBuf,
+        /// Run this one seed.
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// Run every seed from A up to, not including, B; print a summary table.
+        #[arg(long, value_name = "A..B")]
+        seeds: Option<String>,
+        /// Write the event trace of the (single) run to this file.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Write the report (one run) or every report and the summary (sweep) as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Run the seed twice and check that both traces are identical.
+        #[arg(long)]
+        check_determinism: bool,
+        /// Test only: inject a bug (double-apply, lose-write) to see the checkers catch it.
+        #[arg(long, value_name = "BUG", hide = true)]
+        inject_bug: Option<InjectedBug>,
+    },
+}
+
+fn parse_range(text: &str) -> Result<(u64, u64)> {
+    let (a, b) = text
+        .split_once("..")
+        .context("--seeds takes A..B, e.g. 0..200")?;
+    let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+    if a >= b {
+        bail!("--seeds {text}: the range is empty");
+    }
+    Ok((a, b))
+}
+
+fn print_report(report: &Report, scenario_path: &Path) {
+    println!(
+        "scenario {}  seed {}  trace {}",
+        report.scenario, report.seed, report.trace_hash
+    );
+    for verdict in &report.checkers {
+        println!(
+            "  {:<20} {}  {}",
+            verdict.checker,
+            if verdict.passed { "PASS" } else { "FAIL" },
+            verdict.detail
+        );
+    }
+    println!(
+        "  writes {}  applied {}  messages/change {:.3}  convergence {}  lag p50/p99/max {}/{}/{} ms",
+        report.writes,
+        report.events_applied,
+        report.messages_per_change,
+        report.convergence_ms.map_or("-".into(), |c| format!("{c} ms")),
+        report.lag_ms_p50,
+        report.lag_ms_p99,
+        report.lag_ms_max
+    );
+    println!(
+        "  simulated {:.1} s in {:.3} s of wall time ({:.0}x)",
+        report.sim_ms as f64 / 1000.0,
+        report.wall_ms as f64 / 1000.0,
+        report.sim_ms as f64 / report.wall_ms.max(1) as f64
+    );
+    println!(
+        "  {}",
+        if report.passed {
+            "PASSED".to_string()
+        } else {
+            format!(
+                "FAILED: replay with braid-sim run {} --seed {}",
+                scenario_path.display(),
+                report.seed
+            )
+        }
+    );
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("braid-sim: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    let Cli {
+        command:
+            Commands::Run {
+                scenario: path,
+                seed,
+                seeds,
+                trace,
+                json,
+                check_determinism,
+                inject_bug,
+            },
+    } = Cli::parse();
+    let scenario = Scenario::load(&path)?;
+    let options = |seed: u64, keep_trace: bool| RunOptions {
+        seed,
+        bug: inject_bug,
+        keep_trace,
+    };
+    if let Some(range) = seeds {
+        let (from, to) = parse_range(&range)?;
+        let mut reports = Vec::new();
+        let total = to - from;
+        for (done, seed) in (from..to).enumerate() {
+            let report =
+                braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
+            if !report.passed {
+                eprintln!();
+                print_report(&report, &path);
+            }
+            reports.push(report);
+            let failed = reports.iter().filter(|r| !r.passed).count();
+            eprint!(
+                "\r{} [{:>4}/{total}] seeds, {failed} failed",
+                scenario.name,
+                done + 1
+            );
+            let _ = std::io::stderr().flush();
+        }
+        eprintln!();
+        let summary = sweep::summarise(&scenario.name, &reports);
+        println!(
+            "{:<24} {:>6} {:>6} {:>6}  {:>22}  {:>22}  {:>9}  {:>12}  {:>8}",
+            "SCENARIO",
+            "SEEDS",
+            "PASSED",
+            "FAILED",
+            "CONVERGE ms p50/p99/max",
+            "LAG p99 ms p50/p99/max",
+            "SIM/WALL",
+            "APPLIED/s",
+            "MSG/CHG"
+        );
+        let c = summary.convergence_ms;
+        let l = summary.lag_ms_p99;
+        println!(
+            "{:<24} {:>6} {:>6} {:>6}  {:>22}  {:>22}  {:>8.0}x  {:>12.0}  {:>8.3}",
+            summary.scenario,
+            summary.seeds,
+            summary.passed,
+            summary.failed.len(),
+            format!("{}/{}/{}", c[0], c[1], c[2]),
+            format!("{}/{}/{}", l[0], l[1], l[2]),
+            summary.speedup,
+            summary.applied_per_wall_s,
+            summary.messages_per_change_max
+        );
+        for (seed, checker) in &summary.failed {
+            println!(
+                "failed: seed {seed} ({checker}): braid-sim run {} --seed {seed}",
+                path.display()
+            );
+        }
+        if let Some(file) = json {
+            let doc = serde_json::json!({ "summary": summary, "runs": reports });
+            std::fs::write(&file, serde_json::to_string_pretty(&doc)? + "\n")
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
+        return Ok(summary.failed.is_empty());
+    }
+    let seed = seed.unwrap_or(0);
+    let report =
+        braid_sim::run(&scenario, options(seed, trace.is_some())).map_err(anyhow::Error::msg)?;
+    print_report(&report, &path);
+    let mut ok = report.passed;
+    if check_determinism {
+        let again = braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
+        let same = again.trace_hash == report.trace_hash;
+        println!(
+            "  determinism: {} (second run {})",
+            if same { "PASS" } else { "FAIL" },
+            again.trace_hash
+        );
+        ok &= same;
+    }
+    if let Some(file) = trace {
+        std::fs::write(&file, report.trace.join("\n") + "\n")
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    if let Some(file) = json {
+        std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    Ok(ok)
+}

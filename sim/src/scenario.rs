@@ -1,0 +1,387 @@
+//! Scenario files: regions, topology, network, workload, and a timeline of faults and
+//! expectations, in TOML (kebab-case). The same format is meant for `braid drill` against real
+//! processes; what only the simulator can do is marked so in `docs/scenarios.md`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Scenario {
+    /// A short name for reports.
+    pub name: String,
+    /// What it rehearses.
+    #[serde(default)]
+    pub description: String,
+    /// Region names; node ids are 1, 2, ... in this order.
+    pub regions: Vec<String>,
+    /// Links as pairs of region names; every pair when absent.
+    #[serde(default)]
+    pub links: Option<Vec<[String; 2]>>,
+    /// How long the workload runs, in milliseconds of simulated time. Faults happen within it;
+    /// after it the network heals and the checkers wait for quiescence.
+    pub duration_ms: u64,
+    /// The network between regions.
+    #[serde(default)]
+    pub network: Network,
+    /// What clients do.
+    pub workload: Workload,
+    /// Faults, in time order.
+    #[serde(default)]
+    pub timeline: Vec<Fault>,
+    /// What must hold.
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+/// Per-link behaviour. Loss, duplication and reordering model what the replication core must
+/// survive; over real QUIC streams they do not happen (simulator-only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Network {
+    /// One-way latency, uniformly drawn per message, in milliseconds.
+    #[serde(default = "default_latency_min")]
+    pub latency_ms_min: u64,
+    /// Upper bound of the latency.
+    #[serde(default = "default_latency_max")]
+    pub latency_ms_max: u64,
+    /// Probability that a message is lost (simulator-only).
+    #[serde(default)]
+    pub loss: f64,
+    /// Probability that a message is delivered twice (simulator-only).
+    #[serde(default)]
+    pub duplicate: f64,
+    /// Probability that a message is delayed past later ones (simulator-only).
+    #[serde(default)]
+    pub reorder: f64,
+}
+
+fn default_latency_min() -> u64 {
+    5
+}
+
+fn default_latency_max() -> u64 {
+    30
+}
+
+impl Default for Network {
+    fn default() -> Network {
+        Network {
+            latency_ms_min: default_latency_min(),
+            latency_ms_max: default_latency_max(),
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+        }
+    }
+}
+
+/// The client load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Workload {
+    /// Writes per simulated second into each region.
+    pub rate_per_region: u64,
+    /// Distinct keys.
+    pub keys: u64,
+    /// Skew of key choice: 0 uniform; towards 1, most writes hit the first keys.
+    #[serde(default)]
+    pub skew: f64,
+    /// Relative weights of the value types.
+    #[serde(default)]
+    pub mix: Mix,
+    /// Share of writes that go to a small set of keys written in every region at once.
+    #[serde(default)]
+    pub conflict_share: f64,
+}
+
+/// Relative weights of the four value types in the workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Mix {
+    /// SET, DEL.
+    #[serde(default)]
+    pub string: u32,
+    /// INCRBY.
+    #[serde(default)]
+    pub counter: u32,
+    /// SADD, SREM.
+    #[serde(default)]
+    pub set: u32,
+    /// HSET, HDEL.
+    #[serde(default)]
+    pub hash: u32,
+}
+
+impl Default for Mix {
+    fn default() -> Mix {
+        Mix {
+            string: 1,
+            counter: 1,
+            set: 1,
+            hash: 1,
+        }
+    }
+}
+
+/// One fault at a point in time. (Unknown keys are refused by [`Action`], which receives every
+/// key but `at-ms`.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Fault {
+    /// When, in milliseconds from the start.
+    pub at_ms: u64,
+    /// What.
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// A fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    rename_all_fields = "kebab-case",
+    tag = "action",
+    deny_unknown_fields
+)]
+pub enum Action {
+    /// The region's process dies (`kill -9`): what it committed survives.
+    Kill {
+        /// The region.
+        region: String,
+    },
+    /// The region's process starts again on its storage.
+    Restart {
+        /// The region.
+        region: String,
+    },
+    /// The region's machine loses power: in `machine` durability nothing acknowledged is lost.
+    /// Refused for `process` durability, which does not promise to survive it.
+    PowerFail {
+        /// The region.
+        region: String,
+    },
+    /// No message crosses between the groups, in either direction (or only `from` -> `to`
+    /// with `one-way`).
+    Partition {
+        /// Groups of regions; links between groups are cut.
+        groups: Vec<Vec<String>>,
+        /// Cut only messages from the first group to the others.
+        #[serde(default)]
+        one_way: bool,
+    },
+    /// Every cut link is restored.
+    Heal,
+    /// A link goes down and up repeatedly (every `period-ms`) until `until-ms` (simulator-only).
+    Flap {
+        /// One end.
+        from: String,
+        /// The other end.
+        to: String,
+        /// Half-period of the flapping.
+        period_ms: u64,
+        /// When it stops (link up).
+        until_ms: u64,
+    },
+    /// The region's clock is set `offset-ms` away from true time (positive: ahead).
+    ClockSkew {
+        /// The region.
+        region: String,
+        /// Offset in milliseconds.
+        offset_ms: i64,
+    },
+    /// Messages on a link get `extra-ms` more latency, until healed.
+    SlowLink {
+        /// One end.
+        from: String,
+        /// The other end.
+        to: String,
+        /// Added latency in milliseconds.
+        extra_ms: u64,
+    },
+}
+
+/// What the run must show. Absent expectations are not checked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Expect {
+    /// After the workload ends and every fault is healed, all regions converge within this.
+    #[serde(default)]
+    pub converged_within_ms: Option<u64>,
+    /// Every acknowledged write is in every region's final state (checked against the oracle).
+    #[serde(default = "default_true")]
+    pub no_lost_writes: bool,
+    /// Events sent over links, divided by events written, at most this.
+    #[serde(default)]
+    pub max_messages_per_change: Option<f64>,
+    /// Replication lag's 99th percentile (origin commit to apply), at most this.
+    #[serde(default)]
+    pub lag_ms_p99_max: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A scenario that cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file cannot be read.
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    /// Not valid TOML for the schema.
+    #[error("{0}: {1}")]
+    Parse(String, Box<toml::de::Error>),
+    /// A rule across fields is broken.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError::Read(path.display().to_string(), e))?;
+        Scenario::parse(&text).map_err(|e| match e {
+            ScenarioError::Parse(_, err) => ScenarioError::Parse(path.display().to_string(), err),
+            other => other,
+        })
+    }
+
+    /// Parses and validates scenario text.
+    pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text)
+            .map_err(|e| ScenarioError::Parse("scenario".into(), Box::new(e)))?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    /// Checks the rules that span fields.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let invalid = |msg: String| Err(ScenarioError::Invalid(msg));
+        let names: BTreeSet<&str> = self.regions.iter().map(String::as_str).collect();
+        if names.len() != self.regions.len() || names.is_empty() {
+            return invalid("regions must be a non-empty list of distinct names".into());
+        }
+        let known = |r: &str| names.contains(r);
+        if let Some(links) = &self.links {
+            for [a, b] in links {
+                if !known(a) || !known(b) {
+                    return invalid(format!("link {a}-{b} names an unknown region"));
+                }
+            }
+        }
+        let n = &self.network;
+        if n.latency_ms_min > n.latency_ms_max {
+            return invalid("network.latency-ms-min exceeds latency-ms-max".into());
+        }
+        for (what, p) in [
+            ("loss", n.loss),
+            ("duplicate", n.duplicate),
+            ("reorder", n.reorder),
+        ] {
+            if !(0.0..=0.5).contains(&p) {
+                return invalid(format!("network.{what} must be within 0..=0.5"));
+            }
+        }
+        let w = &self.workload;
+        if w.keys == 0 || !(0.0..1.0).contains(&w.skew) || !(0.0..=1.0).contains(&w.conflict_share)
+        {
+            return invalid(
+                "workload: keys >= 1, skew within [0, 1), conflict-share within [0, 1]".into(),
+            );
+        }
+        if w.mix.string + w.mix.counter + w.mix.set + w.mix.hash == 0 {
+            return invalid("workload.mix: at least one type needs a weight".into());
+        }
+        let mut last = 0;
+        for fault in &self.timeline {
+            if fault.at_ms < last {
+                return invalid("timeline: faults must be in time order".into());
+            }
+            last = fault.at_ms;
+            if fault.at_ms > self.duration_ms {
+                return invalid(format!(
+                    "timeline: a fault at {} ms is after duration-ms",
+                    fault.at_ms
+                ));
+            }
+            let regions: Vec<&str> = match &fault.action {
+                Action::Kill { region }
+                | Action::Restart { region }
+                | Action::PowerFail { region } => {
+                    vec![region]
+                }
+                Action::ClockSkew { region, .. } => vec![region],
+                Action::Partition { groups, .. } => {
+                    groups.iter().flatten().map(String::as_str).collect()
+                }
+                Action::Flap { from, to, .. } | Action::SlowLink { from, to, .. } => vec![from, to],
+                Action::Heal => vec![],
+            };
+            if let Some(unknown) = regions.iter().find(|r| !known(r)) {
+                return invalid(format!("timeline: unknown region {unknown}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+name = "sample"
+regions = ["a", "b", "c"]
+duration-ms = 10000
+[network]
+latency-ms-min = 2
+latency-ms-max = 20
+loss = 0.01
+[workload]
+rate-per-region = 100
+keys = 50
+skew = 0.5
+conflict-share = 0.2
+mix = { string = 2, counter = 1 }
+[[timeline]]
+at-ms = 2000
+action = "partition"
+groups = [["a"], ["b", "c"]]
+[[timeline]]
+at-ms = 4000
+action = "heal"
+[[timeline]]
+at-ms = 5000
+action = "kill"
+region = "b"
+[expect]
+converged-within-ms = 5000
+"#;
+
+    #[test]
+    fn parses_a_scenario() {
+        let s = Scenario::parse(SAMPLE).unwrap();
+        assert_eq!(s.timeline.len(), 3);
+        assert_eq!(s.timeline[2].action, Action::Kill { region: "b".into() });
+        assert!(s.expect.no_lost_writes);
+        assert_eq!(s.workload.mix.set, 0);
+    }
+
+    #[test]
+    fn refuses_unknown_regions_and_disorder() {
+        let err = Scenario::parse(&SAMPLE.replace("region = \"b\"", "region = \"z\"")).unwrap_err();
+        assert!(err.to_string().contains("unknown region z"), "{err}");
+        let err = Scenario::parse(&SAMPLE.replace("at-ms = 5000", "at-ms = 1000")).unwrap_err();
+        assert!(err.to_string().contains("time order"), "{err}");
+        let err = Scenario::parse(&SAMPLE.replace("region = \"b\"", "region = \"b\"\nbogus = 1"))
+            .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Scenario::parse(&SAMPLE.replace("loss = 0.01", "loss = 2.0")).unwrap_err();
+        assert!(err.to_string().contains("loss"), "{err}");
+    }
+}

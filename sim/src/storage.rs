@@ -1,0 +1,118 @@
+//! Simulated storage: the in-memory storage of the core, with a watch on exactly-once apply and
+//! a switch to inject bugs that the checkers must catch.
+
+use braid_conflict::KeyState;
+use braid_protocol::storage::{Commit, Infallible, Recovered, Storage};
+use braid_protocol::{ChangeEvent, MemoryStorage, NodeId, Seq};
+
+/// Bugs the simulator can inject on purpose, to prove that its checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Every 50th commit is made twice, as an apply that skipped the vector check would.
+    DoubleApply,
+    /// Every 50th commit drops its key updates while still advancing the vector, as a storage
+    /// layer that loses a write would.
+    LoseWrite,
+}
+
+impl std::str::FromStr for InjectedBug {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<InjectedBug, String> {
+        match s {
+            "double-apply" => Ok(InjectedBug::DoubleApply),
+            "lose-write" => Ok(InjectedBug::LoseWrite),
+            other => Err(format!("unknown bug {other:?}: double-apply or lose-write")),
+        }
+    }
+}
+
+/// One region's storage in the simulator. Every commit is durable at once (the `machine`
+/// durability mode), so a simulated crash or power failure loses nothing acknowledged.
+#[derive(Debug, Clone, Default)]
+pub struct SimStorage {
+    inner: MemoryStorage,
+    /// Events committed twice for the same (origin, seq): exactly-once violations.
+    pub duplicate_applies: Vec<(NodeId, Seq)>,
+    /// Events committed, in order, for lag measurement by the simulator: (origin, seq).
+    pub recent: Vec<(NodeId, Seq)>,
+    bug: Option<InjectedBug>,
+    commits: u64,
+}
+
+impl SimStorage {
+    /// Empty storage, with an optional injected bug.
+    pub fn new(bug: Option<InjectedBug>) -> SimStorage {
+        SimStorage {
+            bug,
+            ..SimStorage::default()
+        }
+    }
+
+    /// Every key and its state.
+    pub fn keys(&self) -> &std::collections::BTreeMap<bytes::Bytes, KeyState> {
+        &self.inner.keys
+    }
+
+    /// The change log.
+    pub fn log(&self) -> &std::collections::BTreeMap<(NodeId, Seq), ChangeEvent> {
+        &self.inner.log
+    }
+}
+
+impl SimStorage {
+    /// Notes every event of a commit, and any that was committed before.
+    fn watch(&mut self, commit: &Commit) {
+        for event in &commit.events {
+            if self.inner.log.contains_key(&(event.origin, event.seq)) {
+                self.duplicate_applies.push((event.origin, event.seq));
+            }
+            self.recent.push((event.origin, event.seq));
+        }
+    }
+}
+
+impl Storage for SimStorage {
+    type Error = Infallible;
+
+    fn recover(&mut self) -> Result<Recovered, Infallible> {
+        self.inner.recover()
+    }
+
+    fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
+        self.inner.key_state(key)
+    }
+
+    fn commit(&mut self, commit: &Commit) -> Result<(), Infallible> {
+        self.commits += 1;
+        let faulty = self.commits % 50 == 0;
+        match self.bug {
+            Some(InjectedBug::LoseWrite) if faulty && !commit.keys.is_empty() => {
+                self.watch(commit);
+                let mut lossy = commit.clone();
+                lossy.keys.clear();
+                self.inner.commit(&lossy)
+            }
+            Some(InjectedBug::DoubleApply) if faulty && !commit.events.is_empty() => {
+                self.watch(commit);
+                self.inner.commit(commit)?;
+                self.watch(commit);
+                self.inner.commit(commit)
+            }
+            _ => {
+                self.watch(commit);
+                self.inner.commit(commit)
+            }
+        }
+    }
+
+    fn log_after(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<ChangeEvent>, Infallible> {
+        self.inner.log_after(origin, after, events_max, bytes_max)
+    }
+}

@@ -1,0 +1,1040 @@
+//! The simulated world: regions running the real replica core, a network that delays, loses,
+//! duplicates and reorders encoded messages, a workload, a timeline of faults, and the checkers.
+//!
+//! ```text
+//!   seed ─► sub-seeds (network, workload, connections)
+//!   event queue (virtual time, insertion order) ─► Write | Deliver | Tick | Fault | Connect | End
+//!      Write   ─► Replica::handle_commands ─► acknowledged events (for the oracle)
+//!      Deliver ─► frame::decode ─► Replica::handle_message
+//!      every output ─► frame::encode ─► network ─► Deliver later (or never)
+//!   after the workload: heal, restart, run to quiescence ─► checkers ─► Report
+//! ```
+//!
+//! Everything is a function of the scenario and the seed: one thread, seeded generators, virtual
+//! time, ordered maps. The trace hash proves it run by run.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::time::Instant;
+
+use braid_conflict::{oracle, Command, Value};
+use braid_protocol::frame;
+use braid_protocol::{
+    ChangeEvent, Message, NodeId, Replica, ReplicaConfig, Seq, StreamKind, Topology, VersionVector,
+};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::scenario::{Action, Scenario};
+use crate::storage::{InjectedBug, SimStorage};
+
+/// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
+const EPOCH_MS: u64 = 1_700_000_000_000;
+/// How often every node ticks, in simulated milliseconds.
+const TICK_MS: u64 = 50;
+/// How long a broken connection takes to be re-established: 100 ms plus up to 200 ms.
+const RECONNECT_MS_MIN: u64 = 100;
+const RECONNECT_MS_JITTER: u64 = 200;
+/// Budget for convergence after the workload when the scenario sets none.
+const CONVERGE_MS_DEFAULT: u64 = 60_000;
+/// Keys written by every region in the conflict share of the workload.
+const HOT_KEYS: u64 = 5;
+/// Clients start writing once the mesh has had time to connect (connections come up 100-300 ms
+/// after start), as `braid cluster up` waits for the mesh before it reports the cluster up.
+const WORKLOAD_START_MS: u64 = 500;
+/// Wall-clock watchdog for one run: a run that takes longer is reported as failed.
+const WALL_MS_MAX: u128 = 120_000;
+
+/// How to run a scenario.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The root seed.
+    pub seed: u64,
+    /// A bug to inject, proving the checkers bite.
+    pub bug: Option<InjectedBug>,
+    /// Keep the trace's text (for `--trace`), not only its hash.
+    pub keep_trace: bool,
+}
+
+/// One checker's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// The checker.
+    pub checker: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// What it saw.
+    pub detail: String,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The scenario.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// SHA-256 of the trace: equal for equal scenario and seed.
+    pub trace_hash: String,
+    /// Whether every checker passed.
+    pub passed: bool,
+    /// Each checker.
+    pub checkers: Vec<Verdict>,
+    /// Acknowledged writes.
+    pub writes: u64,
+    /// Events applied in all regions (remote applies).
+    pub events_applied: u64,
+    /// Events sent over all links, divided by writes.
+    pub messages_per_change: f64,
+    /// From the end of the workload (everything healed) to convergence, simulated ms.
+    pub convergence_ms: Option<u64>,
+    /// Replication lag (origin commit to remote apply), simulated ms: p50, p99, max.
+    pub lag_ms_p50: u64,
+    /// 99th percentile.
+    pub lag_ms_p99: u64,
+    /// Maximum.
+    pub lag_ms_max: u64,
+    /// Simulated milliseconds run.
+    pub sim_ms: u64,
+    /// Wall-clock milliseconds taken.
+    pub wall_ms: u64,
+    /// The command that replays this run.
+    pub replay: String,
+    /// The trace, when asked for.
+    #[serde(skip)]
+    pub trace: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Write(usize),
+    Tick,
+    Deliver {
+        from: usize,
+        to: usize,
+        kind: StreamKind,
+        gen: u64,
+        bytes: Vec<u8>,
+    },
+    Fault(usize),
+    Flap {
+        a: usize,
+        b: usize,
+        period_ms: u64,
+        until_ms: u64,
+    },
+    Connect {
+        sub: usize,
+        publ: usize,
+    },
+    EndWorkload,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    gen: u64,
+    open: bool,
+    connecting: bool,
+    /// Latest scheduled delivery per direction (0: subscriber to publisher), for FIFO order.
+    last_delivery: [u64; 2],
+}
+
+struct Region {
+    name: String,
+    id: NodeId,
+    replica: Option<Replica<SimStorage>>,
+    parked: Option<SimStorage>,
+    clock_offset_ms: i64,
+}
+
+impl std::fmt::Debug for World<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("scenario", &self.scenario.name)
+            .field("now_ms", &self.now_ms)
+            .finish()
+    }
+}
+
+/// A simulation run in progress.
+pub struct World<'a> {
+    scenario: &'a Scenario,
+    options: RunOptions,
+    topology: Topology,
+    regions: Vec<Region>,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    order: u64,
+    now_ms: u64,
+    net_rng: ChaCha8Rng,
+    load_rng: ChaCha8Rng,
+    conn_rng: ChaCha8Rng,
+    streams: BTreeMap<(usize, usize), Stream>,
+    cut: BTreeSet<(usize, usize)>,
+    slow: BTreeMap<(usize, usize), u64>,
+    acked: Vec<ChangeEvent>,
+    created_ms: BTreeMap<(NodeId, Seq), u64>,
+    lag: Histogram<u64>,
+    events_sent: u64,
+    events_applied: u64,
+    workload_over: bool,
+    end_ms: u64,
+    converged_at: Option<u64>,
+    hasher: Sha256,
+    trace: Vec<String>,
+}
+
+/// Derives an independent sub-seed (splitmix64 of the root and a stream number), so that one
+/// component drawing more does not reshuffle the others.
+fn sub_seed(root: u64, stream: u64) -> u64 {
+    let mut z = root ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        rng.next_u64() % n
+    }
+}
+
+fn unit(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn lag_histogram() -> Histogram<u64> {
+    // Valid bounds: construction cannot fail.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
+}
+
+impl<'a> World<'a> {
+    /// Builds the world for a validated scenario.
+    pub fn new(scenario: &'a Scenario, options: RunOptions) -> Result<World<'a>, String> {
+        let ids: Vec<NodeId> = (1..=scenario.regions.len() as u64).map(NodeId).collect();
+        let index_of = |name: &str| scenario.regions.iter().position(|r| r == name);
+        let topology = match &scenario.links {
+            None => Topology::full_mesh(ids.clone()),
+            Some(links) => {
+                let mut pairs = Vec::new();
+                for [a, b] in links {
+                    let (Some(x), Some(y)) = (index_of(a), index_of(b)) else {
+                        return Err(format!("link {a}-{b} names an unknown region"));
+                    };
+                    pairs.push((ids[x], ids[y]));
+                }
+                Topology::with_links(ids.clone(), pairs)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let seed = options.seed;
+        let mut world = World {
+            scenario,
+            topology,
+            regions: Vec::new(),
+            queue: BinaryHeap::new(),
+            order: 0,
+            now_ms: 0,
+            net_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 1)),
+            load_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 2)),
+            conn_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 3)),
+            streams: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            slow: BTreeMap::new(),
+            acked: Vec::new(),
+            created_ms: BTreeMap::new(),
+            lag: lag_histogram(),
+            events_sent: 0,
+            events_applied: 0,
+            workload_over: false,
+            end_ms: scenario.duration_ms,
+            converged_at: None,
+            hasher: Sha256::new(),
+            trace: Vec::new(),
+            options,
+        };
+        for (i, name) in scenario.regions.iter().enumerate() {
+            let storage = SimStorage::new(world.options.bug);
+            let replica = Replica::open(
+                ReplicaConfig::new(ids[i]),
+                world.topology.clone(),
+                storage,
+                EPOCH_MS,
+            )
+            .map_err(|e| e.to_string())?;
+            world.regions.push(Region {
+                name: name.clone(),
+                id: ids[i],
+                replica: Some(replica),
+                parked: None,
+                clock_offset_ms: 0,
+            });
+        }
+        for (a, b) in world.topology.links() {
+            let (a, b) = (a.0 as usize - 1, b.0 as usize - 1);
+            world.streams.insert((a, b), Stream::default());
+            world.streams.insert((b, a), Stream::default());
+        }
+        Ok(world)
+    }
+
+    fn schedule(&mut self, at_ms: u64, event: Event) {
+        self.order += 1;
+        self.queue.push(Reverse((at_ms, self.order, event)));
+    }
+
+    fn trace(&mut self, record: [u64; 4], text: impl FnOnce() -> String) {
+        self.hasher.update(self.now_ms.to_le_bytes());
+        for word in record {
+            self.hasher.update(word.to_le_bytes());
+        }
+        if self.options.keep_trace {
+            let line = format!("{:>8} {}", self.now_ms, text());
+            self.trace.push(line);
+        }
+    }
+
+    fn local_ms(&self, region: usize) -> u64 {
+        (EPOCH_MS + self.now_ms).saturating_add_signed(self.regions[region].clock_offset_ms)
+    }
+
+    /// Runs to the end and checks.
+    pub fn run(mut self) -> Report {
+        let started = Instant::now();
+        let per_region_ms = 1_000 / self.scenario.workload.rate_per_region.max(1);
+        for i in 0..self.regions.len() {
+            let first = WORKLOAD_START_MS + below(&mut self.load_rng, per_region_ms.max(1));
+            self.schedule(first, Event::Write(i));
+        }
+        for (i, _) in self.scenario.timeline.iter().enumerate() {
+            let at = self.scenario.timeline[i].at_ms;
+            self.schedule(at, Event::Fault(i));
+        }
+        self.schedule(self.scenario.duration_ms, Event::EndWorkload);
+        self.schedule(0, Event::Tick);
+        self.reconcile();
+        let budget_ms = self
+            .scenario
+            .expect
+            .converged_within_ms
+            .unwrap_or(CONVERGE_MS_DEFAULT);
+        let mut timed_out = false;
+        while let Some(Reverse((at, _, event))) = self.queue.pop() {
+            self.now_ms = at;
+            if self.converged_at.is_some() || at > self.end_ms + budget_ms {
+                break;
+            }
+            if started.elapsed().as_millis() > WALL_MS_MAX {
+                timed_out = true;
+                break;
+            }
+            self.step(event);
+        }
+        self.check(started, timed_out)
+    }
+
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::Write(region) => self.write(region),
+            Event::Tick => {
+                for region in 0..self.regions.len() {
+                    let now = self.local_ms(region);
+                    if let Some(replica) = self.regions[region].replica.as_mut() {
+                        let _ = replica.handle_tick(now);
+                    }
+                    self.drain(region);
+                }
+                if self.workload_over && self.converged() {
+                    self.converged_at = Some(self.now_ms);
+                    self.trace([7, 0, 0, 0], || "converged".into());
+                }
+                self.schedule(self.now_ms + TICK_MS, Event::Tick);
+            }
+            Event::Deliver {
+                from,
+                to,
+                kind,
+                gen,
+                bytes,
+            } => self.deliver(from, to, kind, gen, &bytes),
+            Event::Fault(i) => {
+                let action = self.scenario.timeline[i].action.clone();
+                self.fault(&action);
+            }
+            Event::Flap {
+                a,
+                b,
+                period_ms,
+                until_ms,
+            } => {
+                let cut = self.cut.contains(&(a, b));
+                if cut || self.now_ms >= until_ms {
+                    self.cut.remove(&(a, b));
+                    self.cut.remove(&(b, a));
+                } else {
+                    self.cut.insert((a, b));
+                    self.cut.insert((b, a));
+                }
+                self.trace([8, a as u64, b as u64, u64::from(!cut)], || {
+                    format!("flap {a}-{b} cut={}", !cut)
+                });
+                if self.now_ms < until_ms {
+                    self.schedule(
+                        self.now_ms + period_ms,
+                        Event::Flap {
+                            a,
+                            b,
+                            period_ms,
+                            until_ms,
+                        },
+                    );
+                }
+                self.reconcile();
+            }
+            Event::Connect { sub, publ } => self.connect(sub, publ),
+            Event::EndWorkload => {
+                self.workload_over = true;
+                self.end_ms = self.now_ms;
+                self.cut.clear();
+                self.slow.clear();
+                for region in 0..self.regions.len() {
+                    self.restart(region);
+                }
+                self.trace([9, 0, 0, 0], || {
+                    "workload over: healed, every region up".into()
+                });
+                self.reconcile();
+            }
+        }
+    }
+
+    // ---- workload ----
+
+    fn write(&mut self, region: usize) {
+        if self.workload_over {
+            return;
+        }
+        let interval = 1_000 / self.scenario.workload.rate_per_region.max(1);
+        let next = self.now_ms + interval.max(1) / 2 + below(&mut self.load_rng, interval.max(1));
+        self.schedule(next, Event::Write(region));
+        let (key, command) = self.command();
+        let now = self.local_ms(region);
+        let Some(replica) = self.regions[region].replica.as_mut() else {
+            return;
+        };
+        let node = replica.node();
+        let before = replica.vector().get(node);
+        let Ok(results) = replica.handle_commands(vec![(key.clone(), command)], now);
+        let after = replica.vector().get(node);
+        if after > before {
+            for seq in before.0 + 1..=after.0 {
+                if let Some(event) = replica.storage_mut().log().get(&(node, Seq(seq))).cloned() {
+                    self.created_ms.insert((node, Seq(seq)), self.now_ms);
+                    self.acked.push(event);
+                }
+            }
+        }
+        let ok = matches!(results.first(), Some(Ok(_)));
+        let name = self.regions[region].name.clone();
+        self.trace([1, region as u64, after.0, u64::from(ok)], || {
+            format!(
+                "write {name} {} -> seq {}",
+                String::from_utf8_lossy(&key),
+                after.0
+            )
+        });
+        self.drain(region);
+    }
+
+    fn command(&mut self) -> (Bytes, Command) {
+        let w = &self.scenario.workload;
+        let rng = &mut self.load_rng;
+        let index = if unit(rng) < w.conflict_share {
+            below(rng, HOT_KEYS.min(w.keys))
+        } else {
+            // Skewed choice: u^(1/(1-skew)) leans towards 0 as skew grows.
+            let u = unit(rng).powf(1.0 / (1.0 - w.skew));
+            ((u * w.keys as f64) as u64).min(w.keys - 1)
+        };
+        let m = &w.mix;
+        let total = u64::from(m.string + m.counter + m.set + m.hash);
+        // Each key has a type (so most writes are accepted); 2% of writes try another type, to
+        // exercise type conflicts and WRONGTYPE.
+        let pick = if below(rng, 50) == 0 {
+            below(rng, total)
+        } else {
+            sub_seed(index, 7) % total
+        };
+        let key = Bytes::from(format!("k{index}"));
+        let choice = below(rng, 20);
+        let member = |rng: &mut ChaCha8Rng| Bytes::from(format!("m{}", below(rng, 8)));
+        let command = if pick < u64::from(m.string) {
+            match choice {
+                0 => Command::Delete,
+                _ => Command::Set(Bytes::from(format!("v{}", rng.next_u64() % 1000))),
+            }
+        } else if pick < u64::from(m.string + m.counter) {
+            match choice {
+                0 => Command::Delete,
+                _ => Command::IncrBy(below(rng, 15) as i64 - 5),
+            }
+        } else if pick < u64::from(m.string + m.counter + m.set) {
+            match choice {
+                0 => Command::Delete,
+                1..=6 => Command::SetRemove(vec![member(rng)]),
+                _ => Command::SetAdd(vec![member(rng), member(rng)]),
+            }
+        } else {
+            let field = |rng: &mut ChaCha8Rng| Bytes::from(format!("f{}", below(rng, 5)));
+            match choice {
+                0 => Command::Delete,
+                1..=5 => Command::HashDelete(vec![field(rng)]),
+                _ => Command::HashSet(vec![(
+                    field(rng),
+                    Bytes::from(format!("{}", rng.next_u64() % 100)),
+                )]),
+            }
+        };
+        (key, command)
+    }
+
+    // ---- network ----
+
+    /// Sends every output of `region`, and notes what it committed.
+    fn drain(&mut self, region: usize) {
+        let Some(replica) = self.regions[region].replica.as_mut() else {
+            return;
+        };
+        replica.check_invariants();
+        let committed: Vec<(NodeId, Seq)> = std::mem::take(&mut replica.storage_mut().recent);
+        let mut outputs = Vec::new();
+        while let Some(transmit) = replica.poll_transmit() {
+            outputs.push(transmit);
+        }
+        let me = self.regions[region].id;
+        for (origin, seq) in committed {
+            if origin != me {
+                self.events_applied += 1;
+                if let Some(created) = self.created_ms.get(&(origin, seq)) {
+                    let lag = self.now_ms.saturating_sub(*created);
+                    self.lag.saturating_record(lag.max(1));
+                }
+            }
+        }
+        for transmit in outputs {
+            let peer = transmit.peer.0 as usize - 1;
+            let (key, direction, kind_at_receiver) = match transmit.stream {
+                StreamKind::Subscription => ((region, peer), 0, StreamKind::Feed),
+                StreamKind::Feed => ((peer, region), 1, StreamKind::Subscription),
+            };
+            let Some(stream) = self.streams.get(&key) else {
+                continue;
+            };
+            if !stream.open {
+                continue;
+            }
+            let gen = stream.gen;
+            if let Message::EventBatch(events) = &transmit.message {
+                self.events_sent += events.len() as u64;
+            }
+            let kind = transmit.message.kind();
+            // The real encoding, every time: what the peer decodes is what a socket would carry.
+            let Ok(bytes) = frame::encode_to_vec(&transmit.message) else {
+                continue;
+            };
+            self.send(
+                region,
+                peer,
+                key,
+                direction,
+                kind_at_receiver,
+                gen,
+                bytes,
+                kind,
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        from: usize,
+        to: usize,
+        key: (usize, usize),
+        direction: usize,
+        kind: StreamKind,
+        gen: u64,
+        bytes: Vec<u8>,
+        what: &'static str,
+    ) {
+        let net = &self.scenario.network;
+        if self.cut.contains(&(from, to)) || unit(&mut self.net_rng) < net.loss {
+            self.trace([2, from as u64, to as u64, bytes.len() as u64], || {
+                format!("lost {what} {from}->{to}")
+            });
+            return;
+        }
+        let mut latency = net.latency_ms_min
+            + below(
+                &mut self.net_rng,
+                net.latency_ms_max - net.latency_ms_min + 1,
+            );
+        latency += self
+            .slow
+            .get(&(from.min(to), from.max(to)))
+            .copied()
+            .unwrap_or(0);
+        let mut at = self.now_ms + latency;
+        let reordered = unit(&mut self.net_rng) < net.reorder;
+        if let Some(stream) = self.streams.get_mut(&key) {
+            if !reordered {
+                at = at.max(stream.last_delivery[direction]);
+                stream.last_delivery[direction] = at;
+            }
+        }
+        let duplicated = unit(&mut self.net_rng) < net.duplicate;
+        self.trace([3, from as u64, to as u64, at], || {
+            format!("send {what} {from}->{to} at {at}")
+        });
+        if duplicated {
+            self.schedule(
+                at + 1,
+                Event::Deliver {
+                    from,
+                    to,
+                    kind,
+                    gen,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+        self.schedule(
+            at,
+            Event::Deliver {
+                from,
+                to,
+                kind,
+                gen,
+                bytes,
+            },
+        );
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, kind: StreamKind, gen: u64, bytes: &[u8]) {
+        let key = match kind {
+            StreamKind::Feed => (from, to),
+            StreamKind::Subscription => (to, from),
+        };
+        if !self
+            .streams
+            .get(&key)
+            .is_some_and(|s| s.open && s.gen == gen)
+        {
+            return; // the stream it was sent on is gone
+        }
+        let message = match frame::decode(bytes) {
+            Ok(Some((message, _))) => message,
+            other => {
+                self.trace([4, from as u64, to as u64, 0], || {
+                    format!("undecodable frame {from}->{to}: {other:?}")
+                });
+                return;
+            }
+        };
+        let now = self.local_ms(to);
+        let from_id = self.regions[from].id;
+        let Some(replica) = self.regions[to].replica.as_mut() else {
+            return;
+        };
+        let result = replica.handle_message(from_id, kind, message, now);
+        self.trace(
+            [5, from as u64, to as u64, u64::from(result.is_ok())],
+            || format!("deliver {from}->{to} {kind:?}"),
+        );
+        if result.is_err() {
+            self.close(key);
+        }
+        self.drain(to);
+    }
+
+    // ---- connections ----
+
+    fn up(&self, region: usize) -> bool {
+        self.regions[region].replica.is_some()
+    }
+
+    /// Opens or closes streams to match who is up and which links are cut both ways.
+    fn reconcile(&mut self) {
+        let keys: Vec<(usize, usize)> = self.streams.keys().copied().collect();
+        for (sub, publ) in keys {
+            let wanted = self.up(sub)
+                && self.up(publ)
+                && !(self.cut.contains(&(sub, publ)) && self.cut.contains(&(publ, sub)));
+            let Some(stream) = self.streams.get_mut(&(sub, publ)) else {
+                continue;
+            };
+            if wanted && !stream.open && !stream.connecting {
+                stream.connecting = true;
+                let delay = RECONNECT_MS_MIN + below(&mut self.conn_rng, RECONNECT_MS_JITTER);
+                self.schedule(self.now_ms + delay, Event::Connect { sub, publ });
+            } else if !wanted && stream.open {
+                self.close((sub, publ));
+            }
+        }
+    }
+
+    fn connect(&mut self, sub: usize, publ: usize) {
+        let Some(stream) = self.streams.get_mut(&(sub, publ)) else {
+            return;
+        };
+        stream.connecting = false;
+        let wanted = self.regions[sub].replica.is_some()
+            && self.regions[publ].replica.is_some()
+            && !(self.cut.contains(&(sub, publ)) && self.cut.contains(&(publ, sub)));
+        if !wanted || stream.open {
+            return;
+        }
+        stream.open = true;
+        stream.gen += 1;
+        stream.last_delivery = [0, 0];
+        let (sub_id, publ_id) = (self.regions[sub].id, self.regions[publ].id);
+        let (sub_now, publ_now) = (self.local_ms(sub), self.local_ms(publ));
+        if let Some(replica) = self.regions[publ].replica.as_mut() {
+            let _ = replica.handle_feed_open(sub_id, publ_now);
+        }
+        if let Some(replica) = self.regions[sub].replica.as_mut() {
+            let _ = replica.handle_subscription_open(publ_id, sub_now);
+        }
+        self.trace([6, sub as u64, publ as u64, 1], || {
+            format!("connect {sub}->{publ}")
+        });
+        self.drain(publ);
+        self.drain(sub);
+    }
+
+    fn close(&mut self, (sub, publ): (usize, usize)) {
+        let Some(stream) = self.streams.get_mut(&(sub, publ)) else {
+            return;
+        };
+        if !stream.open {
+            return;
+        }
+        stream.open = false;
+        stream.gen += 1;
+        let (sub_id, publ_id) = (self.regions[sub].id, self.regions[publ].id);
+        let (sub_now, publ_now) = (self.local_ms(sub), self.local_ms(publ));
+        if let Some(replica) = self.regions[publ].replica.as_mut() {
+            replica.handle_feed_closed(sub_id, publ_now);
+        }
+        if let Some(replica) = self.regions[sub].replica.as_mut() {
+            replica.handle_subscription_closed(publ_id, sub_now);
+        }
+        self.trace([6, sub as u64, publ as u64, 0], || {
+            format!("close {sub}->{publ}")
+        });
+        self.drain(sub);
+        self.drain(publ);
+        self.reconcile();
+    }
+
+    // ---- faults ----
+
+    fn region_index(&self, name: &str) -> usize {
+        // The scenario was validated: every name is a region.
+        self.scenario
+            .regions
+            .iter()
+            .position(|r| r == name)
+            .unwrap_or(0)
+    }
+
+    fn fault(&mut self, action: &Action) {
+        self.trace([10, 0, 0, 0], || format!("fault {action:?}"));
+        match action {
+            Action::Kill { region } | Action::PowerFail { region } => {
+                let r = self.region_index(region);
+                if let Some(replica) = self.regions[r].replica.take() {
+                    self.regions[r].parked = Some(replica.into_storage());
+                }
+            }
+            Action::Restart { region } => {
+                let r = self.region_index(region);
+                self.restart(r);
+            }
+            Action::Partition { groups, one_way } => {
+                let group_of = |r: usize| {
+                    groups
+                        .iter()
+                        .position(|g| g.contains(&self.scenario.regions[r]))
+                };
+                let n = self.regions.len();
+                for a in 0..n {
+                    for b in 0..n {
+                        let (ga, gb) = (group_of(a), group_of(b));
+                        if a != b && ga != gb && (!one_way || ga == Some(0)) {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+            }
+            Action::Heal => {
+                self.cut.clear();
+                self.slow.clear();
+            }
+            Action::Flap {
+                from,
+                to,
+                period_ms,
+                until_ms,
+            } => {
+                let (a, b) = (self.region_index(from), self.region_index(to));
+                let (period_ms, until_ms) = (*period_ms.max(&1), *until_ms);
+                self.schedule(
+                    self.now_ms,
+                    Event::Flap {
+                        a,
+                        b,
+                        period_ms,
+                        until_ms,
+                    },
+                );
+            }
+            Action::ClockSkew { region, offset_ms } => {
+                let r = self.region_index(region);
+                self.regions[r].clock_offset_ms = *offset_ms;
+            }
+            Action::SlowLink { from, to, extra_ms } => {
+                let (a, b) = (self.region_index(from), self.region_index(to));
+                self.slow.insert((a.min(b), a.max(b)), *extra_ms);
+            }
+        }
+        self.reconcile();
+    }
+
+    fn restart(&mut self, region: usize) {
+        if let Some(storage) = self.regions[region].parked.take() {
+            let now = self.local_ms(region);
+            let id = self.regions[region].id;
+            match Replica::open(ReplicaConfig::new(id), self.topology.clone(), storage, now) {
+                Ok(replica) => self.regions[region].replica = Some(replica),
+                Err(never) => match never {},
+            }
+            self.trace([11, region as u64, 0, 0], || format!("restart {region}"));
+        }
+    }
+
+    // ---- checks ----
+
+    fn vectors(&self) -> Vec<VersionVector> {
+        self.regions
+            .iter()
+            .filter_map(|r| r.replica.as_ref().map(|x| x.vector().clone()))
+            .collect()
+    }
+
+    fn converged(&self) -> bool {
+        let vectors = self.vectors();
+        if vectors.len() != self.regions.len() || vectors.windows(2).any(|w| w[0] != w[1]) {
+            return false;
+        }
+        let digests: Vec<[u8; 32]> = self.regions.iter().map(|r| self.digest(r)).collect();
+        digests.windows(2).all(|w| w[0] == w[1])
+    }
+
+    fn storage(region: &Region) -> Option<&SimStorage> {
+        region
+            .replica
+            .as_ref()
+            .map(|r| r.storage())
+            .or(region.parked.as_ref())
+    }
+
+    fn digest(&self, region: &Region) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        if let Some(storage) = Self::storage(region) {
+            for (key, state) in storage.keys() {
+                hasher.update((key.len() as u64).to_le_bytes());
+                hasher.update(key);
+                let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
+                    .unwrap_or_default();
+                hasher.update((bytes.len() as u64).to_le_bytes());
+                hasher.update(&bytes);
+            }
+        }
+        hasher.finalize().into()
+    }
+
+    fn values(region: &Region) -> BTreeMap<Bytes, Value> {
+        Self::storage(region)
+            .map(|s| {
+                s.keys()
+                    .iter()
+                    .filter_map(|(k, v)| v.value().map(|v| (k.clone(), v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn check(mut self, started: Instant, timed_out: bool) -> Report {
+        let expect = &self.scenario.expect;
+        let mut verdicts = Vec::new();
+        let convergence_ms = self.converged_at.map(|at| at - self.end_ms);
+        let budget = expect.converged_within_ms.unwrap_or(CONVERGE_MS_DEFAULT);
+        verdicts.push(match convergence_ms {
+            Some(ms) => Verdict {
+                checker: "convergence".into(),
+                passed: true,
+                detail: format!("identical state digests {ms} ms after heal"),
+            },
+            None => Verdict {
+                checker: "convergence".into(),
+                passed: false,
+                detail: format!(
+                    "{} within {budget} ms after heal; {}",
+                    if timed_out {
+                        "wall-clock watchdog fired"
+                    } else {
+                        "regions differ"
+                    },
+                    self.first_divergence()
+                ),
+            },
+        });
+        let oracle = oracle::converged(self.acked.iter().map(|e| (&e.key, e.hlc, &e.op)));
+        let mut oracle_detail = format!("{} keys match the oracle in every region", oracle.len());
+        let mut oracle_ok = true;
+        for region in &self.regions {
+            let values = Self::values(region);
+            if values != oracle {
+                oracle_ok = false;
+                oracle_detail = diff_detail(&region.name, &values, &oracle);
+                break;
+            }
+        }
+        if expect.no_lost_writes {
+            verdicts.push(Verdict {
+                checker: "oracle".into(),
+                passed: oracle_ok,
+                detail: oracle_detail,
+            });
+        }
+        let duplicates: Vec<String> = self
+            .regions
+            .iter()
+            .filter_map(|r| Self::storage(r).map(|s| (r, s)))
+            .flat_map(|(r, s)| {
+                s.duplicate_applies
+                    .iter()
+                    .map(move |(o, q)| format!("{} applied ({o}, {q}) twice", r.name))
+            })
+            .collect();
+        verdicts.push(Verdict {
+            checker: "exactly_once".into(),
+            passed: duplicates.is_empty(),
+            detail: if duplicates.is_empty() {
+                "no event applied twice".into()
+            } else {
+                duplicates[..duplicates.len().min(3)].join("; ")
+            },
+        });
+        let writes = self.acked.len() as u64;
+        let per_change = if writes == 0 {
+            0.0
+        } else {
+            self.events_sent as f64 / writes as f64
+        };
+        if let Some(max) = expect.max_messages_per_change {
+            verdicts.push(Verdict {
+                checker: "messages_per_change".into(),
+                passed: per_change <= max,
+                detail: format!("{per_change:.3} events sent per write (bound {max})"),
+            });
+        }
+        let p99 = self.lag.value_at_quantile(0.99);
+        if let Some(max) = expect.lag_ms_p99_max {
+            verdicts.push(Verdict {
+                checker: "lag_p99".into(),
+                passed: p99 <= max,
+                detail: format!("p99 {p99} ms (bound {max} ms)"),
+            });
+        }
+        let passed = verdicts.iter().all(|v| v.passed);
+        let trace_hash: String = std::mem::take(&mut self.hasher)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Report {
+            scenario: self.scenario.name.clone(),
+            seed: self.options.seed,
+            trace_hash,
+            passed,
+            checkers: verdicts,
+            writes,
+            events_applied: self.events_applied,
+            messages_per_change: per_change,
+            convergence_ms,
+            lag_ms_p50: self.lag.value_at_quantile(0.5),
+            lag_ms_p99: p99,
+            lag_ms_max: self.lag.max(),
+            sim_ms: self.now_ms,
+            wall_ms: started.elapsed().as_millis() as u64,
+            replay: String::new(),
+            trace: std::mem::take(&mut self.trace),
+        }
+    }
+
+    fn first_divergence(&self) -> String {
+        let all: Vec<(String, BTreeMap<Bytes, Value>)> = self
+            .regions
+            .iter()
+            .map(|r| (r.name.clone(), Self::values(r)))
+            .collect();
+        let keys: BTreeSet<&Bytes> = all.iter().flat_map(|(_, v)| v.keys()).collect();
+        for key in keys {
+            let seen: Vec<Option<&Value>> = all.iter().map(|(_, v)| v.get(key)).collect();
+            if seen.windows(2).any(|w| w[0] != w[1]) {
+                let each: Vec<String> = all
+                    .iter()
+                    .zip(&seen)
+                    .map(|((name, _), v)| format!("{name}={v:?}"))
+                    .collect();
+                return format!(
+                    "first divergent key {:?}: {}",
+                    String::from_utf8_lossy(key),
+                    each.join(", ")
+                );
+            }
+        }
+        let vectors: Vec<String> = self.vectors().iter().map(|v| format!("{v:?}")).collect();
+        format!(
+            "values agree but vectors or metadata differ: {}",
+            vectors.join(" / ")
+        )
+    }
+}
+
+fn diff_detail(
+    region: &str,
+    values: &BTreeMap<Bytes, Value>,
+    oracle: &BTreeMap<Bytes, Value>,
+) -> String {
+    let keys: BTreeSet<&Bytes> = values.keys().chain(oracle.keys()).collect();
+    for key in keys {
+        if values.get(key) != oracle.get(key) {
+            return format!(
+                "region {region}, key {:?}: region has {:?}, oracle says {:?}",
+                String::from_utf8_lossy(key),
+                values.get(key),
+                oracle.get(key)
+            );
+        }
+    }
+    format!("region {region} differs from the oracle")
+}

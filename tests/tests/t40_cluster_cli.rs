@@ -1,0 +1,158 @@
+//! The README's quickstart as a user runs it: `braid cluster up` starts a local mesh, prints its
+//! regions and writes cluster.json; writes replicate; `cluster down` (or Ctrl-C without
+//! `--detach`) stops every region.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use braid_node::cluster::ClusterFile;
+use braid_tests::{braid_bin, free_base_port};
+use redis::Commands;
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+}
+
+fn wait_gone(pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes still running: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn replicates(file: &ClusterFile) {
+    let url = |i: usize| format!("redis://{}/", file.regions[i].resp);
+    let mut first = redis::Client::open(url(0))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = first.set("greeting", "hello").unwrap();
+    let mut last = redis::Client::open(url(file.regions.len() - 1))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value: Option<String> = last.get("greeting").unwrap();
+        if value.as_deref() == Some("hello") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the write did not replicate");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn t40_cluster_up_detached_then_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(3).to_string();
+    let out = Command::new(braid_bin())
+        .args([
+            "cluster",
+            "up",
+            "--regions",
+            "3",
+            "--detach",
+            "--base-port",
+            &base,
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for region in ["a", "b", "c"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(region)),
+            "table lacks {region}:\n{stdout}"
+        );
+    }
+    let file = ClusterFile::load(dir.path()).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cluster.json")).unwrap())
+            .unwrap();
+    for key in ["name", "id", "resp", "http", "peer", "pid"] {
+        assert!(
+            raw["regions"][0].get(key).is_some(),
+            "cluster.json lacks {key}: {raw}"
+        );
+    }
+    let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
+    let result = std::panic::catch_unwind(|| replicates(&file));
+    let down = Command::new(braid_bin())
+        .args(["cluster", "down", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait_gone(&pids);
+    result.unwrap();
+}
+
+#[test]
+fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(2).to_string();
+    let mut child = Command::new(braid_bin())
+        .args([
+            "cluster",
+            "up",
+            "--regions",
+            "2",
+            "--base-port",
+            &base,
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let file = loop {
+        if let Ok(file) = ClusterFile::load(dir.path()) {
+            let healthy = file.regions.iter().all(|r| {
+                r.pid.is_some() && braid_tests::http_get(r.http.parse().unwrap(), "/health").is_ok()
+            });
+            if healthy {
+                break file;
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster up did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    replicates(&file);
+    let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
+    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "cluster up exits cleanly on Ctrl-C: {status}"
+    );
+    wait_gone(&pids);
+}
