@@ -181,6 +181,9 @@ pub struct World<'a> {
     events_sent: u64,
     events_applied: u64,
     workload_over: bool,
+    /// Per region, when its next write is due, in simulated microseconds (writes can be more
+    /// frequent than one per millisecond).
+    next_write_us: Vec<u64>,
     end_ms: u64,
     converged_at: Option<u64>,
     hasher: Sha256,
@@ -253,6 +256,7 @@ impl<'a> World<'a> {
             events_sent: 0,
             events_applied: 0,
             workload_over: false,
+            next_write_us: vec![0; scenario.regions.len()],
             end_ms: scenario.duration_ms,
             converged_at: None,
             hasher: Sha256::new(),
@@ -307,10 +311,11 @@ impl<'a> World<'a> {
     /// Runs to the end and checks.
     pub fn run(mut self) -> Report {
         let started = Instant::now();
-        let per_region_ms = 1_000 / self.scenario.workload.rate_per_region.max(1);
+        let interval_us = self.write_interval_us();
         for i in 0..self.regions.len() {
-            let first = WORKLOAD_START_MS + below(&mut self.load_rng, per_region_ms.max(1));
-            self.schedule(first, Event::Write(i));
+            let first_us = WORKLOAD_START_MS * 1_000 + below(&mut self.load_rng, interval_us);
+            self.next_write_us[i] = first_us;
+            self.schedule(first_us / 1_000, Event::Write(i));
         }
         for (i, _) in self.scenario.timeline.iter().enumerate() {
             let at = self.scenario.timeline[i].at_ms;
@@ -420,9 +425,12 @@ impl<'a> World<'a> {
         if self.workload_over {
             return;
         }
-        let interval = 1_000 / self.scenario.workload.rate_per_region.max(1);
-        let next = self.now_ms + interval.max(1) / 2 + below(&mut self.load_rng, interval.max(1));
-        self.schedule(next, Event::Write(region));
+        // Writes arrive every interval on average: half of it, plus up to a whole one at random.
+        let interval_us = self.write_interval_us();
+        let next_us =
+            self.next_write_us[region] + interval_us / 2 + below(&mut self.load_rng, interval_us);
+        self.next_write_us[region] = next_us;
+        self.schedule(next_us / 1_000, Event::Write(region));
         let (key, command) = self.command();
         let now = self.local_ms(region);
         let Some(replica) = self.regions[region].replica.as_mut() else {
@@ -450,6 +458,10 @@ impl<'a> World<'a> {
             )
         });
         self.drain(region);
+    }
+
+    fn write_interval_us(&self) -> u64 {
+        (1_000_000 / self.scenario.workload.rate_per_region.max(1)).max(1)
     }
 
     fn command(&mut self) -> (Bytes, Command) {
