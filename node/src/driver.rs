@@ -35,6 +35,9 @@ pub const WRITE_GROUP_COMMANDS_MAX: usize = 1024;
 /// being read and is closed.
 pub const STREAM_OUTBOX_MAX: usize = 256;
 
+/// Longest wait for the replica's next tick: its heartbeat interval.
+const TICK_WAIT_MS_MAX: u64 = 1_000;
+
 /// Milliseconds since the Unix epoch: the physical time fed to the replica's HLC.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -157,7 +160,13 @@ impl Driver {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StorageError> {
         info!(node = %self.replica.node(), vector = ?self.replica.vector(), "replica started");
         loop {
-            let wait_ms = self.replica.poll_timeout().saturating_sub(self.now());
+            // Capped: the replica's deadline is in wall-clock time, which can step backwards;
+            // waking at least once a tick interval keeps heartbeats and repairs going.
+            let wait_ms = self
+                .replica
+                .poll_timeout()
+                .saturating_sub(self.now())
+                .min(TICK_WAIT_MS_MAX);
             let timer = tokio::time::sleep(Duration::from_millis(wait_ms));
             tokio::select! {
                 biased;

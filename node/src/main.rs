@@ -193,10 +193,11 @@ fn init(args: InitArgs) -> Result<()> {
 }
 
 async fn start(config_path: &Path) -> Result<()> {
+    let mut signals = Signals::new()?;
     let config = NodeConfig::load(config_path)?;
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("signal received: stopping");
         let _ = stop.send(true);
     });
@@ -206,20 +207,26 @@ async fn start(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGINT and SIGTERM, listened for from the moment this is created (a signal that arrives
+/// before then would kill the process with its default action, leaving children behind).
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
 }
@@ -335,6 +342,7 @@ async fn wait_meshed(file: &ClusterFile, timeout: Duration) {
 }
 
 async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> Result<()> {
+    let mut signals = Signals::new()?;
     let mut file = if dir.join("cluster.json").exists() {
         let file = ClusterFile::load(dir)?;
         if let Some(r) = file.regions.iter().find(|r| r.pid.is_some_and(alive)) {
@@ -384,11 +392,31 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         children.push(child);
     }
     file.save(dir)?;
-    if let Err(err) = wait_healthy(&file, &mut children, Duration::from_secs(30)).await {
-        stop_children(&file).await;
-        return Err(err);
+    let started = async {
+        wait_healthy(&file, &mut children, Duration::from_secs(30)).await?;
+        wait_meshed(&file, Duration::from_secs(10)).await;
+        Ok::<(), anyhow::Error>(())
+    };
+    let outcome = tokio::select! {
+        outcome = started => Some(outcome),
+        _ = signals.recv() => None,
+    };
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err(err)) => {
+            stop_children(&file).await;
+            return Err(err);
+        }
+        None => {
+            println!("Interrupted during start-up: stopping the regions.");
+            stop_children(&file).await;
+            for region in &mut file.regions {
+                region.pid = None;
+            }
+            file.save(dir)?;
+            return Ok(());
+        }
     }
-    wait_meshed(&file, Duration::from_secs(10)).await;
     println!(
         "Braid cluster of {} regions is up ({}):",
         file.regions.len(),
@@ -415,7 +443,7 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
     }
     let first_exit = futures_first(exits);
     tokio::select! {
-        _ = wait_for_signal() => println!("\nStopping the cluster..."),
+        _ = signals.recv() => println!("\nStopping the cluster..."),
         region = first_exit => println!("Region {} exited; stopping the cluster...", file.regions[region].name),
     }
     stop_children(&file).await;

@@ -34,6 +34,11 @@ pub const RESP_BULK_BYTES_MAX: usize = VALUE_BYTES_MAX;
 pub const RESP_INLINE_BYTES_MAX: usize = 64 * 1024;
 /// Most bytes a connection may have buffered and not yet parsed: one full command.
 pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
+/// Replies are written out as soon as this many bytes are waiting, so a long pipeline does not
+/// buffer all its replies.
+pub const RESP_OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+/// The largest single reply (an MGET of many large values): past it, an error instead.
+pub const RESP_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// A client's bytes that are not RESP.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -338,7 +343,7 @@ impl Connection {
             if fatal.is_none() && input.len() > RESP_BUFFER_BYTES_MAX {
                 fatal = Some(RespError::Protocol("request too large".into()));
             }
-            let quit = self.execute(burst, &mut output).await?;
+            let quit = self.execute(burst, &mut output, &mut socket).await?;
             if let Some(err) = &fatal {
                 Reply::err(format!("ERR {err}")).encode(&mut output);
             }
@@ -356,12 +361,17 @@ impl Connection {
         &mut self,
         burst: Vec<Vec<Bytes>>,
         output: &mut Vec<u8>,
+        socket: &mut TcpStream,
     ) -> Result<bool, ConnectionError> {
         let mut queue: Vec<Pending> = Vec::new();
         for args in burst {
             if !is_write(&args[0]) && queue.iter().any(has_writes) {
                 // A read must see the writes before it: commit them first.
                 self.flush(&mut queue, output).await?;
+            }
+            if output.len() >= RESP_OUTPUT_FLUSH_BYTES {
+                socket.write_all(output).await?;
+                output.clear();
             }
             let pending = self.plan(args).await?;
             let quit = matches!(pending, Pending::Quit);
@@ -453,11 +463,19 @@ impl Connection {
             "get" if argc == 2 => done(read_string(self.read(&args[1])?)),
             "mget" if argc >= 2 => {
                 let mut values = Vec::with_capacity(argc - 1);
+                let mut bytes = 0;
                 for key in &args[1..] {
                     values.push(match read_string(self.read(key)?) {
-                        Reply::Bulk(b) => Reply::Bulk(b),
+                        Reply::Bulk(b) => {
+                            bytes += b.len();
+                            Reply::Bulk(b)
+                        }
                         _ => Reply::Nil,
                     });
+                    if bytes > RESP_REPLY_BYTES_MAX {
+                        let text = format!("ERR reply larger than {RESP_REPLY_BYTES_MAX} bytes");
+                        return done(Reply::err(text));
+                    }
                 }
                 done(Reply::Array(values))
             }

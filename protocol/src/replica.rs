@@ -421,6 +421,7 @@ impl<S: Storage> Replica<S> {
         now_ms: u64,
     ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
         let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut changed: std::collections::BTreeSet<Bytes> = std::collections::BTreeSet::new();
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
@@ -443,6 +444,7 @@ impl<S: Storage> Replica<S> {
                 let applied = state.apply(&op, hlc);
                 self.stats.conflicts_lww += u64::from(applied.lww_lost);
                 self.vector.advance(node, seq);
+                changed.insert(key.clone());
                 events.push(ChangeEvent {
                     origin: node,
                     seq,
@@ -456,7 +458,11 @@ impl<S: Storage> Replica<S> {
         }
         if !events.is_empty() {
             self.stats.writes += events.len() as u64;
-            let keys = overlay.into_iter().collect();
+            // Only keys a command changed: a refused or no-op command writes nothing.
+            let keys = overlay
+                .into_iter()
+                .filter(|(key, _)| changed.contains(key))
+                .collect();
             self.commit(keys, events)?;
             self.pump_all()?;
         }
@@ -559,7 +565,7 @@ impl<S: Storage> Replica<S> {
                     .map_err(PeerError::Storage)
             }
             (StreamKind::Subscription, Message::Heartbeat(vector)) => {
-                self.peer_vectors.entry(peer).or_default().merge(&vector);
+                self.peer_vectors.insert(peer, vector);
                 Ok(())
             }
             (StreamKind::Feed, Message::Subscribe(subscribe)) => self
@@ -595,12 +601,15 @@ impl<S: Storage> Replica<S> {
         }
         feed.origins = origins;
         feed.cursor = cursor;
-        feed.inflight = 0;
+        if subscribe.rewind || !feed.subscribed {
+            // Acks of batches sent before a rewind may still arrive and free the window early;
+            // rewinds are rare (gap repair), and each is bounded by the window again.
+            feed.inflight = 0;
+        }
         feed.subscribed = true;
-        self.peer_vectors
-            .entry(peer)
-            .or_default()
-            .merge(&subscribe.vector);
+        // The peer's own account of what it holds: replaced, not merged, so a peer that lost
+        // data (a rebuilt disk) is not believed to hold what it no longer has.
+        self.peer_vectors.insert(peer, subscribe.vector.clone());
         self.pump(peer)
     }
 
@@ -649,6 +658,11 @@ impl<S: Storage> Replica<S> {
                 }
             }
         }
+        if self.held.is_empty() {
+            // Every gap filled. (A refused event leaves no gap: its peer's heartbeats show it
+            // ahead, and stall detection fetches it again.)
+            self.gap_since_ms = None;
+        }
         if !applied.is_empty() {
             self.commit(overlay.into_iter().collect(), applied)?;
         }
@@ -677,7 +691,6 @@ impl<S: Storage> Replica<S> {
                 // Refused and counted; the origin's sequence stops here until a re-subscription
                 // brings the event again and the local clock has caught up.
                 self.stats.peer(peer).events_clock_refused += 1;
-                self.gap_since_ms.get_or_insert(now_ms);
                 return Ok(false);
             }
         }
@@ -780,8 +793,8 @@ impl<S: Storage> Replica<S> {
     // ---- routing ----
 
     /// The reachable neighbor to pull `origin` from: the one nearest to it in the topology; among
-    /// equals, the one known to hold most of its events; then the one already used; then the
-    /// lowest id. While a nearer neighbor has been unreachable for less than the fallback grace,
+    /// equals, the one already used (routes do not flap; a used peer that stalls is caught by
+    /// stall detection); then the one known to hold most of its events; then the lowest id. While a nearer neighbor has been unreachable for less than the fallback grace,
     /// nobody: it is probably about to come (back).
     fn route(&self, origin: NodeId, now_ms: u64) -> Option<NodeId> {
         let distance = |peer: NodeId| self.topology.distance(peer, origin).unwrap_or(u32::MAX);
@@ -797,8 +810,8 @@ impl<S: Storage> Replica<S> {
                 .map_or(Seq::ZERO, |v| v.get(origin));
             (
                 distance(*peer),
-                std::cmp::Reverse(held),
                 Some(*peer) != current,
+                std::cmp::Reverse(held),
                 *peer,
             )
         })?;

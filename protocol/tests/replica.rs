@@ -722,3 +722,68 @@ fn a_lost_batch_is_noticed_from_heartbeats_and_fetched_again() {
     }
     assert!(rewound, "a stalled origin must be fetched again");
 }
+
+#[test]
+fn refused_and_no_op_commands_write_nothing() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_commands(vec![(b("s"), Command::SetAdd(vec![b("x")]))], 1)
+        .unwrap();
+    let results = a
+        .handle_commands(
+            vec![
+                (b("missing"), Command::Delete),
+                (b("s"), Command::IncrBy(1)),
+                (b("absent"), Command::SetRemove(vec![b("y")])),
+                (b("k"), Command::Set(b("v"))),
+            ],
+            2,
+        )
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[1].is_err(), "INCR on a set is refused");
+    let keys: Vec<Bytes> = a.storage_mut().keys.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        vec![b("k"), b("s")],
+        "only keys a command changed are stored"
+    );
+}
+
+#[test]
+fn a_gap_that_fills_in_time_causes_no_rewind() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut b_replica = replica(B, &topology);
+    b_replica
+        .handle_commands(vec![(b("n"), Command::IncrBy(1))], 10)
+        .unwrap();
+    b_replica
+        .handle_commands(vec![(b("n"), Command::IncrBy(1))], 11)
+        .unwrap();
+    let events: Vec<ChangeEvent> = b_replica.storage_mut().log.values().cloned().collect();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 0).unwrap();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[1].clone()]),
+        100,
+    )
+    .unwrap();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[0].clone()]),
+        105,
+    )
+    .unwrap();
+    while a.poll_transmit().is_some() {}
+    let config = a.config().clone();
+    for tick in 1..5 {
+        a.handle_tick(100 + tick * config.resubscribe_ms).unwrap();
+        let rewinds = std::iter::from_fn(|| a.poll_transmit())
+            .filter(|t| matches!(&t.message, Message::Subscribe(s) if s.rewind))
+            .count();
+        assert_eq!(rewinds, 0, "the gap filled: nothing to repair");
+    }
+}
