@@ -67,6 +67,79 @@ fn parse_len(bytes: &[u8], what: &str) -> Result<i64, RespError> {
         .map_or_else(|| protocol(format!("invalid {what} length")), Ok)
 }
 
+/// How far [`check_command`] got through an incomplete command, so that the next read resumes
+/// there instead of scanning the command again (a client trickling a large command in small
+/// pieces would otherwise cost time quadratic in its size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The multi-bulk count, once read.
+    count: Option<i64>,
+    /// Where the next unchecked argument starts.
+    at: usize,
+    /// Arguments checked so far.
+    args: i64,
+}
+
+/// Checks whether a whole command is at the front of `buf`, resuming from `progress` (which
+/// must have been used only with this same buffer front). `Ok(Some(n))`: the command is the
+/// first `n` bytes; `Ok(None)`: more bytes are needed.
+pub fn check_command(buf: &[u8], progress: &mut Progress) -> Result<Option<usize>, RespError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != b'*' {
+        return Ok(parse_inline(buf)?.map(|(_, used)| used));
+    }
+    let count = match progress.count {
+        Some(count) => count,
+        None => {
+            let Some(end) = line_end(buf, 1) else {
+                return if buf.len() > RESP_INLINE_BYTES_MAX {
+                    protocol("too big count")
+                } else {
+                    Ok(None)
+                };
+            };
+            let count = parse_len(&buf[1..end], "multibulk")?;
+            if count > RESP_ARGS_MAX as i64 {
+                return protocol("invalid multibulk length");
+            }
+            progress.count = Some(count);
+            progress.at = end + 2;
+            count
+        }
+    };
+    while progress.args < count {
+        let at = progress.at;
+        match buf.get(at) {
+            None => return Ok(None),
+            Some(b'$') => {}
+            Some(other) => return protocol(format!("expected '$', got '{}'", *other as char)),
+        }
+        let Some(end) = line_end(buf, at + 1) else {
+            return if buf.len() - at > 64 {
+                protocol("invalid bulk length")
+            } else {
+                Ok(None)
+            };
+        };
+        let len = parse_len(&buf[at + 1..end], "bulk")?;
+        if len < 0 || len as usize > RESP_BULK_BYTES_MAX {
+            return protocol("invalid bulk length");
+        }
+        let stop = end + 2 + len as usize;
+        if buf.len() < stop + 2 {
+            return Ok(None);
+        }
+        if &buf[stop..stop + 2] != b"\r\n" {
+            return protocol("bulk string not terminated by CRLF");
+        }
+        progress.at = stop + 2;
+        progress.args += 1;
+    }
+    Ok(Some(progress.at.max(1)))
+}
+
 /// Parses one command from the front of `buf`: `Ok(Some((args, used)))`, `Ok(None)` when more
 /// bytes are needed. Checks every length before buffering anything for it.
 pub fn parse_command(buf: &[u8]) -> Result<Option<(Vec<Bytes>, usize)>, RespError> {
@@ -313,6 +386,7 @@ impl Connection {
         socket.set_nodelay(true)?;
         let mut input = BytesMut::with_capacity(16 * 1024);
         let mut output = Vec::with_capacity(16 * 1024);
+        let mut progress = Progress::default();
         loop {
             let read = tokio::select! {
                 biased;
@@ -326,14 +400,24 @@ impl Connection {
             let mut burst = Vec::new();
             let mut fatal = None;
             loop {
-                match parse_command(&input) {
+                // Check first (resuming where the last read left off), parse once complete.
+                let complete = match check_command(&input, &mut progress) {
+                    Ok(Some(len)) => parse_command(&input[..len]),
+                    Ok(None) => break,
+                    Err(err) => Err(err),
+                };
+                match complete {
                     Ok(Some((args, used))) => {
                         input.advance(used);
+                        progress = Progress::default();
                         if !args.is_empty() {
                             burst.push(args);
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        fatal = Some(RespError::Protocol("incomplete command".into()));
+                        break;
+                    }
                     Err(err) => {
                         fatal = Some(err);
                         break;
@@ -746,6 +830,29 @@ mod tests {
         for cut in 0..frame.len() {
             assert_eq!(parse_command(&frame[..cut]), Ok(None), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn check_resumes_where_it_left_off_and_agrees_with_parse() {
+        let frame = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n";
+        let mut progress = Progress::default();
+        for cut in 0..frame.len() {
+            assert_eq!(
+                check_command(&frame[..cut], &mut progress),
+                Ok(None),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(check_command(frame, &mut progress), Ok(Some(frame.len())));
+        assert_eq!(
+            check_command(frame, &mut Progress::default()),
+            Ok(Some(frame.len()))
+        );
+        assert_eq!(
+            check_command(b"PING\r\n", &mut Progress::default()),
+            Ok(Some(6))
+        );
+        assert!(check_command(b"*1\r\n$-5\r\n", &mut Progress::default()).is_err());
     }
 
     #[test]
