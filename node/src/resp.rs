@@ -143,54 +143,29 @@ pub fn check_command(buf: &[u8], progress: &mut Progress) -> Result<Option<usize
 /// Parses one command from the front of `buf`: `Ok(Some((args, used)))`, `Ok(None)` when more
 /// bytes are needed. Checks every length before buffering anything for it.
 pub fn parse_command(buf: &[u8]) -> Result<Option<(Vec<Bytes>, usize)>, RespError> {
-    let Some(&first) = buf.first() else {
+    let Some(used) = check_command(buf, &mut Progress::default())? else {
         return Ok(None);
     };
-    if first != b'*' {
-        return parse_inline(buf);
+    let frame = &buf[..used];
+    if frame.first() != Some(&b'*') {
+        return parse_inline(frame);
     }
-    let Some(end) = line_end(buf, 1) else {
-        return if buf.len() > RESP_INLINE_BYTES_MAX {
-            protocol("too big count")
-        } else {
-            Ok(None)
+    // `check_command` validated every line and length: this pass only cuts the arguments out.
+    let mut args = Vec::new();
+    let mut at = line_end(frame, 1).map_or(used, |end| end + 2);
+    while at < used {
+        let Some(end) = line_end(frame, at + 1) else {
+            break;
         };
-    };
-    let count = parse_len(&buf[1..end], "multibulk")?;
-    if count > RESP_ARGS_MAX as i64 {
-        return protocol("invalid multibulk length");
-    }
-    let mut at = end + 2;
-    let mut args = Vec::with_capacity(count.clamp(0, 64) as usize);
-    for _ in 0..count.max(0) {
-        match buf.get(at) {
-            None => return Ok(None),
-            Some(b'$') => {}
-            Some(other) => return protocol(format!("expected '$', got '{}'", *other as char)),
-        }
-        let Some(end) = line_end(buf, at + 1) else {
-            return if buf.len() - at > 64 {
-                protocol("invalid bulk length")
-            } else {
-                Ok(None)
-            };
-        };
-        let len = parse_len(&buf[at + 1..end], "bulk")?;
-        if len < 0 || len as usize > RESP_BULK_BYTES_MAX {
-            return protocol("invalid bulk length");
-        }
+        let len = parse_len(&frame[at + 1..end], "bulk")?.max(0) as usize;
         let start = end + 2;
-        let stop = start + len as usize;
-        if buf.len() < stop + 2 {
-            return Ok(None);
-        }
-        if &buf[stop..stop + 2] != b"\r\n" {
-            return protocol("bulk string not terminated by CRLF");
-        }
-        args.push(Bytes::copy_from_slice(&buf[start..stop]));
-        at = stop + 2;
+        let Some(arg) = frame.get(start..start + len) else {
+            break;
+        };
+        args.push(Bytes::copy_from_slice(arg));
+        at = start + len + 2;
     }
-    Ok(Some((args, at)))
+    Ok(Some((args, used)))
 }
 
 fn parse_inline(buf: &[u8]) -> Result<Option<(Vec<Bytes>, usize)>, RespError> {
@@ -402,6 +377,7 @@ impl Connection {
             loop {
                 // Check first (resuming where the last read left off), parse once complete.
                 let complete = match check_command(&input, &mut progress) {
+                    // Complete: the second check is from the start, once per command.
                     Ok(Some(len)) => parse_command(&input[..len]),
                     Ok(None) => break,
                     Err(err) => Err(err),
