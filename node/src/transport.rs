@@ -35,6 +35,9 @@ use crate::tls::{node_dns_name, peer_node};
 const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_MAX: u64 = 2_000;
 
+/// How long a refused stream's error message may take to be written before the stream ends.
+const ERROR_FLUSH_MS_MAX: u64 = 1_000;
+
 /// How long a stream may take to complete its handshake.
 const HANDSHAKE_MS_MAX: u64 = 5_000;
 
@@ -324,23 +327,42 @@ async fn run_stream(
         conn,
         input,
     };
+    // The reader's way to tell the peer about a bad frame: through the writer, after whatever
+    // frame it is writing, so the peer only ever sees whole frames.
+    let errors = outbox.clone();
     mesh.send_input(input(PeerInput::Opened { outbox })).await?;
 
     let reader = async {
         let mut body = Vec::new();
-        loop {
-            match read_frame(&mut recv, &mut body).await? {
-                Some((message, bytes)) => {
+        let result = loop {
+            match read_frame(&mut recv, &mut body).await {
+                Ok(Some((message, bytes))) => {
                     if let Some(t) = mesh.traffic(peer) {
                         t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
                     }
                     // Awaiting here is the back-pressure: a busy driver slows the peer down
                     // through QUIC flow control instead of queueing without bound.
-                    mesh.send_input(input(PeerInput::Message(message))).await?;
+                    if let Err(err) = mesh.send_input(input(PeerInput::Message(message))).await {
+                        break Err(err);
+                    }
                 }
-                None => return Ok::<(), StreamError>(()),
+                Ok(None) => break Ok::<(), StreamError>(()),
+                Err(err) => break Err(err),
             }
+        };
+        if let Err(err @ StreamError::Decode(_)) = &result {
+            warn!(%peer, ?kind, error = %err, "refusing peer stream: bad frame");
+            if let Some(t) = mesh.traffic(peer) {
+                t.streams_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            let text = err.to_string();
+            let _ = errors.try_send(Message::Error(ErrorMessage {
+                code: err.code(),
+                text,
+            }));
         }
+        drop(errors);
+        result
     };
     let writer = async {
         let mut buf = Vec::new();
@@ -358,14 +380,18 @@ async fn run_stream(
         let _ = send.finish();
         Ok::<(), StreamError>(())
     };
+    tokio::pin!(reader, writer);
     let result = tokio::select! {
-        result = reader => result,
-        result = writer => result,
+        result = &mut reader => {
+            if matches!(result, Err(StreamError::Decode(_))) {
+                // Let the writer finish its frame and send the error (it stops after it).
+                let flush = Duration::from_millis(ERROR_FLUSH_MS_MAX);
+                let _ = tokio::time::timeout(flush, &mut writer).await;
+            }
+            result
+        }
+        result = &mut writer => result,
     };
-    if let Err(err @ StreamError::Decode(_)) = &result {
-        // Tell the peer why, then close: the rest of the connection and the node go on.
-        refuse(mesh, peer, &mut send, err, &mut buf).await;
-    }
     let _ = mesh.inputs.send(input(PeerInput::Closed)).await;
     result
 }
