@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use braid_protocol::NodeId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -99,6 +99,19 @@ pub struct PeerStatus {
     pub bytes_sent: u64,
     /// Bytes received from it.
     pub bytes_received: u64,
+    /// Batches sent to it.
+    #[serde(default)]
+    pub batches_sent: u64,
+}
+
+/// `GET /lag`: every replication-lag histogram of a node, so tools can merge and subtract them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LagHistograms {
+    /// The node's region.
+    pub region: String,
+    /// Per origin region: the recorded values in milliseconds and how often each was recorded
+    /// (equivalent values grouped as the histogram stores them), ascending.
+    pub origins: BTreeMap<String, Vec<(u64, u64)>>,
 }
 
 impl AdminState {
@@ -147,6 +160,7 @@ impl AdminState {
                 events_duplicate: counters.events_duplicate,
                 bytes_sent: traffic.map_or(0, |t| t.bytes_sent.load(Ordering::Relaxed)),
                 bytes_received: traffic.map_or(0, |t| t.bytes_received.load(Ordering::Relaxed)),
+                batches_sent: counters.batches_sent,
             });
         }
         Status {
@@ -160,6 +174,25 @@ impl AdminState {
             held_events: snapshot.held_events,
             change_log_events: (self.log_len)(),
             peers,
+        }
+    }
+
+    /// The lag histograms of a snapshot.
+    pub fn lag(&self, snapshot: &Snapshot) -> LagHistograms {
+        LagHistograms {
+            region: self.region(snapshot.node),
+            origins: snapshot
+                .stats
+                .lag_ms
+                .iter()
+                .map(|(origin, histogram)| {
+                    let values = histogram
+                        .iter_recorded()
+                        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                        .collect();
+                    (self.region(*origin), values)
+                })
+                .collect(),
         }
     }
 
@@ -268,6 +301,13 @@ async fn status(State(state): State<AdminState>) -> Response {
     }
 }
 
+async fn lag(State(state): State<AdminState>) -> Response {
+    match state.snapshot().await {
+        Some(snapshot) => Json(state.lag(&snapshot)).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     match state.snapshot().await {
         Some(snapshot) => (
@@ -292,6 +332,7 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/lag", get(lag))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -11,7 +11,9 @@
 //! - [`http`]: health, status and metrics.
 //! - [`node`]: all of it assembled.
 //! - [`cluster`]: `braid init` and local clusters.
+//! - [`launch`]: local clusters as child processes.
 //! - [`admin_client`]: a small HTTP GET client for the admin API.
+//! - [`bench`]: `braid bench`, throughput and lag against the ceilings and Redis.
 //!
 //! IO adapters sit behind the `server` feature, so the simulator can depend on this crate
 //! without RocksDB, quinn or tokio.
@@ -25,6 +27,8 @@ pub use braid_protocol as protocol;
 #[cfg(feature = "server")]
 pub mod admin_client;
 #[cfg(feature = "server")]
+pub mod bench;
+#[cfg(feature = "server")]
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
@@ -32,6 +36,8 @@ pub mod config;
 pub mod driver;
 #[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
+pub mod launch;
 #[cfg(feature = "server")]
 pub mod node;
 #[cfg(feature = "server")]

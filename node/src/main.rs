@@ -5,13 +5,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use braid_node::cluster::{self, ClusterFile, InitOptions};
 use braid_node::config::NodeConfig;
 use braid_node::http::Status;
+use braid_node::launch;
 use braid_node::storage::Durability;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
@@ -41,6 +41,9 @@ enum Commands {
     /// Start or stop a local cluster of several regions on this machine.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Measure replication throughput and lag of a local cluster, against the storage and
+    /// transport ceilings of this machine and against Redis, in one run.
+    Bench(BenchArgs),
     /// Print a node's status: peers, their state, lag and counters.
     Status {
         /// The node's HTTP admin address.
@@ -99,6 +102,64 @@ struct Layout {
     password: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Regions to start (a, b, c, ...).
+    #[arg(long, default_value_t = 3)]
+    regions: usize,
+    /// How long to write, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    duration: f64,
+    /// Client connections per region.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Commands each client keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    pipeline: usize,
+    /// Bytes per SET/HSET value.
+    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    value_size: usize,
+    /// Command types, drawn uniformly.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "set",
+        value_name = "set,incr,sadd,hset"
+    )]
+    mix: Vec<braid_node::bench::MixOp>,
+    /// Share of writes to keys that every region writes (concurrent conflicting writes).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
+    conflict_ratio: f64,
+    /// Keys per key space (each region's own, and the shared one).
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Writes per second into each region (default: as fast as the clients go).
+    #[arg(long, value_name = "WRITES_PER_S")]
+    rate: Option<u64>,
+    /// Durability mode of the started cluster and of the storage ceiling.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Process)]
+    durability: DurabilityArg,
+    /// Attach to the running cluster in DIR (its cluster.json) instead of starting one.
+    #[arg(long, value_name = "DIR")]
+    attach: Option<PathBuf>,
+    /// Working directory for the started cluster, the ceilings and Redis (default: a
+    /// temporary directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// First port of the started cluster (region i uses base+10i .. base+10i+2).
+    #[arg(long, value_name = "PORT", default_value_t = 17000)]
+    base_port: u16,
+    /// Skip the Redis comparison even if redis-server is installed.
+    #[arg(long)]
+    no_redis: bool,
+    /// Seconds each ceiling is measured.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    ceiling_duration: f64,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// Start a local N-region cluster as child processes; stops them all on Ctrl-C unless
@@ -149,6 +210,7 @@ fn main() -> Result<()> {
             }) => cluster_up(regions as usize, &dir, detach, &layout).await,
             Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
             Commands::Status { http, json } => status(http, json).await,
+            Commands::Bench(args) => bench(args).await,
         }
     })
 }
@@ -245,107 +307,15 @@ fn print_regions(file: &ClusterFile) {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    // Signal 0 checks that the process exists without touching it.
-    unsafe_kill(pid, 0)
-}
-
-fn unsafe_kill(pid: u32, signal: i32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // SAFETY-free: libc::kill only sends a signal; it has no memory effects on this process.
-    libc_kill(pid, signal) == 0
-}
-
-fn libc_kill(pid: i32, signal: i32) -> i32 {
-    #[allow(unsafe_code)]
-    // SAFETY: kill(2) takes two integers and touches no memory of this process.
-    unsafe {
-        libc::kill(pid, signal)
-    }
-}
-
-async fn wait_healthy(
-    file: &ClusterFile,
-    children: &mut [tokio::process::Child],
-    timeout: Duration,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    for (region, child) in file.regions.iter().zip(children.iter_mut()) {
-        let addr: SocketAddr = region.http.parse()?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let log = region
-                    .config
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join("braid.log");
-                bail!(
-                    "region {} exited during start-up ({status}); see {}",
-                    region.name,
-                    log.display()
-                );
-            }
-            if braid_node::admin_client::get(addr, "/health", Duration::from_millis(500))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "region {} did not become healthy within {:?}",
-                    region.name,
-                    timeout
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    Ok(())
-}
-
-/// Waits until every region reports every neighbor connected, so the first write replicates at
-/// once; warns (without failing) if that takes too long.
-async fn wait_meshed(file: &ClusterFile, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    for region in &file.regions {
-        let Ok(addr) = region.http.parse::<SocketAddr>() else {
-            continue;
-        };
-        loop {
-            let meshed = match braid_node::admin_client::get(
-                addr,
-                "/status",
-                Duration::from_secs(1),
-            )
-            .await
-            {
-                Ok(body) => serde_json::from_str::<Status>(&body)
-                    .is_ok_and(|s| s.peers.iter().all(|p| p.state == "connected")),
-                Err(_) => false,
-            };
-            if meshed {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!(
-                    "warning: region {} is not connected to all its peers yet",
-                    region.name
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> Result<()> {
     let mut signals = Signals::new()?;
     let mut file = if dir.join("cluster.json").exists() {
         let file = ClusterFile::load(dir)?;
-        if let Some(r) = file.regions.iter().find(|r| r.pid.is_some_and(alive)) {
+        if let Some(r) = file
+            .regions
+            .iter()
+            .find(|r| r.pid.is_some_and(launch::alive))
+        {
             bail!("the cluster in {} is already running (region {} is pid {:?}); stop it with `braid cluster down --dir {}`",
                 dir.display(), r.name, r.pid, dir.display());
         }
@@ -359,42 +329,13 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         ))?
     };
     let exe = std::env::current_exe().context("cannot find the braid executable")?;
-    let mut children = Vec::new();
-    for region in &mut file.regions {
-        let log_path = region
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("braid.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut command = tokio::process::Command::new(&exe);
-        command
-            .arg("start")
-            .arg("--config")
-            .arg(&region.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if detach {
-            // Its own process group: a Ctrl-C in this terminal later does not reach it.
-            command.process_group(0);
-        } else {
-            command.kill_on_drop(true);
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start region {}", region.name))?;
-        region.pid = child.id();
-        children.push(child);
-    }
+    let mut children = launch::spawn(&mut file, &exe, detach)?;
     file.save(dir)?;
     let started = async {
-        wait_healthy(&file, &mut children, Duration::from_secs(30)).await?;
-        wait_meshed(&file, Duration::from_secs(10)).await;
+        launch::wait_healthy(&file, &mut children, Duration::from_secs(30)).await?;
+        for region in launch::wait_meshed(&file, Duration::from_secs(10)).await {
+            eprintln!("warning: region {region} is not connected to all its peers yet");
+        }
         Ok::<(), anyhow::Error>(())
     };
     let outcome = tokio::select! {
@@ -404,12 +345,12 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
     match outcome {
         Some(Ok(())) => {}
         Some(Err(err)) => {
-            stop_children(&file).await;
+            launch::stop(&file).await;
             return Err(err);
         }
         None => {
             println!("Interrupted during start-up: stopping the regions.");
-            stop_children(&file).await;
+            launch::stop(&file).await;
             for region in &mut file.regions {
                 region.pid = None;
             }
@@ -446,7 +387,7 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         _ = signals.recv() => println!("\nStopping the cluster..."),
         region = first_exit => println!("Region {} exited; stopping the cluster...", file.regions[region].name),
     }
-    stop_children(&file).await;
+    launch::stop(&file).await;
     for region in &mut file.regions {
         region.pid = None;
     }
@@ -471,52 +412,108 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
 }
 
-/// SIGTERM every region, wait up to 10 s, then SIGKILL what is left.
-async fn stop_children(file: &ClusterFile) {
-    let pids: Vec<u32> = file.regions.iter().filter_map(|r| r.pid).collect();
-    for pid in &pids {
-        unsafe_kill(*pid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| alive(*p) && !zombie(*p)) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for pid in pids.iter().filter(|p| alive(**p) && !zombie(**p)) {
-        unsafe_kill(*pid, libc::SIGKILL);
-    }
-}
-
-/// A child that exited but was not reaped yet still answers signal 0.
-fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 async fn cluster_down(dir: &Path) -> Result<()> {
     let mut file =
         ClusterFile::load(dir).with_context(|| format!("no cluster in {}", dir.display()))?;
     let running: Vec<&str> = file
         .regions
         .iter()
-        .filter(|r| r.pid.is_some_and(alive))
+        .filter(|r| r.pid.is_some_and(launch::alive))
         .map(|r| r.name.as_str())
         .collect();
     if running.is_empty() {
         println!("No region of the cluster in {} is running.", dir.display());
     } else {
         println!("Stopping regions {}...", running.join(", "));
-        stop_children(&file).await;
+        launch::stop(&file).await;
     }
     for region in &mut file.regions {
         region.pid = None;
     }
     file.save(dir)?;
     println!("Stopped.");
+    Ok(())
+}
+
+fn seconds(value: f64, flag: &str) -> Result<Duration> {
+    if !value.is_finite() || value <= 0.0 || value > 86_400.0 {
+        bail!("{flag} {value}: use a number of seconds above 0 and at most a day");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    use braid_node::bench::{self, BenchOptions, Progress, RedisChoice};
+    use std::io::{IsTerminal, Write};
+    let options = BenchOptions {
+        regions: args.regions,
+        duration: seconds(args.duration, "--duration")?,
+        clients: args.clients,
+        pipeline: args.pipeline,
+        value_size: args.value_size,
+        keys: args.keys,
+        mix: args.mix,
+        conflict_ratio: args.conflict_ratio,
+        durability: match args.durability {
+            DurabilityArg::Process => Durability::Process,
+            DurabilityArg::Machine => Durability::Machine,
+        },
+        rate_per_region: args.rate,
+        attach: args.attach,
+        dir: args.dir,
+        base_port: args.base_port,
+        redis: if args.no_redis {
+            RedisChoice::Off
+        } else {
+            RedisChoice::Auto
+        },
+        ceiling_duration: seconds(args.ceiling_duration, "--ceiling-duration")?,
+        exe: std::env::current_exe().context("cannot find the braid executable")?,
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut on_line = false;
+    let mut progress = |p: Progress| {
+        let mut err = std::io::stderr().lock();
+        match p {
+            Progress::Phase(text) => {
+                if on_line {
+                    let _ = writeln!(err);
+                    on_line = false;
+                }
+                let _ = writeln!(err, "== {text}");
+            }
+            Progress::Load {
+                elapsed_s,
+                duration_s,
+                acked_per_s,
+                applied_per_s,
+                acked,
+            } => {
+                let line = format!(
+                    "   {elapsed_s:>5.1}/{duration_s:.0} s  {acked_per_s:>9.0} writes/s  {applied_per_s:>9.0} replicated/s  {acked} writes",
+                );
+                if terminal {
+                    let _ = write!(err, "\r{line}");
+                    on_line = true;
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+            }
+        }
+    };
+    let mut signals = Signals::new()?;
+    let report = tokio::select! {
+        report = bench::run(&options, &mut progress) => report?,
+        _ = signals.recv() => bail!("interrupted; every process the bench started has been stopped"),
+    };
+    println!("\n{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Report written to {}", path.display());
+    }
     Ok(())
 }
 

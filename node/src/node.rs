@@ -15,7 +15,7 @@ use crate::config::NodeConfig;
 use crate::driver::{now_ms, Driver, Snapshot, INPUT_QUEUE_MAX};
 use crate::http::{self, AdminState};
 use crate::resp::{self, RespContext};
-use crate::storage::{Durability, RocksStorage};
+use crate::storage::RocksStorage;
 use crate::tls::MeshTls;
 use crate::transport::{Mesh, Traffic};
 
@@ -110,10 +110,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         inputs: inputs.clone(),
         regions: regions.clone(),
         traffic,
-        durability: match config.durability {
-            Durability::Process => "process",
-            Durability::Machine => "machine",
-        },
+        durability: config.durability.name(),
         log_len: Arc::new(move || log_reader.log_len_estimate()),
     };
     let info_admin = admin.clone();

@@ -43,6 +43,22 @@ pub enum Durability {
     Machine,
 }
 
+impl Durability {
+    /// The mode's name, as configurations spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Process => "process",
+            Durability::Machine => "machine",
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A storage failure. Fatal to the node: it no longer knows what is durable.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

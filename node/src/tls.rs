@@ -154,6 +154,23 @@ impl MeshTls {
         MeshTls::build(ca, chain, key_der)
     }
 
+    /// Builds both configurations from PEM text (the CA certificate, this node's certificate and
+    /// its key).
+    pub fn from_pem(ca_cert: &str, cert: &str, key: &str) -> Result<MeshTls, TlsError> {
+        let pem_err = |what: &str, reason: String| TlsError::Pem {
+            path: what.to_owned(),
+            reason,
+        };
+        let ca = CertificateDer::from_pem_slice(ca_cert.as_bytes())
+            .map_err(|e| pem_err("CA certificate", e.to_string()))?;
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("certificate", e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+            .map_err(|e| pem_err("private key", e.to_string()))?;
+        MeshTls::build(ca, chain, key)
+    }
+
     fn build(
         ca: CertificateDer<'static>,
         chain: Vec<CertificateDer<'static>>,

@@ -1,0 +1,791 @@
+//! `braid bench`: replication throughput and lag of a local cluster, against the ceilings this
+//! machine allows and against Redis, all measured in one run.
+//!
+//! The run: start a local cluster (or attach to one through its `cluster.json`), drive a
+//! multi-master load through RESP into every region at once, let the backlog drain, read every
+//! node's counters and lag histograms over HTTP, stop the cluster, then measure the storage and
+//! transport ceilings alone, then Redis under the same load when `redis-server` is installed.
+//! Nothing here asserts a speed: the figures go into the report.
+
+pub mod ceilings;
+pub mod load;
+pub mod redis;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use load::MixOp;
+pub use report::{RegionFigures, Report};
+
+use crate::cluster::{self, ClusterFile, InitOptions};
+use crate::http::{LagHistograms, Status};
+use crate::launch;
+use crate::storage::Durability;
+
+/// How long the backlog may take to drain before the run gives up waiting.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the progress line is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often drain is checked.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// Timeout of one admin request.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Seed of the clients' key choice: every run writes the same keys.
+const LOAD_SEED: u64 = 0x0062_7261_6964;
+/// Largest number of regions a bench starts (names a..z).
+pub const REGIONS_MAX: usize = 26;
+
+/// A bench that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The options make no sense.
+    #[error("{0}")]
+    Options(String),
+    /// The cluster could not be started or reached.
+    #[error("cluster: {0}")]
+    Cluster(String),
+    /// The load could not be driven.
+    #[error("load: {0}")]
+    Load(String),
+    /// A ceiling could not be measured.
+    #[error("ceiling: {0}")]
+    Ceiling(String),
+    /// Redis could not be run.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// A file could not be written.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Whether to run the Redis comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisChoice {
+    /// When `redis-server` is on the PATH.
+    Auto,
+    /// Never.
+    Off,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Regions to start (ignored when attaching).
+    pub regions: usize,
+    /// Load duration.
+    pub duration: Duration,
+    /// Clients per region.
+    pub clients: usize,
+    /// Commands in flight per client.
+    pub pipeline: usize,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// Keys per key space.
+    pub keys: u64,
+    /// Command types.
+    pub mix: Vec<MixOp>,
+    /// Share of writes to keys every region writes.
+    pub conflict_ratio: f64,
+    /// Durability of a started cluster, and of the storage ceiling.
+    pub durability: Durability,
+    /// Writes per second per region, or as fast as the clients go.
+    pub rate_per_region: Option<u64>,
+    /// Attach to the running cluster in this directory instead of starting one.
+    pub attach: Option<PathBuf>,
+    /// Working directory (the started cluster, the ceilings' databases, Redis); a fresh
+    /// temporary one, removed afterwards, when `None`.
+    pub dir: Option<PathBuf>,
+    /// First port of a started cluster.
+    pub base_port: u16,
+    /// The Redis comparison.
+    pub redis: RedisChoice,
+    /// How long each ceiling is measured.
+    pub ceiling_duration: Duration,
+    /// The `braid` executable that runs the nodes.
+    pub exe: PathBuf,
+    /// The command line, for the report.
+    pub command_line: String,
+}
+
+impl BenchOptions {
+    fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: String| Err(BenchError::Options(m));
+        if self.attach.is_none() && !(2..=REGIONS_MAX).contains(&self.regions) {
+            return bad(format!(
+                "--regions {}: use 2 to {REGIONS_MAX} (replication needs two)",
+                self.regions
+            ));
+        }
+        if self.clients == 0 || self.clients > 1024 {
+            return bad(format!("--clients {}: use 1 to 1024", self.clients));
+        }
+        if self.pipeline == 0 || self.pipeline > load::PIPELINE_MAX {
+            return bad(format!(
+                "--pipeline {}: use 1 to {}",
+                self.pipeline,
+                load::PIPELINE_MAX
+            ));
+        }
+        if self.value_size > braid_protocol::limits::VALUE_BYTES_MAX {
+            return bad(format!(
+                "--value-size {}: at most {} bytes",
+                self.value_size,
+                braid_protocol::limits::VALUE_BYTES_MAX
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.conflict_ratio) {
+            return bad(format!(
+                "--conflict-ratio {}: use a share from 0 to 1",
+                self.conflict_ratio
+            ));
+        }
+        if self.mix.is_empty() {
+            return bad("--mix: name at least one of set, incr, sadd, hset".into());
+        }
+        if self.keys == 0 {
+            return bad("--keys: at least one key".into());
+        }
+        if self.duration.is_zero() {
+            return bad("--duration: longer than zero".into());
+        }
+        if self.rate_per_region == Some(0) {
+            return bad("--rate: at least one write per second (or leave it out)".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the run is doing, for a progress line.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A new phase begins.
+    Phase(String),
+    /// Load is running.
+    Load {
+        /// Seconds into the load.
+        elapsed_s: f64,
+        /// Of this many.
+        duration_s: f64,
+        /// Writes acknowledged in the last interval, per second.
+        acked_per_s: f64,
+        /// Replicated events applied in the last interval, per second, summed over regions.
+        applied_per_s: f64,
+        /// Writes acknowledged so far.
+        acked: u64,
+    },
+}
+
+/// Lag percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LagSummary {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Samples.
+    pub count: u64,
+}
+
+impl LagSummary {
+    /// Percentiles of `histogram`, whose values are in units of `1 / per_ms` milliseconds.
+    pub fn of(histogram: &Histogram<u64>, per_ms: f64) -> LagSummary {
+        let at = |q: f64| histogram.value_at_quantile(q) as f64 / per_ms;
+        LagSummary {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: histogram.max() as f64 / per_ms,
+            count: histogram.len(),
+        }
+    }
+}
+
+/// Lag histogram: 1 unit to an hour in microseconds, 3 significant digits.
+pub(crate) fn lag_histogram() -> Histogram<u64> {
+    // Valid bounds (1 <= low, high >= 2 * low, sigfig <= 5): construction cannot fail.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One region of the cluster under test.
+#[derive(Debug, Clone)]
+struct Region {
+    name: String,
+    resp: SocketAddr,
+    http: SocketAddr,
+    pid: Option<u32>,
+}
+
+/// Every region's admin documents at one moment.
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    statuses: Vec<Status>,
+    lags: Vec<LagHistograms>,
+    usage: Vec<Option<launch::ProcessUsage>>,
+}
+
+impl Reading {
+    async fn take(regions: &[Region]) -> Result<Reading, BenchError> {
+        let mut reading = Reading::default();
+        for region in regions {
+            reading.statuses.push(get_json(region, "/status").await?);
+            reading.lags.push(get_json(region, "/lag").await?);
+            reading.usage.push(region.pid.and_then(launch::usage));
+        }
+        Ok(reading)
+    }
+
+    fn applied(&self, region: usize) -> u64 {
+        self.statuses[region]
+            .peers
+            .iter()
+            .map(|p| p.events_applied)
+            .sum()
+    }
+
+    fn applied_total(&self) -> u64 {
+        (0..self.statuses.len()).map(|r| self.applied(r)).sum()
+    }
+
+    /// Summed over every region and peer: (events sent, batches sent, bytes sent).
+    fn traffic(&self) -> (u64, u64, u64) {
+        self.statuses
+            .iter()
+            .flat_map(|s| &s.peers)
+            .fold((0, 0, 0), |(e, b, y), p| {
+                (e + p.events_sent, b + p.batches_sent, y + p.bytes_sent)
+            })
+    }
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    region: &Region,
+    path: &str,
+) -> Result<T, BenchError> {
+    let body = crate::admin_client::get(region.http, path, ADMIN_TIMEOUT)
+        .await
+        .map_err(|e| {
+            BenchError::Cluster(format!(
+                "region {} at http://{}{path}: {e}",
+                region.name, region.http
+            ))
+        })?;
+    serde_json::from_str(&body).map_err(|e| {
+        BenchError::Cluster(format!(
+            "region {} answered {path} with an unexpected document: {e}",
+            region.name
+        ))
+    })
+}
+
+/// A histogram from a node's `(value, count)` pairs, with values scaled by `scale`.
+fn histogram_of(values: &[(u64, u64)], scale: u64) -> Histogram<u64> {
+    let mut histogram = lag_histogram();
+    for (value, count) in values {
+        histogram.saturating_record_n(value.saturating_mul(scale).max(1), *count);
+    }
+    histogram
+}
+
+/// Lag recorded between two readings of one region, in microseconds (node values are whole
+/// milliseconds).
+fn lag_between(before: &LagHistograms, after: &LagHistograms) -> Histogram<u64> {
+    let mut total = lag_histogram();
+    for (origin, values) in &after.origins {
+        let mut h = histogram_of(values, 1000);
+        if let Some(earlier) = before.origins.get(origin) {
+            let earlier = histogram_of(earlier, 1000);
+            if h.subtract(&earlier).is_err() {
+                // The node restarted between the readings: everything after is new.
+                h = histogram_of(values, 1000);
+            }
+        }
+        let _ = total.add(&h);
+    }
+    total
+}
+
+/// A working directory: given, or temporary and removed on drop.
+struct WorkDir {
+    path: PathBuf,
+    remove: bool,
+}
+
+impl WorkDir {
+    fn new(given: Option<&Path>) -> Result<WorkDir, BenchError> {
+        let (path, remove) = match given {
+            Some(path) => (path.to_owned(), false),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                let name = format!("braid-bench-{}-{nanos}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        std::fs::create_dir_all(&path)
+            .map_err(|e| BenchError::Io(path.display().to_string(), e))?;
+        Ok(WorkDir { path, remove })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A cluster under test: started here (stopped at the end) or attached to.
+struct UnderTest {
+    file: ClusterFile,
+    regions: Vec<Region>,
+    started: Option<Vec<tokio::process::Child>>,
+    durability: String,
+}
+
+impl UnderTest {
+    async fn start(options: &BenchOptions, work: &Path) -> Result<UnderTest, BenchError> {
+        let fail = |e: &dyn std::fmt::Display| BenchError::Cluster(e.to_string());
+        let (mut file, started) = match &options.attach {
+            Some(dir) => {
+                let file = ClusterFile::load(dir).map_err(|e| fail(&e))?;
+                (file, None)
+            }
+            None => {
+                let dir = work.join("cluster");
+                let mut file = cluster::init(&InitOptions {
+                    regions: cluster::default_region_names(options.regions),
+                    dir: dir.clone(),
+                    host: [127, 0, 0, 1].into(),
+                    base_port: options.base_port,
+                    links: None,
+                    durability: options.durability,
+                    password: None,
+                })
+                .map_err(|e| fail(&e))?;
+                let mut children =
+                    launch::spawn(&mut file, &options.exe, false).map_err(|e| fail(&e))?;
+                file.save(&dir).map_err(|e| fail(&e))?;
+                launch::wait_healthy(&file, &mut children, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| fail(&e))?;
+                let late = launch::wait_meshed(&file, Duration::from_secs(15)).await;
+                if !late.is_empty() {
+                    return Err(BenchError::Cluster(format!(
+                        "regions {} did not connect to all their peers",
+                        late.join(", ")
+                    )));
+                }
+                (file, Some(children))
+            }
+        };
+        let mut regions = Vec::new();
+        for entry in &mut file.regions {
+            let parse = |addr: &str| {
+                addr.parse::<SocketAddr>().map_err(|_| {
+                    BenchError::Cluster(format!("region {}: bad address {addr:?}", entry.name))
+                })
+            };
+            regions.push(Region {
+                name: entry.name.clone(),
+                resp: parse(&entry.resp)?,
+                http: parse(&entry.http)?,
+                pid: entry.pid,
+            });
+        }
+        if regions.len() < 2 {
+            return Err(BenchError::Cluster(
+                "the cluster has fewer than two regions: nothing replicates".into(),
+            ));
+        }
+        let first: Status = get_json(&regions[0], "/status").await?;
+        Ok(UnderTest {
+            file,
+            regions,
+            started,
+            durability: first.durability,
+        })
+    }
+
+    async fn stop(self) {
+        if self.started.is_some() {
+            launch::stop(&self.file).await;
+        }
+    }
+}
+
+/// Runs the whole bench.
+pub async fn run(
+    options: &BenchOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, BenchError> {
+    options.validate()?;
+    let work = WorkDir::new(options.dir.as_deref())?;
+    progress(Progress::Phase(match &options.attach {
+        Some(dir) => format!("attaching to the cluster in {}", dir.display()),
+        None => format!(
+            "starting {} regions ({} durability)",
+            options.regions, options.durability
+        ),
+    }));
+    let cluster = UnderTest::start(options, &work.path).await?;
+    let measured = measure_cluster(options, &cluster, progress).await;
+    cluster_stop(cluster, progress).await;
+    let measured = measured?;
+
+    let key_bytes = "b:s:a:".len() + options.keys.saturating_sub(1).to_string().len();
+    progress(Progress::Phase("measuring the storage ceiling".into()));
+    let storage_dir = work.path.join("ceiling-rocksdb");
+    let _ = std::fs::remove_dir_all(&storage_dir);
+    let storage = {
+        let dir = storage_dir.clone();
+        let durability = options.durability;
+        let batch = measured.events_per_batch.round().max(1.0) as usize;
+        let value = options.value_size;
+        let duration = options.ceiling_duration;
+        tokio::task::spawn_blocking(move || {
+            ceilings::storage(&dir, durability, batch, key_bytes, value, duration)
+        })
+        .await
+        .map_err(|e| BenchError::Ceiling(e.to_string()))??
+    };
+    let _ = std::fs::remove_dir_all(&storage_dir);
+    progress(Progress::Phase("measuring the transport ceiling".into()));
+    let frame_bytes =
+        (measured.bytes_per_event * measured.events_per_batch.max(1.0)).round() as usize;
+    let transport = ceilings::transport(
+        frame_bytes,
+        measured.events_per_batch.max(1.0),
+        options.ceiling_duration,
+    )
+    .await?;
+
+    let redis = match (options.redis, redis::find_server()) {
+        (RedisChoice::Auto, Some(server)) => {
+            progress(Progress::Phase(format!(
+                "running the same load against Redis (1 primary, {} replicas)",
+                measured.regions.len() - 1
+            )));
+            Some(
+                run_redis(
+                    options,
+                    &server,
+                    &work.path,
+                    measured.regions.len(),
+                    progress,
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
+    Ok(Report::new(options, measured, storage, transport, redis))
+}
+
+async fn cluster_stop(cluster: UnderTest, progress: &mut dyn FnMut(Progress)) {
+    if cluster.started.is_some() {
+        progress(Progress::Phase("stopping the cluster".into()));
+    }
+    cluster.stop().await;
+}
+
+/// What the cluster run measured.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Per region.
+    pub regions: Vec<RegionFigures>,
+    /// Load time.
+    pub load_s: f64,
+    /// Time from the end of the load until every region had applied everything, if it did.
+    pub drain_ms: Option<f64>,
+    /// Lag over every region.
+    pub lag: LagSummary,
+    /// Frame bytes sent per event sent (acks and heartbeats included).
+    pub bytes_per_event: f64,
+    /// Events per replication batch.
+    pub events_per_batch: f64,
+    /// Client round trip of a whole pipeline, ms.
+    pub round_trip_ms: LagSummary,
+    /// The cluster's durability mode.
+    pub durability: String,
+    /// Writes answered with an error, and the first error.
+    pub errors: (u64, Option<String>),
+}
+
+async fn measure_cluster(
+    options: &BenchOptions,
+    cluster: &UnderTest,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Measured, BenchError> {
+    let regions = &cluster.regions;
+    let before = Reading::take(regions).await?;
+    progress(Progress::Phase(format!(
+        "writing into {} regions for {:.0} s ({} clients x pipeline {} each)",
+        regions.len(),
+        options.duration.as_secs_f64(),
+        options.clients,
+        options.pipeline
+    )));
+    let targets: Vec<load::Target> = regions
+        .iter()
+        .map(|r| load::Target {
+            name: r.name.clone(),
+            addr: r.resp,
+        })
+        .collect();
+    let spec = load_spec(options, options.clients);
+    let counters = Arc::new(load::LoadCounters::default());
+    let (stop, stopped) = watch::channel(false);
+    let driver = {
+        let counters = counters.clone();
+        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
+    };
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64, before.applied_total());
+    while started.elapsed() < options.duration && !driver.is_finished() {
+        let left = options.duration.saturating_sub(started.elapsed());
+        tokio::time::sleep(left.min(PROGRESS_EVERY)).await;
+        let acked = counters.acked.load(Ordering::Relaxed);
+        let applied = Reading::take(regions).await?.applied_total();
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        progress(Progress::Load {
+            elapsed_s: started.elapsed().as_secs_f64(),
+            duration_s: options.duration.as_secs_f64(),
+            acked_per_s: (acked - last.1) as f64 / dt,
+            applied_per_s: applied.saturating_sub(last.2) as f64 / dt,
+            acked,
+        });
+        last = (Instant::now(), acked, applied);
+    }
+    let _ = stop.send(true);
+    let results = driver
+        .await
+        .map_err(|e| BenchError::Load(e.to_string()))??;
+    let load_s = started.elapsed().as_secs_f64();
+    let stopped_at = Instant::now();
+
+    progress(Progress::Phase("waiting for the backlog to drain".into()));
+    let drain_ms = loop {
+        let statuses = Reading::take(regions).await?.statuses;
+        let first = &statuses[0].vector;
+        if statuses.iter().all(|s| &s.vector == first) {
+            break Some(stopped_at.elapsed().as_secs_f64() * 1000.0);
+        }
+        if stopped_at.elapsed() > DRAIN_TIMEOUT {
+            break None;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    let after = Reading::take(regions).await?;
+    let replicated_s = load_s + drain_ms.unwrap_or(0.0) / 1000.0;
+
+    let mut all_lag = lag_histogram();
+    let mut round_trips = lag_histogram();
+    let mut figures = Vec::new();
+    let mut errors = (0, None);
+    for (i, region) in regions.iter().enumerate() {
+        let result = results.iter().find(|r| r.name == region.name);
+        let lag = lag_between(&before.lags[i], &after.lags[i]);
+        let _ = all_lag.add(&lag);
+        if let Some(result) = result {
+            let _ = round_trips.add(&result.round_trip_us);
+            errors.0 += result.errors;
+            errors.1 = errors.1.take().or(result.first_error.clone());
+        }
+        let applied = after.applied(i).saturating_sub(before.applied(i));
+        let (cpu_s, peak_rss_bytes) = match (before.usage[i], after.usage[i]) {
+            (Some(b), Some(a)) => (Some(a.cpu_s - b.cpu_s), Some(a.peak_rss_bytes)),
+            _ => (None, None),
+        };
+        let acked = result.map_or(0, |r| r.acked);
+        figures.push(RegionFigures {
+            name: region.name.clone(),
+            acked_writes: acked,
+            events_originated: after.statuses[i]
+                .writes
+                .saturating_sub(before.statuses[i].writes),
+            acked_writes_per_s: acked as f64 / load_s,
+            replicated_events: applied,
+            replicated_events_per_s: applied as f64 / replicated_s,
+            lag_ms: LagSummary::of(&lag, 1000.0),
+            cpu_s,
+            peak_rss_mb: peak_rss_bytes.map(|b| b as f64 / 1e6),
+        });
+    }
+    let (events_before, batches_before, bytes_before) = before.traffic();
+    let (events_after, batches_after, bytes_after) = after.traffic();
+    let events = events_after.saturating_sub(events_before).max(1);
+    let batches = batches_after.saturating_sub(batches_before).max(1);
+    let bytes = bytes_after.saturating_sub(bytes_before);
+    Ok(Measured {
+        regions: figures,
+        load_s,
+        drain_ms,
+        lag: LagSummary::of(&all_lag, 1000.0),
+        bytes_per_event: bytes as f64 / events as f64,
+        events_per_batch: events as f64 / batches as f64,
+        round_trip_ms: LagSummary::of(&round_trips, 1000.0),
+        durability: cluster.durability.clone(),
+        errors,
+    })
+}
+
+fn load_spec(options: &BenchOptions, clients: usize) -> load::LoadSpec {
+    load::LoadSpec {
+        clients,
+        pipeline: options.pipeline,
+        value_size: options.value_size,
+        keys: options.keys,
+        mix: options.mix.clone(),
+        conflict_ratio: options.conflict_ratio,
+        rate_per_target: options.rate_per_region,
+        password: None,
+        seed: LOAD_SEED,
+    }
+}
+
+async fn run_redis(
+    options: &BenchOptions,
+    server: &Path,
+    work: &Path,
+    regions: usize,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<redis::RedisResult, BenchError> {
+    let set = redis::start(server, &work.join("redis"), regions - 1).await?;
+    // The same clients in all, all on the primary (replicas take no writes). A rate limit per
+    // region becomes the same total rate.
+    let mut spec = load_spec(options, options.clients * regions);
+    spec.rate_per_target = options.rate_per_region.map(|r| r * regions as u64);
+    let targets = vec![load::Target {
+        name: "primary".into(),
+        addr: set.primary,
+    }];
+    let counters = Arc::new(load::LoadCounters::default());
+    let (stop, stopped) = watch::channel(false);
+    let driver = {
+        let counters = counters.clone();
+        let stopped = stopped.clone();
+        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
+    };
+    let started = Instant::now();
+    let sampler = {
+        let stopped = stopped.clone();
+        async { redis::sample_lag(&set, stopped).await }
+    };
+    let clock = async {
+        let mut last = (Instant::now(), 0u64);
+        while started.elapsed() < options.duration {
+            let left = options.duration.saturating_sub(started.elapsed());
+            tokio::time::sleep(left.min(PROGRESS_EVERY)).await;
+            let acked = counters.acked.load(Ordering::Relaxed);
+            let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+            progress(Progress::Load {
+                elapsed_s: started.elapsed().as_secs_f64(),
+                duration_s: options.duration.as_secs_f64(),
+                acked_per_s: (acked - last.1) as f64 / dt,
+                applied_per_s: 0.0,
+                acked,
+            });
+            last = (Instant::now(), acked);
+        }
+        // Replicas get a moment to catch up with the last writes before sampling stops.
+        let _ = stop.send(true);
+    };
+    let (lag, ()) = tokio::join!(sampler, clock);
+    let results = driver
+        .await
+        .map_err(|e| BenchError::Load(e.to_string()))??;
+    let elapsed = started.elapsed().as_secs_f64();
+    let acked: u64 = results.iter().map(|r| r.acked).sum();
+    Ok(redis::RedisResult {
+        version: set.version.clone(),
+        replicas: set.replicas.len(),
+        writes_per_s: acked as f64 / elapsed,
+        replica_lag_ms: LagSummary::of(&lag?, 1000.0),
+        config: redis::CONFIG.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> BenchOptions {
+        BenchOptions {
+            regions: 3,
+            duration: Duration::from_secs(1),
+            clients: 1,
+            pipeline: 1,
+            value_size: 100,
+            keys: 10,
+            mix: vec![MixOp::Set],
+            conflict_ratio: 0.0,
+            durability: Durability::Process,
+            rate_per_region: None,
+            attach: None,
+            dir: None,
+            base_port: 17000,
+            redis: RedisChoice::Off,
+            ceiling_duration: Duration::from_secs(1),
+            exe: PathBuf::from("braid"),
+            command_line: String::new(),
+        }
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused_with_the_flag_named() {
+        type Case = (fn(&mut BenchOptions), &'static str);
+        let cases: Vec<Case> = vec![
+            (|o| o.regions = 1, "--regions"),
+            (|o| o.pipeline = 0, "--pipeline"),
+            (|o| o.conflict_ratio = 1.5, "--conflict-ratio"),
+            (|o| o.mix.clear(), "--mix"),
+            (|o| o.value_size = 2 << 20, "--value-size"),
+            (|o| o.rate_per_region = Some(0), "--rate"),
+        ];
+        for (change, flag) in cases {
+            let mut o = options();
+            change(&mut o);
+            let err = o.validate().unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        assert!(options().validate().is_ok());
+    }
+
+    #[test]
+    fn lag_between_readings_counts_only_new_samples_in_microseconds() {
+        let before = LagHistograms {
+            region: "a".into(),
+            origins: [("b".to_string(), vec![(1, 10)])].into(),
+        };
+        let after = LagHistograms {
+            region: "a".into(),
+            origins: [
+                ("b".to_string(), vec![(1, 10), (3, 5)]),
+                ("c".to_string(), vec![(2, 1)]),
+            ]
+            .into(),
+        };
+        let lag = lag_between(&before, &after);
+        assert_eq!(lag.len(), 6);
+        assert!(lag.min() >= 1990 && lag.max() <= 3010, "{lag:?}");
+    }
+}

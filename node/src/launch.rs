@@ -1,0 +1,259 @@
+//! Local clusters as processes: start every region of a `cluster.json` as a child process, wait
+//! until they serve and are meshed, and stop them. Used by `braid cluster up` and `braid bench`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::cluster::ClusterFile;
+use crate::http::Status;
+
+/// How long a stopping region gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starting or watching regions failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A file or process could not be opened or started.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// A region exited while starting.
+    #[error("region {region} exited during start-up ({status}); see {log}")]
+    Exited {
+        /// The region.
+        region: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// A region did not answer its health check in time.
+    #[error("region {region} did not become healthy within {timeout:?}")]
+    Unhealthy {
+        /// The region.
+        region: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// `cluster.json` holds an address that does not parse.
+    #[error("region {region}: bad address {addr:?}")]
+    Address {
+        /// The region.
+        region: String,
+        /// The address.
+        addr: String,
+    },
+}
+
+/// The log file of a region: `braid.log` beside its configuration.
+pub fn log_path(config: &Path) -> PathBuf {
+    config.parent().unwrap_or(Path::new(".")).join("braid.log")
+}
+
+/// Starts `exe start --config ...` for every region, logging to its `braid.log`, and records the
+/// pids in `file`. Detached children get their own process group (a later Ctrl-C in this
+/// terminal does not reach them); attached ones are killed when their handle is dropped.
+pub fn spawn(
+    file: &mut ClusterFile,
+    exe: &Path,
+    detach: bool,
+) -> Result<Vec<tokio::process::Child>, LaunchError> {
+    let mut children = Vec::new();
+    for region in &mut file.regions {
+        let log_file = log_path(&region.config);
+        let io = |e| LaunchError::Io(log_file.display().to_string(), e);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)
+            .map_err(io)?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .arg("start")
+            .arg("--config")
+            .arg(&region.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io)?)
+            .stderr(log);
+        if detach {
+            command.process_group(0);
+        } else {
+            command.kill_on_drop(true);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| LaunchError::Io(format!("cannot start region {}", region.name), e))?;
+        region.pid = child.id();
+        children.push(child);
+    }
+    Ok(children)
+}
+
+fn http_addr(region: &crate::cluster::RegionEntry) -> Result<SocketAddr, LaunchError> {
+    region.http.parse().map_err(|_| LaunchError::Address {
+        region: region.name.clone(),
+        addr: region.http.clone(),
+    })
+}
+
+/// Waits until every region answers `/health`; fails if one exits or takes longer than
+/// `timeout`.
+pub async fn wait_healthy(
+    file: &ClusterFile,
+    children: &mut [tokio::process::Child],
+    timeout: Duration,
+) -> Result<(), LaunchError> {
+    let deadline = Instant::now() + timeout;
+    for (region, child) in file.regions.iter().zip(children.iter_mut()) {
+        let addr = http_addr(region)?;
+        loop {
+            let exited = child
+                .try_wait()
+                .map_err(|e| LaunchError::Io(format!("region {}", region.name), e))?;
+            if let Some(status) = exited {
+                return Err(LaunchError::Exited {
+                    region: region.name.clone(),
+                    status,
+                    log: log_path(&region.config),
+                });
+            }
+            if crate::admin_client::get(addr, "/health", Duration::from_millis(500))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(LaunchError::Unhealthy {
+                    region: region.name.clone(),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every region reports every neighbor connected, so the first write replicates at
+/// once. Returns the regions that were still not connected to all their peers at `timeout`.
+pub async fn wait_meshed(file: &ClusterFile, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut late = Vec::new();
+    for region in &file.regions {
+        let Ok(addr) = http_addr(region) else {
+            late.push(region.name.clone());
+            continue;
+        };
+        loop {
+            let meshed =
+                match crate::admin_client::get(addr, "/status", Duration::from_secs(1)).await {
+                    Ok(body) => serde_json::from_str::<Status>(&body)
+                        .is_ok_and(|s| s.peers.iter().all(|p| p.state == "connected")),
+                    Err(_) => false,
+                };
+            if meshed {
+                break;
+            }
+            if Instant::now() > deadline {
+                late.push(region.name.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    late
+}
+
+/// Whether process `pid` exists (signal 0 touches nothing).
+pub fn alive(pid: u32) -> bool {
+    signal(pid, 0)
+}
+
+/// Sends `signal` to `pid`; false if there is no such process (or no permission).
+pub fn signal(pid: u32, signal: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    let result = unsafe { libc::kill(pid, signal) };
+    result == 0
+}
+
+/// A child that exited but was not reaped yet still answers signal 0.
+pub fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGTERM every region of `file`, wait up to [`STOP_GRACE`], then SIGKILL what is left.
+pub async fn stop(file: &ClusterFile) {
+    let pids: Vec<u32> = file.regions.iter().filter_map(|r| r.pid).collect();
+    for pid in &pids {
+        signal(*pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while pids.iter().any(|p| alive(*p) && !zombie(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pid in pids.iter().filter(|p| alive(**p) && !zombie(**p)) {
+        signal(*pid, libc::SIGKILL);
+    }
+}
+
+/// CPU time and peak resident memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessUsage {
+    /// User plus system CPU seconds.
+    pub cpu_s: f64,
+    /// Peak resident set size, bytes (`VmHWM`).
+    pub peak_rss_bytes: u64,
+}
+
+/// Reads [`ProcessUsage`] of `pid`, or `None` if it is gone or `/proc` is unreadable.
+pub fn usage(pid: u32) -> Option<ProcessUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit(')').next()?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf(3) reads a configuration value and touches no memory of this process.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(ProcessUsage {
+        cpu_s: (utime + stime) as f64 / ticks,
+        peak_rss_bytes: peak_kib * 1024,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_this_process_is_read() {
+        let usage = usage(std::process::id()).expect("own /proc entry");
+        assert!(usage.peak_rss_bytes > 0);
+        assert!(usage.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn no_usage_for_a_missing_process() {
+        assert!(usage(u32::MAX).is_none());
+        assert!(!alive(u32::MAX));
+    }
+}
