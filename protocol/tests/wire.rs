@@ -173,7 +173,7 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
 }
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+    manifest_dir().join("tests/golden")
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -507,4 +507,12 @@ proptest! {
             prop_assert!(frame::validate(&decoded).is_ok());
         }
     }
+}
+
+/// The package's directory: cargo sets it when it runs the test (the path compiled in is only a
+/// fallback, stale when a build is reused from another checkout).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use braid_sim::{InjectedBug, RunOptions, Scenario};
 
 fn scenario(name: &str) -> Scenario {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let path = manifest_dir()
         .join("../docs/scenarios")
         .join(format!("{name}.toml"));
     Scenario::load(&path).unwrap()
@@ -128,4 +128,12 @@ fn a_storage_that_loses_writes_is_caught_by_the_oracle_with_the_divergent_key() 
         "{}",
         verdict.detail
     );
+}
+
+/// The package's directory: cargo sets it when it runs the test (the path compiled in is only a
+/// fallback, stale when a build is reused from another checkout).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
