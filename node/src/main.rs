@@ -490,8 +490,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 applied_per_s,
                 acked,
             } => {
+                let replicated = applied_per_s
+                    .map(|a| format!("  {a:>9.0} replicated/s"))
+                    .unwrap_or_default();
                 let line = format!(
-                    "   {elapsed_s:>5.1}/{duration_s:.0} s  {acked_per_s:>9.0} writes/s  {applied_per_s:>9.0} replicated/s  {acked} writes",
+                    "   {elapsed_s:>5.1}/{duration_s:.0} s  {acked_per_s:>9.0} writes/s{replicated}  {acked} writes",
                 );
                 if terminal {
                     let _ = write!(err, "\r{line}");

@@ -176,8 +176,9 @@ pub enum Progress {
         duration_s: f64,
         /// Writes acknowledged in the last interval, per second.
         acked_per_s: f64,
-        /// Replicated events applied in the last interval, per second, summed over regions.
-        applied_per_s: f64,
+        /// Replicated events applied in the last interval, per second, summed over regions
+        /// (none for Redis, whose replicas are measured by offset).
+        applied_per_s: Option<f64>,
         /// Writes acknowledged so far.
         acked: u64,
     },
@@ -570,7 +571,7 @@ async fn measure_cluster(
             elapsed_s: started.elapsed().as_secs_f64(),
             duration_s: options.duration.as_secs_f64(),
             acked_per_s: (acked - last.1) as f64 / dt,
-            applied_per_s: applied.saturating_sub(last.2) as f64 / dt,
+            applied_per_s: Some(applied.saturating_sub(last.2) as f64 / dt),
             acked,
         });
         last = (Instant::now(), acked, applied);
@@ -701,7 +702,7 @@ async fn run_redis(
                 elapsed_s: started.elapsed().as_secs_f64(),
                 duration_s: options.duration.as_secs_f64(),
                 acked_per_s: (acked - last.1) as f64 / dt,
-                applied_per_s: 0.0,
+                applied_per_s: None,
                 acked,
             });
             last = (Instant::now(), acked);
