@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::cluster::ClusterFile;
+use crate::cluster::{ClusterFile, RegionEntry};
 use crate::http::Status;
 
 /// How long a stopping region gets between SIGTERM and SIGKILL.
@@ -59,38 +59,46 @@ pub fn spawn(
     exe: &Path,
     detach: bool,
 ) -> Result<Vec<tokio::process::Child>, LaunchError> {
-    let mut children = Vec::new();
-    for region in &mut file.regions {
-        let log_file = log_path(&region.config);
-        let io = |e| LaunchError::Io(log_file.display().to_string(), e);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_file)
-            .map_err(io)?;
-        let mut command = tokio::process::Command::new(exe);
-        command
-            .arg("start")
-            .arg("--config")
-            .arg(&region.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io)?)
-            .stderr(log);
-        if detach {
-            command.process_group(0);
-        } else {
-            command.kill_on_drop(true);
-        }
-        let child = command
-            .spawn()
-            .map_err(|e| LaunchError::Io(format!("cannot start region {}", region.name), e))?;
-        region.pid = child.id();
-        children.push(child);
-    }
-    Ok(children)
+    file.regions
+        .iter_mut()
+        .map(|region| spawn_region(region, exe, detach))
+        .collect()
 }
 
-fn http_addr(region: &crate::cluster::RegionEntry) -> Result<SocketAddr, LaunchError> {
+/// Starts one region (see [`spawn`]) and records its pid.
+pub fn spawn_region(
+    region: &mut RegionEntry,
+    exe: &Path,
+    detach: bool,
+) -> Result<tokio::process::Child, LaunchError> {
+    let log_file = log_path(&region.config);
+    let io = |e| LaunchError::Io(log_file.display().to_string(), e);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_file)
+        .map_err(io)?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("start")
+        .arg("--config")
+        .arg(&region.config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io)?)
+        .stderr(log);
+    if detach {
+        command.process_group(0);
+    } else {
+        command.kill_on_drop(true);
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| LaunchError::Io(format!("cannot start region {}", region.name), e))?;
+    region.pid = child.id();
+    Ok(child)
+}
+
+fn http_addr(region: &RegionEntry) -> Result<SocketAddr, LaunchError> {
     region.http.parse().map_err(|_| LaunchError::Address {
         region: region.name.clone(),
         addr: region.http.clone(),
@@ -215,6 +223,8 @@ pub struct ProcessUsage {
     pub cpu_s: f64,
     /// Peak resident set size, bytes (`VmHWM`).
     pub peak_rss_bytes: u64,
+    /// Resident set size now, bytes (`VmRSS`).
+    pub rss_bytes: u64,
 }
 
 /// Reads [`ProcessUsage`] of `pid`, or `None` if it is gone or `/proc` is unreadable.
@@ -230,13 +240,16 @@ pub fn usage(pid: u32) -> Option<ProcessUsage> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    let kib = |field: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
     Some(ProcessUsage {
         cpu_s: (utime + stime) as f64 / ticks,
-        peak_rss_bytes: peak_kib * 1024,
+        peak_rss_bytes: kib("VmHWM:")? * 1024,
+        rss_bytes: kib("VmRSS:")? * 1024,
     })
 }
 
@@ -248,6 +261,7 @@ mod tests {
     fn usage_of_this_process_is_read() {
         let usage = usage(std::process::id()).expect("own /proc entry");
         assert!(usage.peak_rss_bytes > 0);
+        assert!(usage.rss_bytes > 0 && usage.rss_bytes <= usage.peak_rss_bytes);
         assert!(usage.cpu_s >= 0.0);
     }
 

@@ -155,6 +155,10 @@ struct BenchArgs {
     /// Seconds each ceiling is measured.
     #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
     ceiling_duration: f64,
+    /// After the load, kill the last region, keep writing into the others until it lacks this
+    /// many events, restart it and measure how fast it catches up (0: skip).
+    #[arg(long, value_name = "EVENTS", default_value_t = 0)]
+    outage_events: u64,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -468,6 +472,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
             RedisChoice::Auto
         },
         ceiling_duration: seconds(args.ceiling_duration, "--ceiling-duration")?,
+        outage_events: args.outage_events,
         exe: std::env::current_exe().context("cannot find the braid executable")?,
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
     };
@@ -482,6 +487,21 @@ async fn bench(args: BenchArgs) -> Result<()> {
                     on_line = false;
                 }
                 let _ = writeln!(err, "== {text}");
+            }
+            Progress::Outage {
+                events,
+                target,
+                acked_per_s,
+            } => {
+                let line = format!(
+                    "   {events:>9}/{target} events missed by the stopped region  {acked_per_s:>9.0} writes/s",
+                );
+                if terminal {
+                    let _ = write!(err, "\r{line}");
+                    on_line = true;
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
             }
             Progress::Load {
                 elapsed_s,

@@ -66,6 +66,8 @@ fn t50_bench_smoke_run_reports_every_figure() {
         "0.2",
         "--ceiling-duration",
         "0.5",
+        "--outage-events",
+        "3000",
         "--base-port",
         &base,
         "--dir",
@@ -132,6 +134,16 @@ fn t50_bench_smoke_run_reports_every_figure() {
         assert!(report["redis"].is_null());
         assert!(stdout.contains("install redis-server"));
     }
+    // The outage phase: the last region was killed, missed at least the asked events, came
+    // back and caught up with all of them.
+    let outage = &report["outage"];
+    assert_eq!(outage["region"], "b");
+    assert!(outage["events_during_outage"].as_u64().unwrap() >= 3000);
+    assert!(outage["backlog_events"].as_u64().unwrap() >= 3000);
+    assert!(number(&report, "outage.catch_up_s") > 0.0, "caught up");
+    assert!(number(&report, "outage.catch_up_events_per_s") > 0.0);
+    assert!(outage["rss_mb"][0]["max"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("catch-up after the outage"), "{stdout}");
     processes_gone(&work.path().join("cluster"));
 }
 
@@ -206,6 +218,10 @@ fn t50_bench_refuses_bad_options_clearly() {
         (&["--conflict-ratio", "2"][..], "--conflict-ratio"),
         (&["--duration", "0"][..], "--duration"),
         (&["--attach", "/nonexistent/braid"][..], "cluster.json"),
+        (
+            &["--attach", "/tmp", "--outage-events", "10"][..],
+            "--outage-events needs the bench's own cluster",
+        ),
     ] {
         let out = bench(args);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -109,6 +109,9 @@ pub struct BenchOptions {
     pub redis: RedisChoice,
     /// How long each ceiling is measured.
     pub ceiling_duration: Duration,
+    /// After the main load: kill the last region, keep writing into the others until it lacks
+    /// this many events, restart it and measure its catch-up (0: no outage phase).
+    pub outage_events: u64,
     /// The `braid` executable that runs the nodes.
     pub exe: PathBuf,
     /// The command line, for the report.
@@ -156,6 +159,12 @@ impl BenchOptions {
         if self.duration.is_zero() {
             return bad("--duration: longer than zero".into());
         }
+        if self.outage_events > 0 && self.attach.is_some() {
+            return bad(
+                "--outage-events needs the bench's own cluster: it kills and restarts a region (leave out --attach)"
+                    .into(),
+            );
+        }
         if self.rate_per_region == Some(0) {
             return bad("--rate: at least one write per second (or leave it out)".into());
         }
@@ -181,6 +190,15 @@ pub enum Progress {
         applied_per_s: Option<f64>,
         /// Writes acknowledged so far.
         acked: u64,
+    },
+    /// A region is down and the others are being written.
+    Outage {
+        /// Events the others committed since it went down.
+        events: u64,
+        /// Of this many.
+        target: u64,
+        /// Writes acknowledged in the last interval, per second.
+        acked_per_s: f64,
     },
 }
 
@@ -447,10 +465,17 @@ pub async fn run(
             options.regions, options.durability
         ),
     }));
-    let cluster = UnderTest::start(options, &work.path).await?;
+    let mut cluster = UnderTest::start(options, &work.path).await?;
     let measured = measure_cluster(options, &cluster, progress).await;
+    let outage = match &measured {
+        Ok(measured) if options.outage_events > 0 => {
+            Some(measure_outage(options, &mut cluster, measured, progress).await)
+        }
+        _ => None,
+    };
     cluster_stop(cluster, progress).await;
     let measured = measured?;
+    let outage = outage.transpose()?;
 
     let key_bytes = "b:s:a:".len() + options.keys.saturating_sub(1).to_string().len();
     progress(Progress::Phase("measuring the storage ceiling".into()));
@@ -498,7 +523,9 @@ pub async fn run(
         }
         _ => None,
     };
-    Ok(Report::new(options, measured, storage, transport, redis))
+    Ok(Report::new(
+        options, measured, outage, storage, transport, redis,
+    ))
 }
 
 async fn cluster_stop(cluster: UnderTest, progress: &mut dyn FnMut(Progress)) {
@@ -649,6 +676,178 @@ async fn measure_cluster(
     })
 }
 
+/// The outage phase's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutageFigures {
+    /// The region that was killed and restarted.
+    pub region: String,
+    /// Events the others committed while it was down.
+    pub events_during_outage: u64,
+    /// Events it lacked when it came back.
+    pub backlog_events: u64,
+    /// Seconds it was down.
+    pub outage_s: f64,
+    /// Seconds from its restart until it served again.
+    pub restart_s: f64,
+    /// Seconds from serving again until it had applied the whole backlog (null if it did not
+    /// within the drain timeout).
+    pub catch_up_s: Option<f64>,
+    /// Backlog events applied per second of catch-up.
+    pub catch_up_events_per_s: f64,
+    /// The steady replicated rate of the main load (slowest region), for comparison.
+    pub steady_replicated_events_per_s: f64,
+    /// Per surviving region: resident megabytes when the outage began and at its end, and the
+    /// most seen in between.
+    pub rss_mb: Vec<RssFigures>,
+}
+
+/// One surviving region's memory over the outage.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssFigures {
+    /// Region.
+    pub name: String,
+    /// Resident megabytes when the outage began.
+    pub start: f64,
+    /// At its end.
+    pub end: f64,
+    /// Most seen in between (sampled every second).
+    pub max: f64,
+}
+
+fn vector_total(status: &Status) -> u64 {
+    status.vector.values().sum()
+}
+
+async fn measure_outage(
+    options: &BenchOptions,
+    cluster: &mut UnderTest,
+    measured: &Measured,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<OutageFigures, BenchError> {
+    let victim = cluster.regions.len() - 1;
+    let name = cluster.regions[victim].name.clone();
+    let survivors: Vec<Region> = cluster.regions[..victim].to_vec();
+    let Some(children) = cluster.started.as_mut() else {
+        return Err(BenchError::Options(
+            "--outage-events needs the bench's own cluster".into(),
+        ));
+    };
+    progress(Progress::Phase(format!(
+        "outage: killing region {name} (kill -9), writing {} events into the others",
+        options.outage_events
+    )));
+    let _ = children[victim].start_kill();
+    let _ = children[victim].wait().await;
+    let down_at = Instant::now();
+    let rss = |r: &Region| {
+        r.pid
+            .and_then(launch::usage)
+            .map_or(0.0, |u| u.rss_bytes as f64 / 1e6)
+    };
+    let mut rss_mb: Vec<RssFigures> = survivors
+        .iter()
+        .map(|r| RssFigures {
+            name: r.name.clone(),
+            start: rss(r),
+            end: 0.0,
+            max: rss(r),
+        })
+        .collect();
+    let originated = |statuses: &[Status]| -> u64 { statuses.iter().map(|s| s.writes).sum() };
+    let before = originated(&Reading::take(&survivors).await?.statuses);
+    let targets: Vec<load::Target> = survivors
+        .iter()
+        .map(|r| load::Target {
+            name: r.name.clone(),
+            addr: r.resp,
+        })
+        .collect();
+    let spec = load_spec(options, options.clients);
+    let counters = Arc::new(load::LoadCounters::default());
+    let (stop, stopped) = watch::channel(false);
+    let driver = {
+        let counters = counters.clone();
+        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
+    };
+    let mut written = 0;
+    let mut last = (Instant::now(), 0u64);
+    while written < options.outage_events && !driver.is_finished() {
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        written = originated(&Reading::take(&survivors).await?.statuses).saturating_sub(before);
+        for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
+            figures.max = figures.max.max(rss(region));
+        }
+        let acked = counters.acked.load(Ordering::Relaxed);
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        progress(Progress::Outage {
+            events: written,
+            target: options.outage_events,
+            acked_per_s: (acked - last.1) as f64 / dt,
+        });
+        last = (Instant::now(), acked);
+    }
+    let _ = stop.send(true);
+    driver
+        .await
+        .map_err(|e| BenchError::Load(e.to_string()))??;
+    for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
+        figures.end = rss(region);
+        figures.max = figures.max.max(figures.end);
+    }
+    let target = Reading::take(&survivors).await?.statuses;
+    let target_total = vector_total(&target[0]);
+    let outage_s = down_at.elapsed().as_secs_f64();
+
+    progress(Progress::Phase(format!("restarting region {name}")));
+    let restarted_at = Instant::now();
+    let fail = |e: &dyn std::fmt::Display| BenchError::Cluster(e.to_string());
+    let entry = &mut cluster.file.regions[victim];
+    children[victim] = launch::spawn_region(entry, &options.exe, false).map_err(|e| fail(&e))?;
+    cluster.regions[victim].pid = entry.pid;
+    let single = ClusterFile {
+        regions: vec![entry.clone()],
+    };
+    launch::wait_healthy(
+        &single,
+        &mut children[victim..=victim],
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| fail(&e))?;
+    let serving_at = Instant::now();
+    let region = cluster.regions[victim].clone();
+    let start: Status = get_json(&region, "/status").await?;
+    let backlog = target_total.saturating_sub(vector_total(&start));
+    progress(Progress::Phase(format!(
+        "region {name} serves again; catching up {backlog} events"
+    )));
+    let catch_up_s = loop {
+        let status: Status = get_json(&region, "/status").await?;
+        if vector_total(&status) >= target_total {
+            break Some(serving_at.elapsed().as_secs_f64());
+        }
+        if serving_at.elapsed() > DRAIN_TIMEOUT {
+            break None;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    Ok(OutageFigures {
+        region: name,
+        events_during_outage: written,
+        backlog_events: backlog,
+        outage_s,
+        restart_s: serving_at.duration_since(restarted_at).as_secs_f64(),
+        catch_up_s,
+        catch_up_events_per_s: catch_up_s.map_or(0.0, |s| backlog as f64 / s.max(1e-3)),
+        steady_replicated_events_per_s: measured
+            .regions
+            .iter()
+            .map(|r| r.replicated_events_per_s)
+            .fold(f64::INFINITY, f64::min),
+        rss_mb,
+    })
+}
+
 fn load_spec(options: &BenchOptions, clients: usize) -> load::LoadSpec {
     load::LoadSpec {
         clients,
@@ -746,6 +945,7 @@ mod tests {
             base_port: 17000,
             redis: RedisChoice::Off,
             ceiling_duration: Duration::from_secs(1),
+            outage_events: 0,
             exe: PathBuf::from("braid"),
             command_line: String::new(),
         }
@@ -761,6 +961,13 @@ mod tests {
             (|o| o.mix.clear(), "--mix"),
             (|o| o.value_size = 2 << 20, "--value-size"),
             (|o| o.rate_per_region = Some(0), "--rate"),
+            (
+                |o| {
+                    o.outage_events = 10;
+                    o.attach = Some(PathBuf::from("x"));
+                },
+                "--outage-events",
+            ),
         ];
         for (change, flag) in cases {
             let mut o = options();

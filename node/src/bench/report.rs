@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::ceilings::{StorageCeiling, TransportCeiling};
 use super::redis::RedisResult;
-use super::{BenchOptions, LagSummary, Measured, MixOp};
+use super::{BenchOptions, LagSummary, Measured, MixOp, OutageFigures};
 
 /// One region's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +122,8 @@ pub struct Report {
     pub first_write_error: Option<String>,
     /// Per region.
     pub regions: Vec<RegionFigures>,
+    /// The outage phase (`--outage-events`), when it ran.
+    pub outage: Option<OutageFigures>,
     /// The ceilings measured in the same run.
     pub ceilings: Ceilings,
     /// Redis under the same load, when it ran.
@@ -143,6 +145,7 @@ impl Report {
     pub fn new(
         options: &BenchOptions,
         measured: Measured,
+        outage: Option<OutageFigures>,
         storage: StorageCeiling,
         transport: TransportCeiling,
         redis: Option<RedisResult>,
@@ -198,6 +201,7 @@ impl Report {
             write_errors: measured.errors.0,
             first_write_error: measured.errors.1,
             regions: measured.regions,
+            outage,
             ceilings: Ceilings {
                 storage_events_per_s: storage.events_per_s,
                 transport_events_per_s: transport.events_per_s,
@@ -320,6 +324,40 @@ impl Report {
         ];
         for (name, value) in rows {
             let _ = writeln!(out, "{name:<42} {value}");
+        }
+        if let Some(o) = &self.outage {
+            let _ = writeln!(
+                out,
+                "{:<42} region {} down {:.1} s while the others wrote {} events; restarted in {:.1} s",
+                "outage", o.region, o.outage_s, o.events_during_outage, o.restart_s
+            );
+            let _ = writeln!(
+                out,
+                "{:<42} {}",
+                "catch-up after the outage",
+                match o.catch_up_s {
+                    Some(s) => format!(
+                        "{} events in {s:.1} s: {:.0} events/s ({:.2}x the steady replicated rate)",
+                        o.backlog_events,
+                        o.catch_up_events_per_s,
+                        ratio(o.catch_up_events_per_s, o.steady_replicated_events_per_s)
+                    ),
+                    None => format!(
+                        "{} events, not caught up within the timeout",
+                        o.backlog_events
+                    ),
+                }
+            );
+            for r in &o.rss_mb {
+                let _ = writeln!(
+                    out,
+                    "{:<42} {:.0} MB at the start, {:.0} MB at the end, {:.0} MB at most",
+                    format!("RSS of {} during the outage", r.name),
+                    r.start,
+                    r.end,
+                    r.max
+                );
+            }
         }
         match &self.redis {
             Some(redis) => {
