@@ -269,7 +269,7 @@ impl Storage for RocksStorage {
         self.get(key)
     }
 
-    fn commit(&mut self, commit: &Commit) -> Result<(), StorageError> {
+    fn commit(&mut self, commit: Commit) -> Result<(), StorageError> {
         let (data, log, meta) = (self.cf(CF_DATA)?, self.cf(CF_LOG)?, self.cf(CF_META)?);
         let mut batch = WriteBatch::default();
         for (key, state) in &commit.keys {
@@ -361,7 +361,7 @@ mod tests {
             vector: vector.clone(),
             hlc: Hlc::new(5, 0, node),
         };
-        storage.commit(&commit).unwrap();
+        storage.commit(commit.clone()).unwrap();
         // Another origin's events must not leak into this origin's range.
         let other = ChangeEvent {
             origin: NodeId(4),
@@ -373,7 +373,7 @@ mod tests {
             ..other
         };
         storage
-            .commit(&Commit {
+            .commit(Commit {
                 keys: vec![],
                 events: vec![other],
                 vector: vector.clone(),

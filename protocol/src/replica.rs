@@ -480,7 +480,7 @@ impl<S: Storage> Replica<S> {
             vector: self.vector.clone(),
             hlc: self.clock.last(),
         };
-        self.storage.commit(&commit)
+        self.storage.commit(commit)
     }
 
     // ---- connection lifecycle ----
@@ -663,6 +663,8 @@ impl<S: Storage> Replica<S> {
             // ahead, and stall detection fetches it again.)
             self.gap_since_ms = None;
         }
+        // Keys were taken from storage for the overlay: all of them go back in this commit.
+        assert!(overlay.is_empty() || !applied.is_empty());
         if !applied.is_empty() {
             self.commit(overlay.into_iter().collect(), applied)?;
         }
@@ -697,7 +699,8 @@ impl<S: Storage> Replica<S> {
         let state = match overlay.get_mut(&event.key) {
             Some(state) => state,
             None => {
-                let stored = self.storage.key_state(&event.key)?.unwrap_or_default();
+                // Every key in the overlay is committed below: take it, do not copy it.
+                let stored = self.storage.take_key_state(&event.key)?.unwrap_or_default();
                 overlay.entry(event.key.clone()).or_insert(stored)
             }
         };

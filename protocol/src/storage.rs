@@ -50,8 +50,17 @@ pub trait Storage {
     /// The stored state of `key`, if any.
     fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Self::Error>;
 
-    /// Applies `commit` atomically.
-    fn commit(&mut self, commit: &Commit) -> Result<(), Self::Error>;
+    /// The state of `key`, read for a change that the replica commits before it returns to its
+    /// caller (every key taken is in that commit). An in-memory storage may hand over its own copy
+    /// instead of cloning it: it gets the key back with the commit. Defaults to
+    /// [`Storage::key_state`].
+    fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Self::Error> {
+        self.key_state(key)
+    }
+
+    /// Applies `commit` atomically. The commit is handed over: an implementation that keeps its
+    /// states and events in memory moves them in instead of copying them.
+    fn commit(&mut self, commit: Commit) -> Result<(), Self::Error>;
 
     /// Events of `origin` with sequence numbers above `after`, in order: at most `events_max`
     /// of them, and no more than `bytes_max` bytes of keys and values (at least one event is
@@ -102,15 +111,19 @@ impl Storage for MemoryStorage {
         Ok(self.keys.get(key).cloned())
     }
 
-    fn commit(&mut self, commit: &Commit) -> Result<(), Infallible> {
-        for (key, state) in &commit.keys {
-            self.keys.insert(key.clone(), state.clone());
+    fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
+        Ok(self.keys.remove(key))
+    }
+
+    fn commit(&mut self, commit: Commit) -> Result<(), Infallible> {
+        for (key, state) in commit.keys {
+            self.keys.insert(key, state);
         }
-        for event in &commit.events {
-            self.log.insert((event.origin, event.seq), event.clone());
+        for event in commit.events {
+            self.log.insert((event.origin, event.seq), event);
         }
         self.recovered = Recovered {
-            vector: commit.vector.clone(),
+            vector: commit.vector,
             hlc: commit.hlc,
         };
         self.commits += 1;

@@ -83,24 +83,27 @@ impl Storage for SimStorage {
         self.inner.key_state(key)
     }
 
-    fn commit(&mut self, commit: &Commit) -> Result<(), Infallible> {
+    fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
+        self.inner.take_key_state(key)
+    }
+
+    fn commit(&mut self, mut commit: Commit) -> Result<(), Infallible> {
         self.commits += 1;
         let faulty = self.commits % 50 == 0;
         match self.bug {
             Some(InjectedBug::LoseWrite) if faulty && !commit.keys.is_empty() => {
-                self.watch(commit);
-                let mut lossy = commit.clone();
-                lossy.keys.clear();
-                self.inner.commit(&lossy)
+                self.watch(&commit);
+                commit.keys.clear();
+                self.inner.commit(commit)
             }
             Some(InjectedBug::DoubleApply) if faulty && !commit.events.is_empty() => {
-                self.watch(commit);
-                self.inner.commit(commit)?;
-                self.watch(commit);
+                self.watch(&commit);
+                self.inner.commit(commit.clone())?;
+                self.watch(&commit);
                 self.inner.commit(commit)
             }
             _ => {
-                self.watch(commit);
+                self.watch(&commit);
                 self.inner.commit(commit)
             }
         }
