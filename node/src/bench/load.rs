@@ -23,6 +23,10 @@ use super::BenchError;
 
 /// Largest pipeline a client may use: a batch of replies is read into one buffer.
 pub const PIPELINE_MAX: usize = 1024;
+/// A reply line longer than this is not one of the replies these commands get.
+const REPLY_LINE_BYTES_MAX: usize = 64 * 1024;
+/// A server that answers nothing for this long is taken as stalled, and the bench fails.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Members per set and fields per hash the workload cycles through (bounds their size).
 const MEMBERS: u64 = 64;
 /// Batch round-trip histogram: 1 µs to 60 s.
@@ -139,6 +143,11 @@ pub async fn drive(
     counters: Arc<LoadCounters>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<TargetResult>, BenchError> {
+    if spec.mix.is_empty() || spec.clients == 0 || spec.pipeline == 0 {
+        return Err(BenchError::Load(
+            "a load needs clients, a pipeline and a command mix".into(),
+        ));
+    }
     let mut tasks = Vec::new();
     for (t, target) in targets.iter().enumerate() {
         for c in 0..spec.clients {
@@ -163,10 +172,17 @@ pub async fn drive(
             first_error: None,
         })
         .collect();
+    let handles: Vec<_> = tasks.iter().map(|(_, task)| task.abort_handle()).collect();
+    // One client failing fails the load: the others are stopped, not left writing.
+    let abort_all = |err: BenchError| {
+        handles.iter().for_each(|h| h.abort());
+        err
+    };
     for (t, task) in tasks {
         let done = task
             .await
-            .map_err(|e| BenchError::Load(format!("a client task failed: {e}")))??;
+            .map_err(|e| abort_all(BenchError::Load(format!("a client task failed: {e}"))))?
+            .map_err(abort_all)?;
         let result = &mut results[t];
         result.acked += done.acked;
         result.errors += done.errors;
@@ -342,7 +358,20 @@ impl Replies {
                 self.buffer.drain(..start);
                 return Ok((errors, first));
             }
-            let n = stream.read(&mut chunk).await?;
+            if self.buffer.len() - start > REPLY_LINE_BYTES_MAX {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a reply line longer than any expected reply",
+                ));
+            }
+            let n = tokio::time::timeout(REPLY_TIMEOUT, stream.read(&mut chunk))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no reply within {REPLY_TIMEOUT:?}"),
+                    )
+                })??;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }

@@ -32,6 +32,10 @@ use crate::storage::Durability;
 
 /// How long the backlog may take to drain before the run gives up waiting.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The outage phase fails if the survivors commit no new event for this long.
+const OUTAGE_STALL_MAX: Duration = Duration::from_secs(30);
+/// Longest ceiling measurement (a blocking RocksDB loop that an interrupt waits for).
+pub const CEILING_DURATION_MAX: Duration = Duration::from_secs(60);
 /// How often the progress line is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How often drain is checked.
@@ -156,6 +160,12 @@ impl BenchOptions {
         if self.keys == 0 {
             return bad("--keys: at least one key".into());
         }
+        if self.ceiling_duration.is_zero() || self.ceiling_duration > CEILING_DURATION_MAX {
+            return bad(format!(
+                "--ceiling-duration: above 0 and at most {} s",
+                CEILING_DURATION_MAX.as_secs()
+            ));
+        }
         if self.duration.is_zero() {
             return bad("--duration: longer than zero".into());
         }
@@ -165,8 +175,13 @@ impl BenchOptions {
                     .into(),
             );
         }
-        if self.rate_per_region == Some(0) {
-            return bad("--rate: at least one write per second (or leave it out)".into());
+        if let Some(rate) = self.rate_per_region {
+            if rate < self.clients as u64 {
+                return bad(format!(
+                    "--rate {rate}: at least one write per second per client (--clients {})",
+                    self.clients
+                ));
+            }
         }
         Ok(())
     }
@@ -292,6 +307,23 @@ impl Reading {
     }
 }
 
+async fn statuses(regions: &[Region]) -> Result<Vec<Status>, BenchError> {
+    let mut statuses = Vec::with_capacity(regions.len());
+    for region in regions {
+        statuses.push(get_json(region, "/status").await?);
+    }
+    Ok(statuses)
+}
+
+/// Aborts a spawned task when dropped, so that an early return stops the load it drives.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn get_json<T: serde::de::DeserializeOwned>(
     region: &Region,
     path: &str,
@@ -378,6 +410,8 @@ struct UnderTest {
     regions: Vec<Region>,
     started: Option<Vec<tokio::process::Child>>,
     durability: String,
+    /// Where a started cluster's cluster.json lives.
+    dir: Option<PathBuf>,
 }
 
 impl UnderTest {
@@ -413,8 +447,12 @@ impl UnderTest {
                         late.join(", ")
                     )));
                 }
-                (file, Some(children))
+                (file, Some((children, dir)))
             }
+        };
+        let (started, dir) = match started {
+            Some((children, dir)) => (Some(children), Some(dir)),
+            None => (None, None),
         };
         let mut regions = Vec::new();
         for entry in &mut file.regions {
@@ -441,6 +479,7 @@ impl UnderTest {
             regions,
             started,
             durability: first.durability,
+            dir,
         })
     }
 
@@ -477,13 +516,24 @@ pub async fn run(
     let measured = measured?;
     let outage = outage.transpose()?;
 
-    let key_bytes = "b:s:a:".len() + options.keys.saturating_sub(1).to_string().len();
+    // Keys as the clients write them: b:<type>:<region>:<index>.
+    let name_bytes = measured
+        .regions
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(1);
+    let key_bytes = "b:s::".len() + name_bytes + options.keys.saturating_sub(1).to_string().len();
+    // The cluster's own mode (an attached cluster may differ from --durability).
+    let durability = match measured.durability.as_str() {
+        "machine" => Durability::Machine,
+        _ => Durability::Process,
+    };
     progress(Progress::Phase("measuring the storage ceiling".into()));
     let storage_dir = work.path.join("ceiling-rocksdb");
     let _ = std::fs::remove_dir_all(&storage_dir);
     let storage = {
         let dir = storage_dir.clone();
-        let durability = options.durability;
         let batch = measured.events_per_batch.round().max(1.0) as usize;
         let value = options.value_size;
         let duration = options.ceiling_duration;
@@ -582,13 +632,13 @@ async fn measure_cluster(
     let spec = load_spec(options, options.clients);
     let counters = Arc::new(load::LoadCounters::default());
     let (stop, stopped) = watch::channel(false);
-    let driver = {
+    let mut driver = AbortOnDrop({
         let counters = counters.clone();
         tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    };
+    });
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64, before.applied_total());
-    while started.elapsed() < options.duration && !driver.is_finished() {
+    while started.elapsed() < options.duration && !driver.0.is_finished() {
         let left = options.duration.saturating_sub(started.elapsed());
         tokio::time::sleep(left.min(PROGRESS_EVERY)).await;
         let acked = counters.acked.load(Ordering::Relaxed);
@@ -604,7 +654,7 @@ async fn measure_cluster(
         last = (Instant::now(), acked, applied);
     }
     let _ = stop.send(true);
-    let results = driver
+    let results = (&mut driver.0)
         .await
         .map_err(|e| BenchError::Load(e.to_string()))??;
     let load_s = started.elapsed().as_secs_f64();
@@ -612,7 +662,7 @@ async fn measure_cluster(
 
     progress(Progress::Phase("waiting for the backlog to drain".into()));
     let drain_ms = loop {
-        let statuses = Reading::take(regions).await?.statuses;
+        let statuses = statuses(regions).await?;
         let first = &statuses[0].vector;
         if statuses.iter().all(|s| &s.vector == first) {
             break Some(stopped_at.elapsed().as_secs_f64() * 1000.0);
@@ -623,7 +673,8 @@ async fn measure_cluster(
         tokio::time::sleep(DRAIN_POLL).await;
     };
     let after = Reading::take(regions).await?;
-    let replicated_s = load_s + drain_ms.unwrap_or(0.0) / 1000.0;
+    // Applies are counted up to this reading: the rate's window ends here too.
+    let replicated_s = load_s + stopped_at.elapsed().as_secs_f64();
 
     let mut all_lag = lag_histogram();
     let mut round_trips = lag_histogram();
@@ -683,13 +734,14 @@ pub struct OutageFigures {
     pub region: String,
     /// Events the others committed while it was down.
     pub events_during_outage: u64,
-    /// Events it lacked when it came back.
+    /// Events it lacked when it came back: what the survivors held beyond its vector when it
+    /// was killed.
     pub backlog_events: u64,
     /// Seconds it was down.
     pub outage_s: f64,
     /// Seconds from its restart until it served again.
     pub restart_s: f64,
-    /// Seconds from serving again until it had applied the whole backlog (null if it did not
+    /// Seconds from its restart until it had applied the whole backlog (null if it did not
     /// within the drain timeout).
     pub catch_up_s: Option<f64>,
     /// Backlog events applied per second of catch-up.
@@ -714,10 +766,6 @@ pub struct RssFigures {
     pub max: f64,
 }
 
-fn vector_total(status: &Status) -> u64 {
-    status.vector.values().sum()
-}
-
 async fn measure_outage(
     options: &BenchOptions,
     cluster: &mut UnderTest,
@@ -736,8 +784,14 @@ async fn measure_outage(
         "outage: killing region {name} (kill -9), writing {} events into the others",
         options.outage_events
     )));
+    // Everything drained after the main load: what the victim holds now is what it had.
+    let held_before = get_json::<Status>(&cluster.regions[victim], "/status")
+        .await?
+        .vector;
     let _ = children[victim].start_kill();
     let _ = children[victim].wait().await;
+    cluster.file.regions[victim].pid = None;
+    cluster.regions[victim].pid = None;
     let down_at = Instant::now();
     let rss = |r: &Region| {
         r.pid
@@ -765,15 +819,25 @@ async fn measure_outage(
     let spec = load_spec(options, options.clients);
     let counters = Arc::new(load::LoadCounters::default());
     let (stop, stopped) = watch::channel(false);
-    let driver = {
+    let mut driver = AbortOnDrop({
         let counters = counters.clone();
         tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    };
+    });
     let mut written = 0;
     let mut last = (Instant::now(), 0u64);
-    while written < options.outage_events && !driver.is_finished() {
+    let mut progressed_at = Instant::now();
+    while written < options.outage_events && !driver.0.is_finished() {
         tokio::time::sleep(PROGRESS_EVERY).await;
-        written = originated(&Reading::take(&survivors).await?.statuses).saturating_sub(before);
+        let now_written = originated(&statuses(&survivors).await?).saturating_sub(before);
+        if now_written > written {
+            progressed_at = Instant::now();
+        } else if progressed_at.elapsed() > OUTAGE_STALL_MAX {
+            return Err(BenchError::Load(format!(
+                "the outage phase made no new events for {OUTAGE_STALL_MAX:?} (at {written} of {}): with this mix and key count every write may change nothing",
+                options.outage_events
+            )));
+        }
+        written = now_written;
         for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
             figures.max = figures.max.max(rss(region));
         }
@@ -787,15 +851,32 @@ async fn measure_outage(
         last = (Instant::now(), acked);
     }
     let _ = stop.send(true);
-    driver
+    (&mut driver.0)
         .await
         .map_err(|e| BenchError::Load(e.to_string()))??;
     for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
         figures.end = rss(region);
         figures.max = figures.max.max(figures.end);
     }
-    let target = Reading::take(&survivors).await?.statuses;
-    let target_total = vector_total(&target[0]);
+    // The survivors converge first: the backlog is everything any of them holds.
+    let drain_started = Instant::now();
+    let target = loop {
+        let statuses = statuses(&survivors).await?;
+        if statuses.iter().all(|s| s.vector == statuses[0].vector) {
+            break statuses[0].vector.clone();
+        }
+        if drain_started.elapsed() > DRAIN_TIMEOUT {
+            return Err(BenchError::Cluster(
+                "the surviving regions did not converge after the outage".into(),
+            ));
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    let written = originated(&statuses(&survivors).await?).saturating_sub(before);
+    let backlog: u64 = target
+        .iter()
+        .map(|(origin, seq)| seq.saturating_sub(held_before.get(origin).copied().unwrap_or(0)))
+        .sum();
     let outage_s = down_at.elapsed().as_secs_f64();
 
     progress(Progress::Phase(format!("restarting region {name}")));
@@ -804,6 +885,10 @@ async fn measure_outage(
     let entry = &mut cluster.file.regions[victim];
     children[victim] = launch::spawn_region(entry, &options.exe, false).map_err(|e| fail(&e))?;
     cluster.regions[victim].pid = entry.pid;
+    if let Some(dir) = &cluster.dir {
+        cluster.file.save(dir).map_err(|e| fail(&e))?;
+    }
+    let entry = &cluster.file.regions[victim];
     let single = ClusterFile {
         regions: vec![entry.clone()],
     };
@@ -816,15 +901,17 @@ async fn measure_outage(
     .map_err(|e| fail(&e))?;
     let serving_at = Instant::now();
     let region = cluster.regions[victim].clone();
-    let start: Status = get_json(&region, "/status").await?;
-    let backlog = target_total.saturating_sub(vector_total(&start));
     progress(Progress::Phase(format!(
         "region {name} serves again; catching up {backlog} events"
     )));
+    // Catch-up is timed from the restart: replication starts before the HTTP server answers.
     let catch_up_s = loop {
         let status: Status = get_json(&region, "/status").await?;
-        if vector_total(&status) >= target_total {
-            break Some(serving_at.elapsed().as_secs_f64());
+        let caught_up = target
+            .iter()
+            .all(|(origin, seq)| status.vector.get(origin).copied().unwrap_or(0) >= *seq);
+        if caught_up {
+            break Some(restarted_at.elapsed().as_secs_f64());
         }
         if serving_at.elapsed() > DRAIN_TIMEOUT {
             break None;
@@ -873,18 +960,20 @@ async fn run_redis(
     // The same clients in all, all on the primary (replicas take no writes). A rate limit per
     // region becomes the same total rate.
     let mut spec = load_spec(options, options.clients * regions);
-    spec.rate_per_target = options.rate_per_region.map(|r| r * regions as u64);
+    spec.rate_per_target = options
+        .rate_per_region
+        .map(|r| r.saturating_mul(regions as u64));
     let targets = vec![load::Target {
         name: "primary".into(),
         addr: set.primary,
     }];
     let counters = Arc::new(load::LoadCounters::default());
     let (stop, stopped) = watch::channel(false);
-    let driver = {
+    let mut driver = AbortOnDrop({
         let counters = counters.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    };
+    });
     let started = Instant::now();
     let sampler = {
         let stopped = stopped.clone();
@@ -906,14 +995,14 @@ async fn run_redis(
             });
             last = (Instant::now(), acked);
         }
-        // Replicas get a moment to catch up with the last writes before sampling stops.
+        // The writers stop; the sampler goes on until the replicas reached the last offsets.
         let _ = stop.send(true);
+        started.elapsed().as_secs_f64()
     };
-    let (lag, ()) = tokio::join!(sampler, clock);
-    let results = driver
+    let (lag, elapsed) = tokio::join!(sampler, clock);
+    let results = (&mut driver.0)
         .await
         .map_err(|e| BenchError::Load(e.to_string()))??;
-    let elapsed = started.elapsed().as_secs_f64();
     let acked: u64 = results.iter().map(|r| r.acked).sum();
     Ok(redis::RedisResult {
         version: set.version.clone(),

@@ -24,6 +24,10 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(1);
 const SAMPLES_PENDING_MAX: usize = 100_000;
 /// Largest INFO reply read.
 const INFO_BYTES_MAX: usize = 1024 * 1024;
+/// After the writers stop, how long the sampler waits for the replicas to reach the last offsets.
+const LAG_DRAIN_MAX: Duration = Duration::from_secs(5);
+/// Timeout of one request to a Redis server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Redis gets to start and to attach its replicas.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -134,13 +138,15 @@ pub async fn start(server: &Path, dir: &Path, replicas: usize) -> Result<RedisSe
 async fn wait_ping(addr: SocketAddr) -> Result<(), BenchError> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Ok(mut conn) = TcpStream::connect(addr).await {
-            if conn.write_all(b"PING\r\n").await.is_ok() {
-                let mut reply = [0u8; 7];
-                if conn.read_exact(&mut reply).await.is_ok() && &reply == b"+PONG\r\n" {
-                    return Ok(());
-                }
-            }
+        let ping = async {
+            let mut conn = TcpStream::connect(addr).await.ok()?;
+            conn.write_all(b"PING\r\n").await.ok()?;
+            let mut reply = [0u8; 7];
+            conn.read_exact(&mut reply).await.ok()?;
+            (&reply == b"+PONG\r\n").then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(BenchError::Redis(format!(
@@ -161,6 +167,12 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, BenchError> {
 
 /// `INFO replication`, as text.
 async fn info(conn: &mut TcpStream) -> Result<String, BenchError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, info_inner(conn))
+        .await
+        .map_err(|_| BenchError::Redis(format!("INFO: no answer within {REQUEST_TIMEOUT:?}")))?
+}
+
+async fn info_inner(conn: &mut TcpStream) -> Result<String, BenchError> {
     let io = |e: std::io::Error| BenchError::Redis(format!("INFO: {e}"));
     let mut request = Vec::new();
     command(&mut request, &[b"INFO", b"replication"]);
@@ -173,6 +185,9 @@ async fn info(conn: &mut TcpStream) -> Result<String, BenchError> {
             return Err(BenchError::Redis("INFO: connection closed".into()));
         }
         buffer.extend_from_slice(&chunk[..n]);
+        if buffer.len() > INFO_BYTES_MAX + 64 {
+            return Err(BenchError::Redis("INFO: reply too large".into()));
+        }
         if let Some(header_end) = buffer.iter().position(|b| *b == b'\n') {
             let header = String::from_utf8_lossy(&buffer[..header_end]);
             let len: usize = header
@@ -195,8 +210,10 @@ fn offset(info: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Samples replica lag until `stop`: every millisecond it notes the primary's offset, and for
-/// each earlier sample records how long the replicas took to reach it.
+/// Samples replica lag until `stop`, then until the replicas reached the last sampled offsets
+/// (at most [`LAG_DRAIN_MAX`]): about every millisecond (each sample is one INFO round trip per
+/// server) it notes the primary's offset, and for each earlier sample records how long the
+/// replicas took to reach it.
 pub async fn sample_lag(
     set: &RedisSet,
     mut stop: watch::Receiver<bool>,
@@ -210,15 +227,25 @@ pub async fn sample_lag(
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last = 0;
+    let mut stopping: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return Ok(histogram),
+        match stopping {
+            None => tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => stopping = Some(Instant::now()),
+            },
+            Some(since) => {
+                let drained = replicas.iter().all(|(_, pending)| pending.is_empty());
+                if drained || since.elapsed() > LAG_DRAIN_MAX {
+                    return Ok(histogram);
+                }
+                tick.tick().await;
+            }
         }
         let now = Instant::now();
         let at = offset(&info(&mut primary).await?, "master_repl_offset").unwrap_or(0);
         for (conn, pending) in &mut replicas {
-            if at > last {
+            if at > last && stopping.is_none() {
                 if pending.len() >= SAMPLES_PENDING_MAX {
                     pending.pop_front();
                 }

@@ -245,16 +245,24 @@ impl Report {
         );
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         for r in &self.regions {
+            // No sample, no lag: "-" rather than a 0 ms that was never measured.
+            let ms = |v: f64| {
+                if r.lag_ms.count == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{v:.0}ms")
+                }
+            };
             let _ = writeln!(
                 out,
-                "{:<8} {:>12.0} {:>14.0} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8} {:>9}",
+                "{:<8} {:>12.0} {:>14.0} {:>10} {:>10} {:>10} {:>10} {:>8} {:>9}",
                 r.name,
                 r.acked_writes_per_s,
                 r.replicated_events_per_s,
-                r.lag_ms.p50,
-                r.lag_ms.p99,
-                r.lag_ms.p999,
-                r.lag_ms.max,
+                ms(r.lag_ms.p50),
+                ms(r.lag_ms.p99),
+                ms(r.lag_ms.p999),
+                ms(r.lag_ms.max),
                 opt(r.cpu_s),
                 opt(r.peak_rss_mb)
             );
