@@ -27,7 +27,6 @@ use hdrhistogram::Histogram;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::scenario::{Action, Scenario};
 use crate::storage::{InjectedBug, SimStorage};
@@ -78,7 +77,7 @@ pub struct Report {
     pub scenario: String,
     /// The seed.
     pub seed: u64,
-    /// SHA-256 of the trace: equal for equal scenario and seed.
+    /// BLAKE3 of the trace: equal for equal scenario and seed.
     pub trace_hash: String,
     /// Whether every checker passed.
     pub passed: bool,
@@ -186,7 +185,7 @@ pub struct World<'a> {
     next_write_us: Vec<u64>,
     end_ms: u64,
     converged_at: Option<u64>,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     trace: Vec<String>,
 }
 
@@ -259,7 +258,7 @@ impl<'a> World<'a> {
             next_write_us: vec![0; scenario.regions.len()],
             end_ms: scenario.duration_ms,
             converged_at: None,
-            hasher: Sha256::new(),
+            hasher: blake3::Hasher::new(),
             trace: Vec::new(),
             options,
         };
@@ -294,10 +293,12 @@ impl<'a> World<'a> {
     }
 
     fn trace(&mut self, record: [u64; 4], text: impl FnOnce() -> String) {
-        self.hasher.update(self.now_ms.to_le_bytes());
-        for word in record {
-            self.hasher.update(word.to_le_bytes());
+        let mut bytes = [0u8; 40];
+        bytes[..8].copy_from_slice(&self.now_ms.to_le_bytes());
+        for (i, word) in record.iter().enumerate() {
+            bytes[8 + 8 * i..16 + 8 * i].copy_from_slice(&word.to_le_bytes());
         }
+        self.hasher.update(&bytes);
         if self.options.keep_trace {
             let line = format!("{:>8} {}", self.now_ms, text());
             self.trace.push(line);
@@ -868,18 +869,18 @@ impl<'a> World<'a> {
     }
 
     fn digest(&self, region: &Region) -> [u8; 32] {
-        let mut hasher = Sha256::new();
+        let mut hasher = blake3::Hasher::new();
         if let Some(storage) = Self::storage(region) {
             for (key, state) in storage.keys() {
-                hasher.update((key.len() as u64).to_le_bytes());
+                hasher.update(&(key.len() as u64).to_le_bytes());
                 hasher.update(key);
                 let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
                     .unwrap_or_default();
-                hasher.update((bytes.len() as u64).to_le_bytes());
+                hasher.update(&(bytes.len() as u64).to_le_bytes());
                 hasher.update(&bytes);
             }
         }
-        hasher.finalize().into()
+        *hasher.finalize().as_bytes()
     }
 
     fn values(region: &Region) -> BTreeMap<Bytes, Value> {
@@ -977,11 +978,7 @@ impl<'a> World<'a> {
             });
         }
         let passed = verdicts.iter().all(|v| v.passed);
-        let trace_hash: String = std::mem::take(&mut self.hasher)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let trace_hash = self.hasher.finalize().to_hex().to_string();
         Report {
             scenario: self.scenario.name.clone(),
             seed: self.options.seed,
