@@ -439,6 +439,17 @@ async fn cluster_down(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes a progress line: rewritten in place on a terminal, one per line otherwise. Returns
+/// whether the cursor was left on it.
+fn progress_line(err: &mut impl std::io::Write, line: &str, terminal: bool) -> bool {
+    if terminal {
+        let _ = write!(err, "\r{line}");
+    } else {
+        let _ = writeln!(err, "{line}");
+    }
+    terminal
+}
+
 fn seconds(value: f64, flag: &str) -> Result<Duration> {
     if !value.is_finite() || value <= 0.0 || value > 86_400.0 {
         bail!("{flag} {value}: use a number of seconds above 0 and at most a day");
@@ -496,12 +507,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 let line = format!(
                     "   {events:>9}/{target} events missed by the stopped region  {acked_per_s:>9.0} writes/s",
                 );
-                if terminal {
-                    let _ = write!(err, "\r{line}");
-                    on_line = true;
-                } else {
-                    let _ = writeln!(err, "{line}");
-                }
+                on_line = progress_line(&mut err, &line, terminal);
             }
             Progress::Load {
                 elapsed_s,
@@ -516,12 +522,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 let line = format!(
                     "   {elapsed_s:>5.1}/{duration_s:.0} s  {acked_per_s:>9.0} writes/s{replicated}  {acked} writes",
                 );
-                if terminal {
-                    let _ = write!(err, "\r{line}");
-                    on_line = true;
-                } else {
-                    let _ = writeln!(err, "{line}");
-                }
+                on_line = progress_line(&mut err, &line, terminal);
             }
         }
     };

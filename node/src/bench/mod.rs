@@ -315,12 +315,61 @@ async fn statuses(regions: &[Region]) -> Result<Vec<Status>, BenchError> {
     Ok(statuses)
 }
 
-/// Aborts a spawned task when dropped, so that an early return stops the load it drives.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// Load being driven in the background. Dropped without [`RunningLoad::finish`] (an early
+/// return), it aborts the clients.
+struct RunningLoad {
+    counters: Arc<load::LoadCounters>,
+    stop: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<Result<Vec<load::TargetResult>, BenchError>>,
+}
 
-impl<T> Drop for AbortOnDrop<T> {
+impl RunningLoad {
+    fn start(targets: Vec<load::Target>, spec: load::LoadSpec) -> RunningLoad {
+        let counters = Arc::new(load::LoadCounters::default());
+        let (stop, stopped) = watch::channel(false);
+        let driver = {
+            let counters = counters.clone();
+            tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
+        };
+        RunningLoad {
+            counters,
+            stop,
+            driver,
+        }
+    }
+
+    fn to(regions: &[Region], spec: load::LoadSpec) -> RunningLoad {
+        let targets = regions
+            .iter()
+            .map(|r| load::Target {
+                name: r.name.clone(),
+                addr: r.resp,
+            })
+            .collect();
+        RunningLoad::start(targets, spec)
+    }
+
+    fn acked(&self) -> u64 {
+        self.counters.acked.load(Ordering::Relaxed)
+    }
+
+    /// Whether the clients stopped on their own (an error).
+    fn failed(&self) -> bool {
+        self.driver.is_finished()
+    }
+
+    /// Stops the clients and collects what they did.
+    async fn finish(mut self) -> Result<Vec<load::TargetResult>, BenchError> {
+        let _ = self.stop.send(true);
+        (&mut self.driver)
+            .await
+            .map_err(|e| BenchError::Load(e.to_string()))?
+    }
+}
+
+impl Drop for RunningLoad {
     fn drop(&mut self) {
-        self.0.abort();
+        self.driver.abort();
     }
 }
 
@@ -622,26 +671,13 @@ async fn measure_cluster(
         options.clients,
         options.pipeline
     )));
-    let targets: Vec<load::Target> = regions
-        .iter()
-        .map(|r| load::Target {
-            name: r.name.clone(),
-            addr: r.resp,
-        })
-        .collect();
-    let spec = load_spec(options, options.clients);
-    let counters = Arc::new(load::LoadCounters::default());
-    let (stop, stopped) = watch::channel(false);
-    let mut driver = AbortOnDrop({
-        let counters = counters.clone();
-        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    });
+    let load = RunningLoad::to(regions, load_spec(options, options.clients));
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64, before.applied_total());
-    while started.elapsed() < options.duration && !driver.0.is_finished() {
+    while started.elapsed() < options.duration && !load.failed() {
         let left = options.duration.saturating_sub(started.elapsed());
         tokio::time::sleep(left.min(PROGRESS_EVERY)).await;
-        let acked = counters.acked.load(Ordering::Relaxed);
+        let acked = load.acked();
         let applied = Reading::take(regions).await?.applied_total();
         let dt = last.0.elapsed().as_secs_f64().max(1e-3);
         progress(Progress::Load {
@@ -653,10 +689,7 @@ async fn measure_cluster(
         });
         last = (Instant::now(), acked, applied);
     }
-    let _ = stop.send(true);
-    let results = (&mut driver.0)
-        .await
-        .map_err(|e| BenchError::Load(e.to_string()))??;
+    let results = load.finish().await?;
     let load_s = started.elapsed().as_secs_f64();
     let stopped_at = Instant::now();
 
@@ -809,24 +842,11 @@ async fn measure_outage(
         .collect();
     let originated = |statuses: &[Status]| -> u64 { statuses.iter().map(|s| s.writes).sum() };
     let before = originated(&Reading::take(&survivors).await?.statuses);
-    let targets: Vec<load::Target> = survivors
-        .iter()
-        .map(|r| load::Target {
-            name: r.name.clone(),
-            addr: r.resp,
-        })
-        .collect();
-    let spec = load_spec(options, options.clients);
-    let counters = Arc::new(load::LoadCounters::default());
-    let (stop, stopped) = watch::channel(false);
-    let mut driver = AbortOnDrop({
-        let counters = counters.clone();
-        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    });
+    let load = RunningLoad::to(&survivors, load_spec(options, options.clients));
     let mut written = 0;
     let mut last = (Instant::now(), 0u64);
     let mut progressed_at = Instant::now();
-    while written < options.outage_events && !driver.0.is_finished() {
+    while written < options.outage_events && !load.failed() {
         tokio::time::sleep(PROGRESS_EVERY).await;
         let now_written = originated(&statuses(&survivors).await?).saturating_sub(before);
         if now_written > written {
@@ -841,7 +861,7 @@ async fn measure_outage(
         for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
             figures.max = figures.max.max(rss(region));
         }
-        let acked = counters.acked.load(Ordering::Relaxed);
+        let acked = load.acked();
         let dt = last.0.elapsed().as_secs_f64().max(1e-3);
         progress(Progress::Outage {
             events: written,
@@ -850,10 +870,7 @@ async fn measure_outage(
         });
         last = (Instant::now(), acked);
     }
-    let _ = stop.send(true);
-    (&mut driver.0)
-        .await
-        .map_err(|e| BenchError::Load(e.to_string()))??;
+    load.finish().await?;
     for (figures, region) in rss_mb.iter_mut().zip(&survivors) {
         figures.end = rss(region);
         figures.max = figures.max.max(figures.end);
@@ -967,16 +984,10 @@ async fn run_redis(
         name: "primary".into(),
         addr: set.primary,
     }];
-    let counters = Arc::new(load::LoadCounters::default());
-    let (stop, stopped) = watch::channel(false);
-    let mut driver = AbortOnDrop({
-        let counters = counters.clone();
-        let stopped = stopped.clone();
-        tokio::spawn(async move { load::drive(&targets, &spec, counters, stopped).await })
-    });
+    let load = RunningLoad::start(targets, spec);
     let started = Instant::now();
     let sampler = {
-        let stopped = stopped.clone();
+        let stopped = load.stop.subscribe();
         async { redis::sample_lag(&set, stopped).await }
     };
     let clock = async {
@@ -984,7 +995,7 @@ async fn run_redis(
         while started.elapsed() < options.duration {
             let left = options.duration.saturating_sub(started.elapsed());
             tokio::time::sleep(left.min(PROGRESS_EVERY)).await;
-            let acked = counters.acked.load(Ordering::Relaxed);
+            let acked = load.acked();
             let dt = last.0.elapsed().as_secs_f64().max(1e-3);
             progress(Progress::Load {
                 elapsed_s: started.elapsed().as_secs_f64(),
@@ -996,13 +1007,11 @@ async fn run_redis(
             last = (Instant::now(), acked);
         }
         // The writers stop; the sampler goes on until the replicas reached the last offsets.
-        let _ = stop.send(true);
+        let _ = load.stop.send(true);
         started.elapsed().as_secs_f64()
     };
     let (lag, elapsed) = tokio::join!(sampler, clock);
-    let results = (&mut driver.0)
-        .await
-        .map_err(|e| BenchError::Load(e.to_string()))??;
+    let results = load.finish().await?;
     let acked: u64 = results.iter().map(|r| r.acked).sum();
     Ok(redis::RedisResult {
         version: set.version.clone(),
