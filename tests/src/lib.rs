@@ -19,6 +19,11 @@ use braid_node::storage::{Durability, RocksStorage};
 use braid_protocol::{ChangeEvent, NodeId, Seq, Storage};
 use bytes::Bytes;
 
+/// Whether process `pid` runs (exists and is not a zombie waiting to be reaped).
+pub fn running(pid: u32) -> bool {
+    braid_node::launch::alive(pid) && !braid_node::launch::zombie(pid)
+}
+
 /// The `braid` binary built by this workspace.
 pub fn braid_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -2,7 +2,6 @@
 //! regions and writes cluster.json; writes replicate; `cluster down` (or Ctrl-C without
 //! `--detach`) stops every region.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,16 +9,7 @@ use braid_node::cluster::ClusterFile;
 use braid_tests::{braid_bin, free_base_port};
 use redis::Commands;
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true)
-}
+use braid_tests::running as alive;
 
 fn wait_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(15);

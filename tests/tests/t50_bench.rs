@@ -30,13 +30,11 @@ fn processes_gone(dir: &Path) {
     let file = ClusterFile::load(dir).expect("cluster.json");
     for region in &file.regions {
         let pid = region.pid.expect("pid recorded");
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let running = !stat.is_empty()
-            && !stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'));
-        assert!(!running, "region {} (pid {pid}) still runs", region.name);
+        assert!(
+            !braid_tests::running(pid),
+            "region {} (pid {pid}) still runs",
+            region.name
+        );
     }
 }
 
