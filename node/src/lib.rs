@@ -14,6 +14,8 @@
 //! - [`launch`]: local clusters as child processes.
 //! - [`admin_client`]: a small HTTP GET client for the admin API.
 //! - [`bench`]: `braid bench`, throughput and lag against the ceilings and Redis.
+//! - [`scenario`]: the scenario language, run by the simulator and by `braid drill`.
+//! - [`workload`]: a scenario's writes, drawn from a seeded generator.
 //!
 //! IO adapters sit behind the `server` feature, so the simulator can depend on this crate
 //! without RocksDB, quinn or tokio.
@@ -42,9 +44,11 @@ pub mod launch;
 pub mod node;
 #[cfg(feature = "server")]
 pub mod resp;
+pub mod scenario;
 #[cfg(feature = "server")]
 pub mod storage;
 #[cfg(feature = "server")]
 pub mod tls;
 #[cfg(feature = "server")]
 pub mod transport;
+pub mod workload;

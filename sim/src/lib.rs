@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - [`scenario`]: the scenario file format (regions, topology, network, workload, timeline,
-//!   expectations).
+//!   expectations), shared with `braid drill` and so defined in `braid-node`.
 //! - [`world`]: the simulation itself and its checkers (convergence, the oracle, exactly-once,
 //!   messages per change, lag).
 //! - [`storage`]: simulated storage, with bugs that can be injected to prove the checkers bite.
@@ -17,11 +17,11 @@
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod scenario;
 pub mod storage;
 pub mod sweep;
 pub mod world;
 
+pub use braid_node::scenario;
 pub use scenario::Scenario;
 pub use storage::InjectedBug;
 pub use world::{Report, RunOptions, World};

@@ -25,11 +25,12 @@ use braid_protocol::{
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rand_chacha::ChaCha8Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 use serde::Serialize;
 
-use crate::scenario::{Action, Scenario};
 use crate::storage::{InjectedBug, SimStorage};
+use braid_node::scenario::{Action, Scenario};
+use braid_node::workload::{below, next_command, sub_seed, unit};
 
 /// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
 const EPOCH_MS: u64 = 1_700_000_000_000;
@@ -40,8 +41,6 @@ const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_JITTER: u64 = 200;
 /// Budget for convergence after the workload when the scenario sets none.
 const CONVERGE_MS_DEFAULT: u64 = 60_000;
-/// Keys written by every region in the conflict share of the workload.
-const HOT_KEYS: u64 = 5;
 /// Clients start writing once the mesh has had time to connect (connections come up 100-300 ms
 /// after start), as `braid cluster up` waits for the mesh before it reports the cluster up.
 const WORKLOAD_START_MS: u64 = 500;
@@ -187,27 +186,6 @@ pub struct World<'a> {
     converged_at: Option<u64>,
     hasher: blake3::Hasher,
     trace: Vec<String>,
-}
-
-/// Derives an independent sub-seed (splitmix64 of the root and a stream number), so that one
-/// component drawing more does not reshuffle the others.
-fn sub_seed(root: u64, stream: u64) -> u64 {
-    let mut z = root ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
-    if n == 0 {
-        0
-    } else {
-        rng.next_u64() % n
-    }
-}
-
-fn unit(rng: &mut ChaCha8Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn lag_histogram() -> Histogram<u64> {
@@ -466,55 +444,7 @@ impl<'a> World<'a> {
     }
 
     fn command(&mut self) -> (Bytes, Command) {
-        let w = &self.scenario.workload;
-        let rng = &mut self.load_rng;
-        let index = if unit(rng) < w.conflict_share {
-            below(rng, HOT_KEYS.min(w.keys))
-        } else {
-            // Skewed choice: u^(1/(1-skew)) leans towards 0 as skew grows.
-            let u = unit(rng).powf(1.0 / (1.0 - w.skew));
-            ((u * w.keys as f64) as u64).min(w.keys - 1)
-        };
-        let m = &w.mix;
-        let total = u64::from(m.string + m.counter + m.set + m.hash);
-        // Each key has a type (so most writes are accepted); 2% of writes try another type, to
-        // exercise type conflicts and WRONGTYPE.
-        let pick = if below(rng, 50) == 0 {
-            below(rng, total)
-        } else {
-            sub_seed(index, 7) % total
-        };
-        let key = Bytes::from(format!("k{index}"));
-        let choice = below(rng, 20);
-        let member = |rng: &mut ChaCha8Rng| Bytes::from(format!("m{}", below(rng, 8)));
-        let command = if pick < u64::from(m.string) {
-            match choice {
-                0 => Command::Delete,
-                _ => Command::Set(Bytes::from(format!("v{}", rng.next_u64() % 1000))),
-            }
-        } else if pick < u64::from(m.string + m.counter) {
-            match choice {
-                0 => Command::Delete,
-                _ => Command::IncrBy(below(rng, 15) as i64 - 5),
-            }
-        } else if pick < u64::from(m.string + m.counter + m.set) {
-            match choice {
-                0 => Command::Delete,
-                1..=6 => Command::SetRemove(vec![member(rng)]),
-                _ => Command::SetAdd(vec![member(rng), member(rng)]),
-            }
-        } else {
-            let field = |rng: &mut ChaCha8Rng| Bytes::from(format!("f{}", below(rng, 5)));
-            match choice {
-                0 => Command::Delete,
-                1..=5 => Command::HashDelete(vec![field(rng)]),
-                _ => Command::HashSet(vec![(
-                    field(rng),
-                    Bytes::from(format!("{}", rng.next_u64() % 100)),
-                )]),
-            }
-        };
-        (key, command)
+        next_command(&self.scenario.workload, &mut self.load_rng)
     }
 
     // ---- network ----

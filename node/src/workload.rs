@@ -1,0 +1,161 @@
+//! The scenario workload's commands, drawn from a seeded generator: the simulator feeds them to
+//! its regions' replicas, `braid drill` sends them to real processes over RESP. One generator, so
+//! that a drill rehearses the same mix of keys, types and conflicts as the simulator.
+
+use braid_conflict::Command;
+use bytes::Bytes;
+use rand_chacha::ChaCha8Rng;
+use rand_core::RngCore;
+
+use crate::scenario::Workload;
+
+/// Keys written by every region in the conflict share of the workload.
+pub const HOT_KEYS: u64 = 5;
+
+/// Derives an independent sub-seed (splitmix64 of the root and a stream number), so that one
+/// component drawing more does not reshuffle the others.
+pub fn sub_seed(root: u64, stream: u64) -> u64 {
+    let mut z = root ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A number in `0..n` (0 when `n` is 0).
+pub fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        rng.next_u64() % n
+    }
+}
+
+/// A number in `[0, 1)`.
+pub fn unit(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The next write of the workload: a key (from the hot keys with probability `conflict-share`,
+/// else skewed over all keys) and a command of the key's type (each key has one, chosen by the
+/// mix; 2% of writes try another type, to exercise type conflicts and `WRONGTYPE`).
+pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
+    let index = if unit(rng) < w.conflict_share {
+        below(rng, HOT_KEYS.min(w.keys))
+    } else {
+        // Skewed choice: u^(1/(1-skew)) leans towards 0 as skew grows.
+        let u = unit(rng).powf(1.0 / (1.0 - w.skew));
+        ((u * w.keys as f64) as u64).min(w.keys.saturating_sub(1))
+    };
+    let m = &w.mix;
+    let total = u64::from(m.string + m.counter + m.set + m.hash).max(1);
+    let pick = if below(rng, 50) == 0 {
+        below(rng, total)
+    } else {
+        sub_seed(index, 7) % total
+    };
+    let key = Bytes::from(format!("k{index}"));
+    let choice = below(rng, 20);
+    let member = |rng: &mut ChaCha8Rng| Bytes::from(format!("m{}", below(rng, 8)));
+    let command = if pick < u64::from(m.string) {
+        match choice {
+            0 => Command::Delete,
+            _ => Command::Set(Bytes::from(format!("v{}", rng.next_u64() % 1000))),
+        }
+    } else if pick < u64::from(m.string + m.counter) {
+        match choice {
+            0 => Command::Delete,
+            _ => Command::IncrBy(below(rng, 15) as i64 - 5),
+        }
+    } else if pick < u64::from(m.string + m.counter + m.set) {
+        match choice {
+            0 => Command::Delete,
+            1..=6 => Command::SetRemove(vec![member(rng)]),
+            _ => Command::SetAdd(vec![member(rng), member(rng)]),
+        }
+    } else {
+        let field = |rng: &mut ChaCha8Rng| Bytes::from(format!("f{}", below(rng, 5)));
+        match choice {
+            0 => Command::Delete,
+            1..=5 => Command::HashDelete(vec![field(rng)]),
+            _ => Command::HashSet(vec![(
+                field(rng),
+                Bytes::from(format!("{}", rng.next_u64() % 100)),
+            )]),
+        }
+    };
+    (key, command)
+}
+
+/// The RESP command (argument list) that performs `command` on `key`.
+pub fn resp_args(key: &Bytes, command: &Command) -> Vec<Bytes> {
+    let verb = |v: &'static str| Bytes::from_static(v.as_bytes());
+    let mut args = Vec::new();
+    match command {
+        Command::Set(value) => args.extend([verb("SET"), key.clone(), value.clone()]),
+        Command::Delete => args.extend([verb("DEL"), key.clone()]),
+        Command::IncrBy(n) => {
+            args.extend([verb("INCRBY"), key.clone(), Bytes::from(n.to_string())])
+        }
+        Command::SetAdd(members) => {
+            args.extend([verb("SADD"), key.clone()]);
+            args.extend(members.iter().cloned());
+        }
+        Command::SetRemove(members) => {
+            args.extend([verb("SREM"), key.clone()]);
+            args.extend(members.iter().cloned());
+        }
+        Command::HashSet(pairs) => {
+            args.extend([verb("HSET"), key.clone()]);
+            for (field, value) in pairs {
+                args.extend([field.clone(), value.clone()]);
+            }
+        }
+        Command::HashDelete(fields) => {
+            args.extend([verb("HDEL"), key.clone()]);
+            args.extend(fields.iter().cloned());
+        }
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Mix;
+    use rand_core::SeedableRng;
+
+    fn workload() -> Workload {
+        Workload {
+            rate_per_region: 100,
+            keys: 40,
+            skew: 0.5,
+            mix: Mix::default(),
+            conflict_share: 0.2,
+        }
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_commands() {
+        let w = workload();
+        let mut a = ChaCha8Rng::seed_from_u64(9);
+        let mut b = ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..1000 {
+            assert_eq!(next_command(&w, &mut a), next_command(&w, &mut b));
+        }
+    }
+
+    #[test]
+    fn every_type_and_delete_appear_and_map_to_resp() {
+        let w = workload();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut verbs = std::collections::BTreeSet::new();
+        for _ in 0..5000 {
+            let (key, command) = next_command(&w, &mut rng);
+            let args = resp_args(&key, &command);
+            assert_eq!(args[1], key);
+            verbs.insert(String::from_utf8(args[0].to_vec()).unwrap());
+        }
+        let all = ["DEL", "HDEL", "HSET", "INCRBY", "SADD", "SET", "SREM"];
+        assert_eq!(verbs.into_iter().collect::<Vec<_>>(), all);
+    }
+}
