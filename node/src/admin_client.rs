@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 GET client for the admin API (used by `braid status`, `braid cluster up`
-//! and the end-to-end tests), so none of them needs a full HTTP client library.
+//! A minimal HTTP/1.1 client for the admin API (used by `braid status`, `braid cluster up`,
+//! `braid bench`, `braid drill` and the end-to-end tests), so none of them needs a full HTTP
+//! client library.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub enum HttpError {
     #[error("bad response: {0}")]
     Bad(String),
     /// A status other than 200.
-    #[error("HTTP {0}")]
+    #[error("HTTP {0}: {1}")]
     Status(u16, String),
 }
 
@@ -34,9 +35,38 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Stri
         .map_err(|_| HttpError::Timeout)?
 }
 
+/// POSTs a JSON `body` to `path` on `addr` and returns the body of a 200 response.
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<String, HttpError> {
+    tokio::time::timeout(timeout, request(addr, "POST", path, Some(body)))
+        .await
+        .map_err(|_| HttpError::Timeout)?
+}
+
 async fn get_inner(addr: SocketAddr, path: &str) -> Result<String, HttpError> {
+    request(addr, "GET", path, None).await
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<String, HttpError> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream

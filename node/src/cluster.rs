@@ -31,6 +31,8 @@ pub struct InitOptions {
     pub durability: Durability,
     /// RESP password of every node, if any.
     pub password: Option<String>,
+    /// Let the nodes accept `POST /faults` (for drills; loopback hosts only).
+    pub fault_injection: bool,
 }
 
 /// A region's addresses, as `cluster.json` lists them.
@@ -130,6 +132,12 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
             return Err(InitError::Invalid(format!("region {name} appears twice")));
         }
     }
+    if options.fault_injection && !options.host.is_loopback() {
+        return Err(InitError::Invalid(format!(
+            "fault injection is only for drills on one machine, and {} is not a loopback address",
+            options.host
+        )));
+    }
     let last_port = u32::from(options.base_port) + u32::from(PORTS_PER_REGION) * n as u32;
     if last_port > u32::from(u16::MAX) {
         return Err(InitError::Invalid(format!(
@@ -197,6 +205,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
                 })
                 .collect(),
             links: options.links.clone(),
+            fault_injection: options.fault_injection,
         };
         let text =
             toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
@@ -248,6 +257,7 @@ mod tests {
             links: None,
             durability: Durability::Process,
             password: None,
+            fault_injection: false,
         };
         let file = init(&options).unwrap();
         assert_eq!(file.regions.len(), 3);
@@ -273,6 +283,7 @@ mod tests {
             links: None,
             durability: Durability::Process,
             password: None,
+            fault_injection: false,
         };
         assert!(init(&options).unwrap_err().to_string().contains("twice"));
         options.regions = vec!["a b".into()];

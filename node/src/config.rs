@@ -41,6 +41,11 @@ pub struct NodeConfig {
     /// The links between regions; every pair when absent (full mesh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub links: Option<Vec<[String; 2]>>,
+    /// Lets `POST /faults` cut and slow links and skew the clock, for `braid drill`. Off by
+    /// default; refused unless every address in the file is a loopback address, so that a
+    /// production node never carries it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fault_injection: bool,
 }
 
 fn default_clock_skew_ms_max() -> u64 {
@@ -160,6 +165,20 @@ impl NodeConfig {
         let listen = [self.listen.peer, self.listen.resp, self.listen.http];
         if listen[1] == listen[2] {
             return invalid("listen.resp and listen.http must differ".into());
+        }
+        if self.fault_injection {
+            let addresses = listen
+                .iter()
+                .map(|a| ("listen", a))
+                .chain(self.peers.iter().map(|p| ("peer", &p.address)));
+            for (what, addr) in addresses {
+                if !addr.ip().is_loopback() {
+                    return invalid(format!(
+                        "fault-injection is only for drills on one machine: {what} address \
+                         {addr} is not a loopback address"
+                    ));
+                }
+            }
         }
         self.topology()?;
         Ok(())
@@ -295,5 +314,23 @@ address = "127.0.0.1:7012"
         let text = sample().replace("node-id = 1", "node-id = 1\nlinks = [[\"a\", \"z\"]]");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("unknown region"), "{err}");
+    }
+
+    #[test]
+    fn fault_injection_is_off_by_default_and_refused_off_loopback() {
+        assert!(!load(&sample()).unwrap().fault_injection);
+        let on = sample().replace("node-id = 1", "node-id = 1\nfault-injection = true");
+        assert!(load(&on).unwrap().fault_injection);
+        let err = load(&on.replace("127.0.0.1:7012", "10.1.2.3:7012"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10.1.2.3:7012 is not a loopback address"),
+            "{err}"
+        );
+        let err = load(&on.replace("resp = \"127.0.0.1:7000\"", "resp = \"0.0.0.0:7000\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0.0.0.0:7000"), "{err}");
     }
 }

@@ -9,6 +9,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use braid_conflict::{Command, CommandError, Hlc};
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::faults::Faults;
 use crate::storage::{RocksStorage, StorageError};
 
 /// Inputs waiting for the driver. Bounded so that clients and peers feel back-pressure rather
@@ -128,8 +130,8 @@ pub struct Driver {
     inputs: mpsc::Receiver<Input>,
     /// The open stream of each peer and kind: its conn id and outbox.
     streams: BTreeMap<(NodeId, StreamKind), (u64, mpsc::Sender<Message>)>,
-    /// Added to physical time: clock-skew fault injection (0 unless enabled).
-    clock_offset_ms: i64,
+    /// Injected faults: the clock offset is added to physical time (0 unless enabled).
+    faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -142,17 +144,21 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// A driver for `replica`, reading `inputs`.
-    pub fn new(replica: Replica<RocksStorage>, inputs: mpsc::Receiver<Input>) -> Driver {
+    pub fn new(
+        replica: Replica<RocksStorage>,
+        inputs: mpsc::Receiver<Input>,
+        faults: Arc<Faults>,
+    ) -> Driver {
         Driver {
             replica,
             inputs,
             streams: BTreeMap::new(),
-            clock_offset_ms: 0,
+            faults,
         }
     }
 
     fn now(&self) -> u64 {
-        now_ms().saturating_add_signed(self.clock_offset_ms)
+        now_ms().saturating_add_signed(self.faults.clock_offset_ms())
     }
 
     /// Runs until `shutdown` turns true or every input sender is gone. A storage error stops the

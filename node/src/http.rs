@@ -1,4 +1,6 @@
-//! HTTP admin: `GET /health`, `GET /status` (JSON), `GET /metrics` (Prometheus text).
+//! HTTP admin: `GET /health`, `GET /status` (JSON), `GET /lag` (histograms), `GET /metrics`
+//! (Prometheus text), and `GET`/`POST /faults` (fault injection for drills; refused unless the
+//! configuration enables it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +33,8 @@ pub struct AdminState {
     pub durability: &'static str,
     /// Approximate change-log length.
     pub log_len: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Injected faults.
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -102,6 +106,9 @@ pub struct PeerStatus {
     /// Batches sent to it.
     #[serde(default)]
     pub batches_sent: u64,
+    /// Frames to the peer dropped by an injected fault (drills only).
+    #[serde(default)]
+    pub frames_dropped: u64,
 }
 
 /// `GET /lag`: every replication-lag histogram of a node, so tools can merge and subtract them.
@@ -115,6 +122,15 @@ pub struct LagHistograms {
 }
 
 impl AdminState {
+    /// This node's peers by id (every region but this node's own).
+    fn peers(&self) -> BTreeMap<NodeId, String> {
+        self.regions
+            .iter()
+            .filter(|(id, _)| self.traffic.contains_key(id))
+            .map(|(id, name)| (*id, name.clone()))
+            .collect()
+    }
+
     fn region(&self, node: NodeId) -> String {
         self.regions
             .get(&node)
@@ -161,6 +177,7 @@ impl AdminState {
                 bytes_sent: traffic.map_or(0, |t| t.bytes_sent.load(Ordering::Relaxed)),
                 bytes_received: traffic.map_or(0, |t| t.bytes_received.load(Ordering::Relaxed)),
                 batches_sent: counters.batches_sent,
+                frames_dropped: traffic.map_or(0, |t| t.frames_dropped.load(Ordering::Relaxed)),
             });
         }
         Status {
@@ -308,6 +325,34 @@ async fn lag(State(state): State<AdminState>) -> Response {
     }
 }
 
+async fn get_faults(State(state): State<AdminState>) -> Response {
+    if !state.faults.enabled() {
+        let err = crate::faults::FaultError::Disabled;
+        return (StatusCode::FORBIDDEN, err.to_string()).into_response();
+    }
+    Json(state.faults.get(&state.peers())).into_response()
+}
+
+async fn set_faults(
+    State(state): State<AdminState>,
+    request: Result<Json<crate::faults::FaultSet>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::faults::FaultError;
+    let Json(request) = match request {
+        Ok(request) => request,
+        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
+    };
+    let peers = state.peers();
+    match state.faults.set(&request, &peers) {
+        Ok(()) => {
+            tracing::warn!(faults = ?request, "injected faults set");
+            Json(state.faults.get(&peers)).into_response()
+        }
+        Err(err @ FaultError::Disabled) => (StatusCode::FORBIDDEN, err.to_string()).into_response(),
+        Err(err) => (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     match state.snapshot().await {
         Some(snapshot) => (
@@ -333,6 +378,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/lag", get(lag))
+        .route("/faults", get(get_faults).post(set_faults))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -8,6 +8,7 @@
 //! - [`transport`]: QUIC streams between nodes.
 //! - [`tls`]: the cluster CA, node certificates, mutual TLS.
 //! - [`resp`]: the Redis-protocol server.
+//! - [`faults`]: fault injection for drills (off unless configured, loopback only).
 //! - [`http`]: health, status and metrics.
 //! - [`node`]: all of it assembled.
 //! - [`cluster`]: `braid init` and local clusters.
@@ -36,6 +37,8 @@ pub mod cluster;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod driver;
+#[cfg(feature = "server")]
+pub mod faults;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]

@@ -100,6 +100,10 @@ struct Layout {
     /// Require RESP clients to AUTH with this password.
     #[arg(long, value_name = "PASSWORD")]
     password: Option<String>,
+    /// Let `braid drill` cut and slow links and skew clocks through `POST /faults` (loopback
+    /// hosts only; never in production).
+    #[arg(long)]
+    fault_injection: bool,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +244,7 @@ fn init_options(regions: Vec<String>, dir: &Path, layout: &Layout) -> InitOption
             DurabilityArg::Machine => Durability::Machine,
         },
         password: layout.password.clone(),
+        fault_injection: layout.fault_injection,
     }
 }
 

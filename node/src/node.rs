@@ -9,10 +9,11 @@ use std::sync::Arc;
 use braid_protocol::{NodeId, Replica, ReplicaConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
 use crate::driver::{now_ms, Driver, Snapshot, INPUT_QUEUE_MAX};
+use crate::faults::Faults;
 use crate::http::{self, AdminState};
 use crate::resp::{self, RespContext};
 use crate::storage::RocksStorage;
@@ -76,6 +77,10 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         .map_err(bind("HTTP", config.listen.http))?;
 
     let (inputs, input_rx) = mpsc::channel(INPUT_QUEUE_MAX);
+    let faults = Arc::new(Faults::new(config.fault_injection));
+    if config.fault_injection {
+        warn!(%node, "fault injection is enabled: POST /faults can cut links and skew the clock");
+    }
     let peers: BTreeMap<NodeId, SocketAddr> = config
         .peers
         .iter()
@@ -102,6 +107,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         inputs: inputs.clone(),
         traffic: traffic.clone(),
         conn_ids: Arc::new(AtomicU64::new(0)),
+        faults: faults.clone(),
     };
     mesh.start(endpoint.clone(), topology.neighbors(node), shutdown.clone());
 
@@ -112,6 +118,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         traffic,
         durability: config.durability.name(),
         log_len: Arc::new(move || log_reader.log_len_estimate()),
+        faults: faults.clone(),
     };
     let info_admin = admin.clone();
     let context = RespContext {
@@ -133,7 +140,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         %node, region = %config.region, resp = %config.listen.resp, http = %config.listen.http,
         peer = %config.listen.peer, durability = ?config.durability, "node listening"
     );
-    let result = Driver::new(replica, input_rx).run(shutdown).await;
+    let result = Driver::new(replica, input_rx, faults).run(shutdown).await;
     endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
     if let Err(err) = &result {
         crate::driver::log_fatal(err);

@@ -12,12 +12,17 @@
 //!
 //! Each node connects to each neighbor to subscribe (our `Subscription` stream) and accepts the
 //! neighbor's connection carrying its subscription to us (our `Feed` stream).
+//!
+//! Injected faults ([`crate::faults`], drills only) act here: a cut peer's streams end and its
+//! connections are refused; frames to a peer can be dropped at the sender or held back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use braid_protocol::frame::{self, DecodeError};
 use braid_protocol::limits::{FRAME_BYTES_MAX, FRAME_LENGTH_BYTES};
@@ -28,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::driver::{Input, PeerInput, STREAM_OUTBOX_MAX};
+use crate::faults::Faults;
 use crate::tls::{node_dns_name, peer_node};
 
 /// Reconnect backoff: first retry after 100 ms, doubling up to 2 s, so a restarted peer is
@@ -50,6 +56,8 @@ pub struct Traffic {
     pub bytes_received: AtomicU64,
     /// Streams refused (bad handshake, bad frames, wrong cluster).
     pub streams_refused: AtomicU64,
+    /// Frames to the peer dropped by an injected fault.
+    pub frames_dropped: AtomicU64,
 }
 
 /// Per peer traffic counters, created once for every known peer.
@@ -70,6 +78,8 @@ pub struct Mesh {
     pub traffic: TrafficMap,
     /// Stream ids, unique per process.
     pub conn_ids: Arc<AtomicU64>,
+    /// Injected faults (none unless the configuration enables them).
+    pub faults: Arc<Faults>,
 }
 
 /// Why a stream ended.
@@ -87,6 +97,8 @@ enum StreamError {
     HandshakeTimeout,
     #[error("the node is stopping")]
     Stopping,
+    #[error("the link is cut by an injected fault")]
+    Cut,
 }
 
 impl StreamError {
@@ -172,6 +184,11 @@ async fn accept_loop(
                 connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
                 return;
             };
+            if mesh.faults.cut(peer) {
+                debug!(%peer, %remote, "refused peer: the link is cut by an injected fault");
+                connection.close(quinn::VarInt::from_u32(2), b"link cut");
+                return;
+            }
             debug!(%peer, %remote, "peer connected");
             serve_feeds(mesh, connection, peer, shutdown).await;
         });
@@ -216,7 +233,15 @@ async fn subscriber(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff_ms = RECONNECT_MS_MIN;
+    let mut faults = mesh.faults.watch();
     loop {
+        while faults.borrow_and_update().cut.contains(&peer) {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                changed = faults.changed() => if changed.is_err() { return },
+            }
+        }
         let attempt = async {
             let connecting = endpoint
                 .connect(addr, &node_dns_name(peer))
@@ -366,7 +391,41 @@ async fn run_stream(
     };
     let writer = async {
         let mut buf = Vec::new();
-        while let Some(message) = outgoing.recv().await {
+        // Frames held back by an injected delay, in order, with when each is due. Bounded like
+        // the outbox: when it is full the writer stops reading the outbox.
+        let mut held: VecDeque<(Instant, Message)> = VecDeque::new();
+        let mut open = true;
+        while open || !held.is_empty() {
+            let due = held.front().map(|(due, _)| *due);
+            let message = tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    match held.pop_front() {
+                        Some((_, message)) => message,
+                        None => continue,
+                    }
+                }
+                next = outgoing.recv(), if open && held.len() < STREAM_OUTBOX_MAX => match next {
+                    Some(message) => {
+                        let delay = mesh.faults.delay(peer);
+                        if !delay.is_zero() || !held.is_empty() {
+                            held.push_back((Instant::now() + delay, message));
+                            continue;
+                        }
+                        message
+                    }
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+            };
+            if mesh.faults.drops_to(peer) {
+                if let Some(t) = mesh.traffic(peer) {
+                    t.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             let is_error = matches!(message, Message::Error(_));
             let bytes = write_message(&mut send, &message, &mut buf).await?;
             if let Some(t) = mesh.traffic(peer) {
@@ -380,7 +439,19 @@ async fn run_stream(
         let _ = send.finish();
         Ok::<(), StreamError>(())
     };
-    tokio::pin!(reader, writer);
+    // Ends the stream when an injected fault cuts the link.
+    let cut = async {
+        let mut faults = mesh.faults.watch();
+        loop {
+            if faults.borrow_and_update().cut.contains(&peer) {
+                return Err::<(), StreamError>(StreamError::Cut);
+            }
+            if faults.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::pin!(reader, writer, cut);
     let result = tokio::select! {
         result = &mut reader => {
             if matches!(result, Err(StreamError::Decode(_))) {
@@ -391,6 +462,7 @@ async fn run_stream(
             result
         }
         result = &mut writer => result,
+        result = &mut cut => result,
     };
     let _ = mesh.inputs.send(input(PeerInput::Closed)).await;
     result

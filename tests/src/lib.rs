@@ -204,6 +204,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// POST JSON to the admin API, blocking.
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(braid_node::admin_client::post_json(
+            addr,
+            path,
+            body,
+            Duration::from_secs(5),
+        ))
+        .map_err(|e| e.to_string())
+}
+
 /// A local cluster of real processes.
 #[derive(Debug)]
 pub struct Cluster {
@@ -224,6 +240,8 @@ pub struct Layout {
     pub links: Option<Vec<[String; 2]>>,
     /// RESP password.
     pub password: Option<String>,
+    /// Whether the nodes accept `POST /faults`.
+    pub fault_injection: bool,
 }
 
 impl Layout {
@@ -234,12 +252,19 @@ impl Layout {
             links: None,
             password: None,
             not_running: Vec::new(),
+            fault_injection: false,
         }
     }
 
     /// The same layout, with `region` laid out but not started.
     pub fn without_running(mut self, region: &str) -> Layout {
         self.not_running.push(region.to_owned());
+        self
+    }
+
+    /// The same, with fault injection enabled in every node.
+    pub fn with_fault_injection(mut self) -> Layout {
+        self.fault_injection = true;
         self
     }
 
@@ -255,6 +280,7 @@ impl Layout {
             links: Some(links),
             password: None,
             not_running: Vec::new(),
+            fault_injection: false,
         }
     }
 }
@@ -271,6 +297,7 @@ impl Cluster {
             links: layout.links,
             durability: Durability::Process,
             password: layout.password,
+            fault_injection: layout.fault_injection,
         };
         let file: ClusterFile = cluster::init(&options).unwrap();
         let nodes = file

@@ -481,6 +481,7 @@ impl UnderTest {
                     links: None,
                     durability: options.durability,
                     password: None,
+                    fault_injection: false,
                 })
                 .map_err(|e| fail(&e))?;
                 let mut children =

@@ -1,0 +1,137 @@
+//! Fault injection for drills, with real processes: refused unless configured; a cut link stops
+//! replication both ways and heals; a one-way drop lets the other direction through; a delay
+//! holds frames back; a skewed clock decides last-writer-wins.
+
+use std::time::{Duration, Instant};
+
+use braid_tests::{http_get, http_post, Cluster, Layout};
+use redis::Commands;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn faults(cluster: &mut Cluster, region: &str, body: &str) {
+    let http = cluster.node(region).http;
+    http_post(http, "/faults", body).unwrap_or_else(|e| panic!("POST /faults to {region}: {e}"));
+}
+
+fn value(cluster: &mut Cluster, region: &str, key: &str) -> Option<String> {
+    cluster.node(region).redis().get(key).unwrap()
+}
+
+/// Waits until `region` holds `want` for `key`.
+fn wait_value(cluster: &mut Cluster, region: &str, key: &str, want: &str) {
+    let deadline = Instant::now() + CONVERGE;
+    while value(cluster, region, key).as_deref() != Some(want) {
+        assert!(Instant::now() < deadline, "{region} never got {key}={want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn t25_fault_injection_is_refused_unless_the_configuration_enables_it() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let http = cluster.node("a").http;
+    let err = http_post(http, "/faults", r#"{"cut": ["b"]}"#).unwrap_err();
+    assert!(
+        err.contains("403") && err.contains("fault-injection = true"),
+        "{err}"
+    );
+    let err = http_get(http, "/faults").unwrap_err();
+    assert!(err.contains("403"), "{err}");
+    // And the node carried on replicating.
+    let _: () = cluster.node("a").redis().set("k", "1").unwrap();
+    wait_value(&mut cluster, "b", "k", "1");
+}
+
+#[test]
+fn t25_a_cut_link_stops_replication_both_ways_until_healed() {
+    let mut cluster = Cluster::start(Layout::mesh(2).with_fault_injection());
+    let http = cluster.node("a").http;
+    for bad in [r#"{"cut": ["z"]}"#, r#"{"bogus": 1}"#, "not json"] {
+        let err = http_post(http, "/faults", bad).unwrap_err();
+        assert!(err.contains("400"), "{bad}: {err}");
+    }
+    faults(&mut cluster, "a", r#"{"cut": ["b"]}"#);
+    faults(&mut cluster, "b", r#"{"cut": ["a"]}"#);
+    let answer = http_get(http, "/faults").unwrap();
+    assert!(answer.contains(r#""cut":["b"]"#), "{answer}");
+    // Both sides see the peer go away.
+    let deadline = Instant::now() + CONVERGE;
+    while cluster.node("a").status().peers[0].state == "connected"
+        || cluster.node("b").status().peers[0].state == "connected"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cut never closed the streams"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _: () = cluster.node("a").redis().set("from-a", "1").unwrap();
+    let _: () = cluster.node("b").redis().set("from-b", "1").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        value(&mut cluster, "b", "from-a"),
+        None,
+        "crossed a cut link"
+    );
+    assert_eq!(
+        value(&mut cluster, "a", "from-b"),
+        None,
+        "crossed a cut link"
+    );
+    faults(&mut cluster, "a", "{}");
+    faults(&mut cluster, "b", "{}");
+    wait_value(&mut cluster, "b", "from-a", "1");
+    wait_value(&mut cluster, "a", "from-b", "1");
+}
+
+#[test]
+fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
+    let mut cluster = Cluster::start(Layout::mesh(2).with_fault_injection());
+    // One way: a's frames to b are dropped; b's still reach a.
+    faults(&mut cluster, "a", r#"{"drop-to": ["b"]}"#);
+    let _: () = cluster.node("b").redis().set("from-b", "1").unwrap();
+    wait_value(&mut cluster, "a", "from-b", "1");
+    let _: () = cluster.node("a").redis().set("from-a", "1").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        value(&mut cluster, "b", "from-a"),
+        None,
+        "a dropped frame arrived"
+    );
+    let dropped = cluster.node("a").status().peers[0].frames_dropped;
+    assert!(dropped > 0, "dropped frames are counted");
+    faults(&mut cluster, "a", "{}");
+    wait_value(&mut cluster, "b", "from-a", "1");
+
+    // Delay: frames to b are held for 2 s.
+    faults(&mut cluster, "a", r#"{"delay-ms": {"b": 2000}}"#);
+    let sent = Instant::now();
+    let _: () = cluster.node("a").redis().set("slow", "1").unwrap();
+    wait_value(&mut cluster, "b", "slow", "1");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(2000),
+        "arrived before the delay was over"
+    );
+    faults(&mut cluster, "a", "{}");
+
+    // A clock 30 s ahead decides between concurrent writes: with the link cut, a writes first
+    // and b later, yet a's write wins (its HLC is ahead). Causally later writes still win: the
+    // HLC absorbs the skew once b has seen a's events.
+    faults(
+        &mut cluster,
+        "a",
+        r#"{"clock-offset-ms": 30000, "cut": ["b"]}"#,
+    );
+    faults(&mut cluster, "b", r#"{"cut": ["a"]}"#);
+    let _: () = cluster.node("a").redis().set("race", "from-a").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _: () = cluster.node("b").redis().set("race", "from-b").unwrap();
+    faults(&mut cluster, "a", r#"{"clock-offset-ms": 30000}"#);
+    faults(&mut cluster, "b", "{}");
+    wait_value(&mut cluster, "b", "race", "from-a");
+    cluster.wait_converged(CONVERGE);
+    assert_eq!(value(&mut cluster, "a", "race").as_deref(), Some("from-a"));
+    let _: () = cluster.node("b").redis().set("race", "after").unwrap();
+    wait_value(&mut cluster, "a", "race", "after");
+}
