@@ -14,6 +14,7 @@
 //! - [`cluster`]: `braid init` and local clusters.
 //! - [`launch`]: local clusters as child processes.
 //! - [`admin_client`]: a small HTTP GET client for the admin API.
+//! - [`drill`]: `braid drill`, a scenario against real processes: RPO, recovery, convergence.
 //! - [`bench`]: `braid bench`, throughput and lag against the ceilings and Redis.
 //! - [`scenario`]: the scenario language, run by the simulator and by `braid drill`.
 //! - [`workload`]: a scenario's writes, drawn from a seeded generator.
@@ -35,6 +36,8 @@ pub mod bench;
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod drill;
 #[cfg(feature = "server")]
 pub mod driver;
 #[cfg(feature = "server")]

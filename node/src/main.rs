@@ -44,6 +44,10 @@ enum Commands {
     /// Measure replication throughput and lag of a local cluster, against the storage and
     /// transport ceilings of this machine and against Redis, in one run.
     Bench(BenchArgs),
+    /// Run a failover drill: a scenario file (the simulator's format) against real processes,
+    /// with RPO, recovery, convergence and lag measured and a PASS/FAIL verdict per expectation.
+    /// Exits non-zero when an expectation fails.
+    Drill(DrillArgs),
     /// Print a node's status: peers, their state, lag and counters.
     Status {
         /// The node's HTTP admin address.
@@ -168,6 +172,41 @@ struct BenchArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+struct DrillArgs {
+    /// The scenario (TOML; see docs/scenarios.md and the drills in docs/drills/).
+    #[arg(value_name = "SCENARIO")]
+    scenario: PathBuf,
+    /// Working directory for the started cluster (kept afterwards; default: a temporary
+    /// directory, removed).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Attach to the running cluster in DIR (its cluster.json) instead of starting one; its
+    /// regions must be the scenario's, and partitions, slow links and clock skew need it started
+    /// with --fault-injection.
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    attach: Option<PathBuf>,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML page (lag timeline with the faults marked) to FILE.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Seed of the workload's commands.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Durability of the started cluster (power-fail needs machine).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Process)]
+    durability: DurabilityArg,
+    /// First port of the started cluster (region i uses base+10i .. base+10i+2).
+    #[arg(long, value_name = "PORT", default_value_t = braid_node::drill::BASE_PORT_DEFAULT)]
+    base_port: u16,
+    /// Multiply the scenario's duration and every time of its timeline by this (0.25: a
+    /// quarter of the time); expectations are not scaled.
+    #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
+    time_scale: f64,
+}
+
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// Start a local N-region cluster as child processes; stops them all on Ctrl-C unless
@@ -219,6 +258,7 @@ fn main() -> Result<()> {
             Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
             Commands::Status { http, json } => status(http, json).await,
             Commands::Bench(args) => bench(args).await,
+            Commands::Drill(args) => drill(args).await,
         }
     })
 }
@@ -542,6 +582,93 @@ async fn bench(args: BenchArgs) -> Result<()> {
         std::fs::write(path, text + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("Report written to {}", path.display());
+    }
+    Ok(())
+}
+
+async fn drill(args: DrillArgs) -> Result<()> {
+    use braid_node::drill::{self, DrillOptions, Progress};
+    use std::io::{IsTerminal, Write};
+    let scenario = braid_node::scenario::Scenario::load(&args.scenario)?;
+    let options = DrillOptions {
+        scenario,
+        dir: args.dir,
+        attach: args.attach,
+        durability: match args.durability {
+            DurabilityArg::Process => Durability::Process,
+            DurabilityArg::Machine => Durability::Machine,
+        },
+        base_port: args.base_port,
+        seed: args.seed,
+        time_scale: args.time_scale,
+        exe: std::env::current_exe().context("cannot find the braid executable")?,
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut on_line = false;
+    let mut progress = |p: Progress| {
+        let mut err = std::io::stderr().lock();
+        let mut end_line = |err: &mut std::io::StderrLock<'_>| {
+            if on_line {
+                let _ = writeln!(err);
+                on_line = false;
+            }
+        };
+        match p {
+            Progress::Phase(text) => {
+                end_line(&mut err);
+                let _ = writeln!(err, "== {text}");
+            }
+            Progress::Fault(text) => {
+                end_line(&mut err);
+                let _ = writeln!(err, "!! {text}");
+            }
+            Progress::Running {
+                elapsed_ms,
+                total_ms,
+                acked,
+                down,
+                faults,
+            } => {
+                let down = if down.is_empty() {
+                    String::new()
+                } else {
+                    format!("  down: {}", down.join(","))
+                };
+                let line = format!(
+                    "   {:>6.1}/{:.1} s  {acked:>8} writes acknowledged  {faults} faults{down}   ",
+                    elapsed_ms as f64 / 1000.0,
+                    total_ms as f64 / 1000.0,
+                );
+                on_line = progress_line(&mut err, &line, terminal);
+            }
+        }
+    };
+    let mut signals = Signals::new()?;
+    let report = tokio::select! {
+        report = drill::run(&options, &mut progress) => report?,
+        _ = signals.recv() => bail!("interrupted; every process the drill started has been stopped"),
+    };
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Report written to {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report.html())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Page written to {}", path.display());
+    }
+    if !report.passed {
+        let failed: Vec<&str> = report
+            .checkers
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.checker.as_str())
+            .collect();
+        bail!("drill {} FAILED: {}", report.scenario, failed.join(", "));
     }
     Ok(())
 }

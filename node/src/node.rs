@@ -66,7 +66,11 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
     let replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
 
     let bind = |what, addr| move |source| NodeError::Bind { what, addr, source };
-    let mut endpoint = quinn::Endpoint::server(tls.server, config.listen.peer)
+    let socket = std::net::UdpSocket::bind(config.listen.peer)
+        .map_err(bind("peer (QUIC)", config.listen.peer))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| NodeError::Task("no async runtime for the QUIC endpoint".into()))?;
+    let mut endpoint = quinn::Endpoint::new(tls.endpoint, Some(tls.server), socket, runtime)
         .map_err(bind("peer (QUIC)", config.listen.peer))?;
     endpoint.set_default_client_config(tls.client);
     let resp_listener = TcpListener::bind(config.listen.resp)

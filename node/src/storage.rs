@@ -31,6 +31,8 @@ const META_HLC: &[u8] = b"hlc";
 const META_FORMAT: &[u8] = b"format";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 const FORMAT_VERSION: u32 = 1;
+/// Events read per step by [`RocksStorage::log_of`].
+const LOG_READ_EVENTS: usize = 1024;
 
 /// How durable a commit is when it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -182,6 +184,43 @@ impl RocksStorage {
         };
         storage.check_format()?;
         Ok(storage)
+    }
+
+    /// Opens the database in `dir` read-only, beside a node that may be running on it (for
+    /// checks such as `braid drill`'s): a consistent view as of the moment it opens.
+    pub fn open_read_only(dir: &Path) -> Result<RocksStorage, StorageError> {
+        let families = [
+            ColumnFamilyDescriptor::new(CF_DATA, data_options()),
+            ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, families, false)?;
+        let storage = RocksStorage {
+            db: Arc::new(db),
+            durability: Durability::Process,
+        };
+        let meta = storage.cf(CF_META)?;
+        if let Some(bytes) = storage.db.get_cf(meta, META_FORMAT)? {
+            let found: u32 = decode(&bytes, "format version")?;
+            if found != FORMAT_VERSION {
+                return Err(StorageError::Format { found });
+            }
+        }
+        Ok(storage)
+    }
+
+    /// Every event of `origin` in the change log, in sequence order (for checks and tools).
+    pub fn log_of(&mut self, origin: NodeId) -> Result<Vec<ChangeEvent>, StorageError> {
+        let mut events = Vec::new();
+        let mut after = Seq::ZERO;
+        loop {
+            let batch = self.log_after(origin, after, LOG_READ_EVENTS, usize::MAX)?;
+            let Some(last) = batch.last() else {
+                return Ok(events);
+            };
+            after = last.seq;
+            events.extend(batch);
+        }
     }
 
     fn check_format(&self) -> Result<(), StorageError> {

@@ -52,6 +52,34 @@ fn sweep_of_200_seeds_over_the_shipped_scenarios_passes() {
     );
 }
 
+/// The drills shipped for `braid drill` (docs/drills/) pass under the simulator too: 10 seeds each.
+#[test]
+fn the_shipped_drills_pass_under_the_simulator() {
+    let dir = manifest_dir().join("../docs/drills");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "{names:?}");
+    let mut failures = Vec::new();
+    for path in &names {
+        let scenario = Scenario::load(path).unwrap();
+        for seed in 0..10 {
+            let report = braid_sim::run(&scenario, options(seed)).unwrap();
+            if !report.passed {
+                failures.push(format!(
+                    "{} seed {seed}: {:?}",
+                    path.display(),
+                    report.checkers
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn the_same_seed_gives_the_same_trace_and_another_seed_another() {
     for name in SHIPPED {

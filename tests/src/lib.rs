@@ -24,6 +24,14 @@ pub fn running(pid: u32) -> bool {
     braid_node::launch::alive(pid) && !braid_node::launch::zombie(pid)
 }
 
+/// This crate's directory, read at run time (a build reused from another checkout would carry
+/// a stale compile-time path).
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The `braid` binary built by this workspace.
 pub fn braid_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

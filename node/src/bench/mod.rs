@@ -394,7 +394,7 @@ async fn get_json<T: serde::de::DeserializeOwned>(
 }
 
 /// A histogram from a node's `(value, count)` pairs, with values scaled by `scale`.
-fn histogram_of(values: &[(u64, u64)], scale: u64) -> Histogram<u64> {
+pub(crate) fn histogram_of(values: &[(u64, u64)], scale: u64) -> Histogram<u64> {
     let mut histogram = lag_histogram();
     for (value, count) in values {
         histogram.saturating_record_n(value.saturating_mul(scale).max(1), *count);
@@ -421,13 +421,14 @@ fn lag_between(before: &LagHistograms, after: &LagHistograms) -> Histogram<u64> 
 }
 
 /// A working directory: given, or temporary and removed on drop.
-struct WorkDir {
-    path: PathBuf,
+pub(crate) struct WorkDir {
+    pub(crate) path: PathBuf,
     remove: bool,
 }
 
 impl WorkDir {
-    fn new(given: Option<&Path>) -> Result<WorkDir, BenchError> {
+    /// `given`, or a new temporary directory named after `prefix`.
+    pub(crate) fn new(given: Option<&Path>, prefix: &str) -> Result<WorkDir, BenchError> {
         let (path, remove) = match given {
             Some(path) => (path.to_owned(), false),
             None => {
@@ -435,7 +436,7 @@ impl WorkDir {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.subsec_nanos())
                     .unwrap_or(0);
-                let name = format!("braid-bench-{}-{nanos}", std::process::id());
+                let name = format!("{prefix}-{}-{nanos}", std::process::id());
                 (std::env::temp_dir().join(name), true)
             }
         };
@@ -546,7 +547,7 @@ pub async fn run(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, BenchError> {
     options.validate()?;
-    let work = WorkDir::new(options.dir.as_deref())?;
+    let work = WorkDir::new(options.dir.as_deref(), "braid-bench")?;
     progress(Progress::Phase(match &options.attach {
         Some(dir) => format!("attaching to the cluster in {}", dir.display()),
         None => format!(

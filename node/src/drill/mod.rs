@@ -1,0 +1,1501 @@
+//! `braid drill`: a scenario (the simulator's format) run against real `braid` processes on this
+//! machine, in real time, with RPO, recovery, convergence and lag measured and every
+//! expectation given a verdict.
+//!
+//! ```text
+//!   scenario ─► cluster (started with fault injection, or attached via cluster.json)
+//!      writers: one per region, the scenario's workload over RESP, every outcome counted
+//!      observer: /status every 200 ms (vectors, counters), /lag every second (lag per link)
+//!      timeline: kill -9 / restart / power-fail (machine durability) ─► processes
+//!                partition / heal / flap / slow-link / clock-skew   ─► POST /faults
+//!   end of workload ─► heal, restart, wait for identical vectors
+//!      ─► read every region's storage (read-only): values vs the oracle of all change logs
+//!      ─► report: terminal table, JSON, HTML with the lag timeline and the faults marked
+//! ```
+//!
+//! Failures: when a region fails, the drill notes how many of its client's writes were in
+//! flight, and half a second later the highest of its sequence numbers any other region holds.
+//! When it is restarted, before its client writes again, its own last sequence number tells how
+//! many of its events no other region held: the RPO, in acknowledged writes, lies between that
+//! number less the writes in flight and that number. Recovery is the time until it answers and
+//! holds everything the others held at its restart.
+
+pub mod report;
+pub mod writer;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use braid_conflict::{oracle, Value};
+use braid_protocol::{ChangeEvent, NodeId, Seq};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+
+use crate::bench::{histogram_of, WorkDir};
+use crate::cluster::{self, ClusterFile, InitOptions, RegionEntry};
+use crate::config::NodeConfig;
+use crate::faults::FaultSet;
+use crate::http::{LagHistograms, Status};
+use crate::launch;
+use crate::scenario::{Action, Scenario};
+use crate::storage::{Durability, RocksStorage};
+use crate::workload::sub_seed;
+use report::{
+    ConvergenceReport, DrillReport, FailureReport, FaultMark, LagFigures, LagPoint, Verdict,
+    WriteCounts,
+};
+use writer::{WriterCounters, WriterSpec};
+
+/// First port of a cluster the drill starts (region i uses base+10i .. base+10i+2).
+pub const BASE_PORT_DEFAULT: u16 = 17500;
+/// How often the observer reads every region's `/status`.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+/// Every how many status polls the observer reads `/lag` (once a second).
+const LAG_EVERY_POLLS: u64 = 5;
+/// After a failure, how long in-flight frames get to land before the survivors are asked what
+/// they hold of the failed region.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Timeout of one admin request.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a (re)started region may take to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Convergence budget after the workload when the scenario sets none.
+const CONVERGE_MS_DEFAULT: u64 = 60_000;
+/// Points kept in the lag timeline (one per link and second): hours of a large mesh.
+const TIMELINE_POINTS_MAX: usize = 200_000;
+/// How often the progress line is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Largest time scale (a drill stretched a hundredfold is a week of a long scenario).
+pub const TIME_SCALE_MAX: f64 = 100.0;
+
+/// How to run a drill.
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    /// The scenario, validated.
+    pub scenario: Scenario,
+    /// Working directory for a started cluster (default: temporary, removed afterwards).
+    pub dir: Option<PathBuf>,
+    /// Attach to the running cluster in this directory (its `cluster.json`).
+    pub attach: Option<PathBuf>,
+    /// Durability of a started cluster.
+    pub durability: Durability,
+    /// First port of a started cluster.
+    pub base_port: u16,
+    /// Seed of the workload's commands.
+    pub seed: u64,
+    /// Factor applied to every time of the scenario's timeline and duration (not to its
+    /// expectations): 0.25 rehearses a scenario in a quarter of the time.
+    pub time_scale: f64,
+    /// The `braid` executable, for starting regions.
+    pub exe: PathBuf,
+    /// The command line, for the report.
+    pub command_line: String,
+}
+
+/// A drill that could not run (a drill that ran and failed is a report with `passed: false`).
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    /// The scenario asks for something real processes cannot do honestly.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The options make no sense.
+    #[error("{0}")]
+    Options(String),
+    /// The cluster could not be started, reached or read.
+    #[error("cluster: {0}")]
+    Cluster(String),
+}
+
+/// What the drill is doing, for a progress line.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A new phase.
+    Phase(String),
+    /// Once a second while the workload runs.
+    Running {
+        /// Milliseconds since the workload started.
+        elapsed_ms: u64,
+        /// The workload's length.
+        total_ms: u64,
+        /// Writes acknowledged so far, all regions.
+        acked: u64,
+        /// Regions down now.
+        down: Vec<String>,
+        /// Faults performed so far.
+        faults: usize,
+    },
+    /// A fault was just performed.
+    Fault(String),
+}
+
+/// One region as the drill runs it.
+struct Region {
+    name: String,
+    id: NodeId,
+    http: SocketAddr,
+    child: Option<tokio::process::Child>,
+    up: watch::Sender<bool>,
+    counters: Arc<WriterCounters>,
+}
+
+/// The network faults in force, from which each node's `POST /faults` body is derived.
+#[derive(Debug, Clone, Default)]
+struct NetState {
+    /// Directed pairs whose messages are dropped.
+    cut: BTreeSet<(usize, usize)>,
+    /// Unordered pairs a flap has down right now.
+    flapped: BTreeSet<(usize, usize)>,
+    /// Extra delay per unordered pair.
+    slow: BTreeMap<(usize, usize), u64>,
+    /// Clock offset per region.
+    clock: BTreeMap<usize, i64>,
+    /// The scenario's link latency (mean of its range), on every link.
+    base_delay_ms: u64,
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl NetState {
+    fn fault_set(&self, i: usize, names: &[String]) -> FaultSet {
+        let mut set = FaultSet {
+            clock_offset_ms: self.clock.get(&i).copied().unwrap_or(0),
+            ..FaultSet::default()
+        };
+        for (j, name) in names.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            let (out, back) = (self.cut.contains(&(i, j)), self.cut.contains(&(j, i)));
+            if (out && back) || self.flapped.contains(&pair(i, j)) {
+                set.cut.insert(name.clone());
+            } else if out {
+                set.drop_to.insert(name.clone());
+            }
+            let delay = self.base_delay_ms + self.slow.get(&pair(i, j)).copied().unwrap_or(0);
+            if delay > 0 {
+                set.delay_ms.insert(name.clone(), delay);
+            }
+        }
+        set
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+        self.flapped.clear();
+        self.slow.clear();
+    }
+}
+
+/// A convergence question the observer answers: when does every region up (or just `only`)
+/// hold at least `target`?
+#[derive(Debug)]
+struct Watch {
+    label: String,
+    at: Instant,
+    at_ms: u64,
+    target: BTreeMap<String, u64>,
+    only: Option<usize>,
+    done_ms: Option<u64>,
+}
+
+/// What the observer has seen.
+struct Observed {
+    statuses: Vec<Option<Status>>,
+    /// Highest sequence number of each origin ever seen anywhere.
+    max_seen: BTreeMap<String, u64>,
+    /// Per region: last `writes` and events sent, to accumulate across restarts.
+    last_counters: Vec<Option<(u64, u64)>>,
+    writes_total: u64,
+    events_sent_total: u64,
+    lag_last: Vec<Option<LagHistograms>>,
+    lag_total: Histogram<u64>,
+    lag_by_link: BTreeMap<String, Histogram<u64>>,
+    timeline: Vec<LagPoint>,
+    watches: Vec<Watch>,
+}
+
+fn lag_histogram() -> Histogram<u64> {
+    // Valid bounds: construction cannot fail.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
+}
+
+fn figures(h: &Histogram<u64>) -> LagFigures {
+    LagFigures {
+        count: h.len(),
+        p50: h.value_at_quantile(0.5),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+    }
+}
+
+fn dominates(vector: &BTreeMap<String, u64>, target: &BTreeMap<String, u64>) -> bool {
+    target
+        .iter()
+        .all(|(origin, seq)| vector.get(origin).copied().unwrap_or(0) >= *seq)
+}
+
+impl Observed {
+    fn new(n: usize) -> Observed {
+        Observed {
+            statuses: vec![None; n],
+            max_seen: BTreeMap::new(),
+            last_counters: vec![None; n],
+            writes_total: 0,
+            events_sent_total: 0,
+            lag_last: vec![None; n],
+            lag_total: lag_histogram(),
+            lag_by_link: BTreeMap::new(),
+            timeline: Vec::new(),
+            watches: Vec::new(),
+        }
+    }
+
+    fn record_status(&mut self, i: usize, status: Status) {
+        for (origin, seq) in &status.vector {
+            let seen = self.max_seen.entry(origin.clone()).or_default();
+            *seen = (*seen).max(*seq);
+        }
+        let sent: u64 = status.peers.iter().map(|p| p.events_sent).sum();
+        let (writes_before, sent_before) = self.last_counters[i].unwrap_or((0, 0));
+        // A restarted node counts from zero again.
+        let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+        self.writes_total += delta(status.writes, writes_before);
+        self.events_sent_total += delta(sent, sent_before);
+        self.last_counters[i] = Some((status.writes, sent));
+        self.statuses[i] = Some(status);
+    }
+
+    fn record_lag(&mut self, i: usize, lag: LagHistograms, t_ms: u64) {
+        for (origin, values) in &lag.origins {
+            let mut h = histogram_of(values, 1);
+            let earlier = self.lag_last[i]
+                .as_ref()
+                .and_then(|l| l.origins.get(origin))
+                .map(|v| histogram_of(v, 1));
+            if let Some(earlier) = earlier {
+                if h.subtract(&earlier).is_err() {
+                    h = histogram_of(values, 1); // restarted: all of it is new
+                }
+            }
+            if h.is_empty() {
+                continue;
+            }
+            let link = format!("{origin}->{}", lag.region);
+            let _ = self.lag_total.add(&h);
+            let _ = self
+                .lag_by_link
+                .entry(link.clone())
+                .or_insert_with(lag_histogram)
+                .add(&h);
+            if self.timeline.len() < TIMELINE_POINTS_MAX {
+                self.timeline.push(LagPoint {
+                    t_ms,
+                    link,
+                    count: h.len(),
+                    p50: h.value_at_quantile(0.5),
+                    p99: h.value_at_quantile(0.99),
+                });
+            }
+        }
+        self.lag_last[i] = Some(lag);
+    }
+
+    fn check_watches(&mut self, up: &[bool], now: Instant) {
+        for watch in self.watches.iter_mut().filter(|w| w.done_ms.is_none()) {
+            let mut ready = true;
+            for (i, status) in self.statuses.iter().enumerate() {
+                if !up[i] || watch.only.is_some_and(|only| only != i) {
+                    continue;
+                }
+                ready &= status
+                    .as_ref()
+                    .is_some_and(|s| dominates(&s.vector, &watch.target));
+            }
+            if ready {
+                watch.done_ms = Some(now.duration_since(watch.at).as_millis() as u64);
+            }
+        }
+    }
+
+    /// The component-wise maximum of the vectors of the regions up.
+    fn frontier(&self, up: &[bool]) -> BTreeMap<String, u64> {
+        let mut target = BTreeMap::new();
+        for (i, status) in self.statuses.iter().enumerate() {
+            if let (true, Some(status)) = (up[i], status) {
+                for (origin, seq) in &status.vector {
+                    let t: &mut u64 = target.entry(origin.clone()).or_default();
+                    *t = (*t).max(*seq);
+                }
+            }
+        }
+        target
+    }
+}
+
+type Shared = Arc<Mutex<Observed>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Observed> {
+    // A poisoned lock means a panic elsewhere already failed the drill; the data is still
+    // what was observed.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<T, String> {
+    let body = crate::admin_client::get(addr, path, ADMIN_TIMEOUT)
+        .await
+        .map_err(|e| format!("http://{addr}{path}: {e}"))?;
+    serde_json::from_str(&body).map_err(|e| format!("http://{addr}{path}: {e}"))
+}
+
+/// Polls every region that is up, until `stop`.
+async fn observe(
+    https: Vec<SocketAddr>,
+    ups: Vec<watch::Receiver<bool>>,
+    shared: Shared,
+    start: Instant,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut polls = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        polls += 1;
+        let up: Vec<bool> = ups.iter().map(|u| *u.borrow()).collect();
+        for (i, addr) in https.iter().enumerate() {
+            if !up[i] {
+                continue;
+            }
+            if let Ok(status) = get_json::<Status>(*addr, "/status").await {
+                lock(&shared).record_status(i, status);
+            }
+            if polls % LAG_EVERY_POLLS == 0 {
+                if let Ok(lag) = get_json::<LagHistograms>(*addr, "/lag").await {
+                    let t_ms = start.elapsed().as_millis() as u64;
+                    lock(&shared).record_lag(i, lag, t_ms);
+                }
+            }
+        }
+        // Statuses of regions that are down are stale: forget them.
+        let mut observed = lock(&shared);
+        for (i, up) in up.iter().enumerate() {
+            if !up {
+                observed.statuses[i] = None;
+            }
+        }
+        observed.check_watches(&up, Instant::now());
+    }
+}
+
+/// Checks what the scenario asks for against what real processes can do; returns the notes
+/// for the report.
+fn check_supported(
+    scenario: &Scenario,
+    durability: Durability,
+    faults_available: bool,
+) -> Result<Vec<String>, DrillError> {
+    let mut notes = Vec::new();
+    let net = &scenario.network;
+    for (what, p) in [
+        ("loss", net.loss),
+        ("duplicate", net.duplicate),
+        ("reorder", net.reorder),
+    ] {
+        if p > 0.0 {
+            notes.push(format!(
+                "network.{what} = {p} is simulated only: QUIC streams neither lose, duplicate \
+                 nor reorder what they deliver, so the drill ignores it"
+            ));
+        }
+    }
+    for fault in &scenario.timeline {
+        match &fault.action {
+            Action::PowerFail { region } if durability != Durability::Machine => {
+                return Err(DrillError::Unsupported(format!(
+                    "power-fail of region {region} at {} ms: the cluster runs with {} \
+                     durability, which does not promise to survive power loss, and a drill \
+                     cannot drop one process's unsynced writes from the page cache. Run with \
+                     --durability machine (every acknowledged write synced; the drill then \
+                     kills the process, which loses what a power failure could: nothing \
+                     acknowledged), or use kill",
+                    fault.at_ms,
+                    durability.name()
+                )));
+            }
+            Action::Kill { .. } | Action::Restart { .. } | Action::PowerFail { .. } => {}
+            other if !faults_available => {
+                return Err(DrillError::Unsupported(format!(
+                    "{} at {} ms needs fault injection, which the attached cluster's nodes do \
+                     not have: start it with `braid cluster up --fault-injection`",
+                    action_name(other),
+                    fault.at_ms
+                )));
+            }
+            _ => {}
+        }
+    }
+    if !faults_available {
+        notes.push(
+            "the attached cluster has no fault injection: links run at loopback latency, not \
+             the scenario's"
+                .into(),
+        );
+    } else {
+        notes.push(format!(
+            "network latency: every frame is held {} ms (the middle of the scenario's \
+             {}..{} ms); the simulator draws it per message",
+            (net.latency_ms_min + net.latency_ms_max) / 2,
+            net.latency_ms_min,
+            net.latency_ms_max
+        ));
+    }
+    Ok(notes)
+}
+
+fn action_name(action: &Action) -> String {
+    match action {
+        Action::Kill { region } => format!("kill {region}"),
+        Action::Restart { region } => format!("restart {region}"),
+        Action::PowerFail { region } => format!("power-fail {region}"),
+        Action::Partition { groups, one_way } => {
+            let groups: Vec<String> = groups.iter().map(|g| g.join(",")).collect();
+            format!(
+                "partition {}{}",
+                groups.join(" | "),
+                if *one_way { " (one way)" } else { "" }
+            )
+        }
+        Action::Heal => "heal".into(),
+        Action::Flap { from, to, .. } => format!("flap {from}-{to}"),
+        Action::ClockSkew { region, offset_ms } => format!("clock-skew {region} {offset_ms:+} ms"),
+        Action::SlowLink { from, to, extra_ms } => format!("slow-link {from}-{to} +{extra_ms} ms"),
+    }
+}
+
+/// A step of the timeline, in order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    Fault(usize),
+    Flap {
+        a: usize,
+        b: usize,
+        period_ms: u64,
+        until_ms: u64,
+        down: bool,
+    },
+    End,
+}
+
+/// A region failure being measured.
+struct Failure {
+    report: FailureReport,
+    /// Half a second after the failure: the highest of its sequence numbers another region held.
+    held: Option<tokio::task::JoinHandle<u64>>,
+    /// Its client's unknown outcomes before the failure.
+    unknown_before: u64,
+    /// The observer's watches for its recovery and for its events reappearing.
+    watches: Option<(usize, usize)>,
+}
+
+/// The drill in progress.
+struct Drill<'a> {
+    options: &'a DrillOptions,
+    names: Vec<String>,
+    file: ClusterFile,
+    /// The cluster's directory (cluster.json).
+    cluster_dir: PathBuf,
+    attached: bool,
+    regions: Vec<Region>,
+    net: NetState,
+    faults_available: bool,
+    durability: Durability,
+    warnings: Vec<String>,
+    shared: Shared,
+    start: Instant,
+    failures: Vec<Failure>,
+    marks: Vec<FaultMark>,
+    convergence_watches: Vec<usize>,
+}
+
+impl Drill<'_> {
+    fn elapsed_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn up(&self) -> Vec<bool> {
+        self.regions.iter().map(|r| *r.up.borrow()).collect()
+    }
+
+    fn index(&self, name: &str) -> usize {
+        // The scenario was validated: every name is a region.
+        self.names.iter().position(|n| n == name).unwrap_or(0)
+    }
+
+    /// Sends every region that is up its share of the network faults.
+    async fn push_faults(&self) -> Result<(), DrillError> {
+        if !self.faults_available {
+            return Ok(());
+        }
+        for (i, region) in self.regions.iter().enumerate() {
+            if *region.up.borrow() {
+                self.push_faults_to(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn push_faults_to(&self, i: usize) -> Result<(), DrillError> {
+        if !self.faults_available {
+            return Ok(());
+        }
+        let set = self.net.fault_set(i, &self.names);
+        let body = serde_json::to_string(&set)
+            .map_err(|e| DrillError::Cluster(format!("encoding faults: {e}")))?;
+        let region = &self.regions[i];
+        crate::admin_client::post_json(region.http, "/faults", &body, ADMIN_TIMEOUT)
+            .await
+            .map_err(|e| {
+                DrillError::Cluster(format!("region {}: POST /faults: {e}", region.name))
+            })?;
+        Ok(())
+    }
+
+    fn watch(&self, label: String, target: BTreeMap<String, u64>, only: Option<usize>) -> usize {
+        let mut observed = lock(&self.shared);
+        observed.watches.push(Watch {
+            label,
+            at: Instant::now(),
+            at_ms: self.elapsed_ms(),
+            target,
+            only,
+            done_ms: None,
+        });
+        observed.watches.len() - 1
+    }
+
+    async fn fail(&mut self, i: usize, kind: &str) -> Result<(), DrillError> {
+        if !*self.regions[i].up.borrow() {
+            return Ok(());
+        }
+        let at_ms = self.elapsed_ms();
+        let unknown_before = self.regions[i].counters.read()[2];
+        self.regions[i].up.send_replace(false);
+        let pid = match self.regions[i].child.as_mut() {
+            Some(child) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                None
+            }
+            None => self.file.regions[i].pid,
+        };
+        self.regions[i].child = None;
+        if let Some(pid) = pid {
+            launch::signal(pid, libc::SIGKILL);
+        }
+        // Half a second on, ask the others what they hold of it.
+        let others: Vec<SocketAddr> = self
+            .regions
+            .iter()
+            .enumerate()
+            .filter(|(j, r)| *j != i && *r.up.borrow())
+            .map(|(_, r)| r.http)
+            .collect();
+        let name = self.names[i].clone();
+        let held = tokio::spawn(async move {
+            tokio::time::sleep(SETTLE).await;
+            let mut best = 0;
+            for addr in others {
+                if let Ok(status) = get_json::<Status>(addr, "/status").await {
+                    best = best.max(status.vector.get(&name).copied().unwrap_or(0));
+                }
+            }
+            best
+        });
+        let report = FailureReport {
+            region: self.names[i].clone(),
+            kind: kind.into(),
+            at_ms,
+            ..FailureReport::default()
+        };
+        self.failures.push(Failure {
+            report,
+            held: Some(held),
+            unknown_before,
+            watches: None,
+        });
+        Ok(())
+    }
+
+    async fn restart(&mut self, i: usize) -> Result<(), DrillError> {
+        if *self.regions[i].up.borrow() {
+            return Ok(());
+        }
+        let restarted = Instant::now();
+        let restarted_ms = self.elapsed_ms();
+        let entry: &mut RegionEntry = &mut self.file.regions[i];
+        let mut child = launch::spawn_region(entry, &self.options.exe, self.attached)
+            .map_err(|e| DrillError::Cluster(e.to_string()))?;
+        if self.attached {
+            self.file
+                .save(&self.cluster_dir)
+                .map_err(|e| DrillError::Cluster(e.to_string()))?;
+        }
+        let http = self.regions[i].http;
+        let status = loop {
+            if let Ok(Some(exit)) = child.try_wait() {
+                return Err(DrillError::Cluster(format!(
+                    "region {} exited at restart ({exit}); see its braid.log",
+                    self.names[i]
+                )));
+            }
+            if let Ok(status) = get_json::<Status>(http, "/status").await {
+                break status;
+            }
+            if restarted.elapsed() > START_TIMEOUT {
+                return Err(DrillError::Cluster(format!(
+                    "region {} did not answer within {START_TIMEOUT:?} of its restart",
+                    self.names[i]
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let serving_ms = restarted.elapsed().as_millis() as u64;
+        if !self.attached {
+            self.regions[i].child = Some(child);
+        }
+        // Its faults were lost with the process (its clock skew included): set them again.
+        self.push_faults_to(i).await?;
+        let own = status.vector.get(&self.names[i]).copied().unwrap_or(0);
+        let up = self.up();
+        let target = lock(&self.shared).frontier(&up);
+        let name = self.names[i].clone();
+        if let Some(pos) = self
+            .failures
+            .iter()
+            .rposition(|f| f.report.region == name && f.report.restarted_at_ms.is_none())
+        {
+            let held = match self.failures[pos].held.take() {
+                Some(task) => task.await.unwrap_or(0),
+                None => 0,
+            };
+            let unknown_before = self.failures[pos].unknown_before;
+            let unknown_now = self.regions[i].counters.read()[2];
+            let f = &mut self.failures[pos].report;
+            f.last_seq = own;
+            f.replicated_seq = held;
+            f.unreplicated_events = own.saturating_sub(held);
+            f.in_flight_writes = unknown_now.saturating_sub(unknown_before);
+            f.rpo_writes_max = f.unreplicated_events;
+            f.rpo_writes_min = f.unreplicated_events.saturating_sub(f.in_flight_writes);
+            f.restarted_at_ms = Some(restarted_ms);
+            f.serving_ms = Some(serving_ms);
+            let recover = self.watch(format!("recovery {name}"), target, Some(i));
+            let back = self.watch(
+                format!("reappeared {name}"),
+                BTreeMap::from([(name.clone(), own)]),
+                None,
+            );
+            self.failures[pos].watches = Some((recover, back));
+        }
+        self.regions[i].up.send_replace(true);
+        let label = format!("restart {name}");
+        let target = lock(&self.shared).frontier(&self.up());
+        let watch = self.watch(label, target, None);
+        self.convergence_watches.push(watch);
+        Ok(())
+    }
+
+    async fn perform(&mut self, action: &Action) -> Result<(), DrillError> {
+        match action {
+            Action::Kill { region } => self.fail(self.index(region), "kill").await?,
+            Action::PowerFail { region } => self.fail(self.index(region), "power-fail").await?,
+            Action::Restart { region } => self.restart(self.index(region)).await?,
+            Action::Partition { groups, one_way } => {
+                let group_of = |r: usize| groups.iter().position(|g| g.contains(&self.names[r]));
+                let n = self.names.len();
+                for a in 0..n {
+                    for b in 0..n {
+                        let (ga, gb) = (group_of(a), group_of(b));
+                        if a != b && ga != gb && (!one_way || ga == Some(0)) {
+                            self.net.cut.insert((a, b));
+                        }
+                    }
+                }
+                self.push_faults().await?;
+            }
+            Action::Heal => {
+                self.net.heal();
+                self.push_faults().await?;
+                let target = lock(&self.shared).frontier(&self.up());
+                let watch = self.watch("heal".into(), target, None);
+                self.convergence_watches.push(watch);
+            }
+            Action::ClockSkew { region, offset_ms } => {
+                self.net.clock.insert(self.index(region), *offset_ms);
+                self.push_faults().await?;
+            }
+            Action::SlowLink { from, to, extra_ms } => {
+                let key = pair(self.index(from), self.index(to));
+                self.net.slow.insert(key, *extra_ms);
+                self.push_faults().await?;
+            }
+            Action::Flap { .. } => {} // scheduled as steps by the caller
+        }
+        Ok(())
+    }
+}
+
+/// Starts the scenario's cluster, or attaches to one; returns it with its directory and, for a
+/// started one, its processes.
+async fn cluster_for(
+    options: &DrillOptions,
+    work: Option<&WorkDir>,
+) -> Result<(ClusterFile, PathBuf, Option<Vec<tokio::process::Child>>), DrillError> {
+    let fail = |e: &dyn std::fmt::Display| DrillError::Cluster(e.to_string());
+    let scenario = &options.scenario;
+    if let Some(dir) = &options.attach {
+        let file = ClusterFile::load(dir).map_err(|e| fail(&e))?;
+        let names: Vec<&str> = file.regions.iter().map(|r| r.name.as_str()).collect();
+        if names
+            != scenario
+                .regions
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        {
+            return Err(DrillError::Options(format!(
+                "the attached cluster's regions ({}) are not the scenario's ({}), in order",
+                names.join(", "),
+                scenario.regions.join(", ")
+            )));
+        }
+        return Ok((file, dir.clone(), None));
+    }
+    let Some(work) = work else {
+        return Err(DrillError::Options("no working directory".into()));
+    };
+    let dir = work.path.join("cluster");
+    let mut file = cluster::init(&InitOptions {
+        regions: scenario.regions.clone(),
+        dir: dir.clone(),
+        host: [127, 0, 0, 1].into(),
+        base_port: options.base_port,
+        links: scenario.links.clone(),
+        durability: options.durability,
+        password: None,
+        fault_injection: true,
+    })
+    .map_err(|e| fail(&e))?;
+    let mut children = launch::spawn(&mut file, &options.exe, false).map_err(|e| fail(&e))?;
+    file.save(&dir).map_err(|e| fail(&e))?;
+    launch::wait_healthy(&file, &mut children, START_TIMEOUT)
+        .await
+        .map_err(|e| fail(&e))?;
+    let late = launch::wait_meshed(&file, Duration::from_secs(15)).await;
+    if !late.is_empty() {
+        return Err(DrillError::Cluster(format!(
+            "regions {} did not connect to all their peers",
+            late.join(", ")
+        )));
+    }
+    Ok((file, dir, Some(children)))
+}
+
+fn scaled(ms: u64, scale: f64) -> u64 {
+    (ms as f64 * scale).round() as u64
+}
+
+/// Runs the drill. Returns its report (which may say FAIL), or an error if it could not run.
+pub async fn run(
+    options: &DrillOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<DrillReport, DrillError> {
+    let scenario = &options.scenario;
+    if !(options.time_scale > 0.0 && options.time_scale <= TIME_SCALE_MAX) {
+        return Err(DrillError::Options(format!(
+            "--time-scale must be above 0 and at most {TIME_SCALE_MAX}"
+        )));
+    }
+    if options.attach.is_some() && options.dir.is_some() {
+        return Err(DrillError::Options(
+            "--attach and --dir exclude each other".into(),
+        ));
+    }
+    // Refuse early what cannot be done, before anything starts (an attached cluster is checked
+    // once its durability and fault injection are known).
+    if options.attach.is_none() {
+        check_supported(scenario, options.durability, true)?;
+    }
+    let work = match options.attach {
+        None => Some(
+            WorkDir::new(options.dir.as_deref(), "braid-drill")
+                .map_err(|e| DrillError::Cluster(e.to_string()))?,
+        ),
+        Some(_) => None,
+    };
+    progress(Progress::Phase(match &options.attach {
+        Some(dir) => format!("attaching to the cluster in {}", dir.display()),
+        None => format!(
+            "starting {} regions ({}) with fault injection, {} durability",
+            scenario.regions.len(),
+            scenario.regions.join(", "),
+            options.durability.name()
+        ),
+    }));
+    let (file, cluster_dir, children) = cluster_for(options, work.as_ref()).await?;
+    let attached = children.is_none();
+    let mut https = Vec::new();
+    let mut resps = Vec::new();
+    for entry in &file.regions {
+        let parse = |addr: &str| {
+            addr.parse::<SocketAddr>().map_err(|_| {
+                DrillError::Cluster(format!("region {}: bad address {addr:?}", entry.name))
+            })
+        };
+        https.push(parse(&entry.http)?);
+        resps.push(parse(&entry.resp)?);
+    }
+    let first: Status = get_json(https[0], "/status")
+        .await
+        .map_err(DrillError::Cluster)?;
+    let durability = if first.durability == "machine" {
+        Durability::Machine
+    } else {
+        Durability::Process
+    };
+    let faults_available = crate::admin_client::get(https[0], "/faults", ADMIN_TIMEOUT)
+        .await
+        .is_ok();
+    let warnings = check_supported(scenario, durability, faults_available)?;
+
+    let n = scenario.regions.len();
+    let mut children = children.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
+    let mut regions = Vec::new();
+    for (i, entry) in file.regions.iter().enumerate() {
+        regions.push(Region {
+            name: entry.name.clone(),
+            id: NodeId(entry.id),
+            http: https[i],
+            child: children.as_mut().and_then(|c| c[i].take()),
+            up: watch::Sender::new(true),
+            counters: Arc::new(WriterCounters::default()),
+        });
+    }
+    let shared: Shared = Arc::new(Mutex::new(Observed::new(n)));
+    let start = Instant::now();
+    let mut drill = Drill {
+        options,
+        names: scenario.regions.clone(),
+        file,
+        cluster_dir,
+        attached,
+        regions,
+        net: NetState {
+            base_delay_ms: (scenario.network.latency_ms_min + scenario.network.latency_ms_max) / 2,
+            ..NetState::default()
+        },
+        faults_available,
+        durability,
+        warnings,
+        shared: shared.clone(),
+        start,
+        failures: Vec::new(),
+        marks: Vec::new(),
+        convergence_watches: Vec::new(),
+    };
+    drill.push_faults().await?;
+
+    // Observer and writers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let observer = tokio::spawn(observe(
+        https.clone(),
+        drill.regions.iter().map(|r| r.up.subscribe()).collect(),
+        shared.clone(),
+        start,
+        stop_rx.clone(),
+    ));
+    let (stop_writers, writers_rx) = watch::channel(false);
+    let mut writers = Vec::new();
+    for (i, region) in drill.regions.iter().enumerate() {
+        let spec = WriterSpec {
+            addr: resps[i],
+            workload: scenario.workload.clone(),
+            seed: sub_seed(options.seed, 100 + i as u64),
+        };
+        writers.push(tokio::spawn(writer::run(
+            spec,
+            region.up.subscribe(),
+            writers_rx.clone(),
+            region.counters.clone(),
+        )));
+    }
+
+    // The timeline.
+    let scale = options.time_scale;
+    let total_ms = scaled(scenario.duration_ms, scale);
+    progress(Progress::Phase(format!(
+        "running {} for {:.1} s: {} writes/s per region, {} faults",
+        scenario.name,
+        total_ms as f64 / 1000.0,
+        scenario.workload.rate_per_region,
+        scenario.timeline.len()
+    )));
+    let mut steps: BTreeMap<(u64, u64), Step> = BTreeMap::new();
+    let mut order = 0u64;
+    for (i, fault) in scenario.timeline.iter().enumerate() {
+        order += 1;
+        steps.insert((scaled(fault.at_ms, scale), order), Step::Fault(i));
+    }
+    steps.insert((total_ms, u64::MAX), Step::End);
+    let mut next_progress = Duration::ZERO;
+    let result: Result<(), DrillError> = async {
+        while let Some(((due_ms, _), step)) = steps.pop_first() {
+            loop {
+                let now = start.elapsed();
+                let due = Duration::from_millis(due_ms);
+                if now >= next_progress {
+                    let acked = drill.regions.iter().map(|r| r.counters.read()[0]).sum();
+                    let down = drill
+                        .regions
+                        .iter()
+                        .filter(|r| !*r.up.borrow())
+                        .map(|r| r.name.clone())
+                        .collect();
+                    progress(Progress::Running {
+                        elapsed_ms: now.as_millis() as u64,
+                        total_ms,
+                        acked,
+                        down,
+                        faults: drill.marks.len(),
+                    });
+                    next_progress = now + PROGRESS_EVERY;
+                }
+                if now >= due {
+                    break;
+                }
+                tokio::time::sleep((due - now).min(next_progress.saturating_sub(now))).await;
+            }
+            match step {
+                Step::End => break,
+                Step::Fault(i) => {
+                    let action = &scenario.timeline[i].action;
+                    let label = action_name(action);
+                    drill.marks.push(FaultMark {
+                        at_ms: drill.elapsed_ms(),
+                        action: label.clone(),
+                    });
+                    progress(Progress::Fault(label));
+                    if let Action::Flap {
+                        from,
+                        to,
+                        period_ms,
+                        until_ms,
+                    } = action
+                    {
+                        order += 1;
+                        steps.insert(
+                            (due_ms, order),
+                            Step::Flap {
+                                a: drill.index(from),
+                                b: drill.index(to),
+                                period_ms: scaled(*period_ms, scale).max(1),
+                                until_ms: scaled(*until_ms, scale),
+                                down: true,
+                            },
+                        );
+                    } else {
+                        drill.perform(action).await?;
+                    }
+                }
+                Step::Flap {
+                    a,
+                    b,
+                    period_ms,
+                    until_ms,
+                    down,
+                } => {
+                    let down = down && due_ms < until_ms;
+                    if down {
+                        drill.net.flapped.insert(pair(a, b));
+                    } else {
+                        drill.net.flapped.remove(&pair(a, b));
+                    }
+                    drill.push_faults().await?;
+                    if due_ms < until_ms {
+                        order += 1;
+                        steps.insert(
+                            ((due_ms + period_ms).min(until_ms), order),
+                            Step::Flap {
+                                a,
+                                b,
+                                period_ms,
+                                until_ms,
+                                down: !down,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    stop_writers.send_replace(true);
+    for w in writers {
+        let _ = w.await;
+    }
+    let outcome = match result {
+        Ok(()) => finish(&mut drill, options, progress).await,
+        Err(err) => Err(err),
+    };
+    stop_tx.send_replace(true);
+    let _ = observer.await;
+    if !attached {
+        progress(Progress::Phase("stopping the cluster".into()));
+        launch::stop(&drill.file).await;
+        for region in &mut drill.regions {
+            if let Some(child) = region.child.as_mut() {
+                let _ = child.wait().await;
+            }
+        }
+    }
+    drop(work);
+    outcome
+}
+
+/// After the workload: heal, restart, wait for convergence, verify, report.
+async fn finish(
+    drill: &mut Drill<'_>,
+    options: &DrillOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<DrillReport, DrillError> {
+    let scenario = &options.scenario;
+    let end_ms = drill.elapsed_ms();
+    progress(Progress::Phase(
+        "workload over: healing every fault, restarting regions that are down".into(),
+    ));
+    drill.net.heal();
+    drill.push_faults().await?;
+    for i in 0..drill.regions.len() {
+        if !*drill.regions[i].up.borrow() {
+            drill.restart(i).await?;
+        }
+    }
+    let budget_ms = scenario
+        .expect
+        .converged_within_ms
+        .unwrap_or(CONVERGE_MS_DEFAULT);
+    progress(Progress::Phase(format!(
+        "waiting for every region to hold the same events (up to {:.0} s)",
+        budget_ms as f64 / 1000.0
+    )));
+    let ended = Instant::now();
+    let mut final_convergence_ms = None;
+    let mut last_vectors = Vec::new();
+    while ended.elapsed() < Duration::from_millis(budget_ms) {
+        let mut vectors = Vec::new();
+        for region in &drill.regions {
+            match get_json::<Status>(region.http, "/status").await {
+                Ok(status) => vectors.push(status.vector),
+                Err(_) => break,
+            }
+        }
+        if vectors.len() == drill.regions.len() && vectors.windows(2).all(|w| w[0] == w[1]) {
+            final_convergence_ms = Some(ended.elapsed().as_millis() as u64);
+            last_vectors = vectors;
+            break;
+        }
+        last_vectors = vectors;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One more observation, so that the last second's lag and the watches are in.
+    tokio::time::sleep(POLL_EVERY * LAG_EVERY_POLLS as u32 + POLL_EVERY).await;
+
+    progress(Progress::Phase(
+        "reading every region's state and change log".into(),
+    ));
+    let verification = verify(drill).await?;
+    let observed = lock(&drill.shared);
+    let watches = &observed.watches;
+    let mut failures = Vec::new();
+    for failure in &drill.failures {
+        let mut f = failure.report.clone();
+        if let Some((recover, back)) = failure.watches {
+            f.recovery_ms = watches.get(recover).and_then(|w| w.done_ms);
+            f.reappeared_ms = watches.get(back).and_then(|w| w.done_ms);
+            // Converged at the end (checked below), every event of it is everywhere.
+            f.reappeared = f.reappeared_ms.is_some()
+                || (final_convergence_ms.is_some()
+                    && last_vectors
+                        .iter()
+                        .all(|v| v.get(&f.region).copied().unwrap_or(0) >= f.last_seq));
+        }
+        failures.push(f);
+    }
+    let convergence: Vec<ConvergenceReport> = drill
+        .convergence_watches
+        .iter()
+        .filter_map(|i| watches.get(*i))
+        .map(|w| ConvergenceReport {
+            after: w.label.clone(),
+            at_ms: w.at_ms,
+            converged_ms: w.done_ms,
+        })
+        .chain(std::iter::once(ConvergenceReport {
+            after: "end of workload".into(),
+            at_ms: end_ms,
+            converged_ms: final_convergence_ms,
+        }))
+        .collect();
+
+    let mut checkers = Vec::new();
+    checkers.push(Verdict {
+        checker: "convergence".into(),
+        passed: final_convergence_ms.is_some(),
+        detail: match final_convergence_ms {
+            Some(ms) => format!(
+                "identical vectors in every region {ms} ms after the end (bound {budget_ms} ms)"
+            ),
+            None => format!(
+                "vectors still differ {budget_ms} ms after the end: {}",
+                last_vectors
+                    .iter()
+                    .zip(&drill.names)
+                    .map(|(v, n)| format!("{n}={v:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        },
+    });
+    if scenario.expect.no_lost_writes {
+        let mut problems = verification.problems.clone();
+        for f in failures.iter().filter(|f| !f.reappeared) {
+            problems.push(format!(
+                "{} events of {} (up to seq {}) did not reach every region after its restart",
+                f.unreplicated_events, f.region, f.last_seq
+            ));
+        }
+        for (origin, seen) in &observed.max_seen {
+            let kept = verification.last_seq.get(origin).copied().unwrap_or(0);
+            if kept < *seen {
+                problems.push(format!(
+                    "{origin}'s events up to seq {seen} were seen during the drill, but only {kept} remain"
+                ));
+            }
+        }
+        checkers.push(Verdict {
+            checker: "oracle".into(),
+            passed: problems.is_empty(),
+            detail: if problems.is_empty() {
+                format!(
+                    "{} keys equal the oracle of {} events in every region; every change log \
+                     complete; every failed region's events came back",
+                    verification.keys, verification.events
+                )
+            } else {
+                problems[..problems.len().min(3)].join("; ")
+            },
+        });
+    }
+    checkers.push(Verdict {
+        checker: "exactly_once".into(),
+        passed: verification.counter_problem.is_none(),
+        detail: verification.counter_problem.clone().unwrap_or_else(|| {
+            format!(
+                "{} counters equal the oracle's sums in every region: no increment applied twice or lost",
+                verification.counters
+            )
+        }),
+    });
+    let events_written = observed.writes_total;
+    let per_change = if events_written == 0 {
+        0.0
+    } else {
+        observed.events_sent_total as f64 / events_written as f64
+    };
+    if let Some(max) = scenario.expect.max_messages_per_change {
+        checkers.push(Verdict {
+            checker: "messages_per_change".into(),
+            passed: per_change <= max,
+            detail: format!(
+                "{per_change:.3} events sent per event written ({} / {events_written}; bound {max})",
+                observed.events_sent_total
+            ),
+        });
+    }
+    let lag = figures(&observed.lag_total);
+    if let Some(max) = scenario.expect.lag_ms_p99_max {
+        let worst = observed
+            .lag_by_link
+            .iter()
+            .max_by_key(|(_, h)| h.value_at_quantile(0.99))
+            .map(|(l, h)| format!("; worst link {l} p99 {} ms", h.value_at_quantile(0.99)))
+            .unwrap_or_default();
+        checkers.push(Verdict {
+            checker: "lag_p99".into(),
+            passed: lag.p99 <= max && lag.count > 0,
+            detail: format!(
+                "p99 {} ms over {} events (bound {max} ms){worst}",
+                lag.p99, lag.count
+            ),
+        });
+    }
+    let writes = drill
+        .regions
+        .iter()
+        .map(|r| {
+            let [acknowledged, refused, unknown, unavailable] = r.counters.read();
+            (
+                r.name.clone(),
+                WriteCounts {
+                    acknowledged,
+                    refused,
+                    unknown,
+                    unavailable,
+                },
+            )
+        })
+        .collect();
+    Ok(DrillReport {
+        scenario: scenario.name.clone(),
+        command: options.command_line.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        durability: drill.durability.name().into(),
+        seed: options.seed,
+        time_scale: options.time_scale,
+        regions: drill.names.clone(),
+        duration_ms: end_ms,
+        passed: checkers.iter().all(|c| c.passed),
+        checkers,
+        writes,
+        events_written,
+        messages_per_change: per_change,
+        lag_ms: lag,
+        lag_ms_by_link: observed
+            .lag_by_link
+            .iter()
+            .map(|(l, h)| (l.clone(), figures(h)))
+            .collect(),
+        faults: drill.marks.clone(),
+        failures,
+        convergence,
+        final_convergence_ms,
+        timeline: observed.timeline.clone(),
+        warnings: drill.warnings.clone(),
+    })
+}
+
+/// What the storages say.
+#[derive(Debug, Default)]
+struct Verification {
+    keys: usize,
+    events: usize,
+    counters: usize,
+    last_seq: BTreeMap<String, u64>,
+    problems: Vec<String>,
+    counter_problem: Option<String>,
+}
+
+/// Reads every region's storage (read-only, beside the running node): the union of the change
+/// logs gives the oracle; each region's values must equal it.
+async fn verify(drill: &Drill<'_>) -> Result<Verification, DrillError> {
+    let mut dirs = Vec::new();
+    for entry in &drill.file.regions {
+        let config = NodeConfig::load(&entry.config)
+            .map_err(|e| DrillError::Cluster(format!("region {}: {e}", entry.name)))?;
+        dirs.push((entry.name.clone(), config.data_dir));
+    }
+    let ids: Vec<(String, NodeId)> = drill
+        .regions
+        .iter()
+        .map(|r| (r.name.clone(), r.id))
+        .collect();
+    tokio::task::spawn_blocking(move || verify_storages(&dirs, &ids))
+        .await
+        .map_err(|e| DrillError::Cluster(format!("verification task: {e}")))?
+}
+
+fn verify_storages(
+    dirs: &[(String, PathBuf)],
+    ids: &[(String, NodeId)],
+) -> Result<Verification, DrillError> {
+    let mut events: BTreeMap<(NodeId, Seq), ChangeEvent> = BTreeMap::new();
+    let mut values: Vec<(String, BTreeMap<Bytes, Value>)> = Vec::new();
+    for (name, dir) in dirs {
+        let fail = |e: &dyn std::fmt::Display| {
+            DrillError::Cluster(format!("region {name}: storage {}: {e}", dir.display()))
+        };
+        let mut storage = RocksStorage::open_read_only(dir).map_err(|e| fail(&e))?;
+        for (_, origin) in ids {
+            for event in storage.log_of(*origin).map_err(|e| fail(&e))? {
+                events.insert((event.origin, event.seq), event);
+            }
+        }
+        values.push((name.clone(), storage.values().map_err(|e| fail(&e))?));
+    }
+    let mut v = Verification {
+        events: events.len(),
+        ..Verification::default()
+    };
+    for (name, id) in ids {
+        let seqs: Vec<u64> = events
+            .range((*id, Seq::ZERO)..=(*id, Seq(u64::MAX)))
+            .map(|((_, s), _)| s.0)
+            .collect();
+        let last = seqs.last().copied().unwrap_or(0);
+        if seqs.len() as u64 != last {
+            v.problems.push(format!(
+                "{name}'s change log has gaps: {} events up to seq {last}",
+                seqs.len()
+            ));
+        }
+        v.last_seq.insert(name.clone(), last);
+    }
+    let oracle = oracle::converged(events.values().map(|e| (&e.key, e.hlc, &e.op)));
+    v.keys = oracle.len();
+    v.counters = oracle
+        .values()
+        .filter(|x| matches!(x, Value::Counter(_)))
+        .count();
+    for (name, got) in &values {
+        let keys: BTreeSet<&Bytes> = got.keys().chain(oracle.keys()).collect();
+        for key in keys {
+            let (mine, want) = (got.get(key), oracle.get(key));
+            if mine == want {
+                continue;
+            }
+            let text = format!(
+                "region {name}, key {:?}: region has {mine:?}, the oracle says {want:?}",
+                String::from_utf8_lossy(key)
+            );
+            let counter =
+                matches!(mine, Some(Value::Counter(_))) || matches!(want, Some(Value::Counter(_)));
+            if counter && v.counter_problem.is_none() {
+                v.counter_problem = Some(text.clone());
+            }
+            v.problems.push(text);
+            break;
+        }
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        vec!["a".into(), "b".into(), "c".into()]
+    }
+
+    #[test]
+    fn partitions_become_cuts_one_way_drops_and_delays() {
+        let mut net = NetState {
+            base_delay_ms: 10,
+            ..NetState::default()
+        };
+        // a | b,c both ways; c -> a only one way as well.
+        net.cut.extend([(0, 1), (1, 0), (0, 2)]);
+        net.slow.insert(pair(2, 1), 50);
+        net.clock.insert(1, -300);
+        let a = net.fault_set(0, &names());
+        assert_eq!(a.cut, BTreeSet::from(["b".to_owned()]));
+        assert_eq!(a.drop_to, BTreeSet::from(["c".to_owned()]));
+        assert_eq!(a.delay_ms.get("b"), Some(&10));
+        let b = net.fault_set(1, &names());
+        assert_eq!(b.cut, BTreeSet::from(["a".to_owned()]));
+        assert_eq!(b.delay_ms.get("c"), Some(&60));
+        assert_eq!(b.clock_offset_ms, -300);
+        let c = net.fault_set(2, &names());
+        assert!(c.cut.is_empty() && c.drop_to.is_empty(), "{c:?}");
+        net.heal();
+        net.flapped.insert(pair(2, 0));
+        let c = net.fault_set(2, &names());
+        assert_eq!(c.cut, BTreeSet::from(["a".to_owned()]));
+        assert_eq!(c.clock_offset_ms, 0);
+        assert_eq!(
+            net.fault_set(1, &names()).clock_offset_ms,
+            -300,
+            "heal keeps skew"
+        );
+    }
+
+    #[test]
+    fn power_fail_needs_machine_durability_and_sim_only_knobs_are_noted() {
+        let text = r#"
+name = "p"
+regions = ["a", "b"]
+duration-ms = 1000
+[network]
+loss = 0.1
+[workload]
+rate-per-region = 10
+keys = 10
+[[timeline]]
+at-ms = 100
+action = "power-fail"
+region = "a"
+"#;
+        let scenario = Scenario::parse(text).unwrap();
+        let err = check_supported(&scenario, Durability::Process, true).unwrap_err();
+        assert!(err.to_string().contains("--durability machine"), "{err}");
+        let notes = check_supported(&scenario, Durability::Machine, true).unwrap();
+        assert!(
+            notes.iter().any(|n| n.contains("network.loss")),
+            "{notes:?}"
+        );
+        let partition = text.replace(
+            "action = \"power-fail\"\nregion = \"a\"",
+            "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
+        );
+        let scenario = Scenario::parse(&partition).unwrap();
+        let err = check_supported(&scenario, Durability::Process, false).unwrap_err();
+        assert!(err.to_string().contains("--fault-injection"), "{err}");
+    }
+
+    #[test]
+    fn watches_finish_when_every_region_up_holds_the_target() {
+        let mut observed = Observed::new(2);
+        let status = |a: u64, b: u64| -> Status {
+            serde_json::from_value(serde_json::json!({
+                "node": 1, "region": "a", "durability": "process", "hlc": "0",
+                "vector": {"a": a, "b": b}, "writes": 0, "conflicts_resolved": 0,
+                "held_events": 0, "change_log_events": 0, "peers": []
+            }))
+            .unwrap()
+        };
+        observed.record_status(0, status(5, 3));
+        observed.record_status(1, status(4, 3));
+        let target = observed.frontier(&[true, true]);
+        assert_eq!(target, BTreeMap::from([("a".into(), 5), ("b".into(), 3)]));
+        let at = Instant::now();
+        observed.watches.push(Watch {
+            label: "heal".into(),
+            at,
+            at_ms: 0,
+            target,
+            only: None,
+            done_ms: None,
+        });
+        observed.check_watches(&[true, true], at);
+        assert!(observed.watches[0].done_ms.is_none());
+        // A region that is down does not hold a convergence back.
+        observed.check_watches(&[true, false], at);
+        assert!(observed.watches[0].done_ms.is_some());
+        assert_eq!(observed.max_seen.get("a"), Some(&5));
+    }
+}

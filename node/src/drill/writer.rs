@@ -1,0 +1,153 @@
+//! One writer per region: the scenario's workload, one command at a time over RESP, at the
+//! scenario's rate, recording every outcome. One command in flight per region keeps the
+//! region's own events in the order the writer sent them, so that a failure's unknown outcomes
+//! are the writes in flight when it happened.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::bench::load::command;
+use crate::scenario::Workload;
+use crate::workload::{next_command, resp_args};
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a reply may take before the write's outcome is unknown.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest reply line read (the workload's replies are a status, an integer or an error).
+const REPLY_BYTES_MAX: usize = 4096;
+
+/// What a region's writer saw, shared with the executor.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    /// Writes the region acknowledged.
+    pub acked: AtomicU64,
+    /// Writes the region refused (`WRONGTYPE` and the like): not applied anywhere.
+    pub refused: AtomicU64,
+    /// Writes whose reply never came (the connection broke or timed out): applied or not.
+    pub unknown: AtomicU64,
+    /// Writes not sent because the region was down or could not be reached.
+    pub unavailable: AtomicU64,
+}
+
+impl WriterCounters {
+    /// Acknowledged, refused, unknown, unavailable.
+    pub fn read(&self) -> [u64; 4] {
+        [
+            self.acked.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.unknown.load(Ordering::Relaxed),
+            self.unavailable.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// A writer's settings.
+#[derive(Debug, Clone)]
+pub struct WriterSpec {
+    /// The region's RESP address.
+    pub addr: SocketAddr,
+    /// The scenario's workload.
+    pub workload: Workload,
+    /// Seed of this region's command sequence.
+    pub seed: u64,
+}
+
+/// Writes until `stop` turns true. While `up` is false the region is down: scheduled writes are
+/// counted as unavailable and the connection is dropped.
+pub async fn run(
+    spec: WriterSpec,
+    up: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    counters: Arc<WriterCounters>,
+) {
+    let rate = spec.workload.rate_per_region.max(1);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let mut conn: Option<TcpStream> = None;
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {}
+            _ = tick.tick() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let (key, cmd) = next_command(&spec.workload, &mut rng);
+        if !*up.borrow() {
+            conn = None;
+            counters.unavailable.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let stream = match conn.as_mut() {
+            Some(stream) => stream,
+            None => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(spec.addr)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        conn.insert(stream)
+                    }
+                    _ => {
+                        counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+        };
+        out.clear();
+        let args = resp_args(&key, &cmd);
+        let parts: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+        command(&mut out, &parts);
+        match tokio::time::timeout(REPLY_TIMEOUT, round_trip(stream, &out)).await {
+            Ok(Ok(true)) => counters.acked.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(false)) => counters.refused.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                conn = None;
+                counters.unknown.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// Sends one command and reads its one-line reply: `Ok(true)` for a status or integer,
+/// `Ok(false)` for an error reply.
+async fn round_trip(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<bool> {
+    stream.write_all(request).await?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    // Replies are a few bytes: reading byte by byte keeps nothing of one reply for the next.
+    loop {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(byte[0]);
+        if line.ends_with(b"\r\n") {
+            break;
+        }
+        if line.len() > REPLY_BYTES_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "reply line too long",
+            ));
+        }
+    }
+    match line.first() {
+        Some(b'+') | Some(b':') => Ok(true),
+        Some(b'-') => Ok(false),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
+        )),
+    }
+}

@@ -1,0 +1,307 @@
+//! `braid drill` as a user runs it: the shipped region-loss drill in a short form against real
+//! processes (RPO, recovery, convergence, the oracle, the HTML timeline), a drill made to fail,
+//! what a drill refuses, and attaching to a running cluster.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use braid_node::cluster::ClusterFile;
+use braid_tests::{braid_bin, free_base_port, manifest_dir};
+use serde_json::Value;
+
+fn braid(args: &[&str]) -> Output {
+    Command::new(braid_bin())
+        .args(args)
+        .output()
+        .expect("run braid")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn processes_gone(dir: &Path) {
+    let file = ClusterFile::load(dir).expect("cluster.json");
+    for region in &file.regions {
+        let pid = region.pid.expect("pid recorded");
+        assert!(
+            !braid_tests::running(pid),
+            "region {} (pid {pid}) still runs",
+            region.name
+        );
+    }
+}
+
+fn checker<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checkers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["checker"] == name)
+        .unwrap_or_else(|| panic!("no {name} checker in {}", report["checkers"]))
+}
+
+#[test]
+fn t60_region_loss_drill_passes_against_real_processes_and_reports_rpo_and_recovery() {
+    let work = tempfile::tempdir().unwrap();
+    let (json, html) = (work.path().join("r.json"), work.path().join("r.html"));
+    let scenario = manifest_dir().join("../docs/drills/region-loss.toml");
+    let base = free_base_port(3).to_string();
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--time-scale",
+        "0.4",
+        "--base-port",
+        &base,
+        "--dir",
+        work.path().to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("!! kill b") && stderr.contains("!! restart b"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("verdict: PASS"), "{stdout}");
+    processes_gone(&work.path().join("cluster"));
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    for name in [
+        "convergence",
+        "oracle",
+        "exactly_once",
+        "messages_per_change",
+    ] {
+        assert_eq!(checker(&report, name)["passed"], true, "{name}");
+    }
+    let keys = checker(&report, "oracle")["detail"].as_str().unwrap();
+    assert!(keys.contains("equal the oracle"), "{keys}");
+    // The failure: when, what was at risk, how long until it served and caught up.
+    let failures = report["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let f = &failures[0];
+    assert_eq!(
+        (f["region"].as_str(), f["kind"].as_str()),
+        (Some("b"), Some("kill"))
+    );
+    assert!(f["last_seq"].as_u64().unwrap() > 0, "{f}");
+    assert!(f["replicated_seq"].as_u64().unwrap() <= f["last_seq"].as_u64().unwrap());
+    assert!(f["rpo_writes_min"].as_u64().unwrap() <= f["rpo_writes_max"].as_u64().unwrap());
+    assert!(
+        f["serving_ms"].as_u64().is_some() && f["recovery_ms"].as_u64().is_some(),
+        "{f}"
+    );
+    assert_eq!(f["reappeared"], true, "{f}");
+    // Writes to b while it was down were not acknowledged, and the others went on.
+    let writes = &report["writes"];
+    assert!(writes["b"]["unavailable"].as_u64().unwrap() > 0, "{writes}");
+    assert!(
+        writes["a"]["acknowledged"].as_u64().unwrap() > 100,
+        "{writes}"
+    );
+    let after: Vec<&str> = report["convergence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["after"].as_str().unwrap())
+        .collect();
+    assert_eq!(after, ["restart b", "end of workload"]);
+    assert!(report["final_convergence_ms"].as_u64().is_some());
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|p| p["link"] == "b->a"),
+        "lag of b's link over time"
+    );
+    assert_eq!(report["faults"].as_array().unwrap().len(), 2);
+
+    // The page is self-contained, and its timeline is well-formed SVG with a line per link and
+    // a marker per fault.
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>") && page.contains("PASS"));
+    assert!(
+        !page.contains("src=") && !page.contains("href="),
+        "no external assets"
+    );
+    let svg = &page[page.find("<svg").unwrap()..page.find("</svg>").unwrap() + 6];
+    let doc = roxmltree::Document::parse(svg).expect("well-formed SVG");
+    let count = |class: &str| {
+        doc.descendants()
+            .filter(|n| n.attribute("class") == Some(class))
+            .count()
+    };
+    assert_eq!(count("fault"), 2);
+    assert_eq!(count("lag"), 6, "one line per link of 3 regions");
+    assert!(doc.descendants().any(|n| n.text() == Some("kill b")));
+}
+
+const FAILING: &str = r#"
+name = "too-tight"
+regions = ["a", "b"]
+duration-ms = 3000
+[network]
+latency-ms-min = 20
+latency-ms-max = 40
+[workload]
+rate-per-region = 50
+keys = 20
+[[timeline]]
+at-ms = 1000
+action = "partition"
+groups = [["a"], ["b"]]
+[[timeline]]
+at-ms = 2000
+action = "heal"
+[expect]
+lag-ms-p99-max = 1
+"#;
+
+#[test]
+fn t60_a_drill_tighter_than_reality_fails_with_the_evidence_and_a_nonzero_exit() {
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("tight.toml");
+    std::fs::write(&scenario, FAILING).unwrap();
+    let json = work.path().join("r.json");
+    let base = free_base_port(2).to_string();
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        !out.status.success(),
+        "a failed drill exits non-zero:\n{stdout}"
+    );
+    assert!(stderr.contains("FAILED: lag_p99"), "{stderr}");
+    assert!(stdout.contains("verdict: FAIL"), "{stdout}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], false);
+    let lag = checker(&report, "lag_p99");
+    assert_eq!(lag["passed"], false);
+    assert!(
+        lag["detail"].as_str().unwrap().contains("(bound 1 ms)"),
+        "{lag}"
+    );
+    // The partition itself did not lose anything.
+    assert_eq!(checker(&report, "oracle")["passed"], true);
+}
+
+#[test]
+fn t60_a_drill_refuses_what_it_cannot_do_honestly() {
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("power.toml");
+    std::fs::write(
+        &scenario,
+        FAILING.replace(
+            "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
+            "action = \"power-fail\"\nregion = \"a\"",
+        ),
+    )
+    .unwrap();
+    let dir = work.path().join("cluster-dir");
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--durability machine"), "{stderr}");
+    assert!(!dir.join("cluster").exists(), "nothing was started");
+    let bad = braid(&["drill", "/nonexistent/drill.toml"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).1.contains("cannot read /nonexistent/drill.toml"));
+    let scale = braid(&["drill", scenario.to_str().unwrap(), "--time-scale", "0"]);
+    assert!(
+        text(&scale).1.contains("--time-scale"),
+        "{}",
+        text(&scale).1
+    );
+}
+
+#[test]
+fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("c");
+    let base = free_base_port(2).to_string();
+    let up = braid(&[
+        "cluster",
+        "up",
+        "--regions",
+        "2",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--detach",
+        "--base-port",
+        &base,
+    ]);
+    assert!(up.status.success(), "{:?}", text(&up));
+    let pid_of = |name: &str| {
+        let file = ClusterFile::load(&dir).unwrap();
+        file.regions
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap()
+            .pid
+            .unwrap()
+    };
+    let first_b = pid_of("b");
+    // Partitions need fault injection, which this cluster was not started with.
+    let partition = work.path().join("p.toml");
+    std::fs::write(&partition, FAILING).unwrap();
+    let out = braid(&[
+        "drill",
+        partition.to_str().unwrap(),
+        "--attach",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("--fault-injection"),
+        "{:?}",
+        text(&out)
+    );
+    // A kill and restart it can do: the restarted region keeps running afterwards.
+    let kill = work.path().join("k.toml");
+    std::fs::write(
+        &kill,
+        FAILING
+            .replace(
+                "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
+                "action = \"kill\"\nregion = \"b\"",
+            )
+            .replace("action = \"heal\"", "action = \"restart\"\nregion = \"b\"")
+            .replace("lag-ms-p99-max = 1", "converged-within-ms = 20000"),
+    )
+    .unwrap();
+    let out = braid(&[
+        "drill",
+        kill.to_str().unwrap(),
+        "--attach",
+        dir.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    // The restarted b is recorded in cluster.json, so `cluster down` stops it.
+    let pids = [pid_of("a"), pid_of("b")];
+    let down = braid(&["cluster", "down", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("failure: kill b"), "{stdout}");
+    assert_ne!(pids[1], first_b, "b was restarted");
+    assert!(down.status.success(), "{:?}", text(&down));
+    for pid in pids {
+        assert!(!braid_tests::running(pid), "pid {pid} still runs");
+    }
+}
