@@ -574,12 +574,19 @@ impl Drill<'_> {
         Ok(())
     }
 
-    fn watch(&self, label: String, target: BTreeMap<String, u64>, only: Option<usize>) -> usize {
+    /// Asks the observer when every region up (or `only`) holds `target`, counting from `since`.
+    fn watch(
+        &self,
+        label: String,
+        target: BTreeMap<String, u64>,
+        only: Option<usize>,
+        since: Instant,
+    ) -> usize {
         let mut observed = lock(&self.shared);
         observed.watches.push(Watch {
             label,
-            at: Instant::now(),
-            at_ms: self.elapsed_ms(),
+            at: since,
+            at_ms: since.duration_since(self.start).as_millis() as u64,
             target,
             only,
             done_ms: None,
@@ -703,18 +710,19 @@ impl Drill<'_> {
             f.rpo_writes_min = f.unreplicated_events.saturating_sub(f.in_flight_writes);
             f.restarted_at_ms = Some(restarted_ms);
             f.serving_ms = Some(serving_ms);
-            let recover = self.watch(format!("recovery {name}"), target, Some(i));
+            let recover = self.watch(format!("recovery {name}"), target, Some(i), restarted);
             let back = self.watch(
                 format!("reappeared {name}"),
                 BTreeMap::from([(name.clone(), own)]),
                 None,
+                restarted,
             );
             self.failures[pos].watches = Some((recover, back));
         }
         self.regions[i].up.send_replace(true);
         let label = format!("restart {name}");
         let target = lock(&self.shared).frontier(&self.up());
-        let watch = self.watch(label, target, None);
+        let watch = self.watch(label, target, None, restarted);
         self.convergence_watches.push(watch);
         Ok(())
     }
@@ -741,7 +749,7 @@ impl Drill<'_> {
                 self.net.heal();
                 self.push_faults().await?;
                 let target = lock(&self.shared).frontier(&self.up());
-                let watch = self.watch("heal".into(), target, None);
+                let watch = self.watch("heal".into(), target, None, Instant::now());
                 self.convergence_watches.push(watch);
             }
             Action::ClockSkew { region, offset_ms } => {

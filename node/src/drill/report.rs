@@ -308,6 +308,8 @@ impl DrillReport {
         const RIGHT: f64 = 150.0;
         const TOP: f64 = 20.0;
         const BOTTOM: f64 = 40.0;
+        // Points of one link further apart than this are not joined.
+        const GAP_MS: u64 = 1_600;
         const COLORS: [&str; 8] = [
             "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
         ];
@@ -366,16 +368,33 @@ impl DrillReport {
         }
         for (i, (link, points)) in links.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
-            let path: Vec<String> = points
-                .iter()
-                .map(|p| format!("{:.1},{:.1}", x(p.t_ms), y(p.p99)))
-                .collect();
+            // A second without events on the link (its origin down, the link cut) breaks the
+            // line rather than drawing a slope through the outage.
+            let mut path = String::new();
+            let mut last_t: Option<u64> = None;
+            for p in points {
+                let step = match last_t {
+                    Some(t) if p.t_ms.saturating_sub(t) <= GAP_MS => 'L',
+                    _ => 'M',
+                };
+                let _ = write!(path, "{step}{:.1},{:.1} ", x(p.t_ms), y(p.p99));
+                last_t = Some(p.t_ms);
+            }
             let _ = writeln!(
                 svg,
-                "<polyline class=\"lag\" data-link=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                "<path class=\"lag\" data-link=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" d=\"{}\"/>",
                 escape(link),
-                path.join(" ")
+                path.trim_end()
             );
+            // Lone points (a second between gaps) would not show as a line.
+            for p in points {
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"1.5\" fill=\"{color}\"/>",
+                    x(p.t_ms),
+                    y(p.p99)
+                );
+            }
             let _ = writeln!(
                 svg,
                 "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{}</text>",
