@@ -122,6 +122,10 @@ fn t60_region_loss_drill_passes_against_real_processes_and_reports_rpo_and_recov
         "lag of b's link over time"
     );
     assert_eq!(report["faults"].as_array().unwrap().len(), 2);
+    assert!(
+        report["conflicts_resolved"].as_u64().unwrap() > 0,
+        "hot keys conflict"
+    );
 
     // The page is self-contained, and its timeline is well-formed SVG with a line per link and
     // a marker per fault.

@@ -209,10 +209,12 @@ struct Observed {
     statuses: Vec<Option<Status>>,
     /// Highest sequence number of each origin ever seen anywhere.
     max_seen: BTreeMap<String, u64>,
-    /// Per region: last `writes` and events sent, to accumulate across restarts.
-    last_counters: Vec<Option<(u64, u64)>>,
+    /// Per region: last `writes`, events sent and conflicts resolved, to accumulate across
+    /// restarts.
+    last_counters: Vec<Option<[u64; 3]>>,
     writes_total: u64,
     events_sent_total: u64,
+    conflicts_total: u64,
     lag_last: Vec<Option<LagHistograms>>,
     lag_total: Histogram<u64>,
     lag_by_link: BTreeMap<String, Histogram<u64>>,
@@ -249,6 +251,7 @@ impl Observed {
             last_counters: vec![None; n],
             writes_total: 0,
             events_sent_total: 0,
+            conflicts_total: 0,
             lag_last: vec![None; n],
             lag_total: lag_histogram(),
             lag_by_link: BTreeMap::new(),
@@ -263,12 +266,14 @@ impl Observed {
             *seen = (*seen).max(*seq);
         }
         let sent: u64 = status.peers.iter().map(|p| p.events_sent).sum();
-        let (writes_before, sent_before) = self.last_counters[i].unwrap_or((0, 0));
+        let now = [status.writes, sent, status.conflicts_resolved];
+        let before = self.last_counters[i].unwrap_or_default();
         // A restarted node counts from zero again.
-        let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
-        self.writes_total += delta(status.writes, writes_before);
-        self.events_sent_total += delta(sent, sent_before);
-        self.last_counters[i] = Some((status.writes, sent));
+        let delta = |k: usize| now[k].checked_sub(before[k]).unwrap_or(now[k]);
+        self.writes_total += delta(0);
+        self.events_sent_total += delta(1);
+        self.conflicts_total += delta(2);
+        self.last_counters[i] = Some(now);
         self.statuses[i] = Some(status);
     }
 
@@ -1291,6 +1296,7 @@ async fn finish(
         checkers,
         writes,
         events_written,
+        conflicts_resolved: observed.conflicts_total,
         messages_per_change: per_change,
         lag_ms: lag,
         lag_ms_by_link: observed

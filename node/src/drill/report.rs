@@ -33,6 +33,8 @@ pub struct DrillReport {
     pub writes: BTreeMap<String, WriteCounts>,
     /// Events the regions committed (their own writes), from the nodes' counters.
     pub events_written: u64,
+    /// Concurrent writes resolved by last-writer-wins, summed over regions (the nodes' counters).
+    pub conflicts_resolved: u64,
     /// Events sent over links, divided by events written.
     pub messages_per_change: f64,
     /// Replication lag over the whole drill, ms (origin commit to remote apply).
@@ -191,8 +193,8 @@ impl DrillReport {
         }
         let _ = writeln!(
             out,
-            "\n  replication lag: p50 {} ms, p99 {} ms, max {} ms over {} events; {:.2} messages per change",
-            self.lag_ms.p50, self.lag_ms.p99, self.lag_ms.max, self.lag_ms.count, self.messages_per_change
+            "\n  replication lag: p50 {} ms, p99 {} ms, max {} ms over {} events; {:.2} messages per change; {} conflicts resolved",
+            self.lag_ms.p50, self.lag_ms.p99, self.lag_ms.max, self.lag_ms.count, self.messages_per_change, self.conflicts_resolved
         );
         if !self.faults.is_empty() {
             let _ = writeln!(out, "\n  faults:");
