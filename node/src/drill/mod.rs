@@ -48,7 +48,7 @@ use report::{
     ConvergenceReport, DrillReport, FailureReport, FaultMark, LagFigures, LagPoint, Verdict,
     WriteCounts,
 };
-use writer::{WriterCounters, WriterSpec};
+use writer::{WriterCounters, WriterRecord, WriterSpec};
 
 /// First port of a cluster the drill starts (region i uses base+10i .. base+10i+2).
 pub const BASE_PORT_DEFAULT: u16 = 17500;
@@ -941,6 +941,15 @@ pub async fn run(
         start,
         stop_rx.clone(),
     ));
+    // Each region's own last sequence number before the drill writes: its client's events
+    // follow it.
+    let mut bases = Vec::new();
+    for (i, addr) in https.iter().enumerate() {
+        let status: Status = get_json(*addr, "/status")
+            .await
+            .map_err(DrillError::Cluster)?;
+        bases.push(status.vector.get(&drill.names[i]).copied().unwrap_or(0));
+    }
     let (stop_writers, writers_rx) = watch::channel(false);
     let mut writers = Vec::new();
     for (i, region) in drill.regions.iter().enumerate() {
@@ -1068,11 +1077,17 @@ pub async fn run(
     }
     .await;
     stop_writers.send_replace(true);
-    for w in writers {
-        let _ = w.await;
+    let mut clients = Vec::new();
+    for (i, w) in writers.into_iter().enumerate() {
+        clients.push(ClientCheck {
+            record: w.await.unwrap_or_default(),
+            base: bases[i],
+            unknown: drill.regions[i].counters.read()[2],
+            exclusive: !attached,
+        });
     }
     let outcome = match result {
-        Ok(()) => finish(&mut drill, options, progress).await,
+        Ok(()) => finish(&mut drill, options, progress, clients).await,
         Err(err) => Err(err),
     };
     stop_tx.send_replace(true);
@@ -1095,6 +1110,7 @@ async fn finish(
     drill: &mut Drill<'_>,
     options: &DrillOptions,
     progress: &mut dyn FnMut(Progress),
+    clients: Vec<ClientCheck>,
 ) -> Result<DrillReport, DrillError> {
     let scenario = &options.scenario;
     let end_ms = drill.elapsed_ms();
@@ -1141,7 +1157,7 @@ async fn finish(
     progress(Progress::Phase(
         "reading every region's state and change log".into(),
     ));
-    let verification = verify(drill).await?;
+    let verification = verify(drill, clients).await?;
     let observed = lock(&drill.shared);
     let watches = &observed.watches;
     let mut failures = Vec::new();
@@ -1215,9 +1231,10 @@ async fn finish(
             passed: problems.is_empty(),
             detail: if problems.is_empty() {
                 format!(
-                    "{} keys equal the oracle of {} events in every region; every change log \
-                     complete; every failed region's events came back",
-                    verification.keys, verification.events
+                    "{} keys equal the oracle of {} events in every region; the {} acknowledged \
+                     writes that changed something are all in their regions' change logs; every \
+                     change log complete; every failed region's events came back",
+                    verification.keys, verification.events, verification.acknowledged_events
                 )
             } else {
                 problems[..problems.len().min(3)].join("; ")
@@ -1313,11 +1330,24 @@ async fn finish(
     })
 }
 
+/// What a region's client saw, to hold against its change log.
+#[derive(Debug)]
+struct ClientCheck {
+    record: WriterRecord,
+    /// The region's own last sequence number before the drill.
+    base: u64,
+    /// Writes whose outcome the client never learnt.
+    unknown: u64,
+    /// Whether the drill's client was the region's only writer (a cluster it started).
+    exclusive: bool,
+}
+
 /// What the storages say.
 #[derive(Debug, Default)]
 struct Verification {
     keys: usize,
     events: usize,
+    acknowledged_events: u64,
     counters: usize,
     last_seq: BTreeMap<String, u64>,
     problems: Vec<String>,
@@ -1326,7 +1356,7 @@ struct Verification {
 
 /// Reads every region's storage (read-only, beside the running node): the union of the change
 /// logs gives the oracle; each region's values must equal it.
-async fn verify(drill: &Drill<'_>) -> Result<Verification, DrillError> {
+async fn verify(drill: &Drill<'_>, clients: Vec<ClientCheck>) -> Result<Verification, DrillError> {
     let mut dirs = Vec::new();
     for entry in &drill.file.regions {
         let config = NodeConfig::load(&entry.config)
@@ -1338,7 +1368,7 @@ async fn verify(drill: &Drill<'_>) -> Result<Verification, DrillError> {
         .iter()
         .map(|r| (r.name.clone(), r.id))
         .collect();
-    tokio::task::spawn_blocking(move || verify_storages(&dirs, &ids))
+    tokio::task::spawn_blocking(move || verify_storages(&dirs, &ids, &clients))
         .await
         .map_err(|e| DrillError::Cluster(format!("verification task: {e}")))?
 }
@@ -1346,6 +1376,7 @@ async fn verify(drill: &Drill<'_>) -> Result<Verification, DrillError> {
 fn verify_storages(
     dirs: &[(String, PathBuf)],
     ids: &[(String, NodeId)],
+    clients: &[ClientCheck],
 ) -> Result<Verification, DrillError> {
     let mut events: BTreeMap<(NodeId, Seq), ChangeEvent> = BTreeMap::new();
     let mut values: Vec<(String, BTreeMap<Bytes, Value>)> = Vec::new();
@@ -1379,6 +1410,7 @@ fn verify_storages(
         }
         v.last_seq.insert(name.clone(), last);
     }
+    check_clients(&events, ids, clients, &mut v);
     let oracle = oracle::converged(events.values().map(|e| (&e.key, e.hlc, &e.op)));
     v.keys = oracle.len();
     v.counters = oracle
@@ -1406,6 +1438,43 @@ fn verify_storages(
         }
     }
     Ok(v)
+}
+
+/// Every acknowledged write that changed something made one event at its region: the region's
+/// own events since the drill began hold at least that many per key, and (when the drill's
+/// client was the only writer) no more than its client's writes could have made.
+fn check_clients(
+    events: &BTreeMap<(NodeId, Seq), ChangeEvent>,
+    ids: &[(String, NodeId)],
+    clients: &[ClientCheck],
+    v: &mut Verification,
+) {
+    for ((name, id), client) in ids.iter().zip(clients) {
+        let mut own: BTreeMap<&Bytes, u64> = BTreeMap::new();
+        let mut total = 0u64;
+        for (_, event) in events.range((*id, Seq(client.base + 1))..=(*id, Seq(u64::MAX))) {
+            *own.entry(&event.key).or_default() += 1;
+            total += 1;
+        }
+        v.acknowledged_events += client.record.events;
+        for (key, acked) in &client.record.events_by_key {
+            let held = own.get(key).copied().unwrap_or(0);
+            if held < *acked {
+                v.problems.push(format!(
+                    "region {name}: {acked} acknowledged writes changed key {:?}, but its change \
+                     log holds only {held} of its own events on it",
+                    String::from_utf8_lossy(key)
+                ));
+            }
+        }
+        let most = client.record.events + client.record.maybe_events + client.unknown;
+        if client.exclusive && total > most {
+            v.problems.push(format!(
+                "region {name}: its change log holds {total} of its own events from the drill, \
+                 more than its client's writes could have made ({most})"
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1511,5 +1580,59 @@ region = "a"
         observed.check_watches(&[true, false], at);
         assert!(observed.watches[0].done_ms.is_some());
         assert_eq!(observed.max_seen.get("a"), Some(&5));
+    }
+
+    #[test]
+    fn acknowledged_writes_are_held_against_the_change_logs() {
+        use braid_conflict::{Hlc, Op};
+        let event = |origin: u64, seq: u64, key: &'static str| ChangeEvent {
+            origin: NodeId(origin),
+            seq: Seq(seq),
+            hlc: Hlc::ZERO,
+            key: Bytes::from_static(key.as_bytes()),
+            op: Op::Delete(Default::default()),
+        };
+        // Region a wrote k1 twice and k2 once after its base seq 1 (seq 1 predates the drill).
+        let events: BTreeMap<(NodeId, Seq), ChangeEvent> = [
+            event(1, 1, "k2"),
+            event(1, 2, "k1"),
+            event(1, 3, "k1"),
+            event(1, 4, "k2"),
+        ]
+        .into_iter()
+        .map(|e| ((e.origin, e.seq), e))
+        .collect();
+        let ids = vec![("a".to_owned(), NodeId(1))];
+        let client = |k1: u64, k2: u64, unknown: u64| {
+            let mut record = WriterRecord::default();
+            record.events_by_key.insert(Bytes::from_static(b"k1"), k1);
+            record.events_by_key.insert(Bytes::from_static(b"k2"), k2);
+            record.events = k1 + k2;
+            ClientCheck {
+                record,
+                base: 1,
+                unknown,
+                exclusive: true,
+            }
+        };
+        let mut v = Verification::default();
+        check_clients(&events, &ids, &[client(2, 1, 0)], &mut v);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // An acknowledged write missing from the log.
+        let mut v = Verification::default();
+        check_clients(&events, &ids, &[client(2, 2, 0)], &mut v);
+        assert!(v.problems[0].contains("key \"k2\""), "{:?}", v.problems);
+        // More events than the client's writes could have made (a write committed twice).
+        let mut v = Verification::default();
+        check_clients(&events, &ids, &[client(1, 1, 0)], &mut v);
+        assert!(
+            v.problems[0].contains("more than its client's writes"),
+            "{:?}",
+            v.problems
+        );
+        // ... unless a write's outcome was unknown.
+        let mut v = Verification::default();
+        check_clients(&events, &ids, &[client(1, 1, 1)], &mut v);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
     }
 }

@@ -3,11 +3,14 @@
 //! region's own events in the order the writer sent them, so that a failure's unknown outcomes
 //! are the writes in flight when it happened.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use braid_conflict::Command;
+use bytes::Bytes;
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,6 +53,32 @@ impl WriterCounters {
     }
 }
 
+/// The acknowledged writes that changed something, kept by the writer: each made exactly one
+/// event at its region, so its region's change log must hold at least as many events per key.
+#[derive(Debug, Clone, Default)]
+pub struct WriterRecord {
+    /// Acknowledged writes that made an event, per key.
+    pub events_by_key: BTreeMap<Bytes, u64>,
+    /// Their total.
+    pub events: u64,
+    /// Acknowledged writes that may or may not have made one (`INCRBY 0`: an event on a string
+    /// key, none on a counter).
+    pub maybe_events: u64,
+}
+
+/// Whether an acknowledged command made an event: `SET`, `SADD`, `HSET` always; `INCRBY` when
+/// the delta is not 0; `DEL`, `SREM`, `HDEL` when their reply counts something removed.
+fn made_event(command: &Command, reply: Option<i64>) -> Option<bool> {
+    match command {
+        Command::Set(_) | Command::SetAdd(_) | Command::HashSet(_) => Some(true),
+        Command::IncrBy(0) => None,
+        Command::IncrBy(_) => Some(true),
+        Command::Delete | Command::SetRemove(_) | Command::HashDelete(_) => {
+            Some(reply.unwrap_or(0) > 0)
+        }
+    }
+}
+
 /// A writer's settings.
 #[derive(Debug, Clone)]
 pub struct WriterSpec {
@@ -62,13 +91,15 @@ pub struct WriterSpec {
 }
 
 /// Writes until `stop` turns true. While `up` is false the region is down: scheduled writes are
-/// counted as unavailable and the connection is dropped.
+/// counted as unavailable and the connection is dropped. Returns the record of acknowledged
+/// writes that made events.
 pub async fn run(
     spec: WriterSpec,
     up: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<WriterCounters>,
-) {
+) -> WriterRecord {
+    let mut record = WriterRecord::default();
     let rate = spec.workload.rate_per_region.max(1);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -82,7 +113,7 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         if *stop.borrow() {
-            return;
+            return record;
         }
         let (key, cmd) = next_command(&spec.workload, &mut rng);
         if !*up.borrow() {
@@ -110,8 +141,18 @@ pub async fn run(
         let parts: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
         command(&mut out, &parts);
         match tokio::time::timeout(REPLY_TIMEOUT, round_trip(stream, &out)).await {
-            Ok(Ok(true)) => counters.acked.fetch_add(1, Ordering::Relaxed),
-            Ok(Ok(false)) => counters.refused.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(Reply::Done(reply))) => {
+                match made_event(&cmd, reply) {
+                    Some(true) => {
+                        *record.events_by_key.entry(key).or_default() += 1;
+                        record.events += 1;
+                    }
+                    Some(false) => {}
+                    None => record.maybe_events += 1,
+                }
+                counters.acked.fetch_add(1, Ordering::Relaxed)
+            }
+            Ok(Ok(Reply::Refused)) => counters.refused.fetch_add(1, Ordering::Relaxed),
             _ => {
                 conn = None;
                 counters.unknown.fetch_add(1, Ordering::Relaxed)
@@ -120,9 +161,14 @@ pub async fn run(
     }
 }
 
-/// Sends one command and reads its one-line reply: `Ok(true)` for a status or integer,
-/// `Ok(false)` for an error reply.
-async fn round_trip(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<bool> {
+/// A reply: done (with its integer, if it was one) or refused (an error reply).
+enum Reply {
+    Done(Option<i64>),
+    Refused,
+}
+
+/// Sends one command and reads its one-line reply.
+async fn round_trip(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<Reply> {
     stream.write_all(request).await?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -142,12 +188,42 @@ async fn round_trip(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<b
             ));
         }
     }
+    let body = || String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
     match line.first() {
-        Some(b'+') | Some(b':') => Ok(true),
-        Some(b'-') => Ok(false),
+        Some(b'+') => Ok(Reply::Done(None)),
+        Some(b':') => Ok(Reply::Done(body().parse().ok())),
+        Some(b'-') => Ok(Reply::Refused),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_acknowledged_commands_made_an_event() {
+        let b = || Bytes::from_static(b"x");
+        assert_eq!(made_event(&Command::Set(b()), None), Some(true));
+        assert_eq!(made_event(&Command::SetAdd(vec![b()]), Some(0)), Some(true));
+        assert_eq!(
+            made_event(&Command::HashSet(vec![(b(), b())]), Some(0)),
+            Some(true)
+        );
+        assert_eq!(made_event(&Command::IncrBy(3), Some(3)), Some(true));
+        assert_eq!(made_event(&Command::IncrBy(0), Some(3)), None);
+        assert_eq!(made_event(&Command::Delete, Some(0)), Some(false));
+        assert_eq!(made_event(&Command::Delete, Some(1)), Some(true));
+        assert_eq!(
+            made_event(&Command::SetRemove(vec![b()]), Some(0)),
+            Some(false)
+        );
+        assert_eq!(
+            made_event(&Command::HashDelete(vec![b()]), Some(1)),
+            Some(true)
+        );
     }
 }
