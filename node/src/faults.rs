@@ -19,6 +19,11 @@ use braid_protocol::NodeId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// Environment variable with faults (a [`FaultSet`] as JSON) in force from the moment a node
+/// starts, so that a drill's restarted node is partitioned, delayed or skewed before its first
+/// frame. Refused by a node without `fault-injection = true`.
+pub const FAULTS_ENV: &str = "BRAID_FAULTS";
+
 /// Largest delay a link may be given: a minute.
 pub const DELAY_MS_MAX: u64 = 60_000;
 
@@ -116,7 +121,7 @@ impl Faults {
             clock_offset_ms: request.clock_offset_ms,
             ..Active::default()
         };
-        if request.clock_offset_ms.abs() > CLOCK_OFFSET_MS_MAX {
+        if request.clock_offset_ms.unsigned_abs() > CLOCK_OFFSET_MS_MAX.unsigned_abs() {
             return Err(FaultError::OutOfRange(format!(
                 "clock-offset-ms must be within ±{CLOCK_OFFSET_MS_MAX}"
             )));
@@ -213,14 +218,16 @@ mod tests {
             on.set(&request, &peers()),
             Err(FaultError::UnknownRegion("z".into()))
         );
-        let request = FaultSet {
-            clock_offset_ms: CLOCK_OFFSET_MS_MAX + 1,
-            ..FaultSet::default()
-        };
-        assert!(matches!(
-            on.set(&request, &peers()),
-            Err(FaultError::OutOfRange(_))
-        ));
+        for offset in [CLOCK_OFFSET_MS_MAX + 1, i64::MIN] {
+            let request = FaultSet {
+                clock_offset_ms: offset,
+                ..FaultSet::default()
+            };
+            assert!(matches!(
+                on.set(&request, &peers()),
+                Err(FaultError::OutOfRange(_))
+            ));
+        }
         assert_eq!(on.get(&peers()), FaultSet::default());
     }
 

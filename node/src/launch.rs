@@ -71,6 +71,16 @@ pub fn spawn_region(
     exe: &Path,
     detach: bool,
 ) -> Result<tokio::process::Child, LaunchError> {
+    spawn_region_with_env(region, exe, detach, &[])
+}
+
+/// [`spawn_region`], with extra environment variables for the process.
+pub fn spawn_region_with_env(
+    region: &mut RegionEntry,
+    exe: &Path,
+    detach: bool,
+    env: &[(&str, &str)],
+) -> Result<tokio::process::Child, LaunchError> {
     let log_file = log_path(&region.config);
     let io = |e| LaunchError::Io(log_file.display().to_string(), e);
     let log = std::fs::OpenOptions::new()
@@ -83,6 +93,7 @@ pub fn spawn_region(
         .arg("start")
         .arg("--config")
         .arg(&region.config)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log);

@@ -495,6 +495,15 @@ fn progress_line(err: &mut impl std::io::Write, line: &str, terminal: bool) -> b
     terminal
 }
 
+/// Writes a report as pretty JSON and says where.
+fn write_json(path: &Path, report: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("Report written to {}", path.display());
+    Ok(())
+}
+
 fn seconds(value: f64, flag: &str) -> Result<Duration> {
     if !value.is_finite() || value <= 0.0 || value > 86_400.0 {
         bail!("{flag} {value}: use a number of seconds above 0 and at most a day");
@@ -578,10 +587,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
     };
     println!("\n{}", report.table());
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("Report written to {}", path.display());
+        write_json(path, &report)?;
     }
     Ok(())
 }
@@ -647,14 +653,15 @@ async fn drill(args: DrillArgs) -> Result<()> {
     let mut signals = Signals::new()?;
     let report = tokio::select! {
         report = drill::run(&options, &mut progress) => report?,
-        _ = signals.recv() => bail!("interrupted; every process the drill started has been stopped"),
+        _ = signals.recv() => bail!(
+            "interrupted; every process the drill started has been stopped (an attached cluster \
+             may still have faults set and regions down: POST {{}} to each node's /faults, or \
+             `braid cluster down` and up again)"
+        ),
     };
     println!("{}", report.table());
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("Report written to {}", path.display());
+        write_json(path, &report)?;
     }
     if let Some(path) = &args.html {
         std::fs::write(path, report.html())

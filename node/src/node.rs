@@ -85,6 +85,21 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
     if config.fault_injection {
         warn!(%node, "fault injection is enabled: POST /faults can cut links and skew the clock");
     }
+    if let Some(text) = std::env::var_os(crate::faults::FAULTS_ENV) {
+        let peer_names: BTreeMap<NodeId, String> = config
+            .peers
+            .iter()
+            .map(|p| (NodeId(p.id), p.region.clone()))
+            .collect();
+        let invalid =
+            |reason: String| NodeError::Task(format!("{}: {reason}", crate::faults::FAULTS_ENV));
+        let set: crate::faults::FaultSet =
+            serde_json::from_str(&text.to_string_lossy()).map_err(|e| invalid(e.to_string()))?;
+        faults
+            .set(&set, &peer_names)
+            .map_err(|e| invalid(e.to_string()))?;
+        warn!(%node, faults = ?set, "injected faults set at start");
+    }
     let peers: BTreeMap<NodeId, SocketAddr> = config
         .peers
         .iter()

@@ -175,7 +175,7 @@ pub enum Action {
     },
     /// Every cut link is restored.
     Heal,
-    /// A link goes down and up repeatedly (every `period-ms`) until `until-ms` (simulator-only).
+    /// A link goes down and up repeatedly (every `period-ms`) until `until-ms`.
     Flap {
         /// One end.
         from: String,

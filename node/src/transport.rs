@@ -407,6 +407,14 @@ async fn run_stream(
                 }
                 next = outgoing.recv(), if open && held.len() < STREAM_OUTBOX_MAX => match next {
                     Some(message) => {
+                        // Dropped when sent, as a lossy network would: a frame already on its
+                        // way when a partition begins still arrives.
+                        if mesh.faults.drops_to(peer) {
+                            if let Some(t) = mesh.traffic(peer) {
+                                t.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
                         let delay = mesh.faults.delay(peer);
                         if !delay.is_zero() || !held.is_empty() {
                             held.push_back((Instant::now() + delay, message));
@@ -420,12 +428,6 @@ async fn run_stream(
                     }
                 },
             };
-            if mesh.faults.drops_to(peer) {
-                if let Some(t) = mesh.traffic(peer) {
-                    t.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
-            }
             let is_error = matches!(message, Message::Error(_));
             let bytes = write_message(&mut send, &message, &mut buf).await?;
             if let Some(t) = mesh.traffic(peer) {

@@ -41,6 +41,20 @@ fn t25_fault_injection_is_refused_unless_the_configuration_enables_it() {
     // And the node carried on replicating.
     let _: () = cluster.node("a").redis().set("k", "1").unwrap();
     wait_value(&mut cluster, "b", "k", "1");
+    // Faults given at start are refused by such a node too: it does not start.
+    let config = cluster.node("b").config.clone();
+    cluster.node("b").stop();
+    let out = std::process::Command::new(braid_tests::braid_bin())
+        .args(["start", "--config", config.to_str().unwrap()])
+        .env("BRAID_FAULTS", r#"{"cut": ["a"]}"#)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("BRAID_FAULTS") && stderr.contains("fault injection is off"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -88,6 +102,45 @@ fn t25_a_cut_link_stops_replication_both_ways_until_healed() {
 #[test]
 fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
     let mut cluster = Cluster::start(Layout::mesh(2).with_fault_injection());
+    // Faults given at start hold from the first frame: b restarted with its link to a cut.
+    let config = cluster.node("b").config.clone();
+    cluster.node("b").stop();
+    let mut b = std::process::Command::new(braid_tests::braid_bin())
+        .args(["start", "--config", config.to_str().unwrap()])
+        .env("BRAID_FAULTS", r#"{"cut": ["a"]}"#)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let b_http = cluster.node("b").http;
+    let deadline = Instant::now() + CONVERGE;
+    let answer = loop {
+        if let Ok(answer) = http_get(b_http, "/faults") {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "b did not come back");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(answer.contains(r#""cut":["a"]"#), "{answer}");
+    let _: () = cluster.node("a").redis().set("before-b", "1").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let seen: Option<String> = redis::Client::open(format!("redis://{}/", cluster.node("b").resp))
+        .unwrap()
+        .get_connection()
+        .unwrap()
+        .get("before-b")
+        .unwrap();
+    assert_eq!(seen, None, "b was cut from its start");
+    http_post(b_http, "/faults", "{}").unwrap();
+    let _ = b.kill();
+    let _ = b.wait();
+    cluster.node("b").start();
+    cluster.node("b").wait_healthy();
+    wait_value(&mut cluster, "b", "before-b", "1");
+    // Both subscriptions up again before the next fault (a one-way drop would also drop a's
+    // subscription request to b).
+    cluster.wait_connected(&[0, 1]);
+
     // One way: a's frames to b are dropped; b's still reach a.
     faults(&mut cluster, "a", r#"{"drop-to": ["b"]}"#);
     let _: () = cluster.node("b").redis().set("from-b", "1").unwrap();

@@ -95,7 +95,15 @@ fn t60_region_loss_drill_passes_against_real_processes_and_reports_rpo_and_recov
     );
     assert!(f["last_seq"].as_u64().unwrap() > 0, "{f}");
     assert!(f["replicated_seq"].as_u64().unwrap() <= f["last_seq"].as_u64().unwrap());
-    assert!(f["rpo_writes_min"].as_u64().unwrap() <= f["rpo_writes_max"].as_u64().unwrap());
+    let unreplicated = f["last_seq"].as_u64().unwrap() - f["replicated_seq"].as_u64().unwrap();
+    assert_eq!(f["unreplicated_events"].as_u64(), Some(unreplicated), "{f}");
+    assert_eq!(f["rpo_writes_max"].as_u64(), Some(unreplicated), "{f}");
+    let in_flight = f["in_flight_writes"].as_u64().unwrap();
+    assert_eq!(
+        f["rpo_writes_min"].as_u64(),
+        Some(unreplicated.saturating_sub(in_flight)),
+        "{f}"
+    );
     assert!(
         f["serving_ms"].as_u64().is_some() && f["recovery_ms"].as_u64().is_some(),
         "{f}"
@@ -197,6 +205,14 @@ fn t60_a_drill_tighter_than_reality_fails_with_the_evidence_and_a_nonzero_exit()
     assert!(
         lag["detail"].as_str().unwrap().contains("(bound 1 ms)"),
         "{lag}"
+    );
+    assert!(
+        report["lag_ms"]["count"].as_u64().unwrap() > 0,
+        "lag was measured"
+    );
+    assert!(
+        report["lag_ms"]["p99"].as_u64().unwrap() > 1,
+        "and exceeded the bound"
     );
     // The partition itself did not lose anything.
     assert_eq!(checker(&report, "oracle")["passed"], true);

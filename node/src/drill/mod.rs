@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use crate::bench::{histogram_of, WorkDir};
 use crate::cluster::{self, ClusterFile, InitOptions, RegionEntry};
 use crate::config::NodeConfig;
-use crate::faults::FaultSet;
+use crate::faults::{FaultSet, CLOCK_OFFSET_MS_MAX, DELAY_MS_MAX};
 use crate::http::{LagHistograms, Status};
 use crate::launch;
 use crate::scenario::{Action, Scenario};
@@ -59,6 +59,8 @@ const LAG_EVERY_POLLS: u64 = 5;
 /// After a failure, how long in-flight frames get to land before the survivors are asked what
 /// they hold of the failed region.
 const SETTLE: Duration = Duration::from_millis(500);
+/// How long a killed process of an attached cluster may take to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Timeout of one admin request.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a (re)started region may take to answer.
@@ -206,7 +208,8 @@ struct Watch {
 
 /// What the observer has seen.
 struct Observed {
-    statuses: Vec<Option<Status>>,
+    /// Each region's latest status, and when it was read.
+    statuses: Vec<Option<(Status, Instant)>>,
     /// Highest sequence number of each origin ever seen anywhere.
     max_seen: BTreeMap<String, u64>,
     /// Per region: last `writes`, events sent and conflicts resolved, to accumulate across
@@ -274,7 +277,21 @@ impl Observed {
         self.events_sent_total += delta(1);
         self.conflicts_total += delta(2);
         self.last_counters[i] = Some(now);
-        self.statuses[i] = Some(status);
+        self.statuses[i] = Some((status, Instant::now()));
+    }
+
+    /// Readings taken before the workload: later ones count from them.
+    fn baseline(&mut self, i: usize, status: &Status, lag: LagHistograms) {
+        let sent: u64 = status.peers.iter().map(|p| p.events_sent).sum();
+        self.last_counters[i] = Some([status.writes, sent, status.conflicts_resolved]);
+        self.lag_last[i] = Some(lag);
+    }
+
+    /// A region is down: its next process counts from zero.
+    fn forget(&mut self, i: usize) {
+        self.statuses[i] = None;
+        self.last_counters[i] = None;
+        self.lag_last[i] = None;
     }
 
     fn record_lag(&mut self, i: usize, lag: LagHistograms, t_ms: u64) {
@@ -312,18 +329,22 @@ impl Observed {
         self.lag_last[i] = Some(lag);
     }
 
+    /// A watch is done when every region it covers that is up was read after the watch began
+    /// and holds its target, and there was at least one such region.
     fn check_watches(&mut self, up: &[bool], now: Instant) {
         for watch in self.watches.iter_mut().filter(|w| w.done_ms.is_none()) {
             let mut ready = true;
+            let mut checked = 0;
             for (i, status) in self.statuses.iter().enumerate() {
                 if !up[i] || watch.only.is_some_and(|only| only != i) {
                     continue;
                 }
-                ready &= status
-                    .as_ref()
-                    .is_some_and(|s| dominates(&s.vector, &watch.target));
+                checked += 1;
+                ready &= status.as_ref().is_some_and(|(s, read)| {
+                    *read > watch.at && dominates(&s.vector, &watch.target)
+                });
             }
-            if ready {
+            if ready && checked > 0 {
                 watch.done_ms = Some(now.duration_since(watch.at).as_millis() as u64);
             }
         }
@@ -333,7 +354,7 @@ impl Observed {
     fn frontier(&self, up: &[bool]) -> BTreeMap<String, u64> {
         let mut target = BTreeMap::new();
         for (i, status) in self.statuses.iter().enumerate() {
-            if let (true, Some(status)) = (up[i], status) {
+            if let (true, Some((status, _))) = (up[i], status) {
                 for (origin, seq) in &status.vector {
                     let t: &mut u64 = target.entry(origin.clone()).or_default();
                     *t = (*t).max(*seq);
@@ -395,11 +416,11 @@ async fn observe(
                 }
             }
         }
-        // Statuses of regions that are down are stale: forget them.
+        // Readings of regions that are down are stale: forget them.
         let mut observed = lock(&shared);
         for (i, up) in up.iter().enumerate() {
             if !up {
-                observed.statuses[i] = None;
+                observed.forget(i);
             }
         }
         observed.check_watches(&up, Instant::now());
@@ -427,7 +448,29 @@ fn check_supported(
             ));
         }
     }
+    let base_delay = (net.latency_ms_min + net.latency_ms_max) / 2;
     for fault in &scenario.timeline {
+        match &fault.action {
+            Action::ClockSkew { offset_ms, .. }
+                if offset_ms.unsigned_abs() > CLOCK_OFFSET_MS_MAX.unsigned_abs() =>
+            {
+                return Err(DrillError::Unsupported(format!(
+                    "clock-skew of {offset_ms} ms at {} ms: a node accepts at most \
+                     ±{CLOCK_OFFSET_MS_MAX} ms",
+                    fault.at_ms
+                )));
+            }
+            Action::SlowLink { extra_ms, .. }
+                if base_delay.saturating_add(*extra_ms) > DELAY_MS_MAX =>
+            {
+                return Err(DrillError::Unsupported(format!(
+                    "slow-link of {extra_ms} ms at {} ms: with the {base_delay} ms link latency \
+                     that exceeds the {DELAY_MS_MAX} ms a node holds frames for",
+                    fault.at_ms
+                )));
+            }
+            _ => {}
+        }
         match &fault.action {
             Action::PowerFail { region } if durability != Durability::Machine => {
                 return Err(DrillError::Unsupported(format!(
@@ -452,6 +495,12 @@ fn check_supported(
             }
             _ => {}
         }
+    }
+    if base_delay > DELAY_MS_MAX {
+        return Err(DrillError::Unsupported(format!(
+            "network latency of {base_delay} ms exceeds the {DELAY_MS_MAX} ms a node holds \
+             frames for"
+        )));
     }
     if !faults_available {
         notes.push(
@@ -603,20 +652,47 @@ impl Drill<'_> {
         if !*self.regions[i].up.borrow() {
             return Ok(());
         }
+        // An attached region's process is found through cluster.json: make sure it is a node.
+        let attached_pid = match self.regions[i].child {
+            Some(_) => None,
+            None => {
+                let name = &self.names[i];
+                let pid = self.file.regions[i].pid.ok_or_else(|| {
+                    DrillError::Cluster(format!(
+                        "cluster.json records no process for region {name}: cannot kill it"
+                    ))
+                })?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if !cmdline.contains("braid") || !cmdline.contains("start") {
+                    return Err(DrillError::Cluster(format!(
+                        "process {pid} recorded for region {name} is not a running braid node"
+                    )));
+                }
+                Some(pid)
+            }
+        };
         let at_ms = self.elapsed_ms();
         let unknown_before = self.regions[i].counters.read()[2];
         self.regions[i].up.send_replace(false);
-        let pid = match self.regions[i].child.as_mut() {
-            Some(child) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                None
-            }
-            None => self.file.regions[i].pid,
-        };
-        self.regions[i].child = None;
-        if let Some(pid) = pid {
+        if let Some(mut child) = self.regions[i].child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            // Reaped: its pid may be reused by anything now.
+            self.file.regions[i].pid = None;
+        }
+        if let Some(pid) = attached_pid {
             launch::signal(pid, libc::SIGKILL);
+            let deadline = Instant::now() + KILL_WAIT;
+            while launch::alive(pid) && !launch::zombie(pid) {
+                if Instant::now() > deadline {
+                    return Err(DrillError::Cluster(format!(
+                        "region {} (pid {pid}) survived kill -9 for {KILL_WAIT:?}",
+                        self.names[i]
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         // Half a second on, ask the others what they hold of it.
         let others: Vec<SocketAddr> = self
@@ -658,9 +734,22 @@ impl Drill<'_> {
         }
         let restarted = Instant::now();
         let restarted_ms = self.elapsed_ms();
+        // Its faults (cuts, delays, its clock) hold from its first frame, as in the simulator.
+        let faults = if self.faults_available {
+            serde_json::to_string(&self.net.fault_set(i, &self.names))
+                .map_err(|e| DrillError::Cluster(format!("encoding faults: {e}")))?
+        } else {
+            String::new()
+        };
+        let env: Vec<(&str, &str)> = if faults.is_empty() {
+            Vec::new()
+        } else {
+            vec![(crate::faults::FAULTS_ENV, faults.as_str())]
+        };
         let entry: &mut RegionEntry = &mut self.file.regions[i];
-        let mut child = launch::spawn_region(entry, &self.options.exe, self.attached)
-            .map_err(|e| DrillError::Cluster(e.to_string()))?;
+        let mut child =
+            launch::spawn_region_with_env(entry, &self.options.exe, self.attached, &env)
+                .map_err(|e| DrillError::Cluster(e.to_string()))?;
         if self.attached {
             self.file
                 .save(&self.cluster_dir)
@@ -689,8 +778,7 @@ impl Drill<'_> {
         if !self.attached {
             self.regions[i].child = Some(child);
         }
-        // Its faults were lost with the process (its clock skew included): set them again.
-        self.push_faults_to(i).await?;
+
         let own = status.vector.get(&self.names[i]).copied().unwrap_or(0);
         let up = self.up();
         let target = lock(&self.shared).frontier(&up);
@@ -932,6 +1020,18 @@ pub async fn run(
     };
     drill.push_faults().await?;
 
+    // Each region's own last sequence number before the drill writes: its client's events
+    // follow it.
+    // Counters and lag count from these readings (an attached cluster has a history).
+    let mut bases = Vec::new();
+    for (i, addr) in https.iter().enumerate() {
+        let status: Status = get_json(*addr, "/status")
+            .await
+            .map_err(DrillError::Cluster)?;
+        let lag: LagHistograms = get_json(*addr, "/lag").await.map_err(DrillError::Cluster)?;
+        bases.push(status.vector.get(&drill.names[i]).copied().unwrap_or(0));
+        lock(&shared).baseline(i, &status, lag);
+    }
     // Observer and writers.
     let (stop_tx, stop_rx) = watch::channel(false);
     let observer = tokio::spawn(observe(
@@ -941,15 +1041,6 @@ pub async fn run(
         start,
         stop_rx.clone(),
     ));
-    // Each region's own last sequence number before the drill writes: its client's events
-    // follow it.
-    let mut bases = Vec::new();
-    for (i, addr) in https.iter().enumerate() {
-        let status: Status = get_json(*addr, "/status")
-            .await
-            .map_err(DrillError::Cluster)?;
-        bases.push(status.vector.get(&drill.names[i]).copied().unwrap_or(0));
-    }
     let (stop_writers, writers_rx) = watch::channel(false);
     let mut writers = Vec::new();
     for (i, region) in drill.regions.iter().enumerate() {
@@ -1079,8 +1170,17 @@ pub async fn run(
     stop_writers.send_replace(true);
     let mut clients = Vec::new();
     for (i, w) in writers.into_iter().enumerate() {
+        let record = match w.await {
+            Ok(record) => record,
+            Err(err) => {
+                return Err(DrillError::Cluster(format!(
+                    "the writer of region {} failed: {err}",
+                    drill.names[i]
+                )))
+            }
+        };
         clients.push(ClientCheck {
-            record: w.await.unwrap_or_default(),
+            record,
             base: bases[i],
             unknown: drill.regions[i].counters.read()[2],
             exclusive: !attached,
@@ -1092,7 +1192,24 @@ pub async fn run(
     };
     stop_tx.send_replace(true);
     let _ = observer.await;
-    if !attached {
+    if attached {
+        // Leave the cluster as it was found: no faults, every region running.
+        progress(Progress::Phase(
+            "clearing faults and restarting regions the drill stopped".into(),
+        ));
+        drill.net = NetState::default();
+        let _ = drill.push_faults().await;
+        for i in 0..drill.regions.len() {
+            if !*drill.regions[i].up.borrow() {
+                if let Err(err) = drill.restart(i).await {
+                    progress(Progress::Phase(format!(
+                        "could not restart region {}: {err}",
+                        drill.names[i]
+                    )));
+                }
+            }
+        }
+    } else {
         progress(Progress::Phase("stopping the cluster".into()));
         launch::stop(&drill.file).await;
         for region in &mut drill.regions {
@@ -1419,6 +1536,8 @@ fn verify_storages(
         .count();
     for (name, got) in &values {
         let keys: BTreeSet<&Bytes> = got.keys().chain(oracle.keys()).collect();
+        // The first difference is reported; the scan goes on to find a counter that differs.
+        let mut reported = false;
         for key in keys {
             let (mine, want) = (got.get(key), oracle.get(key));
             if mine == want {
@@ -1433,8 +1552,13 @@ fn verify_storages(
             if counter && v.counter_problem.is_none() {
                 v.counter_problem = Some(text.clone());
             }
-            v.problems.push(text);
-            break;
+            if !reported {
+                v.problems.push(text);
+                reported = true;
+            }
+            if v.counter_problem.is_some() {
+                break;
+            }
         }
     }
     Ok(v)
@@ -1565,20 +1689,33 @@ region = "a"
         observed.record_status(1, status(4, 3));
         let target = observed.frontier(&[true, true]);
         assert_eq!(target, BTreeMap::from([("a".into(), 5), ("b".into(), 3)]));
-        let at = Instant::now();
-        observed.watches.push(Watch {
-            label: "heal".into(),
+        let now = Instant::now();
+        let before = now.checked_sub(Duration::from_secs(1)).unwrap();
+        let watch = |at: Instant, only: Option<usize>| Watch {
+            label: "w".into(),
             at,
             at_ms: 0,
-            target,
-            only: None,
+            target: target.clone(),
+            only,
             done_ms: None,
-        });
-        observed.check_watches(&[true, true], at);
-        assert!(observed.watches[0].done_ms.is_none());
-        // A region that is down does not hold a convergence back.
-        observed.check_watches(&[true, false], at);
+        };
+        observed.watches = vec![
+            watch(before, None),
+            watch(before, Some(1)),
+            watch(now + Duration::from_secs(1), None),
+        ];
+        observed.check_watches(&[true, true], now);
+        assert!(
+            observed.watches.iter().all(|w| w.done_ms.is_none()),
+            "b lacks a:5"
+        );
+        // A region that is down does not hold a convergence back...
+        observed.check_watches(&[true, false], now);
         assert!(observed.watches[0].done_ms.is_some());
+        // ...but a watch with no region left to check is not done,
+        assert!(observed.watches[1].done_ms.is_none());
+        // and neither is one whose regions were last read before it began.
+        assert!(observed.watches[2].done_ms.is_none());
         assert_eq!(observed.max_seen.get("a"), Some(&5));
     }
 

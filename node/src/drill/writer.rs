@@ -101,7 +101,7 @@ pub async fn run(
 ) -> WriterRecord {
     let mut record = WriterRecord::default();
     let rate = spec.workload.rate_per_region.max(1);
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut tick = tokio::time::interval(Duration::from_micros((1_000_000 / rate).max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let mut conn: Option<TcpStream> = None;
