@@ -19,13 +19,15 @@ fn t20_kill_9_under_load_loses_no_acknowledged_write_and_applies_none_twice() {
         .iter()
         .map(|n| (n.name.clone(), n.resp))
         .collect();
-    // One writer per region; each counts only the increments its region acknowledged.
+    // One writer per region; each counts the increments its region acknowledged, and those whose
+    // reply never came (the kill cut them off: applied or not, the client cannot know).
     let writers: Vec<_> = addrs
         .into_iter()
         .map(|(name, addr)| {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut acked = 0i64;
+                let mut unknown = 0i64;
                 let mut conn: Option<redis::Connection> = None;
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -42,12 +44,15 @@ fn t20_kill_9_under_load_loses_no_acknowledged_write_and_applies_none_twice() {
                     let result: redis::RedisResult<i64> = c.incr("total", 1);
                     match result {
                         Ok(_) => acked += 1,
-                        Err(_) => conn = None, // not acknowledged: not counted
+                        Err(_) => {
+                            unknown += 1;
+                            conn = None;
+                        }
                     }
                     let _: redis::RedisResult<()> = c_set(&mut conn, &format!("{name}-{i}"));
                     i += 1;
                 }
-                acked
+                (acked, unknown)
             })
         })
         .collect();
@@ -57,15 +62,19 @@ fn t20_kill_9_under_load_loses_no_acknowledged_write_and_applies_none_twice() {
     cluster.node("b").start();
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);
-    let acked: i64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let (acked, unknown) = writers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .fold((0, 0), |(a, u), (x, y)| (a + x, u + y));
     assert!(acked > 100, "the load made progress ({acked} increments)");
     cluster.wait_connected(&[0, 1, 2]);
     cluster.wait_converged(CONVERGE);
     for name in ["a", "b", "c"] {
         let total: i64 = cluster.node(name).redis().get("total").unwrap();
-        assert_eq!(
-            total, acked,
-            "{name}: every acknowledged increment exactly once"
+        assert!(
+            (acked..=acked + unknown).contains(&total),
+            "{name}: every acknowledged increment exactly once ({total} applied, {acked} \
+             acknowledged, {unknown} unanswered)"
         );
     }
     // b resumed from its vectors: since its restart it received what it missed, not the
