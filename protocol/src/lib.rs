@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //!
+//! - [`control`]: the control plane's state machine (members, topology, checkpoints, the stable
+//!   frontier) that the Raft group replicates.
 //! - [`ids`]: [`NodeId`], [`Seq`], [`ClusterId`], [`VersionVector`].
 //! - [`message`]: the messages of protocol version 1 and the [`ChangeEvent`].
 //! - [`frame`]: length-prefixed framing, two-step decoding of untrusted bytes, validation.
@@ -20,6 +22,7 @@
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod control;
 pub mod frame;
 pub mod ids;
 pub mod limits;

@@ -1,0 +1,681 @@
+//! The control plane's state machine: what the Raft group agrees on (the members and their
+//! states, the replication topology, every node's latest checkpoint) and how a committed command
+//! changes it. Pure and deterministic: the Raft glue (openraft, in `braid-node` and in the
+//! simulator) applies each committed command through [`ControlState::apply`], and every node
+//! derives its subscriptions ([`ControlState::topology`]) and what it may garbage-collect
+//! ([`ControlState::stable_frontier`]) from the result.
+//!
+//! ```text
+//!   join ──► Joining ──activate──► Active ──drain──► Draining ──remove──► Removed
+//!               └───────────────remove─────────────────────────────────────┘
+//! ```
+//!
+//! A command either applies whole or is refused with a [`ControlError`] and changes nothing, so
+//! every replica of the state machine stays identical whatever the log holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, Seq, VersionVector};
+use crate::topology::{Topology, TopologyError};
+
+/// Members ever admitted, removed ones included (their ids are never reused). A mesh of
+/// regions is small; 64 leaves room for learners and years of replacements.
+pub const MEMBERS_MAX: usize = 64;
+
+/// Voters of the Raft group; further members are learners (design: up to 5).
+pub const VOTERS_MAX: usize = 5;
+
+/// Longest region name, as `braid init` allows.
+pub const REGION_NAME_BYTES_MAX: usize = 32;
+
+/// Longest address text (`host:port`).
+pub const ADDRESS_BYTES_MAX: usize = 256;
+
+/// Where a member is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Admitted; receiving its snapshot. Others do not wait for it to garbage-collect.
+    Joining,
+    /// Serving and replicating.
+    Active,
+    /// Shipping what it holds before it leaves; still replicating.
+    Draining,
+    /// Gone. Kept so that its id is never reused.
+    Removed,
+}
+
+impl MemberState {
+    /// Lower-case name, for status documents.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Joining => "joining",
+            MemberState::Active => "active",
+            MemberState::Draining => "draining",
+            MemberState::Removed => "removed",
+        }
+    }
+}
+
+/// One member of the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its region name, unique among members that are not removed.
+    pub region: String,
+    /// Its QUIC address (`host:port`), for the other nodes.
+    pub peer_address: String,
+    /// Its RESP address, for clients.
+    pub resp_address: String,
+    /// Its HTTP admin address.
+    pub http_address: String,
+    /// Where it is in its life.
+    pub state: MemberState,
+}
+
+/// How the members are linked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TopologySpec {
+    /// Every member linked to every other.
+    FullMesh,
+    /// Only these links (each once, either order). Links of removed members are ignored.
+    Links(Vec<(NodeId, NodeId)>),
+}
+
+/// A node's latest reported position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Its version vector when it reported.
+    pub vector: VersionVector,
+    /// When it reported, milliseconds since the Unix epoch (its own clock).
+    pub reported_ms: u64,
+}
+
+/// A change the Raft group commits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlCommand {
+    /// Admits a new member (as [`MemberState::Joining`], whatever state it names).
+    Join(Member),
+    /// A joining member has its snapshot and serves: it becomes active.
+    Activate(NodeId),
+    /// An active member starts to leave.
+    Drain(NodeId),
+    /// A draining (or joining, or dead active) member is gone.
+    Remove(NodeId),
+    /// New links between the members.
+    SetTopology(TopologySpec),
+    /// A node reports its vector.
+    ReportCheckpoint {
+        /// The node.
+        node: NodeId,
+        /// Its vector.
+        vector: VersionVector,
+        /// When, on its clock.
+        reported_ms: u64,
+    },
+}
+
+/// A command the state machine refuses (and which changes nothing).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No such member (or it was removed).
+    #[error("{0} is not a member")]
+    UnknownMember(NodeId),
+    /// The id is taken (ids of removed members are never reused).
+    #[error("node id {0} is taken")]
+    IdTaken(NodeId),
+    /// Another member has the region name.
+    #[error("region {0} is taken")]
+    RegionTaken(String),
+    /// A name or address that is empty or too long.
+    #[error("{0}")]
+    Invalid(String),
+    /// No room for another member.
+    #[error("the mesh has its {MEMBERS_MAX} members")]
+    Full,
+    /// The member's state does not allow the change.
+    #[error("{node} is {from}, so it cannot become {to}", from = from.name(), to = to.name())]
+    Transition {
+        /// The member.
+        node: NodeId,
+        /// Its state.
+        from: MemberState,
+        /// The state asked for.
+        to: MemberState,
+    },
+    /// The change would leave no active member.
+    #[error("the change would leave no active member")]
+    LastActive,
+    /// The change would leave an unusable topology.
+    #[error("topology: {0}")]
+    Topology(#[from] TopologyError),
+    /// A checkpoint older than the one on record.
+    #[error("checkpoint of {node} from {reported_ms} is older than the one on record")]
+    StaleCheckpoint {
+        /// The node.
+        node: NodeId,
+        /// When it says it reported.
+        reported_ms: u64,
+    },
+}
+
+/// The replicated control state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    members: BTreeMap<NodeId, Member>,
+    topology: TopologySpec,
+    checkpoints: BTreeMap<NodeId, Checkpoint>,
+}
+
+fn check_text(what: &str, text: &str, max: usize) -> Result<(), ControlError> {
+    if text.is_empty() || text.len() > max {
+        return Err(ControlError::Invalid(format!(
+            "{what} must be 1 to {max} bytes long"
+        )));
+    }
+    Ok(())
+}
+
+impl ControlState {
+    /// The state a new cluster starts with: these members, all active, linked as given.
+    pub fn bootstrap(
+        members: Vec<Member>,
+        topology: TopologySpec,
+    ) -> Result<ControlState, ControlError> {
+        let mut state = ControlState {
+            members: BTreeMap::new(),
+            topology: TopologySpec::FullMesh,
+            checkpoints: BTreeMap::new(),
+        };
+        for member in members {
+            let id = member.id;
+            state.apply_in_place(&ControlCommand::Join(member))?;
+            if let Some(m) = state.members.get_mut(&id) {
+                m.state = MemberState::Active;
+            }
+        }
+        if state.active().next().is_none() {
+            return Err(ControlError::LastActive);
+        }
+        state.apply(&ControlCommand::SetTopology(topology))?;
+        Ok(state)
+    }
+
+    /// Applies a committed command, or refuses it and changes nothing.
+    pub fn apply(&mut self, command: &ControlCommand) -> Result<(), ControlError> {
+        let mut next = self.clone();
+        next.apply_in_place(command)?;
+        // Whatever was applied, the topology must still be usable.
+        next.topology()?;
+        debug_assert!(next.invariants_hold());
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, command: &ControlCommand) -> Result<(), ControlError> {
+        match command {
+            ControlCommand::Join(member) => {
+                check_text("a region name", &member.region, REGION_NAME_BYTES_MAX)?;
+                for (what, address) in [
+                    ("a peer address", &member.peer_address),
+                    ("a RESP address", &member.resp_address),
+                    ("an HTTP address", &member.http_address),
+                ] {
+                    check_text(what, address, ADDRESS_BYTES_MAX)?;
+                }
+                if self.members.contains_key(&member.id) {
+                    return Err(ControlError::IdTaken(member.id));
+                }
+                if self.current().any(|m| m.region == member.region) {
+                    return Err(ControlError::RegionTaken(member.region.clone()));
+                }
+                if self.members.len() >= MEMBERS_MAX {
+                    return Err(ControlError::Full);
+                }
+                let mut member = member.clone();
+                member.state = MemberState::Joining;
+                self.members.insert(member.id, member);
+            }
+            ControlCommand::Activate(node) => {
+                self.transition(*node, &[MemberState::Joining], MemberState::Active)?
+            }
+            ControlCommand::Drain(node) => {
+                self.transition(*node, &[MemberState::Active], MemberState::Draining)?;
+                if self.active().next().is_none() {
+                    return Err(ControlError::LastActive);
+                }
+            }
+            ControlCommand::Remove(node) => {
+                let from = [
+                    MemberState::Joining,
+                    MemberState::Active,
+                    MemberState::Draining,
+                ];
+                self.transition(*node, &from, MemberState::Removed)?;
+                if self.active().next().is_none() {
+                    return Err(ControlError::LastActive);
+                }
+                self.checkpoints.remove(node);
+            }
+            ControlCommand::SetTopology(spec) => {
+                if let TopologySpec::Links(links) = spec {
+                    for (a, b) in links {
+                        for node in [a, b] {
+                            if !self.current().any(|m| m.id == *node) {
+                                return Err(ControlError::UnknownMember(*node));
+                            }
+                        }
+                    }
+                    let named: BTreeSet<NodeId> =
+                        links.iter().flat_map(|(a, b)| [*a, *b]).collect();
+                    if let Some(missing) = self.current().find(|m| !named.contains(&m.id)) {
+                        return Err(ControlError::Invalid(format!(
+                            "the links name no link of {} (region {})",
+                            missing.id, missing.region
+                        )));
+                    }
+                }
+                self.topology = spec.clone();
+            }
+            ControlCommand::ReportCheckpoint {
+                node,
+                vector,
+                reported_ms,
+            } => {
+                if !self.current().any(|m| m.id == *node) {
+                    return Err(ControlError::UnknownMember(*node));
+                }
+                if vector.len() > MEMBERS_MAX {
+                    return Err(ControlError::Invalid(format!(
+                        "a checkpoint names at most {MEMBERS_MAX} origins"
+                    )));
+                }
+                if let Some(known) = self.checkpoints.get(node) {
+                    if *reported_ms < known.reported_ms {
+                        return Err(ControlError::StaleCheckpoint {
+                            node: *node,
+                            reported_ms: *reported_ms,
+                        });
+                    }
+                }
+                self.checkpoints.insert(
+                    *node,
+                    Checkpoint {
+                        vector: vector.clone(),
+                        reported_ms: *reported_ms,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn transition(
+        &mut self,
+        node: NodeId,
+        from: &[MemberState],
+        to: MemberState,
+    ) -> Result<(), ControlError> {
+        let member = self
+            .members
+            .get_mut(&node)
+            .filter(|m| m.state != MemberState::Removed)
+            .ok_or(ControlError::UnknownMember(node))?;
+        if !from.contains(&member.state) {
+            return Err(ControlError::Transition {
+                node,
+                from: member.state,
+                to,
+            });
+        }
+        member.state = to;
+        Ok(())
+    }
+
+    /// Every member ever admitted, removed ones included, by id.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// The member with this id, if any.
+    pub fn member(&self, node: NodeId) -> Option<&Member> {
+        self.members.get(&node)
+    }
+
+    /// Members that are not removed.
+    fn current(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .values()
+            .filter(|m| m.state != MemberState::Removed)
+    }
+
+    fn active(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .values()
+            .filter(|m| m.state == MemberState::Active)
+    }
+
+    /// The links as configured.
+    pub fn topology_spec(&self) -> &TopologySpec {
+        &self.topology
+    }
+
+    /// The replication topology over the members that are not removed: what every node derives
+    /// its subscriptions from.
+    pub fn topology(&self) -> Result<Topology, TopologyError> {
+        let nodes: BTreeSet<NodeId> = self.current().map(|m| m.id).collect();
+        match &self.topology {
+            TopologySpec::FullMesh => Topology::full_mesh(nodes),
+            TopologySpec::Links(links) => {
+                let kept: Vec<(NodeId, NodeId)> = links
+                    .iter()
+                    .copied()
+                    .filter(|(a, b)| nodes.contains(a) && nodes.contains(b))
+                    .collect();
+                // A member that joined after the links were set is linked to every other until
+                // links name it: it must reach everyone to receive and ship anything. A member
+                // the links name keeps only its links, even those left after a removal.
+                let named: BTreeSet<NodeId> = links.iter().flat_map(|(a, b)| [*a, *b]).collect();
+                let mut all = kept.clone();
+                for new in nodes.iter().filter(|n| !named.contains(n)) {
+                    all.extend(nodes.iter().filter(|n| *n != new).map(|n| (*new, *n)));
+                }
+                Topology::with_links(nodes, all)
+            }
+        }
+    }
+
+    /// The Raft voters: the first [`VOTERS_MAX`] active members by id; the others learn.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.active().take(VOTERS_MAX).map(|m| m.id).collect()
+    }
+
+    /// Every node's latest checkpoint.
+    pub fn checkpoints(&self) -> &BTreeMap<NodeId, Checkpoint> {
+        &self.checkpoints
+    }
+
+    /// Per origin, the highest sequence number every active or draining member has applied,
+    /// as their checkpoints say: change-log entries and tombstones at or below it may be
+    /// deleted. Empty while one of them has not reported (nothing is known to be everywhere).
+    /// Joining members are not waited for: they receive a snapshot.
+    pub fn stable_frontier(&self) -> VersionVector {
+        let holders: Vec<NodeId> = self
+            .current()
+            .filter(|m| m.state != MemberState::Joining)
+            .map(|m| m.id)
+            .collect();
+        let mut vectors = Vec::with_capacity(holders.len());
+        for node in &holders {
+            match self.checkpoints.get(node) {
+                Some(checkpoint) => vectors.push(&checkpoint.vector),
+                None => return VersionVector::new(),
+            }
+        }
+        let origins: BTreeSet<NodeId> = vectors
+            .iter()
+            .flat_map(|v| v.iter().map(|(o, _)| o))
+            .collect();
+        origins
+            .into_iter()
+            .map(|origin| {
+                let least = vectors
+                    .iter()
+                    .map(|v| v.get(origin))
+                    .min()
+                    .unwrap_or(Seq::ZERO);
+                (origin, least)
+            })
+            .filter(|(_, seq)| *seq > Seq::ZERO)
+            .collect()
+    }
+
+    /// The rules every state keeps (checked after each apply in debug builds).
+    fn invariants_hold(&self) -> bool {
+        let current: Vec<&Member> = self.current().collect();
+        let regions: BTreeSet<&str> = current.iter().map(|m| m.region.as_str()).collect();
+        regions.len() == current.len()
+            && self.members.len() <= MEMBERS_MAX
+            && self.active().next().is_some()
+            && self
+                .checkpoints
+                .keys()
+                .all(|n| current.iter().any(|m| m.id == *n))
+            && self.members.iter().all(|(id, m)| *id == m.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, region: &str) -> Member {
+        Member {
+            id: NodeId(id),
+            region: region.into(),
+            peer_address: format!("127.0.0.1:{}", 7002 + 10 * id),
+            resp_address: format!("127.0.0.1:{}", 7000 + 10 * id),
+            http_address: format!("127.0.0.1:{}", 7001 + 10 * id),
+            state: MemberState::Active,
+        }
+    }
+
+    fn three() -> ControlState {
+        ControlState::bootstrap(
+            vec![member(1, "a"), member(2, "b"), member(3, "c")],
+            TopologySpec::FullMesh,
+        )
+        .unwrap()
+    }
+
+    fn vector(seqs: &[(u64, u64)]) -> VersionVector {
+        seqs.iter().map(|(o, s)| (NodeId(*o), Seq(*s))).collect()
+    }
+
+    fn report(state: &mut ControlState, node: u64, seqs: &[(u64, u64)], at: u64) {
+        state
+            .apply(&ControlCommand::ReportCheckpoint {
+                node: NodeId(node),
+                vector: vector(seqs),
+                reported_ms: at,
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_member_joins_becomes_active_drains_and_leaves() {
+        let mut s = three();
+        s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
+        assert_eq!(s.member(NodeId(4)).unwrap().state, MemberState::Joining);
+        assert!(s.topology().unwrap().contains(NodeId(4)));
+        s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
+        s.apply(&ControlCommand::Drain(NodeId(4))).unwrap();
+        s.apply(&ControlCommand::Remove(NodeId(4))).unwrap();
+        assert!(!s.topology().unwrap().contains(NodeId(4)));
+        // Its id is never reused; its region name is free again.
+        let again = s.apply(&ControlCommand::Join(member(4, "d")));
+        assert_eq!(again, Err(ControlError::IdTaken(NodeId(4))));
+        s.apply(&ControlCommand::Join(member(5, "d"))).unwrap();
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut s = three();
+        let before = s.clone();
+        let refused = [
+            ControlCommand::Join(member(2, "z")),
+            ControlCommand::Join(member(9, "b")),
+            ControlCommand::Join(member(9, "")),
+            ControlCommand::Join(member(9, &"x".repeat(REGION_NAME_BYTES_MAX + 1))),
+            ControlCommand::Activate(NodeId(1)),
+            ControlCommand::Drain(NodeId(9)),
+            ControlCommand::SetTopology(TopologySpec::Links(vec![(NodeId(1), NodeId(9))])),
+            // a-b only: c would be cut off.
+            ControlCommand::SetTopology(TopologySpec::Links(vec![(NodeId(1), NodeId(2))])),
+        ];
+        for command in &refused {
+            assert!(s.apply(command).is_err(), "{command:?}");
+            assert_eq!(s, before, "{command:?} changed the state");
+        }
+    }
+
+    #[test]
+    fn the_last_active_member_cannot_leave() {
+        let mut s = ControlState::bootstrap(vec![member(1, "a")], TopologySpec::FullMesh).unwrap();
+        assert_eq!(
+            s.apply(&ControlCommand::Drain(NodeId(1))),
+            Err(ControlError::LastActive)
+        );
+        assert_eq!(
+            s.apply(&ControlCommand::Remove(NodeId(1))),
+            Err(ControlError::LastActive)
+        );
+    }
+
+    #[test]
+    fn removing_the_middle_of_a_chain_needs_new_links_first() {
+        let mut s = ControlState::bootstrap(
+            vec![member(1, "a"), member(2, "b"), member(3, "c")],
+            TopologySpec::Links(vec![(NodeId(1), NodeId(2)), (NodeId(2), NodeId(3))]),
+        )
+        .unwrap();
+        s.apply(&ControlCommand::Drain(NodeId(2))).unwrap();
+        let err = s.apply(&ControlCommand::Remove(NodeId(2))).unwrap_err();
+        assert!(matches!(err, ControlError::Topology(_)), "{err}");
+        s.apply(&ControlCommand::SetTopology(TopologySpec::Links(vec![
+            (NodeId(1), NodeId(2)),
+            (NodeId(2), NodeId(3)),
+            (NodeId(1), NodeId(3)),
+        ])))
+        .unwrap();
+        s.apply(&ControlCommand::Remove(NodeId(2))).unwrap();
+        assert_eq!(s.topology().unwrap().neighbors(NodeId(1)), vec![NodeId(3)]);
+    }
+
+    #[test]
+    fn a_new_member_is_linked_to_everyone_until_the_links_name_it() {
+        let mut s = ControlState::bootstrap(
+            vec![member(1, "a"), member(2, "b")],
+            TopologySpec::Links(vec![(NodeId(1), NodeId(2))]),
+        )
+        .unwrap();
+        s.apply(&ControlCommand::Join(member(3, "c"))).unwrap();
+        let t = s.topology().unwrap();
+        assert_eq!(t.neighbors(NodeId(3)), vec![NodeId(1), NodeId(2)]);
+    }
+
+    #[test]
+    fn the_stable_frontier_is_what_every_holder_has_applied() {
+        let mut s = three();
+        assert!(s.stable_frontier().is_empty(), "nobody reported yet");
+        report(&mut s, 1, &[(1, 10), (2, 5)], 100);
+        report(&mut s, 2, &[(1, 8), (2, 7), (3, 1)], 100);
+        assert!(s.stable_frontier().is_empty(), "c has not reported");
+        report(&mut s, 3, &[(1, 9), (2, 6), (3, 4)], 100);
+        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
+        // A joining member is not waited for; a stale report is refused.
+        s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
+        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
+        let stale = ControlCommand::ReportCheckpoint {
+            node: NodeId(1),
+            vector: vector(&[(1, 20)]),
+            reported_ms: 50,
+        };
+        assert!(matches!(
+            s.apply(&stale),
+            Err(ControlError::StaleCheckpoint { .. })
+        ));
+        // Once it is active it counts, and holds the frontier back until it reports.
+        s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
+        assert!(s.stable_frontier().is_empty());
+        report(&mut s, 4, &[(1, 8), (2, 2), (3, 4)], 200);
+        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 2)]));
+        // A removed member no longer holds it back.
+        s.apply(&ControlCommand::Remove(NodeId(4))).unwrap();
+        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
+    }
+
+    #[test]
+    fn voters_are_the_first_five_active_members() {
+        let members = (1..=7).map(|i| member(i, &format!("r{i}"))).collect();
+        let mut s = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
+        assert_eq!(s.voters(), (1..=5).map(NodeId).collect());
+        s.apply(&ControlCommand::Drain(NodeId(2))).unwrap();
+        assert_eq!(
+            s.voters(),
+            [1, 3, 4, 5, 6].map(NodeId).into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn state_and_commands_survive_encoding() {
+        let mut s = three();
+        report(&mut s, 2, &[(1, 3)], 7);
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&s, config).unwrap();
+        let (back, _): (ControlState, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, s);
+        let command = ControlCommand::Join(member(9, "z"));
+        let bytes = bincode::serde::encode_to_vec(&command, config).unwrap();
+        let (back, _): (ControlCommand, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, command);
+    }
+
+    fn command_strategy() -> impl proptest::strategy::Strategy<Value = ControlCommand> {
+        use proptest::prelude::*;
+        let node = || (1u64..8).prop_map(NodeId);
+        prop_oneof![
+            (1u64..8, 0u8..4)
+                .prop_map(|(id, r)| ControlCommand::Join(member(id, &format!("r{r}")))),
+            node().prop_map(ControlCommand::Activate),
+            node().prop_map(ControlCommand::Drain),
+            node().prop_map(ControlCommand::Remove),
+            Just(ControlCommand::SetTopology(TopologySpec::FullMesh)),
+            proptest::collection::vec((node(), node()), 0..6)
+                .prop_map(|links| ControlCommand::SetTopology(TopologySpec::Links(links))),
+            (
+                node(),
+                proptest::collection::vec((1u64..8, 0u64..20), 0..4),
+                0u64..50
+            )
+                .prop_map(|(node, seqs, at)| ControlCommand::ReportCheckpoint {
+                    node,
+                    vector: vector(&seqs),
+                    reported_ms: at,
+                }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the log holds: a refused command changes nothing, an applied one leaves a
+        /// state that keeps every rule, whose topology is usable and whose frontier no holder
+        /// is behind.
+        #[test]
+        fn any_log_keeps_the_rules(commands in proptest::collection::vec(command_strategy(), 0..40)) {
+            let mut s = three();
+            for command in &commands {
+                let before = s.clone();
+                match s.apply(command) {
+                    Ok(()) => {
+                        proptest::prop_assert!(s.invariants_hold());
+                        proptest::prop_assert!(s.topology().is_ok());
+                        let frontier = s.stable_frontier();
+                        for m in s.members().filter(|m| {
+                            matches!(m.state, MemberState::Active | MemberState::Draining)
+                        }) {
+                            match s.checkpoints().get(&m.id) {
+                                Some(c) => proptest::prop_assert!(c.vector.dominates(&frontier)),
+                                None => proptest::prop_assert!(frontier.is_empty()),
+                            }
+                        }
+                    }
+                    Err(_) => proptest::prop_assert_eq!(&s, &before),
+                }
+            }
+        }
+    }
+}
