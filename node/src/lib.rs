@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: the node's TOML configuration.
+//! - [`control`]: the control plane's Raft group (openraft) around its state machine.
 //! - [`storage`]: RocksDB storage behind the core's `Storage` trait.
 //! - [`driver`]: the tokio task that owns the replica core and executes its outputs.
 //! - [`transport`]: QUIC streams between nodes.
@@ -36,6 +37,7 @@ pub mod bench;
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
+pub mod control;
 #[cfg(feature = "server")]
 pub mod drill;
 #[cfg(feature = "server")]

@@ -1,0 +1,271 @@
+//! The control plane's Raft group: openraft 0.9 around the control state machine of
+//! [`braid_protocol::control`]. Built without the `server` feature too, so that the simulator runs
+//! the real openraft.
+//!
+//! ```text
+//!   client_write(ControlCommand) ─► leader's log ─► followers' logs (RaftNetwork)
+//!        committed entries ─► StateMachineStore::apply ─► ControlState::apply ─► ControlReply
+//! ```
+//!
+//! - [`ControlConfig`]: the type configuration (commands in, replies out, `u64` node ids).
+//! - [`store`]: the log (in memory here; RocksDB beside the data in the node) and the state
+//!   machine store with its snapshots.
+//! - [`router`]: an in-process network, for tests and the simulator.
+
+pub mod router;
+pub mod store;
+
+use std::io::Cursor;
+
+use braid_protocol::control::ControlCommand;
+use serde::{Deserialize, Serialize};
+
+/// What applying a committed command gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// It changed the state.
+    Applied,
+    /// The state machine refused it (it changed nothing), and why.
+    Refused(String),
+    /// A Raft entry that carries no command (a leader's blank entry, a membership change).
+    Nothing,
+}
+
+openraft::declare_raft_types!(
+    /// The control plane's Raft types: [`ControlCommand`]s in, [`ControlReply`]s out.
+    pub ControlConfig:
+        D = ControlCommand,
+        R = ControlReply,
+);
+
+/// The Raft node of the control plane.
+pub type ControlRaft = openraft::Raft<ControlConfig>;
+
+/// Raft timings for a mesh of regions: heartbeats every 250 ms, elections after 1-2 s of
+/// silence (cross-region round trips are tens to hundreds of milliseconds).
+pub fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "braid-control".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
+        ..openraft::Config::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use braid_protocol::control::{
+        ControlCommand, ControlState, Member, MemberState, TopologySpec,
+    };
+    use braid_protocol::{NodeId, Seq, VersionVector};
+    use openraft::BasicNode;
+
+    use super::router::Router;
+    use super::store::{MemLogStore, StateMachineStore};
+    use super::*;
+
+    fn member(id: u64, region: &str) -> Member {
+        Member {
+            id: NodeId(id),
+            region: region.into(),
+            peer_address: format!("127.0.0.1:{}", 7002 + 10 * id),
+            resp_address: format!("127.0.0.1:{}", 7000 + 10 * id),
+            http_address: format!("127.0.0.1:{}", 7001 + 10 * id),
+            state: MemberState::Active,
+        }
+    }
+
+    struct Group {
+        router: Router,
+        nodes: BTreeMap<u64, (ControlRaft, StateMachineStore)>,
+    }
+
+    impl Group {
+        async fn start(n: u64) -> Group {
+            let names = ["a", "b", "c", "d", "e"];
+            let members = (1..=n).map(|i| member(i, names[i as usize - 1])).collect();
+            let initial = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
+            let config = Arc::new(raft_config().validate().unwrap());
+            let router = Router::new();
+            let mut nodes = BTreeMap::new();
+            for id in 1..=n {
+                let machine = StateMachineStore::new(initial.clone());
+                let raft = ControlRaft::new(
+                    id,
+                    config.clone(),
+                    router.network(id),
+                    MemLogStore::default(),
+                    machine.clone(),
+                )
+                .await
+                .unwrap();
+                router.add(id, raft.clone());
+                nodes.insert(id, (raft, machine));
+            }
+            let voters: BTreeMap<u64, BasicNode> = (1..=n)
+                .map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 7002 + 10 * id))))
+                .collect();
+            nodes[&1].0.initialize(voters).await.unwrap();
+            Group { router, nodes }
+        }
+
+        /// Waits until the nodes still in the group agree on a leader, and returns it.
+        async fn leader(&self) -> u64 {
+            for _ in 0..200 {
+                let seen: Vec<Option<u64>> = self
+                    .nodes
+                    .values()
+                    .map(|(raft, _)| raft.metrics().borrow().current_leader)
+                    .collect();
+                if let Some(Some(leader)) = seen.first() {
+                    if seen.iter().all(|l| *l == Some(*leader)) && self.nodes.contains_key(leader) {
+                        return *leader;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no leader agreed on");
+        }
+
+        async fn write(&self, command: ControlCommand) -> ControlReply {
+            let leader = self.leader().await;
+            let response = self.nodes[&leader].0.client_write(command).await.unwrap();
+            // Every node applies it.
+            for (raft, _) in self.nodes.values() {
+                raft.wait(Some(Duration::from_secs(10)))
+                    .applied_index_at_least(Some(response.log_id.index), "applied")
+                    .await
+                    .unwrap();
+            }
+            response.data
+        }
+
+        fn states(&self) -> Vec<ControlState> {
+            self.nodes.values().map(|(_, m)| m.state()).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_group_commits_commands_in_order_and_outlives_its_leader() {
+        let mut group = Group::start(3).await;
+        let vector: VersionVector = [(NodeId(1), Seq(7))].into_iter().collect();
+        let report = ControlCommand::ReportCheckpoint {
+            node: NodeId(2),
+            vector: vector.clone(),
+            reported_ms: 1,
+        };
+        assert_eq!(group.write(report).await, ControlReply::Applied);
+        // A command the state machine refuses is committed, refused the same way everywhere,
+        // and changes nothing.
+        let taken = group.write(ControlCommand::Join(member(9, "a"))).await;
+        assert_eq!(taken, ControlReply::Refused("region a is taken".into()));
+        let states = group.states();
+        assert!(states.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(states[0].checkpoints()[&NodeId(2)].vector, vector);
+
+        // The leader dies: another is elected and commits.
+        let old = group.leader().await;
+        let (raft, _) = group.nodes.remove(&old).unwrap();
+        group.router.remove(old);
+        raft.shutdown().await.unwrap();
+        assert_eq!(
+            group.write(ControlCommand::Join(member(4, "d"))).await,
+            ControlReply::Applied
+        );
+        assert_ne!(group.leader().await, old);
+        let states = group.states();
+        assert!(states.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(
+            states[0].member(NodeId(4)).unwrap().state,
+            MemberState::Joining
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_minority_cannot_commit_and_catches_up_after_heal() {
+        let group = Group::start(3).await;
+        let leader = group.leader().await;
+        let lonely = (1..=3).find(|id| *id != leader).unwrap();
+        group.router.isolate(lonely, true);
+        assert_eq!(
+            group
+                .write_majority(lonely, ControlCommand::Drain(NodeId(lonely)))
+                .await,
+            ControlReply::Applied
+        );
+        // The isolated node cannot get anything committed by itself.
+        let alone = &group.nodes[&lonely].0;
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            alone.client_write(ControlCommand::Activate(NodeId(lonely))),
+        )
+        .await;
+        assert!(
+            !matches!(attempt, Ok(Ok(_))),
+            "a minority committed: {attempt:?}"
+        );
+        assert_eq!(
+            group.nodes[&lonely]
+                .1
+                .state()
+                .member(NodeId(lonely))
+                .unwrap()
+                .state,
+            MemberState::Active
+        );
+        group.router.isolate(lonely, false);
+        for _ in 0..100 {
+            if group.states().windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let states = group.states();
+        assert!(
+            states.windows(2).all(|w| w[0] == w[1]),
+            "caught up after heal"
+        );
+        assert_eq!(
+            states[0].member(NodeId(lonely)).unwrap().state,
+            MemberState::Draining
+        );
+    }
+
+    impl Group {
+        /// Writes through the leader of the nodes other than `outside`, waiting for them only.
+        async fn write_majority(&self, outside: u64, command: ControlCommand) -> ControlReply {
+            let mut leader = None;
+            for _ in 0..200 {
+                let seen: Vec<Option<u64>> = self
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| **id != outside)
+                    .map(|(_, (raft, _))| raft.metrics().borrow().current_leader)
+                    .collect();
+                if let Some(Some(l)) = seen.first() {
+                    if *l != outside && seen.iter().all(|x| *x == Some(*l)) {
+                        leader = Some(*l);
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let leader = leader.expect("the majority has a leader");
+            let response = self.nodes[&leader].0.client_write(command).await.unwrap();
+            for (id, (raft, _)) in &self.nodes {
+                if *id != outside {
+                    raft.wait(Some(Duration::from_secs(10)))
+                        .applied_index_at_least(Some(response.log_id.index), "applied")
+                        .await
+                        .unwrap();
+                }
+            }
+            response.data
+        }
+    }
+}

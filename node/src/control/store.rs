@@ -1,0 +1,300 @@
+//! Raft storage for the control plane: an in-memory log (the simulator's; the node's keeps it in
+//! RocksDB) and the state machine store, which applies committed commands to a
+//! [`ControlState`] and snapshots it.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+use braid_protocol::control::ControlState;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ControlConfig, ControlReply};
+
+type NodeId = u64;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a panic in another task already failed this node; the data is
+    // still the last consistent state (every mutation is a single assignment or insert).
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    entries: BTreeMap<u64, Entry<ControlConfig>>,
+}
+
+/// The Raft log and vote in memory. Cheap to clone: clones share the log (one is the reader).
+#[derive(Debug, Clone, Default)]
+pub struct MemLogStore {
+    inner: Arc<Mutex<LogInner>>,
+}
+
+impl RaftLogReader<ControlConfig> for MemLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<ControlConfig>>, StorageError<NodeId>> {
+        let inner = lock(&self.inner);
+        Ok(inner
+            .entries
+            .range(range)
+            .map(|(_, entry)| entry.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<ControlConfig> for MemLogStore {
+    type LogReader = MemLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<ControlConfig>, StorageError<NodeId>> {
+        let inner = lock(&self.inner);
+        let last = inner
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(inner.last_purged);
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        lock(&self.inner).vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.inner).vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        lock(&self.inner).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.inner).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<ControlConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<ControlConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        {
+            let mut inner = lock(&self.inner);
+            for entry in entries {
+                inner.entries.insert(entry.log_id.index, entry);
+            }
+        }
+        // In memory, written is flushed.
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut inner = lock(&self.inner);
+        let _ = inner.entries.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut inner = lock(&self.inner);
+        assert!(
+            inner.last_purged.is_none_or(|p| p <= log_id),
+            "purge moves forward only"
+        );
+        inner.last_purged = Some(log_id);
+        let kept = inner.entries.split_off(&(log_id.index + 1));
+        inner.entries = kept;
+        Ok(())
+    }
+}
+
+/// What a snapshot holds: the state and the Raft bookkeeping that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotData {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    state: ControlState,
+}
+
+#[derive(Debug)]
+struct MachineInner {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    state: ControlState,
+    snapshot: Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>,
+    snapshots_built: u64,
+}
+
+/// The control state machine behind Raft. Cheap to clone: clones share it (one is the snapshot
+/// builder, others read the state).
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Mutex<MachineInner>>,
+}
+
+fn io_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn encode(data: &SnapshotData) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(data, bincode::config::standard())
+}
+
+impl StateMachineStore {
+    /// A state machine that starts from `initial` (the cluster's first members and links, the
+    /// same on every node).
+    pub fn new(initial: ControlState) -> StateMachineStore {
+        StateMachineStore {
+            inner: Arc::new(Mutex::new(MachineInner {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                state: initial,
+                snapshot: None,
+                snapshots_built: 0,
+            })),
+        }
+    }
+
+    /// The state as of the last applied entry.
+    pub fn state(&self) -> ControlState {
+        lock(&self.inner).state.clone()
+    }
+
+    /// The index of the last applied entry.
+    pub fn last_applied(&self) -> Option<u64> {
+        lock(&self.inner).last_applied.map(|l| l.index)
+    }
+}
+
+impl RaftSnapshotBuilder<ControlConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<ControlConfig>, StorageError<NodeId>> {
+        let mut inner = lock(&self.inner);
+        let data = SnapshotData {
+            last_applied: inner.last_applied,
+            membership: inner.membership.clone(),
+            state: inner.state.clone(),
+        };
+        let bytes = encode(&data).map_err(io_error)?;
+        inner.snapshots_built += 1;
+        let snapshot_id = match inner.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
+            None => format!("none-{}", inner.snapshots_built),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: inner.last_applied,
+            last_membership: inner.membership.clone(),
+            snapshot_id,
+        };
+        inner.snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<ControlConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StorageError<NodeId>,
+    > {
+        let inner = lock(&self.inner);
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ControlReply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<ControlConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut inner = lock(&self.inner);
+        let mut replies = Vec::new();
+        for entry in entries {
+            inner.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => ControlReply::Nothing,
+                EntryPayload::Normal(command) => match inner.state.apply(&command) {
+                    Ok(()) => ControlReply::Applied,
+                    Err(err) => ControlReply::Refused(err.to_string()),
+                },
+                EntryPayload::Membership(membership) => {
+                    inner.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    ControlReply::Nothing
+                }
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let (data, _): (SnapshotData, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+                .map_err(io_error)?;
+        let mut inner = lock(&self.inner);
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        inner.state = data.state;
+        inner.snapshot = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<ControlConfig>>, StorageError<NodeId>> {
+        let inner = lock(&self.inner);
+        Ok(inner.snapshot.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(bytes.clone())),
+        }))
+    }
+}
