@@ -80,6 +80,8 @@ mod tests {
         }
     }
 
+    const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
     struct Group {
         router: Router,
         nodes: BTreeMap<u64, (ControlRaft, StateMachineStore)>,
@@ -87,10 +89,13 @@ mod tests {
 
     impl Group {
         async fn start(n: u64) -> Group {
-            let names = ["a", "b", "c", "d", "e"];
-            let members = (1..=n).map(|i| member(i, names[i as usize - 1])).collect();
+            Group::start_with(n, raft_config()).await
+        }
+
+        async fn start_with(n: u64, config: openraft::Config) -> Group {
+            let members = (1..=n).map(|i| member(i, NAMES[i as usize - 1])).collect();
             let initial = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
-            let config = Arc::new(raft_config().validate().unwrap());
+            let config = Arc::new(config.validate().unwrap());
             let router = Router::new();
             let mut nodes = BTreeMap::new();
             for id in 1..=n {
@@ -233,6 +238,74 @@ mod tests {
         assert_eq!(
             states[0].member(NodeId(lonely)).unwrap().state,
             MemberState::Draining
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_joins_after_the_log_was_purged_gets_the_state_by_snapshot() {
+        let config = openraft::Config {
+            max_in_snapshot_log_to_keep: 0,
+            ..raft_config()
+        };
+        let mut group = Group::start_with(3, config.clone()).await;
+        for at in 1..=5 {
+            let report = ControlCommand::ReportCheckpoint {
+                node: NodeId(1),
+                vector: [(NodeId(1), Seq(at))].into_iter().collect(),
+                reported_ms: at,
+            };
+            assert_eq!(group.write(report).await, ControlReply::Applied);
+        }
+        let leader = group.leader().await;
+        let raft = &group.nodes[&leader].0;
+        raft.trigger().snapshot().await.unwrap();
+        let last = raft.metrics().borrow().last_applied.unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .snapshot(last, "snapshot built")
+            .await
+            .unwrap();
+        raft.trigger().purge_log(last.index).await.unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .purged(Some(last), "log purged")
+            .await
+            .unwrap();
+
+        // A new node starts from the initial state; the log it would need is gone.
+        let initial = ControlState::bootstrap(
+            (1..=3).map(|i| member(i, NAMES[i as usize - 1])).collect(),
+            TopologySpec::FullMesh,
+        )
+        .unwrap();
+        let machine = StateMachineStore::new(initial);
+        let newcomer = ControlRaft::new(
+            4,
+            Arc::new(config.validate().unwrap()),
+            group.router.network(4),
+            MemLogStore::default(),
+            machine.clone(),
+        )
+        .await
+        .unwrap();
+        group.router.add(4, newcomer.clone());
+        group.nodes[&leader]
+            .0
+            .add_learner(4, BasicNode::new("127.0.0.1:7042"), true)
+            .await
+            .unwrap();
+        newcomer
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(last.index), "snapshot installed")
+            .await
+            .unwrap();
+        group.nodes.insert(4, (newcomer, machine));
+        let states = group.states();
+        assert!(
+            states.windows(2).all(|w| w[0] == w[1]),
+            "the learner has the state"
+        );
+        assert_eq!(
+            states[0].checkpoints()[&NodeId(1)].vector.get(NodeId(1)),
+            Seq(5)
         );
     }
 
