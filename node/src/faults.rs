@@ -164,29 +164,26 @@ impl Faults {
 
     /// Whether the link to `peer` is cut.
     pub fn cut(&self, peer: NodeId) -> bool {
-        self.active.borrow().cut.contains(&peer)
+        self.enabled && self.active.borrow().cut.contains(&peer)
     }
 
-    /// Whether frames to `peer` are dropped (or the link is cut).
-    pub fn drops_to(&self, peer: NodeId) -> bool {
+    /// Whether frames to `peer` are dropped (or the link is cut), and how long the others are
+    /// held: read together, once per frame.
+    pub fn outgoing(&self, peer: NodeId) -> (bool, Duration) {
+        if !self.enabled {
+            return (false, Duration::ZERO);
+        }
         let active = self.active.borrow();
-        active.drop_to.contains(&peer) || active.cut.contains(&peer)
+        let drop = active.drop_to.contains(&peer) || active.cut.contains(&peer);
+        let delay = active.delay_ms.get(&peer).copied().unwrap_or(0);
+        (drop, Duration::from_millis(delay))
     }
 
-    /// How long frames to `peer` are held.
-    pub fn delay(&self, peer: NodeId) -> Duration {
-        Duration::from_millis(
-            self.active
-                .borrow()
-                .delay_ms
-                .get(&peer)
-                .copied()
-                .unwrap_or(0),
-        )
-    }
-
-    /// The clock offset.
+    /// The clock offset (0, without a lock, when fault injection is off).
     pub fn clock_offset_ms(&self) -> i64 {
+        if !self.enabled {
+            return 0;
+        }
         self.active.borrow().clock_offset_ms
     }
 
@@ -243,12 +240,12 @@ mod tests {
         };
         faults.set(&request, &peers()).unwrap();
         assert!(watch.has_changed().unwrap());
-        assert!(faults.cut(NodeId(2)) && faults.drops_to(NodeId(2)));
-        assert!(!faults.cut(NodeId(3)) && faults.drops_to(NodeId(3)));
-        assert_eq!(faults.delay(NodeId(3)), Duration::from_millis(40));
+        assert!(faults.cut(NodeId(2)) && faults.outgoing(NodeId(2)).0);
+        assert!(!faults.cut(NodeId(3)) && faults.outgoing(NodeId(3)).0);
+        assert_eq!(faults.outgoing(NodeId(3)).1, Duration::from_millis(40));
         assert_eq!(faults.clock_offset_ms(), -500);
         assert_eq!(faults.get(&peers()), request);
         faults.set(&FaultSet::default(), &peers()).unwrap();
-        assert!(!faults.drops_to(NodeId(2)) && faults.clock_offset_ms() == 0);
+        assert!(!faults.outgoing(NodeId(2)).0 && faults.clock_offset_ms() == 0);
     }
 }

@@ -21,7 +21,7 @@
 //! - [`workload`]: a scenario's writes, drawn from a seeded generator.
 //!
 //! IO adapters sit behind the `server` feature, so the simulator can depend on this crate
-//! without RocksDB, quinn or tokio.
+//! without RocksDB or quinn (tokio comes only with openraft, for the control plane's glue).
 
 #![warn(missing_docs)]
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.

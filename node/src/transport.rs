@@ -392,41 +392,50 @@ async fn run_stream(
     let writer = async {
         let mut buf = Vec::new();
         // Frames held back by an injected delay, in order, with when each is due. Bounded like
-        // the outbox: when it is full the writer stops reading the outbox.
+        // the outbox: when it is full the writer stops reading the outbox. Without fault
+        // injection nothing is held and the loop is a plain read-and-write.
+        let faulty = mesh.faults.enabled();
         let mut held: VecDeque<(Instant, Message)> = VecDeque::new();
         let mut open = true;
         while open || !held.is_empty() {
-            let due = held.front().map(|(due, _)| *due);
-            let message = tokio::select! {
-                biased;
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    match held.pop_front() {
-                        Some((_, message)) => message,
-                        None => continue,
-                    }
+            let message = if !faulty {
+                match outgoing.recv().await {
+                    Some(message) => message,
+                    None => break,
                 }
-                next = outgoing.recv(), if open && held.len() < STREAM_OUTBOX_MAX => match next {
-                    Some(message) => {
-                        // Dropped when sent, as a lossy network would: a frame already on its
-                        // way when a partition begins still arrives.
-                        if mesh.faults.drops_to(peer) {
-                            if let Some(t) = mesh.traffic(peer) {
-                                t.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let due = held.front().map(|(due, _)| *due);
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                        match held.pop_front() {
+                            Some((_, message)) => message,
+                            None => continue,
+                        }
+                    }
+                    next = outgoing.recv(), if open && held.len() < STREAM_OUTBOX_MAX => match next {
+                        Some(message) => {
+                            // Dropped when sent, as a lossy network would: a frame already on
+                            // its way when a partition begins still arrives.
+                            let (drop, delay) = mesh.faults.outgoing(peer);
+                            if drop {
+                                if let Some(t) = mesh.traffic(peer) {
+                                    t.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                                }
+                                continue;
                             }
+                            if !delay.is_zero() || !held.is_empty() {
+                                held.push_back((Instant::now() + delay, message));
+                                continue;
+                            }
+                            message
+                        }
+                        None => {
+                            open = false;
                             continue;
                         }
-                        let delay = mesh.faults.delay(peer);
-                        if !delay.is_zero() || !held.is_empty() {
-                            held.push_back((Instant::now() + delay, message));
-                            continue;
-                        }
-                        message
-                    }
-                    None => {
-                        open = false;
-                        continue;
-                    }
-                },
+                    },
+                }
             };
             let is_error = matches!(message, Message::Error(_));
             let bytes = write_message(&mut send, &message, &mut buf).await?;
@@ -443,6 +452,9 @@ async fn run_stream(
     };
     // Ends the stream when an injected fault cuts the link.
     let cut = async {
+        if !mesh.faults.enabled() {
+            return std::future::pending().await;
+        }
         let mut faults = mesh.faults.watch();
         loop {
             if faults.borrow_and_update().cut.contains(&peer) {

@@ -1,7 +1,6 @@
 //! An in-process network for the control plane's Raft group: every node's RPCs call the target
-//! node's `Raft` directly. The simulator and the tests use it; the node's own network carries
-//! the same RPCs over its QUIC connections. Nodes can be isolated (every RPC to or from them
-//! fails as unreachable) and removed (as if their process died).
+//! node's `Raft` directly. Nodes can be isolated (every RPC to or from them fails as
+//! unreachable) and removed (as if their process died).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

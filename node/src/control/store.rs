@@ -1,6 +1,6 @@
-//! Raft storage for the control plane: an in-memory log (the simulator's; the node's keeps it in
-//! RocksDB) and the state machine store, which applies committed commands to a
-//! [`ControlState`] and snapshots it.
+//! Raft storage for the control plane: an in-memory log and the state machine store, which
+//! applies committed commands to a [`ControlState`] and snapshots it. (A log in RocksDB, for the
+//! node, is yet to come.)
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -135,11 +135,9 @@ impl RaftLogStorage<ControlConfig> for MemLogStore {
     }
 }
 
-/// What a snapshot holds: the state and the Raft bookkeeping that goes with it.
+/// What a snapshot holds (its metadata carries the last applied entry and the membership).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SnapshotData {
-    last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, openraft::BasicNode>,
     state: ControlState,
 }
 
@@ -186,19 +184,12 @@ impl StateMachineStore {
     pub fn state(&self) -> ControlState {
         lock(&self.inner).state.clone()
     }
-
-    /// The index of the last applied entry.
-    pub fn last_applied(&self) -> Option<u64> {
-        lock(&self.inner).last_applied.map(|l| l.index)
-    }
 }
 
 impl RaftSnapshotBuilder<ControlConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ControlConfig>, StorageError<NodeId>> {
         let mut inner = lock(&self.inner);
         let data = SnapshotData {
-            last_applied: inner.last_applied,
-            membership: inner.membership.clone(),
             state: inner.state.clone(),
         };
         let bytes = encode(&data).map_err(io_error)?;
