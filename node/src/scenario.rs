@@ -204,6 +204,20 @@ pub enum Action {
     },
 }
 
+/// Convergence budget after the workload when the scenario sets none, in milliseconds.
+pub const CONVERGE_MS_DEFAULT: u64 = 60_000;
+
+/// One expectation's verdict, as both executors (the simulator and `braid drill`) report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The checker.
+    pub checker: String,
+    /// Whether it held.
+    pub passed: bool,
+    /// The evidence.
+    pub detail: String,
+}
+
 /// What the run must show. Absent expectations are not checked.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

@@ -29,7 +29,8 @@ use rand_core::SeedableRng;
 use serde::Serialize;
 
 use crate::storage::{InjectedBug, SimStorage};
-use braid_node::scenario::{Action, Scenario};
+pub use braid_node::scenario::Verdict;
+use braid_node::scenario::{Action, Scenario, CONVERGE_MS_DEFAULT};
 use braid_node::workload::{below, next_command, sub_seed, unit};
 
 /// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
@@ -39,8 +40,6 @@ const TICK_MS: u64 = 50;
 /// How long a broken connection takes to be re-established: 100 ms plus up to 200 ms.
 const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_JITTER: u64 = 200;
-/// Budget for convergence after the workload when the scenario sets none.
-const CONVERGE_MS_DEFAULT: u64 = 60_000;
 /// Clients start writing once the mesh has had time to connect (connections come up 100-300 ms
 /// after start), as `braid cluster up` waits for the mesh before it reports the cluster up.
 const WORKLOAD_START_MS: u64 = 500;
@@ -56,17 +55,6 @@ pub struct RunOptions {
     pub bug: Option<InjectedBug>,
     /// Keep the trace's text (for `--trace`), not only its hash.
     pub keep_trace: bool,
-}
-
-/// One checker's verdict.
-#[derive(Debug, Clone, Serialize)]
-pub struct Verdict {
-    /// The checker.
-    pub checker: String,
-    /// Whether it passed.
-    pub passed: bool,
-    /// What it saw.
-    pub detail: String,
 }
 
 /// The outcome of one run.

@@ -39,6 +39,13 @@ openraft::declare_raft_types!(
         R = ControlReply,
 );
 
+/// Locks a mutex of the glue. A poisoned lock means a panic in another task already failed
+/// this node; the data is still the last consistent state (every mutation under these locks is
+/// a single assignment, insert or split).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The Raft node of the control plane.
 pub type ControlRaft = openraft::Raft<ControlConfig>;
 

@@ -13,7 +13,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 
-use super::{ControlConfig, ControlRaft};
+use super::{lock, ControlConfig, ControlRaft};
 
 type NodeId = u64;
 
@@ -37,10 +37,6 @@ impl std::fmt::Debug for Router {
             .field("isolated", &nodes.isolated)
             .finish()
     }
-}
-
-fn lock(nodes: &Mutex<Nodes>) -> std::sync::MutexGuard<'_, Nodes> {
-    nodes.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Router {

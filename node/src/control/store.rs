@@ -16,15 +16,9 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ControlConfig, ControlReply};
+use super::{lock, ControlConfig, ControlReply};
 
 type NodeId = u64;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock means a panic in another task already failed this node; the data is
-    // still the last consistent state (every mutation is a single assignment or insert).
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 #[derive(Debug, Default)]
 struct LogInner {

@@ -41,7 +41,7 @@ use crate::config::NodeConfig;
 use crate::faults::{FaultSet, CLOCK_OFFSET_MS_MAX, DELAY_MS_MAX};
 use crate::http::{LagHistograms, Status};
 use crate::launch;
-use crate::scenario::{Action, Scenario};
+use crate::scenario::{Action, Scenario, CONVERGE_MS_DEFAULT};
 use crate::storage::{Durability, RocksStorage};
 use crate::workload::sub_seed;
 use report::{
@@ -65,8 +65,6 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a (re)started region may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Convergence budget after the workload when the scenario sets none.
-const CONVERGE_MS_DEFAULT: u64 = 60_000;
 /// Points kept in the lag timeline (one per link and second): hours of a large mesh.
 const TIMELINE_POINTS_MAX: usize = 200_000;
 /// How often the progress line is refreshed.

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::scenario::Verdict;
+
 /// Everything a drill measured, and its verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillReport {
@@ -54,17 +56,6 @@ pub struct DrillReport {
     pub timeline: Vec<LagPoint>,
     /// What the drill could not do as the scenario says, and why.
     pub warnings: Vec<String>,
-}
-
-/// One expectation's verdict.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Verdict {
-    /// The checker.
-    pub checker: String,
-    /// Whether it held.
-    pub passed: bool,
-    /// The evidence.
-    pub detail: String,
 }
 
 /// A region's writes as its client saw them.
