@@ -10,9 +10,12 @@
 //!
 //! - [`ControlConfig`]: the type configuration (commands in, replies out, `u64` node ids).
 //! - [`store`]: an in-memory log and the state machine store with its snapshots.
+//! - [`rocks_log`]: the log and vote in RocksDB, synced, for the node (`server` feature).
 //! - [`router`]: an in-process network (the tests use it; the node will carry the same RPCs over
 //!   its QUIC connections).
 
+#[cfg(feature = "server")]
+pub mod rocks_log;
 pub mod router;
 pub mod store;
 
@@ -73,6 +76,7 @@ mod tests {
     use braid_protocol::{NodeId, Seq, VersionVector};
     use openraft::BasicNode;
 
+    use super::rocks_log;
     use super::router::Router;
     use super::store::{MemLogStore, StateMachineStore};
     use super::*;
@@ -101,6 +105,17 @@ mod tests {
         }
 
         async fn start_with(n: u64, config: openraft::Config) -> Group {
+            Group::start_on(n, config, true, |_| MemLogStore::default()).await
+        }
+
+        /// Starts `n` nodes on the logs `logs` gives; `initialize` a new group, or not (the
+        /// nodes restart on logs that already hold one).
+        async fn start_on<L: openraft::storage::RaftLogStorage<ControlConfig>>(
+            n: u64,
+            config: openraft::Config,
+            initialize: bool,
+            mut logs: impl FnMut(u64) -> L,
+        ) -> Group {
             let members = (1..=n).map(|i| member(i, NAMES[i as usize - 1])).collect();
             let initial = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
             let config = Arc::new(config.validate().unwrap());
@@ -112,7 +127,7 @@ mod tests {
                     id,
                     config.clone(),
                     router.network(id),
-                    MemLogStore::default(),
+                    logs(id),
                     machine.clone(),
                 )
                 .await
@@ -120,11 +135,19 @@ mod tests {
                 router.add(id, raft.clone());
                 nodes.insert(id, (raft, machine));
             }
-            let voters: BTreeMap<u64, BasicNode> = (1..=n)
-                .map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 7002 + 10 * id))))
-                .collect();
-            nodes[&1].0.initialize(voters).await.unwrap();
+            if initialize {
+                let voters: BTreeMap<u64, BasicNode> = (1..=n)
+                    .map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 7002 + 10 * id))))
+                    .collect();
+                nodes[&1].0.initialize(voters).await.unwrap();
+            }
             Group { router, nodes }
+        }
+
+        async fn shutdown(self) {
+            for (raft, _) in self.nodes.values() {
+                raft.shutdown().await.unwrap();
+            }
         }
 
         /// Waits until the nodes still in the group agree on a leader, and returns it.
@@ -199,9 +222,53 @@ mod tests {
         );
     }
 
+    /// The log and vote on disk: a whole group stops and starts again on them, re-applies what
+    /// was committed, and goes on committing.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_on_rocksdb_logs_restarts_with_what_it_committed() {
+        use super::rocks_log::RocksRaftLog;
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let open = |id: u64| RocksRaftLog::open(dirs[id as usize - 1].path()).unwrap();
+        let group = Group::start_on(3, raft_config(), true, open).await;
+        assert_eq!(
+            group.write(ControlCommand::Join(member(4, "d"))).await,
+            ControlReply::Applied
+        );
+        let before = group.states();
+        group.shutdown().await;
+
+        let group = Group::start_on(3, raft_config(), false, open).await;
+        assert_eq!(
+            group.write(ControlCommand::Activate(NodeId(4))).await,
+            ControlReply::Applied
+        );
+        let states = group.states();
+        assert!(states.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(
+            before[0].member(NodeId(4)).unwrap().state,
+            MemberState::Joining
+        );
+        assert_eq!(
+            states[0].member(NodeId(4)).unwrap().state,
+            MemberState::Active,
+            "the join was re-applied from the log before the activation"
+        );
+        group.shutdown().await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_isolated_leader_cannot_commit_and_the_majority_goes_on() {
-        let group = Group::start(3).await;
+        isolated_leader(Group::start(3).await).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_leader_on_rocksdb_logs_has_its_uncommitted_entry_truncated() {
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let open = |id: u64| rocks_log::RocksRaftLog::open(dirs[id as usize - 1].path()).unwrap();
+        isolated_leader(Group::start_on(3, raft_config(), true, open).await).await;
+    }
+
+    async fn isolated_leader(group: Group) {
         let old = group.leader().await;
         group.router.isolate(old, true);
         // Cut off from both followers, the old leader cannot commit anything.
@@ -245,13 +312,27 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_node_that_joins_after_the_log_was_purged_gets_the_state_by_snapshot() {
-        let config = openraft::Config {
+    fn purging_config() -> openraft::Config {
+        openraft::Config {
             max_in_snapshot_log_to_keep: 0,
             ..raft_config()
-        };
-        let mut group = Group::start_with(3, config.clone()).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_joins_after_the_log_was_purged_gets_the_state_by_snapshot() {
+        snapshot_after_purge(Group::start_with(3, purging_config()).await).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rocksdb_logs_purge_and_a_newcomer_gets_the_state_by_snapshot() {
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let open = |id: u64| rocks_log::RocksRaftLog::open(dirs[id as usize - 1].path()).unwrap();
+        snapshot_after_purge(Group::start_on(3, purging_config(), true, open).await).await;
+    }
+
+    async fn snapshot_after_purge(mut group: Group) {
+        let config = purging_config();
         for at in 1..=5 {
             let report = ControlCommand::ReportCheckpoint {
                 node: NodeId(1),

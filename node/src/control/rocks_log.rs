@@ -1,0 +1,251 @@
+//! The control plane's Raft log and vote in RocksDB, in a database of their own beside the
+//! node's data. Every write is synced before it is acknowledged, whatever the data's durability
+//! mode: Raft's safety rests on a vote or an entry, once promised, never being forgotten.
+//!
+//! ```text
+//!   cf "log"   index u64 BE          -> Entry (bincode 2, serde)
+//!   cf "meta"  "vote" | "committed" | "purged"  -> Vote | LogId
+//! ```
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::ControlConfig;
+
+type NodeId = u64;
+
+const CF_LOG: &str = "log";
+const CF_META: &str = "meta";
+const META_VOTE: &[u8] = b"vote";
+const META_COMMITTED: &[u8] = b"committed";
+const META_PURGED: &[u8] = b"purged";
+
+/// The Raft log and vote on disk. Cheap to clone: clones share the database (one is the
+/// reader openraft asks for).
+#[derive(Clone)]
+pub struct RocksRaftLog {
+    db: Arc<DB>,
+}
+
+impl Debug for RocksRaftLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksRaftLog")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(write_err)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(value, _)| value)
+        .map_err(read_err)
+}
+
+fn synced() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("column family {0} is missing")]
+struct MissingFamily(&'static str);
+
+impl RocksRaftLog {
+    /// Opens (or creates) the log in `dir`.
+    pub fn open(dir: &Path) -> Result<RocksRaftLog, rocksdb::Error> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = [
+            ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&options, dir, families)?;
+        Ok(RocksRaftLog { db: Arc::new(db) })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StorageError<NodeId>> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| read_err(MissingFamily(name)))
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.db.get_cf(self.cf(CF_META)?, key).map_err(read_err)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError<NodeId>> {
+        self.db
+            .put_cf_opt(self.cf(CF_META)?, key, encode(value)?, &synced())
+            .map_err(write_err)
+    }
+
+    /// Deletes every entry in `from..to` (by index) in `batch`.
+    fn delete_range(
+        &self,
+        batch: &mut WriteBatch,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let log = self.cf(CF_LOG)?;
+        let start = from.to_be_bytes();
+        for item in self
+            .db
+            .iterator_cf(log, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, _) = item.map_err(read_err)?;
+            let index = index_of(&key)?;
+            if to.is_some_and(|to| index >= to) {
+                break;
+            }
+            batch.delete_cf(log, key);
+        }
+        Ok(())
+    }
+}
+
+fn index_of(key: &[u8]) -> Result<u64, StorageError<NodeId>> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| read_err(MissingFamily("log (a key is not 8 bytes)")))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl RaftLogReader<ControlConfig> for RocksRaftLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<ControlConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let log = self.cf(CF_LOG)?;
+        let mut entries = Vec::new();
+        for item in self.db.iterator_cf(
+            log,
+            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(read_err)?;
+            if !range.contains(&index_of(&key)?) {
+                break;
+            }
+            entries.push(decode(&value)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<ControlConfig> for RocksRaftLog {
+    type LogReader = RocksRaftLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<ControlConfig>, StorageError<NodeId>> {
+        let purged: Option<LogId<NodeId>> = self.get_meta(META_PURGED)?;
+        let last = match self
+            .db
+            .iterator_cf(self.cf(CF_LOG)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, value) = item.map_err(read_err)?;
+                let entry: Entry<ControlConfig> = decode(&value)?;
+                Some(entry.log_id)
+            }
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(META_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.get_meta(META_VOTE)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(META_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(META_COMMITTED)?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<ControlConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<ControlConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let log = self.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(log, entry.log_id.index.to_be_bytes(), encode(&entry)?);
+        }
+        // Synced: flushed when it returns.
+        let result = self.db.write_opt(batch, &synced());
+        callback.log_io_completed(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        result.map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut batch = WriteBatch::default();
+        self.delete_range(&mut batch, log_id.index, None)?;
+        self.db.write_opt(batch, &synced()).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut batch = WriteBatch::default();
+        self.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
+        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&log_id)?);
+        self.db.write_opt(batch, &synced()).map_err(write_err)
+    }
+}
