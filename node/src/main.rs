@@ -75,6 +75,15 @@ enum DurabilityArg {
     Machine,
 }
 
+impl From<DurabilityArg> for Durability {
+    fn from(arg: DurabilityArg) -> Durability {
+        match arg {
+            DurabilityArg::Process => Durability::Process,
+            DurabilityArg::Machine => Durability::Machine,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct InitArgs {
     /// Region names, comma-separated (node ids 1, 2, ... in this order).
@@ -279,10 +288,7 @@ fn init_options(regions: Vec<String>, dir: &Path, layout: &Layout) -> InitOption
         host: layout.host,
         base_port: layout.base_port,
         links,
-        durability: match layout.durability {
-            DurabilityArg::Process => Durability::Process,
-            DurabilityArg::Machine => Durability::Machine,
-        },
+        durability: layout.durability.into(),
         password: layout.password.clone(),
         fault_injection: layout.fault_injection,
     }
@@ -523,10 +529,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         keys: args.keys,
         mix: args.mix,
         conflict_ratio: args.conflict_ratio,
-        durability: match args.durability {
-            DurabilityArg::Process => Durability::Process,
-            DurabilityArg::Machine => Durability::Machine,
-        },
+        durability: args.durability.into(),
         rate_per_region: args.rate,
         attach: args.attach,
         dir: args.dir,
@@ -600,10 +603,7 @@ async fn drill(args: DrillArgs) -> Result<()> {
         scenario,
         dir: args.dir,
         attach: args.attach,
-        durability: match args.durability {
-            DurabilityArg::Process => Durability::Process,
-            DurabilityArg::Machine => Durability::Machine,
-        },
+        durability: args.durability.into(),
         base_port: args.base_port,
         seed: args.seed,
         time_scale: args.time_scale,

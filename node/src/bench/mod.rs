@@ -407,17 +407,27 @@ pub(crate) fn histogram_of(values: &[(u64, u64)], scale: u64) -> Histogram<u64> 
 fn lag_between(before: &LagHistograms, after: &LagHistograms) -> Histogram<u64> {
     let mut total = lag_histogram();
     for (origin, values) in &after.origins {
-        let mut h = histogram_of(values, 1000);
-        if let Some(earlier) = before.origins.get(origin) {
-            let earlier = histogram_of(earlier, 1000);
-            if h.subtract(&earlier).is_err() {
-                // The node restarted between the readings: everything after is new.
-                h = histogram_of(values, 1000);
-            }
-        }
-        let _ = total.add(&h);
+        let earlier = before.origins.get(origin).map(Vec::as_slice);
+        let _ = total.add(lag_delta(earlier, values, 1000));
     }
     total
+}
+
+/// The lag one origin's histogram gained between two readings of a node, values scaled by
+/// `scale`. A count that went down means the node restarted between them: all of `after` is
+/// new.
+pub(crate) fn lag_delta(
+    before: Option<&[(u64, u64)]>,
+    after: &[(u64, u64)],
+    scale: u64,
+) -> Histogram<u64> {
+    let mut delta = histogram_of(after, scale);
+    if let Some(before) = before {
+        if delta.subtract(histogram_of(before, scale)).is_err() {
+            delta = histogram_of(after, scale);
+        }
+    }
+    delta
 }
 
 /// A working directory: given, or temporary and removed on drop.

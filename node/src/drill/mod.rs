@@ -35,7 +35,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
-use crate::bench::{histogram_of, WorkDir};
+use crate::bench::{lag_delta, WorkDir};
 use crate::cluster::{self, ClusterFile, InitOptions, RegionEntry};
 use crate::config::NodeConfig;
 use crate::faults::{FaultSet, CLOCK_OFFSET_MS_MAX, DELAY_MS_MAX};
@@ -294,16 +294,11 @@ impl Observed {
 
     fn record_lag(&mut self, i: usize, lag: LagHistograms, t_ms: u64) {
         for (origin, values) in &lag.origins {
-            let mut h = histogram_of(values, 1);
             let earlier = self.lag_last[i]
                 .as_ref()
                 .and_then(|l| l.origins.get(origin))
-                .map(|v| histogram_of(v, 1));
-            if let Some(earlier) = earlier {
-                if h.subtract(&earlier).is_err() {
-                    h = histogram_of(values, 1); // restarted: all of it is new
-                }
-            }
+                .map(Vec::as_slice);
+            let h = lag_delta(earlier, values, 1);
             if h.is_empty() {
                 continue;
             }
