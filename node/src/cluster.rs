@@ -202,6 +202,8 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
                     id: j as u64 + 1,
                     region: other.clone(),
                     address: addr(j, 2),
+                    resp: Some(addr(j, 0)),
+                    http: Some(addr(j, 1)),
                 })
                 .collect(),
             links: options.links.clone(),

@@ -86,6 +86,12 @@ pub struct PeerConfig {
     pub region: String,
     /// Its QUIC address.
     pub address: SocketAddr,
+    /// Its RESP address, for the control plane's list of members (`braid init` writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<SocketAddr>,
+    /// Its HTTP admin address, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
 }
 
 /// A configuration that cannot be used.
@@ -208,6 +214,13 @@ impl NodeConfig {
             .iter()
             .find(|p| p.region == region)
             .map(|p| NodeId(p.id))
+    }
+
+    /// Every node's region name by id, this node included.
+    pub fn regions(&self) -> std::collections::BTreeMap<NodeId, String> {
+        std::iter::once((self.node(), self.region.clone()))
+            .chain(self.peers.iter().map(|p| (NodeId(p.id), p.region.clone())))
+            .collect()
     }
 
     /// The region name of a node id, this node included.

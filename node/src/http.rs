@@ -35,6 +35,8 @@ pub struct AdminState {
     pub log_len: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Injected faults.
     pub faults: Arc<crate::faults::Faults>,
+    /// The control plane.
+    pub control: Option<crate::control::plane::ControlPlane>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -68,6 +70,10 @@ pub struct Status {
     pub change_log_events: u64,
     /// Each neighbor.
     pub peers: Vec<PeerStatus>,
+    /// The control plane: `leader`, `term`, `raft_role`, `members`, `stable_frontier` (at the
+    /// top level of the document).
+    #[serde(flatten)]
+    pub control: crate::control::plane::ControlStatus,
 }
 
 /// One neighbor in `/status`.
@@ -149,6 +155,11 @@ impl AdminState {
         let named = |v: &braid_protocol::VersionVector| -> BTreeMap<String, u64> {
             v.iter().map(|(n, s)| (self.region(n), s.0)).collect()
         };
+        let control = self
+            .control
+            .as_ref()
+            .map(|c| c.status())
+            .unwrap_or_default();
         let mut peers = Vec::new();
         for (peer, state) in &snapshot.peers {
             let counters = snapshot.stats.peers.get(peer).cloned().unwrap_or_default();
@@ -191,6 +202,7 @@ impl AdminState {
             held_events: snapshot.held_events,
             change_log_events: (self.log_len)(),
             peers,
+            control,
         }
     }
 

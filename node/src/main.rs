@@ -693,14 +693,9 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         "node {} (region {}), durability {}, hlc {}",
         status.node, status.region, status.durability, status.hlc
     );
-    let vector: Vec<String> = status
-        .vector
-        .iter()
-        .map(|(r, s)| format!("{r}={s}"))
-        .collect();
     println!(
         "vector: {}   writes: {}   conflicts resolved: {}   change log: ~{} events",
-        vector.join(" "),
+        named_vector(&status.vector),
         status.writes,
         status.conflicts_resolved,
         status.change_log_events
@@ -725,5 +720,55 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
             p.events_duplicate
         );
     }
+    let control = &status.control;
+    println!();
+    println!(
+        "control plane: leader {}, term {}, this node {}; stable frontier: {}",
+        control.leader.as_deref().unwrap_or("unknown"),
+        control.term,
+        control.raft_role,
+        if control.stable_frontier.is_empty() {
+            "none yet".to_string()
+        } else {
+            named_vector(&control.stable_frontier)
+        }
+    );
+    if control.members.is_empty() {
+        println!("members: not known yet (the group has not committed its bootstrap)");
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:>4} {:<9} {:<6} {:<22} {:>12}  CHECKPOINT",
+        "MEMBER", "ID", "STATE", "VOTES", "PEER ADDRESS", "REPORTED"
+    );
+    let now_ms = braid_node::driver::now_ms();
+    for m in &control.members {
+        let (reported, vector) = match &m.checkpoint {
+            Some(c) => (
+                format!(
+                    "{:.1} s ago",
+                    now_ms.saturating_sub(c.reported_ms) as f64 / 1e3
+                ),
+                named_vector(&c.vector),
+            ),
+            None => ("never".to_string(), "-".to_string()),
+        };
+        println!(
+            "{:<8} {:>4} {:<9} {:<6} {:<22} {:>12}  {}",
+            m.name,
+            m.id,
+            m.state,
+            if m.voter { "yes" } else { "no" },
+            m.peer_address,
+            reported,
+            vector
+        );
+    }
     Ok(())
+}
+
+/// `a=3 b=7`: a vector by region name.
+fn named_vector(vector: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = vector.iter().map(|(r, s)| format!("{r}={s}")).collect();
+    parts.join(" ")
 }

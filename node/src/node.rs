@@ -1,10 +1,11 @@
-//! One node, assembled: storage, replica, driver, QUIC transport, RESP and HTTP servers.
+//! One node, assembled: storage, replica, driver, QUIC transport, the control plane's Raft, RESP
+//! and HTTP servers.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use braid_protocol::{NodeId, Replica, ReplicaConfig};
 use tokio::net::TcpListener;
@@ -12,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
+use crate::control::plane::{bootstrap_command, ControlPlane, ControlPlaneError};
 use crate::driver::{now_ms, Driver, Snapshot, INPUT_QUEUE_MAX};
 use crate::faults::Faults;
 use crate::http::{self, AdminState};
@@ -42,9 +44,18 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The control plane could not start.
+    #[error(transparent)]
+    Control(#[from] ControlPlaneError),
     /// A task of the node failed.
     #[error("{0}")]
     Task(String),
+}
+
+/// Where a node keeps its control plane's Raft log, vote and snapshot: a database of its own
+/// inside the data directory.
+pub fn control_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("control")
 }
 
 /// Runs a node until `shutdown` turns true. Returns an error if it cannot start, or if storage
@@ -111,15 +122,9 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
             .map(|p| (*p, Traffic::default()))
             .collect::<BTreeMap<_, _>>(),
     );
-    let mut regions: BTreeMap<NodeId, String> = config
-        .peers
-        .iter()
-        .map(|p| (NodeId(p.id), p.region.clone()))
-        .collect();
-    regions.insert(node, config.region.clone());
-    let regions = Arc::new(regions);
+    let regions = Arc::new(config.regions());
 
-    let mesh = Mesh {
+    let mesh = Arc::new(Mesh {
         node,
         cluster,
         peers,
@@ -127,8 +132,19 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         traffic: traffic.clone(),
         conn_ids: Arc::new(AtomicU64::new(0)),
         faults: faults.clone(),
-    };
+        control: OnceLock::new(),
+    });
+    let control = ControlPlane::start(
+        &control_dir(&config.data_dir),
+        &config,
+        mesh.clone(),
+        endpoint.clone(),
+    )
+    .await?;
+    // Set once, here, before the accept loop starts: nothing else sets it.
+    let _ = mesh.control.set(control.raft().clone());
     mesh.start(endpoint.clone(), topology.neighbors(node), shutdown.clone());
+    control.spawn_upkeep(bootstrap_command(&config), inputs.clone(), shutdown.clone());
 
     let log_reader = reader.clone();
     let admin = AdminState {
@@ -138,6 +154,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         durability: config.durability.name(),
         log_len: Arc::new(move || log_reader.log_len_estimate()),
         faults: faults.clone(),
+        control: Some(control),
     };
     let info_admin = admin.clone();
     let context = RespContext {

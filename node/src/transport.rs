@@ -11,7 +11,10 @@
 //! ```
 //!
 //! Each node connects to each neighbor to subscribe (our `Subscription` stream) and accepts the
-//! neighbor's connection carrying its subscription to us (our `Feed` stream).
+//! neighbor's connection carrying its subscription to us (our `Feed` stream). The control
+//! plane's Raft calls travel on streams of their own ([`crate::control::quic`]): an accepted
+//! stream whose first message after the handshakes is a `RaftRequest` is handed to the node's
+//! Raft; one whose first message is anything else is a feed.
 //!
 //! Injected faults ([`crate::faults`], drills only) act here: a cut peer's streams end and its
 //! connections are refused; frames to a peer can be dropped at the sender or held back.
@@ -19,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,6 +35,7 @@ use braid_protocol::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::control::ControlRaft;
 use crate::driver::{Input, PeerInput, STREAM_OUTBOX_MAX};
 use crate::faults::Faults;
 use crate::tls::{node_dns_name, peer_node};
@@ -44,8 +48,9 @@ const RECONNECT_MS_MAX: u64 = 2_000;
 /// How long a refused stream's error message may take to be written before the stream ends.
 const ERROR_FLUSH_MS_MAX: u64 = 1_000;
 
-/// How long a stream may take to complete its handshake.
-const HANDSHAKE_MS_MAX: u64 = 5_000;
+/// How long a stream may take to complete its handshake (and an accepted stream to send its
+/// first message after it).
+pub(crate) const HANDSHAKE_MS_MAX: u64 = 5_000;
 
 /// Bytes moved per peer, for metrics.
 #[derive(Debug, Default)]
@@ -64,7 +69,7 @@ pub struct Traffic {
 pub type TrafficMap = Arc<BTreeMap<NodeId, Traffic>>;
 
 /// What every stream needs to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Mesh {
     /// This node.
     pub node: NodeId,
@@ -80,11 +85,14 @@ pub struct Mesh {
     pub conn_ids: Arc<AtomicU64>,
     /// Injected faults (none unless the configuration enables them).
     pub faults: Arc<Faults>,
+    /// The node's Raft, which serves control-plane streams; set once it is created (it needs
+    /// this mesh for its own calls). Until then control streams are refused.
+    pub control: OnceLock<ControlRaft>,
 }
 
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
+pub(crate) enum StreamError {
     #[error("read: {0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("write: {0}")]
@@ -99,10 +107,12 @@ enum StreamError {
     Stopping,
     #[error("the link is cut by an injected fault")]
     Cut,
+    #[error("{0}")]
+    Control(String),
 }
 
 impl StreamError {
-    fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             StreamError::Decode(DecodeError::FrameTooLarge { .. }) => ErrorCode::FrameTooLarge,
             StreamError::Decode(DecodeError::UnknownVersion { .. }) => {
@@ -114,19 +124,30 @@ impl StreamError {
     }
 }
 
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("node", &self.node)
+            .field("cluster", &self.cluster)
+            .field("peers", &self.peers)
+            .field("control", &self.control.get().is_some())
+            .finish()
+    }
+}
+
 impl Mesh {
-    fn traffic(&self, peer: NodeId) -> Option<&Traffic> {
+    pub(crate) fn traffic(&self, peer: NodeId) -> Option<&Traffic> {
         self.traffic.get(&peer)
     }
 
     /// Spawns the accept loop and one subscriber task per neighbor.
     pub fn start(
-        self,
+        self: &Arc<Self>,
         endpoint: quinn::Endpoint,
         neighbors: Vec<NodeId>,
         shutdown: watch::Receiver<bool>,
     ) {
-        let mesh = Arc::new(self);
+        let mesh = self.clone();
         tokio::spawn(accept_loop(
             mesh.clone(),
             endpoint.clone(),
@@ -216,10 +237,49 @@ async fn serve_feeds(
         };
         let mesh = mesh.clone();
         tokio::spawn(async move {
-            if let Err(err) = run_stream(&mesh, peer, StreamKind::Feed, send, recv).await {
-                debug!(%peer, error = %err, "feed stream ended");
+            if let Err(err) = serve_stream(&mesh, peer, send, recv).await {
+                debug!(%peer, error = %err, "accepted stream ended");
             }
         });
+    }
+}
+
+/// One stream a peer opened: a subscription to us (our feed), or control-plane calls, told
+/// apart by the first message after the handshakes.
+async fn serve_stream(
+    mesh: &Mesh,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    handshake(mesh, peer, &mut send, &mut recv).await?;
+    let mut body = Vec::new();
+    let first = tokio::time::timeout(
+        Duration::from_millis(HANDSHAKE_MS_MAX),
+        read_frame(&mut recv, &mut body),
+    )
+    .await
+    .unwrap_or(Err(StreamError::HandshakeTimeout));
+    match first {
+        Ok(Some((Message::RaftRequest(request), _))) => match mesh.control.get() {
+            Some(raft) => crate::control::quic::serve(mesh, raft, peer, request, send, recv).await,
+            None => {
+                let err = StreamError::Control("the control plane is not running yet".into());
+                refuse(mesh, peer, &mut send, &err, &mut Vec::new()).await;
+                Err(err)
+            }
+        },
+        Ok(Some((first, bytes))) => {
+            if let Some(t) = mesh.traffic(peer) {
+                t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            run_stream(mesh, peer, StreamKind::Feed, send, recv, Some(first)).await
+        }
+        Ok(None) => Ok(()),
+        Err(err) => {
+            refuse(mesh, peer, &mut send, &err, &mut Vec::new()).await;
+            Err(err)
+        }
     }
 }
 
@@ -249,7 +309,11 @@ async fn subscriber(
             let connection = connecting.await.map_err(|e| e.to_string())?;
             let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
             info!(%peer, %addr, "subscribing");
-            let result = run_stream(&mesh, peer, StreamKind::Subscription, send, recv).await;
+            let (mut send, mut recv) = (send, recv);
+            let result = match handshake(&mesh, peer, &mut send, &mut recv).await {
+                Ok(()) => run_stream(&mesh, peer, StreamKind::Subscription, send, recv, None).await,
+                Err(err) => Err(err),
+            };
             connection.close(quinn::VarInt::from_u32(0), b"subscription ended");
             result.map_err(|e| e.to_string())
         };
@@ -274,7 +338,7 @@ async fn subscriber(
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
-async fn read_frame(
+pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     body: &mut Vec<u8>,
 ) -> Result<Option<(Message, usize)>, StreamError> {
@@ -298,7 +362,7 @@ async fn read_frame(
     Ok(Some((message, FRAME_LENGTH_BYTES + body_bytes)))
 }
 
-async fn write_message(
+pub(crate) async fn write_message(
     send: &mut quinn::SendStream,
     message: &Message,
     buf: &mut Vec<u8>,
@@ -309,13 +373,13 @@ async fn write_message(
     Ok(buf.len())
 }
 
-/// Runs one stream: handshake, then frames both ways until either side ends it.
-async fn run_stream(
+/// Exchanges handshakes on a new stream (either side); if theirs does not fit, tells the peer
+/// why before the stream ends.
+pub(crate) async fn handshake(
     mesh: &Mesh,
     peer: NodeId,
-    kind: StreamKind,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
 ) -> Result<(), StreamError> {
     let mut buf = Vec::new();
     let handshake = Message::Handshake(Handshake {
@@ -324,9 +388,9 @@ async fn run_stream(
         node_id: mesh.node,
     });
     let checked = tokio::time::timeout(Duration::from_millis(HANDSHAKE_MS_MAX), async {
-        write_message(&mut send, &handshake, &mut buf).await?;
+        write_message(send, &handshake, &mut buf).await?;
         let mut body = Vec::new();
-        match read_frame(&mut recv, &mut body).await? {
+        match read_frame(recv, &mut body).await? {
             Some((Message::Handshake(theirs), _)) => check_handshake(mesh, peer, &theirs),
             Some((other, _)) => Err(StreamError::Handshake(format!(
                 "expected a handshake, got {}",
@@ -340,10 +404,22 @@ async fn run_stream(
     .await
     .unwrap_or(Err(StreamError::HandshakeTimeout));
     if let Err(err) = checked {
-        refuse(mesh, peer, &mut send, &err, &mut buf).await;
+        refuse(mesh, peer, send, &err, &mut buf).await;
         return Err(err);
     }
+    Ok(())
+}
 
+/// Runs one replication stream after its handshakes: frames both ways until either side ends
+/// it. `first` is a message already read from it (an accepted stream's first).
+async fn run_stream(
+    mesh: &Mesh,
+    peer: NodeId,
+    kind: StreamKind,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    first: Option<Message>,
+) -> Result<(), StreamError> {
     let conn = mesh.conn_ids.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut outgoing) = mpsc::channel::<Message>(STREAM_OUTBOX_MAX);
     let input = |input| Input::Peer {
@@ -356,6 +432,9 @@ async fn run_stream(
     // frame it is writing, so the peer only ever sees whole frames.
     let errors = outbox.clone();
     mesh.send_input(input(PeerInput::Opened { outbox })).await?;
+    if let Some(first) = first {
+        mesh.send_input(input(PeerInput::Message(first))).await?;
+    }
 
     let reader = async {
         let mut body = Vec::new();
@@ -504,7 +583,7 @@ fn check_handshake(mesh: &Mesh, peer: NodeId, theirs: &Handshake) -> Result<(), 
     Ok(())
 }
 
-async fn refuse(
+pub(crate) async fn refuse(
     mesh: &Mesh,
     peer: NodeId,
     send: &mut quinn::SendStream,

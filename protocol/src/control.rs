@@ -96,6 +96,14 @@ pub struct Checkpoint {
 /// A change the Raft group commits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlCommand {
+    /// A new cluster's first members (all active) and links: the first command of a group's
+    /// log (see [`apply_to`]); refused once there is a state.
+    Bootstrap {
+        /// The members.
+        members: Vec<Member>,
+        /// Their links.
+        topology: TopologySpec,
+    },
     /// Admits a new member (as [`MemberState::Joining`], whatever state it names).
     Join(Member),
     /// A joining member has its snapshot and serves: it becomes active.
@@ -151,6 +159,29 @@ pub enum ControlError {
     /// The change would leave an unusable topology.
     #[error("topology: {0}")]
     Topology(#[from] TopologyError),
+    /// A bootstrap when the cluster already has its state.
+    #[error("the cluster is already bootstrapped")]
+    Bootstrapped,
+    /// A command before the cluster's bootstrap.
+    #[error("the cluster is not bootstrapped yet")]
+    NotBootstrapped,
+}
+
+/// Applies a committed command to a state that may not exist yet: a group's log begins with a
+/// [`ControlCommand::Bootstrap`], which creates the state; anything before it is refused, as is
+/// a second bootstrap. Every replica applies the same log the same way.
+pub fn apply_to(
+    state: &mut Option<ControlState>,
+    command: &ControlCommand,
+) -> Result<(), ControlError> {
+    match (state.as_mut(), command) {
+        (None, ControlCommand::Bootstrap { members, topology }) => {
+            *state = Some(ControlState::bootstrap(members.clone(), topology.clone())?);
+            Ok(())
+        }
+        (None, _) => Err(ControlError::NotBootstrapped),
+        (Some(current), command) => current.apply(command),
+    }
 }
 
 /// The replicated control state.
@@ -211,6 +242,7 @@ impl ControlState {
 
     fn apply_in_place(&mut self, command: &ControlCommand) -> Result<(), ControlError> {
         match command {
+            ControlCommand::Bootstrap { .. } => return Err(ControlError::Bootstrapped),
             ControlCommand::Join(member) => {
                 check_text("a region name", &member.region, REGION_NAME_BYTES_MAX)?;
                 for (what, address) in [
@@ -509,6 +541,48 @@ mod tests {
             assert!(s.apply(command).is_err(), "{command:?}");
             assert_eq!(s, before, "{command:?} changed the state");
         }
+    }
+
+    #[test]
+    fn a_log_begins_with_one_bootstrap() {
+        let mut state = None;
+        let report = ControlCommand::ReportCheckpoint {
+            node: NodeId(1),
+            vector: vector(&[(1, 1)]),
+            reported_ms: 1,
+        };
+        assert_eq!(
+            apply_to(&mut state, &report),
+            Err(ControlError::NotBootstrapped)
+        );
+        assert_eq!(state, None);
+        let bootstrap = ControlCommand::Bootstrap {
+            members: vec![member(1, "a"), member(2, "b")],
+            topology: TopologySpec::FullMesh,
+        };
+        apply_to(&mut state, &bootstrap).unwrap();
+        let first = state.clone().unwrap();
+        assert_eq!(first.voters(), [NodeId(1), NodeId(2)].into_iter().collect());
+        // A second bootstrap (another node's view of the members, say) changes nothing.
+        let other = ControlCommand::Bootstrap {
+            members: vec![member(1, "x")],
+            topology: TopologySpec::FullMesh,
+        };
+        assert_eq!(
+            apply_to(&mut state, &other),
+            Err(ControlError::Bootstrapped)
+        );
+        assert_eq!(state.as_ref(), Some(&first));
+        apply_to(&mut state, &report).unwrap();
+        assert_eq!(state.unwrap().checkpoints().len(), 1);
+        // A bootstrap that cannot stand is refused and leaves no state.
+        let mut empty = None;
+        let duplicate = ControlCommand::Bootstrap {
+            members: vec![member(1, "a"), member(2, "a")],
+            topology: TopologySpec::FullMesh,
+        };
+        assert!(apply_to(&mut empty, &duplicate).is_err());
+        assert_eq!(empty, None);
     }
 
     #[test]

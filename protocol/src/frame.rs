@@ -217,7 +217,8 @@ pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
 /// Checks the rules a decoded message must keep beyond its shape.
 pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
     match message {
-        Message::Handshake(_) => Ok(()),
+        // Raft bodies are opaque here and bounded by the frame; the node decodes them.
+        Message::Handshake(_) | Message::RaftRequest(_) | Message::RaftResponse(_) => Ok(()),
         Message::Subscribe(subscribe) => {
             validate_vector(&subscribe.vector)?;
             if subscribe.origins.len() > SUBSCRIBE_ORIGINS_MAX {

@@ -34,7 +34,8 @@ pub mod topology;
 pub use frame::{DecodeError, EncodeError, ProtocolViolation};
 pub use ids::{ClusterId, NodeId, Seq, VersionVector};
 pub use message::{
-    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, Subscribe, PROTOCOL_VERSION,
+    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, Subscribe,
+    PROTOCOL_VERSION,
 };
 pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, Transmit};
 pub use storage::{Commit, MemoryStorage, Recovered, Storage};

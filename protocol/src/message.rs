@@ -11,6 +11,18 @@
 //!      │◄──────────────── Heartbeat { vector } ─│   (on an idle feed)
 //!      │◄──────────────────── Error { code } ───│   (then the stream closes)
 //! ```
+//!
+//! The control plane's Raft group uses streams of its own on the same connections: after the
+//! handshakes, the caller sends a [`RaftRequest`] and the callee answers each with a
+//! `RaftResponse`, one at a time, until the caller ends the stream.
+//!
+//! ```text
+//!   caller                                  callee
+//!      │── Handshake ──────────────────────────►│
+//!      │◄────────────────────────── Handshake ──│
+//!      │── RaftRequest { call, body } ─────────►│
+//!      │◄──────────────────── RaftResponse(..) ─│   ...
+//! ```
 
 use braid_conflict::{Hlc, Op};
 use bytes::Bytes;
@@ -92,6 +104,29 @@ pub struct ErrorMessage {
     pub text: String,
 }
 
+/// Which control-plane call a [`RaftRequest`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftCall {
+    /// Raft's log replication and heartbeat.
+    AppendEntries,
+    /// Raft's request for a vote.
+    Vote,
+    /// One chunk of a Raft snapshot.
+    InstallSnapshot,
+    /// A command for the leader to commit, from a node that is not the leader.
+    Propose,
+}
+
+/// A control-plane call. The body is the Raft library's own request, encoded by the node
+/// (bincode 2); the protocol carries it whole and bounds it by the frame limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftRequest {
+    /// Which call.
+    pub call: RaftCall,
+    /// The request, encoded.
+    pub body: Bytes,
+}
+
 /// Every message of protocol version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -108,6 +143,10 @@ pub enum Message {
     /// The publisher's own vector, sent on an idle feed so the subscriber knows how far behind it
     /// is (and that the peer is alive).
     Heartbeat(VersionVector),
+    /// A control-plane call, on a stream of its own.
+    RaftRequest(RaftRequest),
+    /// The answer to the last `RaftRequest` on the stream, encoded by the node.
+    RaftResponse(Bytes),
 }
 
 impl Message {
@@ -120,6 +159,8 @@ impl Message {
             Message::Ack(_) => "ack",
             Message::Error(_) => "error",
             Message::Heartbeat(_) => "heartbeat",
+            Message::RaftRequest(_) => "raft_request",
+            Message::RaftResponse(_) => "raft_response",
         }
     }
 }

@@ -9,8 +9,8 @@ use braid_conflict::{
 use braid_protocol::frame::{self, DecodeError};
 use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
 use braid_protocol::{
-    ChangeEvent, ClusterId, ErrorCode, ErrorMessage, Handshake, Message, ProtocolViolation, Seq,
-    Subscribe, VersionVector,
+    ChangeEvent, ClusterId, ErrorCode, ErrorMessage, Handshake, Message, ProtocolViolation,
+    RaftCall, RaftRequest, Seq, Subscribe, VersionVector,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -83,6 +83,17 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("ack", Message::Ack(vector())),
+        (
+            "raft_request",
+            Message::RaftRequest(RaftRequest {
+                call: RaftCall::Vote,
+                body: Bytes::from_static(b"vote"),
+            }),
+        ),
+        (
+            "raft_response",
+            Message::RaftResponse(Bytes::from_static(b"granted")),
+        ),
         ("heartbeat", Message::Heartbeat(vector())),
         (
             "error",
@@ -428,6 +439,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
             code: ErrorCode::Behind,
             text
         })),
+        (0u8..4, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(call, body)| {
+            let call = [
+                RaftCall::AppendEntries,
+                RaftCall::Vote,
+                RaftCall::InstallSnapshot,
+                RaftCall::Propose,
+            ][call as usize];
+            Message::RaftRequest(RaftRequest {
+                call,
+                body: body.into(),
+            })
+        }),
+        prop::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|body| Message::RaftResponse(body.into())),
     ]
 }
 

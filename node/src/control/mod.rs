@@ -11,9 +11,15 @@
 //! - [`ControlConfig`]: the type configuration (commands in, replies out, `u64` node ids).
 //! - [`store`]: an in-memory log and the state machine store with its snapshots.
 //! - [`rocks_log`]: the log and vote in RocksDB, synced, for the node (`server` feature).
-//! - [`router`]: an in-process network (the tests use it; the node will carry the same RPCs over
-//!   its QUIC connections).
+//! - [`router`]: an in-process network (the tests and the simulator use it).
+//! - [`quic`]: the same calls over the mesh's QUIC connections, for the node (`server`).
+//! - [`plane`]: the control plane as a node runs it: start, bootstrap, checkpoints, status
+//!   (`server`).
 
+#[cfg(feature = "server")]
+pub mod plane;
+#[cfg(feature = "server")]
+pub mod quic;
 #[cfg(feature = "server")]
 pub mod rocks_log;
 pub mod router;
@@ -52,6 +58,9 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The Raft node of the control plane.
 pub type ControlRaft = openraft::Raft<ControlConfig>;
 
+/// Largest snapshot chunk sent in one call: a quarter of the frame limit.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = (braid_protocol::limits::FRAME_BYTES_MAX / 4) as u64;
+
 /// Raft timings for a mesh of regions: heartbeats every 250 ms, elections after 1-2 s of
 /// silence (cross-region round trips are tens to hundreds of milliseconds).
 pub fn raft_config() -> openraft::Config {
@@ -60,6 +69,12 @@ pub fn raft_config() -> openraft::Config {
         heartbeat_interval: 250,
         election_timeout_min: 1_000,
         election_timeout_max: 2_000,
+        // A snapshot chunk must fit in one frame with room to spare.
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES_MAX,
+        // Checkpoints arrive every few seconds from every node: a snapshot every 1,000 entries
+        // keeps the log (and a restart's replay) short.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
+        max_in_snapshot_log_to_keep: 100,
         ..openraft::Config::default()
     }
 }
@@ -182,7 +197,10 @@ mod tests {
         }
 
         fn states(&self) -> Vec<ControlState> {
-            self.nodes.values().map(|(_, m)| m.state()).collect()
+            self.nodes
+                .values()
+                .map(|(_, m)| m.state().expect("bootstrapped"))
+                .collect()
         }
     }
 
@@ -312,6 +330,22 @@ mod tests {
         );
     }
 
+    /// Builds a snapshot of everything applied and purges the log up to it.
+    async fn snapshot_and_purge(raft: &ControlRaft) -> openraft::LogId<u64> {
+        raft.trigger().snapshot().await.unwrap();
+        let last = raft.metrics().borrow().last_applied.unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .snapshot(last, "snapshot built")
+            .await
+            .unwrap();
+        raft.trigger().purge_log(last.index).await.unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .purged(Some(last), "log purged")
+            .await
+            .unwrap();
+        last
+    }
+
     fn purging_config() -> openraft::Config {
         openraft::Config {
             max_in_snapshot_log_to_keep: 0,
@@ -343,17 +377,7 @@ mod tests {
         }
         let leader = group.leader().await;
         let raft = &group.nodes[&leader].0;
-        raft.trigger().snapshot().await.unwrap();
-        let last = raft.metrics().borrow().last_applied.unwrap();
-        raft.wait(Some(Duration::from_secs(10)))
-            .snapshot(last, "snapshot built")
-            .await
-            .unwrap();
-        raft.trigger().purge_log(last.index).await.unwrap();
-        raft.wait(Some(Duration::from_secs(10)))
-            .purged(Some(last), "log purged")
-            .await
-            .unwrap();
+        let last = snapshot_and_purge(raft).await;
 
         // A new node starts from the initial state; the log it would need is gone.
         let initial = ControlState::bootstrap(
@@ -392,6 +416,77 @@ mod tests {
             states[0].checkpoints()[&NodeId(1)].vector.get(NodeId(1)),
             Seq(5)
         );
+    }
+
+    /// A node's state machine keeps its snapshot beside its log: after the log is purged up to
+    /// it, a restart rebuilds the state from it (and from the entries after it).
+    #[tokio::test(start_paused = true)]
+    async fn a_node_restarts_from_its_kept_snapshot_after_a_purge() {
+        use super::rocks_log::RocksRaftLog;
+        use braid_protocol::control::apply_to;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(purging_config().validate().unwrap());
+        let start = || async {
+            let log = RocksRaftLog::open(dir.path()).unwrap();
+            let machine = StateMachineStore::open(Arc::new(log.clone())).unwrap();
+            let raft = ControlRaft::new(
+                1,
+                config.clone(),
+                Router::new().network(1),
+                log,
+                machine.clone(),
+            )
+            .await
+            .unwrap();
+            (raft, machine)
+        };
+        let (raft, machine) = start().await;
+        raft.initialize(std::collections::BTreeSet::from([1]))
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "leads itself")
+            .await
+            .unwrap();
+        let mut expected = None;
+        let mut commands = vec![ControlCommand::Bootstrap {
+            members: vec![member(1, "a")],
+            topology: TopologySpec::FullMesh,
+        }];
+        commands.extend((1..=3).map(|at| ControlCommand::ReportCheckpoint {
+            node: NodeId(1),
+            vector: [(NodeId(1), Seq(at))].into_iter().collect(),
+            reported_ms: at,
+        }));
+        for command in &commands[..3] {
+            assert_eq!(
+                raft.client_write(command.clone()).await.unwrap().data,
+                ControlReply::Applied
+            );
+            apply_to(&mut expected, command).unwrap();
+        }
+        let last = snapshot_and_purge(&raft).await;
+        // One more entry after the snapshot: the restart needs both.
+        assert_eq!(
+            raft.client_write(commands[3].clone()).await.unwrap().data,
+            ControlReply::Applied
+        );
+        apply_to(&mut expected, &commands[3]).unwrap();
+        assert_eq!(machine.state(), expected);
+        raft.shutdown().await.unwrap();
+        drop((raft, machine));
+
+        let (raft, machine) = start().await;
+        assert!(
+            machine.state().is_some(),
+            "the kept snapshot is loaded at open"
+        );
+        raft.wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(last.index + 1), "re-applied after the snapshot")
+            .await
+            .unwrap();
+        assert_eq!(machine.state(), expected);
+        raft.shutdown().await.unwrap();
     }
 
     impl Group {

@@ -5,7 +5,11 @@
 //! ```text
 //!   cf "log"   index u64 BE          -> Entry (bincode 2, serde)
 //!   cf "meta"  "vote" | "committed" | "purged"  -> Vote | LogId
+//!              "snapshot"                       -> (SnapshotMeta, bytes): the state machine's
 //! ```
+//!
+//! The latest snapshot is kept here too (as the state machine's [`SnapshotVault`]), so a node
+//! whose log was purged up to it rebuilds its state from it at restart.
 
 // openraft's trait methods return its `StorageError` (over 200 bytes); the helpers here return
 // it too rather than map every call site.
@@ -24,6 +28,7 @@ use rocksdb::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::store::{Meta, SnapshotVault};
 use super::ControlConfig;
 
 type NodeId = u64;
@@ -33,6 +38,7 @@ const CF_META: &str = "meta";
 const META_VOTE: &[u8] = b"vote";
 const META_COMMITTED: &[u8] = b"committed";
 const META_PURGED: &[u8] = b"purged";
+const META_SNAPSHOT: &[u8] = b"snapshot";
 
 /// The Raft log and vote on disk. Cheap to clone: clones share the database (one is the
 /// reader openraft asks for).
@@ -131,6 +137,16 @@ impl RocksRaftLog {
             batch.delete_cf(log, key);
         }
         Ok(())
+    }
+}
+
+impl SnapshotVault for RocksRaftLog {
+    fn save(&self, meta: &Meta, bytes: &[u8]) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(META_SNAPSHOT, &(meta, bytes))
+    }
+
+    fn load(&self) -> Result<Option<(Meta, Vec<u8>)>, StorageError<NodeId>> {
+        self.get_meta(META_SNAPSHOT)
     }
 }
 

@@ -1,6 +1,11 @@
 //! Raft storage for the control plane: an in-memory log and the state machine store, which
-//! applies committed commands to a [`ControlState`] and snapshots it. (A log in RocksDB, for the
-//! node, is yet to come.)
+//! applies committed commands to a [`ControlState`] and snapshots it. The node keeps its log in
+//! RocksDB ([`super::rocks_log`]) and its latest snapshot beside it, through a
+//! [`SnapshotVault`].
+
+// openraft's trait methods return its `StorageError` (over 200 bytes); the vault and helpers
+// here return it too rather than map every call site.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -8,7 +13,7 @@ use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 
-use braid_protocol::control::ControlState;
+use braid_protocol::control::{apply_to, ControlState};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
@@ -132,16 +137,39 @@ impl RaftLogStorage<ControlConfig> for MemLogStore {
 /// What a snapshot holds (its metadata carries the last applied entry and the membership).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SnapshotData {
-    state: ControlState,
+    state: Option<ControlState>,
 }
 
-#[derive(Debug)]
+/// A snapshot's metadata, as openraft describes it.
+pub type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+/// Where a state machine keeps its latest snapshot across restarts: without it, a node whose
+/// log was purged up to a snapshot would come back with nothing to rebuild its state from.
+pub trait SnapshotVault: Send + Sync + 'static {
+    /// Keeps `bytes` as the latest snapshot, durably, before it returns.
+    fn save(&self, meta: &Meta, bytes: &[u8]) -> Result<(), StorageError<NodeId>>;
+    /// The latest snapshot kept, if any.
+    fn load(&self) -> Result<Option<(Meta, Vec<u8>)>, StorageError<NodeId>>;
+}
+
 struct MachineInner {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
-    state: ControlState,
-    snapshot: Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>,
+    /// None until the log's bootstrap command is applied.
+    state: Option<ControlState>,
+    snapshot: Option<(Meta, Vec<u8>)>,
     snapshots_built: u64,
+    vault: Option<Arc<dyn SnapshotVault>>,
+}
+
+impl Debug for MachineInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineInner")
+            .field("last_applied", &self.last_applied)
+            .field("state", &self.state)
+            .field("persistent", &self.vault.is_some())
+            .finish()
+    }
 }
 
 /// The control state machine behind Raft. Cheap to clone: clones share it (one is the snapshot
@@ -159,24 +187,56 @@ fn encode(data: &SnapshotData) -> Result<Vec<u8>, bincode::error::EncodeError> {
     bincode::serde::encode_to_vec(data, bincode::config::standard())
 }
 
+fn decode(bytes: &[u8]) -> Result<SnapshotData, StorageError<NodeId>> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(data, _)| data)
+        .map_err(io_error)
+}
+
 impl StateMachineStore {
-    /// A state machine that starts from `initial` (the cluster's first members and links, the
-    /// same on every node).
+    /// A state machine, in memory, that starts from `initial` (the cluster's first members and
+    /// links, the same on every node), as the tests and the simulator set a group up.
     pub fn new(initial: ControlState) -> StateMachineStore {
+        StateMachineStore::with(Some(initial), None)
+    }
+
+    fn with(state: Option<ControlState>, vault: Option<Arc<dyn SnapshotVault>>) -> Self {
         StateMachineStore {
             inner: Arc::new(Mutex::new(MachineInner {
                 last_applied: None,
                 membership: StoredMembership::default(),
-                state: initial,
+                state,
                 snapshot: None,
                 snapshots_built: 0,
+                vault,
             })),
         }
     }
 
-    /// The state as of the last applied entry.
-    pub fn state(&self) -> ControlState {
+    /// A node's state machine: it starts from the latest snapshot in `vault` (or from nothing:
+    /// the log then begins with a bootstrap command), and keeps every later snapshot there.
+    pub fn open(vault: Arc<dyn SnapshotVault>) -> Result<StateMachineStore, StorageError<NodeId>> {
+        let kept = vault.load()?;
+        let store = StateMachineStore::with(None, Some(vault));
+        if let Some((meta, bytes)) = kept {
+            let data = decode(&bytes)?;
+            let mut inner = lock(&store.inner);
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
+            inner.state = data.state;
+            inner.snapshot = Some((meta, bytes));
+        }
+        Ok(store)
+    }
+
+    /// The state as of the last applied entry; none before the bootstrap is applied.
+    pub fn state(&self) -> Option<ControlState> {
         lock(&self.inner).state.clone()
+    }
+
+    /// The index of the last applied entry.
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        lock(&self.inner).last_applied
     }
 }
 
@@ -197,6 +257,9 @@ impl RaftSnapshotBuilder<ControlConfig> for StateMachineStore {
             last_membership: inner.membership.clone(),
             snapshot_id,
         };
+        if let Some(vault) = &inner.vault {
+            vault.save(&meta, &bytes)?;
+        }
         inner.snapshot = Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
             meta,
@@ -232,7 +295,7 @@ impl RaftStateMachine<ControlConfig> for StateMachineStore {
             inner.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => ControlReply::Nothing,
-                EntryPayload::Normal(command) => match inner.state.apply(&command) {
+                EntryPayload::Normal(command) => match apply_to(&mut inner.state, &command) {
                     Ok(()) => ControlReply::Applied,
                     Err(err) => ControlReply::Refused(err.to_string()),
                 },
@@ -258,14 +321,15 @@ impl RaftStateMachine<ControlConfig> for StateMachineStore {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &Meta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let (data, _): (SnapshotData, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                .map_err(io_error)?;
+        let data = decode(&bytes)?;
         let mut inner = lock(&self.inner);
+        if let Some(vault) = &inner.vault {
+            vault.save(meta, &bytes)?;
+        }
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
         inner.state = data.state;

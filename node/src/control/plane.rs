@@ -1,0 +1,422 @@
+//! The control plane as a node runs it: its Raft (log, vote and snapshots in RocksDB beside the
+//! data, calls over the mesh's QUIC), the group's bootstrap, checkpoints reported every few
+//! seconds, and what `/status` shows of it.
+//!
+//! ```text
+//!   start: open the log ─► state machine from its snapshot ─► Raft ─► initialize (idempotent)
+//!   upkeep, every UPKEEP_MS:
+//!     leader, no state yet      ─► propose Bootstrap (members and links from its config)
+//!     leader, members not in Raft ─► add them as learners
+//!     every CHECKPOINT_INTERVAL_MS ─► propose ReportCheckpoint(this node's vector)
+//!   propose(command): this node's Raft if it leads, else a Propose call to the leader
+//! ```
+//!
+//! Every node of a new cluster initializes the group with the same voters (the first
+//! [`VOTERS_MAX`] node ids of its configuration, which every node's file lists alike), so
+//! whichever starts first gets the group going and the others' calls are refused harmlessly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use braid_protocol::control::{
+    ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
+};
+use braid_protocol::{NodeId, RaftCall, VersionVector};
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::quic::{propose_here, CallError, Proposal, ProposeResult, QuicRaftNetwork};
+use super::rocks_log::RocksRaftLog;
+use super::store::StateMachineStore;
+use super::{raft_config, ControlRaft, ControlReply};
+use crate::config::NodeConfig;
+use crate::driver::{now_ms, Input};
+use crate::transport::Mesh;
+
+/// How often the upkeep task looks at the group: bootstrap, learners, checkpoints.
+const UPKEEP_MS: u64 = 500;
+
+/// How often a node reports its vector ("every few seconds"): what the stable frontier, and so
+/// garbage collection, lags behind by.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 3_000;
+
+/// Longest a proposal may take, forwarding and retries included.
+const PROPOSE_MS_MAX: u64 = 10_000;
+
+/// Longest wait for the leader's answer to one forwarded proposal.
+const FORWARD_MS_MAX: u64 = 5_000;
+
+/// Pause before a proposal is tried again when no leader is known.
+const PROPOSE_RETRY_MS: u64 = 200;
+
+/// The control plane could not start or do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// Its log could not be opened.
+    #[error("control-plane log: {0}")]
+    Log(#[from] rocksdb::Error),
+    /// Its storage failed.
+    #[error("control-plane storage: {0}")]
+    Storage(#[from] openraft::StorageError<u64>),
+    /// Raft could not start.
+    #[error("control plane: {0}")]
+    Raft(String),
+    /// A proposal did not commit in time (no leader reachable: a minority cannot change
+    /// anything).
+    #[error("no leader committed the change within {PROPOSE_MS_MAX} ms: {0}")]
+    NoLeader(String),
+}
+
+/// A node's control plane.
+#[derive(Clone)]
+pub struct ControlPlane {
+    node: NodeId,
+    raft: ControlRaft,
+    machine: StateMachineStore,
+    network: QuicRaftNetwork,
+    /// Region names from the configuration, for nodes the state does not name (yet).
+    regions: Arc<BTreeMap<NodeId, String>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("node", &self.node)
+            .field("state", &self.machine.state())
+            .finish()
+    }
+}
+
+/// The control plane in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlStatus {
+    /// The leader's region name, when one is known.
+    pub leader: Option<String>,
+    /// The Raft term this node is in.
+    pub term: u64,
+    /// This node's Raft role: `leader`, `follower`, `candidate` or `learner`.
+    pub raft_role: String,
+    /// Every member (removed ones included), by id; empty until the group is bootstrapped.
+    pub members: Vec<MemberStatus>,
+    /// Per origin region, the highest sequence number every active or draining member has
+    /// applied (what may be garbage-collected); empty while one of them has not reported.
+    pub stable_frontier: BTreeMap<String, u64>,
+    /// The index of the last control command applied here.
+    pub control_applied_index: Option<u64>,
+}
+
+/// One member in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Its region name.
+    pub name: String,
+    /// Its node id.
+    pub id: u64,
+    /// `joining`, `active`, `draining` or `removed`.
+    pub state: String,
+    /// Whether it votes in the Raft group (else it learns).
+    pub voter: bool,
+    /// Its QUIC, RESP and HTTP addresses.
+    pub peer_address: String,
+    /// RESP.
+    pub resp_address: String,
+    /// HTTP.
+    pub http_address: String,
+    /// Its latest committed checkpoint, if it has reported.
+    pub checkpoint: Option<CheckpointStatus>,
+}
+
+/// A checkpoint in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointStatus {
+    /// Per origin region, the highest sequence number applied.
+    pub vector: BTreeMap<String, u64>,
+    /// When it was reported, milliseconds since the Unix epoch (the member's clock).
+    pub reported_ms: u64,
+}
+
+/// The bootstrap command a node proposes when it leads a group that has no state yet: every
+/// node of its configuration, active, linked as configured.
+pub fn bootstrap_command(config: &NodeConfig) -> ControlCommand {
+    let unknown = || "unknown".to_string();
+    let mut members = vec![Member {
+        id: config.node(),
+        region: config.region.clone(),
+        peer_address: config.listen.peer.to_string(),
+        resp_address: config.listen.resp.to_string(),
+        http_address: config.listen.http.to_string(),
+        state: MemberState::Active,
+    }];
+    members.extend(config.peers.iter().map(|p| Member {
+        id: NodeId(p.id),
+        region: p.region.clone(),
+        peer_address: p.address.to_string(),
+        resp_address: p.resp.map_or_else(unknown, |a| a.to_string()),
+        http_address: p.http.map_or_else(unknown, |a| a.to_string()),
+        state: MemberState::Active,
+    }));
+    members.sort_by_key(|m| m.id);
+    let topology = match &config.links {
+        None => TopologySpec::FullMesh,
+        Some(links) => TopologySpec::Links(
+            links
+                .iter()
+                .filter_map(|[a, b]| Some((config.node_of_region(a)?, config.node_of_region(b)?)))
+                .collect(),
+        ),
+    };
+    ControlCommand::Bootstrap { members, topology }
+}
+
+impl ControlPlane {
+    /// Opens the log in `dir` and starts this node's Raft, calling peers through `mesh` and
+    /// `endpoint`; a new group is initialized with the first voters of `config`.
+    pub async fn start(
+        dir: &Path,
+        config: &NodeConfig,
+        mesh: Arc<Mesh>,
+        endpoint: quinn::Endpoint,
+    ) -> Result<ControlPlane, ControlPlaneError> {
+        std::fs::create_dir_all(dir).map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
+        let log = RocksRaftLog::open(dir)?;
+        let machine = StateMachineStore::open(Arc::new(log.clone()))?;
+        let network = QuicRaftNetwork::new(mesh, endpoint);
+        let raft_config = raft_config()
+            .validate()
+            .map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
+        let node = config.node();
+        let raft = ControlRaft::new(
+            node.0,
+            Arc::new(raft_config),
+            network.clone(),
+            log,
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
+
+        let ids: BTreeSet<u64> = std::iter::once(node.0)
+            .chain(config.peers.iter().map(|p| p.id))
+            .collect();
+        let voters: BTreeSet<u64> = ids.iter().copied().take(VOTERS_MAX).collect();
+        if voters.contains(&node.0) {
+            // Identical on every node of the cluster, so safe to call on each; refused once this
+            // node's log holds anything (it restarted, or a peer got there first).
+            match raft.initialize(voters).await {
+                Ok(()) => info!(%node, "control plane: new group initialized"),
+                Err(err) => debug!(%node, error = %err, "control plane: group already initialized"),
+            }
+        }
+        Ok(ControlPlane {
+            node,
+            raft,
+            machine,
+            network,
+            regions: Arc::new(config.regions()),
+        })
+    }
+
+    /// The node's Raft (its transport serves peers' calls with it).
+    pub fn raft(&self) -> &ControlRaft {
+        &self.raft
+    }
+
+    /// The committed state, once the group is bootstrapped.
+    pub fn state(&self) -> Option<ControlState> {
+        self.machine.state()
+    }
+
+    /// Commits `command`: through this node's Raft when it leads, else through the leader.
+    /// Fails when no leader commits it within [`PROPOSE_MS_MAX`] (a minority cannot).
+    pub async fn propose(
+        &self,
+        command: ControlCommand,
+    ) -> Result<ControlReply, ControlPlaneError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_MS_MAX);
+        loop {
+            let last: String;
+            match propose_here(&self.raft, command.clone()).await {
+                Ok(reply) => return Ok(reply),
+                Err(Proposal::Failed(why)) => last = why,
+                Err(Proposal::Forward(None)) => last = "no leader known".into(),
+                Err(Proposal::Forward(Some(leader))) => {
+                    let mut client = self.network.client(leader);
+                    let forwarded: Result<ProposeResult, CallError> = client
+                        .call(
+                            RaftCall::Propose,
+                            &command,
+                            Duration::from_millis(FORWARD_MS_MAX),
+                        )
+                        .await;
+                    match forwarded {
+                        Ok(Ok(reply)) => return Ok(reply),
+                        Ok(Err(why)) => last = format!("leader {leader}: {why}"),
+                        Err(err) => last = format!("leader {leader}: {err}"),
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ControlPlaneError::NoLeader(last));
+            }
+            tokio::time::sleep(Duration::from_millis(PROPOSE_RETRY_MS)).await;
+        }
+    }
+
+    fn region(&self, state: Option<&ControlState>, node: NodeId) -> String {
+        state
+            .and_then(|s| s.member(node))
+            .map(|m| m.region.clone())
+            .or_else(|| self.regions.get(&node).cloned())
+            .unwrap_or_else(|| node.to_string())
+    }
+
+    /// What `/status` shows of the control plane.
+    pub fn status(&self) -> ControlStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let state = self.machine.state();
+        let named = |v: &VersionVector| -> BTreeMap<String, u64> {
+            v.iter()
+                .map(|(n, s)| (self.region(state.as_ref(), n), s.0))
+                .collect()
+        };
+        let mut members = Vec::new();
+        let mut frontier = BTreeMap::new();
+        if let Some(state) = &state {
+            let voters = state.voters();
+            for member in state.members() {
+                members.push(MemberStatus {
+                    name: member.region.clone(),
+                    id: member.id.0,
+                    state: member.state.name().into(),
+                    voter: voters.contains(&member.id),
+                    peer_address: member.peer_address.clone(),
+                    resp_address: member.resp_address.clone(),
+                    http_address: member.http_address.clone(),
+                    checkpoint: state
+                        .checkpoints()
+                        .get(&member.id)
+                        .map(|c| CheckpointStatus {
+                            vector: named(&c.vector),
+                            reported_ms: c.reported_ms,
+                        }),
+                });
+            }
+            frontier = named(&state.stable_frontier());
+        }
+        ControlStatus {
+            leader: metrics
+                .current_leader
+                .map(|l| self.region(state.as_ref(), NodeId(l))),
+            term: metrics.current_term,
+            raft_role: match metrics.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+            members,
+            stable_frontier: frontier,
+            control_applied_index: metrics.last_applied.map(|l| l.index),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node.0)
+    }
+
+    /// Runs the upkeep until shutdown: the bootstrap, learners, checkpoints.
+    pub fn spawn_upkeep(
+        &self,
+        bootstrap: ControlCommand,
+        inputs: mpsc::Sender<Input>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let mut next_checkpoint_ms = 0u64;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(UPKEEP_MS)) => {}
+                }
+                plane.upkeep(&bootstrap).await;
+                let now = now_ms();
+                if now >= next_checkpoint_ms && plane.state().is_some() {
+                    next_checkpoint_ms = now + CHECKPOINT_INTERVAL_MS;
+                    plane.report_checkpoint(&inputs).await;
+                }
+            }
+            if let Err(err) = plane.raft.shutdown().await {
+                warn!(error = %err, "control plane did not shut down cleanly");
+            }
+        });
+    }
+
+    /// The leader's chores: bootstrap a new group; make every member a Raft learner at least.
+    async fn upkeep(&self, bootstrap: &ControlCommand) {
+        if !self.is_leader() {
+            return;
+        }
+        let Some(state) = self.state() else {
+            match self.propose(bootstrap.clone()).await {
+                Ok(reply) => info!(?reply, "control plane: bootstrap committed"),
+                Err(err) => warn!(error = %err, "control plane: bootstrap not committed"),
+            }
+            return;
+        };
+        let known: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        for member in state.members() {
+            if member.state == MemberState::Removed || known.contains(&member.id.0) {
+                continue;
+            }
+            // Not blocking: a learner that is down catches up when it is back.
+            match self
+                .raft
+                .add_learner(member.id.0, BasicNode::default(), false)
+                .await
+            {
+                Ok(_) => info!(node = %member.id, "control plane: added a learner"),
+                Err(err) => {
+                    warn!(node = %member.id, error = %err, "control plane: cannot add a learner")
+                }
+            }
+        }
+    }
+
+    /// Reports this node's vector, as the driver has it now.
+    async fn report_checkpoint(&self, inputs: &mpsc::Sender<Input>) {
+        let (reply, answer) = oneshot::channel();
+        if inputs.send(Input::Status { reply }).await.is_err() {
+            return;
+        }
+        let Ok(snapshot) = answer.await else {
+            return;
+        };
+        let command = ControlCommand::ReportCheckpoint {
+            node: self.node,
+            vector: snapshot.vector,
+            reported_ms: now_ms(),
+        };
+        match self.propose(command).await {
+            Ok(ControlReply::Refused(why)) => debug!(%why, "checkpoint refused"),
+            Ok(_) => {}
+            // A minority region cannot report; it keeps serving and tries again later.
+            Err(err) => debug!(error = %err, "checkpoint not committed"),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The control plane's Raft RPCs over the mesh's QUIC endpoint: the same mutual TLS, the same
+//! handshake, streams of their own (see `docs/protocol.md`, control-plane streams).
+//!
+//! ```text
+//!   openraft ─► QuicRaftNetwork::new_client(target) ─► QuicRaftClient
+//!       call(AppendEntries | Vote | InstallSnapshot | Propose, body)
+//!         ─► (connection to target, cached) ─► stream (cached): Handshake, RaftRequest ─►
+//!   peer's accept loop ─► serve(): decode, ask its Raft, RaftResponse ◄─
+//! ```
+//!
+//! A client keeps one connection and one stream to its target and makes one call at a time on
+//! it (openraft makes a client per target and awaits each call); any failure drops both, and
+//! the next call connects again. Injected faults (drills) act as on replication streams: a cut
+//! link refuses calls both ways, a dropped direction loses requests or answers, a delay holds
+//! them back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use braid_protocol::control::ControlCommand;
+use braid_protocol::limits::FRAME_BYTES_MAX;
+use braid_protocol::{Message, NodeId, RaftCall, RaftRequest};
+use bytes::Bytes;
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::debug;
+
+use super::{ControlConfig, ControlRaft, ControlReply};
+use crate::tls::node_dns_name;
+use crate::transport::{self, Mesh, StreamError};
+
+type RaftNodeId = u64;
+
+/// Longest wait for a QUIC connection to a peer to be set up for a call.
+const CONNECT_MS_MAX: u64 = 2_000;
+
+/// What a `Propose` call answers: the leader's reply, or why it could not commit.
+pub type ProposeResult = Result<ControlReply, String>;
+
+fn wire() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<FRAME_BYTES_MAX>,
+> {
+    bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
+}
+
+/// Encodes a call's body or answer.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Bytes, String> {
+    bincode::serde::encode_to_vec(value, wire())
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot encode: {e}"))
+}
+
+/// Decodes a call's body or answer; bytes from a peer, so a typed error, never a panic.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bincode::serde::decode_from_slice(bytes, wire()) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(format!(
+            "{} unexpected bytes after the body",
+            bytes.len() - used
+        )),
+        Err(e) => Err(format!("malformed body: {e}")),
+    }
+}
+
+/// The network openraft uses to reach the other nodes' control planes.
+#[derive(Debug, Clone)]
+pub struct QuicRaftNetwork {
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+}
+
+impl QuicRaftNetwork {
+    /// Calls go out through `endpoint`, to the peers `mesh` knows.
+    pub fn new(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) -> QuicRaftNetwork {
+        QuicRaftNetwork { mesh, endpoint }
+    }
+
+    /// A client for calls to `target`.
+    pub fn client(&self, target: NodeId) -> QuicRaftClient {
+        QuicRaftClient {
+            mesh: self.mesh.clone(),
+            endpoint: self.endpoint.clone(),
+            target,
+            connection: None,
+            stream: None,
+        }
+    }
+}
+
+impl RaftNetworkFactory<ControlConfig> for QuicRaftNetwork {
+    type Network = QuicRaftClient;
+
+    async fn new_client(&mut self, target: RaftNodeId, _node: &BasicNode) -> QuicRaftClient {
+        self.client(NodeId(target))
+    }
+}
+
+/// Why a call got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The target cannot be reached now (down, cut off, not a known peer): try later.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The call went out but failed on the way or at the target.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CallError {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<RaftNodeId, BasicNode, E> {
+        let io = |text: String| std::io::Error::new(std::io::ErrorKind::NotConnected, text);
+        match self {
+            CallError::Unreachable(why) => RPCError::Unreachable(Unreachable::new(&io(why))),
+            CallError::Failed(why) => RPCError::Network(NetworkError::new(&io(why))),
+        }
+    }
+}
+
+/// Calls to one node's control plane.
+#[derive(Debug)]
+pub struct QuicRaftClient {
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    target: NodeId,
+    connection: Option<quinn::Connection>,
+    stream: Option<(quinn::SendStream, quinn::RecvStream)>,
+}
+
+impl QuicRaftClient {
+    /// Makes one call and waits at most `ttl` for its answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        call: RaftCall,
+        request: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, CallError> {
+        let target = self.target;
+        if self.mesh.faults.cut(target) {
+            self.stream = None;
+            self.connection = None;
+            return Err(CallError::Unreachable(format!(
+                "the link to {target} is cut by an injected fault"
+            )));
+        }
+        let body = encode(request).map_err(CallError::Failed)?;
+        let (drop, delay) = self.mesh.faults.outgoing(target);
+        if drop {
+            return Err(CallError::Unreachable(format!(
+                "calls to {target} are dropped by an injected fault"
+            )));
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let result = tokio::time::timeout(ttl, self.exchange(call, body)).await;
+        let answer = match result {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(err)) => {
+                self.stream = None;
+                self.connection = None;
+                return Err(err);
+            }
+            Err(_) => {
+                // The stream is somewhere in the middle of a call: start afresh next time.
+                self.stream = None;
+                return Err(CallError::Failed(format!(
+                    "{target} did not answer within {} ms",
+                    ttl.as_millis()
+                )));
+            }
+        };
+        decode(&answer).map_err(|e| CallError::Failed(format!("answer from {target}: {e}")))
+    }
+
+    async fn exchange(&mut self, call: RaftCall, body: Bytes) -> Result<Bytes, CallError> {
+        let target = self.target;
+        if self.stream.is_none() {
+            self.stream = Some(self.open().await?);
+        }
+        let Some((send, recv)) = self.stream.as_mut() else {
+            unreachable!("a stream was just opened");
+        };
+        let failed = |e: StreamError| CallError::Failed(format!("call to {target}: {e}"));
+        let request = Message::RaftRequest(RaftRequest { call, body });
+        let sent = transport::write_message(send, &request, &mut Vec::new())
+            .await
+            .map_err(failed)?;
+        if let Some(t) = self.mesh.traffic(target) {
+            t.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        }
+        match transport::read_frame(recv, &mut Vec::new())
+            .await
+            .map_err(failed)?
+        {
+            Some((Message::RaftResponse(answer), bytes)) => {
+                if let Some(t) = self.mesh.traffic(target) {
+                    t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
+                }
+                Ok(answer)
+            }
+            Some((Message::Error(error), _)) => Err(CallError::Failed(format!(
+                "{target} refused the call: {}",
+                error.text
+            ))),
+            Some((other, _)) => Err(CallError::Failed(format!(
+                "{target} answered a call with {}",
+                other.kind()
+            ))),
+            None => Err(CallError::Failed(format!("{target} ended the call stream"))),
+        }
+    }
+
+    async fn open(&mut self) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
+        let target = self.target;
+        let unreachable = |e: String| CallError::Unreachable(format!("{target}: {e}"));
+        let connection = match &self.connection {
+            Some(connection) if connection.close_reason().is_none() => connection.clone(),
+            _ => {
+                let addr: SocketAddr = *self
+                    .mesh
+                    .peers
+                    .get(&target)
+                    .ok_or_else(|| unreachable("not a known peer".into()))?;
+                let connecting = self
+                    .endpoint
+                    .connect(addr, &node_dns_name(target))
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let connection =
+                    tokio::time::timeout(Duration::from_millis(CONNECT_MS_MAX), connecting)
+                        .await
+                        .map_err(|_| {
+                            unreachable(format!("no connection within {CONNECT_MS_MAX} ms"))
+                        })?
+                        .map_err(|e| unreachable(e.to_string()))?;
+                self.connection = Some(connection.clone());
+                connection
+            }
+        };
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        transport::handshake(&self.mesh, target, &mut send, &mut recv)
+            .await
+            .map_err(|e| CallError::Failed(format!("{target}: {e}")))?;
+        Ok((send, recv))
+    }
+}
+
+impl RaftNetwork<ControlConfig> for QuicRaftClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<ControlConfig>,
+        option: RPCOption,
+    ) -> Result<
+        AppendEntriesResponse<RaftNodeId>,
+        RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>,
+    > {
+        let answer: Result<_, RaftError<RaftNodeId>> = self
+            .call(RaftCall::AppendEntries, &rpc, option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<ControlConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<RaftNodeId>,
+        RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, InstallSnapshotError>>,
+    > {
+        let answer: Result<_, RaftError<RaftNodeId, InstallSnapshotError>> = self
+            .call(RaftCall::InstallSnapshot, &rpc, option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<RaftNodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<RaftNodeId>, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>>
+    {
+        let answer: Result<_, RaftError<RaftNodeId>> = self
+            .call(RaftCall::Vote, &rpc, option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+}
+
+/// Commits `command` through this node's Raft if it is the leader; says who is otherwise.
+pub(crate) async fn propose_here(
+    raft: &ControlRaft,
+    command: ControlCommand,
+) -> Result<ControlReply, Proposal> {
+    match raft.client_write(command).await {
+        Ok(response) => Ok(response.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            Err(Proposal::Forward(forward.leader_id.map(NodeId)))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(Proposal::Failed(e.to_string()))
+        }
+        Err(RaftError::Fatal(fatal)) => Err(Proposal::Failed(fatal.to_string())),
+    }
+}
+
+/// Why this node did not commit a proposal itself.
+#[derive(Debug)]
+pub(crate) enum Proposal {
+    /// It is not the leader; the leader, when known.
+    Forward(Option<NodeId>),
+    /// It failed.
+    Failed(String),
+}
+
+/// Serves the control-plane calls a peer makes on one stream, starting with `first`, until the
+/// peer ends it or a call cannot be understood.
+pub(crate) async fn serve(
+    mesh: &Mesh,
+    raft: &ControlRaft,
+    peer: NodeId,
+    first: RaftRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let mut request = first;
+    let mut buf = Vec::new();
+    loop {
+        if mesh.faults.cut(peer) {
+            return Err(StreamError::Cut);
+        }
+        let answer = match answer(raft, &request).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                let err = StreamError::Control(format!("bad {:?} call: {why}", request.call));
+                transport::refuse(mesh, peer, &mut send, &err, &mut buf).await;
+                return Err(err);
+            }
+        };
+        let (drop, delay) = mesh.faults.outgoing(peer);
+        if drop {
+            // The answer is lost, as a lossy network would lose it: the caller times out.
+            return Err(StreamError::Cut);
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let bytes =
+            transport::write_message(&mut send, &Message::RaftResponse(answer), &mut buf).await?;
+        if let Some(t) = mesh.traffic(peer) {
+            t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        // The caller holds the stream open between calls; a call that is never made is the
+        // caller's business, and the stream ends with its connection.
+        let mut body = Vec::new();
+        request = match transport::read_frame(&mut recv, &mut body).await? {
+            Some((Message::RaftRequest(next), bytes)) => {
+                if let Some(t) = mesh.traffic(peer) {
+                    t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
+                }
+                next
+            }
+            Some((other, _)) => {
+                let err = StreamError::Control(format!(
+                    "expected a raft_request on a control stream, got {}",
+                    other.kind()
+                ));
+                transport::refuse(mesh, peer, &mut send, &err, &mut buf).await;
+                return Err(err);
+            }
+            None => {
+                debug!(%peer, "control stream ended");
+                return Ok(());
+            }
+        };
+    }
+}
+
+/// Answers one call with this node's Raft: the answer encoded, or why the call is malformed.
+async fn answer(raft: &ControlRaft, request: &RaftRequest) -> Result<Bytes, String> {
+    match request.call {
+        RaftCall::AppendEntries => {
+            let rpc: AppendEntriesRequest<ControlConfig> = decode(&request.body)?;
+            encode(&raft.append_entries(rpc).await)
+        }
+        RaftCall::Vote => {
+            let rpc: VoteRequest<RaftNodeId> = decode(&request.body)?;
+            encode(&raft.vote(rpc).await)
+        }
+        RaftCall::InstallSnapshot => {
+            let rpc: InstallSnapshotRequest<ControlConfig> = decode(&request.body)?;
+            encode(&raft.install_snapshot(rpc).await)
+        }
+        RaftCall::Propose => {
+            let command: ControlCommand = decode(&request.body)?;
+            let result: ProposeResult = match propose_here(raft, command).await {
+                Ok(reply) => Ok(reply),
+                Err(Proposal::Forward(leader)) => Err(match leader {
+                    Some(leader) => format!("not the leader ({leader} is)"),
+                    None => "not the leader, and no leader is known".into(),
+                }),
+                Err(Proposal::Failed(why)) => Err(why),
+            };
+            encode(&result)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::Fatal;
+    use openraft::{StorageError, StorageIOError, Vote};
+
+    #[test]
+    fn raft_calls_and_their_errors_survive_the_wire() {
+        let vote = VoteRequest::new(Vote::new(3, 2), None);
+        let back: VoteRequest<RaftNodeId> = decode(&encode(&vote).unwrap()).unwrap();
+        assert_eq!(back, vote);
+
+        let io = std::io::Error::other("disk gone");
+        let fatal: RaftError<RaftNodeId> = RaftError::Fatal(Fatal::StorageError(
+            StorageError::from(StorageIOError::write_logs(&io)),
+        ));
+        let answer: Result<VoteResponse<RaftNodeId>, _> = Err(fatal);
+        let bytes = encode(&answer).unwrap();
+        let back: Result<VoteResponse<RaftNodeId>, RaftError<RaftNodeId>> = decode(&bytes).unwrap();
+        assert!(back.unwrap_err().to_string().contains("disk gone"));
+
+        let snapshot_error: Result<InstallSnapshotResponse<RaftNodeId>, _> =
+            Err(RaftError::<RaftNodeId, _>::APIError(
+                InstallSnapshotError::SnapshotMismatch(openraft::error::SnapshotMismatch {
+                    expect: openraft::SnapshotSegmentId {
+                        id: "a".into(),
+                        offset: 0,
+                    },
+                    got: openraft::SnapshotSegmentId {
+                        id: "b".into(),
+                        offset: 7,
+                    },
+                }),
+            ));
+        let back: Result<
+            InstallSnapshotResponse<RaftNodeId>,
+            RaftError<RaftNodeId, InstallSnapshotError>,
+        > = decode(&encode(&snapshot_error).unwrap()).unwrap();
+        assert!(matches!(
+            back,
+            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(
+                _
+            )))
+        ));
+    }
+
+    #[test]
+    fn a_malformed_body_is_an_error_not_a_panic() {
+        let bytes = encode(&ControlCommand::Activate(NodeId(1))).unwrap();
+        for cut in 0..bytes.len() {
+            let _ = decode::<ControlCommand>(&bytes[..cut]);
+        }
+        assert!(decode::<ControlCommand>(&[0xff; 9]).is_err());
+        let mut long = bytes.to_vec();
+        long.push(0);
+        let err = decode::<ControlCommand>(&long).unwrap_err();
+        assert!(err.contains("unexpected bytes"), "{err}");
+    }
+}

@@ -1,0 +1,274 @@
+//! The control plane with real processes: the Raft group forms over the mesh's QUIC
+//! connections, bootstraps its members, commits every node's checkpoints and derives the stable
+//! frontier; it outlives its leader; a partitioned region keeps serving but commits nothing;
+//! a whole cluster restarts with its control state.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use braid_node::http::Status;
+use braid_tests::{http_post, Cluster, Layout};
+use redis::Commands;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Waits until `check` holds for the statuses of the running nodes, and returns them.
+fn wait_for(cluster: &Cluster, what: &str, check: impl Fn(&[Status]) -> bool) -> Vec<Status> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let statuses: Vec<Status> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.status())
+            .collect();
+        if check(&statuses) {
+            return statuses;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {SETTLE:?}; last statuses: {:#?}",
+            statuses
+                .iter()
+                .map(|s| (&s.region, &s.control))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every running node names the same leader, and that leader is one of them.
+fn agreed_leader(statuses: &[Status]) -> Option<String> {
+    let leader = statuses.first()?.control.leader.clone()?;
+    let agreed = statuses
+        .iter()
+        .all(|s| s.control.leader.as_deref() == Some(leader.as_str()));
+    let running = statuses.iter().any(|s| s.region == leader);
+    (agreed && running).then_some(leader)
+}
+
+/// The checkpoint `member` last committed, as `status` shows it.
+fn checkpoint_of(status: &Status, member: &str) -> Option<BTreeMap<String, u64>> {
+    status
+        .control
+        .members
+        .iter()
+        .find(|m| m.name == member)?
+        .checkpoint
+        .as_ref()
+        .map(|c| c.vector.clone())
+}
+
+#[test]
+fn t70_the_group_bootstraps_commits_checkpoints_and_derives_the_frontier() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    for (i, region) in ["a", "b", "c"].into_iter().enumerate() {
+        for k in 0..=i {
+            let _: () = cluster
+                .node(region)
+                .redis()
+                .set(format!("{region}{k}"), "v")
+                .unwrap();
+        }
+    }
+    cluster.wait_converged(SETTLE);
+    let want: BTreeMap<String, u64> = [("a", 1), ("b", 2), ("c", 3)]
+        .into_iter()
+        .map(|(r, s)| (r.to_string(), s))
+        .collect();
+    // Every node: one leader, three active voting members, each member's checkpoint at the
+    // converged vector, and the frontier there too.
+    let statuses = wait_for(&cluster, "checkpoints committed", |statuses| {
+        agreed_leader(statuses).is_some()
+            && statuses.iter().all(|s| {
+                s.control.members.len() == 3
+                    && s.control.stable_frontier == want
+                    && ["a", "b", "c"]
+                        .iter()
+                        .all(|m| checkpoint_of(s, m).as_ref() == Some(&want))
+            })
+    });
+    for status in &statuses {
+        assert!(status.control.term >= 1, "{status:?}");
+        let names: Vec<&str> = status
+            .control
+            .members
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        for member in &status.control.members {
+            assert_eq!(member.state, "active");
+            assert!(member.voter, "{member:?}");
+            let node = cluster
+                .nodes
+                .iter()
+                .find(|n| n.name == member.name)
+                .unwrap();
+            assert_eq!(member.resp_address, node.resp.to_string());
+            assert_eq!(member.http_address, node.http.to_string());
+            assert_eq!(member.peer_address, node.peer.to_string());
+        }
+        let leaders = statuses
+            .iter()
+            .filter(|s| s.control.raft_role == "leader")
+            .count();
+        assert_eq!(leaders, 1, "exactly one node is the leader");
+    }
+    // The JSON carries the fields at the top level, as documented.
+    let http = cluster.node("b").http;
+    let body = braid_tests::http_get(http, "/status").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(json["leader"].is_string(), "{body}");
+    assert!(json["term"].as_u64().unwrap() >= 1, "{body}");
+    let members = json["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        for field in ["name", "id", "state", "checkpoint"] {
+            assert!(!m[field].is_null(), "member without {field}: {m}");
+        }
+    }
+    // `braid status` prints it.
+    let out = std::process::Command::new(braid_tests::braid_bin())
+        .args(["status", "--http", &http.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("control plane: leader "), "{text}");
+    assert!(text.contains("stable frontier: a=1 b=2 c=3"), "{text}");
+    for name in ["a", "b", "c"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("active") && l.contains("a=1 b=2 c=3")),
+            "no member line for {name}: {text}"
+        );
+    }
+}
+
+#[test]
+fn t70_the_group_outlives_its_leader_and_a_restarted_cluster_keeps_its_state() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    let first = wait_for(&cluster, "a leader", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.members.len() == 3)
+    });
+    let old_leader = agreed_leader(&first).unwrap();
+    let old_term = first[0].control.term;
+    cluster.node(&old_leader).kill9();
+
+    // The other two elect one of them in a later term, and go on committing: a write in a
+    // survivor shows up in its checkpoint, as the other survivor sees it.
+    let survivors: Vec<String> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|r| *r != old_leader)
+        .map(String::from)
+        .collect();
+    let statuses = wait_for(&cluster, "a new leader", |s| {
+        agreed_leader(s).is_some_and(|l| l != old_leader)
+            && s.iter().all(|s| s.control.term > old_term)
+    });
+    let new_leader = agreed_leader(&statuses).unwrap();
+    let _: () = cluster
+        .node(&survivors[0])
+        .redis()
+        .set("after", "failover")
+        .unwrap();
+    let writer = survivors[0].clone();
+    wait_for(&cluster, "a checkpoint after the failover", |s| {
+        s.iter()
+            .all(|s| checkpoint_of(s, &writer).is_some_and(|v| v.get(&writer).copied() == Some(1)))
+    });
+
+    // The old leader comes back as a follower of the new one and catches up on what was
+    // committed without it.
+    cluster.node(&old_leader).start();
+    cluster.node(&old_leader).wait_healthy();
+    wait_for(&cluster, "the old leader caught up", |s| {
+        s.len() == 3
+            && agreed_leader(s).is_some()
+            && s.iter().all(|s| {
+                checkpoint_of(s, &writer).is_some_and(|v| v.get(&writer).copied() == Some(1))
+            })
+    });
+
+    // The whole cluster stops and starts again: the members and checkpoints are still there,
+    // and the term does not go back.
+    let before = wait_for(&cluster, "settled", |s| agreed_leader(s).is_some());
+    let term_before = before.iter().map(|s| s.control.term).max().unwrap();
+    cluster.stop_all();
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_connected(&[0, 1, 2]);
+    let after = wait_for(&cluster, "the restarted group", |s| {
+        agreed_leader(s).is_some()
+            && s.iter().all(|s| {
+                s.control.members.len() == 3
+                    && checkpoint_of(s, &writer).is_some_and(|v| v.get(&writer).copied() == Some(1))
+            })
+    });
+    assert!(after.iter().all(|s| s.control.term >= term_before));
+    let _ = new_leader;
+}
+
+#[test]
+fn t70_a_partitioned_region_serves_writes_commits_nothing_and_converges_after_heal() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_fault_injection());
+    wait_for(&cluster, "a leader", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.members.len() == 3)
+    });
+    // Cut c off from a and b, both ways.
+    for (region, body) in [
+        ("a", r#"{"cut": ["c"]}"#),
+        ("b", r#"{"cut": ["c"]}"#),
+        ("c", r#"{"cut": ["a", "b"]}"#),
+    ] {
+        let http = cluster.node(region).http;
+        http_post(http, "/faults", body).unwrap();
+    }
+    // The majority (a, b) has a leader among them; c does not lead anything that commits.
+    let majority = wait_for(&cluster, "a majority leader", |s| {
+        let ab: Vec<&Status> = s.iter().filter(|s| s.region != "c").collect();
+        let leader = ab[0].control.leader.clone();
+        leader.as_deref().is_some_and(|l| l != "c") && ab.iter().all(|s| s.control.leader == leader)
+    });
+    let leader = majority[0].control.leader.clone().unwrap();
+    // c serves its own writes.
+    for i in 0..5 {
+        let _: () = cluster
+            .node("c")
+            .redis()
+            .set(format!("c{i}"), "during")
+            .unwrap();
+    }
+    let got: String = cluster.node("c").redis().get("c4").unwrap();
+    assert_eq!(got, "during");
+    // ... but cannot commit its checkpoint: for several report intervals, no node's committed
+    // state shows c's new writes.
+    std::thread::sleep(Duration::from_secs(8));
+    for status in cluster.nodes.iter().map(|n| n.status()) {
+        let c = checkpoint_of(&status, "c").unwrap_or_default();
+        assert!(
+            c.get("c").copied().unwrap_or(0) < 5,
+            "{}: c's checkpoint committed during the partition: {c:?}",
+            status.region
+        );
+    }
+    // Heal: c's writes reach everyone, and c's checkpoint commits under the majority's leader
+    // (or whoever leads now).
+    for region in ["a", "b", "c"] {
+        let http = cluster.node(region).http;
+        http_post(http, "/faults", r#"{"cut": []}"#).unwrap();
+    }
+    cluster.wait_converged(SETTLE);
+    wait_for(&cluster, "c's checkpoint after the heal", |s| {
+        agreed_leader(s).is_some()
+            && s.iter()
+                .all(|s| checkpoint_of(s, "c").is_some_and(|v| v.get("c").copied() == Some(5)))
+    });
+    for region in ["a", "b"] {
+        let got: String = cluster.node(region).redis().get("c4").unwrap();
+        assert_eq!(got, "during", "{region}");
+    }
+    let _ = leader;
+}
