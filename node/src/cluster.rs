@@ -33,6 +33,8 @@ pub struct InitOptions {
     pub password: Option<String>,
     /// Let the nodes accept `POST /faults` (for drills; loopback hosts only).
     pub fault_injection: bool,
+    /// Let the nodes delete change-log events every region holds (`change-log-gc`).
+    pub change_log_gc: bool,
 }
 
 /// A region's addresses, as `cluster.json` lists them.
@@ -207,6 +209,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
                 })
                 .collect(),
             links: options.links.clone(),
+            change_log_gc: options.change_log_gc,
             fault_injection: options.fault_injection,
         };
         let text =
@@ -260,6 +263,7 @@ mod tests {
             durability: Durability::Process,
             password: None,
             fault_injection: false,
+            change_log_gc: true,
         };
         let file = init(&options).unwrap();
         assert_eq!(file.regions.len(), 3);
@@ -286,6 +290,7 @@ mod tests {
             durability: Durability::Process,
             password: None,
             fault_injection: false,
+            change_log_gc: true,
         };
         assert!(init(&options).unwrap_err().to_string().contains("twice"));
         options.regions = vec!["a b".into()];

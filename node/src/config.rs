@@ -41,11 +41,20 @@ pub struct NodeConfig {
     /// The links between regions; every pair when absent (full mesh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub links: Option<Vec<[String; 2]>>,
+    /// Deletes change-log events every region holds (at or below the stable frontier the
+    /// control plane derives from everyone's checkpoints). On by default; `braid drill
+    /// --attach` needs it off, since its checks read whole change logs.
+    #[serde(default = "default_change_log_gc")]
+    pub change_log_gc: bool,
     /// Lets `POST /faults` cut and slow links and skew the clock, for `braid drill`. Off by
     /// default; refused unless every address in the file is a loopback address, so that a
     /// production node never carries it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fault_injection: bool,
+}
+
+fn default_change_log_gc() -> bool {
+    true
 }
 
 fn default_clock_skew_ms_max() -> u64 {
@@ -308,6 +317,7 @@ address = "127.0.0.1:7012"
         let config = load(&sample()).unwrap();
         assert_eq!(config.durability, Durability::Process);
         assert_eq!(config.clock_skew_ms_max, 60_000);
+        assert!(config.change_log_gc, "garbage collection is on by default");
         assert!(config.data_dir.is_absolute());
         assert!(config.topology().unwrap().is_full_mesh());
     }

@@ -86,6 +86,8 @@ pub enum Input {
         /// What happened.
         input: PeerInput,
     },
+    /// The stable frontier the control plane committed: the change log is trimmed through it.
+    StableFrontier(VersionVector),
     /// A status snapshot, for HTTP and INFO.
     Status {
         /// Where it goes.
@@ -106,6 +108,10 @@ pub struct Snapshot {
     pub stats: Stats,
     /// Events held ahead of a gap.
     pub held_events: usize,
+    /// Events in the change log.
+    pub log_events: u64,
+    /// Per origin, what the change log was trimmed through.
+    pub trimmed: VersionVector,
     /// Per neighbor: whether our subscription and its feed are open, the origins we pull from
     /// it, and its vector as last known.
     pub peers: BTreeMap<NodeId, PeerSnapshot>,
@@ -237,6 +243,12 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Input::StableFrontier(frontier) => {
+                let deleted = self.replica.handle_stable_frontier(&frontier)?;
+                if deleted > 0 {
+                    debug!(deleted, trimmed = ?self.replica.trimmed(), "change log trimmed");
+                }
+            }
             Input::Peer {
                 peer,
                 stream,
@@ -365,6 +377,8 @@ impl Driver {
             hlc: self.replica.hlc(),
             stats: self.replica.stats().clone(),
             held_events: self.replica.held_events(),
+            log_events: self.replica.log_events(),
+            trimmed: self.replica.trimmed().clone(),
             peers,
         }
     }

@@ -31,8 +31,6 @@ pub struct AdminState {
     pub traffic: TrafficMap,
     /// Durability mode, for display.
     pub durability: &'static str,
-    /// Approximate change-log length.
-    pub log_len: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Injected faults.
     pub faults: Arc<crate::faults::Faults>,
     /// The control plane.
@@ -66,8 +64,14 @@ pub struct Status {
     pub conflicts_resolved: u64,
     /// Events held ahead of a gap.
     pub held_events: usize,
-    /// Approximate events in the change log.
+    /// Events in the change log (every applied event not yet garbage-collected).
     pub change_log_events: u64,
+    /// Per origin region, what the change log was garbage-collected through.
+    #[serde(default)]
+    pub change_log_trimmed: BTreeMap<String, u64>,
+    /// Change-log events garbage-collected since start.
+    #[serde(default)]
+    pub change_log_events_trimmed: u64,
     /// Each neighbor.
     pub peers: Vec<PeerStatus>,
     /// The control plane: `leader`, `term`, `raft_role`, `members`, `stable_frontier` (at the
@@ -200,7 +204,9 @@ impl AdminState {
             writes: snapshot.stats.writes,
             conflicts_resolved: snapshot.stats.conflicts_lww,
             held_events: snapshot.held_events,
-            change_log_events: (self.log_len)(),
+            change_log_events: snapshot.log_events,
+            change_log_trimmed: named(&snapshot.trimmed),
+            change_log_events_trimmed: snapshot.stats.log_events_trimmed,
             peers,
             control,
         }
@@ -313,7 +319,8 @@ impl AdminState {
                 histogram.len()
             );
         }
-        let _ = writeln!(out, "# HELP braid_change_log_events Approximate events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
+        let _ = writeln!(out, "# HELP braid_change_log_events Events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
+        let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted below the stable frontier.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
         let _ = writeln!(out, "# HELP braid_up Seconds since the Unix epoch at scrape time.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} {}", now_ms() / 1000);
         out
     }

@@ -117,6 +117,10 @@ struct Layout {
     /// hosts only; never in production).
     #[arg(long)]
     fault_injection: bool,
+    /// Keep every change-log event instead of deleting those every region holds, as
+    /// `braid drill --attach` needs (its checks read whole change logs).
+    #[arg(long)]
+    keep_change_log: bool,
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +295,7 @@ fn init_options(regions: Vec<String>, dir: &Path, layout: &Layout) -> InitOption
         durability: layout.durability.into(),
         password: layout.password.clone(),
         fault_injection: layout.fault_injection,
+        change_log_gc: !layout.keep_change_log,
     }
 }
 
@@ -694,11 +699,16 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         status.node, status.region, status.durability, status.hlc
     );
     println!(
-        "vector: {}   writes: {}   conflicts resolved: {}   change log: ~{} events",
+        "vector: {}   writes: {}   conflicts resolved: {}   change log: {} events (trimmed through {})",
         named_vector(&status.vector),
         status.writes,
         status.conflicts_resolved,
-        status.change_log_events
+        status.change_log_events,
+        if status.change_log_trimmed.is_empty() {
+            "nothing".to_string()
+        } else {
+            named_vector(&status.change_log_trimmed)
+        }
     );
     println!();
     println!(

@@ -144,15 +144,18 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
     // Set once, here, before the accept loop starts: nothing else sets it.
     let _ = mesh.control.set(control.raft().clone());
     mesh.start(endpoint.clone(), topology.neighbors(node), shutdown.clone());
-    control.spawn_upkeep(bootstrap_command(&config), inputs.clone(), shutdown.clone());
+    control.spawn_upkeep(
+        bootstrap_command(&config),
+        config.change_log_gc,
+        inputs.clone(),
+        shutdown.clone(),
+    );
 
-    let log_reader = reader.clone();
     let admin = AdminState {
         inputs: inputs.clone(),
         regions: regions.clone(),
         traffic,
         durability: config.durability.name(),
-        log_len: Arc::new(move || log_reader.log_len_estimate()),
         faults: faults.clone(),
         control: Some(control),
     };

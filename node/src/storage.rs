@@ -6,7 +6,12 @@
 //!   cf "log"   origin u64 BE ++ seq u64 BE     -> ChangeEvent (bincode 2, serde)
 //!   cf "meta"  "vector"                        -> VersionVector
 //!              "hlc"                           -> Hlc (high-water mark)
+//!              "trimmed"                       -> VersionVector (log deleted through it)
 //! ```
+//!
+//! Garbage collection deletes each origin's events through the stable frontier with one range
+//! deletion per origin, in one batch with the new `trimmed` vector; RocksDB reclaims the space
+//! as it compacts.
 //!
 //! Durability: `process` writes the WAL without syncing (survives a process crash: the OS has
 //! the bytes); `machine` syncs the WAL on every commit (survives power loss). The driver groups
@@ -29,6 +34,7 @@ const CF_META: &str = "meta";
 const META_VECTOR: &[u8] = b"vector";
 const META_HLC: &[u8] = b"hlc";
 const META_FORMAT: &[u8] = b"format";
+const META_TRIMMED: &[u8] = b"trimmed";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 const FORMAT_VERSION: u32 = 1;
 /// Events read per step by [`RocksStorage::log_of`].
@@ -273,19 +279,6 @@ impl RocksStorage {
         }
         Ok(values)
     }
-
-    /// Approximate number of events in the change log.
-    pub fn log_len_estimate(&self) -> u64 {
-        self.cf(CF_LOG)
-            .ok()
-            .and_then(|cf| {
-                self.db
-                    .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
-                    .ok()
-                    .flatten()
-            })
-            .unwrap_or(0)
-    }
 }
 
 impl Storage for RocksStorage {
@@ -301,7 +294,30 @@ impl Storage for RocksStorage {
             Some(bytes) => decode(&bytes, "hlc")?,
             None => Hlc::ZERO,
         };
-        Ok(Recovered { vector, hlc })
+        let trimmed: VersionVector = match self.db.get_cf(meta, META_TRIMMED)? {
+            Some(bytes) => decode(&bytes, "trimmed vector")?,
+            None => VersionVector::new(),
+        };
+        Ok(Recovered {
+            vector,
+            hlc,
+            trimmed,
+        })
+    }
+
+    fn trim_log(&mut self, through: &VersionVector) -> Result<(), StorageError> {
+        let mut trimmed = self.recover()?.trimmed;
+        let (log, meta) = (self.cf(CF_LOG)?, self.cf(CF_META)?);
+        let mut batch = WriteBatch::default();
+        for (origin, seq) in through.iter() {
+            batch.delete_range_cf(log, log_key(origin, Seq(1)), log_key(origin, seq.next()));
+        }
+        trimmed.merge(through);
+        batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
+        let mut options = WriteOptions::default();
+        options.set_sync(self.durability == Durability::Machine);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
     }
 
     fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, StorageError> {
@@ -454,6 +470,42 @@ mod tests {
                 .len(),
             1
         );
+
+        // Trimming deletes one origin's events through a seq, and nothing of another origin;
+        // what was trimmed is recovered, and outlives later commits.
+        let through: VersionVector = [(node, Seq(3))].into_iter().collect();
+        storage.trim_log(&through).unwrap();
+        assert_eq!(
+            storage.log_after(node, Seq(0), 100, usize::MAX).unwrap(),
+            events[3..].to_vec()
+        );
+        assert_eq!(
+            storage
+                .log_after(NodeId(4), Seq(0), 100, usize::MAX)
+                .unwrap()
+                .len(),
+            1
+        );
+        storage
+            .commit(Commit {
+                keys: vec![],
+                events: vec![],
+                vector: vector.clone(),
+                hlc: Hlc::new(10, 0, node),
+            })
+            .unwrap();
+        let recovered = storage.recover().unwrap();
+        assert_eq!(recovered.trimmed, through);
+        assert_eq!(recovered.hlc, Hlc::new(10, 0, node));
+        let more: VersionVector = [(node, Seq(5)), (NodeId(4), Seq(1))].into_iter().collect();
+        storage.trim_log(&more).unwrap();
+        assert_eq!(storage.recover().unwrap().trimmed, more);
+        for origin in [node, NodeId(4)] {
+            assert_eq!(
+                storage.log_after(origin, Seq(0), 100, usize::MAX).unwrap(),
+                vec![]
+            );
+        }
     }
 
     #[test]

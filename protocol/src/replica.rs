@@ -34,6 +34,12 @@
 //! its events. An event is applied only after every earlier event of its origin, and its apply and
 //! the vector's advance are one commit; an event at or below the vector (a duplicate, or an echo)
 //! is dropped after that comparison alone.
+//!
+//! # Garbage collection
+//!
+//! [`Replica::handle_stable_frontier`] takes the frontier the control plane derived from every
+//! region's checkpoint and deletes the change-log events at or below it. A subscription asking
+//! for deleted events is refused with [`PeerError::Behind`].
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -144,6 +150,20 @@ pub enum PeerError<E: std::error::Error> {
         /// Its explanation.
         text: String,
     },
+    /// The peer subscribed from before what this node's change log still holds: the events it
+    /// lacks were garbage-collected (every region was known to hold them), so it must be
+    /// resynchronised from a snapshot.
+    #[error("{peer} asks for events of {origin} after seq {from}, and the log holds them only after {trimmed}")]
+    Behind {
+        /// The peer.
+        peer: NodeId,
+        /// The origin it is behind in.
+        origin: NodeId,
+        /// Where it asked to start.
+        from: Seq,
+        /// What the log was trimmed through.
+        trimmed: Seq,
+    },
     /// Storage failed: fatal.
     #[error("storage failed: {0}")]
     Storage(E),
@@ -156,6 +176,7 @@ impl<E: std::error::Error> PeerError<E> {
             PeerError::Unexpected { .. } => ErrorCode::Malformed,
             PeerError::UnknownPeer(_) => ErrorCode::UnknownPeer,
             PeerError::Closed { code, .. } => *code,
+            PeerError::Behind { .. } => ErrorCode::Behind,
             PeerError::Storage(_) => ErrorCode::Internal,
         }
     }
@@ -192,6 +213,8 @@ pub struct Stats {
     pub conflicts_lww: u64,
     /// Out-of-order events dropped because the hold buffer was full.
     pub held_dropped: u64,
+    /// Change-log events deleted below the stable frontier.
+    pub log_events_trimmed: u64,
     /// Per origin: milliseconds from the origin's HLC to the apply here.
     pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
     /// Per origin: the lag of the latest event applied, in milliseconds.
@@ -218,6 +241,7 @@ impl Stats {
             applied_by_origin: BTreeMap::new(),
             conflicts_lww: 0,
             held_dropped: 0,
+            log_events_trimmed: 0,
             lag_ms: BTreeMap::new(),
             lag_ms_last: BTreeMap::new(),
             latest_hlc: BTreeMap::new(),
@@ -280,6 +304,8 @@ pub struct Replica<S: Storage> {
     gap_since_ms: Option<u64>,
     /// What each peer is known to have applied (from its heartbeats, subscriptions and acks).
     peer_vectors: BTreeMap<NodeId, VersionVector>,
+    /// Per origin, the highest seq deleted from the change log (every region holds it).
+    trimmed: VersionVector,
     /// Since when each neighbor without an open subscription has been unreachable.
     down_since_ms: BTreeMap<NodeId, u64>,
     /// Per origin pulled from a peer that is ahead of us: our seq and since when it has not
@@ -315,6 +341,7 @@ impl<S: Storage> Replica<S> {
             down_since_ms,
             stalled: BTreeMap::new(),
             clock,
+            trimmed: recovered.trimmed,
             vector: recovered.vector,
             topology,
             storage,
@@ -568,9 +595,9 @@ impl<S: Storage> Replica<S> {
                 self.peer_vectors.insert(peer, vector);
                 Ok(())
             }
-            (StreamKind::Feed, Message::Subscribe(subscribe)) => self
-                .handle_subscribe(peer, subscribe)
-                .map_err(PeerError::Storage),
+            (StreamKind::Feed, Message::Subscribe(subscribe)) => {
+                self.handle_subscribe(peer, subscribe)
+            }
             (StreamKind::Feed, Message::Ack(vector)) => {
                 self.handle_ack(peer, vector).map_err(PeerError::Storage)
             }
@@ -578,7 +605,11 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    fn handle_subscribe(&mut self, peer: NodeId, subscribe: Subscribe) -> Result<(), S::Error> {
+    fn handle_subscribe(
+        &mut self,
+        peer: NodeId,
+        subscribe: Subscribe,
+    ) -> Result<(), PeerError<S::Error>> {
         let Some(feed) = self.feeds.get_mut(&peer) else {
             return Ok(());
         };
@@ -590,6 +621,18 @@ impl<S: Storage> Replica<S> {
             .collect();
         origins.sort();
         origins.dedup();
+        // What the log no longer holds cannot be streamed: the subscriber needs a snapshot.
+        for origin in &origins {
+            let (from, trimmed) = (subscribe.vector.get(*origin), self.trimmed.get(*origin));
+            if from < trimmed {
+                return Err(PeerError::Behind {
+                    peer,
+                    origin: *origin,
+                    from,
+                    trimmed,
+                });
+            }
+        }
         let mut cursor = VersionVector::new();
         for origin in &origins {
             let mut from = subscribe.vector.get(*origin);
@@ -610,7 +653,7 @@ impl<S: Storage> Replica<S> {
         // The peer's own account of what it holds: replaced, not merged, so a peer that lost
         // data (a rebuilt disk) is not believed to hold what it no longer has.
         self.peer_vectors.insert(peer, subscribe.vector.clone());
-        self.pump(peer)
+        self.pump(peer).map_err(PeerError::Storage)
     }
 
     fn handle_ack(&mut self, peer: NodeId, vector: VersionVector) -> Result<(), S::Error> {
@@ -875,6 +918,48 @@ impl<S: Storage> Replica<S> {
         self.held.clear();
     }
 
+    // ---- garbage collection ----
+
+    /// The stable frontier the control plane committed: per origin, what every region has
+    /// applied. Deletes the change-log events at or below it (never beyond what this replica
+    /// holds itself, nor backwards), and returns how many were deleted. A subscriber asking for
+    /// deleted events from then on is told it is [`PeerError::Behind`].
+    pub fn handle_stable_frontier(&mut self, frontier: &VersionVector) -> Result<u64, S::Error> {
+        let through: VersionVector = frontier
+            .iter()
+            .map(|(origin, seq)| (origin, seq.min(self.vector.get(origin))))
+            .filter(|(origin, seq)| *seq > self.trimmed.get(*origin))
+            .collect();
+        if through.is_empty() {
+            return Ok(0);
+        }
+        let deleted: u64 = through
+            .iter()
+            .map(|(origin, seq)| seq.0 - self.trimmed.get(origin).0)
+            .sum();
+        self.storage.trim_log(&through)?;
+        self.trimmed.merge(&through);
+        self.stats.log_events_trimmed += deleted;
+        assert!(
+            self.vector.dominates(&self.trimmed),
+            "trimmed only what is held"
+        );
+        Ok(deleted)
+    }
+
+    /// Per origin, the highest seq deleted from the change log.
+    pub fn trimmed(&self) -> &VersionVector {
+        &self.trimmed
+    }
+
+    /// Events in the change log: every applied event of every origin, less what was trimmed.
+    pub fn log_events(&self) -> u64 {
+        self.vector
+            .iter()
+            .map(|(origin, seq)| seq.0.saturating_sub(self.trimmed.get(origin).0))
+            .sum()
+    }
+
     // ---- time ----
 
     /// Time passed: heartbeats, route refresh, gap repair. Call at or after [`Replica::poll_timeout`].
@@ -942,6 +1027,10 @@ impl<S: Storage> Replica<S> {
 
     /// Checks the replica's invariants (cheap ones always, costly ones in debug builds).
     pub fn check_invariants(&self) {
+        assert!(
+            self.vector.dominates(&self.trimmed),
+            "the log is trimmed only below what is held"
+        );
         for feed in self.feeds.values() {
             assert!(feed.inflight <= self.config.peer_inflight_batches_max);
         }

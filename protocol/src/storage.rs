@@ -34,6 +34,9 @@ pub struct Recovered {
     pub vector: VersionVector,
     /// The HLC high-water mark of the last commit.
     pub hlc: Hlc,
+    /// Per origin, the highest sequence number deleted from the change log (see
+    /// [`Storage::trim_log`]); absent means nothing was deleted.
+    pub trimmed: VersionVector,
 }
 
 /// Durable state of one replica. Implementations apply each [`Commit`] atomically, and return
@@ -61,6 +64,12 @@ pub trait Storage {
     /// Applies `commit` atomically. The commit is handed over: an implementation that keeps its
     /// states and events in memory moves them in instead of copying them.
     fn commit(&mut self, commit: Commit) -> Result<(), Self::Error>;
+
+    /// Deletes, atomically, every change-log event of each origin up to and including
+    /// `through[origin]`, and records `through` as what [`Recovered::trimmed`] reports from now
+    /// on. The replica calls it only with what every region holds (the stable frontier), and
+    /// only forward.
+    fn trim_log(&mut self, through: &VersionVector) -> Result<(), Self::Error>;
 
     /// Events of `origin` with sequence numbers above `after`, in order: at most `events_max`
     /// of them, and no more than `bytes_max` bytes of keys and values (at least one event is
@@ -124,11 +133,24 @@ impl Storage for MemoryStorage {
         for event in commit.events {
             self.log.insert((event.origin, event.seq), event);
         }
-        self.recovered = Recovered {
-            vector: commit.vector,
-            hlc: commit.hlc,
-        };
+        self.recovered.vector = commit.vector;
+        self.recovered.hlc = commit.hlc;
         self.commits += 1;
+        Ok(())
+    }
+
+    fn trim_log(&mut self, through: &VersionVector) -> Result<(), Infallible> {
+        for (origin, seq) in through.iter() {
+            let doomed: Vec<(NodeId, Seq)> = self
+                .log
+                .range((origin, Seq(1))..=(origin, seq))
+                .map(|(key, _)| *key)
+                .collect();
+            for key in doomed {
+                self.log.remove(&key);
+            }
+        }
+        self.recovered.trimmed.merge(through);
         Ok(())
     }
 

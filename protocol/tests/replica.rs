@@ -787,3 +787,108 @@ fn a_gap_that_fills_in_time_causes_no_rewind() {
         assert_eq!(rewinds, 0, "the gap filled: nothing to repair");
     }
 }
+
+#[test]
+fn the_log_is_trimmed_through_the_stable_frontier_and_a_subscriber_behind_it_is_told() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    mixed_writes(&mut net, &[A, B], 3);
+    net.run();
+    net.assert_converged();
+    let vector = net.replicas[&A].vector().clone();
+    let events_before = net.replicas[&A].log_events();
+    assert_eq!(
+        events_before,
+        vector.iter().map(|(_, s)| s.0).sum::<u64>(),
+        "every applied event is in the log"
+    );
+
+    // The frontier is everyone's vector, except that it names more of B than A holds: the
+    // replica trims only what it has.
+    let mut frontier = vector.clone();
+    frontier.advance(B, Seq(vector.get(B).0 + 100));
+    let a_seq = vector.get(A);
+    let trimmed_to = Seq(a_seq.0 - 2);
+    frontier = frontier
+        .iter()
+        .map(|(o, s)| if o == A { (o, trimmed_to) } else { (o, s) })
+        .collect();
+    let deleted = net
+        .replicas
+        .get_mut(&A)
+        .unwrap()
+        .handle_stable_frontier(&frontier)
+        .unwrap();
+    let a = &net.replicas[&A];
+    assert_eq!(deleted, trimmed_to.0 + vector.get(B).0);
+    assert_eq!(a.log_events(), events_before - deleted);
+    assert_eq!(a.trimmed().get(B), vector.get(B), "clamped to what A holds");
+    assert_eq!(a.stats().log_events_trimmed, deleted);
+    a.check_invariants();
+    let storage = net.replicas.get_mut(&A).unwrap().storage_mut();
+    let left: Vec<(NodeId, Seq)> = storage.log.keys().copied().collect();
+    assert_eq!(
+        left,
+        vec![(A, Seq(a_seq.0 - 1)), (A, a_seq)],
+        "only A's two newest events are left"
+    );
+    // Trimming again at the same frontier, or behind it, deletes nothing.
+    let replica = net.replicas.get_mut(&A).unwrap();
+    assert_eq!(replica.handle_stable_frontier(&frontier).unwrap(), 0);
+    assert_eq!(
+        replica
+            .handle_stable_frontier(&VersionVector::new())
+            .unwrap(),
+        0
+    );
+
+    // Everyone still converges and goes on replicating.
+    mixed_writes(&mut net, &[A, B, C], 2);
+    net.run();
+    net.assert_converged();
+
+    // A subscriber that asks A for A's events from before the trim is told it is behind.
+    net.disconnect(C, A);
+    let a = net.replicas.get_mut(&A).unwrap();
+    a.handle_feed_open(C, 0).unwrap();
+    let stale = Message::Subscribe(Subscribe {
+        vector: VersionVector::new(),
+        origins: vec![A],
+        rewind: false,
+    });
+    let err = a.handle_message(C, StreamKind::Feed, stale, 0).unwrap_err();
+    assert!(
+        matches!(err, PeerError::Behind { peer: C, origin: A, trimmed, .. } if trimmed == trimmed_to),
+        "{err}"
+    );
+    assert_eq!(err.code(), braid_protocol::ErrorCode::Behind);
+    // From the trimmed point on, it is served.
+    let fresh = Message::Subscribe(Subscribe {
+        vector: [(A, trimmed_to)].into_iter().collect(),
+        origins: vec![A],
+        rewind: false,
+    });
+    a.handle_message(C, StreamKind::Feed, fresh, 0).unwrap();
+}
+
+#[test]
+fn a_restarted_replica_remembers_how_far_its_log_was_trimmed() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    for i in 0..6 {
+        net.write(B, "n", Command::IncrBy(i + 1));
+    }
+    net.run();
+    let frontier: VersionVector = [(B, Seq(4))].into_iter().collect();
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert_eq!(a.handle_stable_frontier(&frontier).unwrap(), 4);
+    net.disconnect(A, B);
+    net.disconnect(B, A);
+    let storage = net.replicas.remove(&A).unwrap().into_storage();
+    let restarted =
+        Replica::open(ReplicaConfig::new(A), topology.clone(), storage, net.now_ms).unwrap();
+    assert_eq!(restarted.trimmed(), &frontier);
+    assert_eq!(restarted.log_events(), 2);
+}

@@ -3,7 +3,7 @@
 
 use braid_conflict::KeyState;
 use braid_protocol::storage::{Commit, Infallible, Recovered, Storage};
-use braid_protocol::{ChangeEvent, MemoryStorage, NodeId, Seq};
+use braid_protocol::{ChangeEvent, MemoryStorage, NodeId, Seq, VersionVector};
 
 /// Bugs the simulator can inject on purpose, to prove that its checkers bite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,10 @@ impl Storage for SimStorage {
                 self.inner.commit(commit)
             }
         }
+    }
+
+    fn trim_log(&mut self, through: &VersionVector) -> Result<(), Infallible> {
+        self.inner.trim_log(through)
     }
 
     fn log_after(

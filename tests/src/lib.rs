@@ -250,6 +250,9 @@ pub struct Layout {
     pub password: Option<String>,
     /// Whether the nodes accept `POST /faults`.
     pub fault_injection: bool,
+    /// Whether the nodes garbage-collect their change logs. Off unless a test asks for it:
+    /// [`Cluster::oracle_from_logs`] needs whole logs.
+    pub change_log_gc: bool,
 }
 
 impl Layout {
@@ -261,6 +264,7 @@ impl Layout {
             password: None,
             not_running: Vec::new(),
             fault_injection: false,
+            change_log_gc: false,
         }
     }
 
@@ -273,6 +277,12 @@ impl Layout {
     /// The same, with fault injection enabled in every node.
     pub fn with_fault_injection(mut self) -> Layout {
         self.fault_injection = true;
+        self
+    }
+
+    /// The same, with change-log garbage collection on in every node.
+    pub fn with_change_log_gc(mut self) -> Layout {
+        self.change_log_gc = true;
         self
     }
 
@@ -289,6 +299,7 @@ impl Layout {
             password: None,
             not_running: Vec::new(),
             fault_injection: false,
+            change_log_gc: false,
         }
     }
 }
@@ -306,6 +317,7 @@ impl Cluster {
             durability: Durability::Process,
             password: layout.password,
             fault_injection: layout.fault_injection,
+            change_log_gc: layout.change_log_gc,
         };
         let file: ClusterFile = cluster::init(&options).unwrap();
         let nodes = file

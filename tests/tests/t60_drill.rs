@@ -267,6 +267,7 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
         "--detach",
         "--base-port",
         &base,
+        "--keep-change-log",
     ]);
     assert!(up.status.success(), "{:?}", text(&up));
     let pid_of = |name: &str| {
@@ -307,6 +308,28 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
             .replace("lag-ms-p99-max = 1", "converged-within-ms = 20000"),
     )
     .unwrap();
+    // A cluster that garbage-collects its change logs (the default) cannot be checked from them.
+    let collected = work.path().join("gc");
+    let init = braid(&[
+        "init",
+        "--regions",
+        "a,b",
+        "--dir",
+        collected.to_str().unwrap(),
+    ]);
+    assert!(init.status.success(), "{:?}", text(&init));
+    let refused = braid(&[
+        "drill",
+        kill.to_str().unwrap(),
+        "--attach",
+        collected.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).1.contains("--keep-change-log"),
+        "{:?}",
+        text(&refused)
+    );
     let out = braid(&[
         "drill",
         kill.to_str().unwrap(),

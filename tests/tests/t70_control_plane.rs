@@ -272,3 +272,90 @@ fn t70_a_partitioned_region_serves_writes_commits_nothing_and_converges_after_he
     }
     let _ = leader;
 }
+
+/// Sum of a status's vector: every event this node has applied.
+fn applied(status: &Status) -> u64 {
+    status.vector.values().sum()
+}
+
+#[test]
+fn t70_the_change_log_is_trimmed_below_the_frontier_and_a_down_region_holds_it_back() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_change_log_gc());
+    // A steady load in every region for a while: the logs are trimmed as it runs.
+    let mut connections: Vec<redis::Connection> = cluster.nodes.iter().map(|n| n.redis()).collect();
+    let load_until = Instant::now() + Duration::from_secs(10);
+    let mut written = 0u64;
+    while Instant::now() < load_until {
+        for (i, connection) in connections.iter_mut().enumerate() {
+            let _: () = connection
+                .set(format!("k{}", written % 50), format!("{i}-{written}"))
+                .unwrap();
+            let _: i64 = connection.incr("n", 1).unwrap();
+            written += 2;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let during: Vec<Status> = cluster.nodes.iter().map(|n| n.status()).collect();
+    for status in &during {
+        assert!(
+            status.change_log_events_trimmed > 0,
+            "{}: nothing trimmed during the load",
+            status.region
+        );
+        assert!(
+            status.change_log_events < applied(status),
+            "{}: the log holds all {} events",
+            status.region,
+            applied(status)
+        );
+    }
+    // Once the load stops, the frontier reaches everyone's vector and the logs empty.
+    cluster.wait_converged(SETTLE);
+    let settled = wait_for(&cluster, "empty change logs", |s| {
+        s.iter()
+            .all(|s| s.change_log_events == 0 && s.change_log_trimmed == s.vector)
+    });
+    let total: i64 = cluster.node("a").redis().get("n").unwrap();
+    assert_eq!(total as u64, written / 2, "every increment once");
+    for status in &settled {
+        assert_eq!(applied(status), written);
+    }
+
+    // A region that is down holds the frontier back: what it lacks is kept for it.
+    cluster.node("c").kill9();
+    let c_had = settled
+        .iter()
+        .find(|s| s.region == "c")
+        .unwrap()
+        .vector
+        .clone();
+    for i in 0..200 {
+        let _: () = cluster
+            .node("a")
+            .redis()
+            .set(format!("down{i}"), "x")
+            .unwrap();
+    }
+    // Several checkpoint intervals pass.
+    std::thread::sleep(Duration::from_secs(8));
+    for region in ["a", "b"] {
+        let status = cluster.node(region).status();
+        assert_eq!(
+            status.change_log_trimmed.get("a"),
+            c_had.get("a"),
+            "{region} trimmed what c lacks"
+        );
+        assert!(status.change_log_events >= 200, "{region}: {status:?}");
+    }
+    // c comes back, catches up from the others' logs, and then the logs empty again.
+    cluster.node("c").start();
+    cluster.wait_connected(&[0, 1, 2]);
+    cluster.wait_converged(SETTLE);
+    wait_for(&cluster, "empty change logs after c's return", |s| {
+        s.len() == 3
+            && s.iter()
+                .all(|s| s.change_log_events == 0 && s.change_log_trimmed == s.vector)
+    });
+    let got: String = cluster.node("c").redis().get("down199").unwrap();
+    assert_eq!(got, "x");
+}

@@ -493,6 +493,7 @@ impl UnderTest {
                     durability: options.durability,
                     password: None,
                     fault_injection: false,
+                    change_log_gc: true,
                 })
                 .map_err(|e| fail(&e))?;
                 let mut children =

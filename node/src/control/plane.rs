@@ -8,6 +8,7 @@
 //!     leader, no state yet      ─► propose Bootstrap (members and links from its config)
 //!     leader, members not in Raft ─► add them as learners
 //!     every CHECKPOINT_INTERVAL_MS ─► propose ReportCheckpoint(this node's vector)
+//!     a new stable frontier      ─► the driver trims the change log through it (GC on)
 //!   propose(command): this node's Raft if it leads, else a Propose call to the leader
 //! ```
 //!
@@ -331,16 +332,19 @@ impl ControlPlane {
         self.raft.metrics().borrow().current_leader == Some(self.node.0)
     }
 
-    /// Runs the upkeep until shutdown: the bootstrap, learners, checkpoints.
+    /// Runs the upkeep until shutdown: the bootstrap, learners, checkpoints, and (with `gc`)
+    /// the change log's garbage collection at the stable frontier.
     pub fn spawn_upkeep(
         &self,
         bootstrap: ControlCommand,
+        gc: bool,
         inputs: mpsc::Sender<Input>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let plane = self.clone();
         tokio::spawn(async move {
             let mut next_checkpoint_ms = 0u64;
+            let mut frontier_sent = VersionVector::new();
             loop {
                 tokio::select! {
                     biased;
@@ -352,6 +356,20 @@ impl ControlPlane {
                 if now >= next_checkpoint_ms && plane.state().is_some() {
                     next_checkpoint_ms = now + CHECKPOINT_INTERVAL_MS;
                     plane.report_checkpoint(&inputs).await;
+                }
+                let frontier = plane
+                    .state()
+                    .map(|s| s.stable_frontier())
+                    .unwrap_or_default();
+                if gc && frontier != frontier_sent && !frontier.is_empty() {
+                    if inputs
+                        .send(Input::StableFrontier(frontier.clone()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    frontier_sent = frontier;
                 }
             }
             if let Err(err) = plane.raft.shutdown().await {

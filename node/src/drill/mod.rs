@@ -877,6 +877,20 @@ async fn cluster_for(
                 scenario.regions.join(", ")
             )));
         }
+        // The checks read every region's whole change log: a cluster that deletes what every
+        // region holds would show gaps and an oracle short of those events.
+        for entry in &file.regions {
+            let config = NodeConfig::load(&entry.config)
+                .map_err(|e| DrillError::Cluster(format!("region {}: {e}", entry.name)))?;
+            if config.change_log_gc {
+                return Err(DrillError::Unsupported(format!(
+                    "region {} garbage-collects its change log, and the drill's checks read \
+                     whole change logs: start the cluster with `braid cluster up \
+                     --keep-change-log` (or set change-log-gc = false in every braid.toml)",
+                    entry.name
+                )));
+            }
+        }
         return Ok((file, dir.clone(), None));
     }
     let Some(work) = work else {
@@ -892,6 +906,8 @@ async fn cluster_for(
         durability: options.durability,
         password: None,
         fault_injection: true,
+        // The checks read every region's whole change log.
+        change_log_gc: false,
     })
     .map_err(|e| fail(&e))?;
     let mut children = launch::spawn(&mut file, &options.exe, false).map_err(|e| fail(&e))?;
