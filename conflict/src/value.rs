@@ -237,6 +237,9 @@ pub enum CommandError {
     /// The counter would leave the signed 64-bit range.
     #[error("ERR increment or decrement would overflow")]
     Overflow,
+    /// The region is leaving the mesh: it ships what it holds and takes no new writes.
+    #[error("READONLY this region is leaving the mesh; write to another region")]
+    Leaving,
 }
 
 /// What [`KeyState::prepare`] decided.

@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use braid_conflict::{Command, CommandError, Hlc};
 use braid_protocol::replica::Stats;
 use braid_protocol::{
-    ErrorCode, ErrorMessage, Message, NodeId, PeerError, Replica, StreamKind, VersionVector,
+    ErrorCode, ErrorMessage, Message, NodeId, PeerError, Replica, StreamKind, Topology,
+    VersionVector,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -88,6 +89,12 @@ pub enum Input {
     },
     /// The stable frontier the control plane committed: the change log is trimmed through it.
     StableFrontier(VersionVector),
+    /// The topology the control plane committed: subscriptions follow it.
+    Topology(Topology),
+    /// This region is leaving the mesh: from now on client writes are refused.
+    Leaving,
+    /// This region has been removed from the mesh: the driver stops.
+    Removed,
     /// A status snapshot, for HTTP and INFO.
     Status {
         /// Where it goes.
@@ -138,6 +145,12 @@ pub struct Driver {
     streams: BTreeMap<(NodeId, StreamKind), (u64, mpsc::Sender<Message>)>,
     /// Injected faults: the clock offset is added to physical time (0 unless enabled).
     faults: Arc<Faults>,
+    /// The neighbors of the topology in force, for the transport's subscriber tasks.
+    neighbors: watch::Sender<Vec<NodeId>>,
+    /// The region is leaving: writes are refused.
+    leaving: bool,
+    /// The region was removed: the run ends.
+    removed: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -149,17 +162,22 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    /// A driver for `replica`, reading `inputs`.
+    /// A driver for `replica`, reading `inputs`; it tells `neighbors` whenever the topology
+    /// changes.
     pub fn new(
         replica: Replica<RocksStorage>,
         inputs: mpsc::Receiver<Input>,
         faults: Arc<Faults>,
+        neighbors: watch::Sender<Vec<NodeId>>,
     ) -> Driver {
         Driver {
             replica,
             inputs,
             streams: BTreeMap::new(),
             faults,
+            neighbors,
+            leaving: false,
+            removed: false,
         }
     }
 
@@ -193,6 +211,10 @@ impl Driver {
                 }
             }
             self.flush();
+            if self.removed {
+                info!(node = %self.replica.node(), "this region was removed from the mesh");
+                break;
+            }
         }
         info!(node = %self.replica.node(), "replica stopped");
         Ok(())
@@ -222,7 +244,11 @@ impl Driver {
                 }
             }
         }
-        if !commands.is_empty() {
+        if !commands.is_empty() && self.leaving {
+            for (reply, count) in replies {
+                let _ = reply.send(vec![Err(CommandError::Leaving); count]);
+            }
+        } else if !commands.is_empty() {
             let now = self.now();
             let mut results = self.replica.handle_commands(commands, now)?.into_iter();
             for (reply, count) in replies {
@@ -243,6 +269,14 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Input::Topology(topology) => self.handle_topology(topology, now),
+            Input::Leaving => {
+                if !self.leaving {
+                    info!("this region is leaving the mesh: refusing writes from now on");
+                }
+                self.leaving = true;
+            }
+            Input::Removed => self.removed = true,
             Input::StableFrontier(frontier) => {
                 let deleted = self.replica.handle_stable_frontier(&frontier)?;
                 if deleted > 0 {
@@ -287,6 +321,32 @@ impl Driver {
             },
         }
         Ok(())
+    }
+
+    /// Takes a committed topology: the replica re-routes, streams of peers no longer linked
+    /// close, and the transport subscribes to new neighbors.
+    fn handle_topology(&mut self, topology: Topology, now: u64) {
+        if self.replica.topology() == &topology {
+            return;
+        }
+        let me = self.replica.node();
+        let before = self.replica.topology().neighbors(me);
+        if let Err(err) = self.replica.handle_topology(topology, now) {
+            warn!(error = %err, "committed topology not taken");
+            return;
+        }
+        let after = self.replica.topology().neighbors(me);
+        for gone in before.iter().filter(|p| !after.contains(p)) {
+            for stream in [StreamKind::Subscription, StreamKind::Feed] {
+                let error = ErrorMessage {
+                    code: ErrorCode::UnknownPeer,
+                    text: "the link was removed from the topology".into(),
+                };
+                self.close_stream(*gone, stream, Some(error));
+            }
+        }
+        info!(neighbors = ?after, "topology changed");
+        let _ = self.neighbors.send(after);
     }
 
     /// A peer error closes that stream (telling the peer why); a storage error is fatal.

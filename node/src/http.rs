@@ -1,6 +1,8 @@
 //! HTTP admin: `GET /health`, `GET /status` (JSON), `GET /lag` (histograms), `GET /metrics`
-//! (Prometheus text), and `GET`/`POST /faults` (fault injection for drills; refused unless the
-//! configuration enables it).
+//! (Prometheus text), `POST /topology` (new links, committed by the control plane), `POST
+//! /leave` (this region drains and leaves the mesh), and
+//! `GET`/`POST /faults` (fault injection for drills; refused unless the configuration enables
+//! it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -372,6 +374,63 @@ async fn set_faults(
     }
 }
 
+/// `POST /topology`: `{"links": [["a", "b"], ...]}` for these links only, or `{"links": null}`
+/// for a full mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyRequest {
+    /// Links by region name; none for a full mesh.
+    pub links: Option<Vec<[String; 2]>>,
+}
+
+/// Links named in one request, at most: a mesh of the 64 members the control plane admits.
+const TOPOLOGY_LINKS_MAX: usize = 64 * 63 / 2;
+
+async fn set_topology(
+    State(state): State<AdminState>,
+    request: Result<Json<TopologyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::control::plane::ControlPlaneError;
+    use crate::control::ControlReply;
+    let Json(request) = match request {
+        Ok(request) => request,
+        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
+    };
+    if request
+        .links
+        .as_ref()
+        .is_some_and(|l| l.len() > TOPOLOGY_LINKS_MAX)
+    {
+        let text = format!("at most {TOPOLOGY_LINKS_MAX} links");
+        return (StatusCode::BAD_REQUEST, text).into_response();
+    }
+    let Some(control) = &state.control else {
+        let text = "this node runs no control plane";
+        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+    };
+    match control.set_topology(request.links).await {
+        Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
+        Ok(_) => Json(serde_json::json!({ "result": "committed" })).into_response(),
+        Err(err @ ControlPlaneError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, err.to_string()).into_response()
+        }
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+    }
+}
+
+async fn leave(State(state): State<AdminState>) -> Response {
+    use crate::control::ControlReply;
+    let Some(control) = &state.control else {
+        let text = "this node runs no control plane";
+        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+    };
+    match control.leave().await {
+        Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
+        Ok(_) => Json(serde_json::json!({ "result": "draining" })).into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     match state.snapshot().await {
         Some(snapshot) => (
@@ -398,6 +457,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/lag", get(lag))
         .route("/faults", get(get_faults).post(set_faults))
+        .route("/topology", axum::routing::post(set_topology))
+        .route("/leave", axum::routing::post(leave))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

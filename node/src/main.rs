@@ -48,6 +48,17 @@ enum Commands {
     /// with RPO, recovery, convergence and lag measured and a PASS/FAIL verdict per expectation.
     /// Exits non-zero when an expectation fails.
     Drill(DrillArgs),
+    /// Change the links between regions: committed by the control plane, followed by every
+    /// node without a restart. Fails when no leader commits it (a minority cannot).
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Make a region leave the mesh: it stops taking writes, waits until every other region
+    /// holds all of its events, removes itself from the mesh and stops.
+    Leave {
+        /// The leaving node's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+    },
     /// Print a node's status: peers, their state, lag and counters.
     Status {
         /// The node's HTTP admin address.
@@ -56,6 +67,23 @@ enum Commands {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCommand {
+    /// Set the links: `--mesh` for every pair, or `--links a-b,b-c` for these only.
+    Set {
+        /// Any node's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+        /// Link every region to every other.
+        #[arg(long, conflicts_with = "links", required_unless_present = "links")]
+        mesh: bool,
+        /// Only these links, as region pairs `a-b`, comma-separated; every region must be in
+        /// one and every region must reach every other.
+        #[arg(long, value_delimiter = ',', value_name = "A-B,B-C")]
+        links: Option<Vec<String>>,
     },
 }
 
@@ -270,6 +298,10 @@ fn main() -> Result<()> {
             }) => cluster_up(regions as usize, &dir, detach, &layout).await,
             Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
             Commands::Status { http, json } => status(http, json).await,
+            Commands::Leave { http } => leave(http).await,
+            Commands::Topology(TopologyCommand::Set { http, mesh, links }) => {
+                topology_set(http, mesh, links).await
+            }
             Commands::Bench(args) => bench(args).await,
             Commands::Drill(args) => drill(args).await,
         }
@@ -685,6 +717,100 @@ async fn drill(args: DrillArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long `braid leave` waits for the region to be gone.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn leave(http: SocketAddr) -> Result<()> {
+    let status = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot reach the node at http://{http}/status"))?;
+    let status: Status = serde_json::from_str(&status).context("unexpected /status document")?;
+    let region = status.region.clone();
+    braid_node::admin_client::post_json(http, "/leave", "{}", TOPOLOGY_SET_TIMEOUT)
+        .await
+        .with_context(|| format!("region {region} could not start leaving"))?;
+    println!("Region {region} is draining: it takes no new writes and ships what it holds.");
+    let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+    let mut last_line = String::new();
+    loop {
+        let Ok(body) = braid_node::admin_client::get(http, "/status", Duration::from_secs(5)).await
+        else {
+            // The node stops once it is removed.
+            println!("Region {region} has left the mesh and stopped.");
+            return Ok(());
+        };
+        if let Ok(status) = serde_json::from_str::<Status>(&body) {
+            let mine = status.vector.get(&region).copied().unwrap_or(0);
+            let waiting: Vec<String> = status
+                .control
+                .members
+                .iter()
+                .filter(|m| m.name != region && matches!(m.state.as_str(), "active" | "draining"))
+                .filter(|m| {
+                    m.checkpoint
+                        .as_ref()
+                        .and_then(|c| c.vector.get(&region))
+                        .is_none_or(|s| *s < mine)
+                })
+                .map(|m| m.name.clone())
+                .collect();
+            let line = if waiting.is_empty() {
+                format!("every region holds {region}'s {mine} events; removing it")
+            } else {
+                format!(
+                    "waiting for {} to report holding {region}'s {mine} events",
+                    waiting.join(", ")
+                )
+            };
+            if line != last_line {
+                println!("  {line}");
+                last_line = line;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "region {region} has not left within {} s; `braid status --http {http}` shows \
+                 what it waits for",
+                LEAVE_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long `braid topology set` waits: the control plane's own limit for a commit, and more.
+const TOPOLOGY_SET_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn topology_set(http: SocketAddr, mesh: bool, links: Option<Vec<String>>) -> Result<()> {
+    let links = match (mesh, links) {
+        (true, _) | (false, None) => None,
+        (false, Some(links)) => {
+            let mut pairs = Vec::with_capacity(links.len());
+            for link in links {
+                let Some((a, b)) = link.split_once('-') else {
+                    bail!("--links: {link:?} is not a pair of regions like a-b");
+                };
+                pairs.push([a.to_string(), b.to_string()]);
+            }
+            Some(pairs)
+        }
+    };
+    let body = serde_json::to_string(&braid_node::http::TopologyRequest {
+        links: links.clone(),
+    })?;
+    braid_node::admin_client::post_json(http, "/topology", &body, TOPOLOGY_SET_TIMEOUT)
+        .await
+        .with_context(|| format!("the topology was not changed (through http://{http})"))?;
+    match links {
+        None => println!("Committed: every region linked to every other."),
+        Some(links) => {
+            let named: Vec<String> = links.iter().map(|[a, b]| format!("{a}-{b}")).collect();
+            println!("Committed: links {}.", named.join(" "));
+        }
+    }
+    Ok(())
+}
+
 async fn status(http: SocketAddr, json: bool) -> Result<()> {
     let body = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
         .await
@@ -747,6 +873,20 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         println!("members: not known yet (the group has not committed its bootstrap)");
         return Ok(());
     }
+    let links: Vec<String> = control
+        .links
+        .iter()
+        .map(|[a, b]| format!("{a}-{b}"))
+        .collect();
+    println!(
+        "links: {}{}",
+        links.join(" "),
+        if control.full_mesh {
+            " (full mesh)"
+        } else {
+            ""
+        }
+    );
     println!(
         "{:<8} {:>4} {:<9} {:<6} {:<22} {:>12}  CHECKPOINT",
         "MEMBER", "ID", "STATE", "VOTES", "PEER ADDRESS", "REPORTED"

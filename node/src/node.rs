@@ -143,7 +143,8 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
     .await?;
     // Set once, here, before the accept loop starts: nothing else sets it.
     let _ = mesh.control.set(control.raft().clone());
-    mesh.start(endpoint.clone(), topology.neighbors(node), shutdown.clone());
+    let (neighbors, neighbors_rx) = watch::channel(topology.neighbors(node));
+    mesh.start(endpoint.clone(), neighbors_rx, shutdown.clone());
     control.spawn_upkeep(
         bootstrap_command(&config),
         config.change_log_gc,
@@ -179,7 +180,9 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         %node, region = %config.region, resp = %config.listen.resp, http = %config.listen.http,
         peer = %config.listen.peer, durability = ?config.durability, "node listening"
     );
-    let result = Driver::new(replica, input_rx, faults).run(shutdown).await;
+    let result = Driver::new(replica, input_rx, faults, neighbors)
+        .run(shutdown)
+        .await;
     endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
     if let Err(err) = &result {
         crate::driver::log_fatal(err);

@@ -140,11 +140,13 @@ impl Mesh {
         self.traffic.get(&peer)
     }
 
-    /// Spawns the accept loop and one subscriber task per neighbor.
+    /// Spawns the accept loop, and keeps one subscriber task per neighbor: `neighbors` says
+    /// who they are, now and whenever the topology changes (a task is stopped when its peer is
+    /// no longer a neighbor, and started for a new one).
     pub fn start(
         self: &Arc<Self>,
         endpoint: quinn::Endpoint,
-        neighbors: Vec<NodeId>,
+        neighbors: watch::Receiver<Vec<NodeId>>,
         shutdown: watch::Receiver<bool>,
     ) {
         let mesh = self.clone();
@@ -153,17 +155,7 @@ impl Mesh {
             endpoint.clone(),
             shutdown.clone(),
         ));
-        for peer in neighbors {
-            if let Some(addr) = mesh.peers.get(&peer).copied() {
-                tokio::spawn(subscriber(
-                    mesh.clone(),
-                    endpoint.clone(),
-                    peer,
-                    addr,
-                    shutdown.clone(),
-                ));
-            }
-        }
+        tokio::spawn(subscribers(mesh, endpoint, neighbors, shutdown));
     }
 
     async fn send_input(&self, input: Input) -> Result<(), StreamError> {
@@ -283,8 +275,56 @@ async fn serve_stream(
     }
 }
 
+/// Runs one [`subscriber`] per neighbor, following the neighbors as they change, until shutdown.
+async fn subscribers(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    mut neighbors: watch::Receiver<Vec<NodeId>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Each task's stop signal: set when its peer stops being a neighbor, or at shutdown.
+    let mut running: BTreeMap<NodeId, watch::Sender<bool>> = BTreeMap::new();
+    loop {
+        let wanted = neighbors.borrow_and_update().clone();
+        running.retain(|peer, stop| {
+            let keep = wanted.contains(peer);
+            if !keep {
+                info!(%peer, "no longer a neighbor: unsubscribing");
+                let _ = stop.send(true);
+            }
+            keep
+        });
+        for peer in wanted {
+            let Some(addr) = mesh.peers.get(&peer).copied() else {
+                warn!(%peer, "a neighbor without a known address: not subscribing");
+                continue;
+            };
+            if running.contains_key(&peer) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            running.insert(peer, stop);
+            tokio::spawn(subscriber(
+                mesh.clone(),
+                endpoint.clone(),
+                peer,
+                addr,
+                stopped,
+            ));
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            changed = neighbors.changed() => if changed.is_err() { break },
+        }
+    }
+    for stop in running.values() {
+        let _ = stop.send(true);
+    }
+}
+
 /// Keeps a subscription to `peer` open: connect, open a stream, run it; on failure, back off
-/// and try again.
+/// and try again, until `shutdown` (the node's, or this peer's) turns true.
 async fn subscriber(
     mesh: Arc<Mesh>,
     endpoint: quinn::Endpoint,

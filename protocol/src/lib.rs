@@ -37,6 +37,6 @@ pub use message::{
     ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, Subscribe,
     PROTOCOL_VERSION,
 };
-pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, Transmit};
+pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit};
 pub use storage::{Commit, MemoryStorage, Recovered, Storage};
 pub use topology::{Topology, TopologyError};

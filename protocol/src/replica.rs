@@ -140,6 +140,9 @@ pub enum PeerError<E: std::error::Error> {
     /// A peer outside the topology.
     #[error("{0} is not in the topology")]
     UnknownPeer(NodeId),
+    /// A peer in the topology but not linked to this node.
+    #[error("{0} is not linked to this node")]
+    NotLinked(NodeId),
     /// The peer closed the stream with an error.
     #[error("{peer} closed the stream: {code:?}: {text}")]
     Closed {
@@ -174,12 +177,20 @@ impl<E: std::error::Error> PeerError<E> {
     pub fn code(&self) -> ErrorCode {
         match self {
             PeerError::Unexpected { .. } => ErrorCode::Malformed,
-            PeerError::UnknownPeer(_) => ErrorCode::UnknownPeer,
+            PeerError::UnknownPeer(_) | PeerError::NotLinked(_) => ErrorCode::UnknownPeer,
             PeerError::Closed { code, .. } => *code,
             PeerError::Behind { .. } => ErrorCode::Behind,
             PeerError::Storage(_) => ErrorCode::Internal,
         }
     }
+}
+
+/// A topology the replica cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyChange {
+    /// The topology does not include this node.
+    #[error("the topology does not include this node ({0})")]
+    NotAMember(NodeId),
 }
 
 /// Counters of one peer's traffic, as seen by this replica.
@@ -518,7 +529,7 @@ impl<S: Storage> Replica<S> {
         peer: NodeId,
         now_ms: u64,
     ) -> Result<(), PeerError<S::Error>> {
-        self.check_peer(peer)?;
+        self.check_linked(peer)?;
         self.subscriptions
             .insert(peer, Subscription { origins: None });
         self.refresh_routes(now_ms);
@@ -539,7 +550,7 @@ impl<S: Storage> Replica<S> {
         peer: NodeId,
         _now_ms: u64,
     ) -> Result<(), PeerError<S::Error>> {
-        self.check_peer(peer)?;
+        self.check_linked(peer)?;
         self.feeds.insert(
             peer,
             Feed {
@@ -556,6 +567,15 @@ impl<S: Storage> Replica<S> {
     /// `peer`'s subscription stream closed.
     pub fn handle_feed_closed(&mut self, peer: NodeId, _now_ms: u64) {
         self.feeds.remove(&peer);
+    }
+
+    /// Streams open only between linked nodes.
+    fn check_linked(&self, peer: NodeId) -> Result<(), PeerError<S::Error>> {
+        self.check_peer(peer)?;
+        if !self.topology.linked(self.config.node, peer) {
+            return Err(PeerError::NotLinked(peer));
+        }
+        Ok(())
     }
 
     fn check_peer(&self, peer: NodeId) -> Result<(), PeerError<S::Error>> {
@@ -916,6 +936,38 @@ impl<S: Storage> Replica<S> {
             });
         }
         self.held.clear();
+    }
+
+    // ---- topology ----
+
+    /// A new topology, committed by the control plane: the links change without a restart.
+    /// Subscriptions and feeds of peers no longer linked to this node are forgotten (the driver
+    /// closes their streams: see [`Replica::topology`] for who is linked now); newly linked
+    /// peers count as unreachable until their streams open; every origin is routed again. A
+    /// topology without this node is refused (a removed node stops instead).
+    pub fn handle_topology(
+        &mut self,
+        topology: Topology,
+        now_ms: u64,
+    ) -> Result<(), TopologyChange> {
+        let me = self.config.node;
+        if !topology.contains(me) {
+            return Err(TopologyChange::NotAMember(me));
+        }
+        let before: Vec<NodeId> = self.topology.neighbors(me);
+        let after: Vec<NodeId> = topology.neighbors(me);
+        for gone in before.iter().filter(|n| !after.contains(n)) {
+            self.subscriptions.remove(gone);
+            self.feeds.remove(gone);
+            self.down_since_ms.remove(gone);
+            self.peer_vectors.remove(gone);
+        }
+        for new in after.iter().filter(|n| !before.contains(n)) {
+            self.down_since_ms.insert(*new, now_ms);
+        }
+        self.topology = topology;
+        self.refresh_routes(now_ms);
+        Ok(())
     }
 
     // ---- garbage collection ----

@@ -108,6 +108,11 @@ impl Topology {
         self.links.iter().copied()
     }
 
+    /// Whether `a` and `b` are linked.
+    pub fn linked(&self, a: NodeId, b: NodeId) -> bool {
+        self.links.contains(&(a.min(b), a.max(b)))
+    }
+
     /// The nodes linked to `node`, in id order.
     pub fn neighbors(&self, node: NodeId) -> Vec<NodeId> {
         self.links

@@ -892,3 +892,64 @@ fn a_restarted_replica_remembers_how_far_its_log_was_trimmed() {
     assert_eq!(restarted.trimmed(), &frontier);
     assert_eq!(restarted.log_events(), 2);
 }
+
+#[test]
+fn a_new_topology_takes_effect_without_a_restart() {
+    let mesh = Topology::full_mesh([A, B, C]).unwrap();
+    let chain = Topology::with_links([A, B, C], [(A, B), (B, C)]).unwrap();
+    let mut net = Net::new(&mesh);
+    net.connect_links(&mesh);
+    mixed_writes(&mut net, &[A, C], 1);
+    net.run();
+    net.assert_converged();
+
+    // Every replica takes the chain; the driver closes the streams of the cut link.
+    let now = net.now_ms;
+    for replica in net.replicas.values_mut() {
+        replica.handle_topology(chain.clone(), now).unwrap();
+    }
+    net.disconnect(A, C);
+    net.disconnect(C, A);
+    net.tick_all(5_000);
+    net.run();
+    let c = &net.replicas[&C];
+    assert_eq!(c.topology(), &chain);
+    assert!(!c.is_subscribed(A) && !c.has_feed(A));
+    assert_eq!(
+        c.origins_from(B),
+        vec![A, B],
+        "A's events now come through B"
+    );
+    // A and C may not open streams to each other any more.
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert!(matches!(
+        a.handle_feed_open(C, now),
+        Err(PeerError::NotLinked(peer)) if peer == C
+    ));
+    // Writes still reach everyone, relayed, each applied once.
+    mixed_writes(&mut net, &[A, B, C], 2);
+    net.run();
+    net.assert_converged();
+    assert_eq!(net.total_duplicates(), 0, "no echo through the relay");
+
+    // Back to the mesh: the link comes back and A's events come from A again.
+    let now = net.now_ms;
+    for replica in net.replicas.values_mut() {
+        replica.handle_topology(mesh.clone(), now).unwrap();
+    }
+    net.connect(A, C);
+    net.connect(C, A);
+    net.run();
+    net.tick_all(5_000);
+    net.run();
+    assert_eq!(net.replicas[&C].origins_from(A), vec![A]);
+    mixed_writes(&mut net, &[A, C], 1);
+    net.run();
+    net.assert_converged();
+
+    // A topology without the replica itself is refused, and changes nothing.
+    let without_c = Topology::full_mesh([A, B]).unwrap();
+    let c = net.replicas.get_mut(&C).unwrap();
+    assert!(c.handle_topology(without_c, now).is_err());
+    assert_eq!(c.topology(), &mesh);
+}

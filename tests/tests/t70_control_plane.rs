@@ -178,6 +178,18 @@ fn t70_the_group_outlives_its_leader_and_a_restarted_cluster_keeps_its_state() {
         s.iter()
             .all(|s| checkpoint_of(s, &writer).is_some_and(|v| v.get(&writer).copied() == Some(1)))
     });
+    // Topology changes commit too: a chain with the dead region at its end.
+    let chain = format!(
+        "{}-{},{}-{old_leader}",
+        survivors[0], survivors[1], survivors[1]
+    );
+    let http = cluster.node(&survivors[0]).http.to_string();
+    let out = braid(&["topology", "set", "--http", &http, "--links", &chain]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(&cluster, "the chain committed after the failover", |s| {
+        s.iter()
+            .all(|s| !s.control.full_mesh && s.control.links.len() == 2)
+    });
 
     // The old leader comes back as a follower of the new one and catches up on what was
     // committed without it.
@@ -254,6 +266,12 @@ fn t70_a_partitioned_region_serves_writes_commits_nothing_and_converges_after_he
             status.region
         );
     }
+    // ... nor change the topology.
+    let c_http = cluster.node("c").http.to_string();
+    let out = braid(&["topology", "set", "--http", &c_http, "--links", "a-c,b-c"]);
+    assert!(!out.status.success(), "a minority changed the topology");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no leader committed"), "{stderr}");
     // Heal: c's writes reach everyone, and c's checkpoint commits under the majority's leader
     // (or whoever leads now).
     for region in ["a", "b", "c"] {
@@ -358,4 +376,189 @@ fn t70_the_change_log_is_trimmed_below_the_frontier_and_a_down_region_holds_it_b
     });
     let got: String = cluster.node("c").redis().get("down199").unwrap();
     assert_eq!(got, "x");
+}
+
+fn braid(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(braid_tests::braid_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn neighbors(status: &Status) -> Vec<String> {
+    status.peers.iter().map(|p| p.region.clone()).collect()
+}
+
+#[test]
+fn t70_topology_changes_commit_and_every_node_follows_without_a_restart() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    wait_for(&cluster, "a leader", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.full_mesh)
+    });
+    let http = cluster.node("b").http.to_string();
+
+    // A chain a-b-c: a and c drop their link, and a's writes reach c through b.
+    let out = braid(&["topology", "set", "--http", &http, "--links", "a-b,b-c"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Committed: links a-b b-c"));
+    let chain = vec![
+        ["a".to_string(), "b".to_string()],
+        ["b".to_string(), "c".to_string()],
+    ];
+    wait_for(&cluster, "every node on the chain", |s| {
+        s.iter().all(|s| {
+            s.control.links == chain
+                && !s.control.full_mesh
+                && match s.region.as_str() {
+                    "b" => neighbors(s) == ["a", "c"],
+                    _ => neighbors(s) == ["b"] && s.peers[0].state == "connected",
+                }
+        })
+    });
+    let _: () = cluster.node("a").redis().set("via", "b").unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let got: Option<String> = cluster.node("c").redis().get("via").unwrap();
+        if got.as_deref() == Some("b") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a's write never reached c");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = cluster.node("c").status();
+    assert_eq!(c.peers[0].pulling, ["a", "b"], "c pulls a's events from b");
+
+    // Links that would cut a region off are refused, and change nothing.
+    let out = braid(&["topology", "set", "--http", &http, "--links", "a-b"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("409") && stderr.contains("c"), "{stderr}");
+    let out = braid(&["topology", "set", "--http", &http, "--links", "a-z"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no member z"), "{stderr}");
+    let out = braid(&["topology", "set", "--http", &http, "--links", "ab"]);
+    assert!(!out.status.success());
+    assert!(cluster
+        .nodes
+        .iter()
+        .all(|n| n.status().control.links == chain));
+
+    // Back to the mesh.
+    let out = braid(&["topology", "set", "--http", &http, "--mesh"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(&cluster, "every node on the mesh again", |s| {
+        s.iter().all(|s| {
+            s.control.full_mesh
+                && s.peers.len() == 2
+                && s.peers.iter().all(|p| p.state == "connected")
+        })
+    });
+    let _: () = cluster.node("a").redis().set("direct", "yes").unwrap();
+    cluster.wait_converged(SETTLE);
+    let c = cluster.node("c").status();
+    let from_a = c.peers.iter().find(|p| p.region == "a").unwrap();
+    assert_eq!(from_a.pulling, ["a"], "c pulls a's events from a again");
+    // Nobody restarted: each node started once.
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.log().matches("node listening").count(),
+            1,
+            "{} restarted",
+            node.name
+        );
+    }
+}
+
+#[test]
+fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    wait_for(&cluster, "a leader", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.members.len() == 3)
+    });
+    // Writes in every region, c included, right up to its departure.
+    for i in 0..50 {
+        for region in ["a", "b", "c"] {
+            let _: () = cluster
+                .node(region)
+                .redis()
+                .set(format!("{region}{i}"), i)
+                .unwrap();
+        }
+    }
+    let http = cluster.node("c").http.to_string();
+    let leaving = std::thread::spawn(move || braid(&["leave", "--http", &http]));
+    // a and b keep taking writes while c leaves; c takes them until it drains, then refuses.
+    let mut written = 0;
+    let mut c = cluster.node("c").redis();
+    let (mut c_acked, mut c_refused) = (0u64, false);
+    while !leaving.is_finished() {
+        for region in ["a", "b"] {
+            let _: () = cluster
+                .node(region)
+                .redis()
+                .set(format!("during{written}"), region)
+                .unwrap();
+        }
+        if !c_refused {
+            let result: redis::RedisResult<()> = c.set(format!("c-during{written}"), "c");
+            match result {
+                Ok(()) => c_acked += 1,
+                Err(err) => {
+                    assert!(err.to_string().to_uppercase().contains("READONLY"), "{err}");
+                    c_refused = true;
+                }
+            }
+        }
+        written += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c_refused, "c took writes while draining");
+    let out = leaving.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Region c has left the mesh"), "{stdout}");
+    assert!(written > 0);
+
+    // c's process stopped by itself.
+    let deadline = Instant::now() + SETTLE;
+    while braid_tests::http_get(cluster.node("c").http, "/health").is_ok() {
+        assert!(Instant::now() < deadline, "c is still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.node("c").kill9();
+    // a and b: c removed, no link to it, every one of c's writes held, and they converge.
+    let statuses = wait_for(&cluster, "c removed everywhere", |s| {
+        s.iter().all(|s| {
+            s.control
+                .members
+                .iter()
+                .any(|m| m.name == "c" && m.state == "removed")
+                && neighbors(s).iter().all(|n| n != "c")
+                && s.vector.get("c").copied() == Some(50 + c_acked)
+        })
+    });
+    for status in &statuses {
+        let c = status
+            .control
+            .members
+            .iter()
+            .find(|m| m.name == "c")
+            .unwrap();
+        assert!(!c.voter, "a removed member does not vote");
+    }
+    let _: () = cluster.node("a").redis().set("after", "c").unwrap();
+    cluster.wait_converged(SETTLE);
+    for region in ["a", "b"] {
+        let got: i64 = cluster.node(region).redis().get("c49").unwrap();
+        assert_eq!(got, 49, "{region}");
+    }
+    // The two that are left still commit control changes.
+    let http = cluster.node("a").http.to_string();
+    let out = braid(&["topology", "set", "--http", &http, "--links", "a-b"]);
+    assert!(out.status.success(), "{out:?}");
 }

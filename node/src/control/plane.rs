@@ -9,6 +9,10 @@
 //!     leader, members not in Raft ─► add them as learners
 //!     every CHECKPOINT_INTERVAL_MS ─► propose ReportCheckpoint(this node's vector)
 //!     a new stable frontier      ─► the driver trims the change log through it (GC on)
+//!     a new committed topology   ─► the driver re-routes, the transport follows the links
+//!     leader, voters ≠ the first five active members ─► change the Raft membership
+//!     this node draining         ─► refuse writes; once every other member's checkpoint holds
+//!                                   all of this node's events ─► Remove(this node) ─► stop
 //!   propose(command): this node's Raft if it leads, else a Propose call to the leader
 //! ```
 //!
@@ -24,7 +28,7 @@ use std::time::Duration;
 use braid_protocol::control::{
     ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
 };
-use braid_protocol::{NodeId, RaftCall, VersionVector};
+use braid_protocol::{NodeId, RaftCall, Topology, VersionVector};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -62,10 +66,13 @@ pub enum ControlPlaneError {
     Log(#[from] rocksdb::Error),
     /// Its storage failed.
     #[error("control-plane storage: {0}")]
-    Storage(#[from] openraft::StorageError<u64>),
+    Storage(Box<openraft::StorageError<u64>>),
     /// Raft could not start.
     #[error("control plane: {0}")]
     Raft(String),
+    /// A request that names what is not there.
+    #[error("{0}")]
+    Invalid(String),
     /// A proposal did not commit in time (no leader reachable: a minority cannot change
     /// anything).
     #[error("no leader committed the change within {PROPOSE_MS_MAX} ms: {0}")]
@@ -104,6 +111,10 @@ pub struct ControlStatus {
     pub raft_role: String,
     /// Every member (removed ones included), by id; empty until the group is bootstrapped.
     pub members: Vec<MemberStatus>,
+    /// The committed links between the members, by region name (each once).
+    pub links: Vec<[String; 2]>,
+    /// Whether the committed topology links every member to every other.
+    pub full_mesh: bool,
     /// Per origin region, the highest sequence number every active or draining member has
     /// applied (what may be garbage-collected); empty while one of them has not reported.
     pub stable_frontier: BTreeMap<String, u64>,
@@ -185,7 +196,8 @@ impl ControlPlane {
     ) -> Result<ControlPlane, ControlPlaneError> {
         std::fs::create_dir_all(dir).map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
         let log = RocksRaftLog::open(dir)?;
-        let machine = StateMachineStore::open(Arc::new(log.clone()))?;
+        let machine = StateMachineStore::open(Arc::new(log.clone()))
+            .map_err(|e| ControlPlaneError::Storage(Box::new(e)))?;
         let network = QuicRaftNetwork::new(mesh, endpoint);
         let raft_config = raft_config()
             .validate()
@@ -238,34 +250,68 @@ impl ControlPlane {
         &self,
         command: ControlCommand,
     ) -> Result<ControlReply, ControlPlaneError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_MS_MAX);
-        loop {
-            let last: String;
-            match propose_here(&self.raft, command.clone()).await {
-                Ok(reply) => return Ok(reply),
-                Err(Proposal::Failed(why)) => last = why,
-                Err(Proposal::Forward(None)) => last = "no leader known".into(),
-                Err(Proposal::Forward(Some(leader))) => {
-                    let mut client = self.network.client(leader);
-                    let forwarded: Result<ProposeResult, CallError> = client
-                        .call(
-                            RaftCall::Propose,
-                            &command,
-                            Duration::from_millis(FORWARD_MS_MAX),
-                        )
-                        .await;
-                    match forwarded {
-                        Ok(Ok(reply)) => return Ok(reply),
-                        Ok(Err(why)) => last = format!("leader {leader}: {why}"),
-                        Err(err) => last = format!("leader {leader}: {err}"),
+        let mut last = String::from("no leader known");
+        let attempts = async {
+            loop {
+                match propose_here(&self.raft, command.clone()).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(Proposal::Failed(why)) => last = why,
+                    Err(Proposal::Forward(None)) => last = "no leader known".into(),
+                    Err(Proposal::Forward(Some(leader))) => {
+                        let mut client = self.network.client(leader);
+                        let forwarded: Result<ProposeResult, CallError> = client
+                            .call(
+                                RaftCall::Propose,
+                                &command,
+                                Duration::from_millis(FORWARD_MS_MAX),
+                            )
+                            .await;
+                        match forwarded {
+                            Ok(Ok(reply)) => return Ok(reply),
+                            Ok(Err(why)) => last = format!("leader {leader}: {why}"),
+                            Err(err) => last = format!("leader {leader}: {err}"),
+                        }
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(PROPOSE_RETRY_MS)).await;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ControlPlaneError::NoLeader(last));
-            }
-            tokio::time::sleep(Duration::from_millis(PROPOSE_RETRY_MS)).await;
+        };
+        // Bounded as a whole: a node that still believes it leads, cut off from the others,
+        // would wait for its commit forever.
+        match tokio::time::timeout(Duration::from_millis(PROPOSE_MS_MAX), attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(ControlPlaneError::NoLeader(format!(
+                "{last} (a change already sent to a leader may still commit)"
+            ))),
         }
+    }
+
+    /// Commits new links between the members, named by region (`None`: a full mesh).
+    pub async fn set_topology(
+        &self,
+        links: Option<Vec<[String; 2]>>,
+    ) -> Result<ControlReply, ControlPlaneError> {
+        let spec = match links {
+            None => TopologySpec::FullMesh,
+            Some(links) => {
+                let state = self.state().ok_or_else(|| {
+                    ControlPlaneError::Invalid("the group is not bootstrapped yet".into())
+                })?;
+                let id = |name: &str| {
+                    state
+                        .members()
+                        .find(|m| m.region == name && m.state != MemberState::Removed)
+                        .map(|m| m.id)
+                        .ok_or_else(|| ControlPlaneError::Invalid(format!("no member {name}")))
+                };
+                let mut pairs = Vec::with_capacity(links.len());
+                for [a, b] in &links {
+                    pairs.push((id(a)?, id(b)?));
+                }
+                TopologySpec::Links(pairs)
+            }
+        };
+        self.propose(ControlCommand::SetTopology(spec)).await
     }
 
     fn region(&self, state: Option<&ControlState>, node: NodeId) -> String {
@@ -287,6 +333,8 @@ impl ControlPlane {
         };
         let mut members = Vec::new();
         let mut frontier = BTreeMap::new();
+        let mut links = Vec::new();
+        let mut full_mesh = false;
         if let Some(state) = &state {
             let voters = state.voters();
             for member in state.members() {
@@ -308,6 +356,13 @@ impl ControlPlane {
                 });
             }
             frontier = named(&state.stable_frontier());
+            if let Ok(topology) = state.topology() {
+                full_mesh = topology.is_full_mesh();
+                links = topology
+                    .links()
+                    .map(|(a, b)| [self.region(Some(state), a), self.region(Some(state), b)])
+                    .collect();
+            }
         }
         ControlStatus {
             leader: metrics
@@ -323,6 +378,8 @@ impl ControlPlane {
             }
             .into(),
             members,
+            links,
+            full_mesh,
             stable_frontier: frontier,
             control_applied_index: metrics.last_applied.map(|l| l.index),
         }
@@ -345,6 +402,7 @@ impl ControlPlane {
         tokio::spawn(async move {
             let mut next_checkpoint_ms = 0u64;
             let mut frontier_sent = VersionVector::new();
+            let mut topology_sent: Option<Topology> = None;
             loop {
                 tokio::select! {
                     biased;
@@ -352,15 +410,42 @@ impl ControlPlane {
                     _ = tokio::time::sleep(Duration::from_millis(UPKEEP_MS)) => {}
                 }
                 plane.upkeep(&bootstrap).await;
+                match plane.own_state() {
+                    Some(MemberState::Draining) => {
+                        let _ = inputs.send(Input::Leaving).await;
+                        if plane.finish_leaving(&inputs).await {
+                            let _ = inputs.send(Input::Removed).await;
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(MemberState::Removed) => {
+                        let _ = inputs.send(Input::Removed).await;
+                        break;
+                    }
+                    _ => {}
+                }
                 let now = now_ms();
                 if now >= next_checkpoint_ms && plane.state().is_some() {
                     next_checkpoint_ms = now + CHECKPOINT_INTERVAL_MS;
                     plane.report_checkpoint(&inputs).await;
                 }
-                let frontier = plane
-                    .state()
-                    .map(|s| s.stable_frontier())
-                    .unwrap_or_default();
+                let state = plane.state();
+                let topology = state
+                    .as_ref()
+                    .and_then(|s| s.topology().ok())
+                    .filter(|t| t.contains(plane.node));
+                if let Some(topology) = topology.filter(|t| topology_sent.as_ref() != Some(t)) {
+                    if inputs
+                        .send(Input::Topology(topology.clone()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    topology_sent = Some(topology);
+                }
+                let frontier = state.map(|s| s.stable_frontier()).unwrap_or_default();
                 if gc && frontier != frontier_sent && !frontier.is_empty() {
                     if inputs
                         .send(Input::StableFrontier(frontier.clone()))
@@ -390,14 +475,36 @@ impl ControlPlane {
             }
             return;
         };
-        let known: BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .nodes()
-            .map(|(id, _)| *id)
+        let (known, voters): (BTreeSet<u64>, BTreeSet<u64>) = {
+            let metrics = self.raft.metrics();
+            let membership = &metrics.borrow().membership_config;
+            (
+                membership.nodes().map(|(id, _)| *id).collect(),
+                membership.voter_ids().collect(),
+            )
+        };
+        // The voters follow the members: the first five active ones. A member leaving or gone
+        // stops voting (it stays a learner until it is removed, so it learns of its removal).
+        let wanted: BTreeSet<u64> = state.voters().iter().map(|n| n.0).collect();
+        if !wanted.is_empty() && wanted != voters {
+            match self.raft.change_membership(wanted.clone(), true).await {
+                Ok(_) => info!(voters = ?wanted, "control plane: voters changed"),
+                Err(err) => warn!(error = %err, "control plane: voters not changed"),
+            }
+            return;
+        }
+        let gone: BTreeSet<u64> = state
+            .members()
+            .filter(|m| m.state == MemberState::Removed && known.contains(&m.id.0))
+            .map(|m| m.id.0)
             .collect();
+        if !gone.is_empty() {
+            let change = openraft::ChangeMembers::RemoveNodes(gone.clone());
+            match self.raft.change_membership(change, false).await {
+                Ok(_) => info!(nodes = ?gone, "control plane: removed members leave the group"),
+                Err(err) => warn!(error = %err, "control plane: removed members not dropped"),
+            }
+        }
         for member in state.members() {
             if member.state == MemberState::Removed || known.contains(&member.id.0) {
                 continue;
@@ -412,6 +519,67 @@ impl ControlPlane {
                 Err(err) => {
                     warn!(node = %member.id, error = %err, "control plane: cannot add a learner")
                 }
+            }
+        }
+    }
+
+    /// This node's state as a member, once the group is bootstrapped.
+    fn own_state(&self) -> Option<MemberState> {
+        self.state()?.member(self.node).map(|m| m.state)
+    }
+
+    /// Starts this region's departure: it drains (ships what it holds, takes no new writes),
+    /// then removes itself once every other member holds all of its events, and stops.
+    pub async fn leave(&self) -> Result<ControlReply, ControlPlaneError> {
+        if self.own_state() == Some(MemberState::Draining) {
+            return Ok(ControlReply::Applied);
+        }
+        self.propose(ControlCommand::Drain(self.node)).await
+    }
+
+    /// A draining node's last step: once every other active or draining member's committed
+    /// checkpoint holds all of this node's events, commit its removal. True once removed.
+    async fn finish_leaving(&self, inputs: &mpsc::Sender<Input>) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if inputs.send(Input::Status { reply }).await.is_err() {
+            return false;
+        }
+        let Ok(snapshot) = answer.await else {
+            return false;
+        };
+        // Writes are refused from `Input::Leaving` on, which the driver took before this.
+        let mine = snapshot.vector.get(self.node);
+        let Some(state) = self.state() else {
+            return false;
+        };
+        let behind: Vec<&str> = state
+            .members()
+            .filter(|m| m.id != self.node)
+            .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+            .filter(|m| {
+                state
+                    .checkpoints()
+                    .get(&m.id)
+                    .is_none_or(|c| c.vector.get(self.node) < mine)
+            })
+            .map(|m| m.region.as_str())
+            .collect();
+        if !behind.is_empty() {
+            debug!(?behind, seq = %mine, "leaving: waiting for the others to hold this region's events");
+            return false;
+        }
+        match self.propose(ControlCommand::Remove(self.node)).await {
+            Ok(ControlReply::Applied) => {
+                info!(seq = %mine, "left the mesh: every other region holds this region's events");
+                true
+            }
+            Ok(other) => {
+                warn!(reply = ?other, "leaving: removal refused");
+                false
+            }
+            Err(err) => {
+                debug!(error = %err, "leaving: removal not committed yet");
+                false
             }
         }
     }
