@@ -95,6 +95,12 @@ pub enum Input {
     Leaving,
     /// This region has been removed from the mesh: the driver stops.
     Removed,
+    /// The vector to report as this node's checkpoint: made durable first (the WAL synced, in
+    /// either durability mode), since others garbage-collect what every checkpoint holds.
+    Checkpoint {
+        /// Where it goes.
+        reply: oneshot::Sender<VersionVector>,
+    },
     /// A status snapshot, for HTTP and INFO.
     Status {
         /// Where it goes.
@@ -269,6 +275,10 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Input::Checkpoint { reply } => {
+                self.replica.storage().sync()?;
+                let _ = reply.send(self.replica.vector().clone());
+            }
             Input::Topology(topology) => self.handle_topology(topology, now),
             Input::Leaving => {
                 if !self.leaving {
@@ -359,6 +369,19 @@ impl Driver {
         match result {
             Ok(()) => Ok(()),
             Err(PeerError::Storage(err)) => Err(err),
+            Err(PeerError::Closed {
+                code: ErrorCode::Behind,
+                text,
+                ..
+            }) => {
+                error!(
+                    %peer, %text,
+                    "this region lacks events the peer has garbage-collected: it needs a data \
+                     snapshot, which this version cannot take; it keeps retrying"
+                );
+                self.close_stream(peer, stream, None);
+                Ok(())
+            }
             Err(PeerError::Closed { code, text, .. }) => {
                 warn!(%peer, ?stream, ?code, %text, "peer closed the stream with an error");
                 self.close_stream(peer, stream, None);

@@ -74,6 +74,10 @@ pub struct Status {
     /// Change-log events garbage-collected since start.
     #[serde(default)]
     pub change_log_events_trimmed: u64,
+    /// Subscriptions refused since start because they asked for garbage-collected events (the
+    /// subscriber needs a snapshot).
+    #[serde(default)]
+    pub subscriptions_refused_behind: u64,
     /// Each neighbor.
     pub peers: Vec<PeerStatus>,
     /// The control plane: `leader`, `term`, `raft_role`, `members`, `stable_frontier` (at the
@@ -209,6 +213,7 @@ impl AdminState {
             change_log_events: snapshot.log_events,
             change_log_trimmed: named(&snapshot.trimmed),
             change_log_events_trimmed: snapshot.stats.log_events_trimmed,
+            subscriptions_refused_behind: snapshot.stats.subscriptions_behind,
             peers,
             control,
         }

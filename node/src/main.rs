@@ -732,14 +732,39 @@ async fn leave(http: SocketAddr) -> Result<()> {
     println!("Region {region} is draining: it takes no new writes and ships what it holds.");
     let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
     let mut last_line = String::new();
+    // The others, to confirm the removal once the node has stopped answering.
+    let mut others: Vec<String> = status
+        .control
+        .members
+        .iter()
+        .filter(|m| m.name != region)
+        .map(|m| m.http_address.clone())
+        .collect();
     loop {
         let Ok(body) = braid_node::admin_client::get(http, "/status", Duration::from_secs(5)).await
         else {
-            // The node stops once it is removed.
-            println!("Region {region} has left the mesh and stopped.");
-            return Ok(());
+            // The node stops once it is removed: another member confirms it.
+            if removed_elsewhere(&others, &region).await {
+                println!("Region {region} has left the mesh and stopped.");
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "region {region} stopped answering, and no other region confirms its \
+                     removal: see `braid status` on another region"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         };
         if let Ok(status) = serde_json::from_str::<Status>(&body) {
+            others = status
+                .control
+                .members
+                .iter()
+                .filter(|m| m.name != region && m.state != "removed")
+                .map(|m| m.http_address.clone())
+                .collect();
             let mine = status.vector.get(&region).copied().unwrap_or(0);
             let waiting: Vec<String> = status
                 .control
@@ -776,6 +801,30 @@ async fn leave(http: SocketAddr) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Whether one of the regions at `others` (HTTP addresses) shows `region` removed.
+async fn removed_elsewhere(others: &[String], region: &str) -> bool {
+    for other in others {
+        let Ok(addr) = other.parse::<SocketAddr>() else {
+            continue;
+        };
+        let Ok(body) = braid_node::admin_client::get(addr, "/status", Duration::from_secs(5)).await
+        else {
+            continue;
+        };
+        if let Ok(status) = serde_json::from_str::<Status>(&body) {
+            if status
+                .control
+                .members
+                .iter()
+                .any(|m| m.name == region && m.state == "removed")
+            {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// How long `braid topology set` waits: the control plane's own limit for a commit, and more.

@@ -21,6 +21,7 @@ use crate::resp::{self, RespContext};
 use crate::storage::RocksStorage;
 use crate::tls::MeshTls;
 use crate::transport::{Mesh, Traffic};
+use braid_protocol::control::MemberState;
 
 /// A node failed to start or failed while running.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +142,20 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         endpoint.clone(),
     )
     .await?;
+    match control.own_state() {
+        Some(MemberState::Removed) => {
+            return Err(NodeError::Task(format!(
+                "region {} (node {node}) was removed from the mesh, and a removed node's id is \
+                 never used again: set this region up anew to bring it back",
+                config.region
+            )));
+        }
+        // It was leaving when it stopped: it takes no writes (queued before any client's).
+        Some(MemberState::Draining) => {
+            let _ = inputs.send(crate::driver::Input::Leaving).await;
+        }
+        _ => {}
+    }
     // Set once, here, before the accept loop starts: nothing else sets it.
     let _ = mesh.control.set(control.raft().clone());
     let (neighbors, neighbors_rx) = watch::channel(topology.neighbors(node));

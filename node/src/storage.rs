@@ -281,6 +281,15 @@ impl RocksStorage {
     }
 }
 
+impl RocksStorage {
+    /// Syncs the write-ahead log: every commit so far survives power loss from here on (in
+    /// `process` mode too).
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+}
+
 impl Storage for RocksStorage {
     type Error = StorageError;
 

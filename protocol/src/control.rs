@@ -273,6 +273,13 @@ impl ControlState {
                 if self.active().next().is_none() {
                     return Err(ControlError::LastActive);
                 }
+                // A drain ends in a removal: refuse one that could not (the links without the
+                // node would cut some member off; link around it first).
+                let mut removed = self.clone();
+                if let Some(m) = removed.members.get_mut(node) {
+                    m.state = MemberState::Removed;
+                }
+                removed.topology()?;
             }
             ControlCommand::Remove(node) => {
                 let from = [
@@ -605,7 +612,9 @@ mod tests {
             TopologySpec::Links(vec![(NodeId(1), NodeId(2)), (NodeId(2), NodeId(3))]),
         )
         .unwrap();
-        s.apply(&ControlCommand::Drain(NodeId(2))).unwrap();
+        // Neither a drain (which ends in a removal) nor a removal may cut a and c apart.
+        let err = s.apply(&ControlCommand::Drain(NodeId(2))).unwrap_err();
+        assert!(matches!(err, ControlError::Topology(_)), "{err}");
         let err = s.apply(&ControlCommand::Remove(NodeId(2))).unwrap_err();
         assert!(matches!(err, ControlError::Topology(_)), "{err}");
         s.apply(&ControlCommand::SetTopology(TopologySpec::Links(vec![

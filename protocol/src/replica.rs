@@ -226,6 +226,8 @@ pub struct Stats {
     pub held_dropped: u64,
     /// Change-log events deleted below the stable frontier.
     pub log_events_trimmed: u64,
+    /// Subscriptions refused because they asked for deleted events ([`PeerError::Behind`]).
+    pub subscriptions_behind: u64,
     /// Per origin: milliseconds from the origin's HLC to the apply here.
     pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
     /// Per origin: the lag of the latest event applied, in milliseconds.
@@ -253,6 +255,7 @@ impl Stats {
             conflicts_lww: 0,
             held_dropped: 0,
             log_events_trimmed: 0,
+            subscriptions_behind: 0,
             lag_ms: BTreeMap::new(),
             lag_ms_last: BTreeMap::new(),
             latest_hlc: BTreeMap::new(),
@@ -645,6 +648,7 @@ impl<S: Storage> Replica<S> {
         for origin in &origins {
             let (from, trimmed) = (subscribe.vector.get(*origin), self.trimmed.get(*origin));
             if from < trimmed {
+                self.stats.subscriptions_behind += 1;
                 return Err(PeerError::Behind {
                     peer,
                     origin: *origin,

@@ -863,6 +863,7 @@ fn the_log_is_trimmed_through_the_stable_frontier_and_a_subscriber_behind_it_is_
         "{err}"
     );
     assert_eq!(err.code(), braid_protocol::ErrorCode::Behind);
+    assert_eq!(a.stats().subscriptions_behind, 1);
     // From the trimmed point on, it is served.
     let fresh = Message::Subscribe(Subscribe {
         vector: [(A, trimmed_to)].into_iter().collect(),

@@ -299,6 +299,9 @@ fn applied(status: &Status) -> u64 {
 #[test]
 fn t70_the_change_log_is_trimmed_below_the_frontier_and_a_down_region_holds_it_back() {
     let mut cluster = Cluster::start(Layout::mesh(3).with_change_log_gc());
+    wait_for(&cluster, "the group bootstrapped", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.members.len() == 3)
+    });
     // A steady load in every region for a while: the logs are trimmed as it runs.
     let mut connections: Vec<redis::Connection> = cluster.nodes.iter().map(|n| n.redis()).collect();
     let load_until = Instant::now() + Duration::from_secs(10);
@@ -504,9 +507,13 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
             let result: redis::RedisResult<()> = c.set(format!("c-during{written}"), "c");
             match result {
                 Ok(()) => c_acked += 1,
+                // Refused as it drains; or, once it stopped, no answer at all.
                 Err(err) => {
-                    assert!(err.to_string().to_uppercase().contains("READONLY"), "{err}");
-                    c_refused = true;
+                    c_refused = err.to_string().to_uppercase().contains("READONLY");
+                    assert!(c_refused || err.is_io_error(), "{err}");
+                    if !c_refused {
+                        break;
+                    }
                 }
             }
         }
@@ -532,7 +539,8 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
     }
     cluster.node("c").kill9();
     // a and b: c removed, no link to it, every one of c's writes held, and they converge.
-    let statuses = wait_for(&cluster, "c removed everywhere", |s| {
+    // The Raft group's voters follow: a and b only.
+    wait_for(&cluster, "c removed everywhere", |s| {
         s.iter().all(|s| {
             s.control
                 .members
@@ -540,17 +548,9 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
                 .any(|m| m.name == "c" && m.state == "removed")
                 && neighbors(s).iter().all(|n| n != "c")
                 && s.vector.get("c").copied() == Some(50 + c_acked)
+                && s.control.members.iter().all(|m| m.voter == (m.name != "c"))
         })
     });
-    for status in &statuses {
-        let c = status
-            .control
-            .members
-            .iter()
-            .find(|m| m.name == "c")
-            .unwrap();
-        assert!(!c.voter, "a removed member does not vote");
-    }
     let _: () = cluster.node("a").redis().set("after", "c").unwrap();
     cluster.wait_converged(SETTLE);
     for region in ["a", "b"] {

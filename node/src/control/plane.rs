@@ -32,9 +32,12 @@ use braid_protocol::{NodeId, RaftCall, Topology, VersionVector};
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::quic::{propose_here, CallError, Proposal, ProposeResult, QuicRaftNetwork};
+use super::quic::{
+    propose_here, CallError, Proposal, ProposeResult, QuicRaftClient, QuicRaftNetwork,
+};
 use super::rocks_log::RocksRaftLog;
 use super::store::StateMachineStore;
 use super::{raft_config, ControlRaft, ControlReply};
@@ -57,6 +60,16 @@ const FORWARD_MS_MAX: u64 = 5_000;
 
 /// Pause before a proposal is tried again when no leader is known.
 const PROPOSE_RETRY_MS: u64 = 200;
+
+/// Longest wait at start for the committed control log to be applied.
+const REPLAY_MS_MAX: u64 = 5_000;
+
+/// Longest wait for one membership change or learner addition by the leader.
+const RAFT_CALL_MS_MAX: u64 = 10_000;
+
+/// How long a removed member that never caught up on its removal stays in the Raft group
+/// before the leader drops it anyway (it is down for good).
+const REMOVED_GRACE_MS: u64 = 60_000;
 
 /// The control plane could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +101,8 @@ pub struct ControlPlane {
     network: QuicRaftNetwork,
     /// Region names from the configuration, for nodes the state does not name (yet).
     regions: Arc<BTreeMap<NodeId, String>>,
+    /// Clients for forwarded proposals, one per leader, kept with their connections.
+    forwards: Arc<tokio::sync::Mutex<BTreeMap<NodeId, QuicRaftClient>>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -131,7 +146,8 @@ pub struct MemberStatus {
     pub id: u64,
     /// `joining`, `active`, `draining` or `removed`.
     pub state: String,
-    /// Whether it votes in the Raft group (else it learns).
+    /// Whether it votes in the Raft group, as this node's view of the group's membership has
+    /// it (else it learns, or has left the group).
     pub voter: bool,
     /// Its QUIC, RESP and HTTP addresses.
     pub peer_address: String,
@@ -195,7 +211,10 @@ impl ControlPlane {
         endpoint: quinn::Endpoint,
     ) -> Result<ControlPlane, ControlPlaneError> {
         std::fs::create_dir_all(dir).map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
-        let log = RocksRaftLog::open(dir)?;
+        let mut log = RocksRaftLog::open(dir)?;
+        let committed = openraft::storage::RaftLogStorage::read_committed(&mut log)
+            .await
+            .map_err(|e| ControlPlaneError::Storage(Box::new(e)))?;
         let machine = StateMachineStore::open(Arc::new(log.clone()))
             .map_err(|e| ControlPlaneError::Storage(Box::new(e)))?;
         let network = QuicRaftNetwork::new(mesh, endpoint);
@@ -213,6 +232,18 @@ impl ControlPlane {
         .await
         .map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
 
+        // What this node committed before it stopped is applied before it serves: whether it
+        // is still a member decides whether it may take writes. Bounded: a log that cannot be
+        // replayed in time is replayed while the node runs.
+        if let Some(committed) = committed {
+            let replayed = raft
+                .wait(Some(Duration::from_millis(REPLAY_MS_MAX)))
+                .applied_index_at_least(Some(committed.index), "replay the committed log")
+                .await;
+            if let Err(err) = replayed {
+                warn!(error = %err, "control plane: committed log not replayed before start");
+            }
+        }
         let ids: BTreeSet<u64> = std::iter::once(node.0)
             .chain(config.peers.iter().map(|p| p.id))
             .collect();
@@ -231,6 +262,7 @@ impl ControlPlane {
             machine,
             network,
             regions: Arc::new(config.regions()),
+            forwards: Arc::default(),
         })
     }
 
@@ -258,7 +290,10 @@ impl ControlPlane {
                     Err(Proposal::Failed(why)) => last = why,
                     Err(Proposal::Forward(None)) => last = "no leader known".into(),
                     Err(Proposal::Forward(Some(leader))) => {
-                        let mut client = self.network.client(leader);
+                        let mut forwards = self.forwards.lock().await;
+                        let client = forwards
+                            .entry(leader)
+                            .or_insert_with(|| self.network.client(leader));
                         let forwarded: Result<ProposeResult, CallError> = client
                             .call(
                                 RaftCall::Propose,
@@ -336,13 +371,14 @@ impl ControlPlane {
         let mut links = Vec::new();
         let mut full_mesh = false;
         if let Some(state) = &state {
-            let voters = state.voters();
+            // As the Raft group has it (which the leader keeps equal to the state's voters).
+            let voters: BTreeSet<u64> = metrics.membership_config.voter_ids().collect();
             for member in state.members() {
                 members.push(MemberStatus {
                     name: member.region.clone(),
                     id: member.id.0,
                     state: member.state.name().into(),
-                    voter: voters.contains(&member.id),
+                    voter: voters.contains(&member.id.0),
                     peer_address: member.peer_address.clone(),
                     resp_address: member.resp_address.clone(),
                     http_address: member.http_address.clone(),
@@ -403,21 +439,23 @@ impl ControlPlane {
             let mut next_checkpoint_ms = 0u64;
             let mut frontier_sent = VersionVector::new();
             let mut topology_sent: Option<Topology> = None;
+            let mut removals = BTreeMap::new();
+            let mut leaving_vector = None;
             loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.changed() => break,
                     _ = tokio::time::sleep(Duration::from_millis(UPKEEP_MS)) => {}
                 }
-                plane.upkeep(&bootstrap).await;
+                plane.upkeep(&bootstrap, &mut removals).await;
                 match plane.own_state() {
                     Some(MemberState::Draining) => {
+                        // It keeps reporting and following the links below while it drains.
                         let _ = inputs.send(Input::Leaving).await;
-                        if plane.finish_leaving(&inputs).await {
+                        if plane.finish_leaving(&inputs, &mut leaving_vector).await {
                             let _ = inputs.send(Input::Removed).await;
                             break;
                         }
-                        continue;
                     }
                     Some(MemberState::Removed) => {
                         let _ = inputs.send(Input::Removed).await;
@@ -463,8 +501,16 @@ impl ControlPlane {
         });
     }
 
-    /// The leader's chores: bootstrap a new group; make every member a Raft learner at least.
-    async fn upkeep(&self, bootstrap: &ControlCommand) {
+    /// The leader's chores: bootstrap a new group; make every member a Raft learner at least;
+    /// keep the voters equal to the state's; drop removed members from the group once they
+    /// have their removal (`removals`: when the leader first saw each removed, and at which
+    /// applied index). Each call into Raft is bounded: a leader cut off from the others must
+    /// not stall the upkeep.
+    async fn upkeep(
+        &self,
+        bootstrap: &ControlCommand,
+        removals: &mut BTreeMap<u64, (u64, Instant)>,
+    ) {
         if !self.is_leader() {
             return;
         }
@@ -475,56 +521,86 @@ impl ControlPlane {
             }
             return;
         };
-        let (known, voters): (BTreeSet<u64>, BTreeSet<u64>) = {
+        let bound = Duration::from_millis(RAFT_CALL_MS_MAX);
+        let (known, voters, matched, applied) = {
             let metrics = self.raft.metrics();
-            let membership = &metrics.borrow().membership_config;
+            let metrics = metrics.borrow();
+            let membership = &metrics.membership_config;
+            let matched: BTreeMap<u64, u64> = metrics
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(id, log)| log.map(|l| (*id, l.index)))
+                .collect();
             (
-                membership.nodes().map(|(id, _)| *id).collect(),
-                membership.voter_ids().collect(),
+                membership
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect::<BTreeSet<u64>>(),
+                membership.voter_ids().collect::<BTreeSet<u64>>(),
+                matched,
+                metrics.last_applied.map_or(0, |l| l.index),
             )
         };
-        // The voters follow the members: the first five active ones. A member leaving or gone
-        // stops voting (it stays a learner until it is removed, so it learns of its removal).
-        let wanted: BTreeSet<u64> = state.voters().iter().map(|n| n.0).collect();
-        if !wanted.is_empty() && wanted != voters {
-            match self.raft.change_membership(wanted.clone(), true).await {
-                Ok(_) => info!(voters = ?wanted, "control plane: voters changed"),
-                Err(err) => warn!(error = %err, "control plane: voters not changed"),
-            }
-            return;
-        }
-        let gone: BTreeSet<u64> = state
-            .members()
-            .filter(|m| m.state == MemberState::Removed && known.contains(&m.id.0))
-            .map(|m| m.id.0)
-            .collect();
-        if !gone.is_empty() {
-            let change = openraft::ChangeMembers::RemoveNodes(gone.clone());
-            match self.raft.change_membership(change, false).await {
-                Ok(_) => info!(nodes = ?gone, "control plane: removed members leave the group"),
-                Err(err) => warn!(error = %err, "control plane: removed members not dropped"),
-            }
-        }
         for member in state.members() {
             if member.state == MemberState::Removed || known.contains(&member.id.0) {
                 continue;
             }
             // Not blocking: a learner that is down catches up when it is back.
-            match self
+            let added = self
                 .raft
-                .add_learner(member.id.0, BasicNode::default(), false)
-                .await
-            {
-                Ok(_) => info!(node = %member.id, "control plane: added a learner"),
-                Err(err) => {
+                .add_learner(member.id.0, BasicNode::default(), false);
+            match tokio::time::timeout(bound, added).await {
+                Ok(Ok(_)) => info!(node = %member.id, "control plane: added a learner"),
+                Ok(Err(err)) => {
                     warn!(node = %member.id, error = %err, "control plane: cannot add a learner")
                 }
+                Err(_) => warn!(node = %member.id, "control plane: adding a learner timed out"),
+            }
+        }
+        // The voters follow the members: the first five active ones, once each is in the group.
+        // A member leaving or gone stops voting; it stays a learner so that it learns of its
+        // removal.
+        let wanted: BTreeSet<u64> = state.voters().iter().map(|n| n.0).collect();
+        if !wanted.is_empty() && wanted != voters && wanted.is_subset(&known) {
+            let change = self.raft.change_membership(wanted.clone(), true);
+            match tokio::time::timeout(bound, change).await {
+                Ok(Ok(_)) => info!(voters = ?wanted, "control plane: voters changed"),
+                Ok(Err(err)) => warn!(error = %err, "control plane: voters not changed"),
+                Err(_) => warn!("control plane: changing the voters timed out"),
+            }
+            return;
+        }
+        // A removed member leaves the group once it has replicated past the point where the
+        // leader saw it removed (so it has its removal, and stops), or after a grace period
+        // (it is down for good).
+        let mut gone = BTreeSet::new();
+        for member in state.members() {
+            let id = member.id.0;
+            if member.state != MemberState::Removed || !known.contains(&id) {
+                removals.remove(&id);
+                continue;
+            }
+            let (at, since) = *removals.entry(id).or_insert((applied, Instant::now()));
+            let caught_up = matched.get(&id).is_some_and(|m| *m >= at);
+            if caught_up || since.elapsed() >= Duration::from_millis(REMOVED_GRACE_MS) {
+                gone.insert(id);
+            }
+        }
+        if !gone.is_empty() {
+            let change = self
+                .raft
+                .change_membership(openraft::ChangeMembers::RemoveNodes(gone.clone()), false);
+            match tokio::time::timeout(bound, change).await {
+                Ok(Ok(_)) => info!(nodes = ?gone, "control plane: removed members leave the group"),
+                Ok(Err(err)) => warn!(error = %err, "control plane: removed members not dropped"),
+                Err(_) => warn!("control plane: dropping removed members timed out"),
             }
         }
     }
 
     /// This node's state as a member, once the group is bootstrapped.
-    fn own_state(&self) -> Option<MemberState> {
+    pub fn own_state(&self) -> Option<MemberState> {
         self.state()?.member(self.node).map(|m| m.state)
     }
 
@@ -538,20 +614,34 @@ impl ControlPlane {
     }
 
     /// A draining node's last step: once every other active or draining member's committed
-    /// checkpoint holds all of this node's events, commit its removal. True once removed.
-    async fn finish_leaving(&self, inputs: &mpsc::Sender<Input>) -> bool {
-        let (reply, answer) = oneshot::channel();
-        if inputs.send(Input::Status { reply }).await.is_err() {
-            return false;
+    /// checkpoint holds everything this node holds, commit its removal. True once removed.
+    async fn finish_leaving(
+        &self,
+        inputs: &mpsc::Sender<Input>,
+        held: &mut Option<VersionVector>,
+    ) -> bool {
+        // What it held when it began to leave (writes are refused from `Input::Leaving` on,
+        // which the driver took before this): what arrives later from active origins reaches
+        // everyone from them anyway, and waiting for it would chase writers that never stop.
+        if held.is_none() {
+            let (reply, answer) = oneshot::channel();
+            if inputs.send(Input::Status { reply }).await.is_err() {
+                return false;
+            }
+            let Ok(snapshot) = answer.await else {
+                return false;
+            };
+            *held = Some(snapshot.vector);
         }
-        let Ok(snapshot) = answer.await else {
+        let Some(vector) = held.as_ref() else {
             return false;
         };
-        // Writes are refused from `Input::Leaving` on, which the driver took before this.
-        let mine = snapshot.vector.get(self.node);
+        let mine = vector.get(self.node);
         let Some(state) = self.state() else {
             return false;
         };
+        // Everything it holds, its own events and any it relays (a dead origin's events may be
+        // held by it alone), must be held by everyone staying.
         let behind: Vec<&str> = state
             .members()
             .filter(|m| m.id != self.node)
@@ -560,7 +650,7 @@ impl ControlPlane {
                 state
                     .checkpoints()
                     .get(&m.id)
-                    .is_none_or(|c| c.vector.get(self.node) < mine)
+                    .is_none_or(|c| !c.vector.dominates(vector))
             })
             .map(|m| m.region.as_str())
             .collect();
@@ -573,8 +663,10 @@ impl ControlPlane {
                 info!(seq = %mine, "left the mesh: every other region holds this region's events");
                 true
             }
+            // Refused because an earlier attempt, whose answer was lost, already removed it:
+            // the removal reaches this node's state machine and the next round stops it.
             Ok(other) => {
-                warn!(reply = ?other, "leaving: removal refused");
+                debug!(reply = ?other, "leaving: removal refused");
                 false
             }
             Err(err) => {
@@ -584,18 +676,19 @@ impl ControlPlane {
         }
     }
 
-    /// Reports this node's vector, as the driver has it now.
+    /// Reports this node's vector, made durable first: the others delete what every
+    /// checkpoint holds, so a checkpoint must never name what a power loss could take away.
     async fn report_checkpoint(&self, inputs: &mpsc::Sender<Input>) {
         let (reply, answer) = oneshot::channel();
-        if inputs.send(Input::Status { reply }).await.is_err() {
+        if inputs.send(Input::Checkpoint { reply }).await.is_err() {
             return;
         }
-        let Ok(snapshot) = answer.await else {
+        let Ok(vector) = answer.await else {
             return;
         };
         let command = ControlCommand::ReportCheckpoint {
             node: self.node,
-            vector: snapshot.vector,
+            vector,
             reported_ms: now_ms(),
         };
         match self.propose(command).await {

@@ -46,6 +46,9 @@ type RaftNodeId = u64;
 /// Longest wait for a QUIC connection to a peer to be set up for a call.
 const CONNECT_MS_MAX: u64 = 2_000;
 
+/// Longest a leader works on a forwarded proposal: the forwarding node waits 5 s for it.
+const PROPOSE_SERVE_MS_MAX: u64 = 5_000;
+
 /// What a `Propose` call answers: the leader's reply, or why it could not commit.
 pub type ProposeResult = Result<ControlReply, String>;
 
@@ -188,21 +191,21 @@ impl QuicRaftClient {
 
     async fn exchange(&mut self, call: RaftCall, body: Bytes) -> Result<Bytes, CallError> {
         let target = self.target;
-        if self.stream.is_none() {
-            self.stream = Some(self.open().await?);
-        }
-        let Some((send, recv)) = self.stream.as_mut() else {
-            unreachable!("a stream was just opened");
+        // Taken out for the call and put back only after its answer: a call abandoned half-way
+        // (a timeout, a dropped future) leaves no stream whose next frame answers another call.
+        let (mut send, mut recv) = match self.stream.take() {
+            Some(stream) => stream,
+            None => self.open().await?,
         };
         let failed = |e: StreamError| CallError::Failed(format!("call to {target}: {e}"));
         let request = Message::RaftRequest(RaftRequest { call, body });
-        let sent = transport::write_message(send, &request, &mut Vec::new())
+        let sent = transport::write_message(&mut send, &request, &mut Vec::new())
             .await
             .map_err(failed)?;
         if let Some(t) = self.mesh.traffic(target) {
             t.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
         }
-        match transport::read_frame(recv, &mut Vec::new())
+        match transport::read_frame(&mut recv, &mut Vec::new())
             .await
             .map_err(failed)?
         {
@@ -210,6 +213,7 @@ impl QuicRaftClient {
                 if let Some(t) = self.mesh.traffic(target) {
                     t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
                 }
+                self.stream = Some((send, recv));
                 Ok(answer)
             }
             Some((Message::Error(error), _)) => Err(CallError::Failed(format!(
@@ -412,14 +416,21 @@ async fn answer(raft: &ControlRaft, request: &RaftRequest) -> Result<Bytes, Stri
         }
         RaftCall::Propose => {
             let command: ControlCommand = decode(&request.body)?;
-            let result: ProposeResult = match propose_here(raft, command).await {
-                Ok(reply) => Ok(reply),
-                Err(Proposal::Forward(leader)) => Err(match leader {
-                    Some(leader) => format!("not the leader ({leader} is)"),
-                    None => "not the leader, and no leader is known".into(),
-                }),
-                Err(Proposal::Failed(why)) => Err(why),
-            };
+            // Bounded like the caller's wait: a leader cut off from the others would wait for
+            // its commit forever.
+            let bound = Duration::from_millis(PROPOSE_SERVE_MS_MAX);
+            let result: ProposeResult =
+                match tokio::time::timeout(bound, propose_here(raft, command)).await {
+                    Ok(Ok(reply)) => Ok(reply),
+                    Ok(Err(Proposal::Forward(leader))) => Err(match leader {
+                        Some(leader) => format!("not the leader ({leader} is)"),
+                        None => "not the leader, and no leader is known".into(),
+                    }),
+                    Ok(Err(Proposal::Failed(why))) => Err(why),
+                    Err(_) => Err(format!(
+                        "not committed within {PROPOSE_SERVE_MS_MAX} ms (it may still commit)"
+                    )),
+                };
             encode(&result)
         }
     }
