@@ -134,6 +134,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         conn_ids: Arc::new(AtomicU64::new(0)),
         faults: faults.clone(),
         control: OnceLock::new(),
+        connections: Arc::default(),
     });
     let control = ControlPlane::start(
         &control_dir(&config.data_dir),

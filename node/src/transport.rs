@@ -88,6 +88,8 @@ pub struct Mesh {
     /// The node's Raft, which serves control-plane streams; set once it is created (it needs
     /// this mesh for its own calls). Until then control streams are refused.
     pub control: OnceLock<ControlRaft>,
+    /// The connection of each open subscription, for the control plane's calls to share.
+    pub connections: Arc<std::sync::Mutex<BTreeMap<NodeId, quinn::Connection>>>,
 }
 
 /// Why a stream ended.
@@ -136,6 +138,20 @@ impl std::fmt::Debug for Mesh {
 }
 
 impl Mesh {
+    /// The open connection of our subscription to `peer`, if there is one.
+    pub(crate) fn connection(&self, peer: NodeId) -> Option<quinn::Connection> {
+        let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    fn share_connection(&self, peer: NodeId, connection: &quinn::Connection) {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections.insert(peer, connection.clone());
+    }
+
     pub(crate) fn traffic(&self, peer: NodeId) -> Option<&Traffic> {
         self.traffic.get(&peer)
     }
@@ -347,6 +363,7 @@ async fn subscriber(
                 .connect(addr, &node_dns_name(peer))
                 .map_err(|e| e.to_string())?;
             let connection = connecting.await.map_err(|e| e.to_string())?;
+            mesh.share_connection(peer, &connection);
             let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
             info!(%peer, %addr, "subscribing");
             let (mut send, mut recv) = (send, recv);

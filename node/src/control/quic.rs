@@ -8,9 +8,10 @@
 //!   peer's accept loop ─► serve(): decode, ask its Raft, RaftResponse ◄─
 //! ```
 //!
-//! A client keeps one connection and one stream to its target and makes one call at a time on
-//! it (openraft makes a client per target and awaits each call); any failure drops both, and
-//! the next call connects again. Injected faults (drills) act as on replication streams: a cut
+//! A client keeps one stream to its target and makes one call at a time on it (openraft makes a
+//! client per target and awaits each call). The stream rides on this node's subscription
+//! connection to the target when there is one, else on a connection of the client's own; any
+//! failure drops the stream (and an own connection), and the next call opens another. Injected faults (drills) act as on replication streams: a cut
 //! link refuses calls both ways, a dropped direction loses requests or answers, a delay holds
 //! them back.
 
@@ -231,8 +232,11 @@ impl QuicRaftClient {
     async fn open(&mut self) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
         let target = self.target;
         let unreachable = |e: String| CallError::Unreachable(format!("{target}: {e}"));
-        let connection = match &self.connection {
-            Some(connection) if connection.close_reason().is_none() => connection.clone(),
+        // The subscription's connection to the target when there is one (the same connection
+        // carries both), else one of this client's own.
+        let connection = match (self.mesh.connection(target), &self.connection) {
+            (Some(shared), _) => shared,
+            (None, Some(own)) if own.close_reason().is_none() => own.clone(),
             _ => {
                 let addr: SocketAddr = *self
                     .mesh
