@@ -879,11 +879,7 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         status.writes,
         status.conflicts_resolved,
         status.change_log_events,
-        if status.change_log_trimmed.is_empty() {
-            "nothing".to_string()
-        } else {
-            named_vector(&status.change_log_trimmed)
-        }
+        named_vector_or(&status.change_log_trimmed, "nothing")
     );
     println!();
     println!(
@@ -912,11 +908,7 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         control.leader.as_deref().unwrap_or("unknown"),
         control.term,
         control.raft_role,
-        if control.stable_frontier.is_empty() {
-            "none yet".to_string()
-        } else {
-            named_vector(&control.stable_frontier)
-        }
+        named_vector_or(&control.stable_frontier, "none yet")
     );
     if control.members.is_empty() {
         println!("members: not known yet (the group has not committed its bootstrap)");
@@ -964,6 +956,14 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// [`named_vector`], or `empty` for an empty vector.
+fn named_vector_or(vector: &std::collections::BTreeMap<String, u64>, empty: &str) -> String {
+    match vector.is_empty() {
+        true => empty.to_string(),
+        false => named_vector(vector),
+    }
 }
 
 /// `a=3 b=7`: a vector by region name.

@@ -189,14 +189,10 @@ pub fn bootstrap_command(config: &NodeConfig) -> ControlCommand {
         state: MemberState::Active,
     }));
     members.sort_by_key(|m| m.id);
-    let topology = match &config.links {
-        None => TopologySpec::FullMesh,
-        Some(links) => TopologySpec::Links(
-            links
-                .iter()
-                .filter_map(|[a, b]| Some((config.node_of_region(a)?, config.node_of_region(b)?)))
-                .collect(),
-        ),
+    // A loaded configuration's links form a usable topology (`NodeConfig::validate`).
+    let topology = match (&config.links, config.topology()) {
+        (Some(_), Ok(links)) => TopologySpec::Links(links.links().collect()),
+        _ => TopologySpec::FullMesh,
     };
     ControlCommand::Bootstrap { members, topology }
 }
@@ -244,10 +240,12 @@ impl ControlPlane {
                 warn!(error = %err, "control plane: committed log not replayed before start");
             }
         }
-        let ids: BTreeSet<u64> = std::iter::once(node.0)
-            .chain(config.peers.iter().map(|p| p.id))
+        let voters: BTreeSet<u64> = config
+            .regions()
+            .keys()
+            .take(VOTERS_MAX)
+            .map(|n| n.0)
             .collect();
-        let voters: BTreeSet<u64> = ids.iter().copied().take(VOTERS_MAX).collect();
         if voters.contains(&node.0) {
             // Identical on every node of the cluster, so safe to call on each; refused once this
             // node's log holds anything (it restarted, or a peer got there first).
@@ -624,14 +622,7 @@ impl ControlPlane {
         // which the driver took before this): what arrives later from active origins reaches
         // everyone from them anyway, and waiting for it would chase writers that never stop.
         if held.is_none() {
-            let (reply, answer) = oneshot::channel();
-            if inputs.send(Input::Status { reply }).await.is_err() {
-                return false;
-            }
-            let Ok(snapshot) = answer.await else {
-                return false;
-            };
-            *held = Some(snapshot.vector);
+            *held = durable_vector(inputs).await;
         }
         let Some(vector) = held.as_ref() else {
             return false;
@@ -679,11 +670,7 @@ impl ControlPlane {
     /// Reports this node's vector, made durable first: the others delete what every
     /// checkpoint holds, so a checkpoint must never name what a power loss could take away.
     async fn report_checkpoint(&self, inputs: &mpsc::Sender<Input>) {
-        let (reply, answer) = oneshot::channel();
-        if inputs.send(Input::Checkpoint { reply }).await.is_err() {
-            return;
-        }
-        let Ok(vector) = answer.await else {
+        let Some(vector) = durable_vector(inputs).await else {
             return;
         };
         let command = ControlCommand::ReportCheckpoint {
@@ -698,4 +685,11 @@ impl ControlPlane {
             Err(err) => debug!(error = %err, "checkpoint not committed"),
         }
     }
+}
+
+/// The driver's vector, once its write-ahead log is synced; none when the driver is gone.
+async fn durable_vector(inputs: &mpsc::Sender<Input>) -> Option<VersionVector> {
+    let (reply, answer) = oneshot::channel();
+    inputs.send(Input::Checkpoint { reply }).await.ok()?;
+    answer.await.ok()
 }

@@ -269,6 +269,26 @@ impl QuicRaftClient {
     }
 }
 
+impl QuicRaftClient {
+    /// One Raft call: the callee's answer, or its Raft error as a remote error, or why the
+    /// call got no answer.
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned, E>(
+        &mut self,
+        call: RaftCall,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, E>>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
+        let answer: Result<Resp, RaftError<RaftNodeId, E>> = self
+            .call(call, request, option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+}
+
 impl RaftNetwork<ControlConfig> for QuicRaftClient {
     async fn append_entries(
         &mut self,
@@ -278,11 +298,7 @@ impl RaftNetwork<ControlConfig> for QuicRaftClient {
         AppendEntriesResponse<RaftNodeId>,
         RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>,
     > {
-        let answer: Result<_, RaftError<RaftNodeId>> = self
-            .call(RaftCall::AppendEntries, &rpc, option.hard_ttl())
-            .await
-            .map_err(CallError::into_rpc)?;
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+        self.rpc(RaftCall::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -293,11 +309,7 @@ impl RaftNetwork<ControlConfig> for QuicRaftClient {
         InstallSnapshotResponse<RaftNodeId>,
         RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, InstallSnapshotError>>,
     > {
-        let answer: Result<_, RaftError<RaftNodeId, InstallSnapshotError>> = self
-            .call(RaftCall::InstallSnapshot, &rpc, option.hard_ttl())
-            .await
-            .map_err(CallError::into_rpc)?;
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+        self.rpc(RaftCall::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -306,11 +318,7 @@ impl RaftNetwork<ControlConfig> for QuicRaftClient {
         option: RPCOption,
     ) -> Result<VoteResponse<RaftNodeId>, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>>
     {
-        let answer: Result<_, RaftError<RaftNodeId>> = self
-            .call(RaftCall::Vote, &rpc, option.hard_ttl())
-            .await
-            .map_err(CallError::into_rpc)?;
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+        self.rpc(RaftCall::Vote, &rpc, &option).await
     }
 }
 
