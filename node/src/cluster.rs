@@ -237,6 +237,121 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
     Ok(file)
 }
 
+/// Lays out one more region for the cluster in `dir` (made by [`init`]): a node id and ports
+/// after every region's so far, a certificate from the cluster's CA key, and a configuration
+/// like the first region's (durability, password, garbage collection, fault injection) that
+/// lists no peers: the running mesh tells it, when it joins. The region's data directory is
+/// marked as not joined yet, so that `braid start` refuses it until `braid join` has admitted
+/// it. Appends it to `cluster.json`.
+pub fn add_region(dir: &Path, name: &str) -> Result<RegionEntry, InitError> {
+    if !valid_region(name) {
+        return Err(InitError::Invalid(format!(
+            "region name {name:?}: use 1-32 letters, digits, '-' or '_'"
+        )));
+    }
+    let mut file = ClusterFile::load(dir)?;
+    if file.regions.iter().any(|r| r.name == name) {
+        return Err(InitError::Invalid(format!(
+            "{} already has a region {name}",
+            dir.display()
+        )));
+    }
+    let first = file
+        .regions
+        .first()
+        .ok_or_else(|| InitError::Invalid("cluster.json lists no region".into()))?;
+    let template = NodeConfig::load(&first.config)?;
+    let parse = |addr: &str| {
+        addr.parse::<SocketAddr>()
+            .map_err(|e| InitError::Invalid(format!("cluster.json: address {addr}: {e}")))
+    };
+    let base = parse(&first.resp)?;
+    let mut slot = 0u16;
+    for region in &file.regions {
+        let port = parse(&region.resp)?.port();
+        let offset = port.checked_sub(base.port()).ok_or_else(|| {
+            InitError::Invalid(format!(
+                "cluster.json: region {} listens below the first region's ports",
+                region.name
+            ))
+        })?;
+        slot = slot.max(offset / PORTS_PER_REGION + 1);
+    }
+    let port = |offset: u16| -> Result<SocketAddr, InitError> {
+        u32::from(base.port())
+            .checked_add(u32::from(slot) * u32::from(PORTS_PER_REGION) + u32::from(offset))
+            .and_then(|p| u16::try_from(p).ok())
+            .map(|p| SocketAddr::new(base.ip(), p))
+            .ok_or_else(|| InitError::Invalid("no ports left above the last region's".into()))
+    };
+    let node = NodeId(file.regions.iter().map(|r| r.id).max().unwrap_or(0) + 1);
+    let read =
+        |path: PathBuf| std::fs::read_to_string(&path).map_err(|e| InitError::Io(path.clone(), e));
+    let ca = tls::CaPem {
+        cert_pem: read(dir.join("ca.pem"))?,
+        key_pem: read(dir.join("ca.key"))?,
+    };
+    let region_dir = dir.join(name);
+    if region_dir.exists() {
+        return Err(InitError::Invalid(format!(
+            "{} exists already; choose another region name or remove it",
+            region_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(&region_dir).map_err(|e| InitError::Io(region_dir.clone(), e))?;
+    let cert = tls::generate_node_cert(&ca, node)?;
+    write_file(&region_dir.join("node.pem"), &cert.cert_pem, false)?;
+    write_file(&region_dir.join("node.key"), &cert.key_pem, true)?;
+    let listen = Listen {
+        resp: port(0)?,
+        http: port(1)?,
+        peer: port(2)?,
+    };
+    let config = NodeConfig {
+        node_id: node.0,
+        region: name.to_owned(),
+        data_dir: PathBuf::from("data"),
+        listen: listen.clone(),
+        tls: TlsFiles {
+            ca_cert: PathBuf::from("../ca.pem"),
+            cert: PathBuf::from("node.pem"),
+            key: PathBuf::from("node.key"),
+        },
+        peers: Vec::new(),
+        links: None,
+        ..template
+    };
+    let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
+    let path = region_dir.join("braid.toml");
+    let header = format!(
+        "# Braid node configuration for region {name} (written by `braid add-region`).\n\
+         # It lists no peers: the running mesh tells it when it joins (`braid join`).\n\
+         # Every key is described in docs/operations.md.\n\n"
+    );
+    write_file(&path, &(header + &text), config.password.is_some())?;
+    let config = NodeConfig::load(&path)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| InitError::Io(config.data_dir.clone(), e))?;
+    for marker in [
+        crate::node::JOINED_MARKER,
+        crate::node::SNAPSHOT_PENDING_MARKER,
+    ] {
+        write_file(&config.data_dir.join(marker), "", false)?;
+    }
+    let entry = RegionEntry {
+        name: name.to_owned(),
+        id: node.0,
+        resp: listen.resp.to_string(),
+        http: listen.http.to_string(),
+        peer: listen.peer.to_string(),
+        pid: None,
+        config: path,
+    };
+    file.regions.push(entry.clone());
+    file.save(dir)?;
+    Ok(entry)
+}
+
 /// Region names for `cluster up --regions N`: a, b, c, ... (then r27, r28, ...).
 pub fn default_region_names(count: usize) -> Vec<String> {
     (0..count)
@@ -298,5 +413,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("region name"));
+    }
+
+    #[test]
+    fn add_region_lays_out_the_next_region_marked_as_not_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            regions: vec!["a".into(), "b".into()],
+            dir: dir.path().to_owned(),
+            host: "127.0.0.1".parse().unwrap(),
+            base_port: 17000,
+            links: None,
+            durability: Durability::Machine,
+            password: None,
+            fault_injection: false,
+            change_log_gc: false,
+        };
+        init(&options).unwrap();
+        let entry = add_region(dir.path(), "c").unwrap();
+        assert_eq!((entry.id, entry.resp.as_str()), (3, "127.0.0.1:17020"));
+        let config = NodeConfig::load(&entry.config).unwrap();
+        assert!(config.peers.is_empty(), "the mesh tells it its peers");
+        assert_eq!(
+            config.durability,
+            Durability::Machine,
+            "like the first region's"
+        );
+        assert!(!config.change_log_gc, "like the first region's");
+        crate::tls::MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key).unwrap();
+        for marker in [
+            crate::node::JOINED_MARKER,
+            crate::node::SNAPSHOT_PENDING_MARKER,
+        ] {
+            assert!(config.data_dir.join(marker).exists(), "{marker}");
+        }
+        assert_eq!(ClusterFile::load(dir.path()).unwrap().regions.len(), 3);
+        let err = add_region(dir.path(), "c").unwrap_err().to_string();
+        assert!(err.contains("already has a region c"), "{err}");
+        assert_eq!(add_region(dir.path(), "d").unwrap().id, 4);
     }
 }

@@ -20,17 +20,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::{now_ms, Input, Snapshot};
-use crate::transport::TrafficMap;
+use crate::transport::Directory;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminState {
     /// The driver's inputs.
     pub inputs: mpsc::Sender<Input>,
-    /// Region names by node id, this node included.
-    pub regions: Arc<BTreeMap<NodeId, String>>,
-    /// Bytes per peer.
-    pub traffic: TrafficMap,
+    /// This node.
+    pub node: NodeId,
+    /// This node's region name.
+    pub region: String,
+    /// The peers this node knows (names and traffic counters).
+    pub peers: Arc<Directory>,
     /// Durability mode, for display.
     pub durability: &'static str,
     /// Injected faults.
@@ -42,7 +44,7 @@ pub struct AdminState {
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState")
-            .field("regions", &self.regions)
+            .field("region", &self.region)
             .finish()
     }
 }
@@ -140,17 +142,23 @@ pub struct LagHistograms {
 impl AdminState {
     /// This node's peers by id (every region but this node's own).
     fn peers(&self) -> BTreeMap<NodeId, String> {
-        self.regions
-            .iter()
-            .filter(|(id, _)| self.traffic.contains_key(id))
-            .map(|(id, name)| (*id, name.clone()))
+        self.peers
+            .entries()
+            .into_iter()
+            .map(|(id, entry)| (id, entry.region))
             .collect()
     }
 
     fn region(&self, node: NodeId) -> String {
-        self.regions
-            .get(&node)
-            .cloned()
+        if node == self.node {
+            return self.region.clone();
+        }
+        self.peers
+            .region(node)
+            .or_else(|| {
+                let state = self.control.as_ref()?.state()?;
+                state.member(node).map(|m| m.region.clone())
+            })
             .unwrap_or_else(|| node.to_string())
     }
 
@@ -173,7 +181,8 @@ impl AdminState {
         let mut peers = Vec::new();
         for (peer, state) in &snapshot.peers {
             let counters = snapshot.stats.peers.get(peer).cloned().unwrap_or_default();
-            let traffic = self.traffic.get(peer);
+            let traffic = self.peers.traffic(*peer);
+            let traffic = traffic.as_deref();
             let theirs = state.vector.as_ref().map(|v| v.get(*peer).0).unwrap_or(0);
             let histogram = snapshot.stats.lag_ms.get(peer);
             peers.push(PeerStatus {
@@ -436,6 +445,65 @@ async fn leave(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// `POST /join`: admits a new region (`braid join` sends it to any member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The cluster the new region's configuration names (32 hex digits): a region of another
+    /// cluster is refused before anything is committed.
+    pub cluster_id: String,
+    /// Its node id (the one its certificate names).
+    pub id: u64,
+    /// Its region name.
+    pub region: String,
+    /// Its QUIC address, for the other nodes.
+    pub peer_address: String,
+    /// Its RESP address.
+    pub resp_address: String,
+    /// Its HTTP admin address.
+    pub http_address: String,
+}
+
+/// The answer to `POST /join`: who admitted the region, and every member it should know of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinReply {
+    /// The member that answered (it serves the region's snapshot).
+    pub node: u64,
+    /// Its region name.
+    pub region: String,
+    /// Every member, the new one included, as `/status` lists them.
+    pub members: Vec<crate::control::plane::MemberStatus>,
+}
+
+async fn join(
+    State(state): State<AdminState>,
+    request: Result<Json<JoinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::control::plane::ControlPlaneError;
+    use crate::control::ControlReply;
+    let Json(request) = match request {
+        Ok(request) => request,
+        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
+    };
+    let Some(control) = &state.control else {
+        let text = "this node runs no control plane";
+        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+    };
+    match control.join(&request).await {
+        Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
+        Ok(_) => Json(JoinReply {
+            node: state.node.0,
+            region: state.region.clone(),
+            members: control.status().members,
+        })
+        .into_response(),
+        Err(err @ ControlPlaneError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, err.to_string()).into_response()
+        }
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     match state.snapshot().await {
         Some(snapshot) => (
@@ -464,6 +532,7 @@ pub async fn serve(
         .route("/faults", get(get_faults).post(set_faults))
         .route("/topology", axum::routing::post(set_topology))
         .route("/leave", axum::routing::post(leave))
+        .route("/join", axum::routing::post(join))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -6,7 +6,8 @@
 //! - [`control`]: the control plane's Raft group (openraft) around its state machine.
 //! - [`storage`]: RocksDB storage behind the core's `Storage` trait.
 //! - [`driver`]: the tokio task that owns the replica core and executes its outputs.
-//! - [`transport`]: QUIC streams between nodes.
+//! - [`transport`]: QUIC streams between nodes, and the directory of known peers.
+//! - [`snapshot`]: data snapshots streamed to a region that joins.
 //! - [`tls`]: the cluster CA, node certificates, mutual TLS.
 //! - [`resp`]: the Redis-protocol server.
 //! - [`faults`]: fault injection for drills (off unless configured, loopback only).
@@ -53,6 +54,8 @@ pub mod node;
 #[cfg(feature = "server")]
 pub mod resp;
 pub mod scenario;
+#[cfg(feature = "server")]
+pub mod snapshot;
 #[cfg(feature = "server")]
 pub mod storage;
 #[cfg(feature = "server")]

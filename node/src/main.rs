@@ -59,6 +59,30 @@ enum Commands {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
         http: SocketAddr,
     },
+    /// Lay out one more region for a cluster made by `braid init`: its certificate (from the
+    /// cluster's CA key), ports after the others' and a configuration. Admit it with
+    /// `braid join`.
+    AddRegion {
+        /// The cluster's directory (with cluster.json, ca.pem and ca.key).
+        #[arg(long, value_name = "DIR", default_value = "braid-cluster")]
+        dir: PathBuf,
+        /// The new region's name.
+        #[arg(long, value_name = "NAME")]
+        region: String,
+    },
+    /// Start a new region and admit it to a running mesh: a member commits it, it fetches a
+    /// data snapshot from that member (with progress), then replicates like every region and
+    /// turns active. Writers elsewhere go on throughout. Runs until SIGINT or SIGTERM, like
+    /// `braid start`, which later starts use.
+    Join {
+        /// The new region's configuration file (from `braid add-region`, or written by hand:
+        /// a certificate from the cluster's CA, and an empty data directory).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The HTTP admin address of any member of the mesh.
+        #[arg(long, value_name = "ADDR")]
+        via: SocketAddr,
+    },
     /// Print a node's status: peers, their state, lag and counters.
     Status {
         /// The node's HTTP admin address.
@@ -299,6 +323,8 @@ fn main() -> Result<()> {
             Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
             Commands::Status { http, json } => status(http, json).await,
             Commands::Leave { http } => leave(http).await,
+            Commands::AddRegion { dir, region } => add_region(&dir, &region),
+            Commands::Join { config, via } => join(&config, via).await,
             Commands::Topology(TopologyCommand::Set { http, mesh, links }) => {
                 topology_set(http, mesh, links).await
             }
@@ -358,6 +384,140 @@ async fn start(config_path: &Path) -> Result<()> {
     braid_node::node::run(config, shutdown)
         .await
         .context("node failed")?;
+    Ok(())
+}
+
+fn add_region(dir: &Path, region: &str) -> Result<()> {
+    let entry = cluster::add_region(dir, region)?;
+    println!(
+        "Laid out region {} (node {}) in {}: RESP {}, HTTP {}, QUIC {}.",
+        entry.name,
+        entry.id,
+        dir.display(),
+        entry.resp,
+        entry.http,
+        entry.peer
+    );
+    let file = ClusterFile::load(dir)?;
+    let via = file
+        .regions
+        .first()
+        .map_or("127.0.0.1:7001".to_string(), |r| r.http.clone());
+    println!(
+        "\nAdmit it to the running mesh with: braid join --config {} --via {via}",
+        entry.config.display()
+    );
+    Ok(())
+}
+
+/// How long a member may take to admit a region: up to 10 s for a mesh that has just started
+/// to bootstrap its control plane, then up to 10 s to commit the join, and 3 s to apply it.
+const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn join(config_path: &Path, via: SocketAddr) -> Result<()> {
+    use braid_node::http::{JoinReply, JoinRequest};
+    use braid_node::node::{JoinPlan, JOINED_MARKER, SNAPSHOT_PENDING_MARKER};
+    use std::io::IsTerminal;
+    let mut signals = Signals::new()?;
+    let config = NodeConfig::load(config_path)?;
+    let data = &config.data_dir;
+    let joined = data.join(JOINED_MARKER).exists();
+    if joined && !data.join(SNAPSHOT_PENDING_MARKER).exists() {
+        bail!(
+            "region {} has joined already: start it with `braid start --config {}`",
+            config.region,
+            config_path.display()
+        );
+    }
+    if !joined && data.join("CURRENT").exists() {
+        bail!(
+            "{} holds the data of a region that did not join: a region joins with an empty data              directory",
+            data.display()
+        );
+    }
+    let request = JoinRequest {
+        cluster_id: config.cluster_id.clone(),
+        id: config.node_id,
+        region: config.region.clone(),
+        peer_address: config.listen.peer.to_string(),
+        resp_address: config.listen.resp.to_string(),
+        http_address: config.listen.http.to_string(),
+    };
+    eprintln!(
+        "Asking the member at {via} to admit region {} (node {})...",
+        config.region, config.node_id
+    );
+    let body = serde_json::to_string(&request)?;
+    let reply = braid_node::admin_client::post_json(via, "/join", &body, JOIN_REQUEST_TIMEOUT)
+        .await
+        .with_context(|| {
+            format!(
+                "the member at http://{via} did not admit region {}",
+                config.region
+            )
+        })?;
+    let reply: JoinReply = serde_json::from_str(&reply).context("unexpected /join answer")?;
+    let mut members = Vec::new();
+    for member in reply.members.iter().filter(|m| m.state != "removed") {
+        let address = member.peer_address.parse().with_context(|| {
+            format!(
+                "member {} has an unusable address {:?}",
+                member.name, member.peer_address
+            )
+        })?;
+        members.push((
+            braid_node::protocol::NodeId(member.id),
+            member.name.clone(),
+            address,
+        ));
+    }
+    eprintln!(
+        "Admitted by region {}; fetching a data snapshot from it.",
+        reply.region
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let mut last = std::time::Instant::now() - Duration::from_secs(1);
+    let progress = move |p: &braid_node::snapshot::FetchProgress| {
+        if !p.done && last.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        last = std::time::Instant::now();
+        let share = match p.keys_estimate {
+            0 => String::new(),
+            n => format!(" (~{}%)", (p.keys * 100 / n).min(100)),
+        };
+        let line = match p.done {
+            true => format!(
+                "snapshot: {} keys, {:.1} MB, installed",
+                p.keys,
+                p.bytes as f64 / 1e6
+            ),
+            false => format!(
+                "snapshot: {} of ~{} keys{share}, {:.1} MB",
+                p.keys,
+                p.keys_estimate.max(p.keys),
+                p.bytes as f64 / 1e6
+            ),
+        };
+        let mut err = std::io::stderr();
+        if progress_line(&mut err, &line, terminal) && p.done {
+            eprintln!();
+        }
+    };
+    let plan = JoinPlan {
+        via: braid_node::protocol::NodeId(reply.node),
+        members,
+        progress: Box::new(progress),
+    };
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        signals.recv().await;
+        tracing::info!("signal received: stopping");
+        let _ = stop.send(true);
+    });
+    braid_node::node::join(config, plan, shutdown)
+        .await
+        .context("the region failed to join")?;
     Ok(())
 }
 

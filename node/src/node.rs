@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use braid_protocol::{NodeId, Replica, ReplicaConfig};
 use tokio::net::TcpListener;
@@ -18,9 +19,10 @@ use crate::driver::{now_ms, Driver, Snapshot, INPUT_QUEUE_MAX};
 use crate::faults::Faults;
 use crate::http::{self, AdminState};
 use crate::resp::{self, RespContext};
+use crate::snapshot::{self, FetchProgress};
 use crate::storage::RocksStorage;
 use crate::tls::MeshTls;
-use crate::transport::{Mesh, Traffic};
+use crate::transport::{Directory, Mesh};
 use braid_protocol::control::MemberState;
 
 /// A node failed to start or failed while running.
@@ -59,9 +61,67 @@ pub fn control_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("control")
 }
 
+/// Marks a data directory whose region entered a running mesh through `braid join`: it never
+/// initializes a Raft group of its own, whatever its configuration lists.
+pub const JOINED_MARKER: &str = "JOINED";
+
+/// Marks a data directory whose data snapshot is not completely installed yet: the region
+/// cannot start until `braid join` has fetched one again.
+pub const SNAPSHOT_PENDING_MARKER: &str = "SNAPSHOT_PENDING";
+
+/// Snapshot fetches tried before a join gives up, each from the next member in turn.
+const SNAPSHOT_ATTEMPTS_MAX: usize = 10;
+
+/// Pause between snapshot fetches.
+const SNAPSHOT_RETRY_MS: u64 = 1_000;
+
+/// How a new region enters a running mesh (`braid join`): the member that admitted it, and
+/// every member it was told of.
+pub struct JoinPlan {
+    /// The member that admitted it: the snapshot is fetched from it first.
+    pub via: NodeId,
+    /// The members when it was admitted (the new one too): id, region name, QUIC address.
+    pub members: Vec<(NodeId, String, SocketAddr)>,
+    /// Told how the snapshot is coming along.
+    pub progress: Box<dyn FnMut(&FetchProgress) + Send>,
+}
+
+impl std::fmt::Debug for JoinPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinPlan")
+            .field("via", &self.via)
+            .field("members", &self.members)
+            .finish()
+    }
+}
+
 /// Runs a node until `shutdown` turns true. Returns an error if it cannot start, or if storage
 /// fails while it runs.
 pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+    run_node(config, None, shutdown).await
+}
+
+/// Runs a new region that was just admitted to a running mesh (`POST /join` on a member): it
+/// joins the Raft group as a learner, fetches and installs a data snapshot, then runs as any
+/// node does, and becomes active once its first checkpoint is committed. Later starts are
+/// plain [`run`]s.
+pub async fn join(
+    config: NodeConfig,
+    plan: JoinPlan,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    run_node(config, Some(plan), shutdown).await
+}
+
+fn marker_error(path: &std::path::Path, source: std::io::Error) -> NodeError {
+    NodeError::Task(format!("cannot write {}: {source}", path.display()))
+}
+
+async fn run_node(
+    config: NodeConfig,
+    mut plan: Option<JoinPlan>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
     let node = config.node();
     let cluster = config.cluster_id()?;
     let topology = config.topology()?;
@@ -71,11 +131,22 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         addr: config.listen.resp,
         source,
     })?;
-    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
+    let joined = config.data_dir.join(JOINED_MARKER);
+    let pending = config.data_dir.join(SNAPSHOT_PENDING_MARKER);
+    if plan.is_none() && pending.exists() {
+        return Err(NodeError::Task(format!(
+            "region {} has not finished joining (its data snapshot is incomplete): run `braid              join` for it again",
+            config.region
+        )));
+    }
+    if plan.is_some() {
+        // Before anything else: from here on this node never starts a group of its own.
+        std::fs::write(&joined, b"").map_err(|e| marker_error(&joined, e))?;
+        std::fs::write(&pending, b"").map_err(|e| marker_error(&pending, e))?;
+    }
+    let initialize = !joined.exists();
+    let mut storage = RocksStorage::open(&config.data_dir, config.durability)?;
     let reader = storage.clone();
-    let mut replica_config = ReplicaConfig::new(node);
-    replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
-    let replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
 
     let bind = |what, addr| move |source| NodeError::Bind { what, addr, source };
     let socket = std::net::UdpSocket::bind(config.listen.peer)
@@ -112,25 +183,27 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
             .map_err(|e| invalid(e.to_string()))?;
         warn!(%node, faults = ?set, "injected faults set at start");
     }
-    let peers: BTreeMap<NodeId, SocketAddr> = config
-        .peers
-        .iter()
-        .map(|p| (NodeId(p.id), p.address))
-        .collect();
-    let traffic = Arc::new(
-        peers
-            .keys()
-            .map(|p| (*p, Traffic::default()))
-            .collect::<BTreeMap<_, _>>(),
-    );
-    let regions = Arc::new(config.regions());
-
+    // The configuration's peers to begin with (a joining region: those it was told of); the
+    // control plane keeps the directory equal to the committed members from then on.
+    let known: Vec<(NodeId, String, SocketAddr)> = match &plan {
+        Some(plan) => plan
+            .members
+            .iter()
+            .filter(|(id, _, _)| *id != node)
+            .cloned()
+            .collect(),
+        None => config
+            .peers
+            .iter()
+            .map(|p| (NodeId(p.id), p.region.clone(), p.address))
+            .collect(),
+    };
     let mesh = Arc::new(Mesh {
         node,
         cluster,
-        peers,
+        peers: Arc::new(Directory::new(known)),
         inputs: inputs.clone(),
-        traffic: traffic.clone(),
+        storage: storage.clone(),
         conn_ids: Arc::new(AtomicU64::new(0)),
         faults: faults.clone(),
         control: OnceLock::new(),
@@ -141,6 +214,7 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         &config,
         mesh.clone(),
         endpoint.clone(),
+        initialize,
     )
     .await?;
     match control.own_state() {
@@ -161,6 +235,25 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
     let _ = mesh.control.set(control.raft().clone());
     let (neighbors, neighbors_rx) = watch::channel(topology.neighbors(node));
     mesh.start(endpoint.clone(), neighbors_rx, shutdown.clone());
+    if let Some(plan) = plan.as_mut() {
+        // The Raft group reaches this node from now on (it is a learner); its data comes
+        // first, before its replica runs, so that it subscribes from the snapshot's vector.
+        let vector =
+            install_snapshot(&mesh, &endpoint, plan, &mut storage, shutdown.clone()).await?;
+        std::fs::remove_file(&pending).map_err(|e| marker_error(&pending, e))?;
+        info!(%node, ?vector, "data snapshot installed: joining the mesh");
+    }
+    let mut replica_config = ReplicaConfig::new(node);
+    replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
+    // The committed topology when the control plane has one (the configuration's links are
+    // only the cluster's first; a region that joined lists no peers at all).
+    let topology = control
+        .state()
+        .and_then(|s| s.topology().ok())
+        .filter(|t| t.contains(node))
+        .unwrap_or(topology);
+    let _ = neighbors.send(topology.neighbors(node));
+    let replica = Replica::open(replica_config, topology, storage, now_ms())?;
     control.spawn_upkeep(
         bootstrap_command(&config),
         config.change_log_gc,
@@ -170,8 +263,9 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
 
     let admin = AdminState {
         inputs: inputs.clone(),
-        regions: regions.clone(),
-        traffic,
+        node,
+        region: config.region.clone(),
+        peers: mesh.peers.clone(),
         durability: config.durability.name(),
         faults: faults.clone(),
         control: Some(control),
@@ -204,6 +298,47 @@ pub async fn run(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<
         crate::driver::log_fatal(err);
     }
     Ok(result?)
+}
+
+/// Fetches and installs a data snapshot for a joining region: from the member that admitted
+/// it first, then from the others in turn, until one completes or the attempts run out.
+async fn install_snapshot(
+    mesh: &Mesh,
+    endpoint: &quinn::Endpoint,
+    plan: &mut JoinPlan,
+    storage: &mut RocksStorage,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<braid_protocol::VersionVector, NodeError> {
+    let mut sources: Vec<NodeId> = vec![plan.via];
+    sources.extend(
+        plan.members
+            .iter()
+            .map(|(id, _, _)| *id)
+            .filter(|id| *id != plan.via && *id != mesh.node),
+    );
+    let mut last = String::new();
+    for attempt in 0..SNAPSHOT_ATTEMPTS_MAX {
+        let from = sources[attempt % sources.len()];
+        let fetched = tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                return Err(NodeError::Task("stopped before the data snapshot was installed".into()));
+            }
+            fetched = snapshot::fetch(mesh, endpoint, from, storage, &mut plan.progress) => fetched,
+        };
+        match fetched {
+            Ok(vector) => return Ok(vector),
+            Err(snapshot::SnapshotError::Storage(err)) => return Err(err.into()),
+            Err(err) => {
+                warn!(%from, attempt = attempt + 1, error = %err, "data snapshot failed; trying again");
+                last = err.to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(SNAPSHOT_RETRY_MS)).await;
+    }
+    Err(NodeError::Task(format!(
+        "no data snapshot after {SNAPSHOT_ATTEMPTS_MAX} attempts; the last: {last}"
+    )))
 }
 
 /// The text of RESP `INFO`: server, replication (peers and lag), stats.

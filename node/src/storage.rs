@@ -281,6 +281,129 @@ impl RocksStorage {
     }
 }
 
+/// What a data snapshot hands its consumer, in order: the head, then chunks of keys.
+#[derive(Debug)]
+pub enum SnapshotPiece {
+    /// What the keys reflect, and about how many there are.
+    Begin(braid_protocol::SnapshotBegin),
+    /// Keys in order, with their states.
+    Chunk(Vec<braid_protocol::SnapshotEntry>),
+}
+
+impl RocksStorage {
+    /// Reads a data snapshot at one consistent view (a RocksDB snapshot: every commit is one
+    /// batch, so the vector read there is exactly what the key states reflect), handing each
+    /// piece to `emit` as it goes; stops early, with `Ok(false)`, when `emit` returns false.
+    /// Chunks hold at most `chunk_keys_max` keys, and are sent once they pass `chunk_bytes_max`
+    /// bytes. Blocking: run it off the async runtime.
+    pub fn read_snapshot(
+        &self,
+        chunk_keys_max: usize,
+        chunk_bytes_max: usize,
+        mut emit: impl FnMut(SnapshotPiece) -> bool,
+    ) -> Result<bool, StorageError> {
+        assert!(chunk_keys_max > 0);
+        let (data, meta) = (self.cf(CF_DATA)?, self.cf(CF_META)?);
+        let view = self.db.snapshot();
+        let vector: VersionVector = match view.get_cf(meta, META_VECTOR)? {
+            Some(bytes) => decode(&bytes, "version vector")?,
+            None => VersionVector::new(),
+        };
+        let hlc: Hlc = match view.get_cf(meta, META_HLC)? {
+            Some(bytes) => decode(&bytes, "hlc")?,
+            None => Hlc::ZERO,
+        };
+        let keys_estimate = self
+            .db
+            .property_int_value_cf(data, "rocksdb.estimate-num-keys")?
+            .unwrap_or(0);
+        let begin = braid_protocol::SnapshotBegin {
+            vector,
+            hlc,
+            keys_estimate,
+        };
+        if !emit(SnapshotPiece::Begin(begin)) {
+            return Ok(false);
+        }
+        let mut chunk = Vec::new();
+        let mut bytes = 0usize;
+        for item in view.iterator_cf(data, IteratorMode::Start) {
+            let (key, value) = item?;
+            bytes += key.len() + value.len();
+            chunk.push(braid_protocol::SnapshotEntry {
+                key: bytes::Bytes::copy_from_slice(&key),
+                state: decode(&value, "key state")?,
+            });
+            if chunk.len() >= chunk_keys_max || bytes >= chunk_bytes_max {
+                bytes = 0;
+                if !emit(SnapshotPiece::Chunk(std::mem::take(&mut chunk))) {
+                    return Ok(false);
+                }
+            }
+        }
+        if !chunk.is_empty() && !emit(SnapshotPiece::Chunk(chunk)) {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Merges a chunk of a data snapshot into the stored states. The merge is the states' own
+    /// (commutative, idempotent): a chunk installed twice, or over states that already reflect
+    /// some of its events, still gives the right state. The vector is left alone until
+    /// [`RocksStorage::finish_snapshot`].
+    pub fn merge_snapshot_chunk(
+        &self,
+        entries: &[braid_protocol::SnapshotEntry],
+    ) -> Result<(), StorageError> {
+        let data = self.cf(CF_DATA)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let state = match self.get(&entry.key)? {
+                Some(mut ours) => {
+                    ours.merge(&entry.state);
+                    ours
+                }
+                None => entry.state.clone(),
+            };
+            batch.put_cf(data, &entry.key, encode(&state, "key state")?);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Completes a data snapshot whose keys are all merged: the vector becomes the greater of
+    /// ours and the snapshot's, and the HLC high-water mark likewise. For every origin the
+    /// snapshot took further, the events in between are in the states but not in the change
+    /// log, so the log counts as trimmed through the snapshot's seq (and what it held of that
+    /// origin is deleted). Synced, whatever the durability mode: the node subscribes from this
+    /// vector next. Returns the new vector.
+    pub fn finish_snapshot(
+        &mut self,
+        vector: &VersionVector,
+        hlc: Hlc,
+    ) -> Result<VersionVector, StorageError> {
+        let recovered = self.recover()?;
+        let (log, meta) = (self.cf(CF_LOG)?, self.cf(CF_META)?);
+        let mut merged = recovered.vector.clone();
+        merged.merge(vector);
+        let mut trimmed = recovered.trimmed.clone();
+        let mut batch = WriteBatch::default();
+        for (origin, seq) in vector.iter() {
+            if seq > recovered.vector.get(origin) {
+                batch.delete_range_cf(log, log_key(origin, Seq(1)), log_key(origin, seq.next()));
+                trimmed.advance(origin, seq);
+            }
+        }
+        batch.put_cf(meta, META_VECTOR, encode(&merged, "vector")?);
+        batch.put_cf(meta, META_HLC, encode(&recovered.hlc.max(hlc), "hlc")?);
+        batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        Ok(merged)
+    }
+}
+
 impl RocksStorage {
     /// Syncs the write-ahead log: every commit so far survives power loss from here on (in
     /// `process` mode too).
@@ -564,5 +687,152 @@ mod tests {
             RocksStorage::open(dir.path(), Durability::Process),
             Err(StorageError::Format { found: 99 })
         ));
+    }
+
+    /// A commit of one write of `origin` at `seq`: key `key` set to `value`.
+    fn write(storage: &mut RocksStorage, origin: NodeId, seq: u64, key: &str, value: &str) {
+        let key = Bytes::from(key.to_owned());
+        let mut state = storage.get(&key).unwrap().unwrap_or_default();
+        let op = state
+            .prepare(origin, Command::Set(Bytes::from(value.to_owned())))
+            .unwrap()
+            .op
+            .unwrap();
+        let hlc = Hlc::new(1_000 + seq, 0, origin);
+        state.apply(&op, hlc);
+        let mut vector = storage.recover().unwrap().vector;
+        vector.advance(origin, Seq(seq));
+        let event = ChangeEvent {
+            origin,
+            seq: Seq(seq),
+            hlc,
+            key: key.clone(),
+            op,
+        };
+        storage
+            .commit(Commit {
+                keys: vec![(key, state)],
+                events: vec![event],
+                vector,
+                hlc,
+            })
+            .unwrap();
+    }
+
+    fn snapshot_of(storage: &RocksStorage, keys_max: usize) -> Vec<SnapshotPiece> {
+        let mut pieces = Vec::new();
+        assert!(storage
+            .read_snapshot(keys_max, usize::MAX, |p| {
+                pieces.push(p);
+                true
+            })
+            .unwrap());
+        pieces
+    }
+
+    #[test]
+    fn a_snapshot_installs_into_another_storage_and_a_second_install_changes_nothing() {
+        let (a, b) = (NodeId(1), NodeId(2));
+        let source_dir = tempfile::tempdir().unwrap();
+        let mut source = RocksStorage::open(source_dir.path(), Durability::Process).unwrap();
+        for i in 1..=5u64 {
+            write(&mut source, a, i, &format!("k{i}"), "a");
+        }
+        write(&mut source, b, 1, "k1", "b");
+        let pieces = snapshot_of(&source, 2);
+        let SnapshotPiece::Begin(begin) = &pieces[0] else {
+            panic!("the head comes first")
+        };
+        assert_eq!(
+            begin.vector,
+            [(a, Seq(5)), (b, Seq(1))].into_iter().collect()
+        );
+        let chunks: Vec<&Vec<braid_protocol::SnapshotEntry>> = pieces[1..]
+            .iter()
+            .map(|p| match p {
+                SnapshotPiece::Chunk(c) => c,
+                SnapshotPiece::Begin(_) => panic!("one head only"),
+            })
+            .collect();
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
+
+        // The joining side holds one write of its own (origin 3) before it installs.
+        let target_dir = tempfile::tempdir().unwrap();
+        let mut target = RocksStorage::open(target_dir.path(), Durability::Process).unwrap();
+        write(&mut target, NodeId(3), 1, "own", "c");
+        for _ in 0..2 {
+            for chunk in &chunks {
+                target.merge_snapshot_chunk(chunk).unwrap();
+            }
+            let vector = target.finish_snapshot(&begin.vector, begin.hlc).unwrap();
+            assert_eq!(
+                vector,
+                [(a, Seq(5)), (b, Seq(1)), (NodeId(3), Seq(1))]
+                    .into_iter()
+                    .collect()
+            );
+        }
+        let mut values = source.values().unwrap();
+        values.extend(
+            target
+                .values()
+                .unwrap()
+                .into_iter()
+                .filter(|(k, _)| k == "own"),
+        );
+        assert_eq!(target.values().unwrap(), values);
+        let recovered = target.recover().unwrap();
+        assert_eq!(recovered.hlc, begin.hlc.max(Hlc::new(1_001, 0, NodeId(3))));
+        // The snapshot's events are in the states, not the log: counted as trimmed.
+        assert_eq!(
+            recovered.trimmed,
+            [(a, Seq(5)), (b, Seq(1))].into_iter().collect()
+        );
+        assert!(target.log_of(a).unwrap().is_empty());
+        assert_eq!(target.log_of(NodeId(3)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_is_one_view_whatever_is_written_while_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = RocksStorage::open(dir.path(), Durability::Process).unwrap();
+        let a = NodeId(1);
+        for i in 1..=4u64 {
+            write(&mut storage, a, i, &format!("k{i}"), "before");
+        }
+        let mut writer = storage.clone();
+        let mut pieces = Vec::new();
+        let mut seq = 4;
+        storage
+            .read_snapshot(1, usize::MAX, |p| {
+                pieces.push(p);
+                // Writes land between the chunks: none may show in this snapshot.
+                seq += 1;
+                write(&mut writer, a, seq, &format!("k{}", seq % 4 + 1), "after");
+                true
+            })
+            .unwrap();
+        let SnapshotPiece::Begin(begin) = &pieces[0] else {
+            panic!("the head comes first")
+        };
+        assert_eq!(begin.vector.get(a), Seq(4));
+        for piece in &pieces[1..] {
+            let SnapshotPiece::Chunk(chunk) = piece else {
+                panic!("chunks after the head")
+            };
+            for entry in chunk {
+                let value = entry.state.value();
+                assert_eq!(
+                    value,
+                    Some(braid_conflict::Value::String(Bytes::from("before"))),
+                    "{:?}",
+                    entry.key
+                );
+            }
+        }
+        assert_eq!(pieces.len(), 5);
     }
 }

@@ -65,8 +65,84 @@ pub struct Traffic {
     pub frames_dropped: AtomicU64,
 }
 
-/// Per peer traffic counters, created once for every known peer.
-pub type TrafficMap = Arc<BTreeMap<NodeId, Traffic>>;
+/// One peer a node knows of.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    /// Its region name.
+    pub region: String,
+    /// Its QUIC address.
+    pub address: SocketAddr,
+    /// Bytes moved to and from it.
+    pub traffic: Arc<Traffic>,
+}
+
+/// The peers a node knows: those of its configuration when it starts, then the committed
+/// members of the control plane (a region that joins is added, a removed one dropped). Only
+/// peers listed here may connect, and only they are subscribed to.
+#[derive(Debug, Default)]
+pub struct Directory {
+    peers: std::sync::RwLock<BTreeMap<NodeId, PeerEntry>>,
+}
+
+impl Directory {
+    /// A directory of these peers: id, region name and QUIC address.
+    pub fn new(peers: impl IntoIterator<Item = (NodeId, String, SocketAddr)>) -> Directory {
+        let directory = Directory::default();
+        directory.update(peers);
+        directory
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, PeerEntry>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the directory these peers exactly: new ones are added, addresses updated, and
+    /// peers not listed dropped. Counters of a peer that stays are kept.
+    pub fn update(&self, peers: impl IntoIterator<Item = (NodeId, String, SocketAddr)>) {
+        let mut map = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = BTreeMap::new();
+        for (id, region, address) in peers {
+            let traffic = map.get(&id).map(|e| e.traffic.clone()).unwrap_or_default();
+            if map.get(&id).is_none_or(|e| e.address != address) {
+                info!(peer = %id, %region, %address, "peer address known");
+            }
+            next.insert(
+                id,
+                PeerEntry {
+                    region,
+                    address,
+                    traffic,
+                },
+            );
+        }
+        *map = next;
+    }
+
+    /// Whether `peer` is known.
+    pub fn contains(&self, peer: NodeId) -> bool {
+        self.read().contains_key(&peer)
+    }
+
+    /// `peer`'s QUIC address.
+    pub fn address(&self, peer: NodeId) -> Option<SocketAddr> {
+        self.read().get(&peer).map(|e| e.address)
+    }
+
+    /// `peer`'s region name.
+    pub fn region(&self, peer: NodeId) -> Option<String> {
+        self.read().get(&peer).map(|e| e.region.clone())
+    }
+
+    /// `peer`'s traffic counters.
+    pub fn traffic(&self, peer: NodeId) -> Option<Arc<Traffic>> {
+        self.read().get(&peer).map(|e| e.traffic.clone())
+    }
+
+    /// Every known peer.
+    pub fn entries(&self) -> BTreeMap<NodeId, PeerEntry> {
+        self.read().clone()
+    }
+}
 
 /// What every stream needs to know.
 #[derive(Clone)]
@@ -75,12 +151,12 @@ pub struct Mesh {
     pub node: NodeId,
     /// The cluster.
     pub cluster: ClusterId,
-    /// Peer addresses.
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// The peers this node knows, with their addresses and traffic counters.
+    pub peers: Arc<Directory>,
     /// Where stream events go.
     pub inputs: mpsc::Sender<Input>,
-    /// Traffic counters.
-    pub traffic: TrafficMap,
+    /// This node's storage, read (never written) to serve data snapshots.
+    pub storage: crate::storage::RocksStorage,
     /// Stream ids, unique per process.
     pub conn_ids: Arc<AtomicU64>,
     /// Injected faults (none unless the configuration enables them).
@@ -152,8 +228,8 @@ impl Mesh {
         connections.insert(peer, connection.clone());
     }
 
-    pub(crate) fn traffic(&self, peer: NodeId) -> Option<&Traffic> {
-        self.traffic.get(&peer)
+    pub(crate) fn traffic(&self, peer: NodeId) -> Option<Arc<Traffic>> {
+        self.peers.traffic(peer)
     }
 
     /// Spawns the accept loop, and keeps one subscriber task per neighbor: `neighbors` says
@@ -208,7 +284,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.contains_key(p)) else {
+            let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.contains(*p)) else {
                 warn!(%remote, "refused peer: its certificate names no node of this cluster");
                 connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
                 return;
@@ -252,8 +328,8 @@ async fn serve_feeds(
     }
 }
 
-/// One stream a peer opened: a subscription to us (our feed), or control-plane calls, told
-/// apart by the first message after the handshakes.
+/// One stream a peer opened: a subscription to us (our feed), control-plane calls, or a data
+/// snapshot request, told apart by the first message after the handshakes.
 async fn serve_stream(
     mesh: &Mesh,
     peer: NodeId,
@@ -277,6 +353,9 @@ async fn serve_stream(
                 Err(err)
             }
         },
+        Ok(Some((Message::SnapshotRequest(request), _))) => {
+            crate::snapshot::serve(mesh, peer, request, send).await
+        }
         Ok(Some((first, bytes))) => {
             if let Some(t) = mesh.traffic(peer) {
                 t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -311,22 +390,12 @@ async fn subscribers(
             keep
         });
         for peer in wanted {
-            let Some(addr) = mesh.peers.get(&peer).copied() else {
-                warn!(%peer, "a neighbor without a known address: not subscribing");
-                continue;
-            };
             if running.contains_key(&peer) {
                 continue;
             }
             let (stop, stopped) = watch::channel(false);
             running.insert(peer, stop);
-            tokio::spawn(subscriber(
-                mesh.clone(),
-                endpoint.clone(),
-                peer,
-                addr,
-                stopped,
-            ));
+            tokio::spawn(subscriber(mesh.clone(), endpoint.clone(), peer, stopped));
         }
         tokio::select! {
             biased;
@@ -340,12 +409,12 @@ async fn subscribers(
 }
 
 /// Keeps a subscription to `peer` open: connect, open a stream, run it; on failure, back off
-/// and try again, until `shutdown` (the node's, or this peer's) turns true.
+/// and try again, until `shutdown` (the node's, or this peer's) turns true. The address is
+/// looked up at each attempt: a peer that joined may be linked before its address is known here.
 async fn subscriber(
     mesh: Arc<Mesh>,
     endpoint: quinn::Endpoint,
     peer: NodeId,
-    addr: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff_ms = RECONNECT_MS_MIN;
@@ -358,7 +427,9 @@ async fn subscriber(
                 changed = faults.changed() => if changed.is_err() { return },
             }
         }
+        let addr = mesh.peers.address(peer);
         let attempt = async {
+            let addr = addr.ok_or_else(|| "no known address yet".to_string())?;
             let connecting = endpoint
                 .connect(addr, &node_dns_name(peer))
                 .map_err(|e| e.to_string())?;
@@ -382,7 +453,7 @@ async fn subscriber(
         match outcome {
             Ok(()) => backoff_ms = RECONNECT_MS_MIN,
             Err(err) => {
-                debug!(%peer, %addr, error = %err, retry_ms = backoff_ms, "subscription failed");
+                debug!(%peer, ?addr, error = %err, retry_ms = backoff_ms, "subscription failed");
             }
         }
         tokio::select! {
@@ -478,6 +549,8 @@ async fn run_stream(
     first: Option<Message>,
 ) -> Result<(), StreamError> {
     let conn = mesh.conn_ids.fetch_add(1, Ordering::Relaxed);
+    // Looked up once: the hot path counts bytes without taking the directory's lock.
+    let traffic = mesh.traffic(peer);
     let (outbox, mut outgoing) = mpsc::channel::<Message>(STREAM_OUTBOX_MAX);
     let input = |input| Input::Peer {
         peer,
@@ -498,7 +571,7 @@ async fn run_stream(
         let result = loop {
             match read_frame(&mut recv, &mut body).await {
                 Ok(Some((message, bytes))) => {
-                    if let Some(t) = mesh.traffic(peer) {
+                    if let Some(t) = &traffic {
                         t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
                     }
                     // Awaiting here is the back-pressure: a busy driver slows the peer down
@@ -513,7 +586,7 @@ async fn run_stream(
         };
         if let Err(err @ StreamError::Decode(_)) = &result {
             warn!(%peer, ?kind, error = %err, "refusing peer stream: bad frame");
-            if let Some(t) = mesh.traffic(peer) {
+            if let Some(t) = &traffic {
                 t.streams_refused.fetch_add(1, Ordering::Relaxed);
             }
             let text = err.to_string();
@@ -555,7 +628,7 @@ async fn run_stream(
                             // its way when a partition begins still arrives.
                             let (drop, delay) = mesh.faults.outgoing(peer);
                             if drop {
-                                if let Some(t) = mesh.traffic(peer) {
+                                if let Some(t) = &traffic {
                                     t.frames_dropped.fetch_add(1, Ordering::Relaxed);
                                 }
                                 continue;
@@ -575,7 +648,7 @@ async fn run_stream(
             };
             let is_error = matches!(message, Message::Error(_));
             let bytes = write_message(&mut send, &message, &mut buf).await?;
-            if let Some(t) = mesh.traffic(peer) {
+            if let Some(t) = &traffic {
                 t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             }
             if is_error {

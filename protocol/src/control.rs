@@ -36,7 +36,8 @@ pub const ADDRESS_BYTES_MAX: usize = 256;
 /// Where a member is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum MemberState {
-    /// Admitted; receiving its snapshot. Others do not wait for it to garbage-collect.
+    /// Admitted; receiving its snapshot. Garbage collection waits for its first checkpoint
+    /// (the vector of its snapshot); it becomes active after that.
     Joining,
     /// Serving and replicating.
     Active,
@@ -266,6 +267,13 @@ impl ControlState {
                 self.members.insert(member.id, member);
             }
             ControlCommand::Activate(node) => {
+                // It has installed its snapshot only once it has reported that snapshot's
+                // vector.
+                if self.current().any(|m| m.id == *node) && !self.checkpoints.contains_key(node) {
+                    return Err(ControlError::Invalid(format!(
+                        "{node} has not reported the vector of its snapshot yet"
+                    )));
+                }
                 self.transition(*node, &[MemberState::Joining], MemberState::Active)?
             }
             ControlCommand::Drain(node) => {
@@ -426,16 +434,14 @@ impl ControlState {
         &self.checkpoints
     }
 
-    /// Per origin, the highest sequence number every active or draining member has applied,
+    /// Per origin, the highest sequence number every member that is not removed has applied,
     /// as their checkpoints say: change-log entries and tombstones at or below it may be
     /// deleted. Empty while one of them has not reported (nothing is known to be everywhere).
-    /// Joining members are not waited for: they receive a snapshot.
+    /// A joining member holds it back too, until it reports the vector of the snapshot it
+    /// installed: it subscribes from that vector, so the others' logs must still hold what
+    /// comes after it. Garbage collection pauses for as long as a join takes.
     pub fn stable_frontier(&self) -> VersionVector {
-        let holders: Vec<NodeId> = self
-            .current()
-            .filter(|m| m.state != MemberState::Joining)
-            .map(|m| m.id)
-            .collect();
+        let holders: Vec<NodeId> = self.current().map(|m| m.id).collect();
         let mut vectors = Vec::with_capacity(holders.len());
         for node in &holders {
             match self.checkpoints.get(node) {
@@ -519,6 +525,12 @@ mod tests {
         s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
         assert_eq!(s.member(NodeId(4)).unwrap().state, MemberState::Joining);
         assert!(s.topology().unwrap().contains(NodeId(4)));
+        // Not before it reports its snapshot's vector.
+        assert!(matches!(
+            s.apply(&ControlCommand::Activate(NodeId(4))),
+            Err(ControlError::Invalid(_))
+        ));
+        report(&mut s, 4, &[(1, 3)], 100);
         s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
         s.apply(&ControlCommand::Drain(NodeId(4))).unwrap();
         s.apply(&ControlCommand::Remove(NodeId(4))).unwrap();
@@ -648,17 +660,16 @@ mod tests {
         assert!(s.stable_frontier().is_empty(), "c has not reported");
         report(&mut s, 3, &[(1, 9), (2, 6), (3, 4)], 100);
         assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
-        // A joining member is not waited for.
-        s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
-        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
         // A report behind the previous one (a node that lost writes) holds the frontier back.
         report(&mut s, 2, &[(1, 3), (2, 7), (3, 1)], 50);
         assert_eq!(s.stable_frontier(), vector(&[(1, 3), (2, 5)]));
         report(&mut s, 2, &[(1, 8), (2, 7), (3, 1)], 150);
-        // Once it is active it counts, and holds the frontier back until it reports.
-        s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
+        // A joining member holds it back until it reports its snapshot's vector.
+        s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
         assert!(s.stable_frontier().is_empty());
         report(&mut s, 4, &[(1, 8), (2, 2), (3, 4)], 200);
+        assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 2)]));
+        s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
         assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 2)]));
         // A removed member no longer holds it back.
         s.apply(&ControlCommand::Remove(NodeId(4))).unwrap();

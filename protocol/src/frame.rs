@@ -18,7 +18,7 @@ use bincode::config::{self, Configuration, Limit};
 use crate::ids::VersionVector;
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
-    SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
+    SNAPSHOT_CHUNK_KEYS_MAX, SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
 };
 use crate::message::{ChangeEvent, Message, PROTOCOL_VERSION};
 use braid_conflict::InvalidOp;
@@ -123,6 +123,15 @@ pub enum ProtocolViolation {
     /// An operation no node could have produced.
     #[error("invalid operation: {0}")]
     Op(#[from] InvalidOp),
+    /// More keys than a snapshot chunk may hold.
+    #[error("snapshot chunk of {keys} keys exceeds {SNAPSHOT_CHUNK_KEYS_MAX}")]
+    ChunkTooLarge {
+        /// Keys in the chunk.
+        keys: usize,
+    },
+    /// Keys of a snapshot chunk not in strictly increasing order.
+    #[error("snapshot chunk keys out of order")]
+    ChunkOutOfOrder,
     /// An error text over the length limit.
     #[error("error text of {text_bytes} bytes exceeds {ERROR_TEXT_BYTES_MAX}")]
     ErrorTextTooLong {
@@ -230,6 +239,27 @@ pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
         }
         Message::EventBatch(events) => validate_batch(events),
         Message::Ack(vector) | Message::Heartbeat(vector) => validate_vector(vector),
+        Message::SnapshotRequest(request) => validate_vector(&request.vector),
+        Message::SnapshotBegin(begin) => validate_vector(&begin.vector),
+        Message::SnapshotEnd(_) => Ok(()),
+        Message::SnapshotChunk(entries) => {
+            if entries.len() > SNAPSHOT_CHUNK_KEYS_MAX {
+                return Err(ProtocolViolation::ChunkTooLarge {
+                    keys: entries.len(),
+                });
+            }
+            for entry in entries {
+                if entry.key.len() > KEY_BYTES_MAX {
+                    return Err(ProtocolViolation::KeyTooLong {
+                        key_bytes: entry.key.len(),
+                    });
+                }
+            }
+            if entries.windows(2).any(|w| w[0].key >= w[1].key) {
+                return Err(ProtocolViolation::ChunkOutOfOrder);
+            }
+            Ok(())
+        }
         Message::Error(error) => match error.text.len() > ERROR_TEXT_BYTES_MAX {
             true => Err(ProtocolViolation::ErrorTextTooLong {
                 text_bytes: error.text.len(),

@@ -34,8 +34,8 @@ pub mod topology;
 pub use frame::{DecodeError, EncodeError, ProtocolViolation};
 pub use ids::{ClusterId, NodeId, Seq, VersionVector};
 pub use message::{
-    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, Subscribe,
-    PROTOCOL_VERSION,
+    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, SnapshotBegin,
+    SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
 };
 pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit};
 pub use storage::{Commit, MemoryStorage, Recovered, Storage};

@@ -25,6 +25,13 @@ pub const VECTOR_ENTRIES_MAX: usize = 1024;
 /// The most origins one subscription may ask a peer for.
 pub const SUBSCRIBE_ORIGINS_MAX: usize = VECTOR_ENTRIES_MAX;
 
+/// The most keys in one snapshot chunk.
+pub const SNAPSHOT_CHUNK_KEYS_MAX: usize = 1024;
+
+/// About how many bytes of keys and states a snapshot chunk carries before it is sent (a single
+/// key's state may go past it, up to the frame limit).
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1024 * 1024;
+
 /// The longest human-readable text in an error message.
 pub const ERROR_TEXT_BYTES_MAX: usize = 1024;
 

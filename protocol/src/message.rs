@@ -23,8 +23,22 @@
 //!      │── RaftRequest { call, body } ─────────►│
 //!      │◄──────────────────── RaftResponse(..) ─│   ...
 //! ```
+//!
+//! A region that joins (or one resynchronised after it fell behind what the others' change logs
+//! still hold) fetches a data snapshot on a stream of its own: one consistent view of every key's
+//! state and the version vector it reflects. QUIC's flow control paces the chunks.
+//!
+//! ```text
+//!   fetcher                                 server
+//!      │── Handshake ──────────────────────────►│
+//!      │◄────────────────────────── Handshake ──│
+//!      │── SnapshotRequest ────────────────────►│
+//!      │◄──────── SnapshotBegin { vector, .. } ─│   (the view the keys below are read at)
+//!      │◄────────── SnapshotChunk { entries } ──│   ... (keys in order)
+//!      │◄────────────── SnapshotEnd { keys } ───│   (then the server ends the stream)
+//! ```
 
-use braid_conflict::{Hlc, Op};
+use braid_conflict::{Hlc, KeyState, Op};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +141,42 @@ pub struct RaftRequest {
     pub body: Bytes,
 }
 
+/// Asks for a data snapshot: the first message on a stream of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// What the fetcher holds already (for the server's log and for a later delta; the server
+    /// sends every key regardless).
+    pub vector: VersionVector,
+}
+
+/// The head of a snapshot: what the keys that follow reflect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBegin {
+    /// The server's version vector at the view the keys are read at: every event at or below
+    /// it is reflected in the keys, none above.
+    pub vector: VersionVector,
+    /// The server's HLC high-water mark at that view.
+    pub hlc: Hlc,
+    /// About how many keys follow (for progress; not a promise).
+    pub keys_estimate: u64,
+}
+
+/// One key of a snapshot: its whole replicated state (tombstones and CRDT metadata included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// The key.
+    pub key: Bytes,
+    /// Its state.
+    pub state: KeyState,
+}
+
+/// The tail of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEnd {
+    /// How many keys the chunks carried, for the fetcher to check.
+    pub keys: u64,
+}
+
 /// Every message of protocol version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -147,6 +197,14 @@ pub enum Message {
     RaftRequest(RaftRequest),
     /// The answer to the last `RaftRequest` on the stream, encoded by the node.
     RaftResponse(Bytes),
+    /// Asks for a data snapshot, on a stream of its own.
+    SnapshotRequest(SnapshotRequest),
+    /// A snapshot's head.
+    SnapshotBegin(SnapshotBegin),
+    /// Keys of a snapshot, in key order.
+    SnapshotChunk(Vec<SnapshotEntry>),
+    /// A snapshot's tail.
+    SnapshotEnd(SnapshotEnd),
 }
 
 impl Message {
@@ -161,6 +219,10 @@ impl Message {
             Message::Heartbeat(_) => "heartbeat",
             Message::RaftRequest(_) => "raft_request",
             Message::RaftResponse(_) => "raft_response",
+            Message::SnapshotRequest(_) => "snapshot_request",
+            Message::SnapshotBegin(_) => "snapshot_begin",
+            Message::SnapshotChunk(_) => "snapshot_chunk",
+            Message::SnapshotEnd(_) => "snapshot_end",
         }
     }
 }

@@ -10,7 +10,8 @@ use braid_protocol::frame::{self, DecodeError};
 use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
 use braid_protocol::{
     ChangeEvent, ClusterId, ErrorCode, ErrorMessage, Handshake, Message, ProtocolViolation,
-    RaftCall, RaftRequest, Seq, Subscribe, VersionVector,
+    RaftCall, RaftRequest, Seq, SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotRequest,
+    Subscribe, VersionVector,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -59,6 +60,18 @@ fn observed_counter() -> PNCounter<NodeId> {
     counter
 }
 
+/// A key's state after a set add: a clock and dots to encode.
+fn key_state() -> KeyState {
+    let mut state = KeyState::default();
+    let op = state
+        .prepare(A, Command::SetAdd(vec![b("m"), b("n")]))
+        .unwrap()
+        .op
+        .unwrap();
+    state.apply(&op, Hlc::new(1_700_000_000_000, 0, A));
+    state
+}
+
 /// Every message kind, with every kind of operation, under a stable name.
 fn golden_messages() -> Vec<(&'static str, Message)> {
     let write = |write: Write| Op::Write {
@@ -95,6 +108,35 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
             Message::RaftResponse(Bytes::from_static(b"granted")),
         ),
         ("heartbeat", Message::Heartbeat(vector())),
+        (
+            "snapshot_request",
+            Message::SnapshotRequest(SnapshotRequest { vector: vector() }),
+        ),
+        (
+            "snapshot_begin",
+            Message::SnapshotBegin(SnapshotBegin {
+                vector: vector(),
+                hlc: Hlc::new(1_700_000_000_042, 3, B),
+                keys_estimate: 1000,
+            }),
+        ),
+        (
+            "snapshot_chunk",
+            Message::SnapshotChunk(vec![
+                SnapshotEntry {
+                    key: b("a"),
+                    state: KeyState::default(),
+                },
+                SnapshotEntry {
+                    key: b("k"),
+                    state: key_state(),
+                },
+            ]),
+        ),
+        (
+            "snapshot_end",
+            Message::SnapshotEnd(SnapshotEnd { keys: 2 }),
+        ),
         (
             "error",
             Message::Error(ErrorMessage {
@@ -364,6 +406,41 @@ fn protocol_rules_are_enforced_after_decoding() {
             }),
             ProtocolViolation::ErrorTextTooLong { text_bytes: 5000 },
         ),
+        (
+            Message::SnapshotChunk(
+                (0..=braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX)
+                    .map(|i| SnapshotEntry {
+                        key: b(&format!("{i:05}")),
+                        state: KeyState::default(),
+                    })
+                    .collect(),
+            ),
+            ProtocolViolation::ChunkTooLarge {
+                keys: braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX + 1,
+            },
+        ),
+        (
+            Message::SnapshotChunk(vec![
+                SnapshotEntry {
+                    key: b("b"),
+                    state: KeyState::default(),
+                },
+                SnapshotEntry {
+                    key: b("a"),
+                    state: KeyState::default(),
+                },
+            ]),
+            ProtocolViolation::ChunkOutOfOrder,
+        ),
+        (
+            Message::SnapshotChunk(vec![SnapshotEntry {
+                key: Bytes::from(vec![b'k'; braid_protocol::limits::KEY_BYTES_MAX + 1]),
+                state: KeyState::default(),
+            }]),
+            ProtocolViolation::KeyTooLong {
+                key_bytes: braid_protocol::limits::KEY_BYTES_MAX + 1,
+            },
+        ),
     ];
     for (message, violation) in cases {
         let bytes = frame::encode_to_vec(&message).unwrap();
@@ -434,7 +511,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 rewind: false
             })),
         events.prop_map(Message::EventBatch),
-        vector.prop_map(Message::Ack),
+        vector.clone().prop_map(Message::Ack),
         ".{0,64}".prop_map(|text| Message::Error(ErrorMessage {
             code: ErrorCode::Behind,
             text
@@ -453,6 +530,27 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         prop::collection::vec(any::<u8>(), 0..64)
             .prop_map(|body| Message::RaftResponse(body.into())),
+        vector
+            .clone()
+            .prop_map(|vector| Message::SnapshotRequest(SnapshotRequest { vector })),
+        (vector.clone(), any::<u64>(), any::<u64>()).prop_map(|(vector, wall, keys)| {
+            Message::SnapshotBegin(SnapshotBegin {
+                vector,
+                hlc: Hlc::new(wall >> 16, 0, A),
+                keys_estimate: keys,
+            })
+        }),
+        prop::collection::btree_set(".{0,8}", 0..6).prop_map(|keys| {
+            Message::SnapshotChunk(
+                keys.into_iter()
+                    .map(|key| SnapshotEntry {
+                        key: b(&key),
+                        state: key_state(),
+                    })
+                    .collect(),
+            )
+        }),
+        any::<u64>().prop_map(|keys| Message::SnapshotEnd(SnapshotEnd { keys })),
     ]
 }
 

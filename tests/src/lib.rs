@@ -87,8 +87,41 @@ pub struct Node {
 }
 
 impl Node {
+    /// A region as `cluster.json` lists it, not started.
+    fn laid_out(r: braid_node::cluster::RegionEntry) -> Node {
+        Node {
+            name: r.name,
+            id: NodeId(r.id),
+            config: r.config,
+            resp: r.resp.parse().unwrap(),
+            http: r.http.parse().unwrap(),
+            peer: r.peer.parse().unwrap(),
+            child: None,
+        }
+    }
+
     /// Starts the process (it must not be running).
     pub fn start(&mut self) {
+        self.spawn(&[
+            "start".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]);
+    }
+
+    /// Starts the process as `braid join --via VIA` (a region admitted to a running mesh).
+    pub fn start_join(&mut self, via: SocketAddr) {
+        let args = [
+            "join".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--via".into(),
+            via.to_string(),
+        ];
+        self.spawn(&args);
+    }
+
+    fn spawn(&mut self, args: &[String]) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         let log = self.config.parent().unwrap().join("braid.log");
         let log = std::fs::OpenOptions::new()
@@ -97,9 +130,7 @@ impl Node {
             .open(log)
             .unwrap();
         let child = Command::new(braid_bin())
-            .arg("start")
-            .arg("--config")
-            .arg(&self.config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -320,19 +351,7 @@ impl Cluster {
             change_log_gc: layout.change_log_gc,
         };
         let file: ClusterFile = cluster::init(&options).unwrap();
-        let nodes = file
-            .regions
-            .into_iter()
-            .map(|r| Node {
-                name: r.name,
-                id: NodeId(r.id),
-                config: r.config,
-                resp: r.resp.parse().unwrap(),
-                http: r.http.parse().unwrap(),
-                peer: r.peer.parse().unwrap(),
-                child: None,
-            })
-            .collect();
+        let nodes = file.regions.into_iter().map(Node::laid_out).collect();
         Cluster { dir, nodes }
     }
 
@@ -349,6 +368,26 @@ impl Cluster {
         }
         cluster.wait_connected(&started);
         cluster
+    }
+
+    /// Lays out one more region with `braid add-region` (nothing is started; admit it with
+    /// [`Node::start_join`]).
+    pub fn add_region(&mut self, name: &str) -> &mut Node {
+        let out = Command::new(braid_bin())
+            .args(["add-region", "--dir"])
+            .arg(self.dir.path())
+            .args(["--region", name])
+            .output()
+            .expect("run braid add-region");
+        assert!(
+            out.status.success(),
+            "braid add-region: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = ClusterFile::load(self.dir.path()).unwrap();
+        let entry = file.regions.into_iter().find(|r| r.name == name).unwrap();
+        self.nodes.push(Node::laid_out(entry));
+        self.nodes.last_mut().unwrap()
     }
 
     /// The node of a region.

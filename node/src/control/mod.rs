@@ -256,6 +256,12 @@ mod tests {
         group.shutdown().await;
 
         let group = Group::start_on(3, raft_config(), false, open).await;
+        let report = ControlCommand::ReportCheckpoint {
+            node: NodeId(4),
+            vector: VersionVector::new(),
+            reported_ms: 1,
+        };
+        assert_eq!(group.write(report).await, ControlReply::Applied);
         assert_eq!(
             group.write(ControlCommand::Activate(NodeId(4))).await,
             ControlReply::Applied

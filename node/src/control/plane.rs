@@ -67,6 +67,12 @@ const REPLAY_MS_MAX: u64 = 5_000;
 /// Longest wait for one membership change or learner addition by the leader.
 const RAFT_CALL_MS_MAX: u64 = 10_000;
 
+/// Longest wait, when a region asks to join, for the group's bootstrap to be committed.
+const BOOTSTRAP_WAIT_MS_MAX: u64 = 10_000;
+
+/// Longest wait for a member that committed a join to apply it itself.
+const JOIN_APPLY_MS_MAX: u64 = 3_000;
+
 /// How long a removed member that never caught up on its removal stays in the Raft group
 /// before the leader drops it anyway (it is down for good).
 const REMOVED_GRACE_MS: u64 = 60_000;
@@ -96,6 +102,7 @@ pub enum ControlPlaneError {
 #[derive(Clone)]
 pub struct ControlPlane {
     node: NodeId,
+    mesh: Arc<Mesh>,
     raft: ControlRaft,
     machine: StateMachineStore,
     network: QuicRaftNetwork,
@@ -199,12 +206,15 @@ pub fn bootstrap_command(config: &NodeConfig) -> ControlCommand {
 
 impl ControlPlane {
     /// Opens the log in `dir` and starts this node's Raft, calling peers through `mesh` and
-    /// `endpoint`; a new group is initialized with the first voters of `config`.
+    /// `endpoint`. With `initialize`, a new group is initialized with the first voters of
+    /// `config`; a region that joined a running mesh never does (it was admitted to the group
+    /// that exists).
     pub async fn start(
         dir: &Path,
         config: &NodeConfig,
         mesh: Arc<Mesh>,
         endpoint: quinn::Endpoint,
+        initialize: bool,
     ) -> Result<ControlPlane, ControlPlaneError> {
         std::fs::create_dir_all(dir).map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
         let mut log = RocksRaftLog::open(dir)?;
@@ -213,7 +223,7 @@ impl ControlPlane {
             .map_err(|e| ControlPlaneError::Storage(Box::new(e)))?;
         let machine = StateMachineStore::open(Arc::new(log.clone()))
             .map_err(|e| ControlPlaneError::Storage(Box::new(e)))?;
-        let network = QuicRaftNetwork::new(mesh, endpoint);
+        let network = QuicRaftNetwork::new(mesh.clone(), endpoint);
         let raft_config = raft_config()
             .validate()
             .map_err(|e| ControlPlaneError::Raft(e.to_string()))?;
@@ -246,7 +256,7 @@ impl ControlPlane {
             .take(VOTERS_MAX)
             .map(|n| n.0)
             .collect();
-        if voters.contains(&node.0) {
+        if initialize && voters.contains(&node.0) {
             // Identical on every node of the cluster, so safe to call on each; refused once this
             // node's log holds anything (it restarted, or a peer got there first).
             match raft.initialize(voters).await {
@@ -256,6 +266,7 @@ impl ControlPlane {
         }
         Ok(ControlPlane {
             node,
+            mesh,
             raft,
             machine,
             network,
@@ -317,6 +328,89 @@ impl ControlPlane {
                 "{last} (a change already sent to a leader may still commit)"
             ))),
         }
+    }
+
+    /// Admits a new region as a joining member. Asking again for a member already admitted
+    /// with the same region and addresses succeeds (a `braid join` that is retried); anything
+    /// else the state refuses is [`ControlReply::Refused`].
+    pub async fn join(
+        &self,
+        request: &crate::http::JoinRequest,
+    ) -> Result<ControlReply, ControlPlaneError> {
+        let invalid = |why: String| Err(ControlPlaneError::Invalid(why));
+        let ours = self.mesh.cluster.to_string();
+        if !request.cluster_id.eq_ignore_ascii_case(&ours) {
+            return invalid(format!(
+                "the new region's configuration names cluster {}, and this is cluster {ours}",
+                request.cluster_id
+            ));
+        }
+        for (what, address) in [
+            ("peer-address", &request.peer_address),
+            ("resp-address", &request.resp_address),
+            ("http-address", &request.http_address),
+        ] {
+            if address.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(format!("{what} {address:?} is not an IP address and port"));
+            }
+        }
+        let member = Member {
+            id: NodeId(request.id),
+            region: request.region.clone(),
+            peer_address: request.peer_address.clone(),
+            resp_address: request.resp_address.clone(),
+            http_address: request.http_address.clone(),
+            state: MemberState::Joining,
+        };
+        // A mesh that has just started may not have committed its bootstrap yet.
+        let deadline = Instant::now() + Duration::from_millis(BOOTSTRAP_WAIT_MS_MAX);
+        while self.state().is_none() {
+            if Instant::now() >= deadline {
+                return Err(ControlPlaneError::NoLeader(
+                    "the mesh's control plane has not bootstrapped yet".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let admitted = |state: &ControlState| {
+            state.member(member.id).is_some_and(|m| {
+                m.region == member.region
+                    && m.peer_address == member.peer_address
+                    && matches!(m.state, MemberState::Joining | MemberState::Active)
+            })
+        };
+        if self.state().as_ref().is_some_and(admitted) {
+            return Ok(ControlReply::Applied);
+        }
+        let reply = self.propose(ControlCommand::Join(member.clone())).await?;
+        // This node serves the new region's snapshot next: it must know it at once, not at
+        // its next upkeep, so it waits (bounded) for its own state machine to apply the join.
+        let deadline = Instant::now() + Duration::from_millis(JOIN_APPLY_MS_MAX);
+        while reply == ControlReply::Applied && Instant::now() < deadline {
+            if let Some(state) = self.state().filter(|s| admitted(s)) {
+                self.follow_members(&state);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(reply)
+    }
+
+    /// Makes the mesh's directory of peers the committed members that are not removed (their
+    /// QUIC addresses): a region that joined can connect and be subscribed to, a removed one
+    /// no longer can.
+    fn follow_members(&self, state: &ControlState) {
+        let peers = state
+            .members()
+            .filter(|m| m.id != self.node && m.state != MemberState::Removed)
+            .filter_map(|m| match m.peer_address.parse() {
+                Ok(address) => Some((m.id, m.region.clone(), address)),
+                Err(_) => {
+                    warn!(node = %m.id, address = %m.peer_address, "a member's address does not parse: not connecting to it");
+                    None
+                }
+            });
+        self.mesh.peers.update(peers);
     }
 
     /// Commits new links between the members, named by region (`None`: a full mesh).
@@ -445,6 +539,9 @@ impl ControlPlane {
                     _ = shutdown.changed() => break,
                     _ = tokio::time::sleep(Duration::from_millis(UPKEEP_MS)) => {}
                 }
+                if let Some(state) = plane.state() {
+                    plane.follow_members(&state);
+                }
                 plane.upkeep(&bootstrap, &mut removals).await;
                 match plane.own_state() {
                     Some(MemberState::Draining) => {
@@ -466,6 +563,7 @@ impl ControlPlane {
                     next_checkpoint_ms = now + CHECKPOINT_INTERVAL_MS;
                     plane.report_checkpoint(&inputs).await;
                 }
+                plane.activate_if_joined().await;
                 let state = plane.state();
                 let topology = state
                     .as_ref()
@@ -664,6 +762,27 @@ impl ControlPlane {
                 debug!(error = %err, "leaving: removal not committed yet");
                 false
             }
+        }
+    }
+
+    /// A joining region runs its replica only once its snapshot is installed, so once its
+    /// first checkpoint (that snapshot's vector, or later) is committed it has joined: it
+    /// commits its activation.
+    async fn activate_if_joined(&self) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let joined = state
+            .member(self.node)
+            .is_some_and(|m| m.state == MemberState::Joining)
+            && state.checkpoints().contains_key(&self.node);
+        if !joined {
+            return;
+        }
+        match self.propose(ControlCommand::Activate(self.node)).await {
+            Ok(ControlReply::Applied) => info!("joined the mesh: this region is active"),
+            Ok(other) => debug!(reply = ?other, "activation refused"),
+            Err(err) => debug!(error = %err, "activation not committed yet"),
         }
     }
 

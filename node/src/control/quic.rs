@@ -238,10 +238,10 @@ impl QuicRaftClient {
             (Some(shared), _) => shared,
             (None, Some(own)) if own.close_reason().is_none() => own.clone(),
             _ => {
-                let addr: SocketAddr = *self
+                let addr: SocketAddr = self
                     .mesh
                     .peers
-                    .get(&target)
+                    .address(target)
                     .ok_or_else(|| unreachable("not a known peer".into()))?;
                 let connecting = self
                     .endpoint

@@ -1,0 +1,245 @@
+//! Data snapshots: how a region that joins gets the mesh's state.
+//!
+//! ```text
+//!   fetcher (joining)                          server (any member)
+//!     connect, Handshake ◄──────────────────►  Handshake
+//!     SnapshotRequest ───────────────────────► RocksDB snapshot (one consistent view)
+//!                       ◄──── SnapshotBegin ── vector + HLC at that view, key estimate
+//!     merge into states ◄──── SnapshotChunk ── keys in order (a blocking reader, bounded
+//!     (idempotent)      ◄──── SnapshotChunk ── pipeline; QUIC flow control paces it)
+//!     finish: vector,   ◄──── SnapshotEnd ──── key count, checked
+//!     HLC, trimmed (synced)
+//! ```
+//!
+//! The fetcher then subscribes from the snapshot's vector like any region that restarts.
+//! Merging (each key state's own join) rather than overwriting makes a retried or repeated
+//! install harmless.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use braid_protocol::limits::{SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_KEYS_MAX};
+use braid_protocol::storage::Storage;
+use braid_protocol::{ErrorMessage, Message, NodeId, SnapshotEnd, SnapshotRequest, VersionVector};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::storage::{RocksStorage, SnapshotPiece, StorageError};
+use crate::tls::node_dns_name;
+use crate::transport::{self, Mesh, StreamError};
+
+/// Chunks read ahead of the stream by the server's reader.
+const PIPELINE_CHUNKS_MAX: usize = 4;
+
+/// Longest wait for the next frame of a snapshot being fetched (the server reads and sends
+/// continuously; a silence this long is a dead stream).
+const FRAME_WAIT_MS_MAX: u64 = 30_000;
+
+/// Longest wait for a connection to the server.
+const CONNECT_MS_MAX: u64 = 10_000;
+
+/// Why a snapshot could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The server cannot be reached.
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+    /// The stream failed or the server refused.
+    #[error("snapshot stream from {peer}: {reason}")]
+    Stream {
+        /// The server.
+        peer: NodeId,
+        /// What happened.
+        reason: String,
+    },
+    /// The server sent what a snapshot does not hold.
+    #[error("snapshot from {peer} broke the protocol: {reason}")]
+    Protocol {
+        /// The server.
+        peer: NodeId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Local storage failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+/// How far a snapshot being fetched has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Keys merged so far.
+    pub keys: u64,
+    /// About how many keys the server holds.
+    pub keys_estimate: u64,
+    /// Bytes of frames received.
+    pub bytes: u64,
+    /// Whether the last key is in.
+    pub done: bool,
+}
+
+/// Serves a snapshot on an accepted stream whose first message was `request`.
+pub(crate) async fn serve(
+    mesh: &Mesh,
+    peer: NodeId,
+    request: SnapshotRequest,
+    mut send: quinn::SendStream,
+) -> Result<(), StreamError> {
+    info!(%peer, their_vector = ?request.vector, "serving a data snapshot");
+    let traffic = mesh.traffic(peer);
+    let (pieces, mut rx) =
+        mpsc::channel::<Result<SnapshotPiece, StorageError>>(PIPELINE_CHUNKS_MAX);
+    let storage = mesh.storage.clone();
+    // RocksDB reads block: the reader runs on a thread of its own, as far ahead of the stream
+    // as the pipeline allows, and stops when the stream's end of the channel is gone.
+    tokio::task::spawn_blocking(move || {
+        let read = storage.read_snapshot(SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_CHUNK_BYTES_MAX, |p| {
+            pieces.blocking_send(Ok(p)).is_ok()
+        });
+        if let Err(err) = read {
+            let _ = pieces.blocking_send(Err(err));
+        }
+    });
+    let mut buf = Vec::new();
+    let mut keys = 0u64;
+    while let Some(piece) = rx.recv().await {
+        let message = match piece {
+            Ok(SnapshotPiece::Begin(begin)) => Message::SnapshotBegin(begin),
+            Ok(SnapshotPiece::Chunk(chunk)) => {
+                keys += chunk.len() as u64;
+                Message::SnapshotChunk(chunk)
+            }
+            Err(err) => {
+                warn!(%peer, error = %err, "cannot read a data snapshot");
+                let failed = StreamError::Control(format!("the snapshot cannot be read: {err}"));
+                transport::refuse(mesh, peer, &mut send, &failed, &mut buf).await;
+                return Err(failed);
+            }
+        };
+        let bytes = transport::write_message(&mut send, &message, &mut buf).await?;
+        if let Some(t) = &traffic {
+            t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+    transport::write_message(
+        &mut send,
+        &Message::SnapshotEnd(SnapshotEnd { keys }),
+        &mut buf,
+    )
+    .await?;
+    let _ = send.finish();
+    // Wait for the fetcher to have read it all (it closes the stream), or give up.
+    let _ = tokio::time::timeout(Duration::from_millis(FRAME_WAIT_MS_MAX), send.stopped()).await;
+    info!(%peer, keys, "data snapshot served");
+    Ok(())
+}
+
+/// Fetches a snapshot from `from` (a member `mesh` knows the address of) and installs it into
+/// `storage`, which no replica runs on yet. Returns the vector the node holds afterwards.
+pub async fn fetch(
+    mesh: &Mesh,
+    endpoint: &quinn::Endpoint,
+    from: NodeId,
+    storage: &mut RocksStorage,
+    mut progress: impl FnMut(&FetchProgress),
+) -> Result<VersionVector, SnapshotError> {
+    let addr = mesh
+        .peers
+        .address(from)
+        .ok_or_else(|| SnapshotError::Unreachable(format!("{from}: no known address")))?;
+    let unreachable = |e: String| SnapshotError::Unreachable(format!("{from} at {addr}: {e}"));
+    let stream_err = |e: StreamError| SnapshotError::Stream {
+        peer: from,
+        reason: e.to_string(),
+    };
+    let protocol = |reason: String| SnapshotError::Protocol { peer: from, reason };
+    let connecting = endpoint
+        .connect(addr, &node_dns_name(from))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let connection = tokio::time::timeout(Duration::from_millis(CONNECT_MS_MAX), connecting)
+        .await
+        .map_err(|_| unreachable(format!("no connection within {CONNECT_MS_MAX} ms")))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let result = async {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        transport::handshake(mesh, from, &mut send, &mut recv)
+            .await
+            .map_err(stream_err)?;
+        let ours = storage.recover()?.vector;
+        let mut buf = Vec::new();
+        let request = Message::SnapshotRequest(SnapshotRequest { vector: ours });
+        transport::write_message(&mut send, &request, &mut buf)
+            .await
+            .map_err(stream_err)?;
+        let mut state = FetchProgress::default();
+        let mut begin = None;
+        let mut last_key: Option<Bytes> = None;
+        let mut body = Vec::new();
+        loop {
+            let next = tokio::time::timeout(
+                Duration::from_millis(FRAME_WAIT_MS_MAX),
+                transport::read_frame(&mut recv, &mut body),
+            )
+            .await
+            .map_err(|_| SnapshotError::Stream {
+                peer: from,
+                reason: format!("nothing received for {FRAME_WAIT_MS_MAX} ms"),
+            })?
+            .map_err(stream_err)?;
+            let Some((message, bytes)) = next else {
+                return Err(protocol("the stream ended before the snapshot did".into()));
+            };
+            state.bytes += bytes as u64;
+            match (message, &begin) {
+                (Message::SnapshotBegin(head), None) => {
+                    state.keys_estimate = head.keys_estimate;
+                    info!(%from, vector = ?head.vector, keys_estimate = head.keys_estimate, "fetching a data snapshot");
+                    begin = Some(head);
+                }
+                (Message::SnapshotChunk(entries), Some(_)) => {
+                    if let (Some(last), Some(first)) = (&last_key, entries.first()) {
+                        if first.key <= *last {
+                            return Err(protocol("keys out of order across chunks".into()));
+                        }
+                    }
+                    last_key = entries.last().map(|e| e.key.clone()).or(last_key);
+                    storage.merge_snapshot_chunk(&entries)?;
+                    state.keys += entries.len() as u64;
+                }
+                (Message::SnapshotEnd(end), Some(head)) => {
+                    if end.keys != state.keys {
+                        return Err(protocol(format!(
+                            "it announced {} keys and sent {}",
+                            end.keys, state.keys
+                        )));
+                    }
+                    let vector = storage.finish_snapshot(&head.vector, head.hlc)?;
+                    state.done = true;
+                    progress(&state);
+                    return Ok(vector);
+                }
+                (Message::Error(ErrorMessage { code, text }), _) => {
+                    return Err(SnapshotError::Stream {
+                        peer: from,
+                        reason: format!("refused ({code:?}): {text}"),
+                    });
+                }
+                (other, _) => {
+                    return Err(protocol(format!("unexpected {} message", other.kind())));
+                }
+            }
+            progress(&state);
+        }
+    }
+    .await;
+    let code = match &result {
+        Ok(_) => 0u32,
+        Err(_) => 1,
+    };
+    connection.close(quinn::VarInt::from_u32(code), b"snapshot done");
+    result
+}

@@ -1,0 +1,223 @@
+//! Online join with real processes: a fourth region is laid out with `braid add-region`,
+//! admitted with `braid join` while writers keep writing in every region, fetches a data
+//! snapshot from a member, subscribes from its vector and converges: every region ends with
+//! the state the oracle computes from every acknowledged write, none lost, none doubled.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use braid_node::http::Status;
+use braid_tests::{Cluster, Layout};
+use redis::Commands;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Keys written before the join: enough for the snapshot to take several chunks.
+const KEYS_BEFORE: usize = 3_000;
+
+/// Longest a writer may go without an acknowledged write while the region joins: the join
+/// must not pause the others (generous, for a loaded two-core machine).
+const WRITE_GAP_MAX: Duration = Duration::from_secs(5);
+
+/// What one writer did.
+#[derive(Debug, Default)]
+struct Written {
+    acked: u64,
+    longest_gap: Duration,
+}
+
+/// Writes into `resp` until `stop`: strings, a counter every region adds to, set members.
+fn writer(
+    region: String,
+    resp: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Written> {
+    std::thread::spawn(move || {
+        let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let mut written = Written::default();
+        let mut last = Instant::now();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let _: () = conn.set(format!("{region}:{}", i % 500), i).unwrap();
+            let _: i64 = conn.incr("shared-counter", 1).unwrap();
+            let _: i64 = conn.sadd("shared-set", format!("{region}{i}")).unwrap();
+            written.acked += 3;
+            written.longest_gap = written.longest_gap.max(last.elapsed());
+            last = Instant::now();
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        written
+    })
+}
+
+fn member_state(status: &Status, name: &str) -> Option<String> {
+    status
+        .control
+        .members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.state.clone())
+}
+
+#[test]
+fn t75_a_fourth_region_joins_under_load_and_converges_to_the_oracle() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    {
+        let mut a = cluster.node("a").redis();
+        for i in 0..KEYS_BEFORE {
+            let _: () = a.set(format!("before{i}"), i).unwrap();
+        }
+    }
+    let _: () = cluster.node("b").redis().hset("h", "f", "b").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<JoinHandle<Written>> = ["a", "b", "c"]
+        .iter()
+        .map(|r| writer(r.to_string(), cluster.node(r).resp, stop.clone()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let via = cluster.node("b").http;
+    let d = cluster.add_region("d");
+    d.start_join(via);
+    // d turns active everywhere, and is connected to every region.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let running: Vec<Status> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.running() && braid_tests::http_get(n.http, "/health").is_ok())
+            .map(|n| n.status())
+            .collect();
+        let joined = running.len() == 4
+            && running
+                .iter()
+                .all(|s| member_state(s, "d").as_deref() == Some("active"))
+            && running.iter().find(|s| s.region == "d").is_some_and(|s| {
+                s.peers.len() == 3 && s.peers.iter().all(|p| p.state == "connected")
+            });
+        if joined {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "d did not join within {SETTLE:?}; its log:\n{}",
+            cluster.node("d").log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // d takes writes too, and they reach everyone.
+    let mut d_conn = cluster.node("d").redis();
+    for i in 0..100 {
+        let _: () = d_conn.set(format!("d:{i}"), i).unwrap();
+    }
+    let _: i64 = d_conn.incr("shared-counter", 1000).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let written: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (region, w) in ["a", "b", "c"].iter().zip(&written) {
+        assert!(w.acked > 0, "{region} wrote nothing");
+        assert!(
+            w.longest_gap < WRITE_GAP_MAX,
+            "writes into {region} paused for {:?} during the join",
+            w.longest_gap
+        );
+    }
+    cluster.wait_converged(SETTLE);
+
+    // d was given a snapshot: it holds the others' early events in its state, not its log.
+    let status = cluster.node("d").status();
+    assert!(
+        status.change_log_trimmed.get("a").copied().unwrap_or(0) >= KEYS_BEFORE as u64,
+        "d replayed a's log instead of installing a snapshot: {:?}",
+        status.change_log_trimmed
+    );
+    assert!(cluster.node("d").log().contains("data snapshot installed"));
+
+    // Every region, d included, holds exactly what the oracle computes from every write.
+    cluster.stop_all();
+    let (events, expected) = cluster.oracle_from_logs();
+    let acked: u64 =
+        written.iter().map(|w| w.acked).sum::<u64>() + 1 + 100 + 1 + KEYS_BEFORE as u64;
+    assert_eq!(
+        events.len() as u64,
+        acked,
+        "every acknowledged write is in some change log, once"
+    );
+    for (region, values) in cluster.stored_values() {
+        let differing: BTreeMap<_, _> = expected
+            .iter()
+            .filter(|(k, v)| values.get(*k) != Some(*v))
+            .take(5)
+            .collect();
+        assert!(
+            differing.is_empty() && values.len() == expected.len(),
+            "{region} differs from the oracle ({} keys, expected {}): {differing:?}",
+            values.len(),
+            expected.len()
+        );
+    }
+}
+
+#[test]
+fn t75_a_region_joins_a_mesh_whose_logs_were_collected() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_change_log_gc());
+    for i in 0..500 {
+        let _: () = cluster
+            .node(["a", "b", "c"][i % 3])
+            .redis()
+            .set(format!("k{i}"), i)
+            .unwrap();
+    }
+    // Wait until the logs were collected: d could not be fed from them.
+    let deadline = Instant::now() + SETTLE;
+    while cluster.node("a").status().change_log_events > 0 {
+        assert!(Instant::now() < deadline, "the logs were never collected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let via = cluster.node("a").http;
+    cluster.add_region("d").start_join(via);
+    cluster.node("d").wait_healthy();
+    let got: i64 = cluster.node("d").redis().get("k499").unwrap();
+    assert_eq!(got, 499, "d has the snapshot's data as soon as it serves");
+    let _: () = cluster.node("d").redis().set("from-d", 1).unwrap();
+    cluster.wait_converged(SETTLE);
+    let got: i64 = cluster.node("a").redis().get("from-d").unwrap();
+    assert_eq!(got, 1);
+    // Collection resumes once d has reported its snapshot's vector: the logs empty again.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let statuses: Vec<Status> = cluster.nodes.iter().map(|n| n.status()).collect();
+        if statuses
+            .iter()
+            .all(|s| member_state(s, "d").as_deref() == Some("active") && s.change_log_events == 0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "collection did not resume after the join: {:?}",
+            statuses
+                .iter()
+                .map(|s| (&s.region, s.change_log_events, &s.control.stable_frontier))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A restart of the joined region is a plain `braid start`.
+    cluster.node("d").stop();
+    cluster.node("d").start();
+    cluster.node("d").wait_healthy();
+    let got: i64 = cluster.node("d").redis().get("k10").unwrap();
+    assert_eq!(got, 10);
+    cluster.stop_all();
+    let values = cluster.stored_values();
+    assert!(
+        values.windows(2).all(|w| w[0].1 == w[1].1),
+        "the regions differ after the join"
+    );
+}
