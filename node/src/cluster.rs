@@ -210,6 +210,8 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
                 .collect(),
             links: options.links.clone(),
             change_log_gc: options.change_log_gc,
+            change_log_retention_events: Some(crate::config::RETENTION_EVENTS_DEFAULT),
+            change_log_retention_secs: Some(crate::config::RETENTION_SECS_DEFAULT),
             fault_injection: options.fault_injection,
         };
         let text =

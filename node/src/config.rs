@@ -46,6 +46,15 @@ pub struct NodeConfig {
     /// --attach` needs it off, since its checks read whole change logs.
     #[serde(default = "default_change_log_gc")]
     pub change_log_gc: bool,
+    /// Retention by size: the change log keeps at most this many events, even ones a region
+    /// that is down still lacks (it is resynchronised by a data snapshot when it is back).
+    /// Default 10,000,000. Only with `change-log-gc`.
+    #[serde(default = "default_retention_events")]
+    pub change_log_retention_events: Option<u64>,
+    /// Retention by age, in seconds: events older than this are deleted likewise. Default
+    /// 604,800 (7 days). Only with `change-log-gc`.
+    #[serde(default = "default_retention_secs")]
+    pub change_log_retention_secs: Option<u64>,
     /// Lets `POST /faults` cut and slow links and skew the clock, for `braid drill`. Off by
     /// default; refused unless every address in the file is a loopback address, so that a
     /// production node never carries it.
@@ -55,6 +64,20 @@ pub struct NodeConfig {
 
 fn default_change_log_gc() -> bool {
     true
+}
+
+/// Events a change log keeps at most, by default: at 100-byte values, about 2 GB.
+pub const RETENTION_EVENTS_DEFAULT: u64 = 10_000_000;
+
+/// How long a change log keeps events at most, by default: a week.
+pub const RETENTION_SECS_DEFAULT: u64 = 7 * 24 * 3600;
+
+fn default_retention_events() -> Option<u64> {
+    Some(RETENTION_EVENTS_DEFAULT)
+}
+
+fn default_retention_secs() -> Option<u64> {
+    Some(RETENTION_SECS_DEFAULT)
 }
 
 fn default_clock_skew_ms_max() -> u64 {
@@ -173,6 +196,10 @@ impl NodeConfig {
             if !regions.insert(peer.region.as_str()) {
                 return invalid(format!("region {} appears twice", peer.region));
             }
+        }
+        if self.change_log_retention_events == Some(0) || self.change_log_retention_secs == Some(0)
+        {
+            return invalid("change-log-retention-events and -secs must be above 0".into());
         }
         if self.password.as_deref() == Some("") {
             return invalid("password, when set, must not be empty".into());

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use braid_conflict::{Command, CommandError, Hlc};
 use braid_protocol::replica::Stats;
 use braid_protocol::{
-    ErrorCode, ErrorMessage, Message, NodeId, PeerError, Replica, StreamKind, Topology,
-    VersionVector,
+    ErrorCode, ErrorMessage, Message, NodeId, PeerError, Replica, SnapshotEntry, StreamKind,
+    Topology, VersionVector,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -101,6 +101,24 @@ pub enum Input {
         /// Where it goes.
         reply: oneshot::Sender<VersionVector>,
     },
+    /// Keys of a data snapshot being fetched (a resynchronisation): merged, then acknowledged.
+    SnapshotChunk {
+        /// The keys.
+        entries: Vec<SnapshotEntry>,
+        /// Answered once they are merged.
+        reply: oneshot::Sender<()>,
+    },
+    /// The data snapshot being fetched is complete: its vector and HLC.
+    SnapshotEnd {
+        /// What the snapshot reflects.
+        vector: VersionVector,
+        /// Its HLC high-water mark.
+        hlc: Hlc,
+        /// Answered with this node's vector afterwards.
+        reply: oneshot::Sender<VersionVector>,
+    },
+    /// A resynchronisation failed: the next refusal starts another.
+    ResyncFailed,
     /// A status snapshot, for HTTP and INFO.
     Status {
         /// Where it goes.
@@ -157,6 +175,11 @@ pub struct Driver {
     leaving: bool,
     /// The region was removed: the run ends.
     removed: bool,
+    /// Where a resynchronisation by snapshot is asked for (the peer that refused us as behind,
+    /// and our vector); none in tests that do not resynchronise.
+    resync: Option<mpsc::Sender<(NodeId, VersionVector)>>,
+    /// A resynchronisation is under way.
+    resyncing: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -184,7 +207,16 @@ impl Driver {
             neighbors,
             leaving: false,
             removed: false,
+            resync: None,
+            resyncing: false,
         }
+    }
+
+    /// Asks `resync` for a data snapshot whenever a peer refuses this node as behind what its
+    /// change log still holds.
+    pub fn with_resync(mut self, resync: mpsc::Sender<(NodeId, VersionVector)>) -> Driver {
+        self.resync = Some(resync);
+        self
     }
 
     fn now(&self) -> u64 {
@@ -287,6 +319,17 @@ impl Driver {
                 self.leaving = true;
             }
             Input::Removed => self.removed = true,
+            Input::SnapshotChunk { entries, reply } => {
+                self.replica.handle_snapshot_chunk(entries)?;
+                let _ = reply.send(());
+            }
+            Input::SnapshotEnd { vector, hlc, reply } => {
+                self.replica.handle_snapshot_end(&vector, hlc, now)?;
+                self.resyncing = false;
+                info!(vector = ?self.replica.vector(), "resynchronised by data snapshot");
+                let _ = reply.send(self.replica.vector().clone());
+            }
+            Input::ResyncFailed => self.resyncing = false,
             Input::StableFrontier(frontier) => {
                 let deleted = self.replica.handle_stable_frontier(&frontier)?;
                 if deleted > 0 {
@@ -374,12 +417,25 @@ impl Driver {
                 text,
                 ..
             }) => {
-                error!(
-                    %peer, %text,
-                    "this region lacks events the peer has garbage-collected: it needs a data \
-                     snapshot, which this version cannot take; it keeps retrying"
-                );
                 self.close_stream(peer, stream, None);
+                if self.resyncing {
+                    debug!(%peer, %text, "behind the peer's log: resynchronisation under way");
+                    return Ok(());
+                }
+                let asked = self
+                    .resync
+                    .as_ref()
+                    .is_some_and(|r| r.try_send((peer, self.replica.vector().clone())).is_ok());
+                if asked {
+                    self.resyncing = true;
+                    warn!(
+                        %peer, %text,
+                        "this region lacks events the peer no longer keeps: resynchronising \
+                         from a data snapshot"
+                    );
+                } else {
+                    error!(%peer, %text, "this region lacks events the peer no longer keeps");
+                }
                 Ok(())
             }
             Err(PeerError::Closed { code, text, .. }) => {

@@ -80,6 +80,14 @@ pub struct Status {
     /// subscriber needs a snapshot).
     #[serde(default)]
     pub subscriptions_refused_behind: u64,
+    /// Of the change-log events garbage-collected, those the retention bounds deleted beyond
+    /// the stable frontier (some region may lack them and need a snapshot).
+    #[serde(default)]
+    pub change_log_events_retention_trimmed: u64,
+    /// Data snapshots installed since start (a join, or a resynchronisation after falling
+    /// behind the others' logs).
+    #[serde(default)]
+    pub snapshots_installed: u64,
     /// Each neighbor.
     pub peers: Vec<PeerStatus>,
     /// The control plane: `leader`, `term`, `raft_role`, `members`, `stable_frontier` (at the
@@ -223,6 +231,8 @@ impl AdminState {
             change_log_trimmed: named(&snapshot.trimmed),
             change_log_events_trimmed: snapshot.stats.log_events_trimmed,
             subscriptions_refused_behind: snapshot.stats.subscriptions_behind,
+            change_log_events_retention_trimmed: snapshot.stats.log_events_retention_trimmed,
+            snapshots_installed: snapshot.stats.snapshots_installed,
             peers,
             control,
         }
@@ -400,31 +410,47 @@ pub struct TopologyRequest {
 /// Links named in one request, at most: a mesh of the 64 members the control plane admits.
 const TOPOLOGY_LINKS_MAX: usize = 64 * 63 / 2;
 
-async fn set_topology(
-    State(state): State<AdminState>,
-    request: Result<Json<TopologyRequest>, axum::extract::rejection::JsonRejection>,
+/// A JSON request body, or why it is not one.
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+/// A request refused before it reached the control plane: a status and why.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+/// The request's body, or a 400 answer.
+fn body<T>(request: JsonBody<T>) -> Result<T, Refusal> {
+    match request {
+        Ok(Json(request)) => Ok(request),
+        Err(rejection) => Err(Refusal(StatusCode::BAD_REQUEST, rejection.body_text())),
+    }
+}
+
+/// The node's control plane, or a 503 answer.
+fn control_of(state: &AdminState) -> Result<&crate::control::plane::ControlPlane, Refusal> {
+    state.control.as_ref().ok_or_else(|| {
+        let text = "this node runs no control plane".to_string();
+        Refusal(StatusCode::SERVICE_UNAVAILABLE, text)
+    })
+}
+
+/// The answer to a control-plane change: `applied()` once committed, 409 with the reason when
+/// the state refused it, 400 for a request naming what is not there, 503 when no leader
+/// committed it.
+fn answer(
+    result: Result<crate::control::ControlReply, crate::control::plane::ControlPlaneError>,
+    applied: impl FnOnce() -> Response,
 ) -> Response {
     use crate::control::plane::ControlPlaneError;
     use crate::control::ControlReply;
-    let Json(request) = match request {
-        Ok(request) => request,
-        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
-    };
-    if request
-        .links
-        .as_ref()
-        .is_some_and(|l| l.len() > TOPOLOGY_LINKS_MAX)
-    {
-        let text = format!("at most {TOPOLOGY_LINKS_MAX} links");
-        return (StatusCode::BAD_REQUEST, text).into_response();
-    }
-    let Some(control) = &state.control else {
-        let text = "this node runs no control plane";
-        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
-    };
-    match control.set_topology(request.links).await {
+    match result {
         Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
-        Ok(_) => Json(serde_json::json!({ "result": "committed" })).into_response(),
+        Ok(_) => applied(),
         Err(err @ ControlPlaneError::Invalid(_)) => {
             (StatusCode::BAD_REQUEST, err.to_string()).into_response()
         }
@@ -432,17 +458,33 @@ async fn set_topology(
     }
 }
 
-async fn leave(State(state): State<AdminState>) -> Response {
-    use crate::control::ControlReply;
-    let Some(control) = &state.control else {
-        let text = "this node runs no control plane";
-        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
-    };
-    match control.leave().await {
-        Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
-        Ok(_) => Json(serde_json::json!({ "result": "draining" })).into_response(),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+fn result(text: &'static str) -> impl FnOnce() -> Response {
+    move || Json(serde_json::json!({ "result": text })).into_response()
+}
+
+async fn set_topology(
+    State(state): State<AdminState>,
+    request: JsonBody<TopologyRequest>,
+) -> Result<Response, Refusal> {
+    let request = body(request)?;
+    if request
+        .links
+        .as_ref()
+        .is_some_and(|l| l.len() > TOPOLOGY_LINKS_MAX)
+    {
+        let text = format!("at most {TOPOLOGY_LINKS_MAX} links");
+        return Err(Refusal(StatusCode::BAD_REQUEST, text));
     }
+    let control = control_of(&state)?;
+    Ok(answer(
+        control.set_topology(request.links).await,
+        result("committed"),
+    ))
+}
+
+async fn leave(State(state): State<AdminState>) -> Result<Response, Refusal> {
+    let control = control_of(&state)?;
+    Ok(answer(control.leave().await, result("draining")))
 }
 
 /// `POST /join`: admits a new region (`braid join` sends it to any member).
@@ -477,31 +519,38 @@ pub struct JoinReply {
 
 async fn join(
     State(state): State<AdminState>,
-    request: Result<Json<JoinRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    use crate::control::plane::ControlPlaneError;
-    use crate::control::ControlReply;
-    let Json(request) = match request {
-        Ok(request) => request,
-        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
-    };
-    let Some(control) = &state.control else {
-        let text = "this node runs no control plane";
-        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
-    };
-    match control.join(&request).await {
-        Ok(ControlReply::Refused(why)) => (StatusCode::CONFLICT, why).into_response(),
-        Ok(_) => Json(JoinReply {
+    request: JsonBody<JoinRequest>,
+) -> Result<Response, Refusal> {
+    let request = body(request)?;
+    let control = control_of(&state)?;
+    Ok(answer(control.join(&request).await, || {
+        Json(JoinReply {
             node: state.node.0,
             region: state.region.clone(),
             members: control.status().members,
         })
-        .into_response(),
-        Err(err @ ControlPlaneError::Invalid(_)) => {
-            (StatusCode::BAD_REQUEST, err.to_string()).into_response()
-        }
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
-    }
+        .into_response()
+    }))
+}
+
+/// `POST /remove`: `{"region": "d"}` removes a member that is gone for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    /// The region to remove.
+    pub region: String,
+}
+
+async fn remove(
+    State(state): State<AdminState>,
+    request: JsonBody<RemoveRequest>,
+) -> Result<Response, Refusal> {
+    let request = body(request)?;
+    let control = control_of(&state)?;
+    Ok(answer(
+        control.remove(&request.region).await,
+        result("removed"),
+    ))
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -533,6 +582,7 @@ pub async fn serve(
         .route("/topology", axum::routing::post(set_topology))
         .route("/leave", axum::routing::post(leave))
         .route("/join", axum::routing::post(join))
+        .route("/remove", axum::routing::post(remove))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -59,6 +59,17 @@ enum Commands {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
         http: SocketAddr,
     },
+    /// Remove a region that is gone for good (dead, or a join that never finished): committed
+    /// through any member; its node id is never used again, and what only it held is lost. A
+    /// running region leaves with `braid leave` instead, which ships what it holds first.
+    Remove {
+        /// Any other member's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+        /// The region to remove.
+        #[arg(long, value_name = "NAME")]
+        region: String,
+    },
     /// Lay out one more region for a cluster made by `braid init`: its certificate (from the
     /// cluster's CA key), ports after the others' and a configuration. Admit it with
     /// `braid join`.
@@ -324,6 +335,7 @@ fn main() -> Result<()> {
             Commands::Status { http, json } => status(http, json).await,
             Commands::Leave { http } => leave(http).await,
             Commands::AddRegion { dir, region } => add_region(&dir, &region),
+            Commands::Remove { http, region } => remove(http, &region).await,
             Commands::Join { config, via } => join(&config, via).await,
             Commands::Topology(TopologyCommand::Set { http, mesh, links }) => {
                 topology_set(http, mesh, links).await
@@ -384,6 +396,17 @@ async fn start(config_path: &Path) -> Result<()> {
     braid_node::node::run(config, shutdown)
         .await
         .context("node failed")?;
+    Ok(())
+}
+
+async fn remove(http: SocketAddr, region: &str) -> Result<()> {
+    let body = serde_json::to_string(&braid_node::http::RemoveRequest {
+        region: region.to_owned(),
+    })?;
+    braid_node::admin_client::post_json(http, "/remove", &body, TOPOLOGY_SET_TIMEOUT)
+        .await
+        .with_context(|| format!("region {region} was not removed"))?;
+    println!("Region {region} is removed from the mesh; its node id is never used again.");
     Ok(())
 }
 

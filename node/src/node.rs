@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use braid_protocol::{NodeId, Replica, ReplicaConfig};
+use braid_protocol::{NodeId, Replica, ReplicaConfig, VersionVector};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -145,7 +145,7 @@ async fn run_node(
         std::fs::write(&pending, b"").map_err(|e| marker_error(&pending, e))?;
     }
     let initialize = !joined.exists();
-    let mut storage = RocksStorage::open(&config.data_dir, config.durability)?;
+    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
     let reader = storage.clone();
 
     let bind = |what, addr| move |source| NodeError::Bind { what, addr, source };
@@ -235,25 +235,34 @@ async fn run_node(
     let _ = mesh.control.set(control.raft().clone());
     let (neighbors, neighbors_rx) = watch::channel(topology.neighbors(node));
     mesh.start(endpoint.clone(), neighbors_rx, shutdown.clone());
+    let mut replica_config = ReplicaConfig::new(node);
+    replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
+    if config.change_log_gc {
+        replica_config.retention_events_max = config.change_log_retention_events;
+        replica_config.retention_age_ms = config.change_log_retention_secs.map(|s| s * 1_000);
+    }
+    let mut replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
     if let Some(plan) = plan.as_mut() {
         // The Raft group reaches this node from now on (it is a learner); its data comes
-        // first, before its replica runs, so that it subscribes from the snapshot's vector.
+        // first, before its driver runs, so that it subscribes from the snapshot's vector.
         let vector =
-            install_snapshot(&mesh, &endpoint, plan, &mut storage, shutdown.clone()).await?;
+            install_snapshot(&mesh, &endpoint, plan, &mut replica, shutdown.clone()).await?;
         std::fs::remove_file(&pending).map_err(|e| marker_error(&pending, e))?;
         info!(%node, ?vector, "data snapshot installed: joining the mesh");
     }
-    let mut replica_config = ReplicaConfig::new(node);
-    replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
     // The committed topology when the control plane has one (the configuration's links are
     // only the cluster's first; a region that joined lists no peers at all).
-    let topology = control
+    let committed = control
         .state()
         .and_then(|s| s.topology().ok())
-        .filter(|t| t.contains(node))
-        .unwrap_or(topology);
-    let _ = neighbors.send(topology.neighbors(node));
-    let replica = Replica::open(replica_config, topology, storage, now_ms())?;
+        .filter(|t| t.contains(node));
+    if let Some(topology) = committed {
+        if let Err(err) = replica.handle_topology(topology, now_ms()) {
+            warn!(error = %err, "committed topology not taken");
+        }
+    }
+    let _ = neighbors.send(replica.topology().neighbors(node));
+    let resync = spawn_resync(mesh.clone(), endpoint.clone(), inputs.clone());
     control.spawn_upkeep(
         bootstrap_command(&config),
         config.change_log_gc,
@@ -291,6 +300,7 @@ async fn run_node(
         peer = %config.listen.peer, durability = ?config.durability, "node listening"
     );
     let result = Driver::new(replica, input_rx, faults, neighbors)
+        .with_resync(resync)
         .run(shutdown)
         .await;
     endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
@@ -300,15 +310,67 @@ async fn run_node(
     Ok(result?)
 }
 
+async fn fetch_into_replica(
+    mesh: &Mesh,
+    endpoint: &quinn::Endpoint,
+    from: NodeId,
+    replica: &mut Replica<RocksStorage>,
+    progress: impl FnMut(&FetchProgress),
+) -> Result<VersionVector, snapshot::SnapshotError> {
+    let ours = replica.vector().clone();
+    let mut sink = snapshot::ReplicaSink(replica);
+    snapshot::fetch(mesh, endpoint, from, ours, &mut sink, progress).await
+}
+
+/// Chunks of a resynchronisation between progress lines in the log.
+const RESYNC_LOG_CHUNKS: u64 = 100;
+
+/// Runs the resynchronisations the driver asks for (a peer refused this node as behind what
+/// its log still holds): each fetches a data snapshot from that peer into the driver, one at a
+/// time. A failed one is reported to the driver, which asks again at the next refusal.
+fn spawn_resync(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<crate::driver::Input>,
+) -> mpsc::Sender<(NodeId, VersionVector)> {
+    let (requests, mut asked) = mpsc::channel::<(NodeId, VersionVector)>(1);
+    tokio::spawn(async move {
+        while let Some((peer, ours)) = asked.recv().await {
+            let mut sink = snapshot::DriverSink(inputs.clone());
+            let mut chunks = 0u64;
+            let progress = |p: &FetchProgress| {
+                chunks += 1;
+                if chunks % RESYNC_LOG_CHUNKS == 0 {
+                    info!(%peer, keys = p.keys, keys_estimate = p.keys_estimate, "resynchronising");
+                }
+            };
+            match snapshot::fetch(&mesh, &endpoint, peer, ours, &mut sink, progress).await {
+                Ok(vector) => info!(%peer, ?vector, "data snapshot installed"),
+                Err(err) => {
+                    warn!(%peer, error = %err, "resynchronisation failed; it is tried again");
+                    if inputs
+                        .send(crate::driver::Input::ResyncFailed)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    requests
+}
+
 /// Fetches and installs a data snapshot for a joining region: from the member that admitted
 /// it first, then from the others in turn, until one completes or the attempts run out.
 async fn install_snapshot(
     mesh: &Mesh,
     endpoint: &quinn::Endpoint,
     plan: &mut JoinPlan,
-    storage: &mut RocksStorage,
+    replica: &mut Replica<RocksStorage>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<braid_protocol::VersionVector, NodeError> {
+) -> Result<VersionVector, NodeError> {
     let mut sources: Vec<NodeId> = vec![plan.via];
     sources.extend(
         plan.members
@@ -324,7 +386,7 @@ async fn install_snapshot(
             _ = shutdown.changed() => {
                 return Err(NodeError::Task("stopped before the data snapshot was installed".into()));
             }
-            fetched = snapshot::fetch(mesh, endpoint, from, storage, &mut plan.progress) => fetched,
+            fetched = fetch_into_replica(mesh, endpoint, from, replica, &mut plan.progress) => fetched,
         };
         match fetched {
             Ok(vector) => return Ok(vector),

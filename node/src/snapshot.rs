@@ -13,18 +13,24 @@
 //!
 //! The fetcher then subscribes from the snapshot's vector like any region that restarts.
 //! Merging (each key state's own join) rather than overwriting makes a retried or repeated
-//! install harmless.
+//! install harmless. The replica core does the merge ([`Replica::handle_snapshot_chunk`],
+//! [`Replica::handle_snapshot_end`]): a joining node's replica before its driver runs, or a
+//! running node's driver when a peer told it that it is behind what the logs still hold.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use braid_conflict::Hlc;
 use braid_protocol::limits::{SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_KEYS_MAX};
-use braid_protocol::storage::Storage;
-use braid_protocol::{ErrorMessage, Message, NodeId, SnapshotEnd, SnapshotRequest, VersionVector};
+use braid_protocol::{
+    ErrorMessage, Message, NodeId, Replica, SnapshotEnd, SnapshotEntry, SnapshotRequest,
+    VersionVector,
+};
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::driver::Input;
 use crate::storage::{RocksStorage, SnapshotPiece, StorageError};
 use crate::tls::node_dns_name;
 use crate::transport::{self, Mesh, StreamError};
@@ -64,6 +70,9 @@ pub enum SnapshotError {
     /// Local storage failed.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// The node stopped before the snapshot was installed.
+    #[error("the node is stopping")]
+    Stopped,
 }
 
 /// How far a snapshot being fetched has come.
@@ -135,13 +144,75 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Fetches a snapshot from `from` (a member `mesh` knows the address of) and installs it into
-/// `storage`, which no replica runs on yet. Returns the vector the node holds afterwards.
-pub async fn fetch(
+/// Where a fetched snapshot goes: the replica of a joining node before its driver runs, or a
+/// running node's driver (a resynchronisation).
+pub(crate) trait SnapshotSink {
+    /// Merges a chunk of keys.
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError>;
+    /// The last chunk is in: takes the snapshot's vector and HLC; returns the node's vector.
+    async fn end(
+        &mut self,
+        vector: VersionVector,
+        hlc: Hlc,
+    ) -> Result<VersionVector, SnapshotError>;
+}
+
+/// A replica no driver runs yet (a joining node's) takes the snapshot directly.
+pub(crate) struct ReplicaSink<'a>(pub &'a mut Replica<RocksStorage>);
+
+impl SnapshotSink for ReplicaSink<'_> {
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError> {
+        Ok(self.0.handle_snapshot_chunk(entries)?)
+    }
+
+    async fn end(
+        &mut self,
+        vector: VersionVector,
+        hlc: Hlc,
+    ) -> Result<VersionVector, SnapshotError> {
+        self.0
+            .handle_snapshot_end(&vector, hlc, crate::driver::now_ms())?;
+        Ok(self.0.vector().clone())
+    }
+}
+
+/// A running node's driver takes the snapshot through its inputs, between its other work.
+pub(crate) struct DriverSink(pub mpsc::Sender<Input>);
+
+impl SnapshotSink for DriverSink {
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || SnapshotError::Stopped;
+        self.0
+            .send(Input::SnapshotChunk { entries, reply })
+            .await
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())
+    }
+
+    async fn end(
+        &mut self,
+        vector: VersionVector,
+        hlc: Hlc,
+    ) -> Result<VersionVector, SnapshotError> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || SnapshotError::Stopped;
+        self.0
+            .send(Input::SnapshotEnd { vector, hlc, reply })
+            .await
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())
+    }
+}
+
+/// Fetches a snapshot from `from` (a member `mesh` knows the address of) into `sink`, telling
+/// the server this node holds `ours`. Returns the vector the node holds afterwards.
+pub(crate) async fn fetch(
     mesh: &Mesh,
     endpoint: &quinn::Endpoint,
     from: NodeId,
-    storage: &mut RocksStorage,
+    ours: VersionVector,
+    sink: &mut impl SnapshotSink,
     mut progress: impl FnMut(&FetchProgress),
 ) -> Result<VersionVector, SnapshotError> {
     let addr = mesh
@@ -169,7 +240,6 @@ pub async fn fetch(
         transport::handshake(mesh, from, &mut send, &mut recv)
             .await
             .map_err(stream_err)?;
-        let ours = storage.recover()?.vector;
         let mut buf = Vec::new();
         let request = Message::SnapshotRequest(SnapshotRequest { vector: ours });
         transport::write_message(&mut send, &request, &mut buf)
@@ -207,8 +277,8 @@ pub async fn fetch(
                         }
                     }
                     last_key = entries.last().map(|e| e.key.clone()).or(last_key);
-                    storage.merge_snapshot_chunk(&entries)?;
                     state.keys += entries.len() as u64;
+                    sink.chunk(entries).await?;
                 }
                 (Message::SnapshotEnd(end), Some(head)) => {
                     if end.keys != state.keys {
@@ -217,7 +287,7 @@ pub async fn fetch(
                             end.keys, state.keys
                         )));
                     }
-                    let vector = storage.finish_snapshot(&head.vector, head.hlc)?;
+                    let vector = sink.end(head.vector.clone(), head.hlc).await?;
                     state.done = true;
                     progress(&state);
                     return Ok(vector);

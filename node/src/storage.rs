@@ -346,65 +346,29 @@ impl RocksStorage {
         }
         Ok(true)
     }
-
-    /// Merges a chunk of a data snapshot into the stored states. The merge is the states' own
-    /// (commutative, idempotent): a chunk installed twice, or over states that already reflect
-    /// some of its events, still gives the right state. The vector is left alone until
-    /// [`RocksStorage::finish_snapshot`].
-    pub fn merge_snapshot_chunk(
-        &self,
-        entries: &[braid_protocol::SnapshotEntry],
-    ) -> Result<(), StorageError> {
-        let data = self.cf(CF_DATA)?;
-        let mut batch = WriteBatch::default();
-        for entry in entries {
-            let state = match self.get(&entry.key)? {
-                Some(mut ours) => {
-                    ours.merge(&entry.state);
-                    ours
-                }
-                None => entry.state.clone(),
-            };
-            batch.put_cf(data, &entry.key, encode(&state, "key state")?);
-        }
-        self.db.write(batch)?;
-        Ok(())
-    }
-
-    /// Completes a data snapshot whose keys are all merged: the vector becomes the greater of
-    /// ours and the snapshot's, and the HLC high-water mark likewise. For every origin the
-    /// snapshot took further, the events in between are in the states but not in the change
-    /// log, so the log counts as trimmed through the snapshot's seq (and what it held of that
-    /// origin is deleted). Synced, whatever the durability mode: the node subscribes from this
-    /// vector next. Returns the new vector.
-    pub fn finish_snapshot(
-        &mut self,
-        vector: &VersionVector,
-        hlc: Hlc,
-    ) -> Result<VersionVector, StorageError> {
-        let recovered = self.recover()?;
-        let (log, meta) = (self.cf(CF_LOG)?, self.cf(CF_META)?);
-        let mut merged = recovered.vector.clone();
-        merged.merge(vector);
-        let mut trimmed = recovered.trimmed.clone();
-        let mut batch = WriteBatch::default();
-        for (origin, seq) in vector.iter() {
-            if seq > recovered.vector.get(origin) {
-                batch.delete_range_cf(log, log_key(origin, Seq(1)), log_key(origin, seq.next()));
-                trimmed.advance(origin, seq);
-            }
-        }
-        batch.put_cf(meta, META_VECTOR, encode(&merged, "vector")?);
-        batch.put_cf(meta, META_HLC, encode(&recovered.hlc.max(hlc), "hlc")?);
-        batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db.write_opt(batch, &options)?;
-        Ok(merged)
-    }
 }
 
 impl RocksStorage {
+    /// Adds to `batch` the deletion of every change-log event of each origin through
+    /// `through[origin]`, and the new `trimmed` vector: one range deletion per origin.
+    fn add_trim(
+        &self,
+        batch: &mut WriteBatch,
+        through: &VersionVector,
+    ) -> Result<(), StorageError> {
+        let (log, meta) = (self.cf(CF_LOG)?, self.cf(CF_META)?);
+        let mut trimmed: VersionVector = match self.db.get_cf(meta, META_TRIMMED)? {
+            Some(bytes) => decode(&bytes, "trimmed vector")?,
+            None => VersionVector::new(),
+        };
+        for (origin, seq) in through.iter() {
+            batch.delete_range_cf(log, log_key(origin, Seq(1)), log_key(origin, seq.next()));
+        }
+        trimmed.merge(through);
+        batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
+        Ok(())
+    }
+
     /// Syncs the write-ahead log: every commit so far survives power loss from here on (in
     /// `process` mode too).
     pub fn sync(&self) -> Result<(), StorageError> {
@@ -438,14 +402,8 @@ impl Storage for RocksStorage {
     }
 
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), StorageError> {
-        let mut trimmed = self.recover()?.trimmed;
-        let (log, meta) = (self.cf(CF_LOG)?, self.cf(CF_META)?);
         let mut batch = WriteBatch::default();
-        for (origin, seq) in through.iter() {
-            batch.delete_range_cf(log, log_key(origin, Seq(1)), log_key(origin, seq.next()));
-        }
-        trimmed.merge(through);
-        batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
+        self.add_trim(&mut batch, through)?;
         let mut options = WriteOptions::default();
         options.set_sync(self.durability == Durability::Machine);
         self.db.write_opt(batch, &options)?;
@@ -471,6 +429,9 @@ impl Storage for RocksStorage {
         }
         batch.put_cf(meta, META_VECTOR, encode(&commit.vector, "vector")?);
         batch.put_cf(meta, META_HLC, encode(&commit.hlc, "hlc")?);
+        if !commit.trim_through.is_empty() {
+            self.add_trim(&mut batch, &commit.trim_through)?;
+        }
         let mut options = WriteOptions::default();
         options.set_sync(self.durability == Durability::Machine);
         self.db.write_opt(batch, &options)?;
@@ -547,6 +508,7 @@ mod tests {
             events: events.clone(),
             vector: vector.clone(),
             hlc: Hlc::new(5, 0, node),
+            trim_through: VersionVector::new(),
         };
         storage.commit(commit.clone()).unwrap();
         // Another origin's events must not leak into this origin's range.
@@ -565,6 +527,7 @@ mod tests {
                 events: vec![other],
                 vector: vector.clone(),
                 hlc: Hlc::new(9, 0, node),
+                trim_through: VersionVector::new(),
             })
             .unwrap();
 
@@ -624,11 +587,17 @@ mod tests {
                 events: vec![],
                 vector: vector.clone(),
                 hlc: Hlc::new(10, 0, node),
+                // A commit may trim too, in the same atomic write.
+                trim_through: [(node, Seq(4))].into_iter().collect(),
             })
             .unwrap();
         let recovered = storage.recover().unwrap();
-        assert_eq!(recovered.trimmed, through);
+        assert_eq!(recovered.trimmed, [(node, Seq(4))].into_iter().collect());
         assert_eq!(recovered.hlc, Hlc::new(10, 0, node));
+        assert_eq!(
+            storage.log_after(node, Seq(0), 100, usize::MAX).unwrap(),
+            events[4..].to_vec()
+        );
         let more: VersionVector = [(node, Seq(5)), (NodeId(4), Seq(1))].into_iter().collect();
         storage.trim_log(&more).unwrap();
         assert_eq!(storage.recover().unwrap().trimmed, more);
@@ -715,6 +684,7 @@ mod tests {
                 events: vec![event],
                 vector,
                 hlc,
+                trim_through: VersionVector::new(),
             })
             .unwrap();
     }
@@ -759,22 +729,39 @@ mod tests {
             [2, 2, 1]
         );
 
-        // The joining side holds one write of its own (origin 3) before it installs.
+        // The joining side holds one write of its own (origin 3) before it installs; its
+        // replica installs the snapshot, twice (harmless), on RocksDB.
         let target_dir = tempfile::tempdir().unwrap();
-        let mut target = RocksStorage::open(target_dir.path(), Durability::Process).unwrap();
-        write(&mut target, NodeId(3), 1, "own", "c");
+        let target = RocksStorage::open(target_dir.path(), Durability::Process).unwrap();
+        let topology = braid_protocol::Topology::full_mesh([a, b, NodeId(3)]).unwrap();
+        let mut replica = braid_protocol::Replica::open(
+            braid_protocol::ReplicaConfig::new(NodeId(3)),
+            topology,
+            target,
+            0,
+        )
+        .unwrap();
+        replica
+            .handle_commands(
+                vec![(Bytes::from("own"), Command::Set(Bytes::from("c")))],
+                1,
+            )
+            .unwrap();
         for _ in 0..2 {
             for chunk in &chunks {
-                target.merge_snapshot_chunk(chunk).unwrap();
+                replica.handle_snapshot_chunk(chunk.to_vec()).unwrap();
             }
-            let vector = target.finish_snapshot(&begin.vector, begin.hlc).unwrap();
+            replica
+                .handle_snapshot_end(&begin.vector, begin.hlc, 2)
+                .unwrap();
             assert_eq!(
-                vector,
-                [(a, Seq(5)), (b, Seq(1)), (NodeId(3), Seq(1))]
+                replica.vector(),
+                &[(a, Seq(5)), (b, Seq(1)), (NodeId(3), Seq(1))]
                     .into_iter()
-                    .collect()
+                    .collect::<VersionVector>()
             );
         }
+        let mut target = replica.into_storage();
         let mut values = source.values().unwrap();
         values.extend(
             target
@@ -785,7 +772,7 @@ mod tests {
         );
         assert_eq!(target.values().unwrap(), values);
         let recovered = target.recover().unwrap();
-        assert_eq!(recovered.hlc, begin.hlc.max(Hlc::new(1_001, 0, NodeId(3))));
+        assert!(recovered.hlc >= begin.hlc);
         // The snapshot's events are in the states, not the log: counted as trimmed.
         assert_eq!(
             recovered.trimmed,

@@ -49,7 +49,7 @@ use hdrhistogram::Histogram;
 
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
-use crate::message::{ChangeEvent, ErrorCode, Message, Subscribe};
+use crate::message::{ChangeEvent, ErrorCode, Message, SnapshotEntry, Subscribe};
 use crate::storage::{Commit, Storage};
 use crate::topology::Topology;
 
@@ -78,6 +78,13 @@ pub struct ReplicaConfig {
     /// another neighbor. The grace keeps a starting or reconnecting region from pulling
     /// everything through whichever peer answered first, and then again from the others.
     pub route_fallback_ms: u64,
+    /// Retention by size: the change log is cut to at most this many events, oldest first,
+    /// even events some region still lacks (that region is then resynchronised by snapshot).
+    /// `None`: no bound but the stable frontier.
+    pub retention_events_max: Option<u64>,
+    /// Retention by age: events whose HLC is older than this many milliseconds are deleted,
+    /// whoever still lacks them. `None`: no bound.
+    pub retention_age_ms: Option<u64>,
 }
 
 impl ReplicaConfig {
@@ -93,6 +100,8 @@ impl ReplicaConfig {
             heartbeat_ms: 1_000,
             resubscribe_ms: 2_000,
             route_fallback_ms: 2_000,
+            retention_events_max: None,
+            retention_age_ms: None,
         }
     }
 }
@@ -228,6 +237,10 @@ pub struct Stats {
     pub log_events_trimmed: u64,
     /// Subscriptions refused because they asked for deleted events ([`PeerError::Behind`]).
     pub subscriptions_behind: u64,
+    /// Data snapshots installed (a join, or a resynchronisation).
+    pub snapshots_installed: u64,
+    /// Change-log events deleted by the retention bounds, beyond the stable frontier.
+    pub log_events_retention_trimmed: u64,
     /// Per origin: milliseconds from the origin's HLC to the apply here.
     pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
     /// Per origin: the lag of the latest event applied, in milliseconds.
@@ -235,6 +248,13 @@ pub struct Stats {
     /// Per origin: the HLC of the latest event applied (a freshness watermark).
     pub latest_hlc: BTreeMap<NodeId, Hlc>,
 }
+
+/// Events read at a time while applying the retention bounds.
+const RETENTION_READ_EVENTS: usize = 1024;
+
+/// Log reads one application of the retention bounds may make (the rest waits for the next
+/// tick): a million events at most, however far behind the bounds the log is.
+const RETENTION_READS_MAX: usize = 1024;
 
 /// Histograms track 1 ms .. 1 hour with 3 significant digits: lag past an hour is an outage,
 /// reported as an hour.
@@ -256,6 +276,8 @@ impl Stats {
             held_dropped: 0,
             log_events_trimmed: 0,
             subscriptions_behind: 0,
+            snapshots_installed: 0,
+            log_events_retention_trimmed: 0,
             lag_ms: BTreeMap::new(),
             lag_ms_last: BTreeMap::new(),
             latest_hlc: BTreeMap::new(),
@@ -520,6 +542,7 @@ impl<S: Storage> Replica<S> {
             events,
             vector: self.vector.clone(),
             hlc: self.clock.last(),
+            trim_through: VersionVector::new(),
         };
         self.storage.commit(commit)
     }
@@ -974,6 +997,71 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
+    // ---- data snapshots ----
+
+    /// Keys of a data snapshot (a joining region's, or one resynchronising after it fell behind
+    /// what the others' logs hold): each is merged into the stored state with the state's own
+    /// merge, in one commit that leaves the vector alone. Idempotent: a chunk merged twice, or
+    /// over a state that already reflects some of its events, gives the same state.
+    pub fn handle_snapshot_chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), S::Error> {
+        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        for entry in entries {
+            let state = match overlay.entry(entry.key) {
+                std::collections::btree_map::Entry::Occupied(slot) => slot.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    // Every key taken is in the commit below.
+                    let stored = self.storage.take_key_state(slot.key())?.unwrap_or_default();
+                    slot.insert(stored)
+                }
+            };
+            state.merge(&entry.state);
+        }
+        if overlay.is_empty() {
+            return Ok(());
+        }
+        self.commit(overlay.into_iter().collect(), Vec::new())
+    }
+
+    /// The last chunk of a data snapshot is merged: the vector becomes the greater of ours and
+    /// the snapshot's, and the HLC high-water mark at least the snapshot's. For every origin
+    /// the snapshot took further (this node's own too, if it lost writes the others hold), the
+    /// events in between are in the states, not the log: the log counts as trimmed through
+    /// the snapshot's seq, in the same commit. Then every subscription starts again from the
+    /// new vector.
+    pub fn handle_snapshot_end(
+        &mut self,
+        snapshot: &VersionVector,
+        hlc: Hlc,
+        now_ms: u64,
+    ) -> Result<(), S::Error> {
+        let through: VersionVector = snapshot
+            .iter()
+            .filter(|(origin, seq)| *seq > self.vector.get(*origin))
+            .collect();
+        self.vector.merge(snapshot);
+        let high = self.clock.last().max(hlc);
+        self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, high);
+        self.trimmed.merge(&through);
+        let vector = &self.vector;
+        self.held
+            .retain(|(origin, seq), _| *seq > vector.get(*origin));
+        let commit = Commit {
+            keys: Vec::new(),
+            events: Vec::new(),
+            vector: self.vector.clone(),
+            hlc: self.clock.last(),
+            trim_through: through,
+        };
+        self.storage.commit(commit)?;
+        self.stats.snapshots_installed += 1;
+        assert!(self.vector.dominates(&self.trimmed));
+        self.gap_since_ms = None;
+        self.stalled.clear();
+        self.resubscribe_all();
+        self.refresh_routes(now_ms);
+        self.pump_all()
+    }
+
     // ---- garbage collection ----
 
     /// The stable frontier the control plane committed: per origin, what every region has
@@ -1000,6 +1088,105 @@ impl<S: Storage> Replica<S> {
             self.vector.dominates(&self.trimmed),
             "trimmed only what is held"
         );
+        Ok(deleted)
+    }
+
+    /// Applies the retention bounds ([`ReplicaConfig::retention_events_max`] and
+    /// [`ReplicaConfig::retention_age_ms`]): deletes the change-log events older than the age
+    /// bound, then the oldest events (by HLC, origin by origin) until the log is within the size
+    /// bound. The work of one call is bounded; what is left is done at the next tick. Returns
+    /// how many events were deleted.
+    pub fn enforce_retention(&mut self, now_ms: u64) -> Result<u64, S::Error> {
+        let (age, size) = (
+            self.config.retention_age_ms,
+            self.config.retention_events_max,
+        );
+        if age.is_none() && size.is_none() {
+            return Ok(0);
+        }
+        let mut through = self.trimmed.clone();
+        let origins: Vec<NodeId> = self.vector.iter().map(|(o, _)| o).collect();
+        let mut reads = 0usize;
+        if let Some(age) = age {
+            let cutoff = now_ms.saturating_sub(age);
+            for origin in &origins {
+                // Most of the time the oldest event kept is young enough: one read says so.
+                reads += 1;
+                let head = self
+                    .storage
+                    .log_after(*origin, through.get(*origin), 1, usize::MAX)?;
+                if head.first().is_none_or(|e| e.hlc.wall_ms >= cutoff) {
+                    continue;
+                }
+                while reads < RETENTION_READS_MAX {
+                    reads += 1;
+                    let events = self.storage.log_after(
+                        *origin,
+                        through.get(*origin),
+                        RETENTION_READ_EVENTS,
+                        usize::MAX,
+                    )?;
+                    let old = events
+                        .iter()
+                        .take_while(|e| e.hlc.wall_ms < cutoff)
+                        .last()
+                        .map(|e| e.seq);
+                    if let Some(seq) = old {
+                        through.advance(*origin, seq);
+                    }
+                    let more = events.len() == RETENTION_READ_EVENTS
+                        && old == events.last().map(|e| e.seq);
+                    if !more {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(max) = size {
+            let held = |through: &VersionVector| -> u64 {
+                self.vector
+                    .iter()
+                    .map(|(o, seq)| seq.0.saturating_sub(through.get(o).0))
+                    .sum()
+            };
+            let mut excess = held(&through).saturating_sub(max);
+            while excess > 0 && reads < RETENTION_READS_MAX {
+                // The origin whose oldest kept event is the oldest goes first.
+                let mut oldest: Option<(Hlc, NodeId)> = None;
+                for origin in &origins {
+                    reads += 1;
+                    let head =
+                        self.storage
+                            .log_after(*origin, through.get(*origin), 1, usize::MAX)?;
+                    if let Some(event) = head.first() {
+                        if oldest.is_none_or(|(hlc, _)| event.hlc < hlc) {
+                            oldest = Some((event.hlc, *origin));
+                        }
+                    }
+                }
+                let Some((_, origin)) = oldest else { break };
+                let kept = self.vector.get(origin).0 - through.get(origin).0;
+                let step = excess.min(kept).min(RETENTION_READ_EVENTS as u64);
+                through.advance(origin, Seq(through.get(origin).0 + step));
+                excess -= step;
+            }
+        }
+        let cut: VersionVector = through
+            .iter()
+            .filter(|(origin, seq)| *seq > self.trimmed.get(*origin))
+            .collect();
+        if cut.is_empty() {
+            return Ok(0);
+        }
+        let deleted: u64 = cut
+            .iter()
+            .map(|(origin, seq)| seq.0 - self.trimmed.get(origin).0)
+            .sum();
+        self.storage.trim_log(&cut)?;
+        self.trimmed.merge(&cut);
+        self.stats.log_events_retention_trimmed += deleted;
+        self.stats.log_events_trimmed += deleted;
+        assert!(self.vector.dominates(&self.trimmed));
         Ok(deleted)
     }
 
@@ -1033,6 +1220,7 @@ impl<S: Storage> Replica<S> {
                 });
             }
         }
+        self.enforce_retention(now_ms)?;
         self.refresh_routes(now_ms);
         self.detect_stalls(now_ms);
         if let Some(since) = self.gap_since_ms {

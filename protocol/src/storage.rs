@@ -25,6 +25,10 @@ pub struct Commit {
     pub vector: VersionVector,
     /// The HLC high-water mark after the commit.
     pub hlc: Hlc,
+    /// Change-log events deleted in the same commit, through these sequence numbers per
+    /// origin, recorded as [`Recovered::trimmed`] (empty: none). A data snapshot's install sets
+    /// it: the events it brings are in the key states, not the log.
+    pub trim_through: VersionVector,
 }
 
 /// What a replica finds in storage when it starts.
@@ -136,6 +140,9 @@ impl Storage for MemoryStorage {
         self.recovered.vector = commit.vector;
         self.recovered.hlc = commit.hlc;
         self.commits += 1;
+        if !commit.trim_through.is_empty() {
+            self.trim_log(&commit.trim_through)?;
+        }
         Ok(())
     }
 

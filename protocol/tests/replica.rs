@@ -8,7 +8,7 @@ use braid_conflict::{oracle, Command, Hlc, Value};
 use braid_protocol::frame;
 use braid_protocol::{
     ChangeEvent, MemoryStorage, Message, NodeId, PeerError, Replica, ReplicaConfig, Seq,
-    StreamKind, Subscribe, Topology, Transmit, VersionVector,
+    SnapshotEntry, StreamKind, Subscribe, Topology, Transmit, VersionVector,
 };
 use bytes::Bytes;
 
@@ -953,4 +953,139 @@ fn a_new_topology_takes_effect_without_a_restart() {
     let c = net.replicas.get_mut(&C).unwrap();
     assert!(c.handle_topology(without_c, now).is_err());
     assert_eq!(c.topology(), &mesh);
+}
+
+/// Every key of `node`'s storage as snapshot entries, in key order, with its vector and HLC.
+fn snapshot_of(net: &mut Net, node: NodeId) -> (Vec<SnapshotEntry>, VersionVector, Hlc) {
+    let replica = net.replicas.get_mut(&node).unwrap();
+    let (vector, hlc) = (replica.vector().clone(), replica.hlc());
+    let entries = replica
+        .storage_mut()
+        .keys
+        .iter()
+        .map(|(key, state)| SnapshotEntry {
+            key: key.clone(),
+            state: state.clone(),
+        })
+        .collect();
+    (entries, vector, hlc)
+}
+
+#[test]
+fn a_region_past_the_others_logs_is_resynchronised_by_snapshot_and_converges() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    mixed_writes(&mut net, &[A, B, C], 2);
+    net.run();
+    // C goes away; A and B write on and trim their logs through what they both hold: C can no
+    // longer be fed from them.
+    net.disconnect(C, A);
+    net.disconnect(C, B);
+    net.disconnect(A, C);
+    net.disconnect(B, C);
+    mixed_writes(&mut net, &[A, B], 4);
+    net.run();
+    let frontier = net.replicas[&A].vector().clone();
+    for node in [A, B] {
+        let replica = net.replicas.get_mut(&node).unwrap();
+        assert!(replica.handle_stable_frontier(&frontier).unwrap() > 0);
+    }
+    // C wrote meanwhile too: its own writes must survive the resynchronisation.
+    net.write(C, "c-alone", Command::Set(b("kept")));
+    net.write(C, "counter", Command::IncrBy(100));
+
+    // C asks A for what it lacks, and is told it is behind.
+    let c_vector = net.replicas[&C].vector().clone();
+    let a = net.replicas.get_mut(&A).unwrap();
+    a.handle_feed_open(C, 0).unwrap();
+    let asked = Message::Subscribe(Subscribe {
+        vector: c_vector,
+        origins: vec![A],
+        rewind: false,
+    });
+    let err = a.handle_message(C, StreamKind::Feed, asked, 0).unwrap_err();
+    assert!(matches!(err, PeerError::Behind { .. }), "{err}");
+    a.handle_feed_closed(C, 0);
+
+    // A snapshot of A, in two chunks (one merged twice: harmless), brings C up to A's vector.
+    let (entries, vector, hlc) = snapshot_of(&mut net, A);
+    let (first, second) = entries.split_at(entries.len() / 2);
+    let c = net.replicas.get_mut(&C).unwrap();
+    c.handle_snapshot_chunk(first.to_vec()).unwrap();
+    c.handle_snapshot_chunk(first.to_vec()).unwrap();
+    c.handle_snapshot_chunk(second.to_vec()).unwrap();
+    let now = net.now_ms;
+    c.handle_snapshot_end(&vector, hlc, now).unwrap();
+    c.check_invariants();
+    assert!(c.vector().dominates(&vector));
+    assert!(c.hlc() >= hlc);
+    assert_eq!(c.stats().snapshots_installed, 1);
+    for origin in [A, B] {
+        assert_eq!(
+            c.trimmed().get(origin),
+            vector.get(origin),
+            "in the states, not the log"
+        );
+    }
+    // It subscribes again from there and everyone converges, C's own writes included.
+    net.connect_links(&topology);
+    net.run();
+    mixed_writes(&mut net, &[A, B, C], 1);
+    net.run();
+    net.assert_converged();
+    let values = net.values(A);
+    assert_eq!(values.get(&b("c-alone")), Some(&Value::String(b("kept"))));
+}
+
+#[test]
+fn retention_cuts_the_log_by_size_and_by_age_whoever_lacks_the_events() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut config = ReplicaConfig::new(A);
+    config.retention_events_max = Some(10);
+    let mut a = Replica::open(config, topology.clone(), MemoryStorage::default(), 0).unwrap();
+    for i in 0..50u64 {
+        a.handle_commands(vec![(b(&format!("k{i}")), Command::Set(b("v")))], 1_000 + i)
+            .unwrap();
+    }
+    assert_eq!(a.log_events(), 50, "no bound applies before a tick");
+    a.handle_tick(2_000).unwrap();
+    assert_eq!(a.log_events(), 10);
+    assert_eq!(a.trimmed().get(A), Seq(40));
+    assert_eq!(a.stats().log_events_retention_trimmed, 40);
+    a.check_invariants();
+    // B never had any of them: it is told it is behind, and needs a snapshot.
+    a.handle_feed_open(B, 2_000).unwrap();
+    let asked = Message::Subscribe(Subscribe {
+        vector: VersionVector::new(),
+        origins: vec![A],
+        rewind: false,
+    });
+    let err = a
+        .handle_message(B, StreamKind::Feed, asked, 2_000)
+        .unwrap_err();
+    assert!(
+        matches!(err, PeerError::Behind { trimmed, .. } if trimmed == Seq(40)),
+        "{err}"
+    );
+
+    // By age: events older than 500 ms go; the rest stay.
+    let mut config = ReplicaConfig::new(A);
+    config.retention_age_ms = Some(500);
+    let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
+    for i in 0..20u64 {
+        // Written at 1,000 .. 1,950 ms.
+        a.handle_commands(
+            vec![(b(&format!("k{i}")), Command::Set(b("v")))],
+            1_000 + 50 * i,
+        )
+        .unwrap();
+    }
+    a.handle_tick(2_000).unwrap();
+    // Older than 1,500 ms: the first ten.
+    assert_eq!(a.trimmed().get(A), Seq(10));
+    assert_eq!(a.log_events(), 10);
+    a.handle_tick(10_000).unwrap();
+    assert_eq!(a.log_events(), 0);
+    a.check_invariants();
 }

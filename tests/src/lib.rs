@@ -284,6 +284,8 @@ pub struct Layout {
     /// Whether the nodes garbage-collect their change logs. Off unless a test asks for it:
     /// [`Cluster::oracle_from_logs`] needs whole logs.
     pub change_log_gc: bool,
+    /// A retention bound by size (events) for every node's change log, instead of the default.
+    pub retention_events: Option<u64>,
 }
 
 impl Layout {
@@ -296,6 +298,7 @@ impl Layout {
             not_running: Vec::new(),
             fault_injection: false,
             change_log_gc: false,
+            retention_events: None,
         }
     }
 
@@ -317,6 +320,14 @@ impl Layout {
         self
     }
 
+    /// The same, with change-log garbage collection on and every change log kept within
+    /// `events` events, whoever lacks them.
+    pub fn with_retention_events(mut self, events: u64) -> Layout {
+        self.change_log_gc = true;
+        self.retention_events = Some(events);
+        self
+    }
+
     /// A chain a-b-c-...
     pub fn chain(count: usize) -> Layout {
         let regions = cluster::default_region_names(count);
@@ -331,6 +342,7 @@ impl Layout {
             not_running: Vec::new(),
             fault_injection: false,
             change_log_gc: false,
+            retention_events: None,
         }
     }
 }
@@ -351,6 +363,14 @@ impl Cluster {
             change_log_gc: layout.change_log_gc,
         };
         let file: ClusterFile = cluster::init(&options).unwrap();
+        if let Some(events) = layout.retention_events {
+            for region in &file.regions {
+                let text = std::fs::read_to_string(&region.config).unwrap();
+                let mut config: NodeConfig = toml::from_str(&text).unwrap();
+                config.change_log_retention_events = Some(events);
+                std::fs::write(&region.config, toml::to_string_pretty(&config).unwrap()).unwrap();
+            }
+        }
         let nodes = file.regions.into_iter().map(Node::laid_out).collect();
         Cluster { dir, nodes }
     }

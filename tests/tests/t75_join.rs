@@ -55,6 +55,32 @@ fn writer(
     })
 }
 
+/// Waits until `check` holds for the statuses of `regions` (each with its `/status`), and
+/// returns them; fails with `what` and a summary of the last ones.
+fn wait_for(
+    cluster: &mut Cluster,
+    regions: &[&str],
+    what: &str,
+    check: impl Fn(&[Status]) -> bool,
+) -> Vec<Status> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let statuses: Vec<Status> = regions.iter().map(|r| cluster.node(r).status()).collect();
+        if check(&statuses) {
+            return statuses;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {SETTLE:?}: {:?}",
+            statuses
+                .iter()
+                .map(|s| (&s.region, s.change_log_events, &s.control.members))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn member_state(status: &Status, name: &str) -> Option<String> {
     status
         .control
@@ -189,35 +215,151 @@ fn t75_a_region_joins_a_mesh_whose_logs_were_collected() {
     let got: i64 = cluster.node("a").redis().get("from-d").unwrap();
     assert_eq!(got, 1);
     // Collection resumes once d has reported its snapshot's vector: the logs empty again.
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let statuses: Vec<Status> = cluster.nodes.iter().map(|n| n.status()).collect();
-        if statuses
-            .iter()
-            .all(|s| member_state(s, "d").as_deref() == Some("active") && s.change_log_events == 0)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "collection did not resume after the join: {:?}",
-            statuses
-                .iter()
-                .map(|s| (&s.region, s.change_log_events, &s.control.stable_frontier))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        &mut cluster,
+        &["a", "b", "c", "d"],
+        "collection resumes after the join",
+        |s| {
+            s.iter().all(|s| {
+                member_state(s, "d").as_deref() == Some("active") && s.change_log_events == 0
+            })
+        },
+    );
     // A restart of the joined region is a plain `braid start`.
     cluster.node("d").stop();
     cluster.node("d").start();
     cluster.node("d").wait_healthy();
     let got: i64 = cluster.node("d").redis().get("k10").unwrap();
     assert_eq!(got, 10);
+    cluster.wait_converged(SETTLE);
     cluster.stop_all();
     let values = cluster.stored_values();
     assert!(
         values.windows(2).all(|w| w[0].1 == w[1].1),
         "the regions differ after the join"
     );
+}
+
+#[test]
+fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_change_log_gc());
+    wait_for(
+        &mut cluster,
+        &["a", "b", "c"],
+        "the group bootstrapped",
+        |s| s.iter().all(|s| s.control.members.len() == 3),
+    );
+    cluster.node("c").kill9();
+    for i in 0..100 {
+        let _: () = cluster.node("a").redis().set(format!("k{i}"), i).unwrap();
+    }
+    // c holds the frontier back while it is a member.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(cluster.node("a").status().change_log_events >= 100);
+    let http = cluster.node("b").http.to_string();
+    let out = std::process::Command::new(braid_tests::braid_bin())
+        .args(["remove", "--http", &http, "--region", "c"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Refused, and nothing changes: the node asked to remove itself.
+    let out = std::process::Command::new(braid_tests::braid_bin())
+        .args(["remove", "--http", &http, "--region", "b"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("braid leave"));
+
+    // Joins that cannot be are refused, with the reason, and change nothing.
+    let config = braid_node::config::NodeConfig::load(&cluster.node("a").config).unwrap();
+    let b_http = cluster.node("b").http;
+    let join = |cluster_id: &str, id: u64, region: &str, peer: &str| {
+        let body = serde_json::json!({
+            "cluster_id": cluster_id, "id": id, "region": region, "peer_address": peer,
+            "resp_address": "127.0.0.1:1", "http_address": "127.0.0.1:2",
+        });
+        braid_tests::http_post(b_http, "/join", &body.to_string()).unwrap_err()
+    };
+    let ours = config.cluster_id.as_str();
+    let other = "00000000000000000000000000000000";
+    for (err, expected) in [
+        (join(other, 9, "x", "127.0.0.1:3"), "HTTP 400"),
+        (join(ours, 9, "x", "nowhere"), "HTTP 400"),
+        (join(ours, 1, "x", "127.0.0.1:3"), "node id n1 is taken"),
+        (join(ours, 3, "x", "127.0.0.1:3"), "node id n3 is taken"),
+        (join(ours, 9, "a", "127.0.0.1:3"), "region a is taken"),
+    ] {
+        assert!(err.contains(expected), "{err}");
+    }
+    let err = braid_tests::http_post(b_http, "/join", "{\"id\": 9}").unwrap_err();
+    assert!(err.contains("HTTP 4"), "{err}");
+    wait_for(
+        &mut cluster,
+        &["a", "b"],
+        "c removed, and collection resumed without it",
+        |s| {
+            s.iter().all(|s| {
+                member_state(s, "c").as_deref() == Some("removed")
+                    && member_state(s, "b").as_deref() == Some("active")
+                    && s.change_log_events == 0
+            })
+        },
+    );
+}
+
+#[test]
+fn t75_a_region_down_past_the_retention_bound_is_resynchronised_by_snapshot() {
+    const RETENTION: u64 = 200;
+    let mut cluster = Cluster::start(Layout::mesh(3).with_retention_events(RETENTION));
+    for i in 0..100 {
+        let _: () = cluster
+            .node("a")
+            .redis()
+            .set(format!("early{i}"), i)
+            .unwrap();
+    }
+    cluster.wait_converged(SETTLE);
+    cluster.node("c").stop();
+    // a and b write on. c holds the stable frontier back, but the logs keep to the bound:
+    // the events c lacks are deleted.
+    let mut written = 0i64;
+    for region in ["a", "b"] {
+        let mut conn = cluster.node(region).redis();
+        for i in 0..750 {
+            let _: () = conn.set(format!("{region}{i}"), i).unwrap();
+            let _: i64 = conn.incr("counter", 1).unwrap();
+            written += 1;
+        }
+    }
+    wait_for(
+        &mut cluster,
+        &["a", "b"],
+        "logs within the retention bound",
+        |s| {
+            s.iter().all(|s| {
+                s.change_log_events <= RETENTION && s.change_log_events_retention_trimmed > 0
+            })
+        },
+    );
+    // c comes back behind what any log holds: it is resynchronised by snapshot and converges.
+    cluster.node("c").start();
+    cluster.node("c").wait_healthy();
+    cluster.wait_converged(SETTLE);
+    let status = cluster.node("c").status();
+    assert!(
+        status.snapshots_installed >= 1,
+        "c was not resynchronised by snapshot"
+    );
+    let mut c = cluster.node("c").redis();
+    let counter: i64 = c.get("counter").unwrap();
+    assert_eq!(counter, written);
+    let _: () = c.set("after", "c").unwrap();
+    cluster.wait_converged(SETTLE);
+    cluster.stop_all();
+    let values = cluster.stored_values();
+    assert!(
+        values.windows(2).all(|w| w[0].1 == w[1].1),
+        "the regions differ after the resynchronisation"
+    );
+    assert_eq!(values[0].1.len(), 100 + 1500 + 1 + 1);
 }

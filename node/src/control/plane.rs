@@ -413,6 +413,25 @@ impl ControlPlane {
         self.mesh.peers.update(peers);
     }
 
+    /// Removes the member named `region` from the mesh for good: one that is dead, or a join
+    /// that never finished. Its id is never used again; whatever it held that no other region
+    /// does is lost (a live region leaves with [`ControlPlane::leave`] instead, which ships it).
+    pub async fn remove(&self, region: &str) -> Result<ControlReply, ControlPlaneError> {
+        let state = self.state().ok_or_else(|| {
+            ControlPlaneError::Invalid("the group is not bootstrapped yet".into())
+        })?;
+        let member = state
+            .members()
+            .find(|m| m.region == region && m.state != MemberState::Removed)
+            .ok_or_else(|| ControlPlaneError::Invalid(format!("no member {region}")))?;
+        if member.id == self.node {
+            return Err(ControlPlaneError::Invalid(format!(
+                "{region} is this node: a running region leaves with `braid leave`"
+            )));
+        }
+        self.propose(ControlCommand::Remove(member.id)).await
+    }
+
     /// Commits new links between the members, named by region (`None`: a full mesh).
     pub async fn set_topology(
         &self,
