@@ -45,16 +45,22 @@ pub fn braid_bin() -> PathBuf {
 
 static NEXT_SLOT: AtomicU16 = AtomicU16::new(0);
 
-/// A base port whose `regions` x 10 ports are free now, in 20000..60000, different for every
-/// cluster of this process.
+/// Blocks of 100 ports a test cluster may take, from port 20,000: all of them below 32,768,
+/// where the OS's ephemeral ports begin, so that no outgoing socket of any test takes a port a
+/// region (or a region added later, up to 10 in a block) is about to listen on.
+const PORT_BLOCKS: u16 = 127;
+
+/// A base port whose `regions` x 10 ports are free now, in 20000..32700, different for every
+/// cluster of this process (a block of 100 ports each, room for 10 regions).
 pub fn free_base_port(regions: usize) -> u16 {
     let span = (regions as u16) * cluster::PORTS_PER_REGION;
+    assert!(span <= 100, "a test cluster has at most 10 regions");
     for _ in 0..200 {
         let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
         let seed = (std::process::id() as u16)
             .wrapping_mul(131)
             .wrapping_add(slot.wrapping_mul(97));
-        let base = 20_000 + (seed % 400) * 100;
+        let base = 20_000 + (seed % PORT_BLOCKS) * 100;
         let free = (0..regions as u16).all(|i| {
             let at = base + i * cluster::PORTS_PER_REGION;
             TcpListener::bind(("127.0.0.1", at)).is_ok()
@@ -355,7 +361,8 @@ impl Cluster {
             regions: layout.regions.clone(),
             dir: dir.path().to_owned(),
             host: "127.0.0.1".parse().unwrap(),
-            base_port: free_base_port(layout.regions.len()),
+            // Room for one region more, which a test may add (`Cluster::add_region`).
+            base_port: free_base_port(layout.regions.len() + 1),
             links: layout.links,
             durability: Durability::Process,
             password: layout.password,

@@ -81,6 +81,14 @@ fn wait_for(
     }
 }
 
+/// Runs the `braid` binary to its end.
+fn braid(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(braid_tests::braid_bin())
+        .args(args)
+        .output()
+        .expect("run braid")
+}
+
 fn member_state(status: &Status, name: &str) -> Option<String> {
     status
         .control
@@ -206,7 +214,15 @@ fn t75_a_region_joins_a_mesh_whose_logs_were_collected() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let via = cluster.node("a").http;
-    cluster.add_region("d").start_join(via);
+    let config = cluster.add_region("d").config.clone();
+    // Laid out but not joined: `braid start` refuses it.
+    let out = braid(&["start", "--config", &config.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has not finished joining"),
+        "{out:?}"
+    );
+    cluster.node("d").start_join(via);
     cluster.node("d").wait_healthy();
     let got: i64 = cluster.node("d").redis().get("k499").unwrap();
     assert_eq!(got, 499, "d has the snapshot's data as soon as it serves");
@@ -225,8 +241,20 @@ fn t75_a_region_joins_a_mesh_whose_logs_were_collected() {
             })
         },
     );
-    // A restart of the joined region is a plain `braid start`.
+    // A restart of the joined region is a plain `braid start`; `braid join` refuses it.
     cluster.node("d").stop();
+    let out = braid(&[
+        "join",
+        "--config",
+        &config.display().to_string(),
+        "--via",
+        &via.to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has joined already"),
+        "{out:?}"
+    );
     cluster.node("d").start();
     cluster.node("d").wait_healthy();
     let got: i64 = cluster.node("d").redis().get("k10").unwrap();
@@ -257,16 +285,10 @@ fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
     std::thread::sleep(Duration::from_secs(4));
     assert!(cluster.node("a").status().change_log_events >= 100);
     let http = cluster.node("b").http.to_string();
-    let out = std::process::Command::new(braid_tests::braid_bin())
-        .args(["remove", "--http", &http, "--region", "c"])
-        .output()
-        .unwrap();
+    let out = braid(&["remove", "--http", &http, "--region", "c"]);
     assert!(out.status.success(), "{out:?}");
     // Refused, and nothing changes: the node asked to remove itself.
-    let out = std::process::Command::new(braid_tests::braid_bin())
-        .args(["remove", "--http", &http, "--region", "b"])
-        .output()
-        .unwrap();
+    let out = braid(&["remove", "--http", &http, "--region", "b"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("braid leave"));
 
