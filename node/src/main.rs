@@ -1064,6 +1064,12 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         status.change_log_events,
         named_vector_or(&status.change_log_trimmed, "nothing")
     );
+    if status.change_log_events_retention_trimmed > 0 || status.snapshots_installed > 0 {
+        println!(
+            "retention deleted {} events others may lack; data snapshots installed: {}",
+            status.change_log_events_retention_trimmed, status.snapshots_installed
+        );
+    }
     println!();
     println!(
         "{:<8} {:<13} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
