@@ -35,6 +35,12 @@ pub struct Scenario {
     /// What must hold.
     #[serde(default)]
     pub expect: Expect,
+    /// Retention by size of every region's change log (events), as `change-log-retention-events`
+    /// in a node's configuration: a region away longer than the logs keep is refused as behind
+    /// and resynchronised by a data snapshot. Simulator-only: `braid drill` keeps whole change
+    /// logs, since its checks read them, and refuses a scenario that sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_log_retention_events: Option<u64>,
 }
 
 /// Per-link behaviour. Loss, duplication and reordering model what the replication core must

@@ -19,8 +19,10 @@ use std::time::Instant;
 
 use braid_conflict::{oracle, Command, Value};
 use braid_protocol::frame;
+use braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX;
 use braid_protocol::{
-    ChangeEvent, Message, NodeId, Replica, ReplicaConfig, Seq, StreamKind, Topology, VersionVector,
+    ChangeEvent, Message, NodeId, PeerError, Replica, ReplicaConfig, Seq, SnapshotEntry,
+    StreamKind, Topology, VersionVector,
 };
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -37,6 +39,9 @@ use braid_node::workload::{below, next_command, sub_seed, unit};
 const EPOCH_MS: u64 = 1_700_000_000_000;
 /// How often every node ticks, in simulated milliseconds.
 const TICK_MS: u64 = 50;
+
+/// How long a data snapshot takes to reach a region that was refused as behind.
+const SNAPSHOT_MS: u64 = 200;
 /// How long a broken connection takes to be re-established: 100 ms plus up to 200 ms.
 const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_JITTER: u64 = 200;
@@ -84,6 +89,9 @@ pub struct Report {
     pub lag_ms_p99: u64,
     /// Maximum.
     pub lag_ms_max: u64,
+    /// Data snapshots installed (regions that came back after the others' logs let go of what
+    /// they lacked).
+    pub snapshots_installed: u64,
     /// Simulated milliseconds run.
     pub sim_ms: u64,
     /// Wall-clock milliseconds taken.
@@ -114,6 +122,11 @@ enum Event {
         until_ms: u64,
     },
     Connect {
+        sub: usize,
+        publ: usize,
+    },
+    /// A data snapshot of `publ` reaches `sub`, which `publ` refused as behind its log.
+    Snapshot {
         sub: usize,
         publ: usize,
     },
@@ -174,6 +187,17 @@ pub struct World<'a> {
     converged_at: Option<u64>,
     hasher: blake3::Hasher,
     trace: Vec<String>,
+    /// Regions with a data snapshot on its way (one at a time each).
+    resyncing: BTreeSet<usize>,
+    /// Data snapshots installed.
+    snapshots: u64,
+}
+
+/// The replica configuration of region `node` under `scenario` (its retention bound).
+fn replica_config(node: NodeId, scenario: &Scenario) -> ReplicaConfig {
+    let mut config = ReplicaConfig::new(node);
+    config.retention_events_max = scenario.change_log_retention_events;
+    config
 }
 
 fn lag_histogram() -> Histogram<u64> {
@@ -226,12 +250,14 @@ impl<'a> World<'a> {
             converged_at: None,
             hasher: blake3::Hasher::new(),
             trace: Vec::new(),
+            resyncing: BTreeSet::new(),
+            snapshots: 0,
             options,
         };
         for (i, name) in scenario.regions.iter().enumerate() {
             let storage = SimStorage::new(world.options.bug);
             let replica = Replica::open(
-                ReplicaConfig::new(ids[i]),
+                replica_config(ids[i], world.scenario),
                 world.topology.clone(),
                 storage,
                 EPOCH_MS,
@@ -370,6 +396,7 @@ impl<'a> World<'a> {
                 self.reconcile();
             }
             Event::Connect { sub, publ } => self.connect(sub, publ),
+            Event::Snapshot { sub, publ } => self.snapshot(sub, publ),
             Event::EndWorkload => {
                 self.workload_over = true;
                 self.end_ms = self.now_ms;
@@ -588,10 +615,70 @@ impl<'a> World<'a> {
             [5, from as u64, to as u64, u64::from(result.is_ok())],
             || format!("deliver {from}->{to} {kind:?}"),
         );
+        if let Err(PeerError::Behind { .. }) = &result {
+            // The subscriber is told, and fetches a data snapshot from this publisher: as a
+            // node's driver does, one at a time, arriving a snapshot's transfer time later.
+            if self.resyncing.insert(from) {
+                self.schedule(
+                    self.now_ms + SNAPSHOT_MS,
+                    Event::Snapshot {
+                        sub: from,
+                        publ: to,
+                    },
+                );
+            }
+        }
         if result.is_err() {
             self.close(key);
         }
         self.drain(to);
+    }
+
+    /// `publ`'s keys, vector and HLC, through the real encoding in chunks as a node sends
+    /// them, installed into `sub` by its replica core. Nothing happens if either is down by
+    /// then (a later refusal asks again).
+    fn snapshot(&mut self, sub: usize, publ: usize) {
+        self.resyncing.remove(&sub);
+        let cut = self.cut.contains(&(publ, sub)) || self.cut.contains(&(sub, publ));
+        let Some(server) = self.regions[publ].replica.as_ref().filter(|_| !cut) else {
+            return;
+        };
+        let (vector, hlc) = (server.vector().clone(), server.hlc());
+        let entries: Vec<SnapshotEntry> = server
+            .storage()
+            .keys()
+            .iter()
+            .map(|(key, state)| SnapshotEntry {
+                key: key.clone(),
+                state: state.clone(),
+            })
+            .collect();
+        let now = self.local_ms(sub);
+        let Some(replica) = self.regions[sub].replica.as_mut() else {
+            return;
+        };
+        let mut keys = 0;
+        for chunk in entries.chunks(SNAPSHOT_CHUNK_KEYS_MAX) {
+            let message = Message::SnapshotChunk(chunk.to_vec());
+            let bytes = frame::encode_to_vec(&message).unwrap_or_default();
+            let Ok(Some((Message::SnapshotChunk(decoded), _))) = frame::decode(&bytes) else {
+                return;
+            };
+            keys += decoded.len();
+            match replica.handle_snapshot_chunk(decoded) {
+                Ok(()) => {}
+                Err(never) => match never {},
+            }
+        }
+        match replica.handle_snapshot_end(&vector, hlc, now) {
+            Ok(()) => {}
+            Err(never) => match never {},
+        }
+        self.snapshots += 1;
+        self.trace([13, sub as u64, publ as u64, keys as u64], || {
+            format!("snapshot {publ}->{sub}: {keys} keys")
+        });
+        self.drain(sub);
     }
 
     // ---- connections ----
@@ -752,7 +839,8 @@ impl<'a> World<'a> {
         if let Some(storage) = self.regions[region].parked.take() {
             let now = self.local_ms(region);
             let id = self.regions[region].id;
-            match Replica::open(ReplicaConfig::new(id), self.topology.clone(), storage, now) {
+            let config = replica_config(id, self.scenario);
+            match Replica::open(config, self.topology.clone(), storage, now) {
                 Ok(replica) => self.regions[region].replica = Some(replica),
                 Err(never) => match never {},
             }
@@ -910,6 +998,7 @@ impl<'a> World<'a> {
             lag_ms_p50: self.lag.value_at_quantile(0.5),
             lag_ms_p99: p99,
             lag_ms_max: self.lag.max(),
+            snapshots_installed: self.snapshots,
             sim_ms: self.now_ms,
             wall_ms: started.elapsed().as_millis() as u64,
             replay: String::new(),

@@ -441,6 +441,12 @@ fn check_supported(
             ));
         }
     }
+    if let Some(events) = scenario.change_log_retention_events {
+        return Err(DrillError::Unsupported(format!(
+            "change-log-retention-events = {events} is simulator-only: a drill keeps every \
+             change log whole, since its checks read them"
+        )));
+    }
     let base_delay = (net.latency_ms_min + net.latency_ms_max) / 2;
     for fault in &scenario.timeline {
         match &fault.action {
