@@ -454,7 +454,8 @@ async fn join(config_path: &Path, via: SocketAddr) -> Result<()> {
     }
     if !joined && data.join("CURRENT").exists() {
         bail!(
-            "{} holds the data of a region that did not join: a region joins with an empty data              directory",
+            "{} holds the data of a region that did not join: a region joins with an empty data \
+             directory",
             data.display()
         );
     }
@@ -480,6 +481,12 @@ async fn join(config_path: &Path, via: SocketAddr) -> Result<()> {
             )
         })?;
     let reply: JoinReply = serde_json::from_str(&reply).context("unexpected /join answer")?;
+    let sources = reply
+        .members
+        .iter()
+        .filter(|m| m.state == "active")
+        .map(|m| braid_node::protocol::NodeId(m.id))
+        .collect();
     let mut members = Vec::new();
     for member in reply.members.iter().filter(|m| m.state != "removed") {
         let address = member.peer_address.parse().with_context(|| {
@@ -530,6 +537,7 @@ async fn join(config_path: &Path, via: SocketAddr) -> Result<()> {
     let plan = JoinPlan {
         via: braid_node::protocol::NodeId(reply.node),
         members,
+        sources,
         progress: Box::new(progress),
     };
     let (stop, shutdown) = watch::channel(false);

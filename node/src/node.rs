@@ -82,6 +82,9 @@ pub struct JoinPlan {
     pub via: NodeId,
     /// The members when it was admitted (the new one too): id, region name, QUIC address.
     pub members: Vec<(NodeId, String, SocketAddr)>,
+    /// The active members, which may serve the snapshot after `via` (a member still joining
+    /// may not hold everything yet).
+    pub sources: Vec<NodeId>,
     /// Told how the snapshot is coming along.
     pub progress: Box<dyn FnMut(&FetchProgress) + Send>,
 }
@@ -135,7 +138,8 @@ async fn run_node(
     let pending = config.data_dir.join(SNAPSHOT_PENDING_MARKER);
     if plan.is_none() && pending.exists() {
         return Err(NodeError::Task(format!(
-            "region {} has not finished joining (its data snapshot is incomplete): run `braid              join` for it again",
+            "region {} has not finished joining (its data snapshot is incomplete): run `braid \
+             join` for it again",
             config.region
         )));
     }
@@ -204,6 +208,7 @@ async fn run_node(
         peers: Arc::new(Directory::new(known)),
         inputs: inputs.clone(),
         storage: storage.clone(),
+        snapshot_serves: Arc::new(tokio::sync::Semaphore::new(snapshot::SERVES_MAX)),
         conn_ids: Arc::new(AtomicU64::new(0)),
         faults: faults.clone(),
         control: OnceLock::new(),
@@ -239,7 +244,9 @@ async fn run_node(
     replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
     if config.change_log_gc {
         replica_config.retention_events_max = config.change_log_retention_events;
-        replica_config.retention_age_ms = config.change_log_retention_secs.map(|s| s * 1_000);
+        replica_config.retention_age_ms = config
+            .change_log_retention_secs
+            .map(|s| s.saturating_mul(1_000));
     }
     let mut replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
     if let Some(plan) = plan.as_mut() {
@@ -322,6 +329,11 @@ async fn fetch_into_replica(
     snapshot::fetch(mesh, endpoint, from, ours, &mut sink, progress).await
 }
 
+/// Pause after a failed resynchronisation before another may start: doubling from 1 s to
+/// 1 min.
+const RESYNC_RETRY_MS_MIN: u64 = 1_000;
+const RESYNC_RETRY_MS_MAX: u64 = 60_000;
+
 /// Chunks of a resynchronisation between progress lines in the log.
 const RESYNC_LOG_CHUNKS: u64 = 100;
 
@@ -335,6 +347,7 @@ fn spawn_resync(
 ) -> mpsc::Sender<(NodeId, VersionVector)> {
     let (requests, mut asked) = mpsc::channel::<(NodeId, VersionVector)>(1);
     tokio::spawn(async move {
+        let mut backoff_ms = RESYNC_RETRY_MS_MIN;
         while let Some((peer, ours)) = asked.recv().await {
             let mut sink = snapshot::DriverSink(inputs.clone());
             let mut chunks = 0u64;
@@ -345,9 +358,16 @@ fn spawn_resync(
                 }
             };
             match snapshot::fetch(&mesh, &endpoint, peer, ours, &mut sink, progress).await {
-                Ok(vector) => info!(%peer, ?vector, "data snapshot installed"),
+                Ok(vector) => {
+                    backoff_ms = RESYNC_RETRY_MS_MIN;
+                    info!(%peer, ?vector, "data snapshot installed");
+                }
                 Err(err) => {
-                    warn!(%peer, error = %err, "resynchronisation failed; it is tried again");
+                    warn!(%peer, error = %err, retry_ms = backoff_ms, "resynchronisation failed; it is tried again");
+                    // Each attempt reads a whole database somewhere: back off before the driver
+                    // may ask again.
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(RESYNC_RETRY_MS_MAX);
                     if inputs
                         .send(crate::driver::Input::ResyncFailed)
                         .await
@@ -373,9 +393,9 @@ async fn install_snapshot(
 ) -> Result<VersionVector, NodeError> {
     let mut sources: Vec<NodeId> = vec![plan.via];
     sources.extend(
-        plan.members
+        plan.sources
             .iter()
-            .map(|(id, _, _)| *id)
+            .copied()
             .filter(|id| *id != plan.via && *id != mesh.node),
     );
     let mut last = String::new();

@@ -35,6 +35,9 @@ use crate::storage::{RocksStorage, SnapshotPiece, StorageError};
 use crate::tls::node_dns_name;
 use crate::transport::{self, Mesh, StreamError};
 
+/// Snapshots one node serves at once; a fetcher refused for this tries another member.
+pub(crate) const SERVES_MAX: usize = 2;
+
 /// Chunks read ahead of the stream by the server's reader.
 const PIPELINE_CHUNKS_MAX: usize = 4;
 
@@ -95,6 +98,15 @@ pub(crate) async fn serve(
     request: SnapshotRequest,
     mut send: quinn::SendStream,
 ) -> Result<(), StreamError> {
+    let mut buf = Vec::new();
+    // Each snapshot served holds a blocking thread and a RocksDB snapshot: only a few at once.
+    let Ok(_permit) = mesh.snapshot_serves.clone().try_acquire_owned() else {
+        let busy = StreamError::Control(format!(
+            "this node is serving {SERVES_MAX} snapshots already: ask another member"
+        ));
+        transport::refuse(mesh, peer, &mut send, &busy, &mut buf).await;
+        return Err(busy);
+    };
     info!(%peer, their_vector = ?request.vector, "serving a data snapshot");
     let traffic = mesh.traffic(peer);
     let (pieces, mut rx) =
@@ -102,7 +114,7 @@ pub(crate) async fn serve(
     let storage = mesh.storage.clone();
     // RocksDB reads block: the reader runs on a thread of its own, as far ahead of the stream
     // as the pipeline allows, and stops when the stream's end of the channel is gone.
-    tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
         let read = storage.read_snapshot(SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_CHUNK_BYTES_MAX, |p| {
             pieces.blocking_send(Ok(p)).is_ok()
         });
@@ -110,7 +122,6 @@ pub(crate) async fn serve(
             let _ = pieces.blocking_send(Err(err));
         }
     });
-    let mut buf = Vec::new();
     let mut keys = 0u64;
     while let Some(piece) = rx.recv().await {
         let message = match piece {
@@ -126,10 +137,20 @@ pub(crate) async fn serve(
                 return Err(failed);
             }
         };
-        let bytes = transport::write_message(&mut send, &message, &mut buf).await?;
+        // A fetcher that stops reading must not hold the snapshot (and its thread) for ever.
+        let write = transport::write_message(&mut send, &message, &mut buf);
+        let bytes = tokio::time::timeout(Duration::from_millis(FRAME_WAIT_MS_MAX), write)
+            .await
+            .map_err(|_| StreamError::Control("the fetcher stopped reading".into()))??;
         if let Some(t) = &traffic {
             t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         }
+    }
+    // The channel closed: the reader is done, or it died, and then the snapshot is incomplete.
+    if reader.await.is_err() {
+        let failed = StreamError::Control("the snapshot reader failed".into());
+        transport::refuse(mesh, peer, &mut send, &failed, &mut buf).await;
+        return Err(failed);
     }
     transport::write_message(
         &mut send,

@@ -294,8 +294,8 @@ impl RocksStorage {
     /// Reads a data snapshot at one consistent view (a RocksDB snapshot: every commit is one
     /// batch, so the vector read there is exactly what the key states reflect), handing each
     /// piece to `emit` as it goes; stops early, with `Ok(false)`, when `emit` returns false.
-    /// Chunks hold at most `chunk_keys_max` keys, and are sent once they pass `chunk_bytes_max`
-    /// bytes. Blocking: run it off the async runtime.
+    /// Chunks hold at most `chunk_keys_max` keys and `chunk_bytes_max` bytes of keys and
+    /// stored states (or a single key, however large). Blocking: run it off the async runtime.
     pub fn read_snapshot(
         &self,
         chunk_keys_max: usize,
@@ -329,17 +329,20 @@ impl RocksStorage {
         let mut bytes = 0usize;
         for item in view.iterator_cf(data, IteratorMode::Start) {
             let (key, value) = item?;
-            bytes += key.len() + value.len();
-            chunk.push(braid_protocol::SnapshotEntry {
-                key: bytes::Bytes::copy_from_slice(&key),
-                state: decode(&value, "key state")?,
-            });
-            if chunk.len() >= chunk_keys_max || bytes >= chunk_bytes_max {
+            let size = key.len() + value.len();
+            // Sent before it would pass the budget: a chunk is at most the budget, or one key.
+            let full = chunk.len() >= chunk_keys_max || bytes + size > chunk_bytes_max;
+            if !chunk.is_empty() && full {
                 bytes = 0;
                 if !emit(SnapshotPiece::Chunk(std::mem::take(&mut chunk))) {
                     return Ok(false);
                 }
             }
+            bytes += size;
+            chunk.push(braid_protocol::SnapshotEntry {
+                key: bytes::Bytes::copy_from_slice(&key),
+                state: decode(&value, "key state")?,
+            });
         }
         if !chunk.is_empty() && !emit(SnapshotPiece::Chunk(chunk)) {
             return Ok(false);

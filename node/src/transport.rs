@@ -157,6 +157,8 @@ pub struct Mesh {
     pub inputs: mpsc::Sender<Input>,
     /// This node's storage, read (never written) to serve data snapshots.
     pub storage: crate::storage::RocksStorage,
+    /// Permits for serving data snapshots (see [`crate::snapshot`]).
+    pub snapshot_serves: Arc<tokio::sync::Semaphore>,
     /// Stream ids, unique per process.
     pub conn_ids: Arc<AtomicU64>,
     /// Injected faults (none unless the configuration enables them).

@@ -1026,8 +1026,9 @@ impl<S: Storage> Replica<S> {
     /// the snapshot's, and the HLC high-water mark at least the snapshot's. For every origin
     /// the snapshot took further (this node's own too, if it lost writes the others hold), the
     /// events in between are in the states, not the log: the log counts as trimmed through
-    /// the snapshot's seq, in the same commit. Then every subscription starts again from the
-    /// new vector.
+    /// the snapshot's seq, in the same commit. The HLC is adopted no further ahead of `now_ms`
+    /// than [`ReplicaConfig::clock_skew_ms_max`]. Then every subscription starts again from
+    /// the new vector (events held ahead of a gap are dropped and fetched again).
     pub fn handle_snapshot_end(
         &mut self,
         snapshot: &VersionVector,
@@ -1039,12 +1040,16 @@ impl<S: Storage> Replica<S> {
             .filter(|(origin, seq)| *seq > self.vector.get(*origin))
             .collect();
         self.vector.merge(snapshot);
+        // Adopted no further ahead of local time than a remote HLC may be: a peer with a bad
+        // clock must not drag this one along.
+        let bound = now_ms.saturating_add(self.config.clock_skew_ms_max);
+        let hlc = match hlc.wall_ms > bound {
+            true => Hlc::new(bound, 0, hlc.node),
+            false => hlc,
+        };
         let high = self.clock.last().max(hlc);
         self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, high);
         self.trimmed.merge(&through);
-        let vector = &self.vector;
-        self.held
-            .retain(|(origin, seq), _| *seq > vector.get(*origin));
         let commit = Commit {
             keys: Vec::new(),
             events: Vec::new(),

@@ -1089,3 +1089,17 @@ fn retention_cuts_the_log_by_size_and_by_age_whoever_lacks_the_events() {
     assert_eq!(a.log_events(), 0);
     a.check_invariants();
 }
+
+#[test]
+fn a_snapshot_from_a_clock_far_ahead_does_not_drag_the_clock_along() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    let now = 1_000_000;
+    let far = Hlc::new(now + 10 * braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT, 0, B);
+    a.handle_snapshot_end(&[(B, Seq(3))].into_iter().collect(), far, now)
+        .unwrap();
+    assert_eq!(a.vector().get(B), Seq(3));
+    assert!(a.hlc().wall_ms <= now + braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT);
+    assert!(a.hlc().wall_ms >= now, "adopted up to the bound");
+    a.check_invariants();
+}

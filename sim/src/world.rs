@@ -660,9 +660,15 @@ impl<'a> World<'a> {
         let mut keys = 0;
         for chunk in entries.chunks(SNAPSHOT_CHUNK_KEYS_MAX) {
             let message = Message::SnapshotChunk(chunk.to_vec());
-            let bytes = frame::encode_to_vec(&message).unwrap_or_default();
-            let Ok(Some((Message::SnapshotChunk(decoded), _))) = frame::decode(&bytes) else {
-                return;
+            let decoded = match frame::encode_to_vec(&message).map(|b| frame::decode(&b)) {
+                Ok(Ok(Some((Message::SnapshotChunk(decoded), _)))) => decoded,
+                other => {
+                    // Left half-installed: the convergence and oracle checkers report it.
+                    self.trace([14, sub as u64, publ as u64, 0], || {
+                        format!("snapshot {publ}->{sub} failed: {other:?}")
+                    });
+                    return;
+                }
             };
             keys += decoded.len();
             match replica.handle_snapshot_chunk(decoded) {
