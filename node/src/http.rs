@@ -380,22 +380,19 @@ async fn get_faults(State(state): State<AdminState>) -> Response {
 
 async fn set_faults(
     State(state): State<AdminState>,
-    request: Result<Json<crate::faults::FaultSet>, axum::extract::rejection::JsonRejection>,
-) -> Response {
+    request: JsonBody<crate::faults::FaultSet>,
+) -> Result<Response, Refusal> {
     use crate::faults::FaultError;
-    let Json(request) = match request {
-        Ok(request) => request,
-        Err(rejection) => return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response(),
-    };
+    let request = body(request)?;
     let peers = state.peers();
-    match state.faults.set(&request, &peers) {
+    Ok(match state.faults.set(&request, &peers) {
         Ok(()) => {
             tracing::warn!(faults = ?request, "injected faults set");
             Json(state.faults.get(&peers)).into_response()
         }
         Err(err @ FaultError::Disabled) => (StatusCode::FORBIDDEN, err.to_string()).into_response(),
         Err(err) => (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
-    }
+    })
 }
 
 /// `POST /topology`: `{"links": [["a", "b"], ...]}` for these links only, or `{"links": null}`

@@ -1074,20 +1074,26 @@ impl<S: Storage> Replica<S> {
     /// holds itself, nor backwards), and returns how many were deleted. A subscriber asking for
     /// deleted events from then on is told it is [`PeerError::Behind`].
     pub fn handle_stable_frontier(&mut self, frontier: &VersionVector) -> Result<u64, S::Error> {
-        let through: VersionVector = frontier
+        self.trim_through(frontier)
+    }
+
+    /// Deletes each origin's change-log events through `through[origin]`, never beyond what
+    /// this replica holds nor backwards; returns how many were deleted.
+    fn trim_through(&mut self, through: &VersionVector) -> Result<u64, S::Error> {
+        let cut: VersionVector = through
             .iter()
             .map(|(origin, seq)| (origin, seq.min(self.vector.get(origin))))
             .filter(|(origin, seq)| *seq > self.trimmed.get(*origin))
             .collect();
-        if through.is_empty() {
+        if cut.is_empty() {
             return Ok(0);
         }
-        let deleted: u64 = through
+        let deleted: u64 = cut
             .iter()
             .map(|(origin, seq)| seq.0 - self.trimmed.get(origin).0)
             .sum();
-        self.storage.trim_log(&through)?;
-        self.trimmed.merge(&through);
+        self.storage.trim_log(&cut)?;
+        self.trimmed.merge(&cut);
         self.stats.log_events_trimmed += deleted;
         assert!(
             self.vector.dominates(&self.trimmed),
@@ -1176,22 +1182,8 @@ impl<S: Storage> Replica<S> {
                 excess -= step;
             }
         }
-        let cut: VersionVector = through
-            .iter()
-            .filter(|(origin, seq)| *seq > self.trimmed.get(*origin))
-            .collect();
-        if cut.is_empty() {
-            return Ok(0);
-        }
-        let deleted: u64 = cut
-            .iter()
-            .map(|(origin, seq)| seq.0 - self.trimmed.get(origin).0)
-            .sum();
-        self.storage.trim_log(&cut)?;
-        self.trimmed.merge(&cut);
+        let deleted = self.trim_through(&through)?;
         self.stats.log_events_retention_trimmed += deleted;
-        self.stats.log_events_trimmed += deleted;
-        assert!(self.vector.dominates(&self.trimmed));
         Ok(deleted)
     }
 
