@@ -159,6 +159,14 @@ pub enum Action {
         /// The region.
         region: String,
     },
+    /// The region whose node leads the control plane's Raft group at that moment is killed, as
+    /// with `kill`; it restarts `down-ms` later, or when the workload ends if absent. Nothing
+    /// happens when no leader is known.
+    KillLeader {
+        /// How long it stays down.
+        #[serde(default)]
+        down_ms: Option<u64>,
+    },
     /// The region's process starts again on its storage.
     Restart {
         /// The region.
@@ -340,7 +348,7 @@ impl Scenario {
                     groups.iter().flatten().map(String::as_str).collect()
                 }
                 Action::Flap { from, to, .. } | Action::SlowLink { from, to, .. } => vec![from, to],
-                Action::Heal => vec![],
+                Action::Heal | Action::KillLeader { .. } => vec![],
             };
             if let Some(unknown) = regions.iter().find(|r| !known(r)) {
                 return invalid(format!("timeline: unknown region {unknown}"));
@@ -403,5 +411,32 @@ converged-within-ms = 5000
         assert!(err.to_string().contains("bogus"), "{err}");
         let err = Scenario::parse(&SAMPLE.replace("loss = 0.01", "loss = 2.0")).unwrap_err();
         assert!(err.to_string().contains("loss"), "{err}");
+    }
+
+    #[test]
+    fn parses_a_leader_kill_with_and_without_its_downtime() {
+        let s = Scenario::parse(&SAMPLE.replace(
+            "action = \"kill\"\nregion = \"b\"",
+            "action = \"kill-leader\"\ndown-ms = 3000",
+        ))
+        .unwrap();
+        assert_eq!(
+            s.timeline[2].action,
+            Action::KillLeader {
+                down_ms: Some(3000)
+            }
+        );
+        let s = Scenario::parse(&SAMPLE.replace(
+            "action = \"kill\"\nregion = \"b\"",
+            "action = \"kill-leader\"",
+        ))
+        .unwrap();
+        assert_eq!(s.timeline[2].action, Action::KillLeader { down_ms: None });
+        let err = Scenario::parse(&SAMPLE.replace(
+            "action = \"kill\"\nregion = \"b\"",
+            "action = \"kill-leader\"\nregion = \"b\"",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("region"), "{err}");
     }
 }

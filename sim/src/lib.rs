@@ -8,6 +8,7 @@
 //!   expectations), shared with `braid drill` and so defined in `braid-node`.
 //! - [`world`]: the simulation itself and its checkers (convergence, the oracle, exactly-once,
 //!   messages per change, lag).
+//! - [`control`]: the control plane's real openraft group, on the simulated network.
 //! - [`storage`]: simulated storage, with bugs that can be injected to prove the checkers bite.
 //! - [`sweep`]: running many seeds and summarising them.
 //!
@@ -17,6 +18,7 @@
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod control;
 pub mod storage;
 pub mod sweep;
 pub mod world;
@@ -31,7 +33,7 @@ pub fn run(scenario: &Scenario, options: RunOptions) -> Result<Report, String> {
     let seed = options.seed;
     let bug = options.bug;
     let world = World::new(scenario, options)?;
-    let mut report = world.run();
+    let mut report = world.run()?;
     report.replay = match bug {
         Some(_) => format!("braid-sim run SCENARIO --seed {seed} --inject-bug ..."),
         None => format!("braid-sim run SCENARIO --seed {seed}"),

@@ -65,7 +65,7 @@ fn print_report(report: &Report, scenario_path: &Path) {
     );
     for verdict in &report.checkers {
         println!(
-            "  {:<20} {}  {}",
+            "  {:<24} {}  {}",
             verdict.checker,
             if verdict.passed { "PASS" } else { "FAIL" },
             verdict.detail
@@ -80,6 +80,15 @@ fn print_report(report: &Report, scenario_path: &Path) {
         report.lag_ms_p50,
         report.lag_ms_p99,
         report.lag_ms_max
+    );
+    println!(
+        "  control plane: {} elections, {} commands committed, {} leaders killed; {} change-log \
+         events collected at the stable frontier, {} snapshots installed",
+        report.raft_elections,
+        report.control_commits,
+        report.leader_kills,
+        report.log_events_collected,
+        report.snapshots_installed
     );
     println!(
         "  simulated {:.1} s in {:.3} s of wall time ({:.0}x)",

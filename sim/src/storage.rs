@@ -36,6 +36,9 @@ pub struct SimStorage {
     pub duplicate_applies: Vec<(NodeId, Seq)>,
     /// Events committed, in order, for lag measurement by the simulator: (origin, seq).
     pub recent: Vec<(NodeId, Seq)>,
+    /// Per origin, a bit per sequence number ever committed here (the change log forgets what
+    /// garbage collection deletes; this does not).
+    seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
     bug: Option<InjectedBug>,
     commits: u64,
 }
@@ -64,9 +67,15 @@ impl SimStorage {
     /// Notes every event of a commit, and any that was committed before.
     fn watch(&mut self, commit: &Commit) {
         for event in &commit.events {
-            if self.inner.log.contains_key(&(event.origin, event.seq)) {
+            let bits = self.seen.entry(event.origin).or_default();
+            let (word, bit) = ((event.seq.0 / 64) as usize, event.seq.0 % 64);
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
+            }
+            if bits[word] & (1 << bit) != 0 {
                 self.duplicate_applies.push((event.origin, event.seq));
             }
+            bits[word] |= 1 << bit;
             self.recent.push((event.origin, event.seq));
         }
     }

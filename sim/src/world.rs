@@ -7,6 +7,8 @@
 //!      Write   ─► Replica::handle_commands ─► acknowledged events (for the oracle)
 //!      Deliver ─► frame::decode ─► Replica::handle_message
 //!      every output ─► frame::encode ─► network ─► Deliver later (or never)
+//!   Tick    ─► the control plane (crate::control): Raft runs up to now on tokio's paused
+//!              clock; checkpoints proposed, the committed stable frontier trims the logs
 //!   after the workload: heal, restart, run to quiescence ─► checkers ─► Report
 //! ```
 //!
@@ -18,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Instant;
 
 use braid_conflict::{oracle, Command, Value};
+use braid_protocol::control::{ControlCommand, TopologySpec};
 use braid_protocol::frame;
 use braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX;
 use braid_protocol::{
@@ -30,6 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 use serde::Serialize;
 
+use crate::control::{ControlSim, NetSettings};
 use crate::storage::{InjectedBug, SimStorage};
 pub use braid_node::scenario::Verdict;
 use braid_node::scenario::{Action, Scenario, CONVERGE_MS_DEFAULT};
@@ -50,6 +54,9 @@ const RECONNECT_MS_JITTER: u64 = 200;
 const WORKLOAD_START_MS: u64 = 500;
 /// Wall-clock watchdog for one run: a run that takes longer is reported as failed.
 const WALL_MS_MAX: u128 = 120_000;
+/// After convergence, how long the control plane may run alone to apply what it committed
+/// before its checkers look.
+const RAFT_SETTLE_MS: u64 = 10_000;
 
 /// How to run a scenario.
 #[derive(Debug, Clone)]
@@ -92,6 +99,14 @@ pub struct Report {
     /// Data snapshots installed (regions that came back after the others' logs let go of what
     /// they lacked).
     pub snapshots_installed: u64,
+    /// Terms in which the control plane had a leader.
+    pub raft_elections: u64,
+    /// Control-plane commands committed (checkpoints, the bootstrap).
+    pub control_commits: u64,
+    /// Change-log events deleted at the committed stable frontier, in all regions.
+    pub log_events_collected: u64,
+    /// Leaders killed by `kill-leader`.
+    pub leader_kills: u64,
     /// Simulated milliseconds run.
     pub sim_ms: u64,
     /// Wall-clock milliseconds taken.
@@ -130,6 +145,8 @@ enum Event {
         sub: usize,
         publ: usize,
     },
+    /// A region that `kill-leader` took down starts again.
+    Restart(usize),
     EndWorkload,
 }
 
@@ -191,6 +208,14 @@ pub struct World<'a> {
     resyncing: BTreeSet<usize>,
     /// Data snapshots installed.
     snapshots: u64,
+    /// The control plane, while the run's runtime runs.
+    control: Option<ControlSim>,
+    /// What the control plane must do at the next chance: (region, start or kill).
+    control_ops: Vec<(usize, bool)>,
+    /// The world's cuts or slow links changed since the control plane's network last saw them.
+    net_changed: bool,
+    log_events_collected: u64,
+    leader_kills: u64,
 }
 
 /// The replica configuration of region `node` under `scenario` (its retention bound).
@@ -252,6 +277,11 @@ impl<'a> World<'a> {
             trace: Vec::new(),
             resyncing: BTreeSet::new(),
             snapshots: 0,
+            control: None,
+            control_ops: Vec::new(),
+            net_changed: false,
+            log_events_collected: 0,
+            leader_kills: 0,
             options,
         };
         for (i, name) in scenario.regions.iter().enumerate() {
@@ -301,9 +331,42 @@ impl<'a> World<'a> {
         (EPOCH_MS + self.now_ms).saturating_add_signed(self.regions[region].clock_offset_ms)
     }
 
-    /// Runs to the end and checks.
-    pub fn run(mut self) -> Report {
+    /// Runs to the end and checks, on a runtime of its own: one thread, tokio's clock paused
+    /// and its scheduler seeded, so that the control plane's openraft runs deterministically.
+    pub fn run(self) -> Result<Report, String> {
+        let seed = self.options.seed;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .rng_seed(tokio::runtime::RngSeed::from_bytes(
+                &sub_seed(seed, 4).to_le_bytes(),
+            ))
+            .build()
+            .map_err(|e| format!("cannot build the simulator's runtime: {e}"))?;
+        runtime.block_on(self.run_async())
+    }
+
+    async fn run_async(mut self) -> Result<Report, String> {
         let started = Instant::now();
+        let topology = match &self.scenario.links {
+            None => TopologySpec::FullMesh,
+            Some(_) => TopologySpec::Links(self.topology.links().collect()),
+        };
+        let net = &self.scenario.network;
+        let settings = NetSettings {
+            latency_ms: (net.latency_ms_min, net.latency_ms_max),
+            loss: net.loss,
+        };
+        let seed = self.options.seed;
+        let mut control = ControlSim::new(
+            &self.scenario.regions,
+            topology,
+            settings,
+            sub_seed(seed, 5),
+            sub_seed(seed, 6),
+        )?;
+        control.start_all().await?;
+        self.control = Some(control);
         let interval_us = self.write_interval_us();
         for i in 0..self.regions.len() {
             let first_us = WORKLOAD_START_MS * 1_000 + below(&mut self.load_rng, interval_us);
@@ -324,7 +387,6 @@ impl<'a> World<'a> {
             .unwrap_or(CONVERGE_MS_DEFAULT);
         let mut timed_out = false;
         while let Some(Reverse((at, _, event))) = self.queue.pop() {
-            self.now_ms = at;
             if self.converged_at.is_some() || at > self.end_ms + budget_ms {
                 break;
             }
@@ -332,9 +394,88 @@ impl<'a> World<'a> {
                 timed_out = true;
                 break;
             }
+            if matches!(event, Event::Tick) {
+                // The control plane runs up to this tick; between ticks only the world moves.
+                if let Some(control) = &self.control {
+                    control.advance_to(at).await;
+                }
+            }
+            self.now_ms = at;
             self.step(event);
+            self.run_control_ops().await;
         }
-        self.check(started, timed_out)
+        if let Some(control) = &self.control {
+            control.settle(self.now_ms, RAFT_SETTLE_MS).await;
+        }
+        Ok(self.check(started, timed_out))
+    }
+
+    /// Starts and kills control-plane nodes as the world's regions started and died.
+    async fn run_control_ops(&mut self) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        if self.net_changed {
+            self.net_changed = false;
+            control.set_network(&self.cut, &self.slow);
+        }
+        let mut failed = Vec::new();
+        for (region, start) in std::mem::take(&mut self.control_ops) {
+            if start {
+                if let Err(err) = control.start(region).await {
+                    failed.push((region, err));
+                }
+            } else {
+                control.kill(region).await;
+            }
+        }
+        for (region, err) in failed {
+            self.trace([22, region as u64, 0, 0], || {
+                format!("control plane of {region} did not start: {err}")
+            });
+        }
+    }
+
+    /// The control plane's part of a tick: its leader's chores, checkpoints due, and the
+    /// committed stable frontier handed to each replica (garbage collection).
+    fn control_tick(&mut self) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let changes = control.take_changes();
+        control.upkeep(self.now_ms);
+        let mut collected = Vec::new();
+        for region in 0..self.regions.len() {
+            let now = (EPOCH_MS + self.now_ms)
+                .saturating_add_signed(self.regions[region].clock_offset_ms);
+            let Some(replica) = self.regions[region].replica.as_mut() else {
+                continue;
+            };
+            if control.checkpoint_due(region, self.now_ms) {
+                // Every commit of the simulated storage is durable at once: the vector is.
+                let command = ControlCommand::ReportCheckpoint {
+                    node: replica.node(),
+                    vector: replica.vector().clone(),
+                    reported_ms: now,
+                };
+                control.propose(region, command);
+            }
+            if let Some(frontier) = control.new_frontier(region) {
+                let Ok(deleted) = replica.handle_stable_frontier(&frontier);
+                collected.push((region, deleted));
+            }
+        }
+        for (node, term, leader) in changes {
+            self.trace([20, node, term, leader.unwrap_or(0)], || {
+                format!("raft: node {node} in term {term} sees leader {leader:?}")
+            });
+        }
+        for (region, deleted) in collected {
+            self.log_events_collected += deleted;
+            self.trace([21, region as u64, deleted, 0], || {
+                format!("gc {region}: {deleted} change-log events at the stable frontier")
+            });
+        }
     }
 
     fn step(&mut self, event: Event) {
@@ -348,6 +489,7 @@ impl<'a> World<'a> {
                     }
                     self.drain(region);
                 }
+                self.control_tick();
                 if self.workload_over && self.converged() {
                     self.converged_at = Some(self.now_ms);
                     self.trace([7, 0, 0, 0], || "converged".into());
@@ -379,6 +521,7 @@ impl<'a> World<'a> {
                     self.cut.insert((a, b));
                     self.cut.insert((b, a));
                 }
+                self.net_changed = true;
                 self.trace([8, a as u64, b as u64, u64::from(!cut)], || {
                     format!("flap {a}-{b} cut={}", !cut)
                 });
@@ -397,11 +540,16 @@ impl<'a> World<'a> {
             }
             Event::Connect { sub, publ } => self.connect(sub, publ),
             Event::Snapshot { sub, publ } => self.snapshot(sub, publ),
+            Event::Restart(region) => {
+                self.restart(region);
+                self.reconcile();
+            }
             Event::EndWorkload => {
                 self.workload_over = true;
                 self.end_ms = self.now_ms;
                 self.cut.clear();
                 self.slow.clear();
+                self.net_changed = true;
                 for region in 0..self.regions.len() {
                     self.restart(region);
                 }
@@ -780,11 +928,25 @@ impl<'a> World<'a> {
 
     fn fault(&mut self, action: &Action) {
         self.trace([10, 0, 0, 0], || format!("fault {action:?}"));
+        self.net_changed = true;
         match action {
             Action::Kill { region } | Action::PowerFail { region } => {
                 let r = self.region_index(region);
-                if let Some(replica) = self.regions[r].replica.take() {
-                    self.regions[r].parked = Some(replica.into_storage());
+                self.kill(r);
+            }
+            Action::KillLeader { down_ms } => {
+                match self.control.as_ref().and_then(ControlSim::leader) {
+                    Some(r) => {
+                        self.leader_kills += 1;
+                        self.trace([12, r as u64, 0, 0], || {
+                            format!("the leader is {r}: kill it")
+                        });
+                        self.kill(r);
+                        if let Some(ms) = down_ms {
+                            self.schedule(self.now_ms + ms, Event::Restart(r));
+                        }
+                    }
+                    None => self.trace([12, u64::MAX, 0, 0], || "no leader to kill".into()),
                 }
             }
             Action::Restart { region } => {
@@ -841,8 +1003,16 @@ impl<'a> World<'a> {
         self.reconcile();
     }
 
+    fn kill(&mut self, region: usize) {
+        if let Some(replica) = self.regions[region].replica.take() {
+            self.regions[region].parked = Some(replica.into_storage());
+            self.control_ops.push((region, false));
+        }
+    }
+
     fn restart(&mut self, region: usize) {
         if let Some(storage) = self.regions[region].parked.take() {
+            self.control_ops.push((region, true));
             let now = self.local_ms(region);
             let id = self.regions[region].id;
             let config = replica_config(id, self.scenario);
@@ -989,6 +1159,14 @@ impl<'a> World<'a> {
                 detail: format!("p99 {p99} ms (bound {max} ms)"),
             });
         }
+        let (raft_elections, control_commits) = match &self.control {
+            Some(control) => {
+                verdicts.extend(control.verdicts(&self.scenario.regions));
+                let (elections, commits, _) = control.counts();
+                (elections, commits)
+            }
+            None => (0, 0),
+        };
         let passed = verdicts.iter().all(|v| v.passed);
         let trace_hash = self.hasher.finalize().to_hex().to_string();
         Report {
@@ -1005,6 +1183,10 @@ impl<'a> World<'a> {
             lag_ms_p99: p99,
             lag_ms_max: self.lag.max(),
             snapshots_installed: self.snapshots,
+            raft_elections,
+            control_commits,
+            log_events_collected: self.log_events_collected,
+            leader_kills: self.leader_kills,
             sim_ms: self.now_ms,
             wall_ms: started.elapsed().as_millis() as u64,
             replay: String::new(),

@@ -1,7 +1,7 @@
 //! The control plane's Raft group: openraft 0.9 around the control state machine of
 //! [`braid_protocol::control`]. Built without the `server` feature too, so that the simulator can
-//! run the real openraft (it will need a seeded `AsyncRuntime` to stay deterministic; this
-//! configuration uses openraft's tokio runtime).
+//! run the real openraft, deterministically: its runtime ([`runtime::BraidRuntime`]) draws its
+//! election timeouts from a generator the simulator seeds.
 //!
 //! ```text
 //!   client_write(ControlCommand) ─► leader's log ─► followers' logs (RaftNetwork)
@@ -11,11 +11,14 @@
 //! - [`ControlConfig`]: the type configuration (commands in, replies out, `u64` node ids).
 //! - [`store`]: an in-memory log and the state machine store with its snapshots.
 //! - [`rocks_log`]: the log and vote in RocksDB, synced, for the node (`server` feature).
-//! - [`router`]: an in-process network (the tests and the simulator use it).
+//! - [`runtime`]: openraft's tokio runtime with a random source the simulator can seed.
+//! - [`calls`]: Raft calls and forwarded proposals as bytes, and how a node answers them.
+//! - [`router`]: an in-process network that carries those bytes (the tests and the simulator).
 //! - [`quic`]: the same calls over the mesh's QUIC connections, for the node (`server`).
 //! - [`plane`]: the control plane as a node runs it: start, bootstrap, checkpoints, status
 //!   (`server`).
 
+pub mod calls;
 #[cfg(feature = "server")]
 pub mod plane;
 #[cfg(feature = "server")]
@@ -23,6 +26,7 @@ pub mod quic;
 #[cfg(feature = "server")]
 pub mod rocks_log;
 pub mod router;
+pub mod runtime;
 pub mod store;
 
 use std::io::Cursor;
@@ -46,6 +50,7 @@ openraft::declare_raft_types!(
     pub ControlConfig:
         D = ControlCommand,
         R = ControlReply,
+        AsyncRuntime = runtime::BraidRuntime,
 );
 
 /// Locks a mutex of the glue. A poisoned lock means a panic in another task already failed
@@ -60,6 +65,19 @@ pub type ControlRaft = openraft::Raft<ControlConfig>;
 
 /// Largest snapshot chunk sent in one call: a quarter of the frame limit.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = (braid_protocol::limits::FRAME_BYTES_MAX / 4) as u64;
+
+/// How often a node's upkeep looks at the group: bootstrap, learners, checkpoints.
+pub const UPKEEP_MS: u64 = 500;
+
+/// How often a node reports its vector ("every few seconds"): what the stable frontier, and so
+/// garbage collection, lags behind by.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 3_000;
+
+/// Longest a proposal may take, forwarding and retries included.
+pub const PROPOSE_MS_MAX: u64 = 10_000;
+
+/// Pause before a proposal is tried again when it found no leader or failed.
+pub const PROPOSE_RETRY_MS: u64 = 200;
 
 /// Raft timings for a mesh of regions: heartbeats every 250 ms, elections after 1-2 s of
 /// silence (cross-region round trips are tens to hundreds of milliseconds).

@@ -35,31 +35,20 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::quic::{
-    propose_here, CallError, Proposal, ProposeResult, QuicRaftClient, QuicRaftNetwork,
-};
+use super::calls::{propose_here, Proposal, ProposeResult};
+use super::quic::{CallError, QuicRaftClient, QuicRaftNetwork};
 use super::rocks_log::RocksRaftLog;
 use super::store::StateMachineStore;
-use super::{raft_config, ControlRaft, ControlReply};
+use super::{
+    raft_config, ControlRaft, ControlReply, CHECKPOINT_INTERVAL_MS, PROPOSE_MS_MAX,
+    PROPOSE_RETRY_MS, UPKEEP_MS,
+};
 use crate::config::NodeConfig;
 use crate::driver::{now_ms, Input};
 use crate::transport::Mesh;
 
-/// How often the upkeep task looks at the group: bootstrap, learners, checkpoints.
-const UPKEEP_MS: u64 = 500;
-
-/// How often a node reports its vector ("every few seconds"): what the stable frontier, and so
-/// garbage collection, lags behind by.
-pub const CHECKPOINT_INTERVAL_MS: u64 = 3_000;
-
-/// Longest a proposal may take, forwarding and retries included.
-const PROPOSE_MS_MAX: u64 = 10_000;
-
 /// Longest wait for the leader's answer to one forwarded proposal.
 const FORWARD_MS_MAX: u64 = 5_000;
-
-/// Pause before a proposal is tried again when no leader is known.
-const PROPOSE_RETRY_MS: u64 = 200;
 
 /// Longest wait at start for the committed control log to be applied.
 const REPLAY_MS_MAX: u64 = 5_000;

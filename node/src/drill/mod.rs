@@ -483,7 +483,10 @@ fn check_supported(
                     durability.name()
                 )));
             }
-            Action::Kill { .. } | Action::Restart { .. } | Action::PowerFail { .. } => {}
+            Action::Kill { .. }
+            | Action::KillLeader { .. }
+            | Action::Restart { .. }
+            | Action::PowerFail { .. } => {}
             other if !faults_available => {
                 return Err(DrillError::Unsupported(format!(
                     "{} at {} ms needs fault injection, which the attached cluster's nodes do \
@@ -522,6 +525,7 @@ fn check_supported(
 fn action_name(action: &Action) -> String {
     match action {
         Action::Kill { region } => format!("kill {region}"),
+        Action::KillLeader { .. } => "kill-leader".into(),
         Action::Restart { region } => format!("restart {region}"),
         Action::PowerFail { region } => format!("power-fail {region}"),
         Action::Partition { groups, one_way } => {
@@ -543,6 +547,8 @@ fn action_name(action: &Action) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Step {
     Fault(usize),
+    /// A region a `kill-leader` took down starts again.
+    Restart(usize),
     Flap {
         a: usize,
         b: usize,
@@ -853,9 +859,29 @@ impl Drill<'_> {
                 self.net.slow.insert(key, *extra_ms);
                 self.push_faults().await?;
             }
-            Action::Flap { .. } => {} // scheduled as steps by the caller
+            // Scheduled as steps by the caller.
+            Action::Flap { .. } | Action::KillLeader { .. } => {}
         }
         Ok(())
+    }
+
+    /// The region whose node leads the control plane, as the regions that are up report it
+    /// (the report of the highest term wins); none when no region knows one.
+    async fn leader(&self) -> Option<usize> {
+        let mut best: Option<(u64, String)> = None;
+        for region in self.regions.iter().filter(|r| *r.up.borrow()) {
+            let Ok(status) = get_json::<Status>(region.http, "/status").await else {
+                continue;
+            };
+            let control = status.control;
+            if let Some(leader) = control.leader {
+                if best.as_ref().is_none_or(|(term, _)| control.term > *term) {
+                    best = Some((control.term, leader));
+                }
+            }
+        }
+        let (_, name) = best?;
+        self.names.iter().position(|n| *n == name)
     }
 }
 
@@ -1119,6 +1145,7 @@ pub async fn run(
             }
             match step {
                 Step::End => break,
+                Step::Restart(i) => drill.restart(i).await?,
                 Step::Fault(i) => {
                     let action = &scenario.timeline[i].action;
                     let label = action_name(action);
@@ -1145,6 +1172,27 @@ pub async fn run(
                                 down: true,
                             },
                         );
+                    } else if let Action::KillLeader { down_ms } = action {
+                        match drill.leader().await {
+                            Some(i) => {
+                                progress(Progress::Fault(format!(
+                                    "the leader is {}: kill it",
+                                    drill.names[i]
+                                )));
+                                drill.fail(i, "kill").await?;
+                                if let Some(down_ms) = down_ms {
+                                    order += 1;
+                                    steps.insert(
+                                        (due_ms + scaled(*down_ms, scale), order),
+                                        Step::Restart(i),
+                                    );
+                                }
+                            }
+                            None => drill.warnings.push(format!(
+                                "kill-leader at {} ms: no region knew a leader; nothing killed",
+                                due_ms
+                            )),
+                        }
                     } else {
                         drill.perform(action).await?;
                     }
