@@ -20,7 +20,7 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use braid_node::control::router::{Fate, LinkPolicy, Router};
+use braid_node::control::router::{Fate, LinkPolicy, Router, RouterConnection, RouterNetwork};
 use braid_node::control::runtime::SeededRaftRng;
 use braid_node::control::store::{MemLogStore, Meta, SnapshotVault, StateMachineStore};
 use braid_node::control::{
@@ -30,6 +30,12 @@ use braid_node::control::{
 use braid_node::scenario::Verdict;
 use braid_protocol::control::{ControlCommand, Member, MemberState, TopologySpec, VOTERS_MAX};
 use braid_protocol::{NodeId, VersionVector};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, ServerState, StorageError,
@@ -105,6 +111,9 @@ struct Observed {
     changes: Vec<(RaftId, u64, Option<RaftId>)>,
     /// Per node, every entry it applied: index -> (log id, digest of the payload).
     applied: BTreeMap<RaftId, BTreeMap<u64, (LogId<RaftId>, u64)>>,
+    /// Per node, the last index of the latest Raft snapshot it installed: it never applies the
+    /// entries that snapshot covers one by one.
+    covered: BTreeMap<RaftId, u64>,
     /// Digests of the commands whose proposal was acknowledged (committed).
     acked: Vec<(u64, String)>,
     /// Proposals that ended without an answer (unknown outcome: they may still commit).
@@ -137,6 +146,9 @@ struct ObservedMachine {
     inner: StateMachineStore,
     node: RaftId,
     observed: Arc<Mutex<Observed>>,
+    /// The injected bug [`crate::InjectedBug::DropControlApply`], on this node.
+    drop_every: Option<u64>,
+    commands: u64,
 }
 
 impl RaftStateMachine<ControlConfig> for ObservedMachine {
@@ -154,11 +166,19 @@ impl RaftStateMachine<ControlConfig> for ObservedMachine {
         I: IntoIterator<Item = Entry<ControlConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry<ControlConfig>> = entries.into_iter().collect();
+        let mut entries: Vec<Entry<ControlConfig>> = entries.into_iter().collect();
         {
             let mut observed = lock(&self.observed);
             let applied = observed.applied.entry(self.node).or_default();
-            for entry in &entries {
+            for entry in &mut entries {
+                if let (EntryPayload::Normal(_), Some(every)) = (&entry.payload, self.drop_every) {
+                    self.commands += 1;
+                    if self.commands % every == 0 {
+                        // The injected bug: acknowledged as applied, but it never was.
+                        entry.payload = EntryPayload::Blank;
+                        continue;
+                    }
+                }
                 applied.insert(entry.log_id.index, (entry.log_id, digest(&entry.payload)));
             }
         }
@@ -180,6 +200,9 @@ impl RaftStateMachine<ControlConfig> for ObservedMachine {
         meta: &Meta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<RaftId>> {
+        if let Some(last) = meta.last_log_id {
+            lock(&self.observed).covered.insert(self.node, last.index);
+        }
         self.inner.install_snapshot(meta, snapshot).await
     }
 
@@ -187,6 +210,64 @@ impl RaftStateMachine<ControlConfig> for ObservedMachine {
         &mut self,
     ) -> Result<Option<Snapshot<ControlConfig>>, StorageError<RaftId>> {
         self.inner.get_current_snapshot().await
+    }
+}
+
+/// The router's network as openraft sees it, with the injected vote bug when asked for.
+#[derive(Debug, Clone)]
+struct SimNetwork {
+    inner: RouterNetwork,
+    grant_every_vote: bool,
+}
+
+/// A connection of [`SimNetwork`].
+#[derive(Debug, Clone)]
+struct SimConnection {
+    inner: RouterConnection,
+    grant_every_vote: bool,
+}
+
+impl RaftNetworkFactory<ControlConfig> for SimNetwork {
+    type Network = SimConnection;
+
+    async fn new_client(&mut self, target: RaftId, node: &BasicNode) -> SimConnection {
+        SimConnection {
+            inner: self.inner.new_client(target, node).await,
+            grant_every_vote: self.grant_every_vote,
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<RaftId, BasicNode, RaftError<RaftId, E>>>;
+
+impl RaftNetwork<ControlConfig> for SimConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<ControlConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<RaftId>> {
+        self.inner.append_entries(rpc, option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<ControlConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
+        self.inner.install_snapshot(rpc, option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<RaftId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<RaftId>> {
+        if self.grant_every_vote {
+            // The injected bug: the voter is never asked.
+            return Ok(VoteResponse::new(rpc.vote, rpc.last_log_id, true));
+        }
+        self.inner.vote(rpc, option).await
     }
 }
 
@@ -213,7 +294,17 @@ pub struct ControlSim {
     voters: BTreeMap<RaftId, BasicNode>,
     base: tokio::time::Instant,
     next_upkeep_ms: u64,
+    bugs: ControlBugs,
     _seed: SeededRaftRng,
+}
+
+/// Bugs the control plane can be given on purpose, to prove that its checkers bite.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ControlBugs {
+    /// Every vote request is granted without asking the voter.
+    pub grant_every_vote: bool,
+    /// The first region's state machine skips every this-many-th command it is given.
+    pub drop_apply_every: Option<u64>,
 }
 
 impl std::fmt::Debug for ControlSim {
@@ -231,6 +322,8 @@ pub struct NetSettings {
     pub latency_ms: (u64, u64),
     /// Loss probability.
     pub loss: f64,
+    /// Injected bugs.
+    pub bugs: ControlBugs,
 }
 
 impl ControlSim {
@@ -245,6 +338,7 @@ impl ControlSim {
         net_seed: u64,
     ) -> Result<ControlSim, String> {
         let seed = SeededRaftRng::install(raft_seed);
+        let bugs = net.bugs;
         let net = Arc::new(Mutex::new(RaftNet {
             rng: ChaCha8Rng::seed_from_u64(net_seed),
             latency_ms_min: net.latency_ms.0,
@@ -301,18 +395,25 @@ impl ControlSim {
             voters,
             base: tokio::time::Instant::now(),
             next_upkeep_ms: 0,
+            bugs,
             _seed: seed,
         })
     }
 
-    /// Starts every node, each a little after the one before as processes start, and each
+    /// Starts every node, each a little after another as processes start, and each
     /// initializes the group with the first voters as every node of a new cluster does (all but
     /// the first initialization are refused harmlessly). Started all at once, the nodes'
     /// election checks (openraft's tick, every 375 ms) would fall on the same instants, and
     /// their candidacies would split the vote round after round.
     pub async fn start_all(&mut self) -> Result<(), String> {
-        for i in 0..self.nodes.len() {
-            if i > 0 {
+        // In an order of the seed's choosing, as processes come up in any order.
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        for k in (1..order.len()).rev() {
+            let j = below(&mut lock(&self.net).rng, k as u64 + 1) as usize;
+            order.swap(k, j);
+        }
+        for (n, i) in order.into_iter().enumerate() {
+            if n > 0 {
                 let jitter = below(&mut lock(&self.net).rng, START_JITTER_MS);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
@@ -341,11 +442,16 @@ impl ControlSim {
             inner: machine.clone(),
             node: node.id,
             observed: self.observed.clone(),
+            drop_every: self.bugs.drop_apply_every.filter(|_| i == 0),
+            commands: 0,
         };
         let raft = ControlRaft::new(
             node.id,
             self.config.clone(),
-            self.router.network(node.id),
+            SimNetwork {
+                inner: self.router.network(node.id),
+                grant_every_vote: self.bugs.grant_every_vote,
+            },
             node.log.clone(),
             observed,
         )
@@ -615,6 +721,18 @@ impl ControlSim {
                 if applied < *index {
                     return Some(format!(
                         "{} applied only through index {applied}, short of acknowledged \
+                         index {index} ({what})",
+                        name(&node.id)
+                    ));
+                }
+                let own = observed
+                    .applied
+                    .get(&node.id)
+                    .is_some_and(|a| a.contains_key(index));
+                let snapshot = observed.covered.get(&node.id).is_some_and(|c| c >= index);
+                if !own && !snapshot {
+                    return Some(format!(
+                        "{} applied through index {applied} but never applied acknowledged \
                          index {index} ({what})",
                         name(&node.id)
                     ));

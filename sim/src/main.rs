@@ -41,7 +41,8 @@ enum Commands {
         /// Run the seed twice and check that both traces are identical.
         #[arg(long)]
         check_determinism: bool,
-        /// Test only: inject a bug (double-apply, lose-write) to see the checkers catch it.
+        /// Test only: inject a bug (double-apply, lose-write, grant-every-vote,
+        /// drop-control-apply) to see the checkers catch it.
         #[arg(long, value_name = "BUG", hide = true)]
         inject_bug: Option<InjectedBug>,
     },

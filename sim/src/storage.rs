@@ -13,6 +13,12 @@ pub enum InjectedBug {
     /// Every 50th commit drops its key updates while still advancing the vector, as a storage
     /// layer that loses a write would.
     LoseWrite,
+    /// The control plane's network answers every Raft vote request with a granted vote, without
+    /// asking the voter.
+    GrantEveryVote,
+    /// The first region's control state machine skips every 3rd command it is given while
+    /// reporting it applied, as an apply that loses a committed command would.
+    DropControlApply,
 }
 
 impl std::str::FromStr for InjectedBug {
@@ -22,7 +28,12 @@ impl std::str::FromStr for InjectedBug {
         match s {
             "double-apply" => Ok(InjectedBug::DoubleApply),
             "lose-write" => Ok(InjectedBug::LoseWrite),
-            other => Err(format!("unknown bug {other:?}: double-apply or lose-write")),
+            "grant-every-vote" => Ok(InjectedBug::GrantEveryVote),
+            "drop-control-apply" => Ok(InjectedBug::DropControlApply),
+            other => Err(format!(
+                "unknown bug {other:?}: double-apply, lose-write, grant-every-vote or \
+                 drop-control-apply"
+            )),
         }
     }
 }

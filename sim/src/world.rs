@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 use serde::Serialize;
 
-use crate::control::{ControlSim, NetSettings};
+use crate::control::{ControlBugs, ControlSim, NetSettings};
 use crate::storage::{InjectedBug, SimStorage};
 pub use braid_node::scenario::Verdict;
 use braid_node::scenario::{Action, Scenario, CONVERGE_MS_DEFAULT};
@@ -356,6 +356,11 @@ impl<'a> World<'a> {
         let settings = NetSettings {
             latency_ms: (net.latency_ms_min, net.latency_ms_max),
             loss: net.loss,
+            bugs: ControlBugs {
+                grant_every_vote: self.options.bug == Some(InjectedBug::GrantEveryVote),
+                drop_apply_every: (self.options.bug == Some(InjectedBug::DropControlApply))
+                    .then_some(3),
+            },
         };
         let seed = self.options.seed;
         let mut control = ControlSim::new(
