@@ -167,6 +167,21 @@ pub enum Action {
         #[serde(default)]
         down_ms: Option<u64>,
     },
+    /// The region, not part of the mesh until then, joins it: it is admitted through the
+    /// control plane, installs a data snapshot from the member that admitted it, and then
+    /// replicates and takes writes (a region named by a `join` is outside the mesh at the
+    /// start). Simulator-only for now: `braid add-region` and `braid join` do it by hand.
+    Join {
+        /// The region.
+        region: String,
+    },
+    /// The region leaves the mesh: it refuses writes, ships what it holds, and is removed once
+    /// every other member holds its events. Simulator-only for now: `braid leave` does it by
+    /// hand.
+    Leave {
+        /// The region.
+        region: String,
+    },
     /// The region's process starts again on its storage.
     Restart {
         /// The region.
@@ -340,7 +355,9 @@ impl Scenario {
             let regions: Vec<&str> = match &fault.action {
                 Action::Kill { region }
                 | Action::Restart { region }
-                | Action::PowerFail { region } => {
+                | Action::PowerFail { region }
+                | Action::Join { region }
+                | Action::Leave { region } => {
                     vec![region]
                 }
                 Action::ClockSkew { region, .. } => vec![region],
@@ -353,6 +370,84 @@ impl Scenario {
             if let Some(unknown) = regions.iter().find(|r| !known(r)) {
                 return invalid(format!("timeline: unknown region {unknown}"));
             }
+        }
+        self.validate_membership()
+    }
+
+    /// Regions that are members from the start: every region but those a `join` brings in.
+    pub fn initial_regions(&self) -> Vec<&str> {
+        let joined: BTreeSet<&str> = self
+            .timeline
+            .iter()
+            .filter_map(|f| match &f.action {
+                Action::Join { region } => Some(region.as_str()),
+                _ => None,
+            })
+            .collect();
+        self.regions
+            .iter()
+            .map(String::as_str)
+            .filter(|r| !joined.contains(r))
+            .collect()
+    }
+
+    /// Joins and leaves: each region joins at most once, is named by nothing before it joins,
+    /// and leaves at most once, after which nothing names it; the mesh keeps a member.
+    fn validate_membership(&self) -> Result<(), ScenarioError> {
+        let invalid = |msg: String| Err(ScenarioError::Invalid(msg));
+        let mut outside: BTreeSet<&str> = self
+            .regions
+            .iter()
+            .map(String::as_str)
+            .filter(|r| !self.initial_regions().contains(r))
+            .collect();
+        let changes = self
+            .timeline
+            .iter()
+            .any(|f| matches!(f.action, Action::Join { .. } | Action::Leave { .. }));
+        if changes && self.links.is_some() {
+            return invalid("timeline: join and leave need a full mesh (no links)".into());
+        }
+        let mut gone: BTreeSet<&str> = BTreeSet::new();
+        let mut joined: BTreeSet<&str> = BTreeSet::new();
+        for fault in &self.timeline {
+            let named: Vec<&str> = match &fault.action {
+                Action::Kill { region }
+                | Action::Restart { region }
+                | Action::PowerFail { region }
+                | Action::ClockSkew { region, .. } => vec![region],
+                Action::Partition { groups, .. } => {
+                    groups.iter().flatten().map(String::as_str).collect()
+                }
+                Action::Flap { from, to, .. } | Action::SlowLink { from, to, .. } => {
+                    vec![from, to]
+                }
+                Action::Join { region } => {
+                    if !joined.insert(region) {
+                        return invalid(format!("timeline: region {region} joins twice"));
+                    }
+                    outside.remove(region.as_str());
+                    vec![]
+                }
+                Action::Leave { region } => vec![region],
+                Action::Heal | Action::KillLeader { .. } => vec![],
+            };
+            if let Some(r) = named
+                .iter()
+                .find(|r| outside.contains(*r) || gone.contains(*r))
+            {
+                return invalid(format!(
+                    "timeline: region {r} is named at {} ms, when it is not a member",
+                    fault.at_ms
+                ));
+            }
+            if let Action::Leave { region } = &fault.action {
+                gone.insert(region);
+            }
+        }
+        let members = self.regions.len() - gone.len();
+        if self.initial_regions().is_empty() || members == 0 {
+            return invalid("timeline: the mesh needs a member at the start and at the end".into());
         }
         Ok(())
     }
@@ -411,6 +506,45 @@ converged-within-ms = 5000
         assert!(err.to_string().contains("bogus"), "{err}");
         let err = Scenario::parse(&SAMPLE.replace("loss = 0.01", "loss = 2.0")).unwrap_err();
         assert!(err.to_string().contains("loss"), "{err}");
+    }
+
+    #[test]
+    fn a_joined_region_starts_outside_and_membership_changes_are_checked() {
+        let text = SAMPLE
+            .replace(
+                "regions = [\"a\", \"b\", \"c\"]",
+                "regions = [\"a\", \"b\", \"c\", \"d\"]",
+            )
+            .replace(
+                "action = \"kill\"\nregion = \"b\"",
+                "action = \"join\"\nregion = \"d\"",
+            );
+        let s = Scenario::parse(&text).unwrap();
+        assert_eq!(s.initial_regions(), ["a", "b", "c"]);
+        // Named before it joins.
+        let early = text.replace(
+            "groups = [[\"a\"], [\"b\", \"c\"]]",
+            "groups = [[\"d\"], [\"b\", \"c\"]]",
+        );
+        let err = Scenario::parse(&early).unwrap_err();
+        assert!(
+            err.to_string().contains("region d is named at 2000 ms"),
+            "{err}"
+        );
+        // Named after it left.
+        let left = SAMPLE.replace("action = \"heal\"", "action = \"leave\"\nregion = \"b\"");
+        let err = Scenario::parse(&left).unwrap_err();
+        assert!(
+            err.to_string().contains("region b is named at 5000 ms"),
+            "{err}"
+        );
+        // With explicit links.
+        let linked = text.replace(
+            "duration-ms = 10000",
+            "duration-ms = 10000\nlinks = [[\"a\", \"b\"], [\"b\", \"c\"]]",
+        );
+        let err = Scenario::parse(&linked).unwrap_err();
+        assert!(err.to_string().contains("full mesh"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,9 @@ use braid_node::control::{
     PROPOSE_RETRY_MS, UPKEEP_MS,
 };
 use braid_node::scenario::Verdict;
-use braid_protocol::control::{ControlCommand, Member, MemberState, TopologySpec, VOTERS_MAX};
+use braid_protocol::control::{
+    ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
+};
 use braid_protocol::{NodeId, VersionVector};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -291,6 +293,10 @@ pub struct ControlSim {
     nodes: Vec<ControlNode>,
     observed: Arc<Mutex<Observed>>,
     bootstrap: ControlCommand,
+    /// Every region's member record (the founders' are in the bootstrap).
+    members: Vec<Member>,
+    /// Which regions are members from the start.
+    initial: Vec<bool>,
     voters: BTreeMap<RaftId, BasicNode>,
     base: tokio::time::Instant,
     next_upkeep_ms: u64,
@@ -327,11 +333,13 @@ pub struct NetSettings {
 }
 
 impl ControlSim {
-    /// The group of `regions` (node ids 1, 2, ... in order) linked by `topology`, on the
-    /// network `net`, its random draws seeded from `raft_seed` and `net_seed`. Must be called
-    /// inside the run's runtime.
+    /// The group of `regions` (node ids 1, 2, ... in order; those `initial` marks are members
+    /// from the start, the others join later) linked by `topology`, on the network `net`, its
+    /// random draws seeded from `raft_seed` and `net_seed`. Must be called inside the run's
+    /// runtime.
     pub fn new(
         regions: &[String],
+        initial: &[bool],
         topology: TopologySpec,
         net: NetSettings,
         raft_seed: u64,
@@ -364,7 +372,13 @@ impl ControlSim {
                 }
             })
             .collect();
-        let voters = members
+        let founders: Vec<Member> = members
+            .iter()
+            .zip(initial)
+            .filter(|(_, founder)| **founder)
+            .map(|(m, _)| m.clone())
+            .collect();
+        let voters = founders
             .iter()
             .take(VOTERS_MAX)
             .map(|m| (m.id.0, BasicNode::new(&m.peer_address)))
@@ -391,7 +405,12 @@ impl ControlSim {
             config: Arc::new(config),
             nodes,
             observed: Arc::new(Mutex::new(Observed::default())),
-            bootstrap: ControlCommand::Bootstrap { members, topology },
+            bootstrap: ControlCommand::Bootstrap {
+                members: founders,
+                topology,
+            },
+            members,
+            initial: initial.to_vec(),
             voters,
             base: tokio::time::Instant::now(),
             next_upkeep_ms: 0,
@@ -407,7 +426,7 @@ impl ControlSim {
     /// their candidacies would split the vote round after round.
     pub async fn start_all(&mut self) -> Result<(), String> {
         // In an order of the seed's choosing, as processes come up in any order.
-        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        let mut order: Vec<usize> = (0..self.nodes.len()).filter(|i| self.initial[*i]).collect();
         for k in (1..order.len()).rev() {
             let j = below(&mut lock(&self.net).rng, k as u64 + 1) as usize;
             order.swap(k, j);
@@ -531,15 +550,42 @@ impl ControlSim {
             .nodes()
             .map(|(id, _)| *id)
             .collect();
-        for node in &self.nodes {
-            if !known.contains(&node.id) {
+        let Some(state) = machine.state() else {
+            return;
+        };
+        for member in state.members() {
+            if member.state != MemberState::Removed && !known.contains(&member.id.0) {
                 let raft = raft.clone();
-                let id = node.id;
+                let id = member.id.0;
                 tokio::spawn(async move {
                     let _ = raft.add_learner(id, BasicNode::default(), false).await;
                 });
             }
         }
+        // The voters follow the members (the first five active ones), once each is in the
+        // group; one that stops voting stays a learner, as on a node.
+        let voters: BTreeSet<RaftId> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .collect();
+        let wanted: BTreeSet<RaftId> = state.voters().iter().map(|n| n.0).collect();
+        if !wanted.is_empty() && wanted != voters && wanted.is_subset(&known) {
+            tokio::spawn(async move {
+                let _ = raft.change_membership(wanted, true).await;
+            });
+        }
+    }
+
+    /// Region `i`'s view of the committed control state, while its node runs.
+    pub fn state(&self, i: usize) -> Option<ControlState> {
+        self.nodes[i].running.as_ref()?.1.state()
+    }
+
+    /// The command that admits region `i`.
+    pub fn join_command(&self, i: usize) -> ControlCommand {
+        ControlCommand::Join(self.members[i].clone())
     }
 
     /// Whether region `i` is due to report its checkpoint at `now_ms` (and it then counts as

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Instant;
 
 use braid_conflict::{oracle, Command, Value};
-use braid_protocol::control::{ControlCommand, TopologySpec};
+use braid_protocol::control::{ControlCommand, MemberState, TopologySpec};
 use braid_protocol::frame;
 use braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX;
 use braid_protocol::{
@@ -44,6 +44,8 @@ const EPOCH_MS: u64 = 1_700_000_000_000;
 /// How often every node ticks, in simulated milliseconds.
 const TICK_MS: u64 = 50;
 
+/// How often a joining or leaving region asks the control plane again.
+const JOIN_ASK_MS: u64 = 1_000;
 /// How long a data snapshot takes to reach a region that was refused as behind.
 const SNAPSHOT_MS: u64 = 200;
 /// How long a broken connection takes to be re-established: 100 ms plus up to 200 ms.
@@ -159,12 +161,32 @@ struct Stream {
     last_delivery: [u64; 2],
 }
 
+/// Where a region is in its membership of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not part of the mesh yet (a `join` brings it in).
+    Outside,
+    /// Asked to join: admitted through the control plane, then its data snapshot.
+    Joining,
+    /// Replicating (it may be leaving).
+    Member,
+    /// Left: removed from the mesh, stopped for good.
+    Gone,
+}
+
 struct Region {
     name: String,
     id: NodeId,
     replica: Option<Replica<SimStorage>>,
     parked: Option<SimStorage>,
     clock_offset_ms: i64,
+    phase: Phase,
+    /// It asked to leave (a `leave`); writes are refused once the control plane says it drains.
+    leaving: bool,
+    /// What it held when it began to drain: everyone staying must hold it before it goes.
+    drain_vector: Option<VersionVector>,
+    /// When it next asks the control plane again (to join, drain, activate or be removed).
+    next_ask_ms: u64,
 }
 
 impl std::fmt::Debug for World<'_> {
@@ -216,6 +238,8 @@ pub struct World<'a> {
     net_changed: bool,
     log_events_collected: u64,
     leader_kills: u64,
+    /// The latest committed topology seen (a restarted region opens with it).
+    latest_topology: Topology,
 }
 
 /// The replica configuration of region `node` under `scenario` (its retention bound).
@@ -236,8 +260,15 @@ impl<'a> World<'a> {
     pub fn new(scenario: &'a Scenario, options: RunOptions) -> Result<World<'a>, String> {
         let ids: Vec<NodeId> = (1..=scenario.regions.len() as u64).map(NodeId).collect();
         let index_of = |name: &str| scenario.regions.iter().position(|r| r == name);
+        let initial = scenario.initial_regions();
+        let founders: Vec<NodeId> = ids
+            .iter()
+            .zip(&scenario.regions)
+            .filter(|(_, name)| initial.contains(&name.as_str()))
+            .map(|(id, _)| *id)
+            .collect();
         let topology = match &scenario.links {
-            None => Topology::full_mesh(ids.clone()),
+            None => Topology::full_mesh(founders.clone()),
             Some(links) => {
                 let mut pairs = Vec::new();
                 for [a, b] in links {
@@ -251,6 +282,7 @@ impl<'a> World<'a> {
         }
         .map_err(|e| e.to_string())?;
         let seed = options.seed;
+        let latest = topology.clone();
         let mut world = World {
             scenario,
             topology,
@@ -282,27 +314,53 @@ impl<'a> World<'a> {
             net_changed: false,
             log_events_collected: 0,
             leader_kills: 0,
+            latest_topology: latest,
             options,
         };
         for (i, name) in scenario.regions.iter().enumerate() {
-            let storage = SimStorage::new(world.options.bug);
-            let replica = Replica::open(
-                replica_config(ids[i], world.scenario),
-                world.topology.clone(),
-                storage,
-                EPOCH_MS,
-            )
-            .map_err(|e| e.to_string())?;
+            let founder = founders.contains(&ids[i]);
+            let replica = match founder {
+                true => Some(
+                    Replica::open(
+                        replica_config(ids[i], world.scenario),
+                        world.topology.clone(),
+                        SimStorage::new(world.options.bug),
+                        EPOCH_MS,
+                    )
+                    .map_err(|e| e.to_string())?,
+                ),
+                false => None,
+            };
             world.regions.push(Region {
                 name: name.clone(),
                 id: ids[i],
-                replica: Some(replica),
+                replica,
                 parked: None,
                 clock_offset_ms: 0,
+                phase: if founder {
+                    Phase::Member
+                } else {
+                    Phase::Outside
+                },
+                leaving: false,
+                drain_vector: None,
+                next_ask_ms: 0,
             });
         }
-        for (a, b) in world.topology.links() {
-            let (a, b) = (a.0 as usize - 1, b.0 as usize - 1);
+        // Streams for every pair that may ever be linked: the links given, or (with joins and
+        // leaves, which need a full mesh) every pair; a stream opens only while both ends are
+        // members that the topology links.
+        let pairs: Vec<(usize, usize)> = match &scenario.links {
+            Some(_) => world
+                .topology
+                .links()
+                .map(|(a, b)| (a.0 as usize - 1, b.0 as usize - 1))
+                .collect(),
+            None => (0..ids.len())
+                .flat_map(|a| (a + 1..ids.len()).map(move |b| (a, b)))
+                .collect(),
+        };
+        for (a, b) in pairs {
             world.streams.insert((a, b), Stream::default());
             world.streams.insert((b, a), Stream::default());
         }
@@ -363,8 +421,14 @@ impl<'a> World<'a> {
             },
         };
         let seed = self.options.seed;
+        let initial: Vec<bool> = self
+            .regions
+            .iter()
+            .map(|r| r.phase == Phase::Member)
+            .collect();
         let mut control = ControlSim::new(
             &self.scenario.regions,
+            &initial,
             topology,
             settings,
             sub_seed(seed, 5),
@@ -453,6 +517,10 @@ impl<'a> World<'a> {
         for region in 0..self.regions.len() {
             let now = (EPOCH_MS + self.now_ms)
                 .saturating_add_signed(self.regions[region].clock_offset_ms);
+            if self.regions[region].phase != Phase::Member {
+                // A joiner reports only once its snapshot is in: it subscribes from there.
+                continue;
+            }
             let Some(replica) = self.regions[region].replica.as_mut() else {
                 continue;
             };
@@ -481,6 +549,200 @@ impl<'a> World<'a> {
                 format!("gc {region}: {deleted} change-log events at the stable frontier")
             });
         }
+        self.follow_topology();
+        self.membership_tick();
+    }
+
+    /// Every member replicates along the topology it sees committed, as a node's driver does.
+    fn follow_topology(&mut self) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let mut changed = Vec::new();
+        for region in 0..self.regions.len() {
+            let id = self.regions[region].id;
+            let Some(topology) = control
+                .state(region)
+                .and_then(|s| s.topology().ok())
+                .filter(|t| t.contains(id))
+            else {
+                continue;
+            };
+            let now = (EPOCH_MS + self.now_ms)
+                .saturating_add_signed(self.regions[region].clock_offset_ms);
+            let Some(replica) = self.regions[region].replica.as_mut() else {
+                continue;
+            };
+            if replica.topology() != &topology
+                && replica.handle_topology(topology.clone(), now).is_ok()
+            {
+                changed.push(region);
+                self.latest_topology = topology;
+            }
+        }
+        for region in changed {
+            self.trace([23, region as u64, 0, 0], || {
+                format!("topology {region}: follows the committed links")
+            });
+            // Streams to peers no longer linked close; new links open.
+            let keys: Vec<(usize, usize)> = self
+                .streams
+                .keys()
+                .copied()
+                .filter(|(a, b)| *a == region || *b == region)
+                .collect();
+            for (sub, publ) in keys {
+                if !self.linked(sub, publ) {
+                    self.close((sub, publ));
+                }
+            }
+            self.drain(region);
+            self.reconcile();
+        }
+    }
+
+    /// Joins and leaves in progress: asking the control plane, the joiner's snapshot, the
+    /// leaver's last hand-over and its stop.
+    fn membership_tick(&mut self) {
+        for region in 0..self.regions.len() {
+            match self.regions[region].phase {
+                Phase::Joining => self.join_step(region),
+                Phase::Member if self.regions[region].leaving => self.leave_step(region),
+                Phase::Member => self.activate_step(region),
+                Phase::Outside | Phase::Gone => {}
+            }
+        }
+    }
+
+    /// The first member that is up: the one a joiner asks, and fetches its snapshot from.
+    fn admitter(&self) -> Option<usize> {
+        (0..self.regions.len()).find(|r| self.up(*r) && !self.regions[*r].leaving)
+    }
+
+    /// Proposes `command` from region `from` for region `region`'s join or leave, at most
+    /// every [`JOIN_ASK_MS`]; says whether it did.
+    fn ask(&mut self, from: usize, region: usize, command: ControlCommand) -> bool {
+        if self.now_ms < self.regions[region].next_ask_ms {
+            return false;
+        }
+        self.regions[region].next_ask_ms = self.now_ms + JOIN_ASK_MS;
+        if let Some(control) = self.control.as_ref() {
+            control.propose(from, command);
+        }
+        true
+    }
+
+    fn join_step(&mut self, region: usize) {
+        let Some(admitter) = self.admitter() else {
+            return;
+        };
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let id = self.regions[region].id;
+        let admitted = control.state(admitter).filter(|s| {
+            s.member(id)
+                .is_some_and(|m| m.state == MemberState::Joining)
+        });
+        let Some(state) = admitted else {
+            let join = control.join_command(region);
+            if self.ask(admitter, region, join) {
+                self.trace([24, region as u64, admitter as u64, 0], || {
+                    format!("join {region}: asks {admitter}")
+                });
+            }
+            return;
+        };
+        if self.regions[region].replica.is_none() && self.regions[region].parked.is_none() {
+            let Ok(topology) = state.topology() else {
+                return;
+            };
+            let now = self.local_ms(region);
+            let config = replica_config(id, self.scenario);
+            match Replica::open(config, topology, SimStorage::new(self.options.bug), now) {
+                Ok(replica) => self.regions[region].replica = Some(replica),
+                Err(never) => match never {},
+            }
+        }
+        if self.regions[region].replica.is_some() && self.snapshot(region, admitter) {
+            self.regions[region].phase = Phase::Member;
+            self.trace([25, region as u64, admitter as u64, 0], || {
+                format!("join {region}: snapshot from {admitter} installed, replicating")
+            });
+            self.reconcile();
+        }
+    }
+
+    /// A joined member whose checkpoint is committed becomes active.
+    fn activate_step(&mut self, region: usize) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let id = self.regions[region].id;
+        let joined = control.state(region).is_some_and(|s| {
+            s.member(id)
+                .is_some_and(|m| m.state == MemberState::Joining)
+                && s.checkpoints().contains_key(&id)
+        });
+        if joined {
+            self.ask(region, region, ControlCommand::Activate(id));
+        }
+    }
+
+    /// A leaving member: it asks to drain; once draining it takes no writes, and once every
+    /// member staying holds what it held it asks to be removed; removed, it stops for good.
+    fn leave_step(&mut self, region: usize) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let id = self.regions[region].id;
+        let Some(state) = control.state(region) else {
+            return;
+        };
+        let Some(own) = state.member(id).map(|m| m.state) else {
+            return;
+        };
+        match own {
+            MemberState::Active | MemberState::Joining => {
+                self.ask(region, region, ControlCommand::Drain(id));
+            }
+            MemberState::Draining => {
+                let Some(vector) = self.regions[region]
+                    .replica
+                    .as_ref()
+                    .map(|r| r.vector().clone())
+                else {
+                    return;
+                };
+                let held = self.regions[region]
+                    .drain_vector
+                    .get_or_insert(vector)
+                    .clone();
+                let behind = state
+                    .members()
+                    .filter(|m| m.id != id)
+                    .filter(|m| matches!(m.state, MemberState::Active | MemberState::Draining))
+                    .any(|m| {
+                        state
+                            .checkpoints()
+                            .get(&m.id)
+                            .is_none_or(|c| !c.vector.dominates(&held))
+                    });
+                if !behind {
+                    self.ask(region, region, ControlCommand::Remove(id));
+                }
+            }
+            MemberState::Removed => {
+                self.regions[region].phase = Phase::Gone;
+                self.regions[region].replica = None;
+                self.regions[region].parked = None;
+                self.control_ops.push((region, false));
+                self.trace([26, region as u64, 0, 0], || {
+                    format!("leave {region}: removed, stopped")
+                });
+                self.reconcile();
+            }
+        }
     }
 
     fn step(&mut self, event: Event) {
@@ -495,7 +757,7 @@ impl<'a> World<'a> {
                     self.drain(region);
                 }
                 self.control_tick();
-                if self.workload_over && self.converged() {
+                if self.workload_over && self.converged() && self.unfinished_changes().is_empty() {
                     self.converged_at = Some(self.now_ms);
                     self.trace([7, 0, 0, 0], || "converged".into());
                 }
@@ -544,7 +806,9 @@ impl<'a> World<'a> {
                 self.reconcile();
             }
             Event::Connect { sub, publ } => self.connect(sub, publ),
-            Event::Snapshot { sub, publ } => self.snapshot(sub, publ),
+            Event::Snapshot { sub, publ } => {
+                self.snapshot(sub, publ);
+            }
             Event::Restart(region) => {
                 self.restart(region);
                 self.reconcile();
@@ -580,7 +844,12 @@ impl<'a> World<'a> {
         self.schedule(next_us / 1_000, Event::Write(region));
         let (key, command) = self.command();
         let now = self.local_ms(region);
-        let Some(replica) = self.regions[region].replica.as_mut() else {
+        let r = &mut self.regions[region];
+        if r.phase != Phase::Member || r.drain_vector.is_some() {
+            // Not in the mesh, or draining: the write is refused, not acknowledged.
+            return;
+        }
+        let Some(replica) = r.replica.as_mut() else {
             return;
         };
         let node = replica.node();
@@ -790,11 +1059,11 @@ impl<'a> World<'a> {
     /// `publ`'s keys, vector and HLC, through the real encoding in chunks as a node sends
     /// them, installed into `sub` by its replica core. Nothing happens if either is down by
     /// then (a later refusal asks again).
-    fn snapshot(&mut self, sub: usize, publ: usize) {
+    fn snapshot(&mut self, sub: usize, publ: usize) -> bool {
         self.resyncing.remove(&sub);
         let cut = self.cut.contains(&(publ, sub)) || self.cut.contains(&(sub, publ));
         let Some(server) = self.regions[publ].replica.as_ref().filter(|_| !cut) else {
-            return;
+            return false;
         };
         let (vector, hlc) = (server.vector().clone(), server.hlc());
         let entries: Vec<SnapshotEntry> = server
@@ -808,7 +1077,7 @@ impl<'a> World<'a> {
             .collect();
         let now = self.local_ms(sub);
         let Some(replica) = self.regions[sub].replica.as_mut() else {
-            return;
+            return false;
         };
         let mut keys = 0;
         for chunk in entries.chunks(SNAPSHOT_CHUNK_KEYS_MAX) {
@@ -820,7 +1089,7 @@ impl<'a> World<'a> {
                     self.trace([14, sub as u64, publ as u64, 0], || {
                         format!("snapshot {publ}->{sub} failed: {other:?}")
                     });
-                    return;
+                    return false;
                 }
             };
             keys += decoded.len();
@@ -838,12 +1107,25 @@ impl<'a> World<'a> {
             format!("snapshot {publ}->{sub}: {keys} keys")
         });
         self.drain(sub);
+        true
     }
 
     // ---- connections ----
 
     fn up(&self, region: usize) -> bool {
-        self.regions[region].replica.is_some()
+        self.regions[region].phase == Phase::Member && self.regions[region].replica.is_some()
+    }
+
+    /// Whether both ends' topologies link `a` and `b`.
+    fn linked(&self, a: usize, b: usize) -> bool {
+        let (ia, ib) = (self.regions[a].id, self.regions[b].id);
+        let sees = |x: usize, me: NodeId, other: NodeId| {
+            self.regions[x]
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.topology().neighbors(me).contains(&other))
+        };
+        sees(a, ia, ib) && sees(b, ib, ia)
     }
 
     /// Opens or closes streams to match who is up and which links are cut both ways.
@@ -852,6 +1134,7 @@ impl<'a> World<'a> {
         for (sub, publ) in keys {
             let wanted = self.up(sub)
                 && self.up(publ)
+                && self.linked(sub, publ)
                 && !(self.cut.contains(&(sub, publ)) && self.cut.contains(&(publ, sub)));
             let Some(stream) = self.streams.get_mut(&(sub, publ)) else {
                 continue;
@@ -867,13 +1150,14 @@ impl<'a> World<'a> {
     }
 
     fn connect(&mut self, sub: usize, publ: usize) {
+        let wanted = self.up(sub)
+            && self.up(publ)
+            && self.linked(sub, publ)
+            && !(self.cut.contains(&(sub, publ)) && self.cut.contains(&(publ, sub)));
         let Some(stream) = self.streams.get_mut(&(sub, publ)) else {
             return;
         };
         stream.connecting = false;
-        let wanted = self.regions[sub].replica.is_some()
-            && self.regions[publ].replica.is_some()
-            && !(self.cut.contains(&(sub, publ)) && self.cut.contains(&(publ, sub)));
         if !wanted || stream.open {
             return;
         }
@@ -958,6 +1242,19 @@ impl<'a> World<'a> {
                 let r = self.region_index(region);
                 self.restart(r);
             }
+            Action::Join { region } => {
+                let r = self.region_index(region);
+                if self.regions[r].phase == Phase::Outside {
+                    self.regions[r].phase = Phase::Joining;
+                    self.regions[r].next_ask_ms = self.now_ms;
+                    self.control_ops.push((r, true));
+                }
+            }
+            Action::Leave { region } => {
+                let r = self.region_index(region);
+                self.regions[r].leaving = true;
+                self.regions[r].next_ask_ms = self.now_ms;
+            }
             Action::Partition { groups, one_way } => {
                 let group_of = |r: usize| {
                     groups
@@ -1021,7 +1318,11 @@ impl<'a> World<'a> {
             let now = self.local_ms(region);
             let id = self.regions[region].id;
             let config = replica_config(id, self.scenario);
-            match Replica::open(config, self.topology.clone(), storage, now) {
+            let topology = match self.latest_topology.contains(id) {
+                true => self.latest_topology.clone(),
+                false => self.topology.clone(),
+            };
+            match Replica::open(config, topology, storage, now) {
                 Ok(replica) => self.regions[region].replica = Some(replica),
                 Err(never) => match never {},
             }
@@ -1031,19 +1332,61 @@ impl<'a> World<'a> {
 
     // ---- checks ----
 
-    fn vectors(&self) -> Vec<VersionVector> {
-        self.regions
+    /// The scenario's joins (true) and leaves (false), by region.
+    fn membership_changes(&self) -> Vec<(usize, bool)> {
+        self.scenario
+            .timeline
             .iter()
+            .filter_map(|f| match &f.action {
+                Action::Join { region } => Some((self.region_index(region), true)),
+                Action::Leave { region } => Some((self.region_index(region), false)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The joins and leaves not finished: a joined region must replicate and be active in the
+    /// committed state, a leaver must be removed and stopped.
+    fn unfinished_changes(&self) -> Vec<String> {
+        let control = self.control.as_ref();
+        let leader_state = control.and_then(|c| c.leader().and_then(|l| c.state(l)));
+        self.membership_changes()
+            .into_iter()
+            .filter(|(r, join)| {
+                let region = &self.regions[*r];
+                let committed = leader_state
+                    .as_ref()
+                    .and_then(|s| s.member(region.id))
+                    .map(|m| m.state);
+                match join {
+                    true => region.phase != Phase::Member || committed != Some(MemberState::Active),
+                    false => region.phase != Phase::Gone,
+                }
+            })
+            .map(|(r, join)| {
+                let what = if join { "join" } else { "leave" };
+                format!("{what} {}", self.regions[r].name)
+            })
+            .collect()
+    }
+
+    /// The regions in the mesh (not outside it yet, not joining, not gone).
+    fn members(&self) -> impl Iterator<Item = &Region> {
+        self.regions.iter().filter(|r| r.phase == Phase::Member)
+    }
+
+    fn vectors(&self) -> Vec<VersionVector> {
+        self.members()
             .filter_map(|r| r.replica.as_ref().map(|x| x.vector().clone()))
             .collect()
     }
 
     fn converged(&self) -> bool {
         let vectors = self.vectors();
-        if vectors.len() != self.regions.len() || vectors.windows(2).any(|w| w[0] != w[1]) {
+        if vectors.len() != self.members().count() || vectors.windows(2).any(|w| w[0] != w[1]) {
             return false;
         }
-        let digests: Vec<[u8; 32]> = self.regions.iter().map(|r| self.digest(r)).collect();
+        let digests: Vec<[u8; 32]> = self.members().map(|r| self.digest(r)).collect();
         digests.windows(2).all(|w| w[0] == w[1])
     }
 
@@ -1109,7 +1452,7 @@ impl<'a> World<'a> {
         let oracle = oracle::converged(self.acked.iter().map(|e| (&e.key, e.hlc, &e.op)));
         let mut oracle_detail = format!("{} keys match the oracle in every region", oracle.len());
         let mut oracle_ok = true;
-        for region in &self.regions {
+        for region in self.members() {
             let values = Self::values(region);
             if values != oracle {
                 oracle_ok = false;
@@ -1164,6 +1507,21 @@ impl<'a> World<'a> {
                 detail: format!("p99 {p99} ms (bound {max} ms)"),
             });
         }
+        let changes = self.membership_changes();
+        if !changes.is_empty() {
+            let unfinished = self.unfinished_changes();
+            verdicts.push(Verdict {
+                checker: "membership".into(),
+                passed: unfinished.is_empty(),
+                detail: match unfinished.is_empty() {
+                    true => format!(
+                        "{} joins and leaves done: joined regions active, leavers removed",
+                        changes.len()
+                    ),
+                    false => format!("not finished: {}", unfinished.join(", ")),
+                },
+            });
+        }
         let (raft_elections, control_commits) = match &self.control {
             Some(control) => {
                 verdicts.extend(control.verdicts(&self.scenario.regions));
@@ -1201,8 +1559,7 @@ impl<'a> World<'a> {
 
     fn first_divergence(&self) -> String {
         let all: Vec<(String, BTreeMap<Bytes, Value>)> = self
-            .regions
-            .iter()
+            .members()
             .map(|r| (r.name.clone(), Self::values(r)))
             .collect();
         let keys: BTreeSet<&Bytes> = all.iter().flat_map(|(_, v)| v.keys()).collect();

@@ -1,4 +1,4 @@
-//! The simulator on the shipped scenarios: a sweep of 240 seeds with faults that must all pass,
+//! The simulator on the shipped scenarios: a sweep of 280 seeds with faults that must all pass,
 //! determinism (same seed, same trace), and checkers that bite when a bug is injected.
 
 use std::path::PathBuf;
@@ -12,16 +12,17 @@ fn scenario(name: &str) -> Scenario {
     Scenario::load(&path).unwrap()
 }
 
-const SHIPPED: [&str; 6] = [
+const SHIPPED: [&str; 7] = [
     "mesh-steady",
     "partition-heal",
     "region-loss",
     "chain-flap",
     "long-outage",
     "leader-kill",
+    "join-leave",
 ];
 
-/// Seeds of each shipped scenario in the sweep: 240 in all.
+/// Seeds of each shipped scenario in the sweep: 280 in all.
 const SEEDS_EACH: u64 = 40;
 
 fn options(seed: u64) -> RunOptions {
@@ -32,12 +33,13 @@ fn options(seed: u64) -> RunOptions {
     }
 }
 
-/// 40 seeds of each shipped scenario: 240 in all, with partitions, crashes, power failures,
+/// 40 seeds of each shipped scenario: 280 in all, with partitions, crashes, power failures,
 /// clock skew, flapping and slow links, loss, duplication and reordering, a region away longer
-/// than the change logs keep (resynchronised by snapshot), and the control plane's leader
-/// killed twice. Every run has the control plane's Raft group and its checkers.
+/// than the change logs keep (resynchronised by snapshot), the control plane's leader killed,
+/// and regions joining and leaving under load. Every run has the control plane's Raft group and
+/// its checkers.
 #[test]
-fn sweep_of_240_seeds_over_the_shipped_scenarios_passes() {
+fn sweep_of_280_seeds_over_the_shipped_scenarios_passes() {
     let mut failures = Vec::new();
     let mut runs = 0;
     for name in SHIPPED {
@@ -56,7 +58,7 @@ fn sweep_of_240_seeds_over_the_shipped_scenarios_passes() {
             }
         }
     }
-    assert_eq!(runs, 240);
+    assert_eq!(runs, 280);
     assert!(
         failures.is_empty(),
         "failing seeds:\n{}",
@@ -290,4 +292,28 @@ fn a_control_apply_that_skips_a_command_is_caught_by_the_committed_checker() {
         "{}",
         verdict.detail
     );
+}
+
+/// Two regions join a running mesh and one leaves it, under a partition, loss and a leader
+/// kill: each joiner installs a snapshot and becomes active, the leaver is removed, and every
+/// member ends equal to the oracle of every acknowledged write (the leaver's included).
+#[test]
+fn regions_join_and_leave_a_running_mesh_through_the_control_plane() {
+    let scenario = scenario("join-leave");
+    for seed in 0..4 {
+        let report = braid_sim::run(&scenario, options(seed)).unwrap();
+        assert!(report.passed, "seed {seed}: {:?}", report.checkers);
+        let membership = report
+            .checkers
+            .iter()
+            .find(|c| c.checker == "membership")
+            .unwrap();
+        assert!(
+            membership.detail.starts_with("3 joins and leaves done"),
+            "{}",
+            membership.detail
+        );
+        assert!(report.snapshots_installed >= 2, "seed {seed}: {report:?}");
+        assert!(report.log_events_collected > 0, "seed {seed}: {report:?}");
+    }
 }

@@ -471,6 +471,15 @@ fn check_supported(
             _ => {}
         }
         match &fault.action {
+            Action::Join { region } | Action::Leave { region } => {
+                return Err(DrillError::Unsupported(format!(
+                    "{} at {} ms is simulator-only for now: against a running cluster, \
+                     `braid add-region` and `braid join` admit region {region}, and \
+                     `braid leave` takes it out",
+                    action_name(&fault.action),
+                    fault.at_ms
+                )));
+            }
             Action::PowerFail { region } if durability != Durability::Machine => {
                 return Err(DrillError::Unsupported(format!(
                     "power-fail of region {region} at {} ms: the cluster runs with {} \
@@ -526,6 +535,8 @@ fn action_name(action: &Action) -> String {
     match action {
         Action::Kill { region } => format!("kill {region}"),
         Action::KillLeader { .. } => "kill-leader".into(),
+        Action::Join { region } => format!("join {region}"),
+        Action::Leave { region } => format!("leave {region}"),
         Action::Restart { region } => format!("restart {region}"),
         Action::PowerFail { region } => format!("power-fail {region}"),
         Action::Partition { groups, one_way } => {
@@ -861,6 +872,8 @@ impl Drill<'_> {
             }
             // Scheduled as steps by the caller.
             Action::Flap { .. } | Action::KillLeader { .. } => {}
+            // Refused before the drill starts.
+            Action::Join { .. } | Action::Leave { .. } => {}
         }
         Ok(())
     }
