@@ -443,11 +443,17 @@ impl Scenario {
             }
             if let Action::Leave { region } = &fault.action {
                 gone.insert(region);
+                let members = self.regions.len() - outside.len() - gone.len();
+                if members == 0 {
+                    return invalid(format!(
+                        "timeline: the leave of {region} at {} ms leaves the mesh without a member",
+                        fault.at_ms
+                    ));
+                }
             }
         }
-        let members = self.regions.len() - gone.len();
-        if self.initial_regions().is_empty() || members == 0 {
-            return invalid("timeline: the mesh needs a member at the start and at the end".into());
+        if self.initial_regions().is_empty() {
+            return invalid("timeline: the mesh needs a member at the start".into());
         }
         Ok(())
     }
@@ -545,6 +551,20 @@ converged-within-ms = 5000
         );
         let err = Scenario::parse(&linked).unwrap_err();
         assert!(err.to_string().contains("full mesh"), "{err}");
+        // Every member leaving, in timeline order, even if one joins later.
+        let empty = SAMPLE
+            .replace(
+                "regions = [\"a\", \"b\", \"c\"]",
+                "regions = [\"a\", \"b\"]",
+            )
+            .replace("groups = [[\"a\"], [\"b\", \"c\"]]", "groups = [[\"a\"]]")
+            .replace("action = \"heal\"", "action = \"leave\"\nregion = \"a\"")
+            .replace(
+                "action = \"kill\"\nregion = \"b\"",
+                "action = \"join\"\nregion = \"b\"",
+            );
+        let err = Scenario::parse(&empty).unwrap_err();
+        assert!(err.to_string().contains("without a member"), "{err}");
     }
 
     #[test]

@@ -753,35 +753,71 @@ impl ControlSim {
                 }
             }
         }
-        // Every acknowledged command was applied somewhere, and every running node got to it.
+        // Every acknowledged command was applied somewhere, and every running node of the group
+        // (the leader's membership: a region whose join never committed is not one) got to it.
         let index_of: BTreeMap<u64, u64> = at.iter().map(|(i, (_, (_, d)))| (*d, *i)).collect();
+        let group: Option<BTreeSet<RaftId>> = self
+            .leader()
+            .and_then(|l| self.nodes[l].running.as_ref())
+            .map(|(raft, _)| {
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect()
+            });
+        let running = || {
+            self.nodes
+                .iter()
+                .filter(|n| group.as_ref().is_none_or(|g| g.contains(&n.id)))
+                .filter_map(|n| n.running.as_ref().map(|(_, machine)| (n.id, machine)))
+        };
         for (digest, what) in &observed.acked {
             let Some(index) = index_of.get(digest) else {
                 return Some(format!("acknowledged but applied nowhere: {what}"));
             };
-            for node in &self.nodes {
-                let Some((_, machine)) = &node.running else {
-                    continue;
-                };
+            for (id, machine) in running() {
                 let applied = machine.last_applied().map_or(0, |l| l.index);
                 if applied < *index {
                     return Some(format!(
                         "{} applied only through index {applied}, short of acknowledged \
                          index {index} ({what})",
-                        name(&node.id)
+                        name(&id)
                     ));
                 }
                 let own = observed
                     .applied
-                    .get(&node.id)
+                    .get(&id)
                     .is_some_and(|a| a.contains_key(index));
-                let snapshot = observed.covered.get(&node.id).is_some_and(|c| c >= index);
+                let snapshot = observed.covered.get(&id).is_some_and(|c| c >= index);
                 if !own && !snapshot {
                     return Some(format!(
                         "{} applied through index {applied} but never applied acknowledged \
                          index {index} ({what})",
-                        name(&node.id)
+                        name(&id)
                     ));
+                }
+            }
+        }
+        // Nodes that applied through the same index hold the same state.
+        let mut states: BTreeMap<u64, (RaftId, ControlState)> = BTreeMap::new();
+        for (id, machine) in running() {
+            let (Some(applied), Some(state)) = (machine.last_applied(), machine.state()) else {
+                continue;
+            };
+            match states.get(&applied.index) {
+                Some((other, seen)) if *seen != state => {
+                    return Some(format!(
+                        "{} and {} applied through index {} but hold different states",
+                        name(other),
+                        name(&id),
+                        applied.index
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    states.insert(applied.index, (id, state));
                 }
             }
         }

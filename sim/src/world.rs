@@ -187,6 +187,8 @@ struct Region {
     drain_vector: Option<VersionVector>,
     /// When it next asks the control plane again (to join, drain, activate or be removed).
     next_ask_ms: u64,
+    /// Its process is down (killed, not yet restarted).
+    down: bool,
 }
 
 impl std::fmt::Debug for World<'_> {
@@ -240,6 +242,8 @@ pub struct World<'a> {
     leader_kills: u64,
     /// The latest committed topology seen (a restarted region opens with it).
     latest_topology: Topology,
+    /// The storage of every region that left, by name.
+    retired: Vec<(String, SimStorage)>,
 }
 
 /// The replica configuration of region `node` under `scenario` (its retention bound).
@@ -315,6 +319,7 @@ impl<'a> World<'a> {
             log_events_collected: 0,
             leader_kills: 0,
             latest_topology: latest,
+            retired: Vec::new(),
             options,
         };
         for (i, name) in scenario.regions.iter().enumerate() {
@@ -345,6 +350,7 @@ impl<'a> World<'a> {
                 leaving: false,
                 drain_vector: None,
                 next_ask_ms: 0,
+                down: false,
             });
         }
         // Streams for every pair that may ever be linked: the links given, or (with joins and
@@ -633,6 +639,9 @@ impl<'a> World<'a> {
     }
 
     fn join_step(&mut self, region: usize) {
+        if self.regions[region].down {
+            return;
+        }
         let Some(admitter) = self.admitter() else {
             return;
         };
@@ -703,7 +712,9 @@ impl<'a> World<'a> {
             return;
         };
         match own {
-            MemberState::Active | MemberState::Joining => {
+            // A member still joining is activated first: only an active one can drain.
+            MemberState::Joining => self.activate_step(region),
+            MemberState::Active => {
                 self.ask(region, region, ControlCommand::Drain(id));
             }
             MemberState::Draining => {
@@ -733,9 +744,17 @@ impl<'a> World<'a> {
                 }
             }
             MemberState::Removed => {
-                self.regions[region].phase = Phase::Gone;
-                self.regions[region].replica = None;
-                self.regions[region].parked = None;
+                let r = &mut self.regions[region];
+                r.phase = Phase::Gone;
+                let storage = r
+                    .replica
+                    .take()
+                    .map(Replica::into_storage)
+                    .or(r.parked.take());
+                if let Some(storage) = storage {
+                    // Kept for the exactly-once checker.
+                    self.retired.push((r.name.clone(), storage));
+                }
                 self.control_ops.push((region, false));
                 self.trace([26, region as u64, 0, 0], || {
                     format!("leave {region}: removed, stopped")
@@ -1306,15 +1325,24 @@ impl<'a> World<'a> {
     }
 
     fn kill(&mut self, region: usize) {
-        if let Some(replica) = self.regions[region].replica.take() {
-            self.regions[region].parked = Some(replica.into_storage());
-            self.control_ops.push((region, false));
+        let r = &mut self.regions[region];
+        if r.down || matches!(r.phase, Phase::Outside | Phase::Gone) {
+            return;
         }
+        r.down = true;
+        if let Some(replica) = r.replica.take() {
+            r.parked = Some(replica.into_storage());
+        }
+        self.control_ops.push((region, false));
     }
 
     fn restart(&mut self, region: usize) {
+        if !self.regions[region].down {
+            return;
+        }
+        self.regions[region].down = false;
+        self.control_ops.push((region, true));
         if let Some(storage) = self.regions[region].parked.take() {
-            self.control_ops.push((region, true));
             let now = self.local_ms(region);
             let id = self.regions[region].id;
             let config = replica_config(id, self.scenario);
@@ -1326,8 +1354,8 @@ impl<'a> World<'a> {
                 Ok(replica) => self.regions[region].replica = Some(replica),
                 Err(never) => match never {},
             }
-            self.trace([11, region as u64, 0, 0], || format!("restart {region}"));
         }
+        self.trace([11, region as u64, 0, 0], || format!("restart {region}"));
     }
 
     // ---- checks ----
@@ -1350,8 +1378,9 @@ impl<'a> World<'a> {
     fn unfinished_changes(&self) -> Vec<String> {
         let control = self.control.as_ref();
         let leader_state = control.and_then(|c| c.leader().and_then(|l| c.state(l)));
-        self.membership_changes()
-            .into_iter()
+        // Each region's last change is what it must end in.
+        let last: BTreeMap<usize, bool> = self.membership_changes().into_iter().collect();
+        last.into_iter()
             .filter(|(r, join)| {
                 let region = &self.regions[*r];
                 let committed = leader_state
@@ -1470,11 +1499,12 @@ impl<'a> World<'a> {
         let duplicates: Vec<String> = self
             .regions
             .iter()
-            .filter_map(|r| Self::storage(r).map(|s| (r, s)))
-            .flat_map(|(r, s)| {
+            .filter_map(|r| Self::storage(r).map(|s| (r.name.as_str(), s)))
+            .chain(self.retired.iter().map(|(name, s)| (name.as_str(), s)))
+            .flat_map(|(name, s)| {
                 s.duplicate_applies
                     .iter()
-                    .map(move |(o, q)| format!("{} applied ({o}, {q}) twice", r.name))
+                    .map(move |(o, q)| format!("{name} applied ({o}, {q}) twice"))
             })
             .collect();
         verdicts.push(Verdict {

@@ -316,4 +316,11 @@ fn regions_join_and_leave_a_running_mesh_through_the_control_plane() {
         assert!(report.snapshots_installed >= 2, "seed {seed}: {report:?}");
         assert!(report.log_events_collected > 0, "seed {seed}: {report:?}");
     }
+    // A region that joined can leave again: its last change is what it ends in.
+    let mut again = scenario.clone();
+    let last = again.timeline.len() - 1;
+    again.timeline[last].action = braid_sim::scenario::Action::Leave { region: "d".into() };
+    again.validate().unwrap();
+    let report = braid_sim::run(&again, options(0)).unwrap();
+    assert!(report.passed, "{:?}", report.checkers);
 }
