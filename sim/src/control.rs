@@ -526,8 +526,9 @@ impl ControlSim {
         std::mem::take(&mut lock(&self.observed).changes)
     }
 
-    /// The leader's chores, every [`UPKEEP_MS`]: bootstrap the state, and make every member
-    /// beyond the voters a learner.
+    /// The leader's chores, every [`UPKEEP_MS`]: bootstrap the state, make every member a
+    /// learner at least, keep the voters equal to the state's, and drop removed members that
+    /// stopped from the group.
     pub fn upkeep(&mut self, now_ms: u64) {
         if now_ms < self.next_upkeep_ms {
             return;
@@ -574,6 +575,26 @@ impl ControlSim {
         if !wanted.is_empty() && wanted != voters && wanted.is_subset(&known) {
             tokio::spawn(async move {
                 let _ = raft.change_membership(wanted, true).await;
+            });
+            return;
+        }
+        // A removed member whose node stopped (it stops once it has applied its removal) leaves
+        // the Raft group, as on a node.
+        let gone: BTreeSet<RaftId> = state
+            .members()
+            .filter(|m| m.state == MemberState::Removed)
+            .map(|m| m.id.0)
+            .filter(|id| known.contains(id) && !voters.contains(id))
+            .filter(|id| {
+                self.nodes
+                    .iter()
+                    .any(|n| n.id == *id && n.running.is_none())
+            })
+            .collect();
+        if !gone.is_empty() {
+            tokio::spawn(async move {
+                let change = openraft::ChangeMembers::RemoveNodes(gone);
+                let _ = raft.change_membership(change, false).await;
             });
         }
     }
