@@ -470,7 +470,8 @@ impl<'a> World<'a> {
                 break;
             }
             if matches!(event, Event::Tick) {
-                // The control plane runs up to this tick; between ticks only the world moves.
+                // The control plane runs up to this tick; between ticks the world moves alone,
+                // but for its regions' Raft nodes starting and stopping (run_control_ops).
                 if let Some(control) = &self.control {
                     control.advance_to(at).await;
                 }
