@@ -176,6 +176,51 @@ action = "heal"
 lag-ms-p99-max = 1
 "#;
 
+/// The shipped leader-loss drill: whichever region leads the control plane is killed under
+/// load and restarted 7 s later; the drill measures it like any kill and the mesh converges.
+#[test]
+fn t60_a_leader_loss_drill_kills_whichever_region_leads_and_passes() {
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("r.json");
+    let scenario = manifest_dir().join("../docs/drills/leader-loss.toml");
+    let base = free_base_port(3).to_string();
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--dir",
+        work.path().to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    let leader = stderr
+        .split("!! the leader is ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_else(|| panic!("no leader named:\n{stderr}"))
+        .to_string();
+    assert!(["a", "b", "c"].contains(&leader.as_str()), "{leader}");
+    assert!(
+        stderr.contains("!! kill-leader") && stderr.contains(&format!("!! restart {leader}")),
+        "{stderr}"
+    );
+    assert!(stdout.contains("verdict: PASS"), "{stdout}");
+    processes_gone(&work.path().join("cluster"));
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    let failures = report["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(
+        (failures[0]["region"].as_str(), failures[0]["kind"].as_str()),
+        (Some(leader.as_str()), Some("kill"))
+    );
+    assert_eq!(failures[0]["reappeared"], true, "{}", failures[0]);
+}
+
 #[test]
 fn t60_a_drill_tighter_than_reality_fails_with_the_evidence_and_a_nonzero_exit() {
     let work = tempfile::tempdir().unwrap();

@@ -52,6 +52,11 @@ use writer::{WriterCounters, WriterRecord, WriterSpec};
 
 /// First port of a cluster the drill starts (region i uses base+10i .. base+10i+2).
 pub const BASE_PORT_DEFAULT: u16 = 17500;
+/// Longest a `kill-leader` waits for an election in progress to name a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// How often it asks meanwhile.
+const LEADER_POLL: Duration = Duration::from_millis(200);
+
 /// How often the observer reads every region's `/status`.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Every how many status polls the observer reads `/lag` (once a second).
@@ -879,8 +884,22 @@ impl Drill<'_> {
     }
 
     /// The region whose node leads the control plane, as the regions that are up report it
-    /// (the report of the highest term wins); none when no region knows one.
+    /// (the report of the highest term wins). While an election is on, it waits up to
+    /// [`LEADER_WAIT`] for one; none when no region knows a leader by then.
     async fn leader(&self) -> Option<usize> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            if let Some(leader) = self.leader_now().await {
+                return Some(leader);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
+    async fn leader_now(&self) -> Option<usize> {
         let mut best: Option<(u64, String)> = None;
         for region in self.regions.iter().filter(|r| *r.up.borrow()) {
             let Ok(status) = get_json::<Status>(region.http, "/status").await else {
@@ -1158,7 +1177,15 @@ pub async fn run(
             }
             match step {
                 Step::End => break,
-                Step::Restart(i) => drill.restart(i).await?,
+                Step::Restart(i) => {
+                    let label = format!("restart {}", drill.names[i]);
+                    drill.marks.push(FaultMark {
+                        at_ms: drill.elapsed_ms(),
+                        action: label.clone(),
+                    });
+                    progress(Progress::Fault(label));
+                    drill.restart(i).await?;
+                }
                 Step::Fault(i) => {
                     let action = &scenario.timeline[i].action;
                     let label = action_name(action);
