@@ -395,11 +395,12 @@ impl Scenario {
     /// and leaves at most once, after which nothing names it; the mesh keeps a member.
     fn validate_membership(&self) -> Result<(), ScenarioError> {
         let invalid = |msg: String| Err(ScenarioError::Invalid(msg));
+        let initial = self.initial_regions();
         let mut outside: BTreeSet<&str> = self
             .regions
             .iter()
             .map(String::as_str)
-            .filter(|r| !self.initial_regions().contains(r))
+            .filter(|r| !initial.contains(r))
             .collect();
         let changes = self
             .timeline
@@ -452,7 +453,7 @@ impl Scenario {
                 }
             }
         }
-        if self.initial_regions().is_empty() {
+        if initial.is_empty() {
             return invalid("timeline: the mesh needs a member at the start".into());
         }
         Ok(())

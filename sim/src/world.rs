@@ -253,6 +253,11 @@ fn replica_config(node: NodeId, scenario: &Scenario) -> ReplicaConfig {
     config
 }
 
+/// A region's physical clock at virtual time `now_ms`, skewed by `offset_ms`.
+fn clock_ms(now_ms: u64, offset_ms: i64) -> u64 {
+    (EPOCH_MS + now_ms).saturating_add_signed(offset_ms)
+}
+
 fn lag_histogram() -> Histogram<u64> {
     // Valid bounds: construction cannot fail.
     #[allow(clippy::expect_used)]
@@ -392,7 +397,7 @@ impl<'a> World<'a> {
     }
 
     fn local_ms(&self, region: usize) -> u64 {
-        (EPOCH_MS + self.now_ms).saturating_add_signed(self.regions[region].clock_offset_ms)
+        clock_ms(self.now_ms, self.regions[region].clock_offset_ms)
     }
 
     /// Runs to the end and checks, on a runtime of its own: one thread, tokio's clock paused
@@ -522,8 +527,7 @@ impl<'a> World<'a> {
         control.upkeep(self.now_ms);
         let mut collected = Vec::new();
         for region in 0..self.regions.len() {
-            let now = (EPOCH_MS + self.now_ms)
-                .saturating_add_signed(self.regions[region].clock_offset_ms);
+            let now = clock_ms(self.now_ms, self.regions[region].clock_offset_ms);
             if self.regions[region].phase != Phase::Member {
                 // A joiner reports only once its snapshot is in: it subscribes from there.
                 continue;
@@ -575,8 +579,7 @@ impl<'a> World<'a> {
             else {
                 continue;
             };
-            let now = (EPOCH_MS + self.now_ms)
-                .saturating_add_signed(self.regions[region].clock_offset_ms);
+            let now = clock_ms(self.now_ms, self.regions[region].clock_offset_ms);
             let Some(replica) = self.regions[region].replica.as_mut() else {
                 continue;
             };
@@ -1556,7 +1559,7 @@ impl<'a> World<'a> {
         let (raft_elections, control_commits) = match &self.control {
             Some(control) => {
                 verdicts.extend(control.verdicts(&self.scenario.regions));
-                let (elections, commits, _) = control.counts();
+                let (elections, commits) = control.counts();
                 (elections, commits)
             }
             None => (0, 0),
