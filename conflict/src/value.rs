@@ -720,6 +720,65 @@ impl KeyState {
         }
     }
 
+    /// The oldest tombstone this state holds, if any: a string deleted at an HLC, a hash field
+    /// deleted at an HLC, or a hash cleared at an HLC. Storage indexes keys by it, so that
+    /// [`KeyState::collect_tombstones`] visits only keys that have something to collect.
+    pub fn oldest_tombstone(&self) -> Option<Hlc> {
+        let string = self
+            .string
+            .as_ref()
+            .filter(|reg| reg.val.is_none())
+            .map(|reg| reg.marker);
+        let hash = self.hash.as_ref().and_then(|hash| {
+            let cleared = (hash.cleared > Hlc::ZERO).then_some(hash.cleared);
+            let fields = hash
+                .fields
+                .values()
+                .filter(|reg| reg.val.is_none())
+                .map(|reg| reg.marker)
+                .min();
+            cleared.into_iter().chain(fields).min()
+        });
+        string.into_iter().chain(hash).min()
+    }
+
+    /// Drops every tombstone at or below `stable`, and returns whether anything was dropped.
+    ///
+    /// `stable` must be a **stable HLC**: every event that some region has not applied yet
+    /// carries a greater HLC. A tombstone exists only to beat a write older than itself that
+    /// arrives later; once no such write can arrive anywhere, applying any future event gives
+    /// the same result with or without it, so every region may drop it on its own schedule.
+    /// Counter totals and set dots are not tombstones and stay: future writes are computed
+    /// against them (a counter write carries its origin's running total, an add its next dot).
+    pub fn collect_tombstones(&mut self, stable: Hlc) -> bool {
+        let mut dropped = false;
+        if self
+            .string
+            .as_ref()
+            .is_some_and(|reg| reg.val.is_none() && reg.marker <= stable)
+        {
+            self.string = None;
+            dropped = true;
+        }
+        if let Some(hash) = self.hash.as_mut() {
+            let before = hash.fields.len();
+            hash.fields
+                .retain(|_, reg| reg.val.is_some() || reg.marker > stable);
+            dropped |= hash.fields.len() != before;
+            if hash.cleared > Hlc::ZERO && hash.cleared <= stable {
+                // Every field written at or below `cleared` is gone (the invariant), and no
+                // write at or below `stable` can still arrive: the marker guards nothing.
+                hash.cleared = Hlc::ZERO;
+                dropped = true;
+            }
+            if hash.fields.is_empty() && hash.cleared == Hlc::ZERO {
+                self.hash = None;
+            }
+        }
+        debug_assert!(self.oldest_tombstone().is_none_or(|hlc| hlc > stable));
+        dropped
+    }
+
     /// State-based merge: the least upper bound of two replicas of this key. Commutative,
     /// associative and idempotent; needs no delivery order.
     pub fn merge(&mut self, other: &KeyState) {

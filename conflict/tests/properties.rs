@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use braid_conflict::{Command, NodeId};
+use braid_conflict::{Command, Hlc, NodeId};
 use bytes::Bytes;
 use common::{b, oracle_of, Event, Replica};
 use proptest::prelude::*;
@@ -166,6 +166,46 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// The greatest HLC below every event some replica has not applied yet, and below every
+    /// event an origin will issue: what the control plane's stable HLC approximates from below.
+    fn stable_hlc(&self) -> Hlc {
+        (0..REPLICAS)
+            .map(|origin| {
+                let least = (0..REPLICAS)
+                    .map(|to| match to == origin {
+                        true => self.log[origin].len(),
+                        false => self.applied(to, origin),
+                    })
+                    .min()
+                    .unwrap_or(0);
+                match least == self.log[origin].len() {
+                    true => self.replicas[origin].clock.last(),
+                    false if least == 0 => Hlc::ZERO,
+                    false => self.log[origin][least - 1].hlc,
+                }
+            })
+            .min()
+            .unwrap_or(Hlc::ZERO)
+    }
+
+    /// One replica drops the tombstones at or below the stable HLC, and forgets keys left
+    /// empty, as a replica's garbage collection does.
+    fn collect(&mut self, replica: usize) {
+        let stable = self.stable_hlc();
+        let keys = &mut self.replicas[replica].keys;
+        for state in keys.values_mut() {
+            state.collect_tombstones(stable);
+        }
+        keys.retain(|_, state| !state.is_empty());
+    }
+}
+
+/// Steps with, now and then, one replica collecting its stable tombstones.
+fn steps_with_collection() -> impl Strategy<Value = Vec<(Step, Option<usize>)>> {
+    prop::collection::vec((step(), prop::option::weighted(0.15, 0..REPLICAS)), 1..80)
+}
+
 fn scenario() -> impl Strategy<Value = (Vec<u64>, Vec<Step>, Vec<usize>)> {
     (
         prop::collection::vec(0..50u64, REPLICAS),
@@ -224,6 +264,42 @@ proptest! {
             prop_assert_eq!(&first.keys, &other.keys);
         }
         prop_assert_eq!(first.values(), oracle_of(&mesh.all_events()));
+    }
+
+    /// Tombstones collected at the stable HLC, by any replica at any time, change nothing a
+    /// client sees: every replica still ends with the oracle's values, and once every replica
+    /// has collected at the end, all hold identical states, equal to those of a mesh that ran
+    /// the same steps and collected only at the end.
+    #[test]
+    fn collecting_stable_tombstones_changes_no_outcome(
+        skew in prop::collection::vec(0..50u64, REPLICAS),
+        steps in steps_with_collection(),
+        order in prop::collection::vec(0..REPLICAS, 1..16),
+    ) {
+        let mut collecting = Mesh::new(skew.clone());
+        let mut plain = Mesh::new(skew);
+        for (step, collect) in &steps {
+            collecting.run(step);
+            plain.run(step);
+            if let Some(replica) = collect {
+                collecting.collect(*replica);
+            }
+        }
+        collecting.deliver_all(&order);
+        plain.deliver_all(&order);
+        let oracle = oracle_of(&collecting.all_events());
+        for replica in &collecting.replicas {
+            prop_assert_eq!(replica.values(), oracle.clone());
+        }
+        for replica in 0..REPLICAS {
+            collecting.collect(replica);
+            plain.collect(replica);
+        }
+        for (ours, theirs) in collecting.replicas.iter().zip(&plain.replicas) {
+            prop_assert_eq!(&ours.keys, &collecting.replicas[0].keys);
+            prop_assert_eq!(&ours.keys, &theirs.keys);
+            prop_assert!(ours.keys.values().all(|s| s.oldest_tombstone().is_none()));
+        }
     }
 
     /// Merge is commutative, associative and idempotent on replica states taken mid-run.

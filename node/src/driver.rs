@@ -89,6 +89,8 @@ pub enum Input {
     },
     /// The stable frontier the control plane committed: the change log is trimmed through it.
     StableFrontier(VersionVector),
+    /// The stable HLC the control plane committed: tombstones at or below it are dropped.
+    StableHlc(Hlc),
     /// The topology the control plane committed: subscriptions follow it.
     Topology(Topology),
     /// This region is leaving the mesh: from now on client writes are refused.
@@ -99,7 +101,7 @@ pub enum Input {
     /// either durability mode), since others garbage-collect what every checkpoint holds.
     Checkpoint {
         /// Where it goes.
-        reply: oneshot::Sender<VersionVector>,
+        reply: oneshot::Sender<(VersionVector, Hlc)>,
     },
     /// Keys of a data snapshot being fetched (a resynchronisation): merged, then acknowledged.
     SnapshotChunk {
@@ -143,6 +145,8 @@ pub struct Snapshot {
     pub log_events: u64,
     /// Per origin, what the change log was trimmed through.
     pub trimmed: VersionVector,
+    /// The stable HLC garbage collection last worked to (`Hlc::ZERO`: none yet).
+    pub stable_hlc: Hlc,
     /// Per neighbor: whether our subscription and its feed are open, the origins we pull from
     /// it, and its vector as last known.
     pub peers: BTreeMap<NodeId, PeerSnapshot>,
@@ -309,7 +313,7 @@ impl Driver {
             }
             Input::Checkpoint { reply } => {
                 self.replica.storage().sync()?;
-                let _ = reply.send(self.replica.vector().clone());
+                let _ = reply.send(self.replica.checkpoint());
             }
             Input::Topology(topology) => self.handle_topology(topology, now),
             Input::Leaving => {
@@ -334,6 +338,12 @@ impl Driver {
                 let deleted = self.replica.handle_stable_frontier(&frontier)?;
                 if deleted > 0 {
                     debug!(deleted, trimmed = ?self.replica.trimmed(), "change log trimmed");
+                }
+            }
+            Input::StableHlc(stable) => {
+                let keys = self.replica.handle_stable_hlc(stable)?;
+                if keys > 0 {
+                    debug!(keys, %stable, "tombstones collected");
                 }
             }
             Input::Peer {
@@ -518,6 +528,7 @@ impl Driver {
             held_events: self.replica.held_events(),
             log_events: self.replica.log_events(),
             trimmed: self.replica.trimmed().clone(),
+            stable_hlc: self.replica.stable_hlc(),
             peers,
         }
     }

@@ -88,6 +88,16 @@ pub struct Status {
     /// behind the others' logs).
     #[serde(default)]
     pub snapshots_installed: u64,
+    /// The stable HLC this node's garbage collection last worked to, as `wall_ms.logical`
+    /// (null: none yet).
+    #[serde(default)]
+    pub gc_stable_hlc: Option<String>,
+    /// Keys whose tombstones were dropped at the stable HLC since start.
+    #[serde(default)]
+    pub tombstones_collected: u64,
+    /// Keys forgotten since start: nothing but tombstones was left of them.
+    #[serde(default)]
+    pub keys_forgotten: u64,
     /// Each neighbor.
     pub peers: Vec<PeerStatus>,
     /// The control plane: `leader`, `term`, `raft_role`, `members`, `stable_frontier` (at the
@@ -233,6 +243,10 @@ impl AdminState {
             subscriptions_refused_behind: snapshot.stats.subscriptions_behind,
             change_log_events_retention_trimmed: snapshot.stats.log_events_retention_trimmed,
             snapshots_installed: snapshot.stats.snapshots_installed,
+            gc_stable_hlc: (snapshot.stable_hlc > braid_conflict::Hlc::ZERO)
+                .then(|| crate::control::plane::hlc_text(snapshot.stable_hlc)),
+            tombstones_collected: snapshot.stats.tombstones_collected,
+            keys_forgotten: snapshot.stats.keys_forgotten,
             peers,
             control,
         }
@@ -347,6 +361,7 @@ impl AdminState {
         }
         let _ = writeln!(out, "# HELP braid_change_log_events Events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
         let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted below the stable frontier.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
+        let _ = writeln!(out, "# HELP braid_tombstones_collected_total Keys whose tombstones were dropped at the stable HLC.\n# TYPE braid_tombstones_collected_total counter\nbraid_tombstones_collected_total{{region=\"{region}\"}} {}", status.tombstones_collected);
         let _ = writeln!(out, "# HELP braid_up Seconds since the Unix epoch at scrape time.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} {}", now_ms() / 1000);
         out
     }

@@ -1072,6 +1072,14 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         status.change_log_events,
         named_vector_or(&status.change_log_trimmed, "nothing")
     );
+    if status.tombstones_collected > 0 || status.gc_stable_hlc.is_some() {
+        println!(
+            "tombstones: collected from {} keys ({} forgotten) at stable hlc {}",
+            status.tombstones_collected,
+            status.keys_forgotten,
+            status.gc_stable_hlc.as_deref().unwrap_or("none yet")
+        );
+    }
     if status.change_log_events_retention_trimmed > 0 || status.snapshots_installed > 0 {
         println!(
             "retention deleted {} events others may lack; data snapshots installed: {}",

@@ -7,6 +7,9 @@
 //!   cf "meta"  "vector"                        -> VersionVector
 //!              "hlc"                           -> Hlc (high-water mark)
 //!              "trimmed"                       -> VersionVector (log deleted through it)
+//!   cf "tombstones"  hlc (wall u64 BE ++ logical u32 BE ++ node u64 BE) ++ key bytes -> ()
+//!                                              (the tombstone index: keys by their oldest
+//!                                               tombstone, for garbage collection)
 //! ```
 //!
 //! Garbage collection deletes each origin's events through the stable frontier with one range
@@ -31,12 +34,14 @@ use serde::{Deserialize, Serialize};
 const CF_DATA: &str = "data";
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
+const CF_TOMBSTONES: &str = "tombstones";
 const META_VECTOR: &[u8] = b"vector";
 const META_HLC: &[u8] = b"hlc";
 const META_FORMAT: &[u8] = b"format";
 const META_TRIMMED: &[u8] = b"trimmed";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
-const FORMAT_VERSION: u32 = 1;
+/// Format 2 added the tombstone index (and the checkpoints' HLC in the Raft log beside it).
+const FORMAT_VERSION: u32 = 2;
 /// Events read per step by [`RocksStorage::log_of`].
 const LOG_READ_EVENTS: usize = 1024;
 
@@ -120,6 +125,35 @@ fn decode<T: for<'de> Deserialize<'de>>(
     }
 }
 
+/// Bytes of the HLC prefix of a tombstone-index key.
+const TOMBSTONE_HLC_BYTES: usize = 20;
+
+/// A tombstone-index key: the HLC in an order-preserving encoding, then the key.
+fn tombstone_key(hlc: Hlc, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(TOMBSTONE_HLC_BYTES + key.len());
+    out.extend_from_slice(&hlc.wall_ms.to_be_bytes());
+    out.extend_from_slice(&hlc.logical.to_be_bytes());
+    out.extend_from_slice(&hlc.node.0.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The HLC and key of a tombstone-index key, or `None` for a key too short to be one.
+fn parse_tombstone_key(raw: &[u8]) -> Option<(Hlc, bytes::Bytes)> {
+    let wall = raw.get(..8)?.try_into().ok()?;
+    let logical = raw.get(8..12)?.try_into().ok()?;
+    let node = raw.get(12..TOMBSTONE_HLC_BYTES)?.try_into().ok()?;
+    let hlc = Hlc::new(
+        u64::from_be_bytes(wall),
+        u32::from_be_bytes(logical),
+        braid_conflict::NodeId(u64::from_be_bytes(node)),
+    );
+    Some((
+        hlc,
+        bytes::Bytes::copy_from_slice(&raw[TOMBSTONE_HLC_BYTES..]),
+    ))
+}
+
 fn log_key(origin: NodeId, seq: Seq) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&origin.0.to_be_bytes());
@@ -182,6 +216,7 @@ impl RocksStorage {
             ColumnFamilyDescriptor::new(CF_DATA, data_options()),
             ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_TOMBSTONES, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&options, dir, families)?;
         let storage = RocksStorage {
@@ -199,6 +234,7 @@ impl RocksStorage {
             ColumnFamilyDescriptor::new(CF_DATA, data_options()),
             ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_TOMBSTONES, Options::default()),
         ];
         let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, families, false)?;
         let storage = RocksStorage {
@@ -419,8 +455,19 @@ impl Storage for RocksStorage {
 
     fn commit(&mut self, commit: Commit) -> Result<(), StorageError> {
         let (data, log, meta) = (self.cf(CF_DATA)?, self.cf(CF_LOG)?, self.cf(CF_META)?);
+        let tombstones = self.cf(CF_TOMBSTONES)?;
         let mut batch = WriteBatch::default();
+        for (hlc, key) in &commit.collected {
+            batch.delete_cf(tombstones, tombstone_key(*hlc, key));
+        }
         for (key, state) in &commit.keys {
+            if state.is_empty() {
+                batch.delete_cf(data, key);
+                continue;
+            }
+            if let Some(hlc) = state.oldest_tombstone() {
+                batch.put_cf(tombstones, tombstone_key(hlc, key), []);
+            }
             batch.put_cf(data, key, encode(state, "key state")?);
         }
         for event in &commit.events {
@@ -439,6 +486,32 @@ impl Storage for RocksStorage {
         options.set_sync(self.durability == Durability::Machine);
         self.db.write_opt(batch, &options)?;
         Ok(())
+    }
+
+    fn tombstones_through(
+        &mut self,
+        stable: Hlc,
+        keys_max: usize,
+    ) -> Result<Vec<(Hlc, bytes::Bytes)>, StorageError> {
+        let mut entries = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_TOMBSTONES)?, IteratorMode::Start)
+        {
+            if entries.len() >= keys_max {
+                break;
+            }
+            let (raw, _) = item?;
+            let (hlc, key) = parse_tombstone_key(&raw).ok_or(StorageError::Corrupt {
+                what: "tombstone index",
+                reason: format!("a key of {} bytes", raw.len()),
+            })?;
+            if hlc > stable {
+                break;
+            }
+            entries.push((hlc, key));
+        }
+        Ok(entries)
     }
 
     fn log_after(
@@ -512,6 +585,7 @@ mod tests {
             vector: vector.clone(),
             hlc: Hlc::new(5, 0, node),
             trim_through: VersionVector::new(),
+            collected: Vec::new(),
         };
         storage.commit(commit.clone()).unwrap();
         // Another origin's events must not leak into this origin's range.
@@ -531,6 +605,7 @@ mod tests {
                 vector: vector.clone(),
                 hlc: Hlc::new(9, 0, node),
                 trim_through: VersionVector::new(),
+                collected: Vec::new(),
             })
             .unwrap();
 
@@ -592,6 +667,7 @@ mod tests {
                 hlc: Hlc::new(10, 0, node),
                 // A commit may trim too, in the same atomic write.
                 trim_through: [(node, Seq(4))].into_iter().collect(),
+                collected: Vec::new(),
             })
             .unwrap();
         let recovered = storage.recover().unwrap();
@@ -610,6 +686,50 @@ mod tests {
                 vec![]
             );
         }
+
+        // The tombstone index: a deleted string is indexed by its tombstone's HLC, found up to
+        // a stable HLC at or above it, and a commit that collects it (writing the state left,
+        // here empty) deletes both the entry and the key.
+        let mut tombstoned = keys[1].1.clone();
+        let delete = tombstoned
+            .prepare(node, Command::Delete)
+            .unwrap()
+            .op
+            .unwrap();
+        let at = Hlc::new(20, 0, node);
+        tombstoned.apply(&delete, at);
+        assert_eq!(tombstoned.oldest_tombstone(), Some(at));
+        let plain = |keys: Vec<(Bytes, KeyState)>, collected: Vec<(Hlc, Bytes)>| Commit {
+            keys,
+            events: vec![],
+            vector: vector.clone(),
+            hlc: Hlc::new(30, 0, node),
+            trim_through: VersionVector::new(),
+            collected,
+        };
+        storage
+            .commit(plain(vec![(keys[1].0.clone(), tombstoned.clone())], vec![]))
+            .unwrap();
+        assert_eq!(
+            storage
+                .tombstones_through(Hlc::new(19, 0, node), 10)
+                .unwrap(),
+            vec![]
+        );
+        let entries = storage.tombstones_through(at, 10).unwrap();
+        assert_eq!(entries, vec![(at, keys[1].0.clone())]);
+        assert_eq!(storage.tombstones_through(at, 0).unwrap(), vec![]);
+        assert!(tombstoned.collect_tombstones(at));
+        assert!(tombstoned.is_empty());
+        storage
+            .commit(plain(vec![(keys[1].0.clone(), tombstoned)], entries))
+            .unwrap();
+        assert_eq!(storage.key_state(&keys[1].0).unwrap(), None);
+        assert_eq!(storage.tombstones_through(at, 10).unwrap(), vec![]);
+        assert_eq!(
+            storage.key_state(&keys[2].0).unwrap(),
+            Some(keys[2].1.clone())
+        );
     }
 
     #[test]
@@ -688,6 +808,7 @@ mod tests {
                 vector,
                 hlc,
                 trim_through: VersionVector::new(),
+                collected: Vec::new(),
             })
             .unwrap();
     }

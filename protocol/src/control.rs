@@ -3,7 +3,8 @@
 //! changes it. Pure and deterministic: the Raft glue (openraft, in `braid-node` and in the
 //! simulator) applies each committed command through [`ControlState::apply`], and every node
 //! derives its subscriptions ([`ControlState::topology`]) and what it may garbage-collect
-//! ([`ControlState::stable_frontier`]) from the result.
+//! ([`ControlState::stable_frontier`] for change logs, [`ControlState::stable_hlc`] for
+//! tombstones) from the result.
 //!
 //! ```text
 //!   join ──► Joining ──activate──► Active ──drain──► Draining ──remove──► Removed
@@ -16,6 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+use braid_conflict::Hlc;
 
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::topology::{Topology, TopologyError};
@@ -92,6 +95,22 @@ pub struct Checkpoint {
     pub vector: VersionVector,
     /// When it reported, milliseconds since the Unix epoch (its own clock).
     pub reported_ms: u64,
+    /// Its durable HLC high-water mark when it reported: every event it issued before has a
+    /// sequence number within `vector`, every event it issues later a greater HLC.
+    pub hlc: Hlc,
+}
+
+/// What the committed checkpoints prove about one origin's HLCs, for [`ControlState::stable_hlc`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HlcFloor {
+    /// Every event of the origin that some member has not applied yet carries a greater HLC.
+    /// [`Hlc::ZERO`] until a report of the origin's is confirmed.
+    pub floor: Hlc,
+    /// The origin's oldest unconfirmed report: its own sequence number and HLC then. Once every
+    /// member has applied the origin's events through that number, every event still on its
+    /// way was issued after the report, so `floor` rises to that HLC. Kept until confirmed (a
+    /// newer report does not replace it), so that reports arriving in any rhythm confirm.
+    pub pending: Option<(Seq, Hlc)>,
 }
 
 /// A change the Raft group commits.
@@ -121,6 +140,8 @@ pub enum ControlCommand {
         node: NodeId,
         /// Its vector.
         vector: VersionVector,
+        /// Its durable HLC high-water mark (see [`Checkpoint::hlc`]).
+        hlc: Hlc,
         /// When, on its clock.
         reported_ms: u64,
     },
@@ -191,6 +212,8 @@ pub struct ControlState {
     members: BTreeMap<NodeId, Member>,
     topology: TopologySpec,
     checkpoints: BTreeMap<NodeId, Checkpoint>,
+    /// Per origin (removed members' too), what its reports prove about its HLCs.
+    floors: BTreeMap<NodeId, HlcFloor>,
 }
 
 fn check_text(what: &str, text: &str, max: usize) -> Result<(), ControlError> {
@@ -212,6 +235,7 @@ impl ControlState {
             members: BTreeMap::new(),
             topology: TopologySpec::FullMesh,
             checkpoints: BTreeMap::new(),
+            floors: BTreeMap::new(),
         };
         for member in members {
             let id = member.id;
@@ -324,6 +348,7 @@ impl ControlState {
             ControlCommand::ReportCheckpoint {
                 node,
                 vector,
+                hlc,
                 reported_ms,
             } => {
                 if !self.current().any(|m| m.id == *node) {
@@ -342,8 +367,14 @@ impl ControlState {
                     Checkpoint {
                         vector: vector.clone(),
                         reported_ms: *reported_ms,
+                        hlc: *hlc,
                     },
                 );
+                let floor = self.floors.entry(*node).or_default();
+                if floor.pending.is_none() && *hlc > floor.floor {
+                    floor.pending = Some((vector.get(*node), *hlc));
+                }
+                self.confirm_floors();
             }
         }
         Ok(())
@@ -467,6 +498,74 @@ impl ControlState {
             .collect()
     }
 
+    /// Per origin, the frontier if every member that is not removed has reported (`None`
+    /// otherwise: nothing is known to be everywhere).
+    fn known_frontier(&self) -> Option<VersionVector> {
+        let all_reported = self.current().all(|m| self.checkpoints.contains_key(&m.id));
+        all_reported.then(|| self.stable_frontier())
+    }
+
+    /// Raises each origin's floor to its pending report's HLC once every member has applied
+    /// the origin's events through that report.
+    fn confirm_floors(&mut self) {
+        let Some(frontier) = self.known_frontier() else {
+            return;
+        };
+        for (origin, floor) in &mut self.floors {
+            if let Some((seq, hlc)) = floor.pending {
+                if frontier.get(*origin) >= seq {
+                    floor.floor = floor.floor.max(hlc);
+                    floor.pending = None;
+                }
+            }
+        }
+    }
+
+    /// What each origin's reports prove about its HLCs.
+    pub fn floors(&self) -> &BTreeMap<NodeId, HlcFloor> {
+        &self.floors
+    }
+
+    /// The **stable HLC**: every event that some member has not applied yet carries a greater
+    /// HLC, so tombstones at or below it guard against nothing and may be dropped
+    /// ([`braid_conflict::KeyState::collect_tombstones`]). `None` while nothing is known:
+    /// before every member has reported and each origin's report has been confirmed.
+    ///
+    /// It is the least floor over the origins that may still have events on their way: every
+    /// member that is not removed, and each removed one whose events the members do not all
+    /// hold alike (they may still pass one to another). Each origin's future events carry HLCs
+    /// above its reported high-water mark, so a member that writes nothing holds it back only
+    /// as far as its clock. A new member must adopt it before it issues a timestamp (it does so
+    /// with the HLC of its data snapshot, which is at least its donor's floor).
+    pub fn stable_hlc(&self) -> Option<Hlc> {
+        self.known_frontier()?;
+        let vectors: Vec<&VersionVector> = self
+            .current()
+            .filter_map(|m| self.checkpoints.get(&m.id).map(|c| &c.vector))
+            .collect();
+        let settled = |origin: NodeId| {
+            let mut seqs = vectors.iter().map(|v| v.get(origin));
+            let first = seqs.next().unwrap_or(Seq::ZERO);
+            seqs.all(|s| s == first)
+        };
+        let mut origins: BTreeSet<NodeId> = self.current().map(|m| m.id).collect();
+        origins.extend(self.floors.keys().copied());
+        origins.extend(vectors.iter().flat_map(|v| v.iter().map(|(o, _)| o)));
+        let mut least: Option<Hlc> = None;
+        for origin in origins {
+            let current = self
+                .members
+                .get(&origin)
+                .is_some_and(|m| m.state != MemberState::Removed);
+            if !current && settled(origin) {
+                continue;
+            }
+            let floor = self.floors.get(&origin).map_or(Hlc::ZERO, |f| f.floor);
+            least = Some(least.map_or(floor, |l| l.min(floor)));
+        }
+        least.filter(|hlc| *hlc > Hlc::ZERO)
+    }
+
     /// The rules every state keeps (checked after each apply in debug builds).
     fn invariants_hold(&self) -> bool {
         let current: Vec<&Member> = self.current().collect();
@@ -479,6 +578,11 @@ impl ControlState {
                 .keys()
                 .all(|n| current.iter().any(|m| m.id == *n))
             && self.members.iter().all(|(id, m)| *id == m.id)
+            && self.floors.keys().all(|n| self.members.contains_key(n))
+            && self
+                .floors
+                .values()
+                .all(|f| f.pending.is_none_or(|(_, hlc)| hlc > f.floor))
     }
 }
 
@@ -510,13 +614,22 @@ mod tests {
     }
 
     fn report(state: &mut ControlState, node: u64, seqs: &[(u64, u64)], at: u64) {
+        report_hlc(state, node, seqs, at, at);
+    }
+
+    fn report_hlc(state: &mut ControlState, node: u64, seqs: &[(u64, u64)], at: u64, hlc: u64) {
         state
             .apply(&ControlCommand::ReportCheckpoint {
                 node: NodeId(node),
                 vector: vector(seqs),
+                hlc: Hlc::new(hlc, 0, braid_conflict::NodeId(node)),
                 reported_ms: at,
             })
             .unwrap();
+    }
+
+    fn hlc(wall_ms: u64, node: u64) -> Hlc {
+        Hlc::new(wall_ms, 0, braid_conflict::NodeId(node))
     }
 
     #[test]
@@ -568,6 +681,7 @@ mod tests {
         let report = ControlCommand::ReportCheckpoint {
             node: NodeId(1),
             vector: vector(&[(1, 1)]),
+            hlc: Hlc::ZERO,
             reported_ms: 1,
         };
         assert_eq!(
@@ -677,6 +791,64 @@ mod tests {
     }
 
     #[test]
+    fn the_stable_hlc_waits_for_each_origin_to_be_confirmed() {
+        let mut s = three();
+        // a reports at HLC 100 having issued 5 events; b and c have not reported yet.
+        report_hlc(&mut s, 1, &[(1, 5)], 10, 100);
+        assert_eq!(s.stable_hlc(), None, "b and c have not reported");
+        report_hlc(&mut s, 2, &[(1, 3), (2, 4)], 10, 200);
+        report_hlc(&mut s, 3, &[(1, 5), (2, 4), (3, 2)], 10, 300);
+        // b lacks a's events 4 and 5: a's report is not confirmed, nothing is known of a.
+        assert_eq!(s.stable_hlc(), None);
+        assert_eq!(
+            s.floors()[&NodeId(2)].floor,
+            Hlc::ZERO,
+            "a lacks b's events"
+        );
+        // b catches up: a's report is confirmed; b's and c's wait for a to have their events.
+        report_hlc(&mut s, 2, &[(1, 5), (2, 4), (3, 2)], 20, 400);
+        assert_eq!(s.floors()[&NodeId(1)].floor, hlc(100, 1));
+        assert_eq!(s.floors()[&NodeId(3)].floor, Hlc::ZERO);
+        assert_eq!(
+            s.stable_hlc(),
+            None,
+            "b's and c's reports are not confirmed"
+        );
+        // a reports again, with b's and c's events: their first reports are confirmed, and so
+        // is a's new one at once (everyone has a's 5 events).
+        report_hlc(&mut s, 1, &[(1, 5), (2, 4), (3, 2)], 20, 500);
+        assert_eq!(s.floors()[&NodeId(2)].floor, hlc(200, 2));
+        assert_eq!(s.floors()[&NodeId(3)].floor, hlc(300, 3));
+        assert_eq!(s.floors()[&NodeId(1)].floor, hlc(500, 1));
+        assert_eq!(s.stable_hlc(), Some(hlc(200, 2)));
+        // A pending report is not replaced by later ones: b writes on, its reports keep coming,
+        // and the first unconfirmed one is confirmed as soon as everyone has its events.
+        report_hlc(&mut s, 2, &[(1, 5), (2, 9), (3, 2)], 30, 600);
+        report_hlc(&mut s, 2, &[(1, 5), (2, 12), (3, 2)], 40, 700);
+        assert_eq!(s.floors()[&NodeId(2)].pending, Some((Seq(9), hlc(600, 2))));
+        report_hlc(&mut s, 3, &[(1, 5), (2, 10), (3, 2)], 40, 710);
+        report_hlc(&mut s, 1, &[(1, 5), (2, 10), (3, 2)], 40, 720);
+        assert_eq!(s.floors()[&NodeId(2)].floor, hlc(600, 2));
+        assert_eq!(s.stable_hlc(), Some(hlc(600, 2)));
+        // A joining member holds it back until it has reported and been confirmed.
+        s.apply(&ControlCommand::Join(member(4, "d"))).unwrap();
+        assert_eq!(s.stable_hlc(), None);
+        report_hlc(&mut s, 4, &[(1, 5), (2, 10), (3, 2)], 50, 800);
+        assert_eq!(s.stable_hlc(), Some(hlc(600, 2)));
+        // A removed member whose events everyone holds alike no longer counts; one whose events
+        // the members hold unevenly still does.
+        s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
+        s.apply(&ControlCommand::Remove(NodeId(2))).unwrap();
+        assert_eq!(s.stable_hlc(), Some(hlc(710, 3)));
+        report_hlc(&mut s, 3, &[(1, 5), (2, 12), (3, 2)], 60, 900);
+        assert_eq!(
+            s.stable_hlc(),
+            Some(hlc(600, 2)),
+            "a and d lack b's 11 and 12"
+        );
+    }
+
+    #[test]
     fn voters_are_the_first_five_active_members() {
         let members = (1..=7).map(|i| member(i, &format!("r{i}"))).collect();
         let mut s = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
@@ -724,6 +896,7 @@ mod tests {
                 .prop_map(|(node, seqs, at)| ControlCommand::ReportCheckpoint {
                     node,
                     vector: vector(&seqs),
+                    hlc: Hlc::new(at, 0, braid_conflict::NodeId(node.0)),
                     reported_ms: at,
                 }),
         ]

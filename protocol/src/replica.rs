@@ -40,6 +40,9 @@
 //! [`Replica::handle_stable_frontier`] takes the frontier the control plane derived from every
 //! region's checkpoint and deletes the change-log events at or below it. A subscription asking
 //! for deleted events is refused with [`PeerError::Behind`].
+//! [`Replica::handle_stable_hlc`] takes the stable HLC the control plane derived (every event
+//! some region lacks carries a greater one) and drops the tombstones at or below it, key by key
+//! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -241,6 +244,10 @@ pub struct Stats {
     pub snapshots_installed: u64,
     /// Change-log events deleted by the retention bounds, beyond the stable frontier.
     pub log_events_retention_trimmed: u64,
+    /// Keys whose tombstones were dropped at the stable HLC.
+    pub tombstones_collected: u64,
+    /// Keys forgotten altogether: nothing but tombstones was left of them.
+    pub keys_forgotten: u64,
     /// Per origin: milliseconds from the origin's HLC to the apply here.
     pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
     /// Per origin: the lag of the latest event applied, in milliseconds.
@@ -248,6 +255,10 @@ pub struct Stats {
     /// Per origin: the HLC of the latest event applied (a freshness watermark).
     pub latest_hlc: BTreeMap<NodeId, Hlc>,
 }
+
+/// Tombstone-index entries one garbage-collection step visits; the rest waits for the next
+/// tick. Bounds the reads and the size of the step's one commit (a thousand small key states).
+pub const GC_KEYS_PER_STEP: usize = 1024;
 
 /// Events read at a time while applying the retention bounds.
 const RETENTION_READ_EVENTS: usize = 1024;
@@ -278,6 +289,8 @@ impl Stats {
             subscriptions_behind: 0,
             snapshots_installed: 0,
             log_events_retention_trimmed: 0,
+            tombstones_collected: 0,
+            keys_forgotten: 0,
             lag_ms: BTreeMap::new(),
             lag_ms_last: BTreeMap::new(),
             latest_hlc: BTreeMap::new(),
@@ -342,6 +355,12 @@ pub struct Replica<S: Storage> {
     peer_vectors: BTreeMap<NodeId, VersionVector>,
     /// Per origin, the highest seq deleted from the change log (every region holds it).
     trimmed: VersionVector,
+    /// The HLC high-water mark of the last commit: what storage would give back after a crash.
+    durable_hlc: Hlc,
+    /// The greatest stable HLC the control plane gave (`Hlc::ZERO`: none yet).
+    stable_hlc: Hlc,
+    /// Whether the last garbage-collection step was full: the next tick takes another.
+    gc_more: bool,
     /// Since when each neighbor without an open subscription has been unreachable.
     down_since_ms: BTreeMap<NodeId, u64>,
     /// Per origin pulled from a peer that is ahead of us: our seq and since when it has not
@@ -378,6 +397,9 @@ impl<S: Storage> Replica<S> {
             stalled: BTreeMap::new(),
             clock,
             trimmed: recovered.trimmed,
+            durable_hlc: recovered.hlc,
+            stable_hlc: Hlc::ZERO,
+            gc_more: false,
             vector: recovered.vector,
             topology,
             storage,
@@ -451,6 +473,18 @@ impl<S: Storage> Replica<S> {
     /// The greatest HLC issued or adopted.
     pub fn hlc(&self) -> Hlc {
         self.clock.last()
+    }
+
+    /// What a checkpoint reports: the vector and the HLC high-water mark of the last commit.
+    /// Every event this replica issued has a sequence number within the vector, and every event
+    /// it issues from now on carries a greater HLC, even after a crash.
+    pub fn checkpoint(&self) -> (VersionVector, Hlc) {
+        (self.vector.clone(), self.durable_hlc)
+    }
+
+    /// The greatest stable HLC given to [`Replica::handle_stable_hlc`] (`Hlc::ZERO`: none).
+    pub fn stable_hlc(&self) -> Hlc {
+        self.stable_hlc
     }
 
     /// The stored state of `key`.
@@ -543,8 +577,18 @@ impl<S: Storage> Replica<S> {
             vector: self.vector.clone(),
             hlc: self.clock.last(),
             trim_through: VersionVector::new(),
+            collected: Vec::new(),
         };
-        self.storage.commit(commit)
+        self.commit_whole(commit)
+    }
+
+    /// Every commit goes through here: the HLC it makes durable is what checkpoints report.
+    fn commit_whole(&mut self, commit: Commit) -> Result<(), S::Error> {
+        let hlc = commit.hlc;
+        debug_assert!(hlc >= self.durable_hlc, "the durable HLC never goes back");
+        self.storage.commit(commit)?;
+        self.durable_hlc = hlc;
+        Ok(())
     }
 
     // ---- connection lifecycle ----
@@ -1056,8 +1100,9 @@ impl<S: Storage> Replica<S> {
             vector: self.vector.clone(),
             hlc: self.clock.last(),
             trim_through: through,
+            collected: Vec::new(),
         };
-        self.storage.commit(commit)?;
+        self.commit_whole(commit)?;
         self.stats.snapshots_installed += 1;
         assert!(self.vector.dominates(&self.trimmed));
         self.gap_since_ms = None;
@@ -1075,6 +1120,69 @@ impl<S: Storage> Replica<S> {
     /// deleted events from then on is told it is [`PeerError::Behind`].
     pub fn handle_stable_frontier(&mut self, frontier: &VersionVector) -> Result<u64, S::Error> {
         self.trim_through(frontier)
+    }
+
+    /// The stable HLC the control plane committed: every event some region has not applied
+    /// yet carries a greater HLC. Adopts it as the clock's floor (a region that just joined
+    /// must never issue a timestamp at or below a tombstone the others dropped), then takes a
+    /// garbage-collection step: tombstones at or below it are dropped, and keys left with
+    /// nothing are forgotten. Returns how many keys lost tombstones. Only forward: an older
+    /// stable HLC changes nothing.
+    pub fn handle_stable_hlc(&mut self, stable: Hlc) -> Result<u64, S::Error> {
+        if stable <= self.stable_hlc {
+            return Ok(0);
+        }
+        self.stable_hlc = stable;
+        if stable > self.clock.last() {
+            self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, stable);
+            // Durable before any timestamp above it is issued.
+            self.commit(Vec::new(), Vec::new())?;
+        }
+        self.collect_tombstones()
+    }
+
+    /// One garbage-collection step over the tombstone index (at most [`GC_KEYS_PER_STEP`]
+    /// entries), in one commit.
+    fn collect_tombstones(&mut self) -> Result<u64, S::Error> {
+        self.gc_more = false;
+        if self.stable_hlc == Hlc::ZERO {
+            return Ok(0);
+        }
+        let entries = self
+            .storage
+            .tombstones_through(self.stable_hlc, GC_KEYS_PER_STEP)?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        assert!(entries.len() <= GC_KEYS_PER_STEP);
+        self.gc_more = entries.len() == GC_KEYS_PER_STEP;
+        let mut keys: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut collected = 0;
+        for (_, key) in &entries {
+            if keys.contains_key(key) {
+                continue; // an older entry of the same key
+            }
+            // Every key taken is in the commit below.
+            let Some(mut state) = self.storage.take_key_state(key)? else {
+                continue; // the entry outlived its key
+            };
+            if state.collect_tombstones(self.stable_hlc) {
+                collected += 1;
+                self.stats.keys_forgotten += u64::from(state.is_empty());
+            }
+            keys.insert(key.clone(), state);
+        }
+        let commit = Commit {
+            keys: keys.into_iter().collect(),
+            events: Vec::new(),
+            vector: self.vector.clone(),
+            hlc: self.clock.last(),
+            trim_through: VersionVector::new(),
+            collected: entries,
+        };
+        self.commit_whole(commit)?;
+        self.stats.tombstones_collected += collected;
+        Ok(collected)
     }
 
     /// Deletes each origin's change-log events through `through[origin]`, never beyond what
@@ -1218,6 +1326,9 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.enforce_retention(now_ms)?;
+        if self.gc_more {
+            self.collect_tombstones()?;
+        }
         self.refresh_routes(now_ms);
         self.detect_stalls(now_ms);
         if let Some(since) = self.gap_since_ms {
@@ -1272,6 +1383,7 @@ impl<S: Storage> Replica<S> {
             self.vector.dominates(&self.trimmed),
             "the log is trimmed only below what is held"
         );
+        assert!(self.durable_hlc <= self.clock.last());
         for feed in self.feeds.values() {
             assert!(feed.inflight <= self.config.peer_inflight_batches_max);
         }

@@ -5,8 +5,15 @@
 //! it touched, the events it appended to the change log, and the version vector and HLC
 //! high-water mark after it. A crash leaves either all of a commit or none of it, which is what
 //! makes "apply an event and advance the vector" exactly-once.
+//!
+//! **Tombstone index.** A storage keeps, beside the key states, an index of the keys that hold
+//! tombstones, by the HLC of each key's oldest one ([`KeyState::oldest_tombstone`]): every key
+//! state a commit writes that holds a tombstone is indexed, and garbage collection reads the
+//! index ([`Storage::tombstones_through`]) instead of scanning every key. An entry may outlive
+//! its tombstone (a later write replaced it): garbage collection finds nothing to drop there and
+//! removes the entry. A commit that writes an empty key state deletes the key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use braid_conflict::{Hlc, KeyState};
 use bytes::Bytes;
@@ -29,6 +36,9 @@ pub struct Commit {
     /// origin, recorded as [`Recovered::trimmed`] (empty: none). A data snapshot's install sets
     /// it: the events it brings are in the key states, not the log.
     pub trim_through: VersionVector,
+    /// Tombstone-index entries garbage collection has visited, removed in the same commit
+    /// (before the index entries of `keys` are added).
+    pub collected: Vec<(Hlc, Bytes)>,
 }
 
 /// What a replica finds in storage when it starts.
@@ -75,6 +85,13 @@ pub trait Storage {
     /// only forward.
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), Self::Error>;
 
+    /// Entries of the tombstone index at or below `stable`, oldest first, at most `keys_max`.
+    fn tombstones_through(
+        &mut self,
+        stable: Hlc,
+        keys_max: usize,
+    ) -> Result<Vec<(Hlc, Bytes)>, Self::Error>;
+
     /// Events of `origin` with sequence numbers above `after`, in order: at most `events_max`
     /// of them, and no more than `bytes_max` bytes of keys and values (at least one event is
     /// returned if any exists).
@@ -95,6 +112,8 @@ pub struct MemoryStorage {
     pub keys: BTreeMap<Bytes, KeyState>,
     /// The change log, by origin and sequence number.
     pub log: BTreeMap<(NodeId, Seq), ChangeEvent>,
+    /// The tombstone index: keys by the HLC of their oldest tombstone.
+    pub tombstones: BTreeSet<(Hlc, Bytes)>,
     /// The last committed vector and HLC.
     pub recovered: Recovered,
     /// Commits applied so far.
@@ -131,7 +150,17 @@ impl Storage for MemoryStorage {
     }
 
     fn commit(&mut self, commit: Commit) -> Result<(), Infallible> {
+        for entry in &commit.collected {
+            self.tombstones.remove(entry);
+        }
         for (key, state) in commit.keys {
+            if state.is_empty() {
+                self.keys.remove(&key);
+                continue;
+            }
+            if let Some(hlc) = state.oldest_tombstone() {
+                self.tombstones.insert((hlc, key.clone()));
+            }
             self.keys.insert(key, state);
         }
         for event in commit.events {
@@ -159,6 +188,20 @@ impl Storage for MemoryStorage {
         }
         self.recovered.trimmed.merge(through);
         Ok(())
+    }
+
+    fn tombstones_through(
+        &mut self,
+        stable: Hlc,
+        keys_max: usize,
+    ) -> Result<Vec<(Hlc, Bytes)>, Infallible> {
+        Ok(self
+            .tombstones
+            .iter()
+            .take_while(|(hlc, _)| *hlc <= stable)
+            .take(keys_max)
+            .cloned()
+            .collect())
     }
 
     fn log_after(

@@ -1103,3 +1103,109 @@ fn a_snapshot_from_a_clock_far_ahead_does_not_drag_the_clock_along() {
     assert!(a.hlc().wall_ms >= now, "adopted up to the bound");
     a.check_invariants();
 }
+
+#[test]
+fn tombstones_at_or_below_the_stable_hlc_are_dropped_and_empty_keys_forgotten() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    net.write(A, "gone", Command::Set(b("x")));
+    net.write(
+        B,
+        "hash",
+        Command::HashSet(vec![(b("f1"), b("1")), (b("f2"), b("2"))]),
+    );
+    net.run();
+    net.write(A, "gone", Command::Delete);
+    net.write(B, "hash", Command::HashDelete(vec![b("f1")]));
+    net.run();
+    net.assert_converged();
+    let hlc_of = |net: &mut Net, key: &str| {
+        net.replicas
+            .get_mut(&C)
+            .unwrap()
+            .read(key.as_bytes())
+            .unwrap()
+            .and_then(|s| s.oldest_tombstone())
+            .unwrap()
+    };
+    let (gone_at, field_at) = (hlc_of(&mut net, "gone"), hlc_of(&mut net, "hash"));
+    assert!(gone_at < field_at, "the string was deleted first");
+    assert_eq!(
+        net.replicas[&C].storage().tombstones.len(),
+        2,
+        "both keys are indexed"
+    );
+
+    // Below both tombstones: nothing to drop.
+    let c = net.replicas.get_mut(&C).unwrap();
+    let below = Hlc::new(gone_at.wall_ms - 1, 0, gone_at.node);
+    assert_eq!(c.handle_stable_hlc(below).unwrap(), 0);
+    // Between them: the string's tombstone goes, and with it the whole key.
+    assert_eq!(c.handle_stable_hlc(gone_at).unwrap(), 1);
+    assert_eq!(c.read(b"gone").unwrap(), None, "nothing was left of it");
+    assert!(c
+        .read(b"hash")
+        .unwrap()
+        .unwrap()
+        .oldest_tombstone()
+        .is_some());
+    // An older stable HLC changes nothing; a newer one takes the field's tombstone.
+    assert_eq!(c.handle_stable_hlc(below).unwrap(), 0);
+    assert_eq!(c.handle_stable_hlc(field_at).unwrap(), 1);
+    let hash = c.read(b"hash").unwrap().unwrap();
+    assert_eq!(hash.oldest_tombstone(), None);
+    assert_eq!(hash.value(), Some(Value::Hash(vec![(b("f2"), b("2"))])));
+    assert_eq!(c.stats().tombstones_collected, 2);
+    assert_eq!(c.stats().keys_forgotten, 1);
+    assert!(c.storage().tombstones.is_empty(), "the index is emptied");
+    assert_eq!(c.stable_hlc(), field_at);
+
+    // C's state now differs from A's and B's only in what no future event can tell apart:
+    // writes keep converging to the oracle everywhere.
+    net.write(B, "gone", Command::SetAdd(vec![b("m")]));
+    net.write(A, "hash", Command::HashSet(vec![(b("f1"), b("again"))]));
+    net.run();
+    net.assert_converged();
+    // Once A and B collect at the same stable HLC, every state is identical. They drop the
+    // string's tombstone under the set; the field's was overwritten by a newer value (its
+    // index entry is stale, visited and removed).
+    for node in [A, B] {
+        let replica = net.replicas.get_mut(&node).unwrap();
+        assert_eq!(replica.handle_stable_hlc(field_at).unwrap(), 1);
+        assert!(replica.storage().tombstones.is_empty());
+    }
+    let states: Vec<_> = [A, B, C]
+        .iter()
+        .map(|n| net.replicas[n].storage().keys.clone())
+        .collect();
+    assert_eq!(states[0], states[1]);
+    assert_eq!(states[1], states[2]);
+}
+
+#[test]
+fn a_stable_hlc_ahead_of_the_clock_becomes_its_floor_durably() {
+    let topology = Topology::full_mesh([A]).unwrap();
+    let mut a = replica(A, &topology);
+    let ahead = Hlc::new(50_000, 3, braid_conflict::NodeId(9));
+    a.handle_stable_hlc(ahead).unwrap();
+    assert!(a.checkpoint().1 >= Hlc::new(50_000, 3, braid_conflict::NodeId(0)));
+    // Whatever the physical clock says, every timestamp issued from now on is above it.
+    a.handle_commands(vec![(b("k"), Command::Set(b("v")))], 10)
+        .unwrap();
+    let state = a.read(b"k").unwrap().unwrap();
+    let mut probe = state.clone();
+    // A write at the stable HLC loses against the one just made: it was issued above it.
+    let lost = probe.apply(
+        &braid_conflict::Op::Write {
+            replaces: None,
+            write: braid_conflict::Write::Set(b("older")),
+        },
+        ahead,
+    );
+    assert_eq!(lost.lww_lost, 1);
+    // And it survives a restart.
+    let storage = a.into_storage();
+    let reopened = Replica::open(ReplicaConfig::new(A), topology, storage, 10).unwrap();
+    assert!(reopened.hlc() >= Hlc::new(50_000, 3, braid_conflict::NodeId(0)));
+}

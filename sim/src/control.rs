@@ -7,6 +7,7 @@
 //!   RPC ─► Router ─► LinkPolicy (down, cut, loss, latency) ─► framed bytes ─► calls::answer
 //!   every CHECKPOINT_INTERVAL_MS: ReportCheckpoint(vector) ─► Router::propose (forwarded)
 //!   every tick: committed stable frontier ─► Replica::handle_stable_frontier (GC)
+//!               committed stable HLC      ─► Replica::handle_stable_hlc (tombstones)
 //!   metrics watch ─► leaders per term; state machine applies ─► entries per index
 //! ```
 //!
@@ -20,6 +21,7 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use braid_conflict::Hlc;
 use braid_node::control::router::{Fate, LinkPolicy, Router, RouterConnection, RouterNetwork};
 use braid_node::control::runtime::SeededRaftRng;
 use braid_node::control::store::{MemLogStore, Meta, SnapshotVault, StateMachineStore};
@@ -280,6 +282,8 @@ struct ControlNode {
     running: Option<(ControlRaft, StateMachineStore)>,
     /// The frontier last handed to the replica.
     frontier_sent: VersionVector,
+    /// The stable HLC last handed to the replica.
+    stable_hlc_sent: Option<Hlc>,
     next_checkpoint_ms: u64,
 }
 
@@ -393,6 +397,7 @@ impl ControlSim {
                 vault: Arc::new(MemVault::default()),
                 running: None,
                 frontier_sent: VersionVector::new(),
+                stable_hlc_sent: None,
                 // Staggered, as nodes that started at different moments report.
                 next_checkpoint_ms: CHECKPOINT_INTERVAL_MS / 2 + 250 * i as u64,
             })
@@ -488,6 +493,7 @@ impl ControlSim {
             let _ = raft.shutdown().await;
         }
         node.frontier_sent = VersionVector::new();
+        node.stable_hlc_sent = None;
     }
 
     /// The network's cut pairs and slow links, by region index, as the world has them now.
@@ -658,6 +664,17 @@ impl ControlSim {
         }
         node.frontier_sent = frontier.clone();
         Some(frontier)
+    }
+
+    /// The committed stable HLC region `i` has not yet been given, if it moved.
+    pub fn new_stable_hlc(&mut self, i: usize) -> Option<Hlc> {
+        let node = &mut self.nodes[i];
+        let stable = node.running.as_ref()?.1.state()?.stable_hlc()?;
+        if node.stable_hlc_sent == Some(stable) {
+            return None;
+        }
+        node.stable_hlc_sent = Some(stable);
+        Some(stable)
     }
 
     /// Runs the group alone (no world events) until every running node has applied what the

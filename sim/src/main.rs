@@ -84,11 +84,13 @@ fn print_report(report: &Report, scenario_path: &Path) {
     );
     println!(
         "  control plane: {} elections, {} commands committed, {} leaders killed; {} change-log \
-         events collected at the stable frontier, {} snapshots installed",
+         events collected at the stable frontier, tombstones of {} keys at the stable HLC, {} \
+         snapshots installed",
         report.raft_elections,
         report.control_commits,
         report.leader_kills,
         report.log_events_collected,
+        report.tombstones_collected,
         report.snapshots_installed
     );
     println!(

@@ -19,6 +19,9 @@ pub enum InjectedBug {
     /// The first region's control state machine skips every 3rd command it is given while
     /// reporting it applied, as an apply that loses a committed command would.
     DropControlApply,
+    /// Every region drops tombstones at its own clock's high-water mark instead of the
+    /// committed stable HLC, as a garbage collector that did not wait for stability would.
+    CollectEarly,
 }
 
 impl std::str::FromStr for InjectedBug {
@@ -30,9 +33,10 @@ impl std::str::FromStr for InjectedBug {
             "lose-write" => Ok(InjectedBug::LoseWrite),
             "grant-every-vote" => Ok(InjectedBug::GrantEveryVote),
             "drop-control-apply" => Ok(InjectedBug::DropControlApply),
+            "collect-early" => Ok(InjectedBug::CollectEarly),
             other => Err(format!(
-                "unknown bug {other:?}: double-apply, lose-write, grant-every-vote or \
-                 drop-control-apply"
+                "unknown bug {other:?}: double-apply, lose-write, grant-every-vote, \
+                 drop-control-apply or collect-early"
             )),
         }
     }
@@ -131,6 +135,14 @@ impl Storage for SimStorage {
 
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), Infallible> {
         self.inner.trim_log(through)
+    }
+
+    fn tombstones_through(
+        &mut self,
+        stable: braid_conflict::Hlc,
+        keys_max: usize,
+    ) -> Result<Vec<(braid_conflict::Hlc, bytes::Bytes)>, Infallible> {
+        self.inner.tombstones_through(stable, keys_max)
     }
 
     fn log_after(

@@ -107,6 +107,8 @@ pub struct Report {
     pub control_commits: u64,
     /// Change-log events deleted at the committed stable frontier, in all regions.
     pub log_events_collected: u64,
+    /// Keys whose tombstones were dropped at the committed stable HLC, in all regions.
+    pub tombstones_collected: u64,
     /// Leaders killed by `kill-leader`.
     pub leader_kills: u64,
     /// Simulated milliseconds run.
@@ -239,6 +241,7 @@ pub struct World<'a> {
     /// The world's cuts or slow links changed since the control plane's network last saw them.
     net_changed: bool,
     log_events_collected: u64,
+    tombstones_collected: u64,
     leader_kills: u64,
     /// The latest committed topology seen (a restarted region opens with it).
     latest_topology: Topology,
@@ -322,6 +325,7 @@ impl<'a> World<'a> {
             control_ops: Vec::new(),
             net_changed: false,
             log_events_collected: 0,
+            tombstones_collected: 0,
             leader_kills: 0,
             latest_topology: latest,
             retired: Vec::new(),
@@ -526,6 +530,7 @@ impl<'a> World<'a> {
         let changes = control.take_changes();
         control.upkeep(self.now_ms);
         let mut collected = Vec::new();
+        let mut tombstones = Vec::new();
         for region in 0..self.regions.len() {
             let now = clock_ms(self.now_ms, self.regions[region].clock_offset_ms);
             if self.regions[region].phase != Phase::Member {
@@ -537,9 +542,11 @@ impl<'a> World<'a> {
             };
             if control.checkpoint_due(region, self.now_ms) {
                 // Every commit of the simulated storage is durable at once: the vector is.
+                let (vector, hlc) = replica.checkpoint();
                 let command = ControlCommand::ReportCheckpoint {
                     node: replica.node(),
-                    vector: replica.vector().clone(),
+                    vector,
+                    hlc,
                     reported_ms: now,
                 };
                 control.propose(region, command);
@@ -547,6 +554,16 @@ impl<'a> World<'a> {
             if let Some(frontier) = control.new_frontier(region) {
                 let Ok(deleted) = replica.handle_stable_frontier(&frontier);
                 collected.push((region, deleted));
+            }
+            let stable = match self.options.bug {
+                Some(InjectedBug::CollectEarly) => Some(replica.hlc()),
+                _ => control.new_stable_hlc(region),
+            };
+            if let Some(stable) = stable {
+                let Ok(keys) = replica.handle_stable_hlc(stable);
+                if keys > 0 {
+                    tombstones.push((region, keys, stable));
+                }
             }
         }
         for (node, term, leader) in changes {
@@ -558,6 +575,12 @@ impl<'a> World<'a> {
             self.log_events_collected += deleted;
             self.trace([21, region as u64, deleted, 0], || {
                 format!("gc {region}: {deleted} change-log events at the stable frontier")
+            });
+        }
+        for (region, keys, stable) in tombstones {
+            self.tombstones_collected += keys;
+            self.trace([27, region as u64, keys, stable.wall_ms], || {
+                format!("gc {region}: tombstones of {keys} keys at stable hlc {stable}")
             });
         }
         self.follow_topology();
@@ -1583,6 +1606,7 @@ impl<'a> World<'a> {
             raft_elections,
             control_commits,
             log_events_collected: self.log_events_collected,
+            tombstones_collected: self.tombstones_collected,
             leader_kills: self.leader_kills,
             sim_ms: self.now_ms,
             wall_ms: started.elapsed().as_millis() as u64,

@@ -229,6 +229,7 @@ mod tests {
         let report = ControlCommand::ReportCheckpoint {
             node: NodeId(2),
             vector: vector.clone(),
+            hlc: braid_conflict::Hlc::ZERO,
             reported_ms: 1,
         };
         assert_eq!(group.write(report).await, ControlReply::Applied);
@@ -277,6 +278,7 @@ mod tests {
         let report = ControlCommand::ReportCheckpoint {
             node: NodeId(4),
             vector: VersionVector::new(),
+            hlc: braid_conflict::Hlc::ZERO,
             reported_ms: 1,
         };
         assert_eq!(group.write(report).await, ControlReply::Applied);
@@ -317,6 +319,7 @@ mod tests {
         let lost = ControlCommand::ReportCheckpoint {
             node: NodeId(old),
             vector: [(NodeId(old), Seq(99))].into_iter().collect(),
+            hlc: braid_conflict::Hlc::ZERO,
             reported_ms: 1,
         };
         let attempt = tokio::time::timeout(
@@ -395,6 +398,7 @@ mod tests {
             let report = ControlCommand::ReportCheckpoint {
                 node: NodeId(1),
                 vector: [(NodeId(1), Seq(at))].into_iter().collect(),
+                hlc: braid_conflict::Hlc::ZERO,
                 reported_ms: at,
             };
             assert_eq!(group.write(report).await, ControlReply::Applied);
@@ -480,6 +484,7 @@ mod tests {
         commands.extend((1..=3).map(|at| ControlCommand::ReportCheckpoint {
             node: NodeId(1),
             vector: [(NodeId(1), Seq(at))].into_iter().collect(),
+            hlc: braid_conflict::Hlc::ZERO,
             reported_ms: at,
         }));
         for command in &commands[..3] {

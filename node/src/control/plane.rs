@@ -7,8 +7,9 @@
 //!   upkeep, every UPKEEP_MS:
 //!     leader, no state yet      ─► propose Bootstrap (members and links from its config)
 //!     leader, members not in Raft ─► add them as learners
-//!     every CHECKPOINT_INTERVAL_MS ─► propose ReportCheckpoint(this node's vector)
+//!     every CHECKPOINT_INTERVAL_MS ─► propose ReportCheckpoint(this node's vector and HLC)
 //!     a new stable frontier      ─► the driver trims the change log through it (GC on)
+//!     a new stable HLC           ─► the driver drops the tombstones at or below it (GC on)
 //!     a new committed topology   ─► the driver re-routes, the transport follows the links
 //!     leader, voters ≠ the first five active members ─► change the Raft membership
 //!     this node draining         ─► refuse writes; once every other member's checkpoint holds
@@ -25,6 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use braid_conflict::Hlc;
 use braid_protocol::control::{
     ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
 };
@@ -129,6 +131,11 @@ pub struct ControlStatus {
     /// Per origin region, the highest sequence number every active or draining member has
     /// applied (what may be garbage-collected); empty while one of them has not reported.
     pub stable_frontier: BTreeMap<String, u64>,
+    /// The stable HLC, as `wall_ms.logical`: every event some member lacks carries a greater
+    /// one, so tombstones at or below it are dropped. Null until every member's reports are
+    /// confirmed.
+    #[serde(default)]
+    pub stable_hlc: Option<String>,
     /// The index of the last control command applied here.
     pub control_applied_index: Option<u64>,
 }
@@ -162,6 +169,9 @@ pub struct CheckpointStatus {
     pub vector: BTreeMap<String, u64>,
     /// When it was reported, milliseconds since the Unix epoch (the member's clock).
     pub reported_ms: u64,
+    /// Its durable HLC high-water mark then, as `wall_ms.logical`.
+    #[serde(default)]
+    pub hlc: String,
 }
 
 /// The bootstrap command a node proposes when it leads a group that has no state yet: every
@@ -468,6 +478,7 @@ impl ControlPlane {
         };
         let mut members = Vec::new();
         let mut frontier = BTreeMap::new();
+        let mut stable_hlc = None;
         let mut links = Vec::new();
         let mut full_mesh = false;
         if let Some(state) = &state {
@@ -488,10 +499,12 @@ impl ControlPlane {
                         .map(|c| CheckpointStatus {
                             vector: named(&c.vector),
                             reported_ms: c.reported_ms,
+                            hlc: hlc_text(c.hlc),
                         }),
                 });
             }
             frontier = named(&state.stable_frontier());
+            stable_hlc = state.stable_hlc().map(hlc_text);
             if let Ok(topology) = state.topology() {
                 full_mesh = topology.is_full_mesh();
                 links = topology
@@ -517,6 +530,7 @@ impl ControlPlane {
             links,
             full_mesh,
             stable_frontier: frontier,
+            stable_hlc,
             control_applied_index: metrics.last_applied.map(|l| l.index),
         }
     }
@@ -538,6 +552,7 @@ impl ControlPlane {
         tokio::spawn(async move {
             let mut next_checkpoint_ms = 0u64;
             let mut frontier_sent = VersionVector::new();
+            let mut stable_hlc_sent = None;
             let mut topology_sent: Option<Topology> = None;
             let mut removals = BTreeMap::new();
             let mut leaving_vector = None;
@@ -586,6 +601,15 @@ impl ControlPlane {
                         break;
                     }
                     topology_sent = Some(topology);
+                }
+                let stable_hlc = state.as_ref().and_then(|s| s.stable_hlc());
+                if gc && stable_hlc.is_some() && stable_hlc != stable_hlc_sent {
+                    if let Some(stable) = stable_hlc {
+                        if inputs.send(Input::StableHlc(stable)).await.is_err() {
+                            break;
+                        }
+                    }
+                    stable_hlc_sent = stable_hlc;
                 }
                 let frontier = state.map(|s| s.stable_frontier()).unwrap_or_default();
                 if gc && frontier != frontier_sent && !frontier.is_empty() {
@@ -728,7 +752,7 @@ impl ControlPlane {
         // which the driver took before this): what arrives later from active origins reaches
         // everyone from them anyway, and waiting for it would chase writers that never stop.
         if held.is_none() {
-            *held = durable_vector(inputs).await;
+            *held = durable_checkpoint(inputs).await.map(|(vector, _)| vector);
         }
         let Some(vector) = held.as_ref() else {
             return false;
@@ -797,12 +821,13 @@ impl ControlPlane {
     /// Reports this node's vector, made durable first: the others delete what every
     /// checkpoint holds, so a checkpoint must never name what a power loss could take away.
     async fn report_checkpoint(&self, inputs: &mpsc::Sender<Input>) {
-        let Some(vector) = durable_vector(inputs).await else {
+        let Some((vector, hlc)) = durable_checkpoint(inputs).await else {
             return;
         };
         let command = ControlCommand::ReportCheckpoint {
             node: self.node,
             vector,
+            hlc,
             reported_ms: now_ms(),
         };
         match self.propose(command).await {
@@ -814,9 +839,15 @@ impl ControlPlane {
     }
 }
 
-/// The driver's vector, once its write-ahead log is synced; none when the driver is gone.
-async fn durable_vector(inputs: &mpsc::Sender<Input>) -> Option<VersionVector> {
+/// The driver's vector and HLC high-water mark, once its write-ahead log is synced; none
+/// when the driver is gone.
+async fn durable_checkpoint(inputs: &mpsc::Sender<Input>) -> Option<(VersionVector, Hlc)> {
     let (reply, answer) = oneshot::channel();
     inputs.send(Input::Checkpoint { reply }).await.ok()?;
     answer.await.ok()
+}
+
+/// An HLC as status documents show it: `wall_ms.logical`.
+pub fn hlc_text(hlc: Hlc) -> String {
+    format!("{}.{}", hlc.wall_ms, hlc.logical)
 }
