@@ -240,6 +240,12 @@ pub enum CommandError {
     /// The region is leaving the mesh: it ships what it holds and takes no new writes.
     #[error("READONLY this region is leaving the mesh; write to another region")]
     Leaving,
+    /// The key's keyspace takes writes only in other regions (or in none: it is frozen).
+    #[error("READONLY keyspace '{keyspace}' takes no writes in this region; write in one of its writer regions")]
+    NotWriter {
+        /// The keyspace's prefix.
+        keyspace: String,
+    },
 }
 
 /// What [`KeyState::prepare`] decided.

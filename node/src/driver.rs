@@ -91,6 +91,8 @@ pub enum Input {
     StableFrontier(VersionVector),
     /// The stable HLC the control plane committed: tombstones at or below it are dropped.
     StableHlc(Hlc),
+    /// The keyspace rules the control plane committed: client writes are checked against them.
+    Keyspaces(braid_protocol::control::Keyspaces),
     /// The topology the control plane committed: subscriptions follow it.
     Topology(Topology),
     /// This region is leaving the mesh: from now on client writes are refused.
@@ -339,6 +341,12 @@ impl Driver {
                 if deleted > 0 {
                     debug!(deleted, trimmed = ?self.replica.trimmed(), "change log trimmed");
                 }
+            }
+            Input::Keyspaces(rules) => {
+                if &rules != self.replica.keyspaces() {
+                    info!(keyspaces = ?rules, "keyspace rules changed");
+                }
+                self.replica.handle_keyspaces(rules);
             }
             Input::StableHlc(stable) => {
                 let keys = self.replica.handle_stable_hlc(stable)?;

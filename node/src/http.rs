@@ -1,6 +1,7 @@
 //! HTTP admin: `GET /health`, `GET /status` (JSON), `GET /lag` (histograms), `GET /metrics`
 //! (Prometheus text), `POST /topology` (new links, committed by the control plane), `POST
-//! /leave` (this region drains and leaves the mesh), and
+//! /keyspace` (a keyspace's writer regions, committed by the control plane), `POST /leave` (this
+//! region drains and leaves the mesh), and
 //! `GET`/`POST /faults` (fault injection for drills; refused unless the configuration enables
 //! it).
 
@@ -419,6 +420,18 @@ pub struct TopologyRequest {
     pub links: Option<Vec<[String; 2]>>,
 }
 
+/// `POST /keyspace`: `{"prefix": "orders:", "writers": ["a", "b"]}` makes regions a and b the
+/// only ones that take client writes to keys beginning with `orders:` (`[]` freezes the
+/// keyspace); `{"prefix": "orders:", "writers": null}` drops its options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyspaceRequest {
+    /// The keyspace's key prefix.
+    pub prefix: String,
+    /// Its writer regions by name; none to drop its options.
+    pub writers: Option<Vec<String>>,
+}
+
 /// Links named in one request, at most: a mesh of the 64 members the control plane admits.
 const TOPOLOGY_LINKS_MAX: usize = 64 * 63 / 2;
 
@@ -490,6 +503,23 @@ async fn set_topology(
     let control = control_of(&state)?;
     Ok(answer(
         control.set_topology(request.links).await,
+        result("committed"),
+    ))
+}
+
+async fn set_keyspace(
+    State(state): State<AdminState>,
+    request: JsonBody<KeyspaceRequest>,
+) -> Result<Response, Refusal> {
+    let request = body(request)?;
+    let named = request.writers.as_ref().map_or(0, Vec::len);
+    if named > braid_protocol::control::MEMBERS_MAX {
+        let text = format!("at most {} writers", braid_protocol::control::MEMBERS_MAX);
+        return Err(Refusal(StatusCode::BAD_REQUEST, text));
+    }
+    let control = control_of(&state)?;
+    Ok(answer(
+        control.set_keyspace(request.prefix, request.writers).await,
         result("committed"),
     ))
 }
@@ -592,6 +622,7 @@ pub async fn serve(
         .route("/lag", get(lag))
         .route("/faults", get(get_faults).post(set_faults))
         .route("/topology", axum::routing::post(set_topology))
+        .route("/keyspace", axum::routing::post(set_keyspace))
         .route("/leave", axum::routing::post(leave))
         .route("/join", axum::routing::post(join))
         .route("/remove", axum::routing::post(remove))

@@ -52,6 +52,11 @@ enum Commands {
     /// node without a restart. Fails when no leader commits it (a minority cannot).
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Give a keyspace (the keys beginning with a prefix) home regions: only they take client
+    /// writes to it, the others refuse them with READONLY and still replicate what the home
+    /// regions write. Committed by the control plane, followed by every node without a restart.
+    #[command(subcommand)]
+    Keyspace(KeyspaceCommand),
     /// Make a region leave the mesh: it stops taking writes, waits until every other region
     /// holds all of its events, removes itself from the mesh and stops.
     Leave {
@@ -119,6 +124,39 @@ enum TopologyCommand {
         /// one and every region must reach every other.
         #[arg(long, value_delimiter = ',', value_name = "A-B,B-C")]
         links: Option<Vec<String>>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyspaceCommand {
+    /// Set the regions that take client writes to keys beginning with PREFIX (the longest
+    /// prefix with options decides): `--writers a,b`, or `--frozen` for none.
+    Set {
+        /// Any node's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+        /// The keyspace's key prefix, for example `orders:`.
+        prefix: String,
+        /// The writer regions, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "A,B",
+            conflicts_with = "frozen",
+            required_unless_present = "frozen"
+        )]
+        writers: Option<Vec<String>>,
+        /// No region takes writes to it (for a migration, say).
+        #[arg(long)]
+        frozen: bool,
+    },
+    /// Drop PREFIX's options: every region takes writes to it again.
+    Clear {
+        /// Any node's HTTP admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7001")]
+        http: SocketAddr,
+        /// The keyspace's key prefix.
+        prefix: String,
     },
 }
 
@@ -339,6 +377,22 @@ fn main() -> Result<()> {
             Commands::Join { config, via } => join(&config, via).await,
             Commands::Topology(TopologyCommand::Set { http, mesh, links }) => {
                 topology_set(http, mesh, links).await
+            }
+            Commands::Keyspace(KeyspaceCommand::Set {
+                http,
+                prefix,
+                writers,
+                frozen,
+            }) => {
+                keyspace_set(
+                    http,
+                    prefix,
+                    if frozen { Some(Vec::new()) } else { writers },
+                )
+                .await
+            }
+            Commands::Keyspace(KeyspaceCommand::Clear { http, prefix }) => {
+                keyspace_set(http, prefix, None).await
             }
             Commands::Bench(args) => bench(args).await,
             Commands::Drill(args) => drill(args).await,
@@ -1021,6 +1075,31 @@ async fn removed_elsewhere(others: &[String], region: &str) -> bool {
 /// How long `braid topology set` waits: the control plane's own limit for a commit, and more.
 const TOPOLOGY_SET_TIMEOUT: Duration = Duration::from_secs(15);
 
+async fn keyspace_set(
+    http: SocketAddr,
+    prefix: String,
+    writers: Option<Vec<String>>,
+) -> Result<()> {
+    let body = serde_json::to_string(&braid_node::http::KeyspaceRequest {
+        prefix: prefix.clone(),
+        writers: writers.clone(),
+    })?;
+    braid_node::admin_client::post_json(http, "/keyspace", &body, TOPOLOGY_SET_TIMEOUT)
+        .await
+        .with_context(|| format!("keyspace {prefix:?} was not changed (through http://{http})"))?;
+    match writers {
+        None => println!("Committed: every region takes writes to {prefix:?}."),
+        Some(writers) if writers.is_empty() => {
+            println!("Committed: {prefix:?} is frozen, no region takes writes to it.")
+        }
+        Some(writers) => println!(
+            "Committed: only {} take writes to {prefix:?}.",
+            writers.join(", ")
+        ),
+    }
+    Ok(())
+}
+
 async fn topology_set(http: SocketAddr, mesh: bool, links: Option<Vec<String>>) -> Result<()> {
     let links = match (mesh, links) {
         (true, _) | (false, None) => None,
@@ -1124,6 +1203,15 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
         .iter()
         .map(|[a, b]| format!("{a}-{b}"))
         .collect();
+    for (prefix, keyspace) in &control.keyspaces {
+        match keyspace.writers.is_empty() {
+            true => println!("keyspace {prefix:?}: frozen"),
+            false => println!(
+                "keyspace {prefix:?}: written in {}",
+                keyspace.writers.join(", ")
+            ),
+        }
+    }
     println!(
         "links: {}{}",
         links.join(" "),

@@ -36,6 +36,61 @@ pub const REGION_NAME_BYTES_MAX: usize = 32;
 /// Longest address text (`host:port`).
 pub const ADDRESS_BYTES_MAX: usize = 256;
 
+/// Keyspaces with options of their own. Each is checked against every client write's key, so
+/// the list stays short.
+pub const KEYSPACES_MAX: usize = 64;
+
+/// Longest keyspace prefix.
+pub const KEYSPACE_PREFIX_BYTES_MAX: usize = 128;
+
+/// Options of one keyspace: the keys that begin with its prefix (the longest prefix that
+/// matches a key decides).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyspaceOptions {
+    /// The only regions that take client writes to the keyspace (its home regions); the others
+    /// refuse them and still replicate what the writers write. Empty: the keyspace is frozen,
+    /// every region refuses writes to it.
+    pub writers: BTreeSet<NodeId>,
+}
+
+/// The keyspace rules in force, as the replica core checks client writes against them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keyspaces {
+    rules: BTreeMap<String, KeyspaceOptions>,
+}
+
+impl Keyspaces {
+    /// Rules from the committed options.
+    pub fn new(rules: BTreeMap<String, KeyspaceOptions>) -> Keyspaces {
+        assert!(rules.len() <= KEYSPACES_MAX);
+        Keyspaces { rules }
+    }
+
+    /// The keyspace of `key` (the longest prefix of it that has options), with its options.
+    pub fn of(&self, key: &[u8]) -> Option<(&str, &KeyspaceOptions)> {
+        self.rules
+            .iter()
+            .filter(|(prefix, _)| key.starts_with(prefix.as_bytes()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(prefix, options)| (prefix.as_str(), options))
+    }
+
+    /// The keyspace that refuses a client write of `key` at `node`, if one does.
+    pub fn refusing(&self, key: &[u8], node: NodeId) -> Option<&str> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        self.of(key)
+            .filter(|(_, options)| !options.writers.contains(&node))
+            .map(|(prefix, _)| prefix)
+    }
+
+    /// Whether there is no rule.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
 /// Where a member is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum MemberState {
@@ -145,6 +200,14 @@ pub enum ControlCommand {
         /// When, on its clock.
         reported_ms: u64,
     },
+    /// Sets the options of the keyspace of keys beginning with `prefix`, or (`None`) drops
+    /// them: every region takes writes to it again.
+    SetKeyspace {
+        /// The keyspace's key prefix.
+        prefix: String,
+        /// Its options.
+        options: Option<KeyspaceOptions>,
+    },
 }
 
 /// A command the state machine refuses (and which changes nothing).
@@ -214,6 +277,8 @@ pub struct ControlState {
     checkpoints: BTreeMap<NodeId, Checkpoint>,
     /// Per origin (removed members' too), what its reports prove about its HLCs.
     floors: BTreeMap<NodeId, HlcFloor>,
+    /// Options of keyspaces, by key prefix.
+    keyspaces: BTreeMap<String, KeyspaceOptions>,
 }
 
 fn check_text(what: &str, text: &str, max: usize) -> Result<(), ControlError> {
@@ -236,6 +301,7 @@ impl ControlState {
             topology: TopologySpec::FullMesh,
             checkpoints: BTreeMap::new(),
             floors: BTreeMap::new(),
+            keyspaces: BTreeMap::new(),
         };
         for member in members {
             let id = member.id;
@@ -257,7 +323,10 @@ impl ControlState {
         next.apply_in_place(command)?;
         // Whatever changed the members or links must leave a usable topology (checkpoints,
         // the most frequent command, cannot change it).
-        if !matches!(command, ControlCommand::ReportCheckpoint { .. }) {
+        if !matches!(
+            command,
+            ControlCommand::ReportCheckpoint { .. } | ControlCommand::SetKeyspace { .. }
+        ) {
             next.topology()?;
         }
         debug_assert!(next.invariants_hold());
@@ -376,7 +445,40 @@ impl ControlState {
                 }
                 self.confirm_floors();
             }
+            ControlCommand::SetKeyspace { prefix, options } => {
+                self.set_keyspace(prefix, options.as_ref())?;
+            }
         }
+        Ok(())
+    }
+
+    fn set_keyspace(
+        &mut self,
+        prefix: &str,
+        options: Option<&KeyspaceOptions>,
+    ) -> Result<(), ControlError> {
+        check_text("a keyspace prefix", prefix, KEYSPACE_PREFIX_BYTES_MAX)?;
+        let Some(options) = options else {
+            return match self.keyspaces.remove(prefix) {
+                Some(_) => Ok(()),
+                None => Err(ControlError::Invalid(format!(
+                    "keyspace {prefix:?} has no options"
+                ))),
+            };
+        };
+        if let Some(node) = options
+            .writers
+            .iter()
+            .find(|n| !self.current().any(|m| m.id == **n))
+        {
+            return Err(ControlError::UnknownMember(*node));
+        }
+        if !self.keyspaces.contains_key(prefix) && self.keyspaces.len() >= KEYSPACES_MAX {
+            return Err(ControlError::Invalid(format!(
+                "at most {KEYSPACES_MAX} keyspaces have options"
+            )));
+        }
+        self.keyspaces.insert(prefix.to_string(), options.clone());
         Ok(())
     }
 
@@ -458,6 +560,11 @@ impl ControlState {
     /// The Raft voters: the first [`VOTERS_MAX`] active members by id; the others learn.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.active().take(VOTERS_MAX).map(|m| m.id).collect()
+    }
+
+    /// Options of keyspaces, by key prefix.
+    pub fn keyspaces(&self) -> &BTreeMap<String, KeyspaceOptions> {
+        &self.keyspaces
     }
 
     /// Every node's latest checkpoint.
@@ -579,6 +686,12 @@ impl ControlState {
                 .all(|n| current.iter().any(|m| m.id == *n))
             && self.members.iter().all(|(id, m)| *id == m.id)
             && self.floors.keys().all(|n| self.members.contains_key(n))
+            && self.keyspaces.len() <= KEYSPACES_MAX
+            && self
+                .keyspaces
+                .values()
+                .flat_map(|k| &k.writers)
+                .all(|n| self.members.contains_key(n))
             && self
                 .floors
                 .values()
@@ -849,6 +962,56 @@ mod tests {
     }
 
     #[test]
+    fn keyspace_options_are_set_checked_and_dropped() {
+        let mut s = three();
+        let writers = |ids: &[u64]| KeyspaceOptions {
+            writers: ids.iter().map(|i| NodeId(*i)).collect(),
+        };
+        let set = |prefix: &str, options: Option<KeyspaceOptions>| ControlCommand::SetKeyspace {
+            prefix: prefix.into(),
+            options,
+        };
+        s.apply(&set("orders:", Some(writers(&[1, 2])))).unwrap();
+        s.apply(&set("orders:eu:", Some(writers(&[3])))).unwrap();
+        s.apply(&set("frozen:", Some(writers(&[])))).unwrap();
+        let before = s.clone();
+        for refused in [
+            set("x:", Some(writers(&[9]))),
+            set("", Some(writers(&[1]))),
+            set(
+                &"p".repeat(KEYSPACE_PREFIX_BYTES_MAX + 1),
+                Some(writers(&[1])),
+            ),
+            set("never-set:", None),
+        ] {
+            assert!(s.apply(&refused).is_err(), "{refused:?}");
+            assert_eq!(s, before);
+        }
+        let rules = Keyspaces::new(s.keyspaces().clone());
+        // The longest matching prefix decides.
+        assert_eq!(rules.refusing(b"orders:1", NodeId(1)), None);
+        assert_eq!(rules.refusing(b"orders:1", NodeId(3)), Some("orders:"));
+        assert_eq!(
+            rules.refusing(b"orders:eu:1", NodeId(1)),
+            Some("orders:eu:")
+        );
+        assert_eq!(rules.refusing(b"orders:eu:1", NodeId(3)), None);
+        assert_eq!(rules.refusing(b"frozen:k", NodeId(1)), Some("frozen:"));
+        assert_eq!(rules.refusing(b"other", NodeId(3)), None);
+        assert_eq!(rules.refusing(b"order", NodeId(3)), None);
+        s.apply(&set("orders:", None)).unwrap();
+        assert_eq!(s.keyspaces().len(), 2);
+        // At most KEYSPACES_MAX of them.
+        for i in 0..KEYSPACES_MAX - 2 {
+            s.apply(&set(&format!("k{i}:"), Some(writers(&[1]))))
+                .unwrap();
+        }
+        assert!(s.apply(&set("one-more:", Some(writers(&[1])))).is_err());
+        // An existing one can still be changed.
+        s.apply(&set("k0:", Some(writers(&[2])))).unwrap();
+    }
+
+    #[test]
     fn voters_are_the_first_five_active_members() {
         let members = (1..=7).map(|i| member(i, &format!("r{i}"))).collect();
         let mut s = ControlState::bootstrap(members, TopologySpec::FullMesh).unwrap();
@@ -883,6 +1046,14 @@ mod tests {
             (1u64..8, 0u8..4)
                 .prop_map(|(id, r)| ControlCommand::Join(member(id, &format!("r{r}")))),
             node().prop_map(ControlCommand::Activate),
+            (
+                0u8..3,
+                proptest::option::of(proptest::collection::btree_set(node(), 0..3))
+            )
+                .prop_map(|(p, writers)| ControlCommand::SetKeyspace {
+                    prefix: format!("p{p}:"),
+                    options: writers.map(|writers| KeyspaceOptions { writers }),
+                }),
             node().prop_map(ControlCommand::Drain),
             node().prop_map(ControlCommand::Remove),
             Just(ControlCommand::SetTopology(TopologySpec::FullMesh)),

@@ -50,6 +50,7 @@ use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState}
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 
+use crate::control::Keyspaces;
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
 use crate::message::{ChangeEvent, ErrorCode, Message, SnapshotEntry, Subscribe};
@@ -361,6 +362,8 @@ pub struct Replica<S: Storage> {
     stable_hlc: Hlc,
     /// Whether the last garbage-collection step was full: the next tick takes another.
     gc_more: bool,
+    /// The keyspace rules client writes are checked against.
+    keyspaces: Keyspaces,
     /// Since when each neighbor without an open subscription has been unreachable.
     down_since_ms: BTreeMap<NodeId, u64>,
     /// Per origin pulled from a peer that is ahead of us: our seq and since when it has not
@@ -400,6 +403,7 @@ impl<S: Storage> Replica<S> {
             durable_hlc: recovered.hlc,
             stable_hlc: Hlc::ZERO,
             gc_more: false,
+            keyspaces: Keyspaces::default(),
             vector: recovered.vector,
             topology,
             storage,
@@ -523,6 +527,12 @@ impl<S: Storage> Replica<S> {
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
         for (key, command) in commands {
+            if let Some(keyspace) = self.keyspaces.refusing(&key, node) {
+                results.push(Err(CommandError::NotWriter {
+                    keyspace: keyspace.to_string(),
+                }));
+                continue;
+            }
             let mut state = match overlay.remove(&key) {
                 Some(state) => state,
                 None => self.storage.key_state(&key)?.unwrap_or_default(),
@@ -1120,6 +1130,19 @@ impl<S: Storage> Replica<S> {
     /// deleted events from then on is told it is [`PeerError::Behind`].
     pub fn handle_stable_frontier(&mut self, frontier: &VersionVector) -> Result<u64, S::Error> {
         self.trim_through(frontier)
+    }
+
+    /// The keyspace rules the control plane committed: from now on a client write to a key
+    /// whose keyspace does not name this region as a writer is refused with
+    /// [`CommandError::NotWriter`]. Events from other regions are applied whatever the rules
+    /// (a rule only says where clients may write).
+    pub fn handle_keyspaces(&mut self, keyspaces: Keyspaces) {
+        self.keyspaces = keyspaces;
+    }
+
+    /// The keyspace rules in force.
+    pub fn keyspaces(&self) -> &Keyspaces {
+        &self.keyspaces
     }
 
     /// The stable HLC the control plane committed: every event some region has not applied

@@ -1209,3 +1209,66 @@ fn a_stable_hlc_ahead_of_the_clock_becomes_its_floor_durably() {
     let reopened = Replica::open(ReplicaConfig::new(A), topology, storage, 10).unwrap();
     assert!(reopened.hlc() >= Hlc::new(50_000, 3, braid_conflict::NodeId(0)));
 }
+
+#[test]
+fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
+    use braid_conflict::CommandError;
+    use braid_protocol::control::{KeyspaceOptions, Keyspaces};
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    let rules = Keyspaces::new(
+        [(
+            "orders:".to_string(),
+            KeyspaceOptions {
+                writers: [A].into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    );
+    for node in [A, B] {
+        net.replicas
+            .get_mut(&node)
+            .unwrap()
+            .handle_keyspaces(rules.clone());
+    }
+    // B refuses a write to the keyspace (and writes the rest of the group); A takes it.
+    let region_b = net.replicas.get_mut(&B).unwrap();
+    let results = region_b
+        .handle_commands(
+            vec![
+                (b("orders:1"), Command::Set(b("from b"))),
+                (b("other"), Command::Set(b("from b"))),
+            ],
+            2_000,
+        )
+        .unwrap();
+    assert_eq!(
+        results[0],
+        Err(CommandError::NotWriter {
+            keyspace: "orders:".into()
+        })
+    );
+    assert_eq!(results[1], Ok(0));
+    assert_eq!(
+        region_b.vector().get(B),
+        Seq(1),
+        "only the other key was written"
+    );
+    net.collect();
+    net.write(A, "orders:1", Command::Set(b("from a")));
+    net.run();
+    // What A writes reaches B all the same.
+    assert_eq!(
+        net.values(B).get(&b("orders:1")),
+        Some(&Value::String(b("from a")))
+    );
+    // Without the rules, B takes the write again.
+    let region_b = net.replicas.get_mut(&B).unwrap();
+    region_b.handle_keyspaces(Keyspaces::default());
+    let results = region_b
+        .handle_commands(vec![(b("orders:1"), Command::Set(b("b again")))], 3_000)
+        .unwrap();
+    assert_eq!(results[0], Ok(0));
+}

@@ -628,3 +628,94 @@ fn t70_tombstones_are_dropped_at_the_stable_hlc_and_a_down_region_holds_it_back(
         },
     );
 }
+
+/// Sets `key` in `region` until the write is refused (the rules reach each node's driver at
+/// its next upkeep after they commit); returns the refusal's text.
+fn refused_write(cluster: &mut Cluster, region: &str, key: &str) -> String {
+    let deadline = Instant::now() + SETTLE;
+    let mut redis = cluster.node(region).redis();
+    for attempt in 0.. {
+        let result: redis::RedisResult<()> = redis.set(format!("{key}{attempt}"), "v");
+        if let Err(err) = result {
+            return err.to_string();
+        }
+        assert!(Instant::now() < deadline, "{region} still takes {key}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unreachable!()
+}
+
+#[test]
+fn t70_a_keyspace_takes_writes_only_in_its_home_regions() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    wait_for(&cluster, "a leader", |s| {
+        agreed_leader(s).is_some() && s.iter().all(|s| s.control.members.len() == 3)
+    });
+    let http = cluster.node("c").http.to_string();
+    let out = braid(&[
+        "keyspace",
+        "set",
+        "orders:",
+        "--writers",
+        "a",
+        "--http",
+        &http,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("only a take writes"), "{stdout}");
+    wait_for(&cluster, "every node has the keyspace", |s| {
+        s.iter().all(|s| {
+            s.control
+                .keyspaces
+                .get("orders:")
+                .is_some_and(|k| k.writers == ["a"])
+        })
+    });
+    let refusal = refused_write(&mut cluster, "b", "orders:b");
+    // redis-rs names the READONLY error kind `ReadOnly`.
+    assert!(
+        refusal.contains("ReadOnly") && refusal.contains("keyspace 'orders:' takes no writes"),
+        "{refusal}"
+    );
+    // Keys outside it are written anywhere; the home region writes it, and every region
+    // replicates that.
+    let _: () = cluster.node("b").redis().set("other", "b").unwrap();
+    let _: () = cluster.node("a").redis().set("orders:1", "a").unwrap();
+    cluster.wait_converged(SETTLE);
+    let got: String = cluster.node("c").redis().get("orders:1").unwrap();
+    assert_eq!(got, "a");
+
+    // Unknown regions are refused and change nothing.
+    let out = braid(&[
+        "keyspace",
+        "set",
+        "orders:",
+        "--writers",
+        "zz",
+        "--http",
+        &http,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no member zz"),
+        "{out:?}"
+    );
+
+    // Frozen: the home region refuses too. Cleared: everyone writes again.
+    let out = braid(&["keyspace", "set", "orders:", "--frozen", "--http", &http]);
+    assert!(out.status.success(), "{out:?}");
+    let refusal = refused_write(&mut cluster, "a", "orders:a");
+    assert!(refusal.contains("ReadOnly"), "{refusal}");
+    let out = braid(&["keyspace", "clear", "orders:", "--http", &http]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(&cluster, "no keyspace left", |s| {
+        s.iter().all(|s| s.control.keyspaces.is_empty())
+    });
+    let deadline = Instant::now() + SETTLE;
+    let mut b = cluster.node("b").redis();
+    while b.set::<_, _, ()>("orders:b", "again").is_err() {
+        assert!(Instant::now() < deadline, "b still refuses orders:");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

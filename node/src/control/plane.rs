@@ -11,6 +11,7 @@
 //!     a new stable frontier      ─► the driver trims the change log through it (GC on)
 //!     a new stable HLC           ─► the driver drops the tombstones at or below it (GC on)
 //!     a new committed topology   ─► the driver re-routes, the transport follows the links
+//!     new committed keyspaces    ─► the driver checks client writes against them
 //!     leader, voters ≠ the first five active members ─► change the Raft membership
 //!     this node draining         ─► refuse writes; once every other member's checkpoint holds
 //!                                   all of this node's events ─► Remove(this node) ─► stop
@@ -28,7 +29,8 @@ use std::time::Duration;
 
 use braid_conflict::Hlc;
 use braid_protocol::control::{
-    ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
+    ControlCommand, ControlState, KeyspaceOptions, Keyspaces, Member, MemberState, TopologySpec,
+    VOTERS_MAX,
 };
 use braid_protocol::{NodeId, RaftCall, Topology, VersionVector};
 use openraft::{BasicNode, ServerState};
@@ -136,6 +138,9 @@ pub struct ControlStatus {
     /// confirmed.
     #[serde(default)]
     pub stable_hlc: Option<String>,
+    /// Options of keyspaces, by key prefix.
+    #[serde(default)]
+    pub keyspaces: BTreeMap<String, KeyspaceStatus>,
     /// The index of the last control command applied here.
     pub control_applied_index: Option<u64>,
 }
@@ -160,6 +165,13 @@ pub struct MemberStatus {
     pub http_address: String,
     /// Its latest committed checkpoint, if it has reported.
     pub checkpoint: Option<CheckpointStatus>,
+}
+
+/// A keyspace's options in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyspaceStatus {
+    /// The regions that take client writes to it (none: it is frozen).
+    pub writers: Vec<String>,
 }
 
 /// A checkpoint in `/status`.
@@ -459,6 +471,34 @@ impl ControlPlane {
         self.propose(ControlCommand::SetTopology(spec)).await
     }
 
+    /// Sets the writers of the keyspace of keys beginning with `prefix` (by region name; none
+    /// freezes it), or (`None`) drops its options.
+    pub async fn set_keyspace(
+        &self,
+        prefix: String,
+        writers: Option<Vec<String>>,
+    ) -> Result<ControlReply, ControlPlaneError> {
+        let options = match writers {
+            None => None,
+            Some(names) => {
+                let state = self.state().ok_or_else(|| {
+                    ControlPlaneError::Invalid("the group is not bootstrapped yet".into())
+                })?;
+                let mut writers = BTreeSet::new();
+                for name in &names {
+                    let member = state
+                        .members()
+                        .find(|m| m.region == *name && m.state != MemberState::Removed)
+                        .ok_or_else(|| ControlPlaneError::Invalid(format!("no member {name}")))?;
+                    writers.insert(member.id);
+                }
+                Some(KeyspaceOptions { writers })
+            }
+        };
+        self.propose(ControlCommand::SetKeyspace { prefix, options })
+            .await
+    }
+
     fn region(&self, state: Option<&ControlState>, node: NodeId) -> String {
         state
             .and_then(|s| s.member(node))
@@ -479,6 +519,7 @@ impl ControlPlane {
         let mut members = Vec::new();
         let mut frontier = BTreeMap::new();
         let mut stable_hlc = None;
+        let mut keyspaces = BTreeMap::new();
         let mut links = Vec::new();
         let mut full_mesh = false;
         if let Some(state) = &state {
@@ -505,6 +546,18 @@ impl ControlPlane {
             }
             frontier = named(&state.stable_frontier());
             stable_hlc = state.stable_hlc().map(hlc_text);
+            keyspaces = state
+                .keyspaces()
+                .iter()
+                .map(|(prefix, options)| {
+                    let writers = options
+                        .writers
+                        .iter()
+                        .map(|n| self.region(Some(state), *n))
+                        .collect();
+                    (prefix.clone(), KeyspaceStatus { writers })
+                })
+                .collect();
             if let Ok(topology) = state.topology() {
                 full_mesh = topology.is_full_mesh();
                 links = topology
@@ -531,6 +584,7 @@ impl ControlPlane {
             full_mesh,
             stable_frontier: frontier,
             stable_hlc,
+            keyspaces,
             control_applied_index: metrics.last_applied.map(|l| l.index),
         }
     }
@@ -553,6 +607,7 @@ impl ControlPlane {
             let mut next_checkpoint_ms = 0u64;
             let mut frontier_sent = VersionVector::new();
             let mut stable_hlc_sent = None;
+            let mut keyspaces_sent = None;
             let mut topology_sent: Option<Topology> = None;
             let mut removals = BTreeMap::new();
             let mut leaving_vector = None;
@@ -601,6 +656,19 @@ impl ControlPlane {
                         break;
                     }
                     topology_sent = Some(topology);
+                }
+                let keyspaces = state.as_ref().map(|s| s.keyspaces().clone());
+                if keyspaces.is_some() && keyspaces != keyspaces_sent {
+                    if let Some(rules) = keyspaces.clone() {
+                        if inputs
+                            .send(Input::Keyspaces(Keyspaces::new(rules)))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    keyspaces_sent = keyspaces;
                 }
                 let stable_hlc = state.as_ref().and_then(|s| s.stable_hlc());
                 if gc && stable_hlc.is_some() && stable_hlc != stable_hlc_sent {
