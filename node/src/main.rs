@@ -1093,7 +1093,7 @@ async fn keyspace_set(
             println!("Committed: {prefix:?} is frozen, no region takes writes to it.")
         }
         Some(writers) => println!(
-            "Committed: only {} take writes to {prefix:?}.",
+            "Committed: writes to {prefix:?} are taken only in {}.",
             writers.join(", ")
         ),
     }

@@ -35,7 +35,10 @@ pub fn run(scenario: &Scenario, options: RunOptions) -> Result<Report, String> {
     let world = World::new(scenario, options)?;
     let mut report = world.run()?;
     report.replay = match bug {
-        Some(_) => format!("braid-sim run SCENARIO --seed {seed} --inject-bug ..."),
+        Some(bug) => format!(
+            "braid-sim run SCENARIO --seed {seed} --inject-bug {}",
+            bug.name()
+        ),
         None => format!("braid-sim run SCENARIO --seed {seed}"),
     };
     Ok(report)

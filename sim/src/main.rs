@@ -42,7 +42,7 @@ enum Commands {
         #[arg(long)]
         check_determinism: bool,
         /// Test only: inject a bug (double-apply, lose-write, grant-every-vote,
-        /// drop-control-apply) to see the checkers catch it.
+        /// drop-control-apply, collect-early) to see the checkers catch it.
         #[arg(long, value_name = "BUG", hide = true)]
         inject_bug: Option<InjectedBug>,
     },
@@ -105,9 +105,10 @@ fn print_report(report: &Report, scenario_path: &Path) {
             "PASSED".to_string()
         } else {
             format!(
-                "FAILED: replay with braid-sim run {} --seed {}",
-                scenario_path.display(),
-                report.seed
+                "FAILED: replay with {}",
+                report
+                    .replay
+                    .replacen("SCENARIO", &scenario_path.display().to_string(), 1)
             )
         }
     );
@@ -191,9 +192,10 @@ fn run() -> Result<bool> {
             summary.applied_per_wall_s,
             summary.messages_per_change_max
         );
+        let bug = inject_bug.map_or(String::new(), |b| format!(" --inject-bug {}", b.name()));
         for (seed, checker) in &summary.failed {
             println!(
-                "failed: seed {seed} ({checker}): braid-sim run {} --seed {seed}",
+                "failed: seed {seed} ({checker}): braid-sim run {} --seed {seed}{bug}",
                 path.display()
             );
         }

@@ -24,6 +24,19 @@ pub enum InjectedBug {
     CollectEarly,
 }
 
+impl InjectedBug {
+    /// The name `--inject-bug` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            InjectedBug::DoubleApply => "double-apply",
+            InjectedBug::LoseWrite => "lose-write",
+            InjectedBug::GrantEveryVote => "grant-every-vote",
+            InjectedBug::DropControlApply => "drop-control-apply",
+            InjectedBug::CollectEarly => "collect-early",
+        }
+    }
+}
+
 impl std::str::FromStr for InjectedBug {
     type Err = String;
 

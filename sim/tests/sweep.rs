@@ -144,7 +144,11 @@ fn an_apply_that_skips_the_vector_check_is_caught_by_the_exactly_once_checker() 
         .unwrap();
     assert!(!verdict.passed);
     assert!(verdict.detail.contains("twice"), "{}", verdict.detail);
-    assert!(report.replay.contains("--seed 3"), "{}", report.replay);
+    assert!(
+        report.replay.contains("--seed 3 --inject-bug double-apply"),
+        "{}",
+        report.replay
+    );
 }
 
 #[test]
