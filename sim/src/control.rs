@@ -544,7 +544,7 @@ impl ControlSim {
         let Some((raft, machine)) = self.nodes[leader].running.clone() else {
             return;
         };
-        if machine.state().is_none() {
+        if machine.read_state(|_| ()).is_none() {
             self.propose(leader, self.bootstrap.clone());
             return;
         }
@@ -608,6 +608,11 @@ impl ControlSim {
         self.nodes[i].running.as_ref()?.1.state()
     }
 
+    /// Reads region `i`'s applied control state in place, without copying it.
+    pub fn read_state<T>(&self, i: usize, read: impl FnOnce(&ControlState) -> T) -> Option<T> {
+        self.nodes[i].running.as_ref()?.1.read_state(read)
+    }
+
     /// The command that admits region `i`.
     pub fn join_command(&self, i: usize) -> ControlCommand {
         ControlCommand::Join(self.members[i].clone())
@@ -620,7 +625,7 @@ impl ControlSim {
         let bootstrapped = node
             .running
             .as_ref()
-            .is_some_and(|(_, machine)| machine.state().is_some());
+            .is_some_and(|(_, machine)| machine.read_state(|_| ()).is_some());
         if !bootstrapped || now_ms < node.next_checkpoint_ms {
             return false;
         }
@@ -657,8 +662,11 @@ impl ControlSim {
     /// The committed stable frontier region `i` has not yet been given, if it moved.
     pub fn new_frontier(&mut self, i: usize) -> Option<VersionVector> {
         let node = &mut self.nodes[i];
-        let state = node.running.as_ref()?.1.state()?;
-        let frontier = state.stable_frontier();
+        let frontier = node
+            .running
+            .as_ref()?
+            .1
+            .read_state(ControlState::stable_frontier)?;
         if frontier.is_empty() || frontier == node.frontier_sent {
             return None;
         }
@@ -669,7 +677,11 @@ impl ControlSim {
     /// The committed stable HLC region `i` has not yet been given, if it moved.
     pub fn new_stable_hlc(&mut self, i: usize) -> Option<Hlc> {
         let node = &mut self.nodes[i];
-        let stable = node.running.as_ref()?.1.state()?.stable_hlc()?;
+        let stable = node
+            .running
+            .as_ref()?
+            .1
+            .read_state(ControlState::stable_hlc)??;
         if node.stable_hlc_sent == Some(stable) {
             return None;
         }

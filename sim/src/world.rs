@@ -596,8 +596,8 @@ impl<'a> World<'a> {
         for region in 0..self.regions.len() {
             let id = self.regions[region].id;
             let Some(topology) = control
-                .state(region)
-                .and_then(|s| s.topology().ok())
+                .read_state(region, |s| s.topology().ok())
+                .flatten()
                 .filter(|t| t.contains(id))
             else {
                 continue;

@@ -234,6 +234,11 @@ impl StateMachineStore {
         lock(&self.inner).state.clone()
     }
 
+    /// Reads the applied state in place, without copying it (`None` before the bootstrap).
+    pub fn read_state<T>(&self, read: impl FnOnce(&ControlState) -> T) -> Option<T> {
+        lock(&self.inner).state.as_ref().map(read)
+    }
+
     /// The index of the last applied entry.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         lock(&self.inner).last_applied
