@@ -81,6 +81,28 @@ pub fn spawn_region_with_env(
     detach: bool,
     env: &[(&str, &str)],
 ) -> Result<tokio::process::Child, LaunchError> {
+    spawn_node(region, exe, detach, env, None)
+}
+
+/// Starts a region laid out by `braid add-region` with `braid join --via VIA` (the HTTP admin
+/// address of a member), which admits it and runs its node; records its pid. Its output goes to
+/// its `braid.log`, as a started region's does.
+pub fn spawn_join_with_env(
+    region: &mut RegionEntry,
+    exe: &Path,
+    via: SocketAddr,
+    env: &[(&str, &str)],
+) -> Result<tokio::process::Child, LaunchError> {
+    spawn_node(region, exe, false, env, Some(via))
+}
+
+fn spawn_node(
+    region: &mut RegionEntry,
+    exe: &Path,
+    detach: bool,
+    env: &[(&str, &str)],
+    join_via: Option<SocketAddr>,
+) -> Result<tokio::process::Child, LaunchError> {
     let log_file = log_path(&region.config);
     let io = |e| LaunchError::Io(log_file.display().to_string(), e);
     let log = std::fs::OpenOptions::new()
@@ -89,8 +111,11 @@ pub fn spawn_region_with_env(
         .open(&log_file)
         .map_err(io)?;
     let mut command = tokio::process::Command::new(exe);
+    match join_via {
+        None => command.arg("start"),
+        Some(via) => command.arg("join").arg("--via").arg(via.to_string()),
+    };
     command
-        .arg("start")
         .arg("--config")
         .arg(&region.config)
         .envs(env.iter().copied())

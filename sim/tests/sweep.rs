@@ -76,7 +76,7 @@ fn the_shipped_drills_pass_under_the_simulator() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     names.sort();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
     let mut failures = Vec::new();
     for path in &names {
         let scenario = Scenario::load(path).unwrap();

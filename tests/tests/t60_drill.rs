@@ -35,6 +35,25 @@ fn processes_gone(dir: &Path) {
     }
 }
 
+/// Runs the shipped drill `name` (of `regions` regions) at full time in `dir`; returns the
+/// process's output and where its JSON report is.
+fn shipped_drill(name: &str, regions: usize, dir: &Path) -> (Output, std::path::PathBuf) {
+    let json = dir.join("r.json");
+    let scenario = manifest_dir().join(format!("../docs/drills/{name}.toml"));
+    let base = free_base_port(regions).to_string();
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    (out, json)
+}
+
 fn checker<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["checkers"]
         .as_array()
@@ -181,19 +200,7 @@ lag-ms-p99-max = 1
 #[test]
 fn t60_a_leader_loss_drill_kills_whichever_region_leads_and_passes() {
     let work = tempfile::tempdir().unwrap();
-    let json = work.path().join("r.json");
-    let scenario = manifest_dir().join("../docs/drills/leader-loss.toml");
-    let base = free_base_port(3).to_string();
-    let out = braid(&[
-        "drill",
-        scenario.to_str().unwrap(),
-        "--base-port",
-        &base,
-        "--dir",
-        work.path().to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (out, json) = shipped_drill("leader-loss", 3, work.path());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
     let leader = stderr
@@ -392,4 +399,55 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
     for pid in pids {
         assert!(!braid_tests::running(pid), "pid {pid} still runs");
     }
+}
+
+#[test]
+fn t60_a_join_leave_drill_admits_a_region_and_lets_one_go_against_real_processes() {
+    let work = tempfile::tempdir().unwrap();
+    let (out, json) = shipped_drill("join-leave", 4, work.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("!! join d") && stderr.contains("!! leave b"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("verdict: PASS"), "{stdout}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    let membership = checker(&report, "membership");
+    assert_eq!(membership["passed"], true, "{membership}");
+    let detail = membership["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("d join at") && detail.contains("b leave at"),
+        "{detail}"
+    );
+    // The oracle holds every region's change log, the leaver's too, and every member equals it.
+    assert_eq!(checker(&report, "oracle")["passed"], true);
+    // d wrote once it joined; b's client was refused once b began to leave.
+    let writes = &report["writes"];
+    assert!(
+        writes["d"]["acknowledged"].as_u64().unwrap() > 0,
+        "{writes}"
+    );
+    // (Every region's client is refused now and then: the workload mixes types on its keys.)
+    let refused = |r: &str| writes[r]["refused"].as_u64().unwrap();
+    assert!(refused("b") > 2 * refused("a"), "{writes}");
+
+    // Every process the drill started is gone; the leaver's was reaped when it left.
+    let file = ClusterFile::load(&work.path().join("cluster")).expect("cluster.json");
+    assert_eq!(file.regions.len(), 4);
+    for region in &file.regions {
+        if let Some(pid) = region.pid {
+            assert!(
+                !braid_tests::running(pid),
+                "region {} still runs",
+                region.name
+            );
+        }
+    }
+    assert_eq!(
+        file.regions.iter().find(|r| r.name == "b").unwrap().pid,
+        None
+    );
 }

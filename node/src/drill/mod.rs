@@ -70,6 +70,17 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a (re)started region may take to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a region may take to join (admitted through the control plane, its data snapshot
+/// fetched and installed): the admission alone may wait 30 s for a leader.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a region may take to leave (its drain, then every other member's checkpoint
+/// holding its events, then its removal); past it the drill fails.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a join or a leave in progress is looked at.
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(200);
+/// How long `POST /faults` naming a region that just joined is retried: the other nodes add it
+/// to their peers at their next upkeep.
+const FAULTS_RETRY: Duration = Duration::from_secs(5);
 /// Points kept in the lag timeline (one per link and second): hours of a large mesh.
 const TIMELINE_POINTS_MAX: usize = 200_000;
 /// How often the progress line is refreshed.
@@ -137,6 +148,21 @@ pub enum Progress {
     Fault(String),
 }
 
+/// Where a region is in the mesh, as the drill drives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Laid out, not started: a `join` later in the timeline admits it.
+    Outside,
+    /// Its `braid join` runs; not serving yet.
+    Joining,
+    /// In the mesh.
+    Member,
+    /// Draining after `POST /leave`; its node exits once it is removed.
+    Leaving,
+    /// Left: its node exited. Its change log still counts for the oracle.
+    Left,
+}
+
 /// One region as the drill runs it.
 struct Region {
     name: String,
@@ -144,6 +170,11 @@ struct Region {
     http: SocketAddr,
     child: Option<tokio::process::Child>,
     up: watch::Sender<bool>,
+    /// Whether it is in the mesh (joined and not left): its writer writes only then.
+    member: watch::Sender<bool>,
+    phase: Phase,
+    /// When its join or leave began (the drill's clock, and the report's milliseconds).
+    change_since: Option<(Instant, u64)>,
     counters: Arc<WriterCounters>,
 }
 
@@ -167,13 +198,15 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl NetState {
-    fn fault_set(&self, i: usize, names: &[String]) -> FaultSet {
+    /// Region `i`'s share of the faults, naming only the regions `present` (a node refuses
+    /// faults naming a region it does not know).
+    fn fault_set(&self, i: usize, names: &[String], present: &[bool]) -> FaultSet {
         let mut set = FaultSet {
             clock_offset_ms: self.clock.get(&i).copied().unwrap_or(0),
             ..FaultSet::default()
         };
         for (j, name) in names.iter().enumerate() {
-            if j == i {
+            if j == i || !present.get(j).copied().unwrap_or(false) {
                 continue;
             }
             let (out, back) = (self.cut.contains(&(i, j)), self.cut.contains(&(j, i)));
@@ -431,6 +464,7 @@ fn check_supported(
     scenario: &Scenario,
     durability: Durability,
     faults_available: bool,
+    attached: bool,
 ) -> Result<Vec<String>, DrillError> {
     let mut notes = Vec::new();
     let net = &scenario.network;
@@ -476,11 +510,12 @@ fn check_supported(
             _ => {}
         }
         match &fault.action {
-            Action::Join { region } | Action::Leave { region } => {
+            Action::Join { region } | Action::Leave { region } if attached => {
                 return Err(DrillError::Unsupported(format!(
-                    "{} at {} ms is simulator-only for now: against a running cluster, \
-                     `braid add-region` and `braid join` admit region {region}, and \
-                     `braid leave` takes it out",
+                    "{} at {} ms needs a cluster the drill starts: a region that joined or left \
+                     an attached cluster could not be given back as it was (ids of removed \
+                     regions are never reused). Against your own cluster, `braid add-region` \
+                     and `braid join` admit region {region}, and `braid leave` takes it out",
                     action_name(&fault.action),
                     fault.at_ms
                 )));
@@ -500,7 +535,9 @@ fn check_supported(
             Action::Kill { .. }
             | Action::KillLeader { .. }
             | Action::Restart { .. }
-            | Action::PowerFail { .. } => {}
+            | Action::PowerFail { .. }
+            | Action::Join { .. }
+            | Action::Leave { .. } => {}
             other if !faults_available => {
                 return Err(DrillError::Unsupported(format!(
                     "{} at {} ms needs fault injection, which the attached cluster's nodes do \
@@ -572,6 +609,8 @@ enum Step {
         until_ms: u64,
         down: bool,
     },
+    /// A look at a join or a leave in progress.
+    Membership(usize),
     End,
 }
 
@@ -604,6 +643,8 @@ struct Drill<'a> {
     failures: Vec<Failure>,
     marks: Vec<FaultMark>,
     convergence_watches: Vec<usize>,
+    /// Joins and leaves finished: (region, "join" or "leave", begun at ms, taken ms).
+    memberships: Vec<(String, &'static str, u64, u64)>,
 }
 
 impl Drill<'_> {
@@ -615,38 +656,186 @@ impl Drill<'_> {
         self.regions.iter().map(|r| *r.up.borrow()).collect()
     }
 
+    /// The regions the mesh's nodes know as members: the ones faults may name.
+    fn present(&self) -> Vec<bool> {
+        self.regions
+            .iter()
+            .map(|r| matches!(r.phase, Phase::Member | Phase::Leaving))
+            .collect()
+    }
+
     fn index(&self, name: &str) -> usize {
         // The scenario was validated: every name is a region.
         self.names.iter().position(|n| n == name).unwrap_or(0)
     }
 
-    /// Sends every region that is up its share of the network faults.
+    /// Sends every region that is up and in the mesh its share of the network faults.
     async fn push_faults(&self) -> Result<(), DrillError> {
         if !self.faults_available {
             return Ok(());
         }
+        let present = self.present();
         for (i, region) in self.regions.iter().enumerate() {
-            if *region.up.borrow() {
-                self.push_faults_to(i).await?;
+            if *region.up.borrow() && present[i] {
+                self.push_faults_to(i, &present).await?;
             }
         }
         Ok(())
     }
 
-    async fn push_faults_to(&self, i: usize) -> Result<(), DrillError> {
+    async fn push_faults_to(&self, i: usize, present: &[bool]) -> Result<(), DrillError> {
         if !self.faults_available {
             return Ok(());
         }
-        let set = self.net.fault_set(i, &self.names);
+        let set = self.net.fault_set(i, &self.names, present);
         let body = serde_json::to_string(&set)
             .map_err(|e| DrillError::Cluster(format!("encoding faults: {e}")))?;
         let region = &self.regions[i];
-        crate::admin_client::post_json(region.http, "/faults", &body, ADMIN_TIMEOUT)
+        let deadline = Instant::now() + FAULTS_RETRY;
+        loop {
+            // A region that just joined is unknown to a node until its next upkeep: such a
+            // refusal passes within a second.
+            match crate::admin_client::post_json(region.http, "/faults", &body, ADMIN_TIMEOUT).await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(DrillError::Cluster(format!(
+                        "region {}: POST /faults: {e}",
+                        region.name
+                    )))
+                }
+                Err(_) => tokio::time::sleep(MEMBERSHIP_POLL).await,
+            }
+        }
+    }
+
+    /// Starts region `i`'s `braid join` through a member that is up.
+    async fn begin_join(&mut self, i: usize) -> Result<(), DrillError> {
+        if self.regions[i].phase != Phase::Outside {
+            return Ok(());
+        }
+        let via = self
+            .regions
+            .iter()
+            .find(|r| r.phase == Phase::Member && *r.up.borrow())
+            .map(|r| r.http)
+            .ok_or_else(|| {
+                DrillError::Cluster(format!("no member is up to admit region {}", self.names[i]))
+            })?;
+        // A joiner knows no peer until it is admitted, so it starts without faults: they are
+        // pushed to it (and the others learn to name it) once it serves.
+        let child =
+            launch::spawn_join_with_env(&mut self.file.regions[i], &self.options.exe, via, &[])
+                .map_err(|e| DrillError::Cluster(e.to_string()))?;
+        self.save_cluster_file()?;
+        let at_ms = self.elapsed_ms();
+        let region = &mut self.regions[i];
+        region.child = Some(child);
+        region.phase = Phase::Joining;
+        region.change_since = Some((Instant::now(), at_ms));
+        Ok(())
+    }
+
+    /// Asks region `i` to leave the mesh (`POST /leave`): it drains, is removed and exits.
+    async fn begin_leave(&mut self, i: usize) -> Result<(), DrillError> {
+        let region = &self.regions[i];
+        if region.phase != Phase::Member {
+            return Ok(());
+        }
+        if !*region.up.borrow() {
+            return Err(DrillError::Cluster(format!(
+                "leave of region {}: it is down, and only a running region leaves",
+                region.name
+            )));
+        }
+        crate::admin_client::post_json(region.http, "/leave", "{}", Duration::from_secs(15))
             .await
             .map_err(|e| {
-                DrillError::Cluster(format!("region {}: POST /faults: {e}", region.name))
+                DrillError::Cluster(format!("region {}: POST /leave: {e}", region.name))
             })?;
+        let at_ms = self.elapsed_ms();
+        let region = &mut self.regions[i];
+        region.phase = Phase::Leaving;
+        region.change_since = Some((Instant::now(), at_ms));
         Ok(())
+    }
+
+    /// Writes cluster.json with the processes as they are now (a region that joined has one,
+    /// one that left has none), for whoever looks at the drill's directory.
+    fn save_cluster_file(&self) -> Result<(), DrillError> {
+        self.file
+            .save(&self.cluster_dir)
+            .map_err(|e| DrillError::Cluster(e.to_string()))
+    }
+
+    /// Looks at region `i`'s join or leave in progress; true once it is over (or there is none).
+    async fn poll_membership(&mut self, i: usize) -> Result<bool, DrillError> {
+        let Some((since, at_ms)) = self.regions[i].change_since else {
+            return Ok(true);
+        };
+        let name = self.names[i].clone();
+        let exited = match self.regions[i].child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten(),
+            None => None,
+        };
+        match self.regions[i].phase {
+            Phase::Joining => {
+                if let Some(exit) = exited {
+                    return Err(DrillError::Cluster(format!(
+                        "region {name} exited during its join ({exit}); see its braid.log"
+                    )));
+                }
+                // Its admin server starts once its data snapshot is installed.
+                if get_json::<Status>(self.regions[i].http, "/status")
+                    .await
+                    .is_err()
+                {
+                    if since.elapsed() > JOIN_TIMEOUT {
+                        return Err(DrillError::Cluster(format!(
+                            "region {name} did not join within {JOIN_TIMEOUT:?}"
+                        )));
+                    }
+                    return Ok(false);
+                }
+                let took_ms = since.elapsed().as_millis() as u64;
+                let region = &mut self.regions[i];
+                region.phase = Phase::Member;
+                region.change_since = None;
+                region.up.send_replace(true);
+                region.member.send_replace(true);
+                self.push_faults().await?;
+                let target = lock(&self.shared).frontier(&self.up());
+                let watch = self.watch(format!("join {name}"), target, None, since);
+                self.convergence_watches.push(watch);
+                self.memberships.push((name, "join", at_ms, took_ms));
+                Ok(true)
+            }
+            Phase::Leaving => {
+                if exited.is_none() {
+                    if since.elapsed() > LEAVE_TIMEOUT {
+                        return Err(DrillError::Cluster(format!(
+                            "region {name} did not leave within {LEAVE_TIMEOUT:?}"
+                        )));
+                    }
+                    return Ok(false);
+                }
+                let took_ms = since.elapsed().as_millis() as u64;
+                let region = &mut self.regions[i];
+                region.phase = Phase::Left;
+                region.change_since = None;
+                region.child = None;
+                region.up.send_replace(false);
+                region.member.send_replace(false);
+                // Reaped: its pid may be reused by anything now.
+                self.file.regions[i].pid = None;
+                self.save_cluster_file()?;
+                lock(&self.shared).forget(i);
+                self.push_faults().await?;
+                self.memberships.push((name, "leave", at_ms, took_ms));
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
     }
 
     /// Asks the observer when every region up (or `only`) holds `target`, counting from `since`.
@@ -750,14 +939,16 @@ impl Drill<'_> {
     }
 
     async fn restart(&mut self, i: usize) -> Result<(), DrillError> {
-        if *self.regions[i].up.borrow() {
+        if *self.regions[i].up.borrow()
+            || !matches!(self.regions[i].phase, Phase::Member | Phase::Leaving)
+        {
             return Ok(());
         }
         let restarted = Instant::now();
         let restarted_ms = self.elapsed_ms();
         // Its faults (cuts, delays, its clock) hold from its first frame, as in the simulator.
         let faults = if self.faults_available {
-            serde_json::to_string(&self.net.fault_set(i, &self.names))
+            serde_json::to_string(&self.net.fault_set(i, &self.names, &self.present()))
                 .map_err(|e| DrillError::Cluster(format!("encoding faults: {e}")))?
         } else {
             String::new()
@@ -875,10 +1066,10 @@ impl Drill<'_> {
                 self.net.slow.insert(key, *extra_ms);
                 self.push_faults().await?;
             }
+            Action::Join { region } => self.begin_join(self.index(region)).await?,
+            Action::Leave { region } => self.begin_leave(self.index(region)).await?,
             // Scheduled as steps by the caller.
             Action::Flap { .. } | Action::KillLeader { .. } => {}
-            // Refused before the drill starts.
-            Action::Join { .. } | Action::Leave { .. } => {}
         }
         Ok(())
     }
@@ -961,8 +1152,14 @@ async fn cluster_for(
         return Err(DrillError::Options("no working directory".into()));
     };
     let dir = work.path.join("cluster");
+    // Regions that join later are laid out once the others run, outside the mesh.
+    let initial: Vec<String> = scenario
+        .initial_regions()
+        .into_iter()
+        .map(String::from)
+        .collect();
     let mut file = cluster::init(&InitOptions {
-        regions: scenario.regions.clone(),
+        regions: initial.clone(),
         dir: dir.clone(),
         host: [127, 0, 0, 1].into(),
         base_port: options.base_port,
@@ -985,6 +1182,17 @@ async fn cluster_for(
             "regions {} did not connect to all their peers",
             late.join(", ")
         )));
+    }
+    let joiners: Vec<&String> = scenario
+        .regions
+        .iter()
+        .filter(|r| !initial.contains(r))
+        .collect();
+    if !joiners.is_empty() {
+        for name in joiners {
+            cluster::add_region(&dir, name).map_err(|e| fail(&e))?;
+        }
+        file = ClusterFile::load(&dir).map_err(|e| fail(&e))?;
     }
     Ok((file, dir, Some(children)))
 }
@@ -1012,7 +1220,7 @@ pub async fn run(
     // Refuse early what cannot be done, before anything starts (an attached cluster is checked
     // once its durability and fault injection are known).
     if options.attach.is_none() {
-        check_supported(scenario, options.durability, true)?;
+        check_supported(scenario, options.durability, true, false)?;
     }
     let work = match options.attach {
         None => Some(
@@ -1054,18 +1262,29 @@ pub async fn run(
     let faults_available = crate::admin_client::get(https[0], "/faults", ADMIN_TIMEOUT)
         .await
         .is_ok();
-    let warnings = check_supported(scenario, durability, faults_available)?;
+    let warnings = check_supported(scenario, durability, faults_available, attached)?;
 
-    let n = scenario.regions.len();
+    let n = file.regions.len();
+    let initial = scenario.initial_regions();
     let mut children = children.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
     let mut regions = Vec::new();
     for (i, entry) in file.regions.iter().enumerate() {
+        let member = initial.contains(&entry.name.as_str());
         regions.push(Region {
             name: entry.name.clone(),
             id: NodeId(entry.id),
             http: https[i],
-            child: children.as_mut().and_then(|c| c[i].take()),
-            up: watch::Sender::new(true),
+            child: children
+                .as_mut()
+                .and_then(|c| c.get_mut(i).and_then(Option::take)),
+            up: watch::Sender::new(member),
+            member: watch::Sender::new(member),
+            phase: if member {
+                Phase::Member
+            } else {
+                Phase::Outside
+            },
+            change_since: None,
             counters: Arc::new(WriterCounters::default()),
         });
     }
@@ -1073,7 +1292,8 @@ pub async fn run(
     let start = Instant::now();
     let mut drill = Drill {
         options,
-        names: scenario.regions.clone(),
+        // In cluster.json's order (the regions that join later come last), as `https`.
+        names: file.regions.iter().map(|r| r.name.clone()).collect(),
         file,
         cluster_dir,
         attached,
@@ -1090,6 +1310,7 @@ pub async fn run(
         failures: Vec::new(),
         marks: Vec::new(),
         convergence_watches: Vec::new(),
+        memberships: Vec::new(),
     };
     drill.push_faults().await?;
 
@@ -1098,6 +1319,10 @@ pub async fn run(
     // Counters and lag count from these readings (an attached cluster has a history).
     let mut bases = Vec::new();
     for (i, addr) in https.iter().enumerate() {
+        if drill.regions[i].phase != Phase::Member {
+            bases.push(0); // not started yet: it joins with nothing of its own
+            continue;
+        }
         let status: Status = get_json(*addr, "/status")
             .await
             .map_err(DrillError::Cluster)?;
@@ -1124,6 +1349,7 @@ pub async fn run(
         };
         writers.push(tokio::spawn(writer::run(
             spec,
+            region.member.subscribe(),
             region.up.subscribe(),
             writers_rx.clone(),
             region.counters.clone(),
@@ -1158,7 +1384,9 @@ pub async fn run(
                     let down = drill
                         .regions
                         .iter()
-                        .filter(|r| !*r.up.borrow())
+                        .filter(|r| {
+                            matches!(r.phase, Phase::Member | Phase::Leaving) && !*r.up.borrow()
+                        })
                         .map(|r| r.name.clone())
                         .collect();
                     progress(Progress::Running {
@@ -1177,6 +1405,13 @@ pub async fn run(
             }
             match step {
                 Step::End => break,
+                Step::Membership(i) => {
+                    if !drill.poll_membership(i).await? {
+                        order += 1;
+                        let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
+                        steps.insert((next, order), Step::Membership(i));
+                    }
+                }
                 Step::Restart(i) => {
                     let label = format!("restart {}", drill.names[i]);
                     drill.marks.push(FaultMark {
@@ -1235,6 +1470,12 @@ pub async fn run(
                         }
                     } else {
                         drill.perform(action).await?;
+                        if let Action::Join { region } | Action::Leave { region } = action {
+                            order += 1;
+                            let i = drill.index(region);
+                            let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
+                            steps.insert((next, order), Step::Membership(i));
+                        }
                     }
                 }
                 Step::Flap {
@@ -1344,6 +1585,26 @@ async fn finish(
             drill.restart(i).await?;
         }
     }
+    // Joins and leaves still on finish first (each within its own time bound).
+    for i in 0..drill.regions.len() {
+        if matches!(drill.regions[i].phase, Phase::Joining | Phase::Leaving) {
+            progress(Progress::Phase(format!(
+                "waiting for region {} to finish its {}",
+                drill.names[i],
+                if drill.regions[i].phase == Phase::Joining {
+                    "join"
+                } else {
+                    "leave"
+                }
+            )));
+            while !drill.poll_membership(i).await? {
+                tokio::time::sleep(MEMBERSHIP_POLL).await;
+            }
+        }
+    }
+    let members: Vec<usize> = (0..drill.regions.len())
+        .filter(|i| drill.regions[*i].phase == Phase::Member)
+        .collect();
     let budget_ms = scenario
         .expect
         .converged_within_ms
@@ -1357,13 +1618,13 @@ async fn finish(
     let mut last_vectors = Vec::new();
     while ended.elapsed() < Duration::from_millis(budget_ms) {
         let mut vectors = Vec::new();
-        for region in &drill.regions {
-            match get_json::<Status>(region.http, "/status").await {
+        for i in &members {
+            match get_json::<Status>(drill.regions[*i].http, "/status").await {
                 Ok(status) => vectors.push(status.vector),
                 Err(_) => break,
             }
         }
-        if vectors.len() == drill.regions.len() && vectors.windows(2).all(|w| w[0] == w[1]) {
+        if vectors.len() == members.len() && vectors.windows(2).all(|w| w[0] == w[1]) {
             final_convergence_ms = Some(ended.elapsed().as_millis() as u64);
             last_vectors = vectors;
             break;
@@ -1378,6 +1639,7 @@ async fn finish(
         "reading every region's state and change log".into(),
     ));
     let verification = verify(drill, clients).await?;
+    let membership = membership_verdict(drill, &members).await;
     let observed = lock(&drill.shared);
     let watches = &observed.watches;
     let mut failures = Vec::new();
@@ -1423,7 +1685,7 @@ async fn finish(
                 "vectors still differ {budget_ms} ms after the end: {}",
                 last_vectors
                     .iter()
-                    .zip(&drill.names)
+                    .zip(members.iter().map(|i| &drill.names[*i]))
                     .map(|(v, n)| format!("{n}={v:?}"))
                     .collect::<Vec<_>>()
                     .join(" ")
@@ -1471,6 +1733,7 @@ async fn finish(
             )
         }),
     });
+    checkers.extend(membership);
     let events_written = observed.writes_total;
     let per_change = if events_written == 0 {
         0.0
@@ -1550,6 +1813,85 @@ async fn finish(
     })
 }
 
+/// How long the end of a drill waits for the control plane to show each join and leave done
+/// (a joiner turns active once its first checkpoint commits, every 3 s).
+const MEMBERSHIP_SETTLE: Duration = Duration::from_secs(20);
+
+/// The `membership` verdict, for scenarios that join or leave: each region ends in its last
+/// change, as the drill saw its process and as the control plane committed it (a joiner
+/// serves and is active, a leaver exited and is removed).
+async fn membership_verdict(drill: &Drill<'_>, members: &[usize]) -> Option<Verdict> {
+    let mut last: BTreeMap<&str, &'static str> = BTreeMap::new();
+    for fault in &drill.options.scenario.timeline {
+        match &fault.action {
+            Action::Join { region } => last.insert(region, "join"),
+            Action::Leave { region } => last.insert(region, "leave"),
+            _ => None,
+        };
+    }
+    if last.is_empty() {
+        return None;
+    }
+    let want = |change: &str| {
+        if change == "join" {
+            "active"
+        } else {
+            "removed"
+        }
+    };
+    let deadline = Instant::now() + MEMBERSHIP_SETTLE;
+    let mut states: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        if let Some(i) = members.first() {
+            if let Ok(status) = get_json::<Status>(drill.regions[*i].http, "/status").await {
+                states = status
+                    .control
+                    .members
+                    .into_iter()
+                    .map(|m| (m.name, m.state))
+                    .collect();
+            }
+        }
+        let settled = last
+            .iter()
+            .all(|(r, c)| states.get(*r).map(String::as_str) == Some(want(c)));
+        if settled || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(MEMBERSHIP_POLL).await;
+    }
+    let mut problems = Vec::new();
+    for (region, change) in &last {
+        let phase = drill.regions[drill.index(region)].phase;
+        let state = states.get(*region).map_or("unknown", String::as_str);
+        let process_ok = match *change {
+            "join" => phase == Phase::Member,
+            _ => phase == Phase::Left,
+        };
+        if !process_ok || state != want(change) {
+            problems.push(format!(
+                "{region} ({change}) ended {phase:?}, {state} in the control plane"
+            ));
+        }
+    }
+    let done: Vec<String> = drill
+        .memberships
+        .iter()
+        .map(|(region, change, at_ms, took_ms)| {
+            format!("{region} {change} at {at_ms} ms took {took_ms} ms")
+        })
+        .collect();
+    Some(Verdict {
+        checker: "membership".into(),
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            format!("{}; each region ends in its last change", done.join(", "))
+        } else {
+            problems.join("; ")
+        },
+    })
+}
+
 /// What a region's client saw, to hold against its change log.
 #[derive(Debug)]
 struct ClientCheck {
@@ -1575,13 +1917,18 @@ struct Verification {
 }
 
 /// Reads every region's storage (read-only, beside the running node): the union of the change
-/// logs gives the oracle; each region's values must equal it.
+/// logs gives the oracle (a region that left counts there too); each member's values must equal
+/// it. A region that never joined has no storage.
 async fn verify(drill: &Drill<'_>, clients: Vec<ClientCheck>) -> Result<Verification, DrillError> {
     let mut dirs = Vec::new();
-    for entry in &drill.file.regions {
+    for (entry, region) in drill.file.regions.iter().zip(&drill.regions) {
+        if region.phase == Phase::Outside {
+            continue;
+        }
         let config = NodeConfig::load(&entry.config)
             .map_err(|e| DrillError::Cluster(format!("region {}: {e}", entry.name)))?;
-        dirs.push((entry.name.clone(), config.data_dir));
+        let compare = region.phase == Phase::Member;
+        dirs.push((entry.name.clone(), config.data_dir, compare));
     }
     let ids: Vec<(String, NodeId)> = drill
         .regions
@@ -1594,13 +1941,13 @@ async fn verify(drill: &Drill<'_>, clients: Vec<ClientCheck>) -> Result<Verifica
 }
 
 fn verify_storages(
-    dirs: &[(String, PathBuf)],
+    dirs: &[(String, PathBuf, bool)],
     ids: &[(String, NodeId)],
     clients: &[ClientCheck],
 ) -> Result<Verification, DrillError> {
     let mut events: BTreeMap<(NodeId, Seq), ChangeEvent> = BTreeMap::new();
     let mut values: Vec<(String, BTreeMap<Bytes, Value>)> = Vec::new();
-    for (name, dir) in dirs {
+    for (name, dir, compare) in dirs {
         let fail = |e: &dyn std::fmt::Display| {
             DrillError::Cluster(format!("region {name}: storage {}: {e}", dir.display()))
         };
@@ -1610,7 +1957,9 @@ fn verify_storages(
                 events.insert((event.origin, event.seq), event);
             }
         }
-        values.push((name.clone(), storage.values().map_err(|e| fail(&e))?));
+        if *compare {
+            values.push((name.clone(), storage.values().map_err(|e| fail(&e))?));
+        }
     }
     let mut v = Verification {
         events: events.len(),
@@ -1712,6 +2061,8 @@ mod tests {
         vec!["a".into(), "b".into(), "c".into()]
     }
 
+    const ALL: [bool; 3] = [true; 3];
+
     #[test]
     fn partitions_become_cuts_one_way_drops_and_delays() {
         let mut net = NetState {
@@ -1722,25 +2073,32 @@ mod tests {
         net.cut.extend([(0, 1), (1, 0), (0, 2)]);
         net.slow.insert(pair(2, 1), 50);
         net.clock.insert(1, -300);
-        let a = net.fault_set(0, &names());
+        let a = net.fault_set(0, &names(), &ALL);
         assert_eq!(a.cut, BTreeSet::from(["b".to_owned()]));
         assert_eq!(a.drop_to, BTreeSet::from(["c".to_owned()]));
         assert_eq!(a.delay_ms.get("b"), Some(&10));
-        let b = net.fault_set(1, &names());
+        let b = net.fault_set(1, &names(), &ALL);
         assert_eq!(b.cut, BTreeSet::from(["a".to_owned()]));
         assert_eq!(b.delay_ms.get("c"), Some(&60));
         assert_eq!(b.clock_offset_ms, -300);
-        let c = net.fault_set(2, &names());
+        let c = net.fault_set(2, &names(), &ALL);
         assert!(c.cut.is_empty() && c.drop_to.is_empty(), "{c:?}");
         net.heal();
         net.flapped.insert(pair(2, 0));
-        let c = net.fault_set(2, &names());
+        let c = net.fault_set(2, &names(), &ALL);
         assert_eq!(c.cut, BTreeSet::from(["a".to_owned()]));
         assert_eq!(c.clock_offset_ms, 0);
         assert_eq!(
-            net.fault_set(1, &names()).clock_offset_ms,
+            net.fault_set(1, &names(), &ALL).clock_offset_ms,
             -300,
             "heal keeps skew"
+        );
+        // A region outside the mesh (not joined yet, or gone) is never named.
+        net.slow.insert(pair(0, 1), 5);
+        let a = net.fault_set(0, &names(), &[true, false, true]);
+        assert!(
+            !a.delay_ms.contains_key("b") && a.delay_ms.contains_key("c"),
+            "{a:?}"
         );
     }
 
@@ -1761,9 +2119,9 @@ action = "power-fail"
 region = "a"
 "#;
         let scenario = Scenario::parse(text).unwrap();
-        let err = check_supported(&scenario, Durability::Process, true).unwrap_err();
+        let err = check_supported(&scenario, Durability::Process, true, false).unwrap_err();
         assert!(err.to_string().contains("--durability machine"), "{err}");
-        let notes = check_supported(&scenario, Durability::Machine, true).unwrap();
+        let notes = check_supported(&scenario, Durability::Machine, true, false).unwrap();
         assert!(
             notes.iter().any(|n| n.contains("network.loss")),
             "{notes:?}"
@@ -1773,8 +2131,17 @@ region = "a"
             "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
         );
         let scenario = Scenario::parse(&partition).unwrap();
-        let err = check_supported(&scenario, Durability::Process, false).unwrap_err();
+        let err = check_supported(&scenario, Durability::Process, false, false).unwrap_err();
         assert!(err.to_string().contains("--fault-injection"), "{err}");
+        // Joins and leaves need a cluster the drill starts.
+        let leave = text.replace("action = \"power-fail\"", "action = \"leave\"");
+        let scenario = Scenario::parse(&leave).unwrap();
+        assert!(check_supported(&scenario, Durability::Process, true, false).is_ok());
+        let err = check_supported(&scenario, Durability::Process, true, true).unwrap_err();
+        assert!(
+            err.to_string().contains("needs a cluster the drill starts"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -90,11 +90,13 @@ pub struct WriterSpec {
     pub seed: u64,
 }
 
-/// Writes until `stop` turns true. While `up` is false the region is down: scheduled writes are
-/// counted as unavailable and the connection is dropped. Returns the record of acknowledged
-/// writes that made events.
+/// Writes until `stop` turns true. While `member` is false the region is outside the mesh (it
+/// has not joined yet, or it left): nothing is written and nothing counted. While `up` is false
+/// the region is down: scheduled writes are counted as unavailable and the connection is
+/// dropped. Returns the record of acknowledged writes that made events.
 pub async fn run(
     spec: WriterSpec,
+    member: watch::Receiver<bool>,
     up: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<WriterCounters>,
@@ -116,6 +118,10 @@ pub async fn run(
             return record;
         }
         let (key, cmd) = next_command(&spec.workload, &mut rng);
+        if !*member.borrow() {
+            conn = None;
+            continue;
+        }
         if !*up.borrow() {
             conn = None;
             counters.unavailable.fetch_add(1, Ordering::Relaxed);
