@@ -240,6 +240,13 @@ pub enum CommandError {
     /// The region is leaving the mesh: it ships what it holds and takes no new writes.
     #[error("READONLY this region is leaving the mesh; write to another region")]
     Leaving,
+    /// This region may have lost the tail of its own writes (a restart after a power loss in
+    /// `process` durability, or a peer that holds more of them than it does): it takes writes
+    /// again once every neighbor has said what it holds of them and any it lost came back.
+    #[error(
+        "TRYAGAIN this region is recovering writes it may have lost in a restart; retry shortly"
+    )]
+    Recovering,
     /// The key's keyspace takes writes only in other regions (or in none: it is frozen).
     #[error("READONLY keyspace '{keyspace}' takes no writes in this region; write in one of its writer regions")]
     NotWriter {

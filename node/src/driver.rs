@@ -149,6 +149,8 @@ pub struct Snapshot {
     pub trimmed: VersionVector,
     /// The stable HLC garbage collection last worked to (`Hlc::ZERO`: none yet).
     pub stable_hlc: Hlc,
+    /// Whether client writes wait for this region's own lost events to come back.
+    pub recovering: bool,
     /// Per neighbor: whether our subscription and its feed are open, the origins we pull from
     /// it, and its vector as last known.
     pub peers: BTreeMap<NodeId, PeerSnapshot>,
@@ -436,24 +438,11 @@ impl Driver {
                 ..
             }) => {
                 self.close_stream(peer, stream, None);
-                if self.resyncing {
-                    debug!(%peer, %text, "behind the peer's log: resynchronisation under way");
-                    return Ok(());
-                }
-                let asked = self
-                    .resync
-                    .as_ref()
-                    .is_some_and(|r| r.try_send((peer, self.replica.vector().clone())).is_ok());
-                if asked {
-                    self.resyncing = true;
-                    warn!(
-                        %peer, %text,
-                        "this region lacks events the peer no longer keeps: resynchronising \
-                         from a data snapshot"
-                    );
-                } else {
-                    error!(%peer, %text, "this region lacks events the peer no longer keeps");
-                }
+                self.ask_resync(
+                    peer,
+                    &text,
+                    "this region lacks events the peer no longer keeps",
+                );
                 Ok(())
             }
             Err(PeerError::Closed { code, text, .. }) => {
@@ -492,8 +481,34 @@ impl Driver {
         debug!(%peer, ?stream, "stream closed");
     }
 
+    /// Asks for a data snapshot from `peer`, unless one is being fetched already.
+    fn ask_resync(&mut self, peer: NodeId, text: &str, why: &str) {
+        if self.resyncing {
+            debug!(%peer, %text, why, "resynchronisation under way");
+            return;
+        }
+        let asked = self
+            .resync
+            .as_ref()
+            .is_some_and(|r| r.try_send((peer, self.replica.vector().clone())).is_ok());
+        if asked {
+            self.resyncing = true;
+            warn!(%peer, %text, why, "resynchronising from a data snapshot");
+        } else {
+            error!(%peer, %text, why, "cannot resynchronise");
+        }
+    }
+
     /// Hands every transmit to its stream's outbox, without waiting.
     fn flush(&mut self) {
+        while let Some(peer) = self.replica.poll_resync() {
+            self.ask_resync(
+                peer,
+                "the peer holds more of this region's own events than it does",
+                "this region lost writes it had shipped (a power loss): taking them back before \
+                 it writes again",
+            );
+        }
         while let Some(transmit) = self.replica.poll_transmit() {
             let key = (transmit.peer, transmit.stream);
             let Some((_, outbox)) = self.streams.get(&key) else {
@@ -537,6 +552,7 @@ impl Driver {
             log_events: self.replica.log_events(),
             trimmed: self.replica.trimmed().clone(),
             stable_hlc: self.replica.stable_hlc(),
+            recovering: self.replica.is_recovering(),
             peers,
         }
     }

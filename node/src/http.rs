@@ -89,6 +89,10 @@ pub struct Status {
     /// behind the others' logs).
     #[serde(default)]
     pub snapshots_installed: u64,
+    /// Whether client writes are refused (`TRYAGAIN`) until this region's own writes it may
+    /// have lost in a restart came back from its peers.
+    #[serde(default)]
+    pub recovering: bool,
     /// The stable HLC this node's garbage collection last worked to, as `wall_ms.logical`
     /// (null: none yet).
     #[serde(default)]
@@ -244,6 +248,7 @@ impl AdminState {
             subscriptions_refused_behind: snapshot.stats.subscriptions_behind,
             change_log_events_retention_trimmed: snapshot.stats.log_events_retention_trimmed,
             snapshots_installed: snapshot.stats.snapshots_installed,
+            recovering: snapshot.recovering,
             gc_stable_hlc: (snapshot.stable_hlc > braid_conflict::Hlc::ZERO)
                 .then(|| crate::control::plane::hlc_text(snapshot.stable_hlc)),
             tombstones_collected: snapshot.stats.tombstones_collected,

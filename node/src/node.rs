@@ -20,7 +20,7 @@ use crate::faults::Faults;
 use crate::http::{self, AdminState};
 use crate::resp::{self, RespContext};
 use crate::snapshot::{self, FetchProgress};
-use crate::storage::RocksStorage;
+use crate::storage::{Durability, RocksStorage};
 use crate::tls::MeshTls;
 use crate::transport::{Directory, Mesh};
 use braid_protocol::control::MemberState;
@@ -150,6 +150,13 @@ async fn run_node(
     }
     let initialize = !joined.exists();
     let storage = RocksStorage::open(&config.data_dir, config.durability)?;
+    // With `process` durability a machine restart (a power loss) may have taken the tail of
+    // the write-ahead log, this node's own last writes with it, which the peers may hold.
+    let rebooted = match boot_id() {
+        Some(id) => storage.note_boot(&id)?,
+        None => false,
+    };
+    let possible_loss = rebooted && config.durability == Durability::Process;
     let reader = storage.clone();
 
     let bind = |what, addr| move |source| NodeError::Bind { what, addr, source };
@@ -249,6 +256,15 @@ async fn run_node(
             .map(|s| s.saturating_mul(1_000));
     }
     let mut replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
+    if possible_loss {
+        warn!(
+            vector = ?replica.vector(),
+            "the machine restarted since this node last ran, and with process durability its \
+             last writes may be lost: client writes wait until every peer has said what it \
+             holds of this region's events"
+        );
+        replica.handle_possible_loss();
+    }
     if let Some(plan) = plan.as_mut() {
         // The Raft group reaches this node from now on (it is a learner); its data comes
         // first, before its driver runs, so that it subscribes from the snapshot's vector.
@@ -327,6 +343,19 @@ async fn fetch_into_replica(
     let ours = replica.vector().clone();
     let mut sink = snapshot::ReplicaSink(replica);
     snapshot::fetch(mesh, endpoint, from, ours, &mut sink, progress).await
+}
+
+/// Overrides the operating system's boot id (tests make a node believe the machine restarted).
+pub const BOOT_ID_ENV: &str = "BRAID_BOOT_ID";
+
+/// The id of the machine's current boot: `BRAID_BOOT_ID` if set, else Linux's
+/// `/proc/sys/kernel/random/boot_id`; none where neither exists (no restart is then detected).
+fn boot_id() -> Option<String> {
+    if let Ok(id) = std::env::var(BOOT_ID_ENV) {
+        return Some(id);
+    }
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_string()).filter(|id| !id.is_empty())
 }
 
 /// Pause after a failed resynchronisation before another may start: doubling from 1 s to

@@ -39,6 +39,7 @@ const META_VECTOR: &[u8] = b"vector";
 const META_HLC: &[u8] = b"hlc";
 const META_FORMAT: &[u8] = b"format";
 const META_TRIMMED: &[u8] = b"trimmed";
+const META_BOOT: &[u8] = b"boot-id";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 /// Format 2 added the tombstone index (and the checkpoints' HLC in the Raft log beside it).
 const FORMAT_VERSION: u32 = 2;
@@ -406,6 +407,21 @@ impl RocksStorage {
         trimmed.merge(through);
         batch.put_cf(meta, META_TRIMMED, encode(&trimmed, "trimmed vector")?);
         Ok(())
+    }
+
+    /// Records `boot_id` (the operating system's id of its current boot) as the one this
+    /// database is used under, synced; returns whether another one was recorded before: the
+    /// machine restarted since, and with `process` durability the tail of the write-ahead log
+    /// may have been lost with the page cache.
+    pub fn note_boot(&self, boot_id: &str) -> Result<bool, StorageError> {
+        let meta = self.cf(CF_META)?;
+        let before = self.db.get_cf(meta, META_BOOT)?;
+        let rebooted = before.as_deref().is_some_and(|b| b != boot_id.as_bytes());
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(meta, META_BOOT, boot_id.as_bytes(), &options)?;
+        Ok(rebooted)
     }
 
     /// Syncs the write-ahead log: every commit so far survives power loss from here on (in

@@ -40,6 +40,17 @@
 //! [`Replica::handle_stable_frontier`] takes the frontier the control plane derived from every
 //! region's checkpoint and deletes the change-log events at or below it. A subscription asking
 //! for deleted events is refused with [`PeerError::Behind`].
+//! # Own events lost
+//!
+//! A replica that may have lost the tail of its own writes (the driver says so with
+//! [`Replica::handle_possible_loss`] after a restart that followed a power loss), or that hears
+//! a peer hold more of its own events than it does, refuses client writes
+//! ([`CommandError::Recovering`]): a new write would reuse a sequence number the others already
+//! hold for another event, and they would drop it as a duplicate. It asks for a data snapshot
+//! from a peer that holds them ([`Replica::poll_resync`]), and takes writes again once every
+//! neighbor has told its vector and its own sequence number is back to the highest any of them
+//! holds.
+//!
 //! [`Replica::handle_stable_hlc`] takes the stable HLC the control plane derived (every event
 //! some region lacks carries a greater one) and drops the tombstones at or below it, key by key
 //! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
@@ -257,6 +268,15 @@ pub struct Stats {
     pub latest_hlc: BTreeMap<NodeId, Hlc>,
 }
 
+/// What a replica that may lack some of its own events waits for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct OwnRecovery {
+    /// Neighbors that told their vector since the recovery began.
+    heard: std::collections::BTreeSet<NodeId>,
+    /// The highest of this replica's own sequence numbers a neighbor holds, and which.
+    ahead: Option<(NodeId, Seq)>,
+}
+
 /// Tombstone-index entries one garbage-collection step visits; the rest waits for the next
 /// tick. Bounds the reads and the size of the step's one commit (a thousand small key states).
 pub const GC_KEYS_PER_STEP: usize = 1024;
@@ -364,6 +384,10 @@ pub struct Replica<S: Storage> {
     gc_more: bool,
     /// The keyspace rules client writes are checked against.
     keyspaces: Keyspaces,
+    /// Set while this replica may lack some of its own events (see the module documentation).
+    own_recovery: Option<OwnRecovery>,
+    /// Peers to fetch a data snapshot from, for [`Replica::poll_resync`].
+    resyncs: VecDeque<NodeId>,
     /// Since when each neighbor without an open subscription has been unreachable.
     down_since_ms: BTreeMap<NodeId, u64>,
     /// Per origin pulled from a peer that is ahead of us: our seq and since when it has not
@@ -404,6 +428,8 @@ impl<S: Storage> Replica<S> {
             stable_hlc: Hlc::ZERO,
             gc_more: false,
             keyspaces: Keyspaces::default(),
+            own_recovery: None,
+            resyncs: VecDeque::new(),
             vector: recovered.vector,
             topology,
             storage,
@@ -526,6 +552,9 @@ impl<S: Storage> Replica<S> {
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
+        if self.own_recovery.is_some() {
+            return Ok(vec![Err(CommandError::Recovering); commands.len()]);
+        }
         for (key, command) in commands {
             if let Some(keyspace) = self.keyspaces.refusing(&key, node) {
                 results.push(Err(CommandError::NotWriter {
@@ -693,6 +722,7 @@ impl<S: Storage> Replica<S> {
             }
             (StreamKind::Subscription, Message::Heartbeat(vector)) => {
                 self.peer_vectors.insert(peer, vector);
+                self.check_own_events(peer);
                 Ok(())
             }
             (StreamKind::Feed, Message::Subscribe(subscribe)) => {
@@ -754,6 +784,7 @@ impl<S: Storage> Replica<S> {
         // The peer's own account of what it holds: replaced, not merged, so a peer that lost
         // data (a rebuilt disk) is not believed to hold what it no longer has.
         self.peer_vectors.insert(peer, subscribe.vector.clone());
+        self.check_own_events(peer);
         self.pump(peer).map_err(PeerError::Storage)
     }
 
@@ -766,7 +797,69 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.peer_vectors.entry(peer).or_default().merge(&vector);
+        self.check_own_events(peer);
         self.pump(peer)
+    }
+
+    // ---- own events lost ----
+
+    /// This replica may have lost the tail of its own writes (it restarted after a power loss
+    /// with `process` durability): client writes are refused until every neighbor has told its
+    /// vector and any of its own events they hold beyond its vector came back.
+    pub fn handle_possible_loss(&mut self) {
+        self.own_recovery.get_or_insert_with(OwnRecovery::default);
+        self.end_recovery_if_done();
+    }
+
+    /// Whether client writes wait for this replica's own events to come back.
+    pub fn is_recovering(&self) -> bool {
+        self.own_recovery.is_some()
+    }
+
+    /// The next peer to fetch a data snapshot from, because it holds own events this replica
+    /// lost. Drain after every input, as [`Replica::poll_transmit`].
+    pub fn poll_resync(&mut self) -> Option<NodeId> {
+        self.resyncs.pop_front()
+    }
+
+    /// Notes what `peer` told of this replica's own events.
+    fn check_own_events(&mut self, peer: NodeId) {
+        let me = self.config.node;
+        let theirs = self
+            .peer_vectors
+            .get(&peer)
+            .map_or(Seq::ZERO, |v| v.get(me));
+        if theirs > self.vector.get(me) {
+            let recovery = self.own_recovery.get_or_insert_with(OwnRecovery::default);
+            if recovery.ahead.is_none_or(|(_, seq)| theirs > seq) {
+                recovery.ahead = Some((peer, theirs));
+                if !self.resyncs.contains(&peer) {
+                    self.resyncs.push_back(peer);
+                }
+            }
+        }
+        if let Some(recovery) = self.own_recovery.as_mut() {
+            recovery.heard.insert(peer);
+        }
+        self.end_recovery_if_done();
+    }
+
+    fn end_recovery_if_done(&mut self) {
+        let me = self.config.node;
+        let Some(recovery) = &self.own_recovery else {
+            return;
+        };
+        let all_heard = self
+            .topology
+            .neighbors(me)
+            .iter()
+            .all(|n| recovery.heard.contains(n));
+        let caught_up = recovery
+            .ahead
+            .is_none_or(|(_, seq)| self.vector.get(me) >= seq);
+        if all_heard && caught_up {
+            self.own_recovery = None;
+        }
     }
 
     fn handle_events(
@@ -1117,6 +1210,7 @@ impl<S: Storage> Replica<S> {
         assert!(self.vector.dominates(&self.trimmed));
         self.gap_since_ms = None;
         self.stalled.clear();
+        self.end_recovery_if_done();
         self.resubscribe_all();
         self.refresh_routes(now_ms);
         self.pump_all()
@@ -1349,6 +1443,14 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.enforce_retention(now_ms)?;
+        // A snapshot asked for and not installed (the fetch failed, or the peer went away):
+        // ask again, from the peer known to hold the most of our own events.
+        if let Some((peer, _)) = self.own_recovery.as_ref().and_then(|r| r.ahead) {
+            if !self.resyncs.contains(&peer) {
+                self.resyncs.push_back(peer);
+            }
+        }
+        self.end_recovery_if_done();
         if self.gc_more {
             self.collect_tombstones()?;
         }

@@ -1272,3 +1272,93 @@ fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
         .unwrap();
     assert_eq!(results[0], Ok(0));
 }
+
+#[test]
+fn a_replica_that_lost_its_own_tail_refuses_writes_until_a_snapshot_brings_it_back() {
+    use braid_conflict::CommandError;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    net.write(A, "k", Command::Set(b("1")));
+    net.write(A, "n", Command::IncrBy(1));
+    net.run();
+    // What A's disk holds after the power loss: its first two writes.
+    let synced = net.replicas[&A].storage().clone();
+    for i in 0..3 {
+        net.write(A, "n", Command::IncrBy(10));
+        net.write(A, &format!("late{i}"), Command::Set(b("x")));
+    }
+    net.run();
+    assert_eq!(
+        net.replicas[&B].vector().get(A),
+        Seq(8),
+        "B holds all of A's events"
+    );
+
+    // A comes back from its disk: its vector says 2, B holds 8 of its events.
+    net.disconnect(A, B);
+    net.disconnect(B, A);
+    let now = net.now_ms;
+    let mut a = Replica::open(ReplicaConfig::new(A), topology.clone(), synced, now).unwrap();
+    assert_eq!(a.vector().get(A), Seq(2));
+    a.handle_possible_loss();
+    assert!(a.is_recovering());
+    let refused = a
+        .handle_commands(vec![(b("k"), Command::Set(b("reused seq 3")))], now)
+        .unwrap();
+    assert_eq!(refused, vec![Err(CommandError::Recovering)]);
+    assert_eq!(a.vector().get(A), Seq(2), "no sequence number was reused");
+    net.replicas.insert(A, a);
+
+    // Once connected, B's vector tells A what it lost, and whom to fetch it from.
+    net.connect_links(&topology);
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert!(a.is_recovering(), "B holds A's events 3..8");
+    assert_eq!(a.poll_resync(), Some(B));
+    assert_eq!(a.poll_resync(), None);
+    // The snapshot brings them back; then A takes writes, numbered after them.
+    let (entries, vector, hlc) = snapshot_of(&mut net, B);
+    let now = net.now_ms;
+    let a = net.replicas.get_mut(&A).unwrap();
+    a.handle_snapshot_chunk(entries).unwrap();
+    a.handle_snapshot_end(&vector, hlc, now).unwrap();
+    assert!(!a.is_recovering());
+    assert_eq!(a.vector().get(A), Seq(8));
+    net.write(A, "n", Command::IncrBy(100));
+    assert_eq!(net.replicas[&A].vector().get(A), Seq(9));
+    net.run();
+    net.assert_converged();
+    assert_eq!(
+        net.values(B).get(&b("n")),
+        Some(&Value::Counter(131)),
+        "every increment once, the new one too"
+    );
+}
+
+#[test]
+fn a_peer_holding_more_of_a_replicas_own_events_stops_its_writes_even_unannounced() {
+    use braid_conflict::CommandError;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    net.write(A, "k", Command::Set(b("1")));
+    net.run();
+    let synced = net.replicas[&A].storage().clone();
+    net.write(A, "k", Command::Set(b("2")));
+    net.run();
+    net.disconnect(A, B);
+    net.disconnect(B, A);
+    let now = net.now_ms;
+    // Nobody told A it may have lost writes (a data directory restored from a backup, say).
+    let a = Replica::open(ReplicaConfig::new(A), topology.clone(), synced, now).unwrap();
+    assert!(!a.is_recovering());
+    net.replicas.insert(A, a);
+    net.connect_links(&topology);
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert!(a.is_recovering(), "B's vector gave it away");
+    let refused = a
+        .handle_commands(vec![(b("k"), Command::Set(b("3")))], now)
+        .unwrap();
+    assert_eq!(refused, vec![Err(CommandError::Recovering)]);
+    assert_eq!(a.poll_resync(), Some(B));
+}

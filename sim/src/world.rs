@@ -943,6 +943,21 @@ impl<'a> World<'a> {
         while let Some(transmit) = replica.poll_transmit() {
             outputs.push(transmit);
         }
+        let mut resync_from = None;
+        while let Some(peer) = replica.poll_resync() {
+            resync_from.get_or_insert(peer);
+        }
+        // A peer holds own events this region lost: a data snapshot from it, as a node's
+        // driver fetches one, one at a time.
+        if let Some(peer) = resync_from {
+            let publ = peer.0 as usize - 1;
+            if self.resyncing.insert(region) {
+                self.schedule(
+                    self.now_ms + SNAPSHOT_MS,
+                    Event::Snapshot { sub: region, publ },
+                );
+            }
+        }
         let me = self.regions[region].id;
         for (origin, seq) in committed {
             if origin != me {

@@ -115,6 +115,20 @@ impl Node {
         ]);
     }
 
+    /// Starts the process as if the machine had restarted since it last ran (another boot id),
+    /// as after a power loss.
+    pub fn start_after_reboot(&mut self) {
+        let args = [
+            "start".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
+        self.spawn_with_env(
+            &args,
+            &[(braid_node::node::BOOT_ID_ENV, "rebooted-in-a-test")],
+        );
+    }
+
     /// Starts the process as `braid join --via VIA` (a region admitted to a running mesh).
     pub fn start_join(&mut self, via: SocketAddr) {
         let args = [
@@ -128,6 +142,10 @@ impl Node {
     }
 
     fn spawn(&mut self, args: &[String]) {
+        self.spawn_with_env(args, &[]);
+    }
+
+    fn spawn_with_env(&mut self, args: &[String], env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         let log = self.config.parent().unwrap().join("braid.log");
         let log = std::fs::OpenOptions::new()
@@ -138,6 +156,7 @@ impl Node {
         let child = Command::new(braid_bin())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
