@@ -41,6 +41,34 @@ pub struct Scenario {
     /// logs, since its checks read them, and refuses a scenario that sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_log_retention_events: Option<u64>,
+    /// How durable each region's commits are, as `durability` in a node's configuration. The
+    /// simulator's storage: `machine` (the default) syncs every commit, so a `power-fail` loses
+    /// nothing; `process` syncs only before each checkpoint report (as a node syncs its
+    /// write-ahead log then), so a `power-fail` loses what was committed since. A drill runs
+    /// with its `--durability` and notes a difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<DurabilityMode>,
+}
+
+/// A storage durability mode, as a scenario names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityMode {
+    /// Commits reach the write-ahead log, synced only now and then: a power loss takes the
+    /// tail.
+    Process,
+    /// Every commit is synced: a power loss takes nothing.
+    Machine,
+}
+
+impl DurabilityMode {
+    /// The mode's name, as configurations spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DurabilityMode::Process => "process",
+            DurabilityMode::Machine => "machine",
+        }
+    }
 }
 
 /// Per-link behaviour. Loss, duplication and reordering model what the replication core must

@@ -386,6 +386,9 @@ pub struct Replica<S: Storage> {
     keyspaces: Keyspaces,
     /// Set while this replica may lack some of its own events (see the module documentation).
     own_recovery: Option<OwnRecovery>,
+    /// Neighbors that told their vector since this replica opened: until all have, it does not
+    /// know its own highest issued sequence number for sure (see [`Replica::checkpoint`]).
+    heard: std::collections::BTreeSet<NodeId>,
     /// Peers to fetch a data snapshot from, for [`Replica::poll_resync`].
     resyncs: VecDeque<NodeId>,
     /// Since when each neighbor without an open subscription has been unreachable.
@@ -429,6 +432,7 @@ impl<S: Storage> Replica<S> {
             gc_more: false,
             keyspaces: Keyspaces::default(),
             own_recovery: None,
+            heard: std::collections::BTreeSet::new(),
             resyncs: VecDeque::new(),
             vector: recovered.vector,
             topology,
@@ -505,11 +509,23 @@ impl<S: Storage> Replica<S> {
         self.clock.last()
     }
 
-    /// What a checkpoint reports: the vector and the HLC high-water mark of the last commit.
-    /// Every event this replica issued has a sequence number within the vector, and every event
-    /// it issues from now on carries a greater HLC, even after a crash.
+    /// What a checkpoint reports: the vector, and the HLC high-water mark of the last commit
+    /// as a claim that every event this replica issued has a sequence number within the vector
+    /// and every event it issues from now on a greater HLC, even after a crash. The claim
+    /// ([`Hlc::ZERO`]: none) is made only once every neighbor has told its vector since this
+    /// replica opened and none holds more of its own events: a replica that lost the tail of its
+    /// writes (and the others hold some) would otherwise claim too little, and tombstones could
+    /// be collected that a write still on its way must meet.
     pub fn checkpoint(&self) -> (VersionVector, Hlc) {
-        (self.vector.clone(), self.durable_hlc)
+        let me = self.config.node;
+        let sure = self.own_recovery.is_none()
+            && self
+                .topology
+                .neighbors(me)
+                .iter()
+                .all(|n| self.heard.contains(n));
+        let claim = if sure { self.durable_hlc } else { Hlc::ZERO };
+        (self.vector.clone(), claim)
     }
 
     /// The greatest stable HLC given to [`Replica::handle_stable_hlc`] (`Hlc::ZERO`: none).
@@ -841,6 +857,7 @@ impl<S: Storage> Replica<S> {
         if let Some(recovery) = self.own_recovery.as_mut() {
             recovery.heard.insert(peer);
         }
+        self.heard.insert(peer);
         self.end_recovery_if_done();
     }
 

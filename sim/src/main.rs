@@ -93,6 +93,13 @@ fn print_report(report: &Report, scenario_path: &Path) {
         report.tombstones_collected,
         report.snapshots_installed
     );
+    if report.writes_lost > 0 {
+        println!(
+            "  {} acknowledged writes lost with power failures before their region synced or \
+             shipped them (process durability)",
+            report.writes_lost
+        );
+    }
     println!(
         "  simulated {:.1} s in {:.3} s of wall time ({:.0}x)",
         report.sim_ms as f64 / 1000.0,

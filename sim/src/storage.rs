@@ -1,7 +1,7 @@
 //! Simulated storage: the in-memory storage of the core, with a watch on exactly-once apply and
 //! a switch to inject bugs that the checkers must catch.
 
-use braid_conflict::KeyState;
+use braid_conflict::{Hlc, KeyState};
 use braid_protocol::storage::{Commit, Infallible, Recovered, Storage};
 use braid_protocol::{ChangeEvent, MemoryStorage, NodeId, Seq, VersionVector};
 
@@ -19,6 +19,9 @@ pub enum InjectedBug {
     /// The first region's control state machine skips every 3rd command it is given while
     /// reporting it applied, as an apply that loses a committed command would.
     DropControlApply,
+    /// A region restarted after a power failure is not told that it may have lost writes, as
+    /// a node that did not check the machine's boot would not be.
+    IgnorePossibleLoss,
     /// Every region drops tombstones at its own clock's high-water mark instead of the
     /// committed stable HLC, as a garbage collector that did not wait for stability would.
     CollectEarly,
@@ -33,6 +36,7 @@ impl InjectedBug {
             InjectedBug::GrantEveryVote => "grant-every-vote",
             InjectedBug::DropControlApply => "drop-control-apply",
             InjectedBug::CollectEarly => "collect-early",
+            InjectedBug::IgnorePossibleLoss => "ignore-possible-loss",
         }
     }
 }
@@ -47,19 +51,36 @@ impl std::str::FromStr for InjectedBug {
             "grant-every-vote" => Ok(InjectedBug::GrantEveryVote),
             "drop-control-apply" => Ok(InjectedBug::DropControlApply),
             "collect-early" => Ok(InjectedBug::CollectEarly),
+            "ignore-possible-loss" => Ok(InjectedBug::IgnorePossibleLoss),
             other => Err(format!(
                 "unknown bug {other:?}: double-apply, lose-write, grant-every-vote, \
-                 drop-control-apply or collect-early"
+                 drop-control-apply, collect-early or ignore-possible-loss"
             )),
         }
     }
 }
 
-/// One region's storage in the simulator. Every commit is durable at once (the `machine`
-/// durability mode), so a simulated crash or power failure loses nothing acknowledged.
+/// What a storage in `process` durability last synced: what a power failure leaves.
+#[derive(Debug, Clone, Default)]
+struct Synced {
+    inner: MemoryStorage,
+    seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
+    held: std::collections::BTreeSet<(NodeId, Seq, Hlc)>,
+}
+
+/// One region's storage in the simulator. In `machine` durability (the default) every commit
+/// is durable at once, so a simulated crash or power failure loses nothing acknowledged. In
+/// `process` durability ([`SimStorage::with_process_durability`]) a crash loses nothing either
+/// (the operating system has the bytes), but a power failure ([`SimStorage::power_fail`]) goes
+/// back to the last [`SimStorage::sync`].
 #[derive(Debug, Clone, Default)]
 pub struct SimStorage {
     inner: MemoryStorage,
+    /// `process` durability: what the last sync made durable.
+    synced: Option<Box<Synced>>,
+    /// `process` durability: every event this storage holds, by identity (origin, seq and
+    /// HLC), to tell at the end which acknowledged writes a power failure took for good.
+    held: std::collections::BTreeSet<(NodeId, Seq, Hlc)>,
     /// Events committed twice for the same (origin, seq): exactly-once violations.
     pub duplicate_applies: Vec<(NodeId, Seq)>,
     /// Events committed, in order, for lag measurement by the simulator: (origin, seq).
@@ -78,6 +99,47 @@ impl SimStorage {
             bug,
             ..SimStorage::default()
         }
+    }
+
+    /// The same, in `process` durability: only [`SimStorage::sync`] makes commits survive a
+    /// power failure.
+    pub fn with_process_durability(mut self) -> SimStorage {
+        self.synced = Some(Box::default());
+        self
+    }
+
+    /// Whether this storage is in `process` durability.
+    pub fn is_process_durability(&self) -> bool {
+        self.synced.is_some()
+    }
+
+    /// Makes every commit so far survive a power failure (`process` durability; nothing to do
+    /// in `machine`).
+    pub fn sync(&mut self) {
+        if let Some(synced) = self.synced.as_mut() {
+            synced.inner = self.inner.clone();
+            synced.seen = self.seen.clone();
+            synced.held = self.held.clone();
+        }
+    }
+
+    /// A power failure: everything committed since the last sync is gone (`process`
+    /// durability; nothing is lost in `machine`). Returns whether anything was lost.
+    pub fn power_fail(&mut self) -> bool {
+        let Some(synced) = self.synced.as_ref() else {
+            return false;
+        };
+        let lost = synced.inner.recovered != self.inner.recovered;
+        self.inner = synced.inner.clone();
+        self.seen = synced.seen.clone();
+        self.held = synced.held.clone();
+        lost
+    }
+
+    /// Every event this storage holds by identity (`process` durability only; empty in
+    /// `machine`).
+    pub fn held(&self) -> &std::collections::BTreeSet<(NodeId, Seq, Hlc)> {
+        &self.held
     }
 
     /// Every key and its state.
@@ -105,6 +167,9 @@ impl SimStorage {
             }
             bits[word] |= 1 << bit;
             self.recent.push((event.origin, event.seq));
+            if self.synced.is_some() {
+                self.held.insert((event.origin, event.seq, event.hlc));
+            }
         }
     }
 }

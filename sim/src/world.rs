@@ -36,7 +36,7 @@ use serde::Serialize;
 use crate::control::{ControlBugs, ControlSim, NetSettings};
 use crate::storage::{InjectedBug, SimStorage};
 pub use braid_node::scenario::Verdict;
-use braid_node::scenario::{Action, Scenario, CONVERGE_MS_DEFAULT};
+use braid_node::scenario::{Action, DurabilityMode, Scenario, CONVERGE_MS_DEFAULT};
 use braid_node::workload::{below, next_command, sub_seed, unit};
 
 /// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
@@ -109,6 +109,9 @@ pub struct Report {
     pub log_events_collected: u64,
     /// Keys whose tombstones were dropped at the committed stable HLC, in all regions.
     pub tombstones_collected: u64,
+    /// Acknowledged writes lost with power failures before their region synced or shipped
+    /// them (`process` durability only): the RPO of those failures.
+    pub writes_lost: u64,
     /// Leaders killed by `kill-leader`.
     pub leader_kills: u64,
     /// Simulated milliseconds run.
@@ -191,6 +194,10 @@ struct Region {
     next_ask_ms: u64,
     /// Its process is down (killed, not yet restarted).
     down: bool,
+    /// Its last stop was a power failure that lost commits (`process` durability): when it
+    /// restarts, its replica is told it may have lost writes, as a node finds from the
+    /// machine's new boot id.
+    lost_on_power_fail: bool,
 }
 
 impl std::fmt::Debug for World<'_> {
@@ -338,7 +345,7 @@ impl<'a> World<'a> {
                     Replica::open(
                         replica_config(ids[i], world.scenario),
                         world.topology.clone(),
-                        SimStorage::new(world.options.bug),
+                        world.new_storage(),
                         EPOCH_MS,
                     )
                     .map_err(|e| e.to_string())?,
@@ -360,6 +367,7 @@ impl<'a> World<'a> {
                 drain_vector: None,
                 next_ask_ms: 0,
                 down: false,
+                lost_on_power_fail: false,
             });
         }
         // Streams for every pair that may ever be linked: the links given, or (with joins and
@@ -380,6 +388,15 @@ impl<'a> World<'a> {
             world.streams.insert((b, a), Stream::default());
         }
         Ok(world)
+    }
+
+    /// A region's storage, in the scenario's durability.
+    fn new_storage(&self) -> SimStorage {
+        let storage = SimStorage::new(self.options.bug);
+        match self.scenario.durability {
+            Some(DurabilityMode::Process) => storage.with_process_durability(),
+            _ => storage,
+        }
     }
 
     fn schedule(&mut self, at_ms: u64, event: Event) {
@@ -541,7 +558,9 @@ impl<'a> World<'a> {
                 continue;
             };
             if control.checkpoint_due(region, self.now_ms) {
-                // Every commit of the simulated storage is durable at once: the vector is.
+                // Made durable first, as a node syncs its write-ahead log before it reports:
+                // the others delete what every checkpoint holds.
+                replica.storage_mut().sync();
                 let (vector, hlc) = replica.checkpoint();
                 let command = ControlCommand::ReportCheckpoint {
                     node: replica.node(),
@@ -695,7 +714,8 @@ impl<'a> World<'a> {
             };
             let now = self.local_ms(region);
             let config = replica_config(id, self.scenario);
-            match Replica::open(config, topology, SimStorage::new(self.options.bug), now) {
+            let storage = self.new_storage();
+            match Replica::open(config, topology, storage, now) {
                 Ok(replica) => self.regions[region].replica = Some(replica),
                 Err(never) => match never {},
             }
@@ -1280,9 +1300,23 @@ impl<'a> World<'a> {
         self.trace([10, 0, 0, 0], || format!("fault {action:?}"));
         self.net_changed = true;
         match action {
-            Action::Kill { region } | Action::PowerFail { region } => {
+            Action::Kill { region } => {
                 let r = self.region_index(region);
                 self.kill(r);
+            }
+            Action::PowerFail { region } => {
+                let r = self.region_index(region);
+                self.kill(r);
+                let lost = self.regions[r]
+                    .parked
+                    .as_mut()
+                    .is_some_and(SimStorage::power_fail);
+                if lost {
+                    self.regions[r].lost_on_power_fail = true;
+                }
+                self.trace([28, r as u64, u64::from(lost), 0], || {
+                    format!("power failure of {r}: commits since its last sync lost: {lost}")
+                });
             }
             Action::KillLeader { down_ms } => {
                 match self.control.as_ref().and_then(ControlSim::leader) {
@@ -1393,7 +1427,13 @@ impl<'a> World<'a> {
                 false => self.topology.clone(),
             };
             match Replica::open(config, topology, storage, now) {
-                Ok(replica) => self.regions[region].replica = Some(replica),
+                Ok(mut replica) => {
+                    let told = self.options.bug != Some(InjectedBug::IgnorePossibleLoss);
+                    if std::mem::take(&mut self.regions[region].lost_on_power_fail) && told {
+                        replica.handle_possible_loss();
+                    }
+                    self.regions[region].replica = Some(replica);
+                }
                 Err(never) => match never {},
             }
         }
@@ -1520,8 +1560,23 @@ impl<'a> World<'a> {
                 ),
             },
         });
-        let oracle = oracle::converged(self.acked.iter().map(|e| (&e.key, e.hlc, &e.op)));
+        // With `process` durability a power failure takes what its region committed since its
+        // last sync; of those writes, the ones no other region had received are gone for good
+        // (the region's RPO). Every other acknowledged write must be everywhere.
+        let lost = self.writes_lost();
+        let kept = self
+            .acked
+            .iter()
+            .filter(|e| !lost.contains(&(e.origin, e.seq, e.hlc)));
+        let oracle = oracle::converged(kept.map(|e| (&e.key, e.hlc, &e.op)));
         let mut oracle_detail = format!("{} keys match the oracle in every region", oracle.len());
+        if !lost.is_empty() {
+            oracle_detail.push_str(&format!(
+                " ({} acknowledged writes lost with power failures before their region synced \
+                 or shipped them: process durability's RPO)",
+                lost.len()
+            ));
+        }
         let mut oracle_ok = true;
         for region in self.members() {
             let values = Self::values(region);
@@ -1622,12 +1677,35 @@ impl<'a> World<'a> {
             control_commits,
             log_events_collected: self.log_events_collected,
             tombstones_collected: self.tombstones_collected,
+            writes_lost: lost.len() as u64,
             leader_kills: self.leader_kills,
             sim_ms: self.now_ms,
             wall_ms: started.elapsed().as_millis() as u64,
             replay: String::new(),
             trace: std::mem::take(&mut self.trace),
         }
+    }
+
+    /// Acknowledged writes that no region holds any more: lost with a power failure before
+    /// their region synced or shipped them (`process` durability only).
+    fn writes_lost(&self) -> BTreeSet<(NodeId, Seq, braid_conflict::Hlc)> {
+        if self.scenario.durability != Some(DurabilityMode::Process) {
+            return BTreeSet::new();
+        }
+        let mut held: BTreeSet<(NodeId, Seq, braid_conflict::Hlc)> = BTreeSet::new();
+        let storages = self
+            .regions
+            .iter()
+            .filter_map(Self::storage)
+            .chain(self.retired.iter().map(|(_, s)| s));
+        for storage in storages {
+            held.extend(storage.held().iter().copied());
+        }
+        self.acked
+            .iter()
+            .map(|e| (e.origin, e.seq, e.hlc))
+            .filter(|id| !held.contains(id))
+            .collect()
     }
 
     fn first_divergence(&self) -> String {

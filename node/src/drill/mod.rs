@@ -467,6 +467,15 @@ fn check_supported(
     attached: bool,
 ) -> Result<Vec<String>, DrillError> {
     let mut notes = Vec::new();
+    if let Some(mode) = scenario.durability {
+        if mode.name() != durability.name() {
+            notes.push(format!(
+                "the scenario's durability is {}; this drill runs with {} (--durability)",
+                mode.name(),
+                durability.name()
+            ));
+        }
+    }
     let net = &scenario.network;
     for (what, p) in [
         ("loss", net.loss),
