@@ -38,5 +38,5 @@ pub use message::{
     SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
 };
 pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit};
-pub use storage::{Commit, MemoryStorage, Recovered, Storage};
+pub use storage::{ChangeLog, Commit, MemoryStorage, Recovered, Storage};
 pub use topology::{Topology, TopologyError};

@@ -13,7 +13,7 @@
 //! its tombstone (a later write replaced it): garbage collection finds nothing to drop there and
 //! removes the entry. A commit that writes an empty key state deletes the key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use braid_conflict::{Hlc, KeyState};
 use bytes::Bytes;
@@ -104,20 +104,136 @@ pub trait Storage {
     ) -> Result<Vec<ChangeEvent>, Self::Error>;
 }
 
+/// [`MemoryStorage`]'s key states. A hash map, which the workspace otherwise forbids because its
+/// iteration order could leak into behaviour: here the hasher has no seed (a run is the same
+/// every time), and the map is only iterated in key order, through
+/// [`MemoryStorage::keys_in_order`].
+#[allow(clippy::disallowed_types)]
+type KeyMap = std::collections::HashMap<Bytes, KeyState, rustc_hash::FxBuildHasher>;
+
 /// Storage in memory, for tests and the simulator. Each commit is atomic; nothing survives the
 /// value being dropped (the simulator models crashes on top of it).
+///
+/// Laid out for the apply path, which the simulator runs hundreds of thousands of times a
+/// second: key states in a hash map (one lookup per read and per write, where an ordered map
+/// compares keys a dozen times), and the change log as one queue per origin (appended at the
+/// back, deleted from the front).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryStorage {
-    /// Key states.
-    pub keys: BTreeMap<Bytes, KeyState>,
-    /// The change log, by origin and sequence number.
-    pub log: BTreeMap<(NodeId, Seq), ChangeEvent>,
+    keys: KeyMap,
+    log: ChangeLog,
     /// The tombstone index: keys by the HLC of their oldest tombstone.
-    pub tombstones: BTreeSet<(Hlc, Bytes)>,
+    tombstones: BTreeSet<(Hlc, Bytes)>,
     /// The last committed vector and HLC.
     pub recovered: Recovered,
     /// Commits applied so far.
     pub commits: u64,
+}
+
+impl MemoryStorage {
+    /// The stored state of `key`, without copying it.
+    pub fn key(&self, key: &[u8]) -> Option<&KeyState> {
+        self.keys.get(key)
+    }
+
+    /// Every key and its state, in key order.
+    pub fn keys_in_order(&self) -> Vec<(&Bytes, &KeyState)> {
+        let mut keys: Vec<(&Bytes, &KeyState)> = self.keys.iter().collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        keys
+    }
+
+    /// How many keys are stored.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The change log.
+    pub fn log(&self) -> &ChangeLog {
+        &self.log
+    }
+
+    /// Entries in the tombstone index.
+    pub fn tombstone_entries(&self) -> usize {
+        self.tombstones.len()
+    }
+}
+
+/// A change log in memory: each origin's events, in sequence order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeLog {
+    origins: BTreeMap<NodeId, VecDeque<ChangeEvent>>,
+    len: usize,
+}
+
+impl ChangeLog {
+    /// The event `seq` of `origin`, if the log holds it.
+    pub fn get(&self, origin: NodeId, seq: Seq) -> Option<&ChangeEvent> {
+        let events = self.origins.get(&origin)?;
+        let at = Self::position(events, seq);
+        events.get(at).filter(|event| event.seq == seq)
+    }
+
+    /// Every event, by origin, then sequence number.
+    pub fn iter(&self) -> impl Iterator<Item = &ChangeEvent> {
+        self.origins.values().flatten()
+    }
+
+    /// How many events the log holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the log holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where `seq` is or would go in `events`: the first position whose event is not below it.
+    fn position(events: &VecDeque<ChangeEvent>, seq: Seq) -> usize {
+        match events.back() {
+            // The common cases, an append and a read of the newest, without a search.
+            Some(last) if last.seq < seq => events.len(),
+            _ => events.partition_point(|event| event.seq < seq),
+        }
+    }
+
+    /// Adds `event`, replacing an event with the same origin and sequence number.
+    fn insert(&mut self, event: ChangeEvent) {
+        let events = self.origins.entry(event.origin).or_default();
+        let at = Self::position(events, event.seq);
+        match events.get_mut(at) {
+            Some(present) if present.seq == event.seq => *present = event,
+            _ => {
+                events.insert(at, event);
+                self.len += 1;
+            }
+        }
+        debug_assert!(events
+            .iter()
+            .zip(events.iter().skip(1))
+            .all(|(a, b)| a.seq < b.seq));
+    }
+
+    /// Events of `origin` above `after`, in order.
+    fn after(&self, origin: NodeId, after: Seq) -> impl Iterator<Item = &ChangeEvent> {
+        let events = self.origins.get(&origin);
+        let from = events.map_or(0, |events| Self::position(events, after.next()));
+        events
+            .into_iter()
+            .flat_map(move |events| events.range(from..))
+    }
+
+    /// Deletes the events of `origin` up to and including `through`.
+    fn trim(&mut self, origin: NodeId, through: Seq) {
+        let Some(events) = self.origins.get_mut(&origin) else {
+            return;
+        };
+        while events.front().is_some_and(|event| event.seq <= through) {
+            events.pop_front();
+            self.len -= 1;
+        }
+    }
 }
 
 /// Memory storage never fails: this error has no values.
@@ -144,8 +260,7 @@ impl Storage for MemoryStorage {
     }
 
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
-        // Left in place as an empty state until the commit overwrites it: no tree rebalancing
-        // on the way out and back in.
+        // Left in place as an empty state until the commit overwrites it.
         Ok(self.keys.get_mut(key).map(std::mem::take))
     }
 
@@ -161,10 +276,16 @@ impl Storage for MemoryStorage {
             if let Some(hlc) = state.oldest_tombstone() {
                 self.tombstones.insert((hlc, key.clone()));
             }
-            self.keys.insert(key, state);
+            match self.keys.get_mut(&key) {
+                // A key taken for this commit: its slot is still there, and its key too.
+                Some(slot) => *slot = state,
+                None => {
+                    self.keys.insert(key, state);
+                }
+            }
         }
         for event in commit.events {
-            self.log.insert((event.origin, event.seq), event);
+            self.log.insert(event);
         }
         self.recovered.vector = commit.vector;
         self.recovered.hlc = commit.hlc;
@@ -177,14 +298,7 @@ impl Storage for MemoryStorage {
 
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), Infallible> {
         for (origin, seq) in through.iter() {
-            let doomed: Vec<(NodeId, Seq)> = self
-                .log
-                .range((origin, Seq(1))..=(origin, seq))
-                .map(|(key, _)| *key)
-                .collect();
-            for key in doomed {
-                self.log.remove(&key);
-            }
+            self.log.trim(origin, seq);
         }
         self.recovered.trimmed.merge(through);
         Ok(())
@@ -213,10 +327,7 @@ impl Storage for MemoryStorage {
     ) -> Result<Vec<ChangeEvent>, Infallible> {
         let mut events = Vec::new();
         let mut bytes = 0;
-        for (_, event) in self
-            .log
-            .range((origin, after.next())..=(origin, Seq(u64::MAX)))
-        {
+        for event in self.log.after(origin, after) {
             if events.len() >= events_max || (bytes >= bytes_max && !events.is_empty()) {
                 break;
             }
@@ -243,4 +354,89 @@ pub fn event_size_bytes(event: &ChangeEvent) -> usize {
         },
     };
     event.key.len() + op + 32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_conflict::{Op, Write};
+
+    fn event(origin: u64, seq: u64, value: &'static str) -> ChangeEvent {
+        ChangeEvent {
+            origin: NodeId(origin),
+            seq: Seq(seq),
+            hlc: Hlc::new(seq, 0, NodeId(origin)),
+            key: Bytes::from_static(b"k"),
+            op: Op::Write {
+                replaces: None,
+                write: Write::Set(Bytes::from_static(value.as_bytes())),
+            },
+        }
+    }
+
+    fn seqs(log: &ChangeLog) -> Vec<(u64, u64)> {
+        log.iter().map(|e| (e.origin.0, e.seq.0)).collect()
+    }
+
+    #[test]
+    fn the_change_log_keeps_each_origin_in_order_and_replaces_a_repeated_event() {
+        let mut log = ChangeLog::default();
+        for (origin, seq) in [(2, 1), (1, 2), (1, 4), (1, 3), (2, 2), (1, 1)] {
+            log.insert(event(origin, seq, "a"));
+        }
+        assert_eq!(seqs(&log), [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)]);
+        log.insert(event(1, 3, "b"));
+        assert_eq!(log.len(), 6, "the same origin and seq is one event");
+        let replaced = log.get(NodeId(1), Seq(3)).unwrap();
+        assert_eq!(replaced.op, event(1, 3, "b").op);
+        assert!(log.get(NodeId(1), Seq(5)).is_none());
+        assert!(log.get(NodeId(3), Seq(1)).is_none());
+        let after: Vec<u64> = log.after(NodeId(1), Seq(2)).map(|e| e.seq.0).collect();
+        assert_eq!(after, [3, 4]);
+        assert_eq!(log.after(NodeId(1), Seq(4)).count(), 0);
+        assert_eq!(log.after(NodeId(3), Seq(0)).count(), 0);
+    }
+
+    #[test]
+    fn trimming_deletes_an_origins_oldest_events_only() {
+        let mut log = ChangeLog::default();
+        for seq in 1..=5 {
+            log.insert(event(1, seq, "a"));
+            log.insert(event(2, seq, "a"));
+        }
+        log.trim(NodeId(1), Seq(3));
+        log.trim(NodeId(3), Seq(3));
+        assert_eq!(log.len(), 7);
+        assert_eq!(seqs(&log)[..2], [(1, 4), (1, 5)]);
+        log.trim(NodeId(2), Seq(9));
+        assert_eq!(seqs(&log), [(1, 4), (1, 5)]);
+        assert!(!log.is_empty());
+    }
+
+    #[test]
+    fn memory_storage_lists_keys_in_order_and_deletes_an_emptied_key() {
+        let mut storage = MemoryStorage::default();
+        let mut commit = Commit::default();
+        for key in ["b", "c", "a"] {
+            let mut state = KeyState::default();
+            state.apply(&event(1, 1, "v").op, Hlc::new(1, 0, NodeId(1)));
+            commit.keys.push((Bytes::from(key), state));
+        }
+        storage.commit(commit).unwrap();
+        let keys: Vec<&[u8]> = storage
+            .keys_in_order()
+            .into_iter()
+            .map(|(k, _)| &k[..])
+            .collect();
+        assert_eq!(keys, [b"a", b"b", b"c"]);
+        let taken = storage.take_key_state(b"b").unwrap();
+        assert!(taken.is_some_and(|s| !s.is_empty()));
+        let commit = Commit {
+            keys: vec![(Bytes::from("b"), KeyState::default())],
+            ..Commit::default()
+        };
+        storage.commit(commit).unwrap();
+        assert_eq!(storage.key_count(), 2);
+        assert!(storage.key(b"b").is_none());
+    }
 }

@@ -137,7 +137,7 @@ impl Net {
         let after = replica.vector().get(node);
         if after > before {
             let storage = replica.storage_mut();
-            let event = storage.log.get(&(node, after)).unwrap().clone();
+            let event = storage.log().get(node, after).unwrap().clone();
             self.issued.push(event);
         }
         self.collect();
@@ -171,8 +171,8 @@ impl Net {
     fn values(&mut self, node: NodeId) -> BTreeMap<Bytes, Value> {
         let storage = self.replicas.get_mut(&node).unwrap().storage_mut();
         storage
-            .keys
-            .iter()
+            .keys_in_order()
+            .into_iter()
             .filter_map(|(k, s)| s.value().map(|v| (k.clone(), v)))
             .collect()
     }
@@ -347,7 +347,7 @@ fn duplicates_and_echoes_are_dropped_after_the_vector_comparison() {
     b_replica
         .handle_commands(vec![(b("k"), Command::IncrBy(5))], 10)
         .unwrap();
-    let event = b_replica.storage_mut().log.values().next().unwrap().clone();
+    let event = b_replica.storage_mut().log().iter().next().unwrap().clone();
     a.handle_subscription_open(B, 11).unwrap();
     while a.poll_transmit().is_some() {}
     for _ in 0..3 {
@@ -362,7 +362,7 @@ fn duplicates_and_echoes_are_dropped_after_the_vector_comparison() {
     // An echo: A's own event coming back.
     a.handle_commands(vec![(b("mine"), Command::Set(b("v")))], 13)
         .unwrap();
-    let own = a.storage_mut().log.get(&(A, Seq(1))).unwrap().clone();
+    let own = a.storage_mut().log().get(A, Seq(1)).unwrap().clone();
     a.handle_message(
         B,
         StreamKind::Subscription,
@@ -399,7 +399,7 @@ fn out_of_order_events_are_held_until_the_gap_fills() {
             .handle_commands(vec![(b("n"), Command::IncrBy(1 << i))], 10 + i)
             .unwrap();
     }
-    let events: Vec<ChangeEvent> = b_replica.storage_mut().log.values().cloned().collect();
+    let events: Vec<ChangeEvent> = b_replica.storage_mut().log().iter().cloned().collect();
     let mut a = replica(A, &topology);
     a.handle_subscription_open(B, 20).unwrap();
     a.handle_message(
@@ -445,8 +445,8 @@ fn a_gap_that_stays_open_triggers_a_resubscription() {
         .unwrap();
     let second = b_replica
         .storage_mut()
-        .log
-        .get(&(B, Seq(2)))
+        .log()
+        .get(B, Seq(2))
         .unwrap()
         .clone();
     let mut a = replica(A, &topology);
@@ -742,7 +742,12 @@ fn refused_and_no_op_commands_write_nothing() {
         .unwrap();
     assert_eq!(results.len(), 4);
     assert!(results[1].is_err(), "INCR on a set is refused");
-    let keys: Vec<Bytes> = a.storage_mut().keys.keys().cloned().collect();
+    let keys: Vec<Bytes> = a
+        .storage_mut()
+        .keys_in_order()
+        .into_iter()
+        .map(|(k, _)| k.clone())
+        .collect();
     assert_eq!(
         keys,
         vec![b("k"), b("s")],
@@ -760,7 +765,7 @@ fn a_gap_that_fills_in_time_causes_no_rewind() {
     b_replica
         .handle_commands(vec![(b("n"), Command::IncrBy(1))], 11)
         .unwrap();
-    let events: Vec<ChangeEvent> = b_replica.storage_mut().log.values().cloned().collect();
+    let events: Vec<ChangeEvent> = b_replica.storage_mut().log().iter().cloned().collect();
     let mut a = replica(A, &topology);
     a.handle_subscription_open(B, 0).unwrap();
     a.handle_message(
@@ -827,7 +832,7 @@ fn the_log_is_trimmed_through_the_stable_frontier_and_a_subscriber_behind_it_is_
     assert_eq!(a.stats().log_events_trimmed, deleted);
     a.check_invariants();
     let storage = net.replicas.get_mut(&A).unwrap().storage_mut();
-    let left: Vec<(NodeId, Seq)> = storage.log.keys().copied().collect();
+    let left: Vec<(NodeId, Seq)> = storage.log().iter().map(|e| (e.origin, e.seq)).collect();
     assert_eq!(
         left,
         vec![(A, Seq(a_seq.0 - 1)), (A, a_seq)],
@@ -961,8 +966,8 @@ fn snapshot_of(net: &mut Net, node: NodeId) -> (Vec<SnapshotEntry>, VersionVecto
     let (vector, hlc) = (replica.vector().clone(), replica.hlc());
     let entries = replica
         .storage_mut()
-        .keys
-        .iter()
+        .keys_in_order()
+        .into_iter()
         .map(|(key, state)| SnapshotEntry {
             key: key.clone(),
             state: state.clone(),
@@ -1132,7 +1137,7 @@ fn tombstones_at_or_below_the_stable_hlc_are_dropped_and_empty_keys_forgotten() 
     let (gone_at, field_at) = (hlc_of(&mut net, "gone"), hlc_of(&mut net, "hash"));
     assert!(gone_at < field_at, "the string was deleted first");
     assert_eq!(
-        net.replicas[&C].storage().tombstones.len(),
+        net.replicas[&C].storage().tombstone_entries(),
         2,
         "both keys are indexed"
     );
@@ -1158,7 +1163,7 @@ fn tombstones_at_or_below_the_stable_hlc_are_dropped_and_empty_keys_forgotten() 
     assert_eq!(hash.value(), Some(Value::Hash(vec![(b("f2"), b("2"))])));
     assert_eq!(c.stats().tombstones_collected, 2);
     assert_eq!(c.stats().keys_forgotten, 1);
-    assert!(c.storage().tombstones.is_empty(), "the index is emptied");
+    assert!(c.storage().tombstone_entries() == 0, "the index is emptied");
     assert_eq!(c.stable_hlc(), field_at);
 
     // C's state now differs from A's and B's only in what no future event can tell apart:
@@ -1173,11 +1178,16 @@ fn tombstones_at_or_below_the_stable_hlc_are_dropped_and_empty_keys_forgotten() 
     for node in [A, B] {
         let replica = net.replicas.get_mut(&node).unwrap();
         assert_eq!(replica.handle_stable_hlc(field_at).unwrap(), 1);
-        assert!(replica.storage().tombstones.is_empty());
+        assert!(replica.storage().tombstone_entries() == 0);
     }
     let states: Vec<_> = [A, B, C]
         .iter()
-        .map(|n| net.replicas[n].storage().keys.clone())
+        .map(|n| {
+            let storage = net.replicas[n].storage();
+            let keys = storage.keys_in_order().into_iter();
+            keys.map(|(k, s)| (k.clone(), s.clone()))
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(states[0], states[1]);
     assert_eq!(states[1], states[2]);

@@ -11,6 +11,10 @@ use anyhow::{bail, Context, Result};
 use braid_sim::{sweep, InjectedBug, Report, RunOptions, Scenario};
 use clap::{Parser, Subcommand};
 
+/// mimalloc: a run allocates and frees several small objects per simulated event.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Braid's deterministic simulator: rehearse a topology and a workload under faults, seed by
 /// seed, on the real replication core, far faster than real time.
 #[derive(Debug, Parser)]

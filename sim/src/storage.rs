@@ -3,7 +3,7 @@
 
 use braid_conflict::{Hlc, KeyState};
 use braid_protocol::storage::{Commit, Infallible, Recovered, Storage};
-use braid_protocol::{ChangeEvent, MemoryStorage, NodeId, Seq, VersionVector};
+use braid_protocol::{ChangeEvent, ChangeLog, MemoryStorage, NodeId, Seq, VersionVector};
 
 /// Bugs the simulator can inject on purpose, to prove that its checkers bite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,14 +142,14 @@ impl SimStorage {
         &self.held
     }
 
-    /// Every key and its state.
-    pub fn keys(&self) -> &std::collections::BTreeMap<bytes::Bytes, KeyState> {
-        &self.inner.keys
+    /// Every key and its state, in key order.
+    pub fn keys(&self) -> Vec<(&bytes::Bytes, &KeyState)> {
+        self.inner.keys_in_order()
     }
 
     /// The change log.
-    pub fn log(&self) -> &std::collections::BTreeMap<(NodeId, Seq), ChangeEvent> {
-        &self.inner.log
+    pub fn log(&self) -> &ChangeLog {
+        self.inner.log()
     }
 }
 
