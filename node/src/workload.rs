@@ -53,13 +53,13 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
     } else {
         sub_seed(index, 7) % total
     };
-    let key = Bytes::from(format!("k{index}"));
+    let key = numbered("k", index);
     let choice = below(rng, 20);
-    let member = |rng: &mut ChaCha8Rng| Bytes::from(format!("m{}", below(rng, 8)));
+    let member = |rng: &mut ChaCha8Rng| numbered("m", below(rng, 8));
     let command = if pick < u64::from(m.string) {
         match choice {
             0 => Command::Delete,
-            _ => Command::Set(Bytes::from(format!("v{}", rng.next_u64() % 1000))),
+            _ => Command::Set(numbered("v", rng.next_u64() % 1000)),
         }
     } else if pick < u64::from(m.string + m.counter) {
         match choice {
@@ -73,17 +73,31 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
             _ => Command::SetAdd(vec![member(rng), member(rng)]),
         }
     } else {
-        let field = |rng: &mut ChaCha8Rng| Bytes::from(format!("f{}", below(rng, 5)));
+        let field = |rng: &mut ChaCha8Rng| numbered("f", below(rng, 5));
         match choice {
             0 => Command::Delete,
             1..=5 => Command::HashDelete(vec![field(rng)]),
-            _ => Command::HashSet(vec![(
-                field(rng),
-                Bytes::from(format!("{}", rng.next_u64() % 100)),
-            )]),
+            _ => Command::HashSet(vec![(field(rng), numbered("", rng.next_u64() % 100))]),
         }
     };
     (key, command)
+}
+
+/// `prefix` followed by `n` in decimal, as `format!("{prefix}{n}")` writes it, without the
+/// formatting machinery: the simulator draws several of these per write.
+fn numbered(prefix: &str, mut n: u64) -> Bytes {
+    let mut bytes = Vec::with_capacity(prefix.len() + 20);
+    bytes.extend_from_slice(prefix.as_bytes());
+    let start = bytes.len();
+    loop {
+        bytes.push(b'0' + (n % 10) as u8);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    bytes[start..].reverse();
+    Bytes::from(bytes)
 }
 
 /// The RESP command (argument list) that performs `command` on `key`.
@@ -123,6 +137,14 @@ mod tests {
     use super::*;
     use crate::scenario::Mix;
     use rand_core::SeedableRng;
+
+    #[test]
+    fn numbered_writes_what_format_writes() {
+        for n in [0, 7, 10, 99, 1000, 12_345, u64::MAX] {
+            assert_eq!(numbered("k", n), Bytes::from(format!("k{n}")));
+            assert_eq!(numbered("", n), Bytes::from(n.to_string()));
+        }
+    }
 
     fn workload() -> Workload {
         Workload {
