@@ -130,13 +130,14 @@ impl Write {
 /// The operation a change event carries. The origin and the HLC travel beside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// `DEL`: removes what the origin observed of every type.
-    Delete(Observed),
+    /// `DEL`: removes what the origin observed of every type. (Boxed, as `replaces` is: an
+    /// event is moved several times on its way, and most carry nothing observed.)
+    Delete(Box<Observed>),
     /// A write, which may first remove what the origin observed of other types (`SET` over a
     /// set, say, or `INCR` over a string holding an integer).
     Write {
         /// What is removed before the write applies.
-        replaces: Option<Observed>,
+        replaces: Option<Box<Observed>>,
         /// The write itself.
         write: Write,
     },
@@ -377,9 +378,11 @@ impl HashState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
     string: Option<LWWReg<Option<Bytes>, Hlc>>,
-    counter: Option<CounterState>,
-    set: Option<SetState>,
-    hash: Option<HashState>,
+    // Boxed: a key state is moved several times per apply (out of storage, into a batch, back
+    // into storage), and most keys hold one type; boxes keep the moved part small.
+    counter: Option<Box<CounterState>>,
+    set: Option<Box<SetState>>,
+    hash: Option<Box<HashState>>,
 }
 
 /// What applying an operation resolved.
@@ -514,7 +517,7 @@ impl KeyState {
         match command {
             Command::Set(value) => Ok(Prepared {
                 op: Some(Op::Write {
-                    replaces: self.replaces_others(ValueType::String),
+                    replaces: self.replaces_others(ValueType::String).map(Box::new),
                     write: Write::Set(value),
                 }),
                 reply: 0,
@@ -621,7 +624,7 @@ impl KeyState {
                     return Ok(Prepared { op: None, reply: 0 });
                 }
                 Ok(Prepared {
-                    op: Some(Op::Delete(self.observe_all(true))),
+                    op: Some(Op::Delete(Box::new(self.observe_all(true)))),
                     reply: 1,
                 })
             }
@@ -655,19 +658,19 @@ impl KeyState {
             reg.update(None, hlc);
         }
         if let Some(seen) = &observed.counter {
-            let counter = self.counter.get_or_insert_with(CounterState::default);
+            let counter = self.counter.get_or_insert_with(Box::default);
             // The totals it saw are real and will arrive; taking them now keeps removed <= total.
             counter.total.merge(seen.clone());
             counter.removed.merge(seen.clone());
         }
         if let Some(seen) = &observed.set {
             self.set
-                .get_or_insert_with(SetState::default)
+                .get_or_insert_with(Box::default)
                 .members
                 .remove_all(seen);
         }
         if observed.hash {
-            self.hash.get_or_insert_with(HashState::default).clear(hlc);
+            self.hash.get_or_insert_with(Box::default).clear(hlc);
         }
     }
 
@@ -684,7 +687,7 @@ impl KeyState {
                 lost
             }
             Write::Counter { direction, total } => {
-                let counter = self.counter.get_or_insert_with(CounterState::default);
+                let counter = self.counter.get_or_insert_with(Box::default);
                 let dot = Dot::new(origin, *total);
                 let op = match direction {
                     Direction::Up => crdts::pncounter::Op {
@@ -701,19 +704,19 @@ impl KeyState {
                 0
             }
             Write::SetAdd { counter, members } => {
-                let set = self.set.get_or_insert_with(SetState::default);
+                let set = self.set.get_or_insert_with(Box::default);
                 set.members.add(Dot::new(origin, *counter), members);
                 set.latest = set.latest.max(hlc);
                 0
             }
             Write::SetRemove { observed, members } => {
-                let set = self.set.get_or_insert_with(SetState::default);
+                let set = self.set.get_or_insert_with(Box::default);
                 set.members.remove(observed, members);
                 set.latest = set.latest.max(hlc);
                 0
             }
             Write::HashSet(fields) => {
-                let hash = self.hash.get_or_insert_with(HashState::default);
+                let hash = self.hash.get_or_insert_with(Box::default);
                 let mut lost = 0;
                 for (field, value) in fields {
                     lost += u32::from(hash.fields.get(field).is_some_and(|r| r.marker > hlc));
@@ -723,7 +726,7 @@ impl KeyState {
                 lost
             }
             Write::HashDelete(fields) => {
-                let hash = self.hash.get_or_insert_with(HashState::default);
+                let hash = self.hash.get_or_insert_with(Box::default);
                 for field in fields {
                     hash.write_field(field, None, hlc);
                 }
@@ -802,18 +805,18 @@ impl KeyState {
             }
         }
         if let Some(theirs) = &other.counter {
-            let ours = self.counter.get_or_insert_with(CounterState::default);
+            let ours = self.counter.get_or_insert_with(Box::default);
             ours.total.merge(theirs.total.clone());
             ours.removed.merge(theirs.removed.clone());
             ours.latest = ours.latest.max(theirs.latest);
         }
         if let Some(theirs) = &other.set {
-            let ours = self.set.get_or_insert_with(SetState::default);
+            let ours = self.set.get_or_insert_with(Box::default);
             ours.members.merge(&theirs.members);
             ours.latest = ours.latest.max(theirs.latest);
         }
         if let Some(theirs) = &other.hash {
-            let ours = self.hash.get_or_insert_with(HashState::default);
+            let ours = self.hash.get_or_insert_with(Box::default);
             for (field, reg) in &theirs.fields {
                 ours.write_field(field, reg.val.clone(), reg.marker);
             }

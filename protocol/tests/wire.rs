@@ -46,9 +46,7 @@ fn observed_clock() -> VClock<NodeId> {
         .unwrap();
     state.apply(&op, Hlc::new(1, 0, B));
     match state.prepare(B, Command::Delete).unwrap().op {
-        Some(Op::Delete(Observed {
-            set: Some(clock), ..
-        })) => clock,
+        Some(Op::Delete(observed)) if observed.set.is_some() => observed.set.unwrap(),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -198,12 +196,12 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
             Message::EventBatch(vec![event(
                 7,
                 "k",
-                Op::Delete(Observed {
+                Op::Delete(Box::new(Observed {
                     string: true,
                     counter: Some(observed_counter()),
                     set: Some(observed_clock()),
                     hash: true,
-                }),
+                })),
             )]),
         ),
         (
@@ -212,12 +210,12 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
                 8,
                 "k",
                 Op::Write {
-                    replaces: Some(Observed {
+                    replaces: Some(Box::new(Observed {
                         string: false,
                         counter: Some(observed_counter()),
                         set: None,
                         hash: false,
-                    }),
+                    })),
                     write: Write::Set(b("v")),
                 },
             )]),

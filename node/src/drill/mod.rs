@@ -2206,7 +2206,7 @@ region = "a"
             seq: Seq(seq),
             hlc: Hlc::ZERO,
             key: Bytes::from_static(key.as_bytes()),
-            op: Op::Delete(Default::default()),
+            op: Op::Delete(Box::default()),
         };
         // Region a wrote k1 twice and k2 once after its base seq 1 (seq 1 predates the drill).
         let events: BTreeMap<(NodeId, Seq), ChangeEvent> = [
