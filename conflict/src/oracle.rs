@@ -144,14 +144,28 @@ impl KeyFacts {
     }
 
     fn set_members(&self) -> Vec<Bytes> {
+        // An add is removed when some removal's clock covers its dot: when the greatest counter
+        // any such clock holds for the add's origin reaches the add's counter. The greatest
+        // counters are gathered once, so that a hot key's thousands of adds and removes stay
+        // linear.
+        let mut all: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for clock in &self.set_removes_all {
+            for dot in clock.iter() {
+                let slot = all.entry(*dot.actor).or_default();
+                *slot = (*slot).max(dot.counter);
+            }
+        }
+        let mut by_member: BTreeMap<(&Bytes, NodeId), u64> = BTreeMap::new();
+        for (clock, member) in &self.set_removes {
+            for dot in clock.iter() {
+                let slot = by_member.entry((member, *dot.actor)).or_default();
+                *slot = (*slot).max(dot.counter);
+            }
+        }
         let mut members: BTreeSet<Bytes> = BTreeSet::new();
         for (origin, counter, member) in &self.set_adds {
-            let covered = |clock: &VClock<NodeId>| clock.get(origin) >= *counter;
-            let removed = self.set_removes_all.iter().any(covered)
-                || self
-                    .set_removes
-                    .iter()
-                    .any(|(clock, m)| m == member && covered(clock));
+            let covered = |max: Option<&u64>| max.is_some_and(|max| *max >= *counter);
+            let removed = covered(all.get(origin)) || covered(by_member.get(&(member, *origin)));
             if !removed {
                 members.insert(member.clone());
             }

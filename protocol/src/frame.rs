@@ -160,9 +160,12 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// The room a new buffer starts with: a small batch, without growing it byte by byte.
+const ENCODE_CAPACITY_BYTES: usize = 512;
+
 /// Encodes one frame into a new buffer.
 pub fn encode_to_vec(message: &Message) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
     encode(message, &mut out)?;
     Ok(out)
 }

@@ -886,7 +886,7 @@ impl<S: Storage> Replica<S> {
         now_ms: u64,
     ) -> Result<(), S::Error> {
         let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
-        let mut applied: Vec<ChangeEvent> = Vec::new();
+        let mut applied: Vec<ChangeEvent> = Vec::with_capacity(events.len());
         self.stats.peer(peer).events_received += events.len() as u64;
         for event in events {
             let next = self.vector.get(event.origin).next();

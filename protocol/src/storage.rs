@@ -111,6 +111,9 @@ pub trait Storage {
 #[allow(clippy::disallowed_types)]
 type KeyMap = std::collections::HashMap<Bytes, KeyState, rustc_hash::FxBuildHasher>;
 
+/// Events [`MemoryStorage::log_after`] makes room for before it reads: most reads are small.
+const LOG_READ_CAPACITY: usize = 16;
+
 /// Storage in memory, for tests and the simulator. Each commit is atomic; nothing survives the
 /// value being dropped (the simulator models crashes on top of it).
 ///
@@ -325,7 +328,7 @@ impl Storage for MemoryStorage {
         events_max: usize,
         bytes_max: usize,
     ) -> Result<Vec<ChangeEvent>, Infallible> {
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(events_max.min(LOG_READ_CAPACITY));
         let mut bytes = 0;
         for event in self.log.after(origin, after) {
             if events.len() >= events_max || (bytes >= bytes_max && !events.is_empty()) {

@@ -979,7 +979,7 @@ impl<'a> World<'a> {
             return;
         };
         replica.check_invariants();
-        let committed: Vec<(NodeId, Seq)> = std::mem::take(&mut replica.storage_mut().recent);
+        let mut committed: Vec<(NodeId, Seq)> = std::mem::take(&mut replica.storage_mut().recent);
         let mut outputs = Vec::new();
         while let Some(transmit) = replica.poll_transmit() {
             outputs.push(transmit);
@@ -1000,7 +1000,7 @@ impl<'a> World<'a> {
             }
         }
         let me = self.regions[region].id;
-        for (origin, seq) in committed {
+        for &(origin, seq) in &committed {
             if origin != me {
                 self.events_applied += 1;
                 let created = self
@@ -1012,6 +1012,11 @@ impl<'a> World<'a> {
                     self.lag.saturating_record(lag.max(1));
                 }
             }
+        }
+        // The buffer goes back, to be filled again without growing from nothing.
+        committed.clear();
+        if let Some(replica) = self.regions[region].replica.as_mut() {
+            replica.storage_mut().recent = committed;
         }
         for transmit in outputs {
             let peer = transmit.peer.0 as usize - 1;
