@@ -1,6 +1,5 @@
 //! Identifiers and version vectors.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -48,8 +47,13 @@ impl fmt::Display for ClusterId {
 
 /// Per origin, the highest sequence number applied contiguously (every event up to it is applied).
 /// Origins absent from the map are at [`Seq::ZERO`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct VersionVector(BTreeMap<NodeId, Seq>);
+///
+/// Kept as a vector of entries sorted by origin: a mesh has a handful of origins (at most
+/// [`crate::limits::VECTOR_ENTRIES_MAX`] on the wire), read on every apply and copied into
+/// every commit and acknowledgement, where a small sorted array is several times cheaper than
+/// a tree. It is encoded as a map, as before: the wire and stored formats are unchanged.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct VersionVector(Vec<(NodeId, Seq)>);
 
 impl VersionVector {
     /// An empty vector: nothing applied.
@@ -57,15 +61,36 @@ impl VersionVector {
         VersionVector::default()
     }
 
+    /// Where `origin` is, or would be inserted.
+    fn position(&self, origin: NodeId) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&origin, |(o, _)| *o)
+    }
+
+    /// The vector of `entries` as a map would hold them: a repeated origin takes its last value.
+    fn from_entries(mut entries: Vec<(NodeId, Seq)>) -> VersionVector {
+        // Stable: the entries of one origin stay in their order, and the last is kept.
+        entries.sort_by_key(|(origin, _)| *origin);
+        let mut kept: Vec<(NodeId, Seq)> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match kept.last_mut() {
+                Some(last) if last.0 == entry.0 => *last = entry,
+                _ => kept.push(entry),
+            }
+        }
+        VersionVector(kept)
+    }
+
     /// The highest contiguous sequence number applied from `origin`.
     pub fn get(&self, origin: NodeId) -> Seq {
-        self.0.get(&origin).copied().unwrap_or(Seq::ZERO)
+        self.position(origin).map_or(Seq::ZERO, |at| self.0[at].1)
     }
 
     /// Records that everything from `origin` up to `seq` is applied. Never moves backwards.
     pub fn advance(&mut self, origin: NodeId, seq: Seq) {
-        let slot = self.0.entry(origin).or_insert(Seq::ZERO);
-        *slot = (*slot).max(seq);
+        match self.position(origin) {
+            Ok(at) => self.0[at].1 = self.0[at].1.max(seq),
+            Err(at) => self.0.insert(at, (origin, seq)),
+        }
     }
 
     /// Pointwise maximum.
@@ -85,7 +110,7 @@ impl VersionVector {
 
     /// The origins and their sequence numbers, in origin order.
     pub fn iter(&self) -> impl Iterator<Item = (NodeId, Seq)> + '_ {
-        self.0.iter().map(|(origin, seq)| (*origin, *seq))
+        self.0.iter().copied()
     }
 
     /// How many origins the vector names.
@@ -106,5 +131,129 @@ impl FromIterator<(NodeId, Seq)> for VersionVector {
             vector.advance(origin, seq);
         }
         vector
+    }
+}
+
+impl fmt::Debug for VersionVector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(o, s)| (o, s)))
+            .finish()
+    }
+}
+
+impl Serialize for VersionVector {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(o, s)| (o, s)))
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionVector {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = VersionVector;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map from origin to sequence number")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<VersionVector, A::Error> {
+                // Bounded by what the caller's decoder allows (a frame checks the entry limit
+                // after decoding); sorted once at the end, so that no order of entries makes
+                // decoding quadratic.
+                let hint = map.size_hint().unwrap_or(0);
+                let mut entries = Vec::with_capacity(hint.min(crate::limits::VECTOR_ENTRIES_MAX));
+                while let Some(entry) = map.next_entry::<NodeId, Seq>()? {
+                    entries.push(entry);
+                }
+                Ok(VersionVector::from_entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn config() -> bincode::config::Configuration {
+        bincode::config::standard()
+    }
+
+    #[test]
+    fn a_vector_encodes_as_the_map_it_stands_for() {
+        let vector: VersionVector = [
+            (NodeId(3), Seq(9)),
+            (NodeId(1), Seq(4)),
+            (NodeId(2), Seq(0)),
+        ]
+        .into_iter()
+        .collect();
+        let map: BTreeMap<NodeId, Seq> = vector.iter().collect();
+        let bytes = bincode::serde::encode_to_vec(&vector, config()).unwrap();
+        assert_eq!(
+            bytes,
+            bincode::serde::encode_to_vec(&map, config()).unwrap()
+        );
+        let (back, _): (VersionVector, usize) =
+            bincode::serde::decode_from_slice(&bytes, config()).unwrap();
+        assert_eq!(back, vector);
+        assert_eq!(format!("{vector:?}"), format!("{map:?}"));
+    }
+
+    #[test]
+    fn a_decoded_vector_is_sorted_and_a_repeated_origin_takes_its_last_value() {
+        // Entries as a peer could send them: out of order, one origin twice.
+        let entries = [(5u64, 1u64), (2, 7), (5, 3), (1, 2)];
+        let mut bytes = bincode::serde::encode_to_vec(entries.len() as u64, config()).unwrap();
+        for (origin, seq) in entries {
+            bytes.extend(bincode::serde::encode_to_vec((origin, seq), config()).unwrap());
+        }
+        let (vector, _): (VersionVector, usize) =
+            bincode::serde::decode_from_slice(&bytes, config()).unwrap();
+        let got: Vec<(NodeId, Seq)> = vector.iter().collect();
+        assert_eq!(
+            got,
+            [
+                (NodeId(1), Seq(2)),
+                (NodeId(2), Seq(7)),
+                (NodeId(5), Seq(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn advance_merge_and_dominates_are_pointwise() {
+        let mut a = VersionVector::new();
+        a.advance(NodeId(2), Seq(5));
+        a.advance(NodeId(1), Seq(3));
+        a.advance(NodeId(2), Seq(4));
+        assert_eq!(
+            (a.get(NodeId(1)), a.get(NodeId(2)), a.get(NodeId(9))),
+            (Seq(3), Seq(5), Seq(0))
+        );
+        let b: VersionVector = [(NodeId(3), Seq(1)), (NodeId(1), Seq(6))]
+            .into_iter()
+            .collect();
+        assert!(!a.dominates(&b) && !b.dominates(&a));
+        a.merge(&b);
+        assert!(a.dominates(&b));
+        let got: Vec<(NodeId, Seq)> = a.iter().collect();
+        assert_eq!(
+            got,
+            [
+                (NodeId(1), Seq(6)),
+                (NodeId(2), Seq(5)),
+                (NodeId(3), Seq(1))
+            ]
+        );
     }
 }
