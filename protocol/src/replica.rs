@@ -580,7 +580,8 @@ impl<S: Storage> Replica<S> {
             }
             let mut state = match overlay.remove(&key) {
                 Some(state) => state,
-                None => self.storage.key_state(&key)?.unwrap_or_default(),
+                // Taken, not copied: every key of the overlay is committed or put back below.
+                None => self.storage.take_key_state(&key)?.unwrap_or_default(),
             };
             let prepared = match state.prepare(node, command) {
                 Ok(prepared) => prepared,
@@ -608,13 +609,16 @@ impl<S: Storage> Replica<S> {
             overlay.insert(key, state);
             results.push(Ok(prepared.reply));
         }
+        // Only keys a command changed are committed: a refused or no-op command writes
+        // nothing, and the states it read go back to storage as they were.
+        let (keys, unchanged): (Vec<_>, Vec<_>) = overlay
+            .into_iter()
+            .partition(|(key, _)| changed.contains(key));
+        for (key, state) in unchanged {
+            self.storage.put_back(key, state);
+        }
         if !events.is_empty() {
             self.stats.writes += events.len() as u64;
-            // Only keys a command changed: a refused or no-op command writes nothing.
-            let keys = overlay
-                .into_iter()
-                .filter(|(key, _)| changed.contains(key))
-                .collect();
             self.commit(keys, events)?;
             self.pump_all()?;
         }

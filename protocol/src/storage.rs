@@ -75,6 +75,13 @@ pub trait Storage {
         self.key_state(key)
     }
 
+    /// Gives back, unchanged, a key state [`Storage::take_key_state`] handed over and the
+    /// replica will not commit (a command refused it). A storage that handed over a copy has
+    /// nothing to do, which is the default.
+    fn put_back(&mut self, key: Bytes, state: KeyState) {
+        let _ = (key, state);
+    }
+
     /// Applies `commit` atomically. The commit is handed over: an implementation that keeps its
     /// states and events in memory moves them in instead of copying them.
     fn commit(&mut self, commit: Commit) -> Result<(), Self::Error>;
@@ -263,8 +270,15 @@ impl Storage for MemoryStorage {
     }
 
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
-        // Left in place as an empty state until the commit overwrites it.
+        // Left in place as an empty state until the commit overwrites it or it is put back.
         Ok(self.keys.get_mut(key).map(std::mem::take))
+    }
+
+    fn put_back(&mut self, key: Bytes, state: KeyState) {
+        // A key that was absent has no slot, and its state is empty: nothing to restore.
+        if let Some(slot) = self.keys.get_mut(&key) {
+            *slot = state;
+        }
     }
 
     fn commit(&mut self, commit: Commit) -> Result<(), Infallible> {

@@ -753,6 +753,25 @@ fn refused_and_no_op_commands_write_nothing() {
         vec![b("k"), b("s")],
         "only keys a command changed are stored"
     );
+    // A refused command read the set's state (the in-memory storage hands its own copy over):
+    // it was given back whole.
+    assert_eq!(
+        a.read(b"s").unwrap().unwrap().value(),
+        Some(Value::Set(vec![b("x")]))
+    );
+    let refused = a
+        .handle_commands(vec![(b("s"), Command::Set(b("no")))], 3)
+        .unwrap();
+    assert!(refused[0].is_ok(), "SET replaces any type");
+    let refused = a
+        .handle_commands(vec![(b("k"), Command::SetAdd(vec![b("y")]))], 4)
+        .unwrap();
+    assert!(refused[0].is_err(), "SADD on a string is refused");
+    assert_eq!(
+        a.read(b"k").unwrap().unwrap().value(),
+        Some(Value::String(b("v"))),
+        "a batch with no change still gives back what it read"
+    );
 }
 
 #[test]

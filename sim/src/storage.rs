@@ -189,6 +189,10 @@ impl Storage for SimStorage {
         self.inner.take_key_state(key)
     }
 
+    fn put_back(&mut self, key: bytes::Bytes, state: KeyState) {
+        self.inner.put_back(key, state);
+    }
+
     fn commit(&mut self, mut commit: Commit) -> Result<(), Infallible> {
         self.commits += 1;
         let faulty = self.commits % 50 == 0;
