@@ -921,6 +921,7 @@ impl<S: Storage> Replica<S> {
             // ahead, and stall detection fetches it again.)
             self.gap_since_ms = None;
         }
+        self.stats.peer(peer).events_applied += applied.len() as u64;
         // Keys were taken from storage for the overlay: all of them go back in this commit.
         assert!(overlay.is_empty() || !applied.is_empty());
         if !applied.is_empty() {
@@ -954,18 +955,17 @@ impl<S: Storage> Replica<S> {
                 return Ok(false);
             }
         }
-        let state = match overlay.get_mut(&event.key) {
-            Some(state) => state,
-            None => {
+        let state = match overlay.entry(event.key.clone()) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
                 // Every key in the overlay is committed below: take it, do not copy it.
                 let stored = self.storage.take_key_state(&event.key)?.unwrap_or_default();
-                overlay.entry(event.key.clone()).or_insert(stored)
+                entry.insert(stored)
             }
         };
         let outcome = state.apply(&event.op, event.hlc);
         self.stats.conflicts_lww += u64::from(outcome.lww_lost);
         self.vector.advance(event.origin, event.seq);
-        self.stats.peer(peer).events_applied += 1;
         self.stats.record_apply(&event, now_ms);
         applied.push(event);
         Ok(true)
