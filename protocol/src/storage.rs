@@ -214,7 +214,11 @@ impl ChangeLog {
         let at = Self::position(events, event.seq);
         match events.get_mut(at) {
             Some(present) if present.seq == event.seq => *present = event,
-            _ => {
+            None => {
+                events.push_back(event);
+                self.len += 1;
+            }
+            Some(_) => {
                 events.insert(at, event);
                 self.len += 1;
             }
