@@ -245,7 +245,16 @@ async fn run_node(
     }
     // Set once, here, before the accept loop starts: nothing else sets it.
     let _ = mesh.control.set(control.raft().clone());
-    let (neighbors, neighbors_rx) = watch::channel(topology.neighbors(node));
+    // The replica opens on the committed topology when the control plane holds one that names
+    // this node: the configuration's links are only the cluster's first, and a region that
+    // joined lists no peers at all. (A node that may have lost its own last writes must wait
+    // for every neighbor it really has; with none, it would take writes at once.)
+    let opening = control
+        .state()
+        .and_then(|s| s.topology().ok())
+        .filter(|t| t.contains(node))
+        .unwrap_or_else(|| topology.clone());
+    let (neighbors, neighbors_rx) = watch::channel(opening.neighbors(node));
     mesh.start(endpoint.clone(), neighbors_rx, shutdown.clone());
     let mut replica_config = ReplicaConfig::new(node);
     replica_config.clock_skew_ms_max = config.clock_skew_ms_max;
@@ -255,7 +264,7 @@ async fn run_node(
             .change_log_retention_secs
             .map(|s| s.saturating_mul(1_000));
     }
-    let mut replica = Replica::open(replica_config, topology.clone(), storage, now_ms())?;
+    let mut replica = Replica::open(replica_config, opening, storage, now_ms())?;
     if possible_loss {
         warn!(
             vector = ?replica.vector(),

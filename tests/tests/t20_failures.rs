@@ -238,3 +238,79 @@ fn t20_a_region_that_lost_its_last_writes_in_a_power_loss_takes_them_back_before
         assert_eq!(late.as_deref(), Some("v"), "{region}");
     }
 }
+
+#[test]
+fn t20_a_joined_region_that_lost_its_last_writes_waits_for_the_members_it_joined() {
+    // A region that joined lists no peers in its configuration: after a power loss it must
+    // still wait for the members the control plane committed, not start writing at once.
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    let via = cluster.node("a").http;
+    cluster.add_region("d");
+    cluster.node("d").start_join(via);
+    cluster.node("d").wait_healthy();
+    for i in 0..5 {
+        let _: () = cluster
+            .node("d")
+            .redis()
+            .set(format!("early{i}"), "v")
+            .unwrap();
+    }
+    cluster.wait_converged(CONVERGE);
+    cluster.node("d").stop();
+    let data = cluster.node("d").data_dir();
+    let synced = tempfile::tempdir().unwrap();
+    copy_data(&data, synced.path());
+    cluster.node("d").start();
+    cluster.node("d").wait_healthy();
+    for i in 0..10 {
+        let _: i64 = cluster.node("d").redis().incr("n", 1).unwrap();
+        let _: () = cluster
+            .node("d")
+            .redis()
+            .set(format!("late{i}"), "v")
+            .unwrap();
+    }
+    cluster.wait_converged(CONVERGE);
+    assert_eq!(cluster.node("a").status().vector["d"], 25);
+    cluster.node("d").kill9();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    copy_data(synced.path(), &data);
+
+    cluster.node("d").start_after_reboot();
+    cluster.node("d").wait_healthy();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let result: redis::RedisResult<i64> = cluster.node("d").redis().incr("n", 100);
+        match result {
+            Ok(_) => break,
+            Err(err) => assert!(err.to_string().contains("recovering"), "{err}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "d never took writes again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cluster.node("d").status().vector["d"],
+        26,
+        "the new write follows the 25 d lost and took back"
+    );
+    assert!(
+        cluster
+            .node("d")
+            .log()
+            .contains("resynchronising from a data snapshot"),
+        "d took its own events back from a member"
+    );
+    cluster.wait_converged(CONVERGE);
+    for region in ["a", "b", "c", "d"] {
+        let n: i64 = cluster.node(region).redis().get("n").unwrap();
+        assert_eq!(n, 110, "{region}: every increment once, the new one too");
+    }
+}
