@@ -93,11 +93,39 @@ impl VersionVector {
         }
     }
 
-    /// Pointwise maximum.
+    /// Pointwise maximum: one pass over both sorted vectors, however many origins either names.
     pub fn merge(&mut self, other: &VersionVector) {
-        for (origin, seq) in &other.0 {
-            self.advance(*origin, *seq);
+        if other
+            .0
+            .iter()
+            .all(|(origin, _)| self.position(*origin).is_ok())
+        {
+            // The usual case: no new origin, nothing moves.
+            for (origin, seq) in &other.0 {
+                self.advance(*origin, *seq);
+            }
+            return;
         }
+        let mut merged = Vec::with_capacity(self.0.len() + other.0.len());
+        let (ours, theirs) = (&self.0, &other.0);
+        let (mut i, mut j) = (0, 0);
+        while i < ours.len() && j < theirs.len() {
+            let (a, b) = (ours[i], theirs[j]);
+            if a.0 == b.0 {
+                merged.push((a.0, a.1.max(b.1)));
+                i += 1;
+                j += 1;
+            } else if a.0 < b.0 {
+                merged.push(a);
+                i += 1;
+            } else {
+                merged.push(b);
+                j += 1;
+            }
+        }
+        merged.extend_from_slice(&ours[i..]);
+        merged.extend_from_slice(&theirs[j..]);
+        self.0 = merged;
     }
 
     /// Whether this vector has applied everything `other` has.
@@ -228,6 +256,28 @@ mod tests {
                 (NodeId(5), Seq(3))
             ]
         );
+    }
+
+    #[test]
+    fn merging_interleaved_origins_is_the_pointwise_maximum() {
+        let a: VersionVector = (0..40u64).step_by(3).map(|n| (NodeId(n), Seq(n))).collect();
+        let b: VersionVector = (0..40u64)
+            .step_by(2)
+            .map(|n| (NodeId(n), Seq(40 - n)))
+            .collect();
+        let mut expected: BTreeMap<NodeId, Seq> = a.iter().collect();
+        for (origin, seq) in b.iter() {
+            let slot = expected.entry(origin).or_default();
+            *slot = (*slot).max(seq);
+        }
+        let mut merged = a.clone();
+        merged.merge(&b);
+        assert_eq!(merged.iter().collect::<BTreeMap<_, _>>(), expected);
+        assert!(merged
+            .iter()
+            .zip(merged.iter().skip(1))
+            .all(|(x, y)| x.0 < y.0));
+        assert!(merged.dominates(&a) && merged.dominates(&b));
     }
 
     #[test]

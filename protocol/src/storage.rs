@@ -68,9 +68,10 @@ pub trait Storage {
     fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Self::Error>;
 
     /// The state of `key`, read for a change that the replica commits before it returns to its
-    /// caller (every key taken is in that commit). An in-memory storage may hand over its own copy
-    /// instead of cloning it: it gets the key back with the commit. Defaults to
-    /// [`Storage::key_state`].
+    /// caller: every key taken is in that commit, or given back with [`Storage::put_back`]. An
+    /// in-memory storage may hand over its own copy instead of cloning it; a storage that does
+    /// so and can fail must expect a replica to be given up after an error (every error here
+    /// is fatal to it), taken states and all. Defaults to [`Storage::key_state`].
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Self::Error> {
         self.key_state(key)
     }

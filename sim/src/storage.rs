@@ -186,7 +186,12 @@ impl Storage for SimStorage {
     }
 
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
-        self.inner.take_key_state(key)
+        match self.bug {
+            // A commit that loses its key updates must leave the stored states as they were,
+            // not the empty places of states handed over.
+            Some(InjectedBug::LoseWrite) => self.inner.key_state(key),
+            _ => self.inner.take_key_state(key),
+        }
     }
 
     fn put_back(&mut self, key: bytes::Bytes, state: KeyState) {
