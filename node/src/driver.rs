@@ -188,6 +188,9 @@ pub struct Driver {
     resync: Option<mpsc::Sender<(NodeId, VersionVector)>>,
     /// A resynchronisation is under way.
     resyncing: bool,
+    /// The database marks this node as recovering its own events
+    /// ([`RocksStorage::note_boot`]): the mark goes once the replica holds them again.
+    recovery_marked: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -217,7 +220,15 @@ impl Driver {
             removed: false,
             resync: None,
             resyncing: false,
+            recovery_marked: false,
         }
+    }
+
+    /// The database marks this node as recovering its own events: the driver clears the mark
+    /// once the replica's recovery ends.
+    pub fn with_recovery_mark(mut self, marked: bool) -> Driver {
+        self.recovery_marked = marked;
+        self
     }
 
     /// Asks `resync` for a data snapshot whenever a peer refuses this node as behind what its
@@ -257,6 +268,11 @@ impl Driver {
                 }
             }
             self.flush();
+            if self.recovery_marked && !self.replica.is_recovering() {
+                self.replica.storage().recovery_done()?;
+                self.recovery_marked = false;
+                info!(node = %self.replica.node(), "own events recovered: the recovery mark is cleared");
+            }
             if self.removed {
                 info!(node = %self.replica.node(), "this region was removed from the mesh");
                 break;

@@ -152,11 +152,13 @@ async fn run_node(
     let storage = RocksStorage::open(&config.data_dir, config.durability)?;
     // With `process` durability a machine restart (a power loss) may have taken the tail of
     // the write-ahead log, this node's own last writes with it, which the peers may hold.
-    let rebooted = match boot_id() {
-        Some(id) => storage.note_boot(&id)?,
+    // Marked in the database until the node took them back, so that a restart before then
+    // (in the same boot) recovers too.
+    let process = config.durability == Durability::Process;
+    let possible_loss = match boot_id() {
+        Some(id) => storage.note_boot(&id, process)?,
         None => false,
     };
-    let possible_loss = rebooted && config.durability == Durability::Process;
     let reader = storage.clone();
 
     let bind = |what, addr| move |source| NodeError::Bind { what, addr, source };
@@ -333,6 +335,7 @@ async fn run_node(
     );
     let result = Driver::new(replica, input_rx, faults, neighbors)
         .with_resync(resync)
+        .with_recovery_mark(possible_loss)
         .run(shutdown)
         .await;
     endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");

@@ -40,6 +40,9 @@ const META_HLC: &[u8] = b"hlc";
 const META_FORMAT: &[u8] = b"format";
 const META_TRIMMED: &[u8] = b"trimmed";
 const META_BOOT: &[u8] = b"boot-id";
+/// Present while this node may lack some of its own last writes (a power loss in `process`
+/// durability) and has not taken them back yet: every start until then recovers first.
+const META_RECOVERING: &[u8] = b"recovering";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 /// Format 2 added the tombstone index (and the checkpoints' HLC in the Raft log beside it).
 const FORMAT_VERSION: u32 = 2;
@@ -410,18 +413,41 @@ impl RocksStorage {
     }
 
     /// Records `boot_id` (the operating system's id of its current boot) as the one this
-    /// database is used under, synced; returns whether another one was recorded before: the
-    /// machine restarted since, and with `process` durability the tail of the write-ahead log
-    /// may have been lost with the page cache.
-    pub fn note_boot(&self, boot_id: &str) -> Result<bool, StorageError> {
+    /// database is used under, synced, and returns whether this node may lack some of its own
+    /// last writes: the machine restarted since another boot id was recorded and the tail of
+    /// the write-ahead log may have gone with the page cache (`possible_loss_on_reboot`: the
+    /// node runs in `process` durability), or an earlier start found so and did not finish
+    /// taking them back ([`RocksStorage::recovery_done`] was not called since). The new boot id
+    /// and that mark are written together, so a crash in between cannot lose the mark.
+    pub fn note_boot(
+        &self,
+        boot_id: &str,
+        possible_loss_on_reboot: bool,
+    ) -> Result<bool, StorageError> {
         let meta = self.cf(CF_META)?;
         let before = self.db.get_cf(meta, META_BOOT)?;
         let rebooted = before.as_deref().is_some_and(|b| b != boot_id.as_bytes());
+        let marked = self.db.get_cf(meta, META_RECOVERING)?.is_some();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, META_BOOT, boot_id.as_bytes());
+        let possible_loss = marked || (rebooted && possible_loss_on_reboot);
+        if possible_loss {
+            batch.put_cf(meta, META_RECOVERING, b"");
+        }
         let mut options = WriteOptions::default();
         options.set_sync(true);
-        self.db
-            .put_cf_opt(meta, META_BOOT, boot_id.as_bytes(), &options)?;
-        Ok(rebooted)
+        self.db.write_opt(batch, &options)?;
+        Ok(possible_loss)
+    }
+
+    /// This node holds its own events again (its recovery after a possible loss ended): later
+    /// starts in the same boot need not recover. Synced.
+    pub fn recovery_done(&self) -> Result<(), StorageError> {
+        let meta = self.cf(CF_META)?;
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.delete_cf_opt(meta, META_RECOVERING, &options)?;
+        Ok(())
     }
 
     /// Syncs the write-ahead log: every commit so far survives power loss from here on (in
@@ -751,6 +777,30 @@ mod tests {
     #[test]
     fn memory_storage_passes_the_conformance_suite() {
         conformance(MemoryStorage::default(), |s| s);
+    }
+
+    #[test]
+    fn a_possible_loss_stays_marked_across_restarts_until_recovery_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || RocksStorage::open(dir.path(), Durability::Process).unwrap();
+        let storage = open();
+        assert!(!storage.note_boot("boot-1", true).unwrap(), "first start");
+        assert!(!storage.note_boot("boot-1", true).unwrap(), "same boot");
+        assert!(
+            !storage.note_boot("boot-2", false).unwrap(),
+            "a reboot loses nothing in machine durability"
+        );
+        assert!(storage.note_boot("boot-3", true).unwrap(), "a reboot");
+        drop(storage);
+        let storage = open();
+        assert!(
+            storage.note_boot("boot-3", true).unwrap(),
+            "a restart in the same boot before recovery ended recovers too"
+        );
+        storage.recovery_done().unwrap();
+        drop(storage);
+        let storage = open();
+        assert!(!storage.note_boot("boot-3", true).unwrap(), "recovered");
     }
 
     #[test]
