@@ -295,6 +295,13 @@ async fn run_node(
             warn!(error = %err, "committed topology not taken");
         }
     }
+    // The committed keyspace rules, before any client is served (the control plane's upkeep
+    // hands over later changes).
+    if let Some(state) = control.state() {
+        replica.handle_keyspaces(braid_protocol::control::Keyspaces::new(
+            state.keyspaces().clone(),
+        ));
+    }
     let _ = neighbors.send(replica.topology().neighbors(node));
     let resync = spawn_resync(mesh.clone(), endpoint.clone(), inputs.clone());
     control.spawn_upkeep(

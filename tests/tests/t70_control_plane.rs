@@ -707,6 +707,15 @@ fn t70_a_keyspace_takes_writes_only_in_its_home_regions() {
     assert!(out.status.success(), "{out:?}");
     let refusal = refused_write(&mut cluster, "a", "orders:a");
     assert!(refusal.contains("ReadOnly"), "{refusal}");
+    let _ = refused_write(&mut cluster, "b", "orders:b");
+    // The rules hold from a restarted node's first write on, not from when the control plane
+    // next hands them over.
+    cluster.node("b").stop();
+    cluster.node("b").start();
+    cluster.node("b").wait_healthy();
+    let first: redis::RedisResult<()> = cluster.node("b").redis().set("orders:restarted", "v");
+    let err = first.expect_err("a restarted node keeps the committed keyspace rules");
+    assert!(err.to_string().contains("ReadOnly"), "{err}");
     let out = braid(&["keyspace", "clear", "orders:", "--http", &http]);
     assert!(out.status.success(), "{out:?}");
     wait_for(&cluster, "no keyspace left", |s| {
