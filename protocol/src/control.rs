@@ -392,7 +392,23 @@ impl ControlState {
                 if self.active().next().is_none() {
                     return Err(ControlError::LastActive);
                 }
-                self.checkpoints.remove(node);
+                // A removed region reports no more, and was removed without a drain: its own
+                // last report is the most it is known to have issued. Its floor now waits for
+                // every member to hold that much (a later pending report replaces an earlier
+                // one: the floor rises later, never wrongly).
+                if let Some(last) = self.checkpoints.remove(node) {
+                    let seq = last.vector.get(*node);
+                    let floor = self.floors.entry(*node).or_default();
+                    let newer = floor.pending.is_none_or(|(pending, _)| seq > pending);
+                    if newer && last.hlc > floor.floor {
+                        floor.pending = Some((seq, last.hlc));
+                    }
+                }
+                // The members' reports so far may lag what they hold of its events (one may hold
+                // events of it the others lack and have not reported yet): its events count as
+                // settled only on reports made after the removal. Until every member has
+                // reported again, nothing is known.
+                self.checkpoints.clear();
             }
             ControlCommand::SetTopology(spec) => {
                 if let TopologySpec::Links(links) = spec {
@@ -664,7 +680,10 @@ impl ControlState {
                 .members
                 .get(&origin)
                 .is_some_and(|m| m.state != MemberState::Removed);
-            if !current && settled(origin) {
+            // A removed origin stops holding the stable HLC back once the members hold its
+            // events alike and at least as many as it last reported.
+            let confirmed = self.floors.get(&origin).is_none_or(|f| f.pending.is_none());
+            if !current && confirmed && settled(origin) {
                 continue;
             }
             let floor = self.floors.get(&origin).map_or(Hlc::ZERO, |f| f.floor);
@@ -898,8 +917,13 @@ mod tests {
         assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 2)]));
         s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
         assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 2)]));
-        // A removed member no longer holds it back.
+        // A removed member no longer holds it back, once the others reported again (their
+        // reports before the removal may lag what they hold of its events).
         s.apply(&ControlCommand::Remove(NodeId(4))).unwrap();
+        assert!(s.stable_frontier().is_empty());
+        report(&mut s, 1, &[(1, 10), (2, 5)], 300);
+        report(&mut s, 2, &[(1, 8), (2, 7), (3, 1)], 300);
+        report(&mut s, 3, &[(1, 9), (2, 6), (3, 4)], 300);
         assert_eq!(s.stable_frontier(), vector(&[(1, 8), (2, 5)]));
     }
 
@@ -950,15 +974,32 @@ mod tests {
         assert_eq!(s.stable_hlc(), Some(hlc(600, 2)));
         // A removed member whose events everyone holds alike no longer counts; one whose events
         // the members hold unevenly still does.
+        // b is removed (without a drain) having reported 12 events; a, c and d reported 10,
+        // but their reports may lag: c may already hold b's 11 and 12.
         s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
         s.apply(&ControlCommand::Remove(NodeId(2))).unwrap();
-        assert_eq!(s.stable_hlc(), Some(hlc(710, 3)));
-        report_hlc(&mut s, 3, &[(1, 5), (2, 12), (3, 2)], 60, 900);
+        assert_eq!(s.stable_hlc(), None, "every member reports again first");
+        for node in [1, 3, 4] {
+            report_hlc(&mut s, node, &[(1, 5), (2, 10), (3, 2)], 60, 900);
+        }
+        assert_eq!(
+            s.stable_hlc(),
+            Some(hlc(600, 2)),
+            "they hold b's events alike, but not the 12 b reported"
+        );
+        report_hlc(&mut s, 3, &[(1, 5), (2, 12), (3, 2)], 70, 910);
         assert_eq!(
             s.stable_hlc(),
             Some(hlc(600, 2)),
             "a and d lack b's 11 and 12"
         );
+        for node in [1, 4] {
+            report_hlc(&mut s, node, &[(1, 5), (2, 12), (3, 2)], 70, 920);
+        }
+        assert_eq!(s.floors()[&NodeId(2)].floor, hlc(700, 2));
+        // Everyone holds b's 12 events: b no longer counts (the least floor is now c's), and
+        // the stable HLC never went back on the way.
+        assert_eq!(s.stable_hlc(), Some(hlc(910, 3)));
     }
 
     #[test]
