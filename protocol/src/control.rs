@@ -392,22 +392,13 @@ impl ControlState {
                 if self.active().next().is_none() {
                     return Err(ControlError::LastActive);
                 }
-                // A removed region reports no more, and was removed without a drain: its own
-                // last report is the most it is known to have issued. Its floor now waits for
-                // every member to hold that much (a later pending report replaces an earlier
-                // one: the floor rises later, never wrongly).
-                if let Some(last) = self.checkpoints.remove(node) {
-                    let seq = last.vector.get(*node);
-                    let floor = self.floors.entry(*node).or_default();
-                    let newer = floor.pending.is_none_or(|(pending, _)| seq > pending);
-                    if newer && last.hlc > floor.floor {
-                        floor.pending = Some((seq, last.hlc));
-                    }
-                }
                 // The members' reports so far may lag what they hold of its events (one may hold
                 // events of it the others lack and have not reported yet): its events count as
-                // settled only on reports made after the removal. Until every member has
-                // reported again, nothing is known.
+                // settled only on reports made after the removal, when no new one of its events
+                // can reach a member but from another member. Until every member has reported
+                // again, nothing is known. (Not its own last report: events it reported and
+                // never shipped before it died are nowhere, and waiting for them would hold the
+                // stable HLC back for good.)
                 self.checkpoints.clear();
             }
             ControlCommand::SetTopology(spec) => {
@@ -680,10 +671,9 @@ impl ControlState {
                 .members
                 .get(&origin)
                 .is_some_and(|m| m.state != MemberState::Removed);
-            // A removed origin stops holding the stable HLC back once the members hold its
-            // events alike and at least as many as it last reported.
-            let confirmed = self.floors.get(&origin).is_none_or(|f| f.pending.is_none());
-            if !current && confirmed && settled(origin) {
+            // A removed origin stops holding the stable HLC back once the members' reports
+            // since its removal hold its events alike.
+            if !current && settled(origin) {
                 continue;
             }
             let floor = self.floors.get(&origin).map_or(Hlc::ZERO, |f| f.floor);
@@ -975,31 +965,37 @@ mod tests {
         // A removed member whose events everyone holds alike no longer counts; one whose events
         // the members hold unevenly still does.
         // b is removed (without a drain) having reported 12 events; a, c and d reported 10,
-        // but their reports may lag: c may already hold b's 11 and 12.
+        // but their reports may lag: c already holds b's 11 and 12.
         s.apply(&ControlCommand::Activate(NodeId(4))).unwrap();
         s.apply(&ControlCommand::Remove(NodeId(2))).unwrap();
         assert_eq!(s.stable_hlc(), None, "every member reports again first");
-        for node in [1, 3, 4] {
-            report_hlc(&mut s, node, &[(1, 5), (2, 10), (3, 2)], 60, 900);
-        }
+        report_hlc(&mut s, 1, &[(1, 5), (2, 10), (3, 2)], 60, 900);
+        report_hlc(&mut s, 3, &[(1, 5), (2, 12), (3, 2)], 60, 910);
+        report_hlc(&mut s, 4, &[(1, 5), (2, 10), (3, 2)], 60, 920);
         assert_eq!(
             s.stable_hlc(),
             Some(hlc(600, 2)),
-            "they hold b's events alike, but not the 12 b reported"
+            "a and d lack b's 11 and 12: b still holds it back"
         );
-        report_hlc(&mut s, 3, &[(1, 5), (2, 12), (3, 2)], 70, 910);
-        assert_eq!(
-            s.stable_hlc(),
-            Some(hlc(600, 2)),
-            "a and d lack b's 11 and 12"
-        );
-        for node in [1, 4] {
-            report_hlc(&mut s, node, &[(1, 5), (2, 12), (3, 2)], 70, 920);
-        }
-        assert_eq!(s.floors()[&NodeId(2)].floor, hlc(700, 2));
-        // Everyone holds b's 12 events: b no longer counts (the least floor is now c's), and
-        // the stable HLC never went back on the way.
+        // c relays them; once every report since the removal holds them alike, b no longer
+        // counts (the least floor is now c's), and the stable HLC never went back on the way.
+        report_hlc(&mut s, 1, &[(1, 5), (2, 12), (3, 2)], 70, 930);
+        report_hlc(&mut s, 4, &[(1, 5), (2, 12), (3, 2)], 70, 940);
         assert_eq!(s.stable_hlc(), Some(hlc(910, 3)));
+        // Events a dead region reported but never shipped are nowhere: they hold nothing back.
+        s.apply(&ControlCommand::Join(member(5, "e"))).unwrap();
+        report_hlc(&mut s, 5, &[(1, 5), (2, 12), (3, 2)], 80, 950);
+        s.apply(&ControlCommand::Activate(NodeId(5))).unwrap();
+        report_hlc(&mut s, 5, &[(1, 5), (2, 12), (3, 2), (5, 30)], 90, 960);
+        s.apply(&ControlCommand::Remove(NodeId(5))).unwrap();
+        for (node, at) in [(1, 1000), (3, 1010), (4, 1020)] {
+            report_hlc(&mut s, node, &[(1, 5), (2, 12), (3, 2), (5, 3)], 100, at);
+        }
+        assert_eq!(
+            s.stable_hlc(),
+            Some(hlc(1000, 1)),
+            "e reported 30 events and shipped 3 before it died: the members' reports decide"
+        );
     }
 
     #[test]
