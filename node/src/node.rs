@@ -157,7 +157,7 @@ async fn run_node(
     let process = config.durability == Durability::Process;
     let possible_loss = match boot_id() {
         Some(id) => storage.note_boot(&id, process)?,
-        None => false,
+        None => storage.recovery_marked()?,
     };
     let reader = storage.clone();
 
@@ -251,11 +251,19 @@ async fn run_node(
     // this node: the configuration's links are only the cluster's first, and a region that
     // joined lists no peers at all. (A node that may have lost its own last writes must wait
     // for every neighbor it really has; with none, it would take writes at once.)
-    let opening = control
+    let committed = control
         .state()
         .and_then(|s| s.topology().ok())
-        .filter(|t| t.contains(node))
-        .unwrap_or_else(|| topology.clone());
+        .filter(|t| t.contains(node));
+    if possible_loss && committed.is_none() && !initialize && topology.neighbors(node).is_empty() {
+        // A region that joined: its configuration names no peer, so recovering on it would
+        // end at once, and the region would write again with sequence numbers its peers hold.
+        return Err(NodeError::Task(format!(
+            "region {} may have lost its last writes in a machine restart and must wait for              its peers, but its control plane's committed state, which names them, did not              load: start it again",
+            config.region
+        )));
+    }
+    let opening = committed.unwrap_or_else(|| topology.clone());
     let (neighbors, neighbors_rx) = watch::channel(opening.neighbors(node));
     mesh.start(endpoint.clone(), neighbors_rx, shutdown.clone());
     let mut replica_config = ReplicaConfig::new(node);

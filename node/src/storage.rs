@@ -440,6 +440,13 @@ impl RocksStorage {
         Ok(possible_loss)
     }
 
+    /// Whether an earlier start marked this node as recovering its own events and the mark is
+    /// still there (see [`RocksStorage::note_boot`]), for a machine that tells no boot id.
+    pub fn recovery_marked(&self) -> Result<bool, StorageError> {
+        let meta = self.cf(CF_META)?;
+        Ok(self.db.get_cf(meta, META_RECOVERING)?.is_some())
+    }
+
     /// This node holds its own events again (its recovery after a possible loss ended): later
     /// starts in the same boot need not recover. Synced.
     pub fn recovery_done(&self) -> Result<(), StorageError> {
@@ -797,7 +804,9 @@ mod tests {
             storage.note_boot("boot-3", true).unwrap(),
             "a restart in the same boot before recovery ended recovers too"
         );
+        assert!(storage.recovery_marked().unwrap(), "seen without a boot id too");
         storage.recovery_done().unwrap();
+        assert!(!storage.recovery_marked().unwrap());
         drop(storage);
         let storage = open();
         assert!(!storage.note_boot("boot-3", true).unwrap(), "recovered");
