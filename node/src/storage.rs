@@ -804,7 +804,10 @@ mod tests {
             storage.note_boot("boot-3", true).unwrap(),
             "a restart in the same boot before recovery ended recovers too"
         );
-        assert!(storage.recovery_marked().unwrap(), "seen without a boot id too");
+        assert!(
+            storage.recovery_marked().unwrap(),
+            "seen without a boot id too"
+        );
         storage.recovery_done().unwrap();
         assert!(!storage.recovery_marked().unwrap());
         drop(storage);

@@ -1091,7 +1091,24 @@ impl<S: Storage> Replica<S> {
             .keys()
             .map(|peer| (*peer, Vec::new()))
             .collect();
-        for origin in self.topology.nodes().filter(|o| *o != me) {
+        // Every origin of the topology, and every other origin a peer holds more of than this
+        // replica: a region that was removed (dead, without a drain) may have left its events
+        // with some members only, and they must still pass from one member to another. Such an
+        // origin is at no distance from anyone: it is pulled from the peer that holds the most
+        // of it. Bounded by what one subscription may name.
+        let mut origins: std::collections::BTreeSet<NodeId> = self.topology.nodes().collect();
+        for vector in self.peer_vectors.values() {
+            for (origin, seq) in vector.iter() {
+                if origins.len() >= crate::limits::SUBSCRIBE_ORIGINS_MAX {
+                    break;
+                }
+                if seq > self.vector.get(origin) {
+                    origins.insert(origin);
+                }
+            }
+        }
+        origins.remove(&me);
+        for origin in origins {
             if let Some(peer) = self.route(origin, now_ms) {
                 wanted.entry(peer).or_default().push(origin);
             }

@@ -1391,3 +1391,47 @@ fn a_peer_holding_more_of_a_replicas_own_events_stops_its_writes_even_unannounce
     assert_eq!(refused, vec![Err(CommandError::Recovering)]);
     assert_eq!(a.poll_resync(), Some(B));
 }
+
+#[test]
+fn events_of_a_removed_region_still_pass_between_the_members() {
+    // b dies having shipped its last events to c only, and is removed without a drain: a and
+    // d must still get them, from c, though b is in no topology any more.
+    const D: NodeId = NodeId(4);
+    let all = Topology::full_mesh([A, B, C, D]).unwrap();
+    let mut net = Net::new(&all);
+    net.connect_links(&all);
+    net.disconnect(A, B);
+    net.disconnect(D, B);
+    for i in 0..3 {
+        net.write(B, &format!("b{i}"), Command::Set(b("v")));
+    }
+    net.run();
+    assert_eq!(net.replicas[&C].vector().get(B), Seq(3));
+    assert_eq!(net.replicas[&A].vector().get(B), Seq(0), "a waits for b");
+    net.disconnect(C, B);
+    for peer in [A, C, D] {
+        net.disconnect(B, peer);
+    }
+    net.replicas.remove(&B);
+    let rest = Topology::full_mesh([A, C, D]).unwrap();
+    let now = net.now_ms;
+    for replica in net.replicas.values_mut() {
+        replica.handle_topology(rest.clone(), now).unwrap();
+    }
+    net.collect();
+    net.run();
+    for _ in 0..3 {
+        net.tick_all(1_000);
+        net.run();
+    }
+    for node in [A, D] {
+        assert_eq!(
+            net.replicas[&node].vector().get(B),
+            Seq(3),
+            "{node} got b's events from c"
+        );
+    }
+    let c = net.values(C);
+    assert_eq!(net.values(A), c);
+    assert_eq!(net.values(D), c);
+}
