@@ -277,9 +277,18 @@ fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
         "the group bootstrapped",
         |s| s.iter().all(|s| s.control.members.len() == 3),
     );
+    // c writes and deletes before it dies: its tombstones are everywhere.
+    for i in 0..10 {
+        let _: () = cluster.node("c").redis().set(format!("c{i}"), i).unwrap();
+        let _: i64 = cluster.node("c").redis().del(format!("c{i}")).unwrap();
+    }
+    cluster.wait_converged(SETTLE);
     cluster.node("c").kill9();
     for i in 0..100 {
         let _: () = cluster.node("a").redis().set(format!("k{i}"), i).unwrap();
+    }
+    for i in 0..10 {
+        let _: i64 = cluster.node("a").redis().del(format!("k{i}")).unwrap();
     }
     // c holds the frontier back while it is a member.
     std::thread::sleep(Duration::from_secs(4));
@@ -326,6 +335,14 @@ fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
                     && s.change_log_events == 0
             })
         },
+    );
+    // The stable HLC passes the dead region too: the tombstones of c's deletes and of a's
+    // deletes after c died are collected, and their keys forgotten.
+    wait_for(
+        &mut cluster,
+        &["a", "b"],
+        "tombstones collected without c",
+        |s| s.iter().all(|s| s.keys_forgotten >= 20),
     );
 }
 
