@@ -259,7 +259,9 @@ async fn run_node(
         // A region that joined: its configuration names no peer, so recovering on it would
         // end at once, and the region would write again with sequence numbers its peers hold.
         return Err(NodeError::Task(format!(
-            "region {} may have lost its last writes in a machine restart and must wait for              its peers, but its control plane's committed state, which names them, did not              load: start it again",
+            "region {} may have lost its last writes in a machine restart and must wait for \
+             its peers, but its control plane's committed state, which names them, did not \
+             load: start it again",
             config.region
         )));
     }
