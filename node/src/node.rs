@@ -251,10 +251,13 @@ async fn run_node(
     // this node: the configuration's links are only the cluster's first, and a region that
     // joined lists no peers at all. (A node that may have lost its own last writes must wait
     // for every neighbor it really has; with none, it would take writes at once.)
-    let committed = control
-        .state()
-        .and_then(|s| s.topology().ok())
-        .filter(|t| t.contains(node));
+    let committed_topology = || {
+        control
+            .state()
+            .and_then(|s| s.topology().ok())
+            .filter(|t| t.contains(node))
+    };
+    let committed = committed_topology();
     if possible_loss && committed.is_none() && !initialize && topology.neighbors(node).is_empty() {
         // A region that joined: its configuration names no peer, so recovering on it would
         // end at once, and the region would write again with sequence numbers its peers hold.
@@ -294,13 +297,9 @@ async fn run_node(
         std::fs::remove_file(&pending).map_err(|e| marker_error(&pending, e))?;
         info!(%node, ?vector, "data snapshot installed: joining the mesh");
     }
-    // The committed topology when the control plane has one (the configuration's links are
-    // only the cluster's first; a region that joined lists no peers at all).
-    let committed = control
-        .state()
-        .and_then(|s| s.topology().ok())
-        .filter(|t| t.contains(node));
-    if let Some(topology) = committed {
+    // A region that joined is admitted while it installs its snapshot: the committed topology
+    // names it only by now.
+    if let Some(topology) = committed_topology() {
         if let Err(err) = replica.handle_topology(topology, now_ms()) {
             warn!(error = %err, "committed topology not taken");
         }
