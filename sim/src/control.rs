@@ -33,7 +33,7 @@ use braid_node::scenario::Verdict;
 use braid_protocol::control::{
     ControlCommand, ControlState, Member, MemberState, TopologySpec, VOTERS_MAX,
 };
-use braid_protocol::{NodeId, VersionVector};
+use braid_protocol::{NodeId, Topology, VersionVector};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -284,8 +284,16 @@ struct ControlNode {
     frontier_sent: VersionVector,
     /// The stable HLC last handed to the replica.
     stable_hlc_sent: Option<Hlc>,
+    /// The state machine's last applied entry when the frontier and the stable HLC were last
+    /// read: they change only when it does, and the world asks every tick.
+    read_at: Option<Applied>,
+    /// The committed topology, and the last applied entry it was read at.
+    topology_read: Option<(Applied, Option<Topology>)>,
     next_checkpoint_ms: u64,
 }
+
+/// A state machine's last applied entry: `None` before the first.
+type Applied = Option<openraft::LogId<RaftId>>;
 
 /// The control plane of every simulated region.
 pub struct ControlSim {
@@ -398,6 +406,8 @@ impl ControlSim {
                 running: None,
                 frontier_sent: VersionVector::new(),
                 stable_hlc_sent: None,
+                read_at: None,
+                topology_read: None,
                 // Staggered, as nodes that started at different moments report.
                 next_checkpoint_ms: CHECKPOINT_INTERVAL_MS / 2 + 250 * i as u64,
             })
@@ -494,6 +504,8 @@ impl ControlSim {
         }
         node.frontier_sent = VersionVector::new();
         node.stable_hlc_sent = None;
+        node.read_at = None;
+        node.topology_read = None;
     }
 
     /// The network's cut pairs and slow links, by region index, as the world has them now.
@@ -608,11 +620,6 @@ impl ControlSim {
         self.nodes[i].running.as_ref()?.1.state()
     }
 
-    /// Reads region `i`'s applied control state in place, without copying it.
-    pub fn read_state<T>(&self, i: usize, read: impl FnOnce(&ControlState) -> T) -> Option<T> {
-        self.nodes[i].running.as_ref()?.1.read_state(read)
-    }
-
     /// The command that admits region `i`.
     pub fn join_command(&self, i: usize) -> ControlCommand {
         ControlCommand::Join(self.members[i].clone())
@@ -659,34 +666,60 @@ impl ControlSim {
         });
     }
 
-    /// The committed stable frontier region `i` has not yet been given, if it moved.
-    pub fn new_frontier(&mut self, i: usize) -> Option<VersionVector> {
+    /// Region `i`'s committed replication topology, while its node runs and its state has
+    /// one. Computed again only once the state machine applied something new.
+    pub fn topology(&mut self, i: usize) -> Option<Topology> {
         let node = &mut self.nodes[i];
-        let frontier = node
-            .running
-            .as_ref()?
-            .1
-            .read_state(ControlState::stable_frontier)?;
-        if frontier.is_empty() || frontier == node.frontier_sent {
-            return None;
+        let machine = &node.running.as_ref()?.1;
+        let applied = machine.last_applied();
+        match &node.topology_read {
+            Some((at, topology)) if *at == applied => topology.clone(),
+            _ => {
+                let topology = machine.read_state(|s| s.topology().ok()).flatten();
+                node.topology_read = Some((applied, topology.clone()));
+                topology
+            }
         }
-        node.frontier_sent = frontier.clone();
-        Some(frontier)
     }
 
-    /// The committed stable HLC region `i` has not yet been given, if it moved.
-    pub fn new_stable_hlc(&mut self, i: usize) -> Option<Hlc> {
+    /// Whether region `i`'s state machine applied something since the stable frontier and HLC
+    /// were last read (they cannot have moved otherwise); notes that they are read now.
+    fn state_moved(&mut self, i: usize) -> bool {
         let node = &mut self.nodes[i];
-        let stable = node
-            .running
-            .as_ref()?
-            .1
-            .read_state(ControlState::stable_hlc)??;
-        if node.stable_hlc_sent == Some(stable) {
-            return None;
+        let Some((_, machine)) = node.running.as_ref() else {
+            return false;
+        };
+        let applied = machine.last_applied();
+        if node.read_at == Some(applied) {
+            return false;
         }
-        node.stable_hlc_sent = Some(stable);
-        Some(stable)
+        node.read_at = Some(applied);
+        true
+    }
+
+    /// The committed stable frontier and stable HLC region `i` has not yet been given, those
+    /// that moved.
+    pub fn new_frontier_and_hlc(&mut self, i: usize) -> (Option<VersionVector>, Option<Hlc>) {
+        if !self.state_moved(i) {
+            return (None, None);
+        }
+        let node = &mut self.nodes[i];
+        let Some((frontier, stable)) = node
+            .running
+            .as_ref()
+            .and_then(|(_, machine)| machine.read_state(|s| (s.stable_frontier(), s.stable_hlc())))
+        else {
+            return (None, None);
+        };
+        let frontier = (!frontier.is_empty() && frontier != node.frontier_sent).then(|| {
+            node.frontier_sent = frontier.clone();
+            frontier
+        });
+        let stable = stable.filter(|s| node.stable_hlc_sent != Some(*s));
+        if stable.is_some() {
+            node.stable_hlc_sent = stable;
+        }
+        (frontier, stable)
     }
 
     /// Runs the group alone (no world events) until every running node has applied what the

@@ -586,13 +586,14 @@ impl<'a> World<'a> {
                 };
                 control.propose(region, command);
             }
-            if let Some(frontier) = control.new_frontier(region) {
+            let (frontier, stable) = control.new_frontier_and_hlc(region);
+            if let Some(frontier) = frontier {
                 let Ok(deleted) = replica.handle_stable_frontier(&frontier);
                 collected.push((region, deleted));
             }
             let stable = match self.options.bug {
                 Some(InjectedBug::CollectEarly) => Some(replica.hlc()),
-                _ => control.new_stable_hlc(region),
+                _ => stable,
             };
             if let Some(stable) = stable {
                 let Ok(keys) = replica.handle_stable_hlc(stable);
@@ -624,17 +625,13 @@ impl<'a> World<'a> {
 
     /// Every member replicates along the topology it sees committed, as a node's driver does.
     fn follow_topology(&mut self) {
-        let Some(control) = self.control.as_ref() else {
+        let Some(control) = self.control.as_mut() else {
             return;
         };
         let mut changed = Vec::new();
         for region in 0..self.regions.len() {
             let id = self.regions[region].id;
-            let Some(topology) = control
-                .read_state(region, |s| s.topology().ok())
-                .flatten()
-                .filter(|t| t.contains(id))
-            else {
+            let Some(topology) = control.topology(region).filter(|t| t.contains(id)) else {
                 continue;
             };
             let now = clock_ms(self.now_ms, self.regions[region].clock_offset_ms);
