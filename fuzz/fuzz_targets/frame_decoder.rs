@@ -15,6 +15,11 @@ fuzz_target!(|data: &[u8]| {
         let again = frame::encode_to_vec(&message).expect("a decoded message re-encodes");
         let (round_trip, _) = frame::decode(&again).expect("re-encoded frame decodes").expect("whole");
         assert_eq!(round_trip, message);
+        // Decoding from the frame as shared bytes gives the same message.
+        let shared = bytes::Bytes::copy_from_slice(rest);
+        let (from_shared, shared_used) =
+            frame::decode_shared(&shared).expect("decodes shared").expect("whole");
+        assert_eq!((from_shared, shared_used), (message, used));
         rest = &rest[used..];
     }
     let _ = frame::decode_body(data);

@@ -14,6 +14,9 @@
 //! well-behaved peer keeps. Neither panics, whatever the bytes.
 
 use bincode::config::{self, Configuration, Limit};
+use bytes::Bytes;
+
+use crate::batch::{DecodeBatch, EncodeBatch, Source};
 
 use crate::ids::VersionVector;
 use crate::limits::{
@@ -145,7 +148,7 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_LENGTH_BYTES]);
     out.push(PROTOCOL_VERSION);
-    if let Err(err) = bincode::serde::encode_into_std_write(message, out, wire_config()) {
+    if let Err(err) = encode_message(message, out) {
         out.truncate(start);
         return Err(err.into());
     }
@@ -158,6 +161,41 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let length = (body_bytes as u32).to_be_bytes();
     out[start..start + FRAME_LENGTH_BYTES].copy_from_slice(&length);
     Ok(())
+}
+
+/// The variant index bincode gives [`Message::EventBatch`]: the first byte of its payload.
+const EVENT_BATCH_TAG: u8 = 2;
+
+/// A message's payload: event batches field by field ([`crate::batch`]), every other message
+/// through serde. The same bytes either way.
+fn encode_message(
+    message: &Message,
+    out: &mut Vec<u8>,
+) -> Result<usize, bincode::error::EncodeError> {
+    match message {
+        Message::EventBatch(events) => {
+            out.push(EVENT_BATCH_TAG);
+            let body = bincode::encode_into_std_write(EncodeBatch(events), out, wire_config())?;
+            Ok(body + 1)
+        }
+        _ => bincode::serde::encode_into_std_write(message, out, wire_config()),
+    }
+}
+
+/// A message from its payload, and the bytes it used: event batches field by field, taking
+/// their byte strings from `source`; every other message through serde.
+fn decode_message(
+    payload: &[u8],
+    source: Source<'_>,
+) -> Result<(Message, usize), bincode::error::DecodeError> {
+    match payload.split_first() {
+        Some((&EVENT_BATCH_TAG, batch)) => {
+            let (DecodeBatch(events), used) =
+                bincode::borrow_decode_from_slice_with_context(batch, wire_config(), source)?;
+            Ok((Message::EventBatch(events), used + 1))
+        }
+        _ => bincode::serde::decode_from_slice(payload, wire_config()),
+    }
 }
 
 /// The room a new buffer starts with: a small batch, without growing it byte by byte.
@@ -200,8 +238,22 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
     Ok(Some((message, frame_bytes)))
 }
 
+/// [`decode`] for a frame held as [`Bytes`]: the keys and values of an event batch are then
+/// slices of `buf` rather than copies (so they keep its memory alive while they live).
+pub fn decode_shared(buf: &Bytes) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(frame_bytes) = check(buf)? else {
+        return Ok(None);
+    };
+    let message = decode_from(&buf[FRAME_LENGTH_BYTES..frame_bytes], Source(Some(buf)))?;
+    Ok(Some((message, frame_bytes)))
+}
+
 /// Decodes and validates one frame body (the bytes after the length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+    decode_from(body, Source(None))
+}
+
+fn decode_from(body: &[u8], source: Source<'_>) -> Result<Message, DecodeError> {
     if body.len() > FRAME_BYTES_MAX {
         return Err(DecodeError::FrameTooLarge {
             body_bytes: body.len(),
@@ -211,11 +263,9 @@ pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::UnknownVersion { version });
     }
-    let (message, used): (Message, usize) =
-        bincode::serde::decode_from_slice(payload, wire_config()).map_err(|err| {
-            DecodeError::Malformed {
-                reason: err.to_string(),
-            }
+    let (message, used) =
+        decode_message(payload, source).map_err(|err| DecodeError::Malformed {
+            reason: err.to_string(),
         })?;
     if used != payload.len() {
         return Err(DecodeError::TrailingBytes {

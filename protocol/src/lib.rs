@@ -22,6 +22,7 @@
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod batch;
 pub mod control;
 pub mod frame;
 pub mod ids;

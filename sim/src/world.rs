@@ -138,7 +138,7 @@ enum Event {
         to: usize,
         kind: StreamKind,
         gen: u64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
     Fault(usize),
     Flap {
@@ -1043,7 +1043,7 @@ impl<'a> World<'a> {
                 direction,
                 kind_at_receiver,
                 gen,
-                bytes,
+                Bytes::from(bytes),
                 kind,
             );
         }
@@ -1058,7 +1058,7 @@ impl<'a> World<'a> {
         direction: usize,
         kind: StreamKind,
         gen: u64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
         what: &'static str,
     ) {
         let net = &self.scenario.network;
@@ -1114,7 +1114,7 @@ impl<'a> World<'a> {
         );
     }
 
-    fn deliver(&mut self, from: usize, to: usize, kind: StreamKind, gen: u64, bytes: &[u8]) {
+    fn deliver(&mut self, from: usize, to: usize, kind: StreamKind, gen: u64, bytes: &Bytes) {
         let key = match kind {
             StreamKind::Feed => (from, to),
             StreamKind::Subscription => (to, from),
@@ -1126,7 +1126,9 @@ impl<'a> World<'a> {
         {
             return; // the stream it was sent on is gone
         }
-        let message = match frame::decode(bytes) {
+        // The keys and values of a batch stay slices of the frame (a node copies them out of
+        // the read buffer it reuses; the bytes decoded are the same).
+        let message = match frame::decode_shared(bytes) {
             Ok(Some((message, _))) => message,
             other => {
                 self.trace([4, from as u64, to as u64, 0], || {
