@@ -184,17 +184,36 @@ fn encode_message(
 
 /// A message from its payload, and the bytes it used: event batches field by field, taking
 /// their byte strings from `source`; every other message through serde.
-fn decode_message(
+///
+/// A batch is read without bincode's allocation limit, whose accounting (eight bytes claimed
+/// for every integer, however short its varint) was a fifth of the cost of reading one. The
+/// limit guards allocations sized by a peer's length prefixes, and this reader makes none: it
+/// refuses a batch announcing more than [`BATCH_EVENTS_MAX`] events before reading any,
+/// reserves at most that many, and every other list grows only by what the frame (itself
+/// within [`FRAME_BYTES_MAX`]) holds.
+pub(crate) fn decode_message(
     payload: &[u8],
     source: Source<'_>,
-) -> Result<(Message, usize), bincode::error::DecodeError> {
+) -> Result<(Message, usize), DecodeError> {
+    let malformed = |err: bincode::error::DecodeError| DecodeError::Malformed {
+        reason: err.to_string(),
+    };
     match payload.split_first() {
         Some((&EVENT_BATCH_TAG, batch)) => {
+            let (events, _): (u64, usize) =
+                bincode::decode_from_slice(batch, config::standard()).map_err(malformed)?;
+            if events > BATCH_EVENTS_MAX as u64 {
+                return Err(ProtocolViolation::BatchTooLarge {
+                    events: usize::try_from(events).unwrap_or(usize::MAX),
+                }
+                .into());
+            }
             let (DecodeBatch(events), used) =
-                bincode::borrow_decode_from_slice_with_context(batch, wire_config(), source)?;
+                bincode::borrow_decode_from_slice_with_context(batch, config::standard(), source)
+                    .map_err(malformed)?;
             Ok((Message::EventBatch(events), used + 1))
         }
-        _ => bincode::serde::decode_from_slice(payload, wire_config()),
+        _ => bincode::serde::decode_from_slice(payload, wire_config()).map_err(malformed),
     }
 }
 
@@ -263,10 +282,7 @@ fn decode_from(body: &[u8], source: Source<'_>) -> Result<Message, DecodeError> 
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::UnknownVersion { version });
     }
-    let (message, used) =
-        decode_message(payload, source).map_err(|err| DecodeError::Malformed {
-            reason: err.to_string(),
-        })?;
+    let (message, used) = decode_message(payload, source)?;
     if used != payload.len() {
         return Err(DecodeError::TrailingBytes {
             extra_bytes: payload.len() - used,

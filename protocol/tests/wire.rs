@@ -293,17 +293,30 @@ fn oversized_length_prefix_is_refused_before_reading_the_body() {
 
 #[test]
 fn huge_claimed_length_inside_a_small_frame_does_not_allocate() {
-    // EventBatch (variant 2), then a varint u64 length marker (0xfd) claiming 2^40 events.
+    // EventBatch (variant 2), then a varint u64 length marker (0xfd) claiming 2^40 events: more
+    // than a batch may hold, refused before anything is read or reserved.
     let mut body = vec![1u8, 2, 0xfd];
     body.extend_from_slice(&(1u64 << 40).to_le_bytes());
     let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
     bytes.extend_from_slice(&body);
-    // The decoder grows the vector only as elements actually arrive, so the claim costs nothing.
+    assert_eq!(
+        frame::decode(&bytes),
+        Err(DecodeError::Invalid(ProtocolViolation::BatchTooLarge {
+            events: 1 << 40
+        }))
+    );
+    // A claim within the limit: the decoder grows the vector only as events actually arrive.
+    let mut body = vec![1u8, 2];
+    body.extend(
+        bincode::encode_to_vec(BATCH_EVENTS_MAX as u64, bincode::config::standard()).unwrap(),
+    );
+    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&body);
     assert!(matches!(
         frame::decode(&bytes),
         Err(DecodeError::Malformed { .. })
     ));
-    // A byte string claiming 2^40 bytes is checked against bincode's limit before allocating.
+    // A byte string claiming 2^40 bytes is refused before anything is allocated for it.
     let mut body = vec![1u8, 2, 1, 1, 1, 0, 0, 0, 0xfd];
     body.extend_from_slice(&(1u64 << 40).to_le_bytes());
     let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
