@@ -335,6 +335,65 @@ impl Stats {
     }
 }
 
+/// Key states taken from storage for one commit, in the order they were first touched. A batch
+/// touches a handful of keys, found by a scan; past [`OVERLAY_SCAN_MAX`] keys an index finds
+/// them, so that a full batch of distinct keys is not quadratic.
+#[derive(Default)]
+struct Overlay {
+    entries: Vec<OverlayEntry>,
+    /// Each key's place in `entries`, once there are more than [`OVERLAY_SCAN_MAX`].
+    index: Option<BTreeMap<Bytes, usize>>,
+}
+
+/// One key of an [`Overlay`].
+struct OverlayEntry {
+    key: Bytes,
+    state: KeyState,
+    /// Whether a command changed it (a refused or no-op command leaves it as stored).
+    changed: bool,
+}
+
+/// Keys an [`Overlay`] finds by scanning.
+const OVERLAY_SCAN_MAX: usize = 16;
+
+impl Overlay {
+    /// `key`'s entry, taken from `storage` (empty if absent) the first time.
+    fn entry<S: Storage>(
+        &mut self,
+        key: &Bytes,
+        storage: &mut S,
+    ) -> Result<&mut OverlayEntry, S::Error> {
+        let found = match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.entries.iter().position(|e| e.key == *key),
+        };
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let state = storage.take_key_state(key)?.unwrap_or_default();
+                let at = self.entries.len();
+                self.entries.push(OverlayEntry {
+                    key: key.clone(),
+                    state,
+                    changed: false,
+                });
+                match &mut self.index {
+                    Some(index) => {
+                        index.insert(key.clone(), at);
+                    }
+                    None if self.entries.len() > OVERLAY_SCAN_MAX => {
+                        let keys = self.entries.iter().enumerate();
+                        self.index = Some(keys.map(|(i, e)| (e.key.clone(), i)).collect());
+                    }
+                    None => {}
+                }
+                at
+            }
+        };
+        Ok(&mut self.entries[at])
+    }
+}
+
 /// Our subscription to one peer.
 #[derive(Debug, Clone)]
 struct Subscription {
@@ -563,8 +622,7 @@ impl<S: Storage> Replica<S> {
         commands: Vec<(Bytes, Command)>,
         now_ms: u64,
     ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
-        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
-        let mut changed: std::collections::BTreeSet<Bytes> = std::collections::BTreeSet::new();
+        let mut overlay = Overlay::default();
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
@@ -578,15 +636,11 @@ impl<S: Storage> Replica<S> {
                 }));
                 continue;
             }
-            let mut state = match overlay.remove(&key) {
-                Some(state) => state,
-                // Taken, not copied: every key of the overlay is committed or put back below.
-                None => self.storage.take_key_state(&key)?.unwrap_or_default(),
-            };
-            let prepared = match state.prepare(node, command) {
+            // Taken, not copied: every key of the overlay is committed or put back below.
+            let entry = overlay.entry(&key, &mut self.storage)?;
+            let prepared = match entry.state.prepare(node, command) {
                 Ok(prepared) => prepared,
                 Err(err) => {
-                    overlay.insert(key, state);
                     results.push(Err(err));
                     continue;
                 }
@@ -594,28 +648,28 @@ impl<S: Storage> Replica<S> {
             if let Some(op) = prepared.op {
                 let seq = self.vector.get(node).next();
                 let hlc = self.clock.now(now_ms);
-                let applied = state.apply(&op, hlc);
+                let applied = entry.state.apply(&op, hlc);
+                entry.changed = true;
                 self.stats.conflicts_lww += u64::from(applied.lww_lost);
                 self.vector.advance(node, seq);
-                changed.insert(key.clone());
                 events.push(ChangeEvent {
                     origin: node,
                     seq,
                     hlc,
-                    key: key.clone(),
+                    key,
                     op,
                 });
             }
-            overlay.insert(key, state);
             results.push(Ok(prepared.reply));
         }
         // Only keys a command changed are committed: a refused or no-op command writes
         // nothing, and the states it read go back to storage as they were.
-        let (keys, unchanged): (Vec<_>, Vec<_>) = overlay
-            .into_iter()
-            .partition(|(key, _)| changed.contains(key));
-        for (key, state) in unchanged {
-            self.storage.put_back(key, state);
+        let mut keys = Vec::with_capacity(overlay.entries.len());
+        for entry in overlay.entries {
+            match entry.changed {
+                true => keys.push((entry.key, entry.state)),
+                false => self.storage.put_back(entry.key, entry.state),
+            }
         }
         if !events.is_empty() {
             self.stats.writes += events.len() as u64;
@@ -889,7 +943,7 @@ impl<S: Storage> Replica<S> {
         events: Vec<ChangeEvent>,
         now_ms: u64,
     ) -> Result<(), S::Error> {
-        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut overlay = Overlay::default();
         let mut applied: Vec<ChangeEvent> = Vec::with_capacity(events.len());
         self.stats.peer(peer).events_received += events.len() as u64;
         for event in events {
@@ -923,9 +977,10 @@ impl<S: Storage> Replica<S> {
         }
         self.stats.peer(peer).events_applied += applied.len() as u64;
         // Keys were taken from storage for the overlay: all of them go back in this commit.
-        assert!(overlay.is_empty() || !applied.is_empty());
+        assert!(overlay.entries.is_empty() || !applied.is_empty());
         if !applied.is_empty() {
-            self.commit(overlay.into_iter().collect(), applied)?;
+            let keys = overlay.entries.into_iter().map(|e| (e.key, e.state));
+            self.commit(keys.collect(), applied)?;
         }
         self.transmits.push_back(Transmit {
             peer,
@@ -941,7 +996,7 @@ impl<S: Storage> Replica<S> {
         &mut self,
         peer: NodeId,
         event: ChangeEvent,
-        overlay: &mut BTreeMap<Bytes, KeyState>,
+        overlay: &mut Overlay,
         applied: &mut Vec<ChangeEvent>,
         now_ms: u64,
     ) -> Result<bool, S::Error> {
@@ -955,14 +1010,8 @@ impl<S: Storage> Replica<S> {
                 return Ok(false);
             }
         }
-        let state = match overlay.entry(event.key.clone()) {
-            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::btree_map::Entry::Vacant(entry) => {
-                // Every key in the overlay is committed below: take it, do not copy it.
-                let stored = self.storage.take_key_state(&event.key)?.unwrap_or_default();
-                entry.insert(stored)
-            }
-        };
+        // Every key in the overlay is committed below: taken, not copied.
+        let state = &mut overlay.entry(&event.key, &mut self.storage)?.state;
         let outcome = state.apply(&event.op, event.hlc);
         self.stats.conflicts_lww += u64::from(outcome.lww_lost);
         self.vector.advance(event.origin, event.seq);

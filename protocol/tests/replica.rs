@@ -1435,3 +1435,44 @@ fn events_of_a_removed_region_still_pass_between_the_members() {
     assert_eq!(net.values(A), c);
     assert_eq!(net.values(D), c);
 }
+
+#[test]
+fn a_batch_over_more_keys_than_a_scan_covers_applies_every_write_once() {
+    // Twenty-five keys, each written two or three times, in one batch of commands at the
+    // origin and one batch of events at the peer: past the overlay's scan, its index finds them.
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    let commands: Vec<(Bytes, Command)> = (0..60)
+        .map(|i| {
+            let key = b(&format!("k{}", i % 25));
+            let command = match (i % 25) % 3 {
+                0 => Command::Set(b(&format!("v{i}"))),
+                1 => Command::IncrBy(i),
+                _ => Command::SetAdd(vec![b(&format!("m{i}"))]),
+            };
+            (key, command)
+        })
+        .collect();
+    let a = net.replicas.get_mut(&A).unwrap();
+    let results = a.handle_commands(commands, 2_000).unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let issued: Vec<ChangeEvent> = (1..=60)
+        .map(|seq| a.storage_mut().log().get(A, Seq(seq)).unwrap().clone())
+        .collect();
+    net.issued.extend(issued);
+    net.collect();
+    net.run();
+    net.assert_converged();
+    assert_eq!(net.values(B).len(), 25);
+    assert_eq!(
+        net.values(B).get(&b("k1")),
+        Some(&Value::Counter(1 + 26 + 51)),
+        "every increment of a key counted once"
+    );
+    assert_eq!(
+        net.replicas[&A].stats().peers[&B].batches_sent,
+        1,
+        "the peer received the whole batch at once"
+    );
+}
