@@ -207,7 +207,8 @@ impl AdminState {
             let traffic = self.peers.traffic(*peer);
             let traffic = traffic.as_deref();
             let theirs = state.vector.as_ref().map(|v| v.get(*peer).0).unwrap_or(0);
-            let histogram = snapshot.stats.lag_ms.get(peer);
+            let origin = snapshot.stats.origins.get(peer);
+            let histogram = origin.map(|o| &o.lag_ms);
             peers.push(PeerStatus {
                 id: peer.0,
                 region: self.region(*peer),
@@ -220,7 +221,7 @@ impl AdminState {
                 pulling: state.origins.iter().map(|o| self.region(*o)).collect(),
                 vector: state.vector.as_ref().map(named).unwrap_or_default(),
                 lag_events: theirs.saturating_sub(snapshot.vector.get(*peer).0),
-                lag_ms: snapshot.stats.lag_ms_last.get(peer).copied(),
+                lag_ms: origin.map(|o| o.lag_ms_last),
                 lag_ms_p50: histogram.map(|h| h.value_at_quantile(0.5)),
                 lag_ms_p99: histogram.map(|h| h.value_at_quantile(0.99)),
                 events_sent: counters.events_sent,
@@ -264,10 +265,11 @@ impl AdminState {
             region: self.region(snapshot.node),
             origins: snapshot
                 .stats
-                .lag_ms
+                .origins
                 .iter()
-                .map(|(origin, histogram)| {
-                    let values = histogram
+                .map(|(origin, stats)| {
+                    let values = stats
+                        .lag_ms
                         .iter_recorded()
                         .map(|v| (v.value_iterated_to(), v.count_at_value()))
                         .collect();
@@ -332,11 +334,12 @@ impl AdminState {
             }
         }
         let _ = writeln!(out, "# HELP braid_events_applied_by_origin_total Events applied here, by origin region.\n# TYPE braid_events_applied_by_origin_total counter");
-        for (origin, count) in &snapshot.stats.applied_by_origin {
+        for (origin, stats) in &snapshot.stats.origins {
             let _ = writeln!(
                 out,
-                "braid_events_applied_by_origin_total{{region=\"{region}\",origin=\"{}\"}} {count}",
-                self.region(*origin)
+                "braid_events_applied_by_origin_total{{region=\"{region}\",origin=\"{}\"}} {}",
+                self.region(*origin),
+                stats.applied
             );
         }
         let _ = writeln!(out, "# HELP braid_conflicts_resolved_total Last-writer-wins conflicts resolved here.\n# TYPE braid_conflicts_resolved_total counter\nbraid_conflicts_resolved_total{{region=\"{region}\"}} {}", status.conflicts_resolved);
@@ -349,8 +352,8 @@ impl AdminState {
             );
         }
         let _ = writeln!(out, "# HELP braid_replication_lag_ms Milliseconds from an event's commit at its origin to its apply here.\n# TYPE braid_replication_lag_ms summary");
-        for (origin, histogram) in &snapshot.stats.lag_ms {
-            let origin = self.region(*origin);
+        for (origin, stats) in &snapshot.stats.origins {
+            let (origin, histogram) = (self.region(*origin), &stats.lag_ms);
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let _ = writeln!(out, "braid_replication_lag_ms{{region=\"{region}\",origin=\"{origin}\",quantile=\"{q}\"}} {}", histogram.value_at_quantile(q));
             }

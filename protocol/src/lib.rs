@@ -38,6 +38,8 @@ pub use message::{
     ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, SnapshotBegin,
     SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
 };
-pub use replica::{PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit};
+pub use replica::{
+    OriginStats, PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit,
+};
 pub use storage::{ChangeLog, Commit, MemoryStorage, Recovered, Storage};
 pub use topology::{Topology, TopologyError};

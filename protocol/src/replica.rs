@@ -242,8 +242,8 @@ pub struct Stats {
     pub writes: u64,
     /// Per peer traffic.
     pub peers: BTreeMap<NodeId, PeerCounters>,
-    /// Per origin: events applied here.
-    pub applied_by_origin: BTreeMap<NodeId, u64>,
+    /// Per origin: what was applied here of its events.
+    pub origins: BTreeMap<NodeId, OriginStats>,
     /// Last-writer-wins conflicts seen (a write arriving after a newer one to the same register).
     pub conflicts_lww: u64,
     /// Out-of-order events dropped because the hold buffer was full.
@@ -260,12 +260,19 @@ pub struct Stats {
     pub tombstones_collected: u64,
     /// Keys forgotten altogether: nothing but tombstones was left of them.
     pub keys_forgotten: u64,
-    /// Per origin: milliseconds from the origin's HLC to the apply here.
-    pub lag_ms: BTreeMap<NodeId, Histogram<u64>>,
-    /// Per origin: the lag of the latest event applied, in milliseconds.
-    pub lag_ms_last: BTreeMap<NodeId, u64>,
-    /// Per origin: the HLC of the latest event applied (a freshness watermark).
-    pub latest_hlc: BTreeMap<NodeId, Hlc>,
+}
+
+/// What a replica applied of one origin's events (one record, found once per apply).
+#[derive(Debug, Clone)]
+pub struct OriginStats {
+    /// Events applied here.
+    pub applied: u64,
+    /// Milliseconds from the origin's HLC to the apply here.
+    pub lag_ms: Histogram<u64>,
+    /// The lag of the latest event applied, in milliseconds.
+    pub lag_ms_last: u64,
+    /// The HLC of the latest event applied (a freshness watermark).
+    pub latest_hlc: Hlc,
 }
 
 /// What a replica that may lack some of its own events waits for.
@@ -303,7 +310,7 @@ impl Stats {
         Stats {
             writes: 0,
             peers: BTreeMap::new(),
-            applied_by_origin: BTreeMap::new(),
+            origins: BTreeMap::new(),
             conflicts_lww: 0,
             held_dropped: 0,
             log_events_trimmed: 0,
@@ -312,9 +319,6 @@ impl Stats {
             log_events_retention_trimmed: 0,
             tombstones_collected: 0,
             keys_forgotten: 0,
-            lag_ms: BTreeMap::new(),
-            lag_ms_last: BTreeMap::new(),
-            latest_hlc: BTreeMap::new(),
         }
     }
 
@@ -324,14 +328,21 @@ impl Stats {
 
     fn record_apply(&mut self, event: &ChangeEvent, now_ms: u64) {
         let lag = now_ms.saturating_sub(event.hlc.wall_ms);
-        let histogram = self
-            .lag_ms
+        let origin = self
+            .origins
             .entry(event.origin)
-            .or_insert_with(lag_histogram);
-        histogram.saturating_record(lag.clamp(1, LAG_MS_TRACKED_MAX));
-        self.lag_ms_last.insert(event.origin, lag);
-        self.latest_hlc.insert(event.origin, event.hlc);
-        *self.applied_by_origin.entry(event.origin).or_default() += 1;
+            .or_insert_with(|| OriginStats {
+                applied: 0,
+                lag_ms: lag_histogram(),
+                lag_ms_last: 0,
+                latest_hlc: Hlc::ZERO,
+            });
+        origin
+            .lag_ms
+            .saturating_record(lag.clamp(1, LAG_MS_TRACKED_MAX));
+        origin.lag_ms_last = lag;
+        origin.latest_hlc = event.hlc;
+        origin.applied += 1;
     }
 }
 

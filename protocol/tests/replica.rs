@@ -591,7 +591,13 @@ fn full_mesh_converges_to_the_oracle_with_each_event_crossing_each_link_once() {
     assert_eq!(net.total_duplicates(), 0);
     for replica in net.replicas.values() {
         assert_eq!(
-            replica.stats().applied_by_origin.values().sum::<u64>() + replica.stats().writes,
+            replica
+                .stats()
+                .origins
+                .values()
+                .map(|o| o.applied)
+                .sum::<u64>()
+                + replica.stats().writes,
             writes
         );
     }
