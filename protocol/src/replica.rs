@@ -349,12 +349,16 @@ impl Stats {
 /// Key states taken from storage for one commit, in the order they were first touched. A batch
 /// touches a handful of keys, found by a scan; past [`OVERLAY_SCAN_MAX`] keys an index finds
 /// them, so that a full batch of distinct keys is not quadratic.
-#[derive(Default)]
 struct Overlay {
     entries: Vec<OverlayEntry>,
     /// Each key's place in `entries`, once there are more than [`OVERLAY_SCAN_MAX`].
-    index: Option<BTreeMap<Bytes, usize>>,
+    index: Option<OverlayIndex>,
 }
+
+/// An [`Overlay`]'s index. A hash map, which the workspace otherwise forbids because its
+/// iteration order could leak into behaviour: it is never iterated, and its hasher has no seed.
+#[allow(clippy::disallowed_types)]
+type OverlayIndex = std::collections::HashMap<Bytes, usize, rustc_hash::FxBuildHasher>;
 
 /// One key of an [`Overlay`].
 struct OverlayEntry {
@@ -368,6 +372,14 @@ struct OverlayEntry {
 const OVERLAY_SCAN_MAX: usize = 16;
 
 impl Overlay {
+    /// An overlay for a batch of `len` operations.
+    fn for_batch(len: usize) -> Overlay {
+        Overlay {
+            entries: Vec::with_capacity(len.min(OVERLAY_SCAN_MAX)),
+            index: None,
+        }
+    }
+
     /// `key`'s entry, taken from `storage` (empty if absent) the first time.
     fn entry<S: Storage>(
         &mut self,
@@ -393,8 +405,14 @@ impl Overlay {
                         index.insert(key.clone(), at);
                     }
                     None if self.entries.len() > OVERLAY_SCAN_MAX => {
-                        let keys = self.entries.iter().enumerate();
-                        self.index = Some(keys.map(|(i, e)| (e.key.clone(), i)).collect());
+                        let mut index = OverlayIndex::with_capacity_and_hasher(
+                            2 * self.entries.len(),
+                            rustc_hash::FxBuildHasher,
+                        );
+                        for (i, e) in self.entries.iter().enumerate() {
+                            index.insert(e.key.clone(), i);
+                        }
+                        self.index = Some(index);
                     }
                     None => {}
                 }
@@ -633,7 +651,7 @@ impl<S: Storage> Replica<S> {
         commands: Vec<(Bytes, Command)>,
         now_ms: u64,
     ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay::for_batch(commands.len());
         let mut events = Vec::new();
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
@@ -954,7 +972,7 @@ impl<S: Storage> Replica<S> {
         events: Vec<ChangeEvent>,
         now_ms: u64,
     ) -> Result<(), S::Error> {
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay::for_batch(events.len());
         let mut applied: Vec<ChangeEvent> = Vec::with_capacity(events.len());
         self.stats.peer(peer).events_received += events.len() as u64;
         for event in events {
