@@ -168,17 +168,24 @@ const EVENT_BATCH_TAG: u8 = 2;
 
 /// A message's payload: event batches field by field ([`crate::batch`]), every other message
 /// through serde. The same bytes either way.
-fn encode_message(
-    message: &Message,
-    out: &mut Vec<u8>,
-) -> Result<usize, bincode::error::EncodeError> {
+fn encode_message(message: &Message, out: &mut Vec<u8>) -> Result<(), bincode::error::EncodeError> {
     match message {
         Message::EventBatch(events) => {
             out.push(EVENT_BATCH_TAG);
-            let body = bincode::encode_into_std_write(EncodeBatch(events), out, wire_config())?;
-            Ok(body + 1)
+            bincode::encode_into_writer(EncodeBatch(events), FrameWriter(out), wire_config())
         }
-        _ => bincode::serde::encode_into_std_write(message, out, wire_config()),
+        _ => bincode::serde::encode_into_writer(message, FrameWriter(out), wire_config()),
+    }
+}
+
+/// bincode's writer for a frame buffer: appends to it.
+struct FrameWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for FrameWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
     }
 }
 
