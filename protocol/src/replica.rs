@@ -652,7 +652,7 @@ impl<S: Storage> Replica<S> {
         now_ms: u64,
     ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
         let mut overlay = Overlay::for_batch(commands.len());
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(commands.len());
         let mut results = Vec::with_capacity(commands.len());
         let node = self.config.node;
         if self.own_recovery.is_some() {

@@ -25,7 +25,7 @@ use braid_protocol::frame;
 use braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX;
 use braid_protocol::{
     ChangeEvent, Message, NodeId, PeerError, Replica, ReplicaConfig, Seq, SnapshotEntry,
-    StreamKind, Topology, VersionVector,
+    StreamKind, Topology, Transmit, VersionVector,
 };
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -271,6 +271,8 @@ pub struct World<'a> {
     cut: BTreeSet<(usize, usize)>,
     slow: BTreeMap<(usize, usize), u64>,
     acked: Vec<ChangeEvent>,
+    /// A region's outputs while `drain` sends them (kept to be filled again).
+    outputs: Vec<Transmit>,
     /// When each acknowledged write was made, by origin, at its sequence number (`u64::MAX`
     /// where unknown).
     created_ms: BTreeMap<NodeId, Vec<u64>>,
@@ -367,6 +369,7 @@ impl<'a> World<'a> {
             cut: BTreeSet::new(),
             slow: BTreeMap::new(),
             acked: Vec::new(),
+            outputs: Vec::new(),
             created_ms: BTreeMap::new(),
             lag: lag_histogram(),
             events_sent: 0,
@@ -1019,7 +1022,7 @@ impl<'a> World<'a> {
         };
         replica.check_invariants();
         let mut committed: Vec<(NodeId, Seq)> = std::mem::take(&mut replica.storage_mut().recent);
-        let mut outputs = Vec::new();
+        let mut outputs = std::mem::take(&mut self.outputs);
         while let Some(transmit) = replica.poll_transmit() {
             outputs.push(transmit);
         }
@@ -1057,7 +1060,7 @@ impl<'a> World<'a> {
         if let Some(replica) = self.regions[region].replica.as_mut() {
             replica.storage_mut().recent = committed;
         }
-        for transmit in outputs {
+        for transmit in outputs.drain(..) {
             let peer = transmit.peer.0 as usize - 1;
             let (key, direction, kind_at_receiver) = match transmit.stream {
                 StreamKind::Subscription => ((region, peer), 0, StreamKind::Feed),
@@ -1089,6 +1092,8 @@ impl<'a> World<'a> {
                 kind,
             );
         }
+        // The buffer goes back, as the committed one does.
+        self.outputs = outputs;
     }
 
     #[allow(clippy::too_many_arguments)]
