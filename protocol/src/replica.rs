@@ -1625,19 +1625,17 @@ impl<S: Storage> Replica<S> {
             "the log is trimmed only below what is held"
         );
         assert!(self.durable_hlc <= self.clock.last());
-        for feed in self.feeds.values() {
+        for (peer, feed) in &self.feeds {
             assert!(feed.inflight <= self.config.peer_inflight_batches_max);
+            assert!(
+                !feed.origins.contains(peer),
+                "a feed never carries the subscriber's own events"
+            );
         }
         assert!(self.held.len() <= self.config.held_events_max);
         debug_assert!(self
             .held
             .keys()
             .all(|(origin, seq)| *seq > self.vector.get(*origin).next()));
-        for (peer, feed) in &self.feeds {
-            assert!(
-                !feed.origins.contains(peer),
-                "a feed never carries the subscriber's own events"
-            );
-        }
     }
 }
