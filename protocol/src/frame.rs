@@ -10,8 +10,9 @@
 //!
 //! Decoding is two-step, as for any untrusted input: [`check`] looks at the length prefix only
 //! (is a whole frame here, and is it within the limit?); [`decode`] then decodes that one frame's
-//! body with bincode's allocation limit set to [`FRAME_BYTES_MAX`], and validates every rule a
-//! well-behaved peer keeps. Neither panics, whatever the bytes.
+//! body with bincode's allocation limit set to [`FRAME_BYTES_MAX`] (an event batch, read field
+//! by field, checks its announced length instead: see `decode_message`), and validates every
+//! rule a well-behaved peer keeps. Neither panics, whatever the bytes.
 
 use bincode::config::{self, Configuration, Limit};
 use bytes::Bytes;
