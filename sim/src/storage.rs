@@ -156,19 +156,22 @@ impl SimStorage {
 impl SimStorage {
     /// Notes every event of a commit, and any that was committed before.
     fn watch(&mut self, commit: &Commit) {
-        for event in &commit.events {
-            let bits = self.seen.entry(event.origin).or_default();
-            let (word, bit) = ((event.seq.0 / 64) as usize, event.seq.0 % 64);
-            if bits.len() <= word {
-                bits.resize(word + 1, 0);
-            }
-            if bits[word] & (1 << bit) != 0 {
-                self.duplicate_applies.push((event.origin, event.seq));
-            }
-            bits[word] |= 1 << bit;
-            self.recent.push((event.origin, event.seq));
-            if self.synced.is_some() {
-                self.held.insert((event.origin, event.seq, event.hlc));
+        // A commit's events come in runs of one origin: its bits are found once a run.
+        for run in commit.events.chunk_by(|a, b| a.origin == b.origin) {
+            let bits = self.seen.entry(run[0].origin).or_default();
+            for event in run {
+                let (word, bit) = ((event.seq.0 / 64) as usize, event.seq.0 % 64);
+                if bits.len() <= word {
+                    bits.resize(word + 1, 0);
+                }
+                if bits[word] & (1 << bit) != 0 {
+                    self.duplicate_applies.push((event.origin, event.seq));
+                }
+                bits[word] |= 1 << bit;
+                self.recent.push((event.origin, event.seq));
+                if self.synced.is_some() {
+                    self.held.insert((event.origin, event.seq, event.hlc));
+                }
             }
         }
     }
