@@ -55,7 +55,7 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
     };
     let key = numbered("k", index);
     let choice = below(rng, 20);
-    let member = |rng: &mut ChaCha8Rng| numbered("m", below(rng, 8));
+    let member = |rng: &mut ChaCha8Rng| named(&MEMBERS, rng);
     let command = if pick < u64::from(m.string) {
         match choice {
             0 => Command::Delete,
@@ -73,7 +73,7 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
             _ => Command::SetAdd(vec![member(rng), member(rng)]),
         }
     } else {
-        let field = |rng: &mut ChaCha8Rng| numbered("f", below(rng, 5));
+        let field = |rng: &mut ChaCha8Rng| named(&FIELDS, rng);
         match choice {
             0 => Command::Delete,
             1..=5 => Command::HashDelete(vec![field(rng)]),
@@ -81,6 +81,19 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
         }
     };
     (key, command)
+}
+
+/// The set members a workload writes: static, so that they cost no allocation to make, copy or
+/// store.
+const MEMBERS: [&str; 8] = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"];
+
+/// The hash fields a workload writes.
+const FIELDS: [&str; 5] = ["f0", "f1", "f2", "f3", "f4"];
+
+/// One of `names`, drawn as `numbered` would draw its number.
+fn named(names: &[&'static str], rng: &mut ChaCha8Rng) -> Bytes {
+    let at = below(rng, names.len() as u64) as usize;
+    Bytes::from_static(names[at].as_bytes())
 }
 
 /// `prefix` followed by `n` in decimal, as `format!("{prefix}{n}")` writes it, without the
@@ -137,6 +150,18 @@ mod tests {
     use super::*;
     use crate::scenario::Mix;
     use rand_core::SeedableRng;
+
+    #[test]
+    fn named_members_and_fields_are_the_numbered_ones() {
+        for (names, prefix) in [(&MEMBERS[..], "m"), (&FIELDS[..], "f")] {
+            for (n, name) in names.iter().enumerate() {
+                assert_eq!(
+                    Bytes::from_static(name.as_bytes()),
+                    numbered(prefix, n as u64)
+                );
+            }
+        }
+    }
 
     #[test]
     fn numbered_writes_what_format_writes() {
