@@ -1,9 +1,10 @@
-//! Event batches on the wire, field by field.
+//! Event batches and acknowledgements on the wire, field by field.
 //!
-//! Every message is laid out by bincode's serde support (see [`crate::frame`]). An
-//! [`Message::EventBatch`](crate::Message::EventBatch), the message a mesh sends most, is
-//! written and read here instead with bincode's own [`Encode`] and [`BorrowDecode`] traits,
-//! field by field, in exactly the layout serde gives it:
+//! Every message is laid out by bincode's serde support (see [`crate::frame`]). The messages a
+//! mesh sends most, [`Message::EventBatch`](crate::Message::EventBatch) and the vectors of
+//! `Ack` and `Heartbeat`, are written and read here instead with bincode's own [`Encode`],
+//! [`Decode`] and [`BorrowDecode`] traits, field by field, in exactly the layout serde gives
+//! them:
 //!
 //! ```text
 //!   batch    = len:u64 event*
@@ -19,6 +20,7 @@
 //!            | 4:u32 len:u64 (bytes bytes)*        HashSet
 //!            | 5:u32 len:u64 bytes*               HashDelete
 //!   bytes    = len:u64 u8*          option<x> = 0:u8 | 1:u8 x        (integers: varints)
+//!   vector   = len:u64 (origin:u64 seq:u64)*     (a map, in origin order)
 //! ```
 //!
 //! The CRDT clocks inside an `observed` (rare: only removals carry them) still go through serde,
@@ -33,8 +35,8 @@ use bincode::error::{AllowedEnumVariants, DecodeError, EncodeError};
 use braid_conflict::{Direction, Hlc, NodeId, Observed, Op, PNCounter, VClock, Write};
 use bytes::Bytes;
 
-use crate::ids::Seq;
-use crate::limits::BATCH_EVENTS_MAX;
+use crate::ids::{Seq, VersionVector};
+use crate::limits::{BATCH_EVENTS_MAX, VECTOR_ENTRIES_MAX};
 use crate::message::ChangeEvent;
 
 /// Where decoded byte strings come from: slices of the frame when the caller has it as
@@ -159,6 +161,40 @@ fn encode_write<E: Encoder>(write: &Write, e: &mut E) -> Result<(), EncodeError>
             5u32.encode(e)?;
             encode_list(fields, e)
         }
+    }
+}
+
+/// A version vector to encode (an `Ack` or a `Heartbeat`): a map from origin to sequence
+/// number, in origin order.
+pub(crate) struct EncodeVector<'a>(pub(crate) &'a VersionVector);
+
+impl Encode for EncodeVector<'_> {
+    fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
+        (self.0.len() as u64).encode(e)?;
+        for (origin, seq) in self.0.iter() {
+            origin.0.encode(e)?;
+            seq.0.encode(e)?;
+        }
+        Ok(())
+    }
+}
+
+/// A decoded version vector: as through serde, a repeated origin takes its last value.
+pub(crate) struct DecodeVector(pub(crate) VersionVector);
+
+impl<Context> Decode<Context> for DecodeVector {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(d: &mut D) -> Result<Self, DecodeError> {
+        let len = u64::decode(d)?;
+        // The frame refuses a longer vector before it decodes one; checked here too, as this
+        // reader runs without bincode's allocation limit.
+        if len > VECTOR_ENTRIES_MAX as u64 {
+            return Err(DecodeError::Other("vector over the entry limit"));
+        }
+        let mut entries = Vec::with_capacity(bounded(len, VECTOR_ENTRIES_MAX));
+        for _ in 0..len {
+            entries.push((NodeId(u64::decode(d)?), Seq(u64::decode(d)?)));
+        }
+        Ok(DecodeVector(VersionVector::from_entries(entries)))
     }
 }
 
@@ -493,6 +529,26 @@ mod tests {
             prop_assert_eq!(&native_decode(&frame, Source(Some(&frame))), &expected);
         }
 
+        /// Acks and heartbeats too: serde's bytes, read back alike.
+        #[test]
+        fn vectors_have_the_serde_layout(
+            pairs in prop::collection::vec((0u64..300, any::<u64>()), 0..6),
+            ack in any::<bool>(),
+        ) {
+            let vector: VersionVector =
+                pairs.into_iter().map(|(o, s)| (NodeId(o), Seq(s))).collect();
+            let message = match ack {
+                true => Message::Ack(vector),
+                false => Message::Heartbeat(vector),
+            };
+            let reference = bincode::serde::encode_to_vec(&message, wire()).unwrap();
+            let mut native = Vec::new();
+            crate::frame::encode_message(&message, &mut native).unwrap();
+            prop_assert_eq!(&native, &reference);
+            let expected = Some((message, reference.len()));
+            prop_assert_eq!(&native_decode(&reference, Source(None)), &expected);
+        }
+
         /// Whatever the bytes after the batch tag, both ways of reading agree: the same batch
         /// and length, or both refuse.
         #[test]
@@ -567,8 +623,16 @@ mod tests {
     /// reading agree on every result (an accepted variant or flag serde refuses would show).
     #[test]
     fn every_single_byte_change_is_read_as_serde_reads_it() {
-        for event in every_kind() {
-            let payload = serde_encode(std::slice::from_ref(&event));
+        // A change of the second origin to the first repeats an origin: the last value wins.
+        let vector: VersionVector = [(NodeId(1), Seq(70_000)), (NodeId(2), Seq(7))]
+            .into_iter()
+            .collect();
+        let vectors = [Message::Ack(vector.clone()), Message::Heartbeat(vector)]
+            .map(|m| bincode::serde::encode_to_vec(&m, wire()).unwrap());
+        let batches = every_kind()
+            .into_iter()
+            .map(|event| serde_encode(std::slice::from_ref(&event)));
+        for payload in batches.chain(vectors) {
             for at in 1..payload.len() {
                 let mut damaged = vec![payload[..at].to_vec()];
                 for byte in 0..=u8::MAX {

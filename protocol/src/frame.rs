@@ -17,7 +17,7 @@
 use bincode::config::{self, Configuration, Limit};
 use bytes::Bytes;
 
-use crate::batch::{DecodeBatch, EncodeBatch, Source};
+use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeVector, Source};
 
 use crate::ids::VersionVector;
 use crate::limits::{
@@ -166,14 +166,29 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
 
 /// The variant index bincode gives [`Message::EventBatch`]: the first byte of its payload.
 const EVENT_BATCH_TAG: u8 = 2;
+/// The variant index of [`Message::Ack`].
+const ACK_TAG: u8 = 3;
+/// The variant index of [`Message::Heartbeat`].
+const HEARTBEAT_TAG: u8 = 5;
 
-/// A message's payload: event batches field by field ([`crate::batch`]), every other message
-/// through serde. The same bytes either way.
-fn encode_message(message: &Message, out: &mut Vec<u8>) -> Result<(), bincode::error::EncodeError> {
+/// A message's payload: event batches, acks and heartbeats field by field ([`crate::batch`]),
+/// every other message through serde. The same bytes either way.
+pub(crate) fn encode_message(
+    message: &Message,
+    out: &mut Vec<u8>,
+) -> Result<(), bincode::error::EncodeError> {
     match message {
         Message::EventBatch(events) => {
             out.push(EVENT_BATCH_TAG);
             bincode::encode_into_writer(EncodeBatch(events), FrameWriter(out), wire_config())
+        }
+        Message::Ack(vector) => {
+            out.push(ACK_TAG);
+            bincode::encode_into_writer(EncodeVector(vector), FrameWriter(out), wire_config())
+        }
+        Message::Heartbeat(vector) => {
+            out.push(HEARTBEAT_TAG);
+            bincode::encode_into_writer(EncodeVector(vector), FrameWriter(out), wire_config())
         }
         _ => bincode::serde::encode_into_writer(message, FrameWriter(out), wire_config()),
     }
@@ -190,15 +205,18 @@ impl bincode::enc::write::Writer for FrameWriter<'_> {
     }
 }
 
-/// A message from its payload, and the bytes it used: event batches field by field, taking
-/// their byte strings from `source`; every other message through serde.
+/// A message from its payload, and the bytes it used: event batches, acks and heartbeats field
+/// by field (a batch's byte strings taken from `source`), every other message through serde.
 ///
-/// A batch is read without bincode's allocation limit, whose accounting (eight bytes claimed
-/// for every integer, however short its varint) was a fifth of the cost of reading one. The
-/// limit guards allocations sized by a peer's length prefixes, and this reader makes none: it
-/// refuses a batch announcing more than [`BATCH_EVENTS_MAX`] events before reading any,
-/// reserves at most that many, and every other list grows only by what the frame (itself
-/// within [`FRAME_BYTES_MAX`]) holds.
+/// Those three are read without bincode's allocation limit, whose accounting (eight bytes
+/// claimed for every integer, however short its varint) was a fifth of the cost of reading a
+/// batch. The limit guards allocations sized by a peer's length prefixes, and these readers
+/// make none: a batch announcing more than [`BATCH_EVENTS_MAX`] events, or a vector more than
+/// [`VECTOR_ENTRIES_MAX`] entries, is refused before any is read; at most that many are
+/// reserved; every other list grows only by what the frame (itself within
+/// [`FRAME_BYTES_MAX`]) holds. (Through serde, a vector naming one origin several times counts
+/// it once against the entry limit; announced entries count here. A peer's encoder never
+/// repeats an origin.)
 pub(crate) fn decode_message(
     payload: &[u8],
     source: Source<'_>,
@@ -220,6 +238,23 @@ pub(crate) fn decode_message(
                 bincode::borrow_decode_from_slice_with_context(batch, config::standard(), source)
                     .map_err(malformed)?;
             Ok((Message::EventBatch(events), used + 1))
+        }
+        Some((&tag @ (ACK_TAG | HEARTBEAT_TAG), vector)) => {
+            let (entries, _): (u64, usize) =
+                bincode::decode_from_slice(vector, config::standard()).map_err(malformed)?;
+            if entries > VECTOR_ENTRIES_MAX as u64 {
+                return Err(ProtocolViolation::VectorTooLarge {
+                    entries: usize::try_from(entries).unwrap_or(usize::MAX),
+                }
+                .into());
+            }
+            let (DecodeVector(vector), used) =
+                bincode::decode_from_slice(vector, config::standard()).map_err(malformed)?;
+            let message = match tag {
+                ACK_TAG => Message::Ack(vector),
+                _ => Message::Heartbeat(vector),
+            };
+            Ok((message, used + 1))
         }
         _ => bincode::serde::decode_from_slice(payload, wire_config()).map_err(malformed),
     }

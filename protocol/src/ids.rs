@@ -67,7 +67,7 @@ impl VersionVector {
     }
 
     /// The vector of `entries` as a map would hold them: a repeated origin takes its last value.
-    fn from_entries(mut entries: Vec<(NodeId, Seq)>) -> VersionVector {
+    pub(crate) fn from_entries(mut entries: Vec<(NodeId, Seq)>) -> VersionVector {
         // Stable: the entries of one origin stay in their order, and the last is kept.
         entries.sort_by_key(|(origin, _)| *origin);
         let mut kept: Vec<(NodeId, Seq)> = Vec::with_capacity(entries.len());
