@@ -182,12 +182,11 @@ pub(crate) fn encode_message(
             out.push(EVENT_BATCH_TAG);
             bincode::encode_into_writer(EncodeBatch(events), FrameWriter(out), wire_config())
         }
-        Message::Ack(vector) => {
-            out.push(ACK_TAG);
-            bincode::encode_into_writer(EncodeVector(vector), FrameWriter(out), wire_config())
-        }
-        Message::Heartbeat(vector) => {
-            out.push(HEARTBEAT_TAG);
+        Message::Ack(vector) | Message::Heartbeat(vector) => {
+            out.push(match message {
+                Message::Ack(_) => ACK_TAG,
+                _ => HEARTBEAT_TAG,
+            });
             bincode::encode_into_writer(EncodeVector(vector), FrameWriter(out), wire_config())
         }
         _ => bincode::serde::encode_into_writer(message, FrameWriter(out), wire_config()),
@@ -221,33 +220,20 @@ pub(crate) fn decode_message(
     payload: &[u8],
     source: Source<'_>,
 ) -> Result<(Message, usize), DecodeError> {
-    let malformed = |err: bincode::error::DecodeError| DecodeError::Malformed {
-        reason: err.to_string(),
-    };
     match payload.split_first() {
         Some((&EVENT_BATCH_TAG, batch)) => {
-            let (events, _): (u64, usize) =
-                bincode::decode_from_slice(batch, config::standard()).map_err(malformed)?;
-            if events > BATCH_EVENTS_MAX as u64 {
-                return Err(ProtocolViolation::BatchTooLarge {
-                    events: usize::try_from(events).unwrap_or(usize::MAX),
-                }
-                .into());
-            }
+            check_announced(batch, BATCH_EVENTS_MAX, |events| {
+                ProtocolViolation::BatchTooLarge { events }
+            })?;
             let (DecodeBatch(events), used) =
                 bincode::borrow_decode_from_slice_with_context(batch, config::standard(), source)
                     .map_err(malformed)?;
             Ok((Message::EventBatch(events), used + 1))
         }
         Some((&tag @ (ACK_TAG | HEARTBEAT_TAG), vector)) => {
-            let (entries, _): (u64, usize) =
-                bincode::decode_from_slice(vector, config::standard()).map_err(malformed)?;
-            if entries > VECTOR_ENTRIES_MAX as u64 {
-                return Err(ProtocolViolation::VectorTooLarge {
-                    entries: usize::try_from(entries).unwrap_or(usize::MAX),
-                }
-                .into());
-            }
+            check_announced(vector, VECTOR_ENTRIES_MAX, |entries| {
+                ProtocolViolation::VectorTooLarge { entries }
+            })?;
             let (DecodeVector(vector), used) =
                 bincode::decode_from_slice(vector, config::standard()).map_err(malformed)?;
             let message = match tag {
@@ -257,6 +243,28 @@ pub(crate) fn decode_message(
             Ok((message, used + 1))
         }
         _ => bincode::serde::decode_from_slice(payload, wire_config()).map_err(malformed),
+    }
+}
+
+/// What bincode refused, as a frame's error.
+fn malformed(err: bincode::error::DecodeError) -> DecodeError {
+    DecodeError::Malformed {
+        reason: err.to_string(),
+    }
+}
+
+/// Refuses a list whose announced length (the varint at the start of `payload`) is over `max`,
+/// before any of it is read.
+fn check_announced(
+    payload: &[u8],
+    max: usize,
+    too_many: impl FnOnce(usize) -> ProtocolViolation,
+) -> Result<(), DecodeError> {
+    let (announced, _): (u64, usize) =
+        bincode::decode_from_slice(payload, config::standard()).map_err(malformed)?;
+    match announced > max as u64 {
+        true => Err(too_many(usize::try_from(announced).unwrap_or(usize::MAX)).into()),
+        false => Ok(()),
     }
 }
 
