@@ -380,6 +380,11 @@ impl Overlay {
         }
     }
 
+    /// Every key and its state, for a commit.
+    fn into_keys(self) -> Vec<(Bytes, KeyState)> {
+        self.entries.into_iter().map(|e| (e.key, e.state)).collect()
+    }
+
     /// `key`'s entry, taken from `storage` (empty if absent) the first time.
     fn entry<S: Storage>(
         &mut self,
@@ -1008,8 +1013,7 @@ impl<S: Storage> Replica<S> {
         // Keys were taken from storage for the overlay: all of them go back in this commit.
         assert!(overlay.entries.is_empty() || !applied.is_empty());
         if !applied.is_empty() {
-            let keys = overlay.entries.into_iter().map(|e| (e.key, e.state));
-            self.commit(keys.collect(), applied)?;
+            self.commit(overlay.into_keys(), applied)?;
         }
         self.transmits.push_back(Transmit {
             peer,
@@ -1267,22 +1271,18 @@ impl<S: Storage> Replica<S> {
     /// merge, in one commit that leaves the vector alone. Idempotent: a chunk merged twice, or
     /// over a state that already reflects some of its events, gives the same state.
     pub fn handle_snapshot_chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), S::Error> {
-        let mut overlay: BTreeMap<Bytes, KeyState> = BTreeMap::new();
+        let mut overlay = Overlay::for_batch(entries.len());
         for entry in entries {
-            let state = match overlay.entry(entry.key) {
-                std::collections::btree_map::Entry::Occupied(slot) => slot.into_mut(),
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    // Every key taken is in the commit below.
-                    let stored = self.storage.take_key_state(slot.key())?.unwrap_or_default();
-                    slot.insert(stored)
-                }
-            };
-            state.merge(&entry.state);
+            // Every key taken is in the commit below.
+            overlay
+                .entry(&entry.key, &mut self.storage)?
+                .state
+                .merge(&entry.state);
         }
-        if overlay.is_empty() {
+        if overlay.entries.is_empty() {
             return Ok(());
         }
-        self.commit(overlay.into_iter().collect(), Vec::new())
+        self.commit(overlay.into_keys(), Vec::new())
     }
 
     /// The last chunk of a data snapshot is merged: the vector becomes the greater of ours and
