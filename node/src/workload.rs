@@ -98,18 +98,12 @@ fn named(names: &[&'static str], rng: &mut ChaCha8Rng) -> Bytes {
 
 /// `prefix` followed by `n` in decimal, as `format!("{prefix}{n}")` writes it, without the
 /// formatting machinery: the simulator draws several of these per write.
-fn numbered(prefix: &str, mut n: u64) -> Bytes {
-    let mut bytes = Vec::with_capacity(prefix.len() + 20);
+fn numbered(prefix: &str, n: u64) -> Bytes {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    let mut bytes = Vec::with_capacity(prefix.len() + digits.len());
     bytes.extend_from_slice(prefix.as_bytes());
-    let start = bytes.len();
-    loop {
-        bytes.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    bytes[start..].reverse();
+    bytes.extend_from_slice(digits.as_bytes());
     Bytes::from(bytes)
 }
 
