@@ -1615,19 +1615,13 @@ impl<'a> World<'a> {
         let Some(storage) = Self::storage(region) else {
             return expected.is_empty();
         };
-        let keys = storage.keys();
-        let mut present = keys
-            .iter()
-            .filter_map(|(key, state)| state.value().map(|value| (*key, value)));
         let mut expected = expected.iter();
-        loop {
-            match (present.next(), expected.next()) {
-                (None, None) => return true,
-                (Some((key, value)), Some((want_key, want)))
-                    if key == want_key && value == *want => {}
-                _ => return false,
-            }
-        }
+        let mut present = storage
+            .keys()
+            .into_iter()
+            .filter_map(|(key, state)| state.value().map(|value| (key, value)));
+        present.all(|(key, value)| expected.next() == Some((key, &value)))
+            && expected.next().is_none()
     }
 
     fn values(region: &Region) -> BTreeMap<Bytes, Value> {
