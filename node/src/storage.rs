@@ -427,7 +427,7 @@ impl RocksStorage {
         let meta = self.cf(CF_META)?;
         let before = self.db.get_cf(meta, META_BOOT)?;
         let rebooted = before.as_deref().is_some_and(|b| b != boot_id.as_bytes());
-        let marked = self.db.get_cf(meta, META_RECOVERING)?.is_some();
+        let marked = self.recovery_marked()?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, META_BOOT, boot_id.as_bytes());
         let possible_loss = marked || (rebooted && possible_loss_on_reboot);
