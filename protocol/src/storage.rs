@@ -117,7 +117,17 @@ pub trait Storage {
 /// every time), and the map is only iterated in key order, through
 /// [`MemoryStorage::keys_in_order`].
 #[allow(clippy::disallowed_types)]
-type KeyMap = std::collections::HashMap<Bytes, KeyState, rustc_hash::FxBuildHasher>;
+type KeyMap = std::collections::HashMap<StoredKey, KeyState, rustc_hash::FxBuildHasher>;
+
+/// Key bytes [`MemoryStorage`] keeps inside its map's slot; a longer key is kept in its own
+/// allocation.
+const KEY_INLINE_BYTES: usize = 24;
+
+/// A key as [`MemoryStorage`] keeps it: a copy, inline when short. A lookup compares the key
+/// in the slot it has already loaded, where a shared buffer would be one more memory read
+/// (often a cache miss: a key received from a peer is a slice of the frame it came in), and a
+/// stored key does not keep that frame alive.
+type StoredKey = smallvec::SmallVec<[u8; KEY_INLINE_BYTES]>;
 
 /// Events [`MemoryStorage::log_after`] makes room for before it reads: most reads are small.
 const LOG_READ_CAPACITY: usize = 16;
@@ -148,8 +158,12 @@ impl MemoryStorage {
     }
 
     /// Every key and its state, in key order.
-    pub fn keys_in_order(&self) -> Vec<(&Bytes, &KeyState)> {
-        let mut keys: Vec<(&Bytes, &KeyState)> = self.keys.iter().collect();
+    pub fn keys_in_order(&self) -> Vec<(&[u8], &KeyState)> {
+        let mut keys: Vec<(&[u8], &KeyState)> = self
+            .keys
+            .iter()
+            .map(|(key, state)| (&key[..], state))
+            .collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
         keys
     }
@@ -281,7 +295,7 @@ impl Storage for MemoryStorage {
 
     fn put_back(&mut self, key: Bytes, state: KeyState) {
         // A key that was absent has no slot, and its state is empty: nothing to restore.
-        if let Some(slot) = self.keys.get_mut(&key) {
+        if let Some(slot) = self.keys.get_mut(&key[..]) {
             *slot = state;
         }
     }
@@ -292,18 +306,19 @@ impl Storage for MemoryStorage {
         }
         for (key, state) in commit.keys {
             if state.is_empty() {
-                self.keys.remove(&key);
+                self.keys.remove(&key[..]);
                 continue;
             }
-            if let Some(hlc) = state.oldest_tombstone() {
-                self.tombstones.insert((hlc, key.clone()));
-            }
-            match self.keys.get_mut(&key) {
+            let tombstone = state.oldest_tombstone();
+            match self.keys.get_mut(&key[..]) {
                 // A key taken for this commit: its slot is still there, and its key too.
                 Some(slot) => *slot = state,
                 None => {
-                    self.keys.insert(key, state);
+                    self.keys.insert(StoredKey::from_slice(&key), state);
                 }
+            }
+            if let Some(hlc) = tombstone {
+                self.tombstones.insert((hlc, key));
             }
         }
         for event in commit.events {
@@ -433,6 +448,36 @@ mod tests {
         log.trim(NodeId(2), Seq(9));
         assert_eq!(seqs(&log), [(1, 4), (1, 5)]);
         assert!(!log.is_empty());
+    }
+
+    #[test]
+    fn memory_storage_keeps_short_and_long_keys_alike() {
+        let long = vec![b'x'; KEY_INLINE_BYTES * 2];
+        let keys: [&[u8]; 4] = [b"", b"k", &long[..KEY_INLINE_BYTES], &long];
+        let mut storage = MemoryStorage::default();
+        let mut commit = Commit::default();
+        for (i, key) in keys.iter().enumerate() {
+            let mut state = KeyState::default();
+            let hlc = Hlc::new(i as u64 + 1, 0, NodeId(1));
+            state.apply(&event(1, 1, "v").op, hlc);
+            commit.keys.push((Bytes::copy_from_slice(key), state));
+        }
+        storage.commit(commit).unwrap();
+        assert_eq!(storage.key_count(), keys.len());
+        for key in keys {
+            let state = storage.take_key_state(key).unwrap().expect("stored");
+            assert!(!state.is_empty());
+            assert!(storage.key(key).is_some_and(KeyState::is_empty), "taken");
+            storage.put_back(Bytes::copy_from_slice(key), state);
+            assert!(storage.key(key).is_some_and(|s| !s.is_empty()), "put back");
+        }
+        let listed: Vec<&[u8]> = storage
+            .keys_in_order()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(listed, keys);
+        assert!(storage.key(&long[..KEY_INLINE_BYTES + 1]).is_none());
     }
 
     #[test]

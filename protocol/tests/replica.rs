@@ -173,7 +173,7 @@ impl Net {
         storage
             .keys_in_order()
             .into_iter()
-            .filter_map(|(k, s)| s.value().map(|v| (k.clone(), v)))
+            .filter_map(|(k, s)| s.value().map(|v| (Bytes::copy_from_slice(k), v)))
             .collect()
     }
 
@@ -752,7 +752,7 @@ fn refused_and_no_op_commands_write_nothing() {
         .storage_mut()
         .keys_in_order()
         .into_iter()
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| Bytes::copy_from_slice(k))
         .collect();
     assert_eq!(
         keys,
@@ -994,7 +994,7 @@ fn snapshot_of(net: &mut Net, node: NodeId) -> (Vec<SnapshotEntry>, VersionVecto
         .keys_in_order()
         .into_iter()
         .map(|(key, state)| SnapshotEntry {
-            key: key.clone(),
+            key: Bytes::copy_from_slice(key),
             state: state.clone(),
         })
         .collect();
@@ -1210,7 +1210,7 @@ fn tombstones_at_or_below_the_stable_hlc_are_dropped_and_empty_keys_forgotten() 
         .map(|n| {
             let storage = net.replicas[n].storage();
             let keys = storage.keys_in_order().into_iter();
-            keys.map(|(k, s)| (k.clone(), s.clone()))
+            keys.map(|(k, s)| (Bytes::copy_from_slice(k), s.clone()))
                 .collect::<Vec<_>>()
         })
         .collect();

@@ -143,7 +143,7 @@ impl SimStorage {
     }
 
     /// Every key and its state, in key order.
-    pub fn keys(&self) -> Vec<(&bytes::Bytes, &KeyState)> {
+    pub fn keys(&self) -> Vec<(&[u8], &KeyState)> {
         self.inner.keys_in_order()
     }
 

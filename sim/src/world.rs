@@ -1228,7 +1228,7 @@ impl<'a> World<'a> {
             .keys()
             .into_iter()
             .map(|(key, state)| SnapshotEntry {
-                key: key.clone(),
+                key: Bytes::copy_from_slice(key),
                 state: state.clone(),
             })
             .collect();
@@ -1620,8 +1620,11 @@ impl<'a> World<'a> {
             .keys()
             .into_iter()
             .filter_map(|(key, state)| state.value().map(|value| (key, value)));
-        present.all(|(key, value)| expected.next() == Some((key, &value)))
-            && expected.next().is_none()
+        present.all(|(key, value)| {
+            expected
+                .next()
+                .is_some_and(|(k, v)| k[..] == *key && *v == value)
+        }) && expected.next().is_none()
     }
 
     fn values(region: &Region) -> BTreeMap<Bytes, Value> {
@@ -1629,7 +1632,7 @@ impl<'a> World<'a> {
             .map(|s| {
                 s.keys()
                     .into_iter()
-                    .filter_map(|(k, v)| v.value().map(|v| (k.clone(), v)))
+                    .filter_map(|(k, v)| v.value().map(|v| (Bytes::copy_from_slice(k), v)))
                     .collect()
             })
             .unwrap_or_default()
