@@ -216,9 +216,21 @@ impl ChangeLog {
 
     /// Where `seq` is or would go in `events`: the first position whose event is not below it.
     fn position(events: &VecDeque<ChangeEvent>, seq: Seq) -> usize {
-        match events.back() {
-            // The common cases, an append and a read of the newest, without a search.
-            Some(last) if last.seq < seq => events.len(),
+        let (Some(first), Some(last)) = (events.front(), events.back()) else {
+            return 0;
+        };
+        // The common cases without a search: an append, and a read from a run of consecutive
+        // sequence numbers (an origin's sequence is dense, and its events are applied in
+        // order), where the event sits as far from the front as its number is from the first.
+        if last.seq < seq {
+            return events.len();
+        }
+        let guess = seq.0.saturating_sub(first.seq.0);
+        match usize::try_from(guess)
+            .ok()
+            .and_then(|at| Some((at, events.get(at)?)))
+        {
+            Some((at, event)) if event.seq == seq => at,
             _ => events.partition_point(|event| event.seq < seq),
         }
     }
@@ -432,6 +444,30 @@ mod tests {
         assert_eq!(after, [3, 4]);
         assert_eq!(log.after(NodeId(1), Seq(4)).count(), 0);
         assert_eq!(log.after(NodeId(3), Seq(0)).count(), 0);
+    }
+
+    #[test]
+    fn positions_are_found_in_a_dense_run_and_around_gaps() {
+        // Dense after a trim (the direct guess hits), and with gaps, where a guess lands on
+        // another event and the search must still find the place.
+        for present in [vec![4, 5, 6, 7, 8], vec![2, 3, 7, 8, 11, 12, 13]] {
+            let mut log = ChangeLog::default();
+            for &seq in &present {
+                log.insert(event(1, seq, "a"));
+            }
+            let events = &log.origins[&NodeId(1)];
+            for seq in 0..16 {
+                let expected = present.iter().filter(|&&p| p < seq).count();
+                assert_eq!(ChangeLog::position(events, Seq(seq)), expected, "seq {seq}");
+                assert_eq!(
+                    log.get(NodeId(1), Seq(seq)).map(|e| e.seq.0),
+                    present.contains(&seq).then_some(seq)
+                );
+                let after: Vec<u64> = log.after(NodeId(1), Seq(seq)).map(|e| e.seq.0).collect();
+                let expected: Vec<u64> = present.iter().copied().filter(|&p| p > seq).collect();
+                assert_eq!(after, expected, "after {seq}");
+            }
+        }
     }
 
     #[test]
