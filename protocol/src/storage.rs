@@ -529,7 +529,7 @@ mod tests {
         let keys: Vec<&[u8]> = storage
             .keys_in_order()
             .into_iter()
-            .map(|(k, _)| &k[..])
+            .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, [b"a", b"b", b"c"]);
         let taken = storage.take_key_state(b"b").unwrap();
