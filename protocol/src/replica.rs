@@ -1105,7 +1105,12 @@ impl<S: Storage> Replica<S> {
                     .iter()
                     .map(crate::storage::event_size_bytes)
                     .sum::<usize>();
-                batch.extend(events);
+                // Most batches hold one origin's run: the storage's vector becomes the batch.
+                if batch.is_empty() {
+                    batch = events;
+                } else {
+                    batch.extend(events);
+                }
                 if batch.len() >= self.config.batch_events_max
                     || bytes >= self.config.batch_bytes_max
                 {
