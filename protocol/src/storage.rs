@@ -173,6 +173,15 @@ impl MemoryStorage {
         self.keys.len()
     }
 
+    /// How many keys hold a value a client would read (a key may hold only tombstones).
+    pub fn visible_keys(&self) -> usize {
+        // Counted, so the map's order cannot show.
+        self.keys
+            .values()
+            .filter(|state| state.visible_type().is_some())
+            .count()
+    }
+
     /// The change log.
     pub fn log(&self) -> &ChangeLog {
         &self.log
@@ -514,6 +523,27 @@ mod tests {
             .collect();
         assert_eq!(listed, keys);
         assert!(storage.key(&long[..KEY_INLINE_BYTES + 1]).is_none());
+    }
+
+    #[test]
+    fn a_key_holding_only_a_tombstone_is_stored_but_not_visible() {
+        let mut storage = MemoryStorage::default();
+        let mut written = KeyState::default();
+        written.apply(&event(1, 1, "v").op, Hlc::new(1, 0, NodeId(1)));
+        let mut deleted = KeyState::default();
+        let delete = braid_conflict::Observed {
+            string: true,
+            ..braid_conflict::Observed::default()
+        };
+        deleted.apply(&Op::Delete(Box::new(delete)), Hlc::new(2, 0, NodeId(1)));
+        assert!(!deleted.is_empty() && deleted.value().is_none());
+        let commit = Commit {
+            keys: vec![(Bytes::from("w"), written), (Bytes::from("d"), deleted)],
+            ..Commit::default()
+        };
+        storage.commit(commit).unwrap();
+        assert_eq!(storage.key_count(), 2);
+        assert_eq!(storage.visible_keys(), 1);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Simulated storage: the in-memory storage of the core, with a watch on exactly-once apply and
 //! a switch to inject bugs that the checkers must catch.
 
-use braid_conflict::{Hlc, KeyState};
+use std::collections::BTreeMap;
+
+use braid_conflict::{Hlc, KeyState, Value};
 use braid_protocol::storage::{Commit, Infallible, Recovered, Storage};
 use braid_protocol::{ChangeEvent, ChangeLog, MemoryStorage, NodeId, Seq, VersionVector};
+use bytes::Bytes;
 
 /// Bugs the simulator can inject on purpose, to prove that its checkers bite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +150,15 @@ impl SimStorage {
         self.inner.keys_in_order()
     }
 
+    /// Whether this storage holds exactly `expected`: each expected key looked up, and no other
+    /// key with a value a client would read. The keys need no sorting.
+    pub fn holds(&self, expected: &BTreeMap<Bytes, Value>) -> bool {
+        self.inner.visible_keys() == expected.len()
+            && expected.iter().all(|(key, value)| {
+                self.inner.key(key).and_then(KeyState::value).as_ref() == Some(value)
+            })
+    }
+
     /// The change log.
     pub fn log(&self) -> &ChangeLog {
         self.inner.log()
@@ -243,5 +255,71 @@ impl Storage for SimStorage {
         bytes_max: usize,
     ) -> Result<Vec<ChangeEvent>, Infallible> {
         self.inner.log_after(origin, after, events_max, bytes_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_conflict::{Observed, Op, Write};
+
+    /// A storage holding `("a", "1")`, `("b", "2")` and a key `"gone"` holding only a tombstone.
+    fn storage() -> SimStorage {
+        let hlc = |n| Hlc::new(n, 0, NodeId(1));
+        let set = |v: &'static str| Op::Write {
+            replaces: None,
+            write: Write::Set(Bytes::from_static(v.as_bytes())),
+        };
+        let mut keys = Vec::new();
+        for (key, op) in [("a", set("1")), ("b", set("2"))] {
+            let mut state = KeyState::default();
+            state.apply(&op, hlc(1));
+            keys.push((Bytes::from_static(key.as_bytes()), state));
+        }
+        let mut gone = KeyState::default();
+        let delete = Observed {
+            string: true,
+            ..Observed::default()
+        };
+        gone.apply(&Op::Delete(Box::new(delete)), hlc(2));
+        keys.push((Bytes::from_static(b"gone"), gone));
+        let mut storage = SimStorage::new(None);
+        let commit = Commit {
+            keys,
+            ..Commit::default()
+        };
+        storage.commit(commit).unwrap();
+        storage
+    }
+
+    fn values(pairs: &[(&'static str, &'static str)]) -> BTreeMap<Bytes, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    Bytes::from_static(k.as_bytes()),
+                    Value::String(Bytes::from_static(v.as_bytes())),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn holds_exactly_the_expected_values_and_nothing_more() {
+        let storage = storage();
+        assert!(storage.holds(&values(&[("a", "1"), ("b", "2")])));
+        assert!(!storage.holds(&values(&[("a", "1")])), "an extra key");
+        assert!(
+            !storage.holds(&values(&[("a", "1"), ("b", "3")])),
+            "a wrong value"
+        );
+        assert!(
+            !storage.holds(&values(&[("a", "1"), ("c", "2")])),
+            "a missing key"
+        );
+        assert!(
+            !storage.holds(&values(&[("a", "1"), ("b", "2"), ("gone", "x")])),
+            "a deleted key"
+        );
     }
 }

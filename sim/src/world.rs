@@ -1609,22 +1609,9 @@ impl<'a> World<'a> {
         *blake3::hash(&bytes).as_bytes()
     }
 
-    /// Whether `region` holds exactly `expected`: `values` without building it, key by key in
-    /// order.
+    /// Whether `region` holds exactly `expected` (see [`SimStorage::holds`]).
     fn holds(region: &Region, expected: &BTreeMap<Bytes, Value>) -> bool {
-        let Some(storage) = Self::storage(region) else {
-            return expected.is_empty();
-        };
-        let mut expected = expected.iter();
-        let mut present = storage
-            .keys()
-            .into_iter()
-            .filter_map(|(key, state)| state.value().map(|value| (key, value)));
-        present.all(|(key, value)| {
-            expected
-                .next()
-                .is_some_and(|(k, v)| k[..] == *key && *v == value)
-        }) && expected.next().is_none()
+        Self::storage(region).map_or(expected.is_empty(), |storage| storage.holds(expected))
     }
 
     fn values(region: &Region) -> BTreeMap<Bytes, Value> {
