@@ -23,7 +23,7 @@ use crate::value::{Direction, Observed, Op, Value, ValueType, Write};
 use crate::{Hlc, NodeId};
 
 /// Everything the oracle gathers about one key.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct KeyFacts {
     /// String writes and tombstones: (hlc, value or None).
     string: Option<(Hlc, Option<Bytes>)>,
@@ -208,15 +208,21 @@ impl KeyFacts {
     }
 }
 
-/// The converged value of every key that has one, from every operation ever issued: `(key, hlc
-/// of the operation, operation)`, in any order, duplicates allowed.
-pub fn converged<'a, I>(ops: I) -> BTreeMap<Bytes, Value>
-where
-    I: IntoIterator<Item = (&'a Bytes, Hlc, &'a Op)>,
-{
-    let mut facts: BTreeMap<Bytes, KeyFacts> = BTreeMap::new();
-    for (key, hlc, op) in ops {
-        let key_facts = facts.entry(key.clone()).or_default();
+/// The oracle, gathering operations one at a time: what [`converged`] computes from a list of
+/// operations, for a caller that sees them one by one and would otherwise keep them all.
+#[derive(Debug, Default)]
+pub struct Oracle {
+    facts: BTreeMap<Bytes, KeyFacts>,
+}
+
+impl Oracle {
+    /// Gathers one operation: `op` on `key` at `hlc`. Operations may come in any order, and
+    /// more than once.
+    pub fn add(&mut self, key: &Bytes, hlc: Hlc, op: &Op) {
+        let key_facts = match self.facts.get_mut(key) {
+            Some(facts) => facts,
+            None => self.facts.entry(key.clone()).or_default(),
+        };
         match op {
             Op::Delete(observed) => key_facts.removal(observed, hlc),
             Op::Write { replaces, write } => {
@@ -227,8 +233,25 @@ where
             }
         }
     }
-    facts
-        .into_iter()
-        .filter_map(|(key, f)| f.value().map(|v| (key, v)))
-        .collect()
+
+    /// The converged value of every key that has one, from the operations gathered so far.
+    pub fn values(&self) -> BTreeMap<Bytes, Value> {
+        self.facts
+            .iter()
+            .filter_map(|(key, f)| f.value().map(|v| (key.clone(), v)))
+            .collect()
+    }
+}
+
+/// The converged value of every key that has one, from every operation ever issued: `(key, hlc
+/// of the operation, operation)`, in any order, duplicates allowed.
+pub fn converged<'a, I>(ops: I) -> BTreeMap<Bytes, Value>
+where
+    I: IntoIterator<Item = (&'a Bytes, Hlc, &'a Op)>,
+{
+    let mut oracle = Oracle::default();
+    for (key, hlc, op) in ops {
+        oracle.add(key, hlc, op);
+    }
+    oracle.values()
 }

@@ -282,6 +282,22 @@ proptest! {
         prop_assert_eq!(first.values(), oracle_of(&mesh.all_events()));
     }
 
+    /// The oracle gathers operations in any order, duplicates included, to the same values:
+    /// what lets the simulator feed it each write as it is made.
+    #[test]
+    fn the_oracle_gathers_operations_in_any_order((skew, steps, _order) in scenario()) {
+        let mut mesh = Mesh::new(skew);
+        for step in &steps {
+            mesh.run(step);
+        }
+        let events = mesh.all_events();
+        let mut gathered = braid_conflict::oracle::Oracle::default();
+        for e in events.iter().rev().chain(events.iter().step_by(2)) {
+            gathered.add(&e.key, e.hlc, &e.op);
+        }
+        prop_assert_eq!(gathered.values(), oracle_of(&events));
+    }
+
     /// Tombstones collected at the stable HLC, by any replica at any time, change nothing a
     /// client sees: every replica still ends with the oracle's values, and once every replica
     /// has collected at the end, all hold identical states, equal to those of a mesh that ran

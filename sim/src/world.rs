@@ -19,7 +19,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Instant;
 
-use braid_conflict::{oracle, Command, Value};
+use braid_conflict::oracle::Oracle;
+use braid_conflict::{Command, Value};
 use braid_protocol::control::{ControlCommand, MemberState, TopologySpec};
 use braid_protocol::frame;
 use braid_protocol::limits::SNAPSHOT_CHUNK_KEYS_MAX;
@@ -270,7 +271,14 @@ pub struct World<'a> {
     streams: BTreeMap<(usize, usize), Stream>,
     cut: BTreeSet<(usize, usize)>,
     slow: BTreeMap<(usize, usize), u64>,
+    /// Acknowledged writes kept whole: in `process` durability only, where the oracle must
+    /// leave out those a power failure took, which is known only at the end.
     acked: Vec<ChangeEvent>,
+    /// The oracle, fed every acknowledged write as it is made (in `process` durability, from
+    /// `acked` at the end).
+    oracle: Oracle,
+    /// How many writes were acknowledged.
+    writes_acked: u64,
     /// A region's outputs while `drain` sends them (kept to be filled again).
     outputs: Vec<Transmit>,
     /// When each acknowledged write was made, by origin, at its sequence number (`u64::MAX`
@@ -369,6 +377,8 @@ impl<'a> World<'a> {
             cut: BTreeSet::new(),
             slow: BTreeMap::new(),
             acked: Vec::new(),
+            oracle: Oracle::default(),
+            writes_acked: 0,
             outputs: Vec::new(),
             created_ms: BTreeMap::new(),
             lag: lag_histogram(),
@@ -981,15 +991,21 @@ impl<'a> World<'a> {
         let Ok(results) = replica.handle_commands(vec![(key.clone(), command)], now);
         let after = replica.vector().get(node);
         if after > before {
+            let keep_whole = self.scenario.durability == Some(DurabilityMode::Process);
             for seq in before.0 + 1..=after.0 {
-                if let Some(event) = replica.storage_mut().log().get(node, Seq(seq)).cloned() {
+                if let Some(event) = replica.storage_mut().log().get(node, Seq(seq)) {
                     let created = self.created_ms.entry(node).or_default();
                     let at = seq as usize;
                     if created.len() <= at {
                         created.resize(at + 1, u64::MAX);
                     }
                     created[at] = self.now_ms;
-                    self.acked.push(event);
+                    self.writes_acked += 1;
+                    if keep_whole {
+                        self.acked.push(event.clone());
+                    } else {
+                        self.oracle.add(&event.key, event.hlc, &event.op);
+                    }
                 }
             }
         }
@@ -1654,11 +1670,12 @@ impl<'a> World<'a> {
         // last sync; of those writes, the ones no other region had received are gone for good
         // (the region's RPO). Every other acknowledged write must be everywhere.
         let lost = self.writes_lost();
-        let kept = self
-            .acked
-            .iter()
-            .filter(|e| !lost.contains(&(e.origin, e.seq, e.hlc)));
-        let oracle = oracle::converged(kept.map(|e| (&e.key, e.hlc, &e.op)));
+        for e in &self.acked {
+            if !lost.contains(&(e.origin, e.seq, e.hlc)) {
+                self.oracle.add(&e.key, e.hlc, &e.op);
+            }
+        }
+        let oracle = self.oracle.values();
         let mut oracle_detail = format!("{} keys match the oracle in every region", oracle.len());
         if !lost.is_empty() {
             oracle_detail.push_str(&format!(
@@ -1702,7 +1719,7 @@ impl<'a> World<'a> {
                 duplicates[..duplicates.len().min(3)].join("; ")
             },
         });
-        let writes = self.acked.len() as u64;
+        let writes = self.writes_acked;
         let per_change = if writes == 0 {
             0.0
         } else {
