@@ -115,7 +115,7 @@ pub trait Storage {
 /// [`MemoryStorage`]'s key states. A hash map, which the workspace otherwise forbids because its
 /// iteration order could leak into behaviour: here the hasher has no seed (a run is the same
 /// every time), and the map is only iterated in key order, through
-/// [`MemoryStorage::keys_in_order`].
+/// [`MemoryStorage::keys_in_order`], or to count ([`MemoryStorage::visible_keys`]).
 #[allow(clippy::disallowed_types)]
 type KeyMap = std::collections::HashMap<StoredKey, KeyState, rustc_hash::FxBuildHasher>;
 
@@ -175,7 +175,6 @@ impl MemoryStorage {
 
     /// How many keys hold a value a client would read (a key may hold only tombstones).
     pub fn visible_keys(&self) -> usize {
-        // Counted, so the map's order cannot show.
         self.keys
             .values()
             .filter(|state| state.visible_type().is_some())
@@ -234,12 +233,9 @@ impl ChangeLog {
         if last.seq < seq {
             return events.len();
         }
-        let guess = seq.0.saturating_sub(first.seq.0);
-        match usize::try_from(guess)
-            .ok()
-            .and_then(|at| Some((at, events.get(at)?)))
-        {
-            Some((at, event)) if event.seq == seq => at,
+        let at = usize::try_from(seq.0.saturating_sub(first.seq.0)).unwrap_or(usize::MAX);
+        match events.get(at) {
+            Some(event) if event.seq == seq => at,
             _ => events.partition_point(|event| event.seq < seq),
         }
     }
