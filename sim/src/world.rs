@@ -172,7 +172,7 @@ impl Queue {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum Event {
     Write(usize),
     Tick,
