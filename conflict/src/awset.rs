@@ -25,12 +25,17 @@
 //! Op-based application assumes each origin's operations arrive in the order that origin issued
 //! them (the replication protocol guarantees it); duplicates and any interleaving of origins are
 //! harmless. State-based [`AwSet::merge`] needs no ordering at all.
+//!
+//! A member's dots are a [`MemberDots`], not a `VClock`: a member holds one dot per origin that
+//! added it concurrently, usually one, and a `VClock` would keep even that one in a B-tree node
+//! of its own (about 200 bytes, one per member). They encode as the `VClock` they stand for.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use crdts::{CmRDT, CvRDT, Dot, ResetRemove, VClock};
+use crdts::{CmRDT, CvRDT, Dot, VClock};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::NodeId;
 
@@ -41,7 +46,7 @@ pub struct AwSet {
     clock: VClock<NodeId>,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
-    entries: BTreeMap<Bytes, VClock<NodeId>>,
+    entries: BTreeMap<Bytes, MemberDots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
     pending: BTreeMap<Bytes, VClock<NodeId>>,
@@ -78,7 +83,9 @@ impl AwSet {
         let mut observed = VClock::new();
         for member in members {
             if let Some(dots) = self.entries.get(member) {
-                observed.merge(dots.clone());
+                for &(actor, counter) in dots.iter() {
+                    observed.apply(Dot::new(actor, counter));
+                }
             }
         }
         observed
@@ -146,7 +153,7 @@ impl AwSet {
     /// State-based merge: the least upper bound of two replicas of the set.
     pub fn merge(&mut self, other: &AwSet) {
         let ours = std::mem::take(&mut self.entries);
-        let mut merged: BTreeMap<Bytes, VClock<NodeId>> = BTreeMap::new();
+        let mut merged: BTreeMap<Bytes, MemberDots> = BTreeMap::new();
         for (member, dots) in &ours {
             let theirs = other.entries.get(member);
             let kept = merge_member_dots(dots, &self.clock, theirs, &other.clock);
@@ -198,30 +205,88 @@ impl AwSet {
 /// side holds it and the other has never seen it (had the other seen it and not kept it, the
 /// other removed it).
 fn merge_member_dots(
-    ours: &VClock<NodeId>,
+    ours: &MemberDots,
     our_clock: &VClock<NodeId>,
-    theirs: Option<&VClock<NodeId>>,
+    theirs: Option<&MemberDots>,
     their_clock: &VClock<NodeId>,
-) -> VClock<NodeId> {
-    let mut kept = VClock::new();
-    for dot in ours.iter() {
-        let in_both = theirs.is_some_and(|t| t.get(dot.actor) == dot.counter);
-        if in_both || their_clock.get(dot.actor) < dot.counter {
-            kept.apply(Dot::new(*dot.actor, dot.counter));
+) -> MemberDots {
+    let mut kept = MemberDots::default();
+    for &(actor, counter) in ours.iter() {
+        let in_both = theirs.is_some_and(|t| t.get(actor) == counter);
+        if in_both || their_clock.get(&actor) < counter {
+            kept.apply(Dot::new(actor, counter));
         }
     }
     if let Some(theirs) = theirs {
-        for dot in theirs.iter() {
-            if our_clock.get(dot.actor) < dot.counter {
-                kept.apply(Dot::new(*dot.actor, dot.counter));
+        for &(actor, counter) in theirs.iter() {
+            if our_clock.get(&actor) < counter {
+                kept.apply(Dot::new(actor, counter));
             }
         }
     }
     kept
 }
 
+/// The add dots of one member: at most one per origin, sorted by origin, each the origin's
+/// greatest. It keeps a `VClock`'s meaning (see the module documentation for why it is not one)
+/// and encodes as one, so a stored or sent state reads the same either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "VClock<NodeId>", into = "VClock<NodeId>")]
+struct MemberDots(SmallVec<[(NodeId, u64); 1]>);
+
+impl MemberDots {
+    /// The counter of `actor`'s dot, 0 if it has none.
+    fn get(&self, actor: NodeId) -> u64 {
+        self.0
+            .iter()
+            .find(|(a, _)| *a == actor)
+            .map_or(0, |&(_, counter)| counter)
+    }
+
+    /// Notes `dot`: its origin's counter becomes the greater of the two (as `VClock::apply`).
+    fn apply(&mut self, dot: Dot<NodeId>) {
+        match self.0.binary_search_by_key(&dot.actor, |&(actor, _)| actor) {
+            Ok(at) => self.0[at].1 = self.0[at].1.max(dot.counter),
+            Err(at) if dot.counter > 0 => self.0.insert(at, (dot.actor, dot.counter)),
+            Err(_) => {}
+        }
+    }
+
+    /// Drops the dots `observed` covers: those of its actors at or below its counter (as
+    /// `VClock::reset_remove`).
+    fn reset_remove(&mut self, observed: &VClock<NodeId>) {
+        self.0
+            .retain(|(actor, counter)| observed.dots.get(actor).is_none_or(|seen| seen < counter));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(NodeId, u64)> {
+        self.0.iter()
+    }
+}
+
+impl From<VClock<NodeId>> for MemberDots {
+    fn from(clock: VClock<NodeId>) -> MemberDots {
+        // A clock's dots come in actor order, one per actor: the invariant holds as they are.
+        MemberDots(clock.dots.into_iter().collect())
+    }
+}
+
+impl From<MemberDots> for VClock<NodeId> {
+    fn from(dots: MemberDots) -> VClock<NodeId> {
+        VClock {
+            dots: dots.0.into_iter().collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const A: NodeId = NodeId(1);
@@ -288,5 +353,78 @@ mod tests {
         a.merge(&b);
         assert!(!a.contains(b"x"));
         assert!(a.contains(b"y"));
+    }
+
+    /// One step on a member's dots: a dot applied, or a remove observing a clock.
+    #[derive(Debug, Clone)]
+    enum DotsStep {
+        Apply(u64, u64),
+        Remove(Vec<(u64, u64)>),
+    }
+
+    fn dots_step() -> impl Strategy<Value = DotsStep> {
+        prop_oneof![
+            (1..5u64, 0..6u64).prop_map(|(actor, counter)| DotsStep::Apply(actor, counter)),
+            prop::collection::vec((1..5u64, 0..6u64), 0..4).prop_map(DotsStep::Remove),
+        ]
+    }
+
+    fn vclock_of(dots: &[(u64, u64)]) -> VClock<NodeId> {
+        VClock {
+            dots: dots.iter().map(|&(a, c)| (NodeId(a), c)).collect(),
+        }
+    }
+
+    proptest! {
+        /// A member's dots answer as the `VClock` they stand for, step by step, and encode as it.
+        #[test]
+        fn member_dots_behave_and_encode_as_a_vclock(
+            steps in prop::collection::vec(dots_step(), 0..24)
+        ) {
+            let mut dots = MemberDots::default();
+            let mut clock = VClock::<NodeId>::new();
+            for step in steps {
+                match step {
+                    DotsStep::Apply(actor, counter) => {
+                        dots.apply(Dot::new(NodeId(actor), counter));
+                        clock.apply(Dot::new(NodeId(actor), counter));
+                    }
+                    DotsStep::Remove(observed) => {
+                        let observed = vclock_of(&observed);
+                        dots.reset_remove(&observed);
+                        crdts::ResetRemove::reset_remove(&mut clock, &observed);
+                    }
+                }
+                let held: Vec<(NodeId, u64)> = dots.iter().copied().collect();
+                let want: Vec<(NodeId, u64)> = clock.dots.iter().map(|(a, c)| (*a, *c)).collect();
+                prop_assert_eq!(&held, &want);
+                prop_assert_eq!(dots.is_empty(), clock.is_empty());
+                for actor in 0..6 {
+                    prop_assert_eq!(dots.get(NodeId(actor)), clock.get(&NodeId(actor)));
+                }
+            }
+            let config = bincode::config::standard();
+            let encoded = bincode::serde::encode_to_vec(&dots, config).unwrap();
+            prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(&clock, config).unwrap());
+            let (decoded, _): (MemberDots, usize) =
+                bincode::serde::decode_from_slice(&encoded, config).unwrap();
+            prop_assert_eq!(decoded, dots);
+        }
+    }
+
+    /// Dots out of order or repeated, as a damaged or hostile state may carry them, are read
+    /// as a `VClock` reads them: sorted, one per actor.
+    #[test]
+    fn member_dots_decode_as_a_vclock_decodes() {
+        let config = bincode::config::standard();
+        let unsorted: Vec<(u64, u64)> = vec![(2, 1), (1, 4), (2, 3)];
+        let bytes = bincode::serde::encode_to_vec(&unsorted, config).unwrap();
+        let (dots, _): (MemberDots, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let (clock, _): (VClock<NodeId>, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let want: Vec<(NodeId, u64)> = clock.dots.into_iter().collect();
+        assert_eq!(want, vec![(NodeId(1), 4), (NodeId(2), 3)]);
+        assert_eq!(dots.iter().copied().collect::<Vec<_>>(), want);
     }
 }
