@@ -377,13 +377,19 @@ impl HashState {
 /// The replicated state of one key. See the module documentation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
-    string: Option<LWWReg<Option<Bytes>, Hlc>>,
-    // Boxed: a key state is moved several times per apply (out of storage, into a batch, back
-    // into storage), and most keys hold one type; boxes keep the moved part small.
+    // Every type boxed: a key state is moved several times per apply (out of storage, into a
+    // batch, back into storage) and sits in storage's hash map beside its key, and most keys
+    // hold one type; boxes keep the moved part, and a map slot, small.
+    string: Option<Box<LWWReg<Option<Bytes>, Hlc>>>,
     counter: Option<Box<CounterState>>,
     set: Option<Box<SetState>>,
     hash: Option<Box<HashState>>,
 }
+
+const _: () = assert!(
+    std::mem::size_of::<KeyState>() == 4 * std::mem::size_of::<usize>(),
+    "a key state is four pointers: every type's state is boxed"
+);
 
 /// What applying an operation resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -651,9 +657,11 @@ impl KeyState {
 
     fn remove_observed(&mut self, observed: &Observed, hlc: Hlc) {
         if observed.string {
-            let reg = self.string.get_or_insert(LWWReg {
-                val: None,
-                marker: Hlc::ZERO,
+            let reg = self.string.get_or_insert_with(|| {
+                Box::new(LWWReg {
+                    val: None,
+                    marker: Hlc::ZERO,
+                })
             });
             reg.update(None, hlc);
         }
@@ -678,9 +686,11 @@ impl KeyState {
         let origin = hlc.node;
         match write {
             Write::Set(value) => {
-                let reg = self.string.get_or_insert(LWWReg {
-                    val: None,
-                    marker: Hlc::ZERO,
+                let reg = self.string.get_or_insert_with(|| {
+                    Box::new(LWWReg {
+                        val: None,
+                        marker: Hlc::ZERO,
+                    })
                 });
                 let lost = u32::from(reg.marker > hlc);
                 reg.update(Some(value.clone()), hlc);
@@ -800,7 +810,7 @@ impl KeyState {
     pub fn merge(&mut self, other: &KeyState) {
         if let Some(theirs) = &other.string {
             match &mut self.string {
-                Some(ours) => ours.merge(theirs.clone()),
+                Some(ours) => ours.merge(LWWReg::clone(theirs)),
                 None => self.string = Some(theirs.clone()),
             }
         }
