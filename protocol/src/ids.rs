@@ -68,6 +68,10 @@ impl VersionVector {
 
     /// The vector of `entries` as a map would hold them: a repeated origin takes its last value.
     pub(crate) fn from_entries(mut entries: Vec<(NodeId, Seq)>) -> VersionVector {
+        // What a vector encodes to: taken as it is, without sorting or copying.
+        if entries.windows(2).all(|w| w[0].0 < w[1].0) {
+            return VersionVector(entries);
+        }
         // Stable: the entries of one origin stay in their order, and the last is kept.
         entries.sort_by_key(|(origin, _)| *origin);
         let mut kept: Vec<(NodeId, Seq)> = Vec::with_capacity(entries.len());
@@ -256,6 +260,20 @@ mod tests {
                 (NodeId(5), Seq(3))
             ]
         );
+    }
+
+    #[test]
+    fn entries_in_order_are_kept_and_a_repeat_in_order_takes_its_last_value() {
+        let vector = |entries: &[(u64, u64)]| {
+            VersionVector::from_entries(entries.iter().map(|&(o, s)| (NodeId(o), Seq(s))).collect())
+        };
+        let kept = |v: VersionVector| v.iter().map(|(o, s)| (o.0, s.0)).collect::<Vec<_>>();
+        assert_eq!(
+            kept(vector(&[(1, 2), (4, 7), (9, 1)])),
+            [(1, 2), (4, 7), (9, 1)]
+        );
+        assert_eq!(kept(vector(&[(1, 2), (4, 7), (4, 3)])), [(1, 2), (4, 3)]);
+        assert_eq!(kept(vector(&[])), []);
     }
 
     #[test]
