@@ -1601,25 +1601,28 @@ impl<'a> World<'a> {
             .or(region.parked.as_ref())
     }
 
+    /// A hash of every key and its encoded state, in key order: per key, the key's length and
+    /// bytes, then the state's encoded length and bytes (lengths as 8 bytes, little-endian).
     fn digest(&self, region: &Region) -> [u8; 32] {
-        // Hashed as one buffer: the same hash as key by key, without a call per piece.
+        // Hashed as one buffer: the same hash as key by key, without a call per piece. Each
+        // state is encoded in place, behind room for its length, filled in once it is known.
         let mut bytes = Vec::new();
-        let mut state_bytes = Vec::new();
         if let Some(storage) = Self::storage(region) {
             for (key, state) in storage.keys() {
                 bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
                 bytes.extend_from_slice(key);
-                state_bytes.clear();
-                let encoded = bincode::serde::encode_into_std_write(
+                let at = bytes.len();
+                bytes.extend_from_slice(&[0; 8]);
+                let encoded = bincode::serde::encode_into_writer(
                     state,
-                    &mut state_bytes,
+                    VecWriter(&mut bytes),
                     bincode::config::standard(),
                 );
                 if encoded.is_err() {
-                    state_bytes.clear();
+                    bytes.truncate(at + 8);
                 }
-                bytes.extend_from_slice(&(state_bytes.len() as u64).to_le_bytes());
-                bytes.extend_from_slice(&state_bytes);
+                let len = (bytes.len() - at - 8) as u64;
+                bytes[at..at + 8].copy_from_slice(&len.to_le_bytes());
             }
         }
         *blake3::hash(&bytes).as_bytes()
@@ -1862,4 +1865,15 @@ fn diff_detail(
         }
     }
     format!("region {region} differs from the oracle")
+}
+
+/// bincode's writer for a growing buffer: appends to it.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
