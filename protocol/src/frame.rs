@@ -16,10 +16,11 @@
 
 use bincode::config::{self, Configuration, Limit};
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeVector, Source};
 
-use crate::ids::VersionVector;
+use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
     SNAPSHOT_CHUNK_KEYS_MAX, SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
@@ -418,19 +419,25 @@ pub fn validate_event(event: &ChangeEvent) -> Result<(), ProtocolViolation> {
     Ok(())
 }
 
+/// Origins of one batch [`validate_batch`] keeps track of without allocating.
+const BATCH_ORIGINS_INLINE: usize = 8;
+
 fn validate_batch(events: &[ChangeEvent]) -> Result<(), ProtocolViolation> {
     if events.len() > BATCH_EVENTS_MAX {
         return Err(ProtocolViolation::BatchTooLarge {
             events: events.len(),
         });
     }
-    let mut last_seq = VersionVector::new();
+    // Each origin's last sequence number so far, by origin. A batch carries a few origins:
+    // they fit inline, without an allocation per batch.
+    let mut last_seq: SmallVec<[(NodeId, Seq); BATCH_ORIGINS_INLINE]> = SmallVec::new();
     for event in events {
         validate_event(event)?;
-        if last_seq.get(event.origin) >= event.seq {
-            return Err(ProtocolViolation::OutOfOrder);
+        match last_seq.binary_search_by_key(&event.origin, |&(origin, _)| origin) {
+            Ok(at) if last_seq[at].1 >= event.seq => return Err(ProtocolViolation::OutOfOrder),
+            Ok(at) => last_seq[at].1 = event.seq,
+            Err(at) => last_seq.insert(at, (event.origin, event.seq)),
         }
-        last_seq.advance(event.origin, event.seq);
     }
     Ok(())
 }

@@ -459,6 +459,45 @@ fn protocol_rules_are_enforced_after_decoding() {
     }
 }
 
+/// Each origin's events must rise within a batch, however the origins interleave; more origins
+/// than are tracked without allocating change nothing.
+#[test]
+fn a_batch_is_in_order_per_origin() {
+    let at = |origin: u64, seq: u64| ChangeEvent {
+        origin: NodeId(origin),
+        seq: Seq(seq),
+        hlc: Hlc::new(1_700_000_000_000 + seq, 0, NodeId(origin)),
+        key: b("k"),
+        op: Op::Write {
+            replaces: None,
+            write: Write::Set(b("v")),
+        },
+    };
+    let decode = |events: Vec<ChangeEvent>| {
+        let bytes = frame::encode_to_vec(&Message::EventBatch(events)).unwrap();
+        frame::decode(&bytes).map(|decoded| decoded.map(|(message, _)| message))
+    };
+    let interleaved = vec![at(2, 5), at(1, 1), at(2, 6), at(1, 2), at(3, 9)];
+    assert_eq!(
+        decode(interleaved.clone()),
+        Ok(Some(Message::EventBatch(interleaved)))
+    );
+    let refused = Err(DecodeError::Invalid(ProtocolViolation::OutOfOrder));
+    assert_eq!(decode(vec![at(2, 5), at(1, 1), at(2, 5)]), refused);
+    assert_eq!(decode(vec![at(1, 3), at(2, 1), at(1, 2)]), refused);
+    assert_eq!(
+        decode(vec![at(1, 1), at(1, 3), at(2, 1), at(1, 2)]),
+        refused
+    );
+    // Twenty origins, one event each and then a second from each in reverse order.
+    let mut many: Vec<ChangeEvent> = (1..=20).map(|origin| at(origin, 1)).collect();
+    many.extend((1..=20).rev().map(|origin| at(origin, 2)));
+    assert_eq!(decode(many.clone()), Ok(Some(Message::EventBatch(many))));
+    let mut late: Vec<ChangeEvent> = (1..=20).map(|origin| at(origin, 3)).collect();
+    late.push(at(17, 3));
+    assert_eq!(decode(late), refused);
+}
+
 #[test]
 fn trailing_bytes_in_a_frame_are_refused() {
     let mut bytes = frame::encode_to_vec(&Message::Ack(vector())).unwrap();
