@@ -56,6 +56,7 @@
 //! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 
 use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
 use bytes::Bytes;
@@ -1065,9 +1066,17 @@ impl<S: Storage> Replica<S> {
     // ---- publishing ----
 
     fn pump_all(&mut self) -> Result<(), S::Error> {
-        let peers: Vec<NodeId> = self.feeds.keys().copied().collect();
-        for peer in peers {
+        // Each feed in peer order, found after the last one pumped: pumping needs the replica
+        // whole, and this runs after every commit, where a list of the peers would cost an
+        // allocation each time.
+        let mut next = self.feeds.keys().next().copied();
+        while let Some(peer) = next {
             self.pump(peer)?;
+            next = self
+                .feeds
+                .range((Bound::Excluded(peer), Bound::Unbounded))
+                .next()
+                .map(|(peer, _)| *peer);
         }
         Ok(())
     }
