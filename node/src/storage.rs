@@ -692,6 +692,38 @@ mod tests {
                 .len(),
             1
         );
+        // Lent one at a time, the same events as read, within the same limits.
+        let first_bytes = braid_protocol::storage::event_size_bytes(&events[0]);
+        for (origin, after, events_max, bytes_max) in [
+            (node, 0, 100, usize::MAX),
+            (node, 3, 100, usize::MAX),
+            (node, 0, 2, usize::MAX),
+            (node, 0, 100, 1),
+            (node, 0, 100, first_bytes + 1),
+            (node, 5, 100, usize::MAX),
+            (NodeId(4), 0, 100, usize::MAX),
+        ] {
+            let mut lent = Vec::new();
+            storage
+                .log_after_each(origin, Seq(after), events_max, bytes_max, &mut |event| {
+                    lent.push(event.clone())
+                })
+                .unwrap();
+            let read = storage
+                .log_after(origin, Seq(after), events_max, bytes_max)
+                .unwrap();
+            assert_eq!(
+                lent, read,
+                "{origin:?} after {after}, {events_max}, {bytes_max}"
+            );
+        }
+        assert_eq!(
+            storage
+                .log_after(node, Seq(0), 100, first_bytes + 1)
+                .unwrap(),
+            events[..2].to_vec(),
+            "the byte limit is reached with the second event"
+        );
 
         // Trimming deletes one origin's events through a seq, and nothing of another origin;
         // what was trimmed is recovered, and outlives later commits.

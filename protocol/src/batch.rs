@@ -61,6 +61,16 @@ impl Encode for EncodeBatch<'_> {
     }
 }
 
+/// One event of a batch to encode, on its own: a batch's bytes are its event count, then its
+/// events, each as this writes it.
+pub(crate) struct EncodeEvent<'a>(pub(crate) &'a ChangeEvent);
+
+impl Encode for EncodeEvent<'_> {
+    fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
+        encode_event(self.0, e)
+    }
+}
+
 fn encode_event<E: Encoder>(event: &ChangeEvent, e: &mut E) -> Result<(), EncodeError> {
     event.origin.0.encode(e)?;
     event.seq.0.encode(e)?;
@@ -516,6 +526,27 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 5_000, ..ProptestConfig::default() })]
+
+        /// A batch built event by event, as the replica builds one from its log, is the same
+        /// frame as the batch encoded whole, and reads back as that frame reads.
+        #[test]
+        fn encoded_events_are_an_event_batch(events in batch()) {
+            let mut encoded = crate::message::EncodedEvents::default();
+            for event in &events {
+                encoded.push(event).unwrap();
+            }
+            prop_assert_eq!(encoded.events, events.len());
+            let whole = crate::frame::encode_to_vec(&Message::EventBatch(events)).unwrap();
+            let frame =
+                crate::frame::encode_to_vec(&Message::EncodedEvents(encoded.clone())).unwrap();
+            prop_assert_eq!(&frame, &whole);
+            let read = match crate::frame::decode(&whole) {
+                Ok(Some((Message::EventBatch(events), _))) => Ok(events),
+                Ok(other) => panic!("a batch frame read as {other:?}"),
+                Err(err) => Err(err),
+            };
+            prop_assert_eq!(encoded.decode(), read);
+        }
 
         /// Field by field writes exactly what serde writes, and reads it back, from a copy and
         /// from the frame alike.

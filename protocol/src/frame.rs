@@ -18,14 +18,14 @@ use bincode::config::{self, Configuration, Limit};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeVector, Source};
+use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeEvent, EncodeVector, Source};
 
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
     SNAPSHOT_CHUNK_KEYS_MAX, SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
 };
-use crate::message::{ChangeEvent, Message, PROTOCOL_VERSION};
+use crate::message::{ChangeEvent, EncodedEvents, Message, PROTOCOL_VERSION};
 use braid_conflict::InvalidOp;
 
 /// The bincode configuration of every frame body.
@@ -183,6 +183,12 @@ pub(crate) fn encode_message(
             out.push(EVENT_BATCH_TAG);
             bincode::encode_into_writer(EncodeBatch(events), FrameWriter(out), wire_config())
         }
+        Message::EncodedEvents(batch) => {
+            out.push(EVENT_BATCH_TAG);
+            bincode::encode_into_writer(batch.events as u64, FrameWriter(out), wire_config())?;
+            out.extend_from_slice(&batch.bytes);
+            Ok(())
+        }
         Message::Ack(vector) | Message::Heartbeat(vector) => {
             out.push(match message {
                 Message::Ack(_) => ACK_TAG,
@@ -279,6 +285,51 @@ pub fn encode_to_vec(message: &Message) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
+impl EncodedEvents {
+    /// Appends `event` in its wire encoding. Writing to memory with no size limit cannot fail;
+    /// should it, nothing is appended and the error is returned. (The frame limit applies when
+    /// the batch is sent: [`encode`] refuses a batch over it.)
+    pub fn push(&mut self, event: &ChangeEvent) -> Result<(), EncodeError> {
+        if self.bytes.capacity() == 0 {
+            // Room for a small batch at once, not grown a few bytes at a time; made only when
+            // an event comes (a replica often finds nothing to send).
+            self.bytes.reserve(ENCODE_CAPACITY_BYTES);
+        }
+        let at = self.bytes.len();
+        let written = bincode::encode_into_writer(
+            EncodeEvent(event),
+            FrameWriter(&mut self.bytes),
+            config::standard(),
+        );
+        if let Err(err) = written {
+            self.bytes.truncate(at);
+            return Err(err.into());
+        }
+        self.events += 1;
+        Ok(())
+    }
+
+    /// The events, decoded (and validated) as a subscriber reads them.
+    pub fn decode(&self) -> Result<Vec<ChangeEvent>, DecodeError> {
+        let mut body = vec![PROTOCOL_VERSION, EVENT_BATCH_TAG];
+        bincode::encode_into_writer(
+            self.events as u64,
+            FrameWriter(&mut body),
+            config::standard(),
+        )
+        .map_err(|err| DecodeError::Malformed {
+            reason: err.to_string(),
+        })?;
+        body.extend_from_slice(&self.bytes);
+        match decode_body(&body)? {
+            Message::EventBatch(events) => Ok(events),
+            other => Err(DecodeError::Malformed {
+                reason: format!("an encoded batch read as {}", other.kind()),
+            }),
+        }
+    }
+}
+
 /// Looks at the start of `buf`: `Ok(Some(n))` when a whole frame of `n` bytes (prefix included)
 /// is there, `Ok(None)` when more bytes are needed, an error when the prefix announces a body
 /// over the limit. Reads only the prefix.
@@ -359,6 +410,8 @@ pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
             Ok(())
         }
         Message::EventBatch(events) => validate_batch(events),
+        // Never received as itself: it arrives as an `EventBatch`, and is checked as one.
+        Message::EncodedEvents(_) => Ok(()),
         Message::Ack(vector) | Message::Heartbeat(vector) => validate_vector(vector),
         Message::SnapshotRequest(request) => validate_vector(&request.vector),
         Message::SnapshotBegin(begin) => validate_vector(&begin.vector),

@@ -35,8 +35,8 @@ pub mod topology;
 pub use frame::{DecodeError, EncodeError, ProtocolViolation};
 pub use ids::{ClusterId, NodeId, Seq, VersionVector};
 pub use message::{
-    ChangeEvent, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest, SnapshotBegin,
-    SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
+    ChangeEvent, EncodedEvents, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest,
+    SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
 };
 pub use replica::{
     OriginStats, PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit,

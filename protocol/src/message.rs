@@ -205,6 +205,21 @@ pub enum Message {
     SnapshotChunk(Vec<SnapshotEntry>),
     /// A snapshot's tail.
     SnapshotEnd(SnapshotEnd),
+    /// An [`Message::EventBatch`] as the replica core hands one out: its events already in
+    /// their wire encoding, written straight from the change log. It is sent as, and arrives
+    /// as, an `EventBatch` (the same bytes); it is never received as itself.
+    #[serde(skip)]
+    EncodedEvents(EncodedEvents),
+}
+
+/// The events of an [`Message::EventBatch`] in their wire encoding, one after another: built
+/// with [`EncodedEvents::push`], read back with [`EncodedEvents::decode`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedEvents {
+    /// How many events `bytes` holds.
+    pub events: usize,
+    /// The events, each as an `EventBatch` carries it.
+    pub bytes: Vec<u8>,
 }
 
 impl Message {
@@ -213,7 +228,7 @@ impl Message {
         match self {
             Message::Handshake(_) => "handshake",
             Message::Subscribe(_) => "subscribe",
-            Message::EventBatch(_) => "event_batch",
+            Message::EventBatch(_) | Message::EncodedEvents(_) => "event_batch",
             Message::Ack(_) => "ack",
             Message::Error(_) => "error",
             Message::Heartbeat(_) => "heartbeat",

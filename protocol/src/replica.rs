@@ -65,7 +65,7 @@ use hdrhistogram::Histogram;
 use crate::control::Keyspaces;
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
-use crate::message::{ChangeEvent, ErrorCode, Message, SnapshotEntry, Subscribe};
+use crate::message::{ChangeEvent, EncodedEvents, ErrorCode, Message, SnapshotEntry, Subscribe};
 use crate::storage::{Commit, Storage};
 use crate::topology::Topology;
 
@@ -1091,8 +1091,11 @@ impl<S: Storage> Replica<S> {
             return Ok(());
         }
         while feed.inflight < self.config.peer_inflight_batches_max {
-            let mut batch: Vec<ChangeEvent> = Vec::new();
+            // Events are encoded into the batch straight from the log, as it lends them: never
+            // copied out of it, and sent as the bytes a socket carries.
+            let mut batch = EncodedEvents::default();
             let mut bytes = 0usize;
+            let mut unencodable = false;
             let count = feed.origins.len();
             for i in 0..count {
                 let origin = feed.origins[(feed.rotation + i) % count];
@@ -1100,49 +1103,51 @@ impl<S: Storage> Replica<S> {
                 if self.vector.get(origin) <= sent {
                     continue;
                 }
-                let room = self.config.batch_events_max - batch.len();
-                let events = self.storage.log_after(
+                let room = self.config.batch_events_max - batch.events;
+                let mut last = None;
+                self.storage.log_after_each(
                     origin,
                     sent,
                     room,
                     self.config.batch_bytes_max.saturating_sub(bytes),
+                    &mut |event| {
+                        debug_assert_ne!(event.origin, peer, "never echo to the origin");
+                        // Encoding to memory cannot fail; if it did, the feed would stop at
+                        // this event, as it stops at a frame that cannot be sent.
+                        if unencodable || batch.push(event).is_err() {
+                            unencodable = true;
+                            return;
+                        }
+                        bytes += crate::storage::event_size_bytes(event);
+                        last = Some(event.seq);
+                    },
                 )?;
-                if let Some(last) = events.last() {
-                    feed.cursor.advance(origin, last.seq);
+                if let Some(last) = last {
+                    feed.cursor.advance(origin, last);
                 }
-                bytes += events
-                    .iter()
-                    .map(crate::storage::event_size_bytes)
-                    .sum::<usize>();
-                // Most batches hold one origin's run: the storage's vector becomes the batch.
-                if batch.is_empty() {
-                    batch = events;
-                } else {
-                    batch.extend(events);
-                }
-                if batch.len() >= self.config.batch_events_max
+                if batch.events >= self.config.batch_events_max
                     || bytes >= self.config.batch_bytes_max
+                    || unencodable
                 {
                     break;
                 }
             }
             feed.rotation = feed.rotation.wrapping_add(1);
-            if batch.is_empty() {
+            if batch.events == 0 {
                 break;
             }
-            debug_assert!(
-                batch.iter().all(|e| e.origin != peer),
-                "never echo to the origin"
-            );
             let counters = self.stats.peers.entry(peer).or_default();
-            counters.events_sent += batch.len() as u64;
+            counters.events_sent += batch.events as u64;
             counters.batches_sent += 1;
             feed.inflight += 1;
             self.transmits.push_back(Transmit {
                 peer,
                 stream: StreamKind::Feed,
-                message: Message::EventBatch(batch),
+                message: Message::EncodedEvents(batch),
             });
+            if unencodable {
+                break;
+            }
         }
         Ok(())
     }

@@ -110,6 +110,23 @@ pub trait Storage {
         events_max: usize,
         bytes_max: usize,
     ) -> Result<Vec<ChangeEvent>, Self::Error>;
+
+    /// The events [`Storage::log_after`] returns, each lent to `each` in order instead: the
+    /// replica encodes them into a batch as they come, and a storage that holds its events in
+    /// memory need not copy them. Defaults to lending what `log_after` returns.
+    fn log_after_each(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+        each: &mut dyn FnMut(&ChangeEvent),
+    ) -> Result<(), Self::Error> {
+        for event in &self.log_after(origin, after, events_max, bytes_max)? {
+            each(event);
+        }
+        Ok(())
+    }
 }
 
 /// [`MemoryStorage`]'s key states. A hash map, which the workspace otherwise forbids because its
@@ -380,15 +397,30 @@ impl Storage for MemoryStorage {
         bytes_max: usize,
     ) -> Result<Vec<ChangeEvent>, Infallible> {
         let mut events = Vec::with_capacity(events_max.min(LOG_READ_CAPACITY));
-        let mut bytes = 0;
+        self.log_after_each(origin, after, events_max, bytes_max, &mut |event| {
+            events.push(event.clone())
+        })?;
+        Ok(events)
+    }
+
+    fn log_after_each(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+        each: &mut dyn FnMut(&ChangeEvent),
+    ) -> Result<(), Infallible> {
+        let (mut events, mut bytes) = (0, 0);
         for event in self.log.after(origin, after) {
-            if events.len() >= events_max || (bytes >= bytes_max && !events.is_empty()) {
+            if events >= events_max || (bytes >= bytes_max && events > 0) {
                 break;
             }
             bytes += event_size_bytes(event);
-            events.push(event.clone());
+            events += 1;
+            each(event);
         }
-        Ok(events)
+        Ok(())
     }
 }
 

@@ -256,6 +256,18 @@ impl Storage for SimStorage {
     ) -> Result<Vec<ChangeEvent>, Infallible> {
         self.inner.log_after(origin, after, events_max, bytes_max)
     }
+
+    fn log_after_each(
+        &mut self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+        each: &mut dyn FnMut(&ChangeEvent),
+    ) -> Result<(), Infallible> {
+        self.inner
+            .log_after_each(origin, after, events_max, bytes_max, each)
+    }
 }
 
 #[cfg(test)]

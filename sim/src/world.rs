@@ -1089,8 +1089,10 @@ impl<'a> World<'a> {
                 continue;
             }
             let gen = stream.gen;
-            if let Message::EventBatch(events) = &transmit.message {
-                self.events_sent += events.len() as u64;
+            match &transmit.message {
+                Message::EncodedEvents(batch) => self.events_sent += batch.events as u64,
+                Message::EventBatch(events) => self.events_sent += events.len() as u64,
+                _ => {}
             }
             let kind = transmit.message.kind();
             // The real encoding, every time: what the peer decodes is what a socket would carry.
