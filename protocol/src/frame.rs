@@ -278,9 +278,23 @@ fn check_announced(
 /// The room a new buffer starts with: a small batch, without growing it byte by byte.
 const ENCODE_CAPACITY_BYTES: usize = 512;
 
-/// Encodes one frame into a new buffer.
+/// Bytes a varint takes at most: bincode writes a `u64` in 1, 3, 5 or 9.
+const VARINT_BYTES_MAX: usize = 9;
+
+/// Encodes one frame into a new buffer. A batch already encoded, an ack and a heartbeat get
+/// room for their whole frame and little more (the frame is often kept as long as what is
+/// sliced from it); any other message starts with room for a small batch.
 pub fn encode_to_vec(message: &Message) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
+    // The length prefix, the version byte and the variant tag, then a count.
+    const HEAD: usize = FRAME_LENGTH_BYTES + 2 + VARINT_BYTES_MAX;
+    let capacity = match message {
+        Message::EncodedEvents(batch) => HEAD + batch.bytes.len(),
+        Message::Ack(vector) | Message::Heartbeat(vector) => {
+            HEAD + 2 * VARINT_BYTES_MAX * vector.len()
+        }
+        _ => ENCODE_CAPACITY_BYTES,
+    };
+    let mut out = Vec::with_capacity(capacity);
     encode(message, &mut out)?;
     Ok(out)
 }

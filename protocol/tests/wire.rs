@@ -689,3 +689,33 @@ fn manifest_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
+
+/// A batch already encoded, and an ack, come out of `encode_to_vec` in a buffer sized to the
+/// frame: a received frame lives as long as the keys and values sliced from it, and a buffer
+/// of twice its size would keep the rest alive with it.
+#[test]
+fn encoded_batches_and_acks_fill_their_buffers() {
+    let mut batch = braid_protocol::EncodedEvents::default();
+    for seq in 1..=3 {
+        batch
+            .push(&event(
+                seq,
+                "key",
+                Op::Write {
+                    replaces: None,
+                    write: Write::Set(b("value")),
+                },
+            ))
+            .unwrap();
+    }
+    for message in [Message::EncodedEvents(batch), Message::Ack(vector())] {
+        let frame = frame::encode_to_vec(&message).unwrap();
+        assert!(
+            frame.capacity() <= frame.len() + 64,
+            "{} frame of {} bytes in {}",
+            message.kind(),
+            frame.len(),
+            frame.capacity()
+        );
+    }
+}
