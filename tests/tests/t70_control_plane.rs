@@ -490,7 +490,7 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
     // a and b keep taking writes while c leaves; c takes them until it drains, then refuses.
     let mut written = 0;
     let mut c = cluster.node("c").redis();
-    let (mut c_acked, mut c_refused) = (0u64, false);
+    let (mut c_acked, mut c_refused, mut c_gone) = (0u64, false, None);
     while !leaving.is_finished() {
         for region in ["a", "b"] {
             let _: () = cluster
@@ -508,6 +508,7 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
                     c_refused = err.to_string().to_uppercase().contains("READONLY");
                     assert!(c_refused || err.is_io_error(), "{err}");
                     if !c_refused {
+                        c_gone = Some(err.to_string());
                         break;
                     }
                 }
@@ -516,9 +517,14 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
         written += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(c_refused, "c took writes while draining");
     let out = leaving.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        c_refused,
+        "c took {c_acked} writes and refused none while draining (its last answer: {c_gone:?}); \
+         braid leave: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success(),
         "{stdout}\n{}",
