@@ -217,9 +217,21 @@ pub enum Message {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncodedEvents {
     /// How many events `bytes` holds.
-    pub events: usize,
+    pub(crate) events: usize,
     /// The events, each as an `EventBatch` carries it.
-    pub bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl EncodedEvents {
+    /// How many events the batch holds.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// The events' wire encoding, one after another.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl Message {

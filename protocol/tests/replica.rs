@@ -329,7 +329,7 @@ fn a_feed_streams_what_the_subscriber_lacks_and_never_its_own_events() {
             message: Message::EncodedEvents(batch),
         }) => {
             let events = batch.decode().unwrap();
-            assert_eq!((batch.events, events.len()), (1, 1));
+            assert_eq!((batch.events(), events.len()), (1, 1));
             assert_eq!(
                 (events[0].origin, events[0].seq, &events[0].key[..]),
                 (A, Seq(2), &b"y"[..])

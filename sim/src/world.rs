@@ -1090,7 +1090,7 @@ impl<'a> World<'a> {
             }
             let gen = stream.gen;
             match &transmit.message {
-                Message::EncodedEvents(batch) => self.events_sent += batch.events as u64,
+                Message::EncodedEvents(batch) => self.events_sent += batch.events() as u64,
                 Message::EventBatch(events) => self.events_sent += events.len() as u64,
                 _ => {}
             }
