@@ -553,7 +553,9 @@ impl KeyState {
                 }
                 _ => {
                     expect(ValueType::Counter)?;
-                    let counter = self.counter.clone().unwrap_or_default();
+                    // Read in place: a counter's state is four small trees, not worth a copy.
+                    let none = CounterState::default();
+                    let counter = self.counter.as_deref().unwrap_or(&none);
                     let current = counter.value();
                     let new = i64::try_from(current + i128::from(delta))
                         .map_err(|_| CommandError::Overflow)?;
@@ -563,7 +565,7 @@ impl KeyState {
                             reply: new,
                         });
                     }
-                    let write_op = counter_delta(&counter, origin, delta)?;
+                    let write_op = counter_delta(counter, origin, delta)?;
                     Ok(Prepared {
                         op: write(write_op),
                         reply: new,
