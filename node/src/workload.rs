@@ -38,7 +38,7 @@ pub fn unit(rng: &mut ChaCha8Rng) -> f64 {
 /// The next write of the workload: a key (from the hot keys with probability `conflict-share`,
 /// else skewed over all keys) and a command of the key's type (each key has one, chosen by the
 /// mix; 2% of writes try another type, to exercise type conflicts and `WRONGTYPE`).
-pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
+pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng, names: &mut Names) -> (Bytes, Command) {
     let index = if unit(rng) < w.conflict_share {
         below(rng, HOT_KEYS.min(w.keys))
     } else {
@@ -53,13 +53,13 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
     } else {
         sub_seed(index, 7) % total
     };
-    let key = numbered("k", index);
+    let key = names.key(index);
     let choice = below(rng, 20);
     let member = |rng: &mut ChaCha8Rng| named(&MEMBERS, rng);
     let command = if pick < u64::from(m.string) {
         match choice {
             0 => Command::Delete,
-            _ => Command::Set(numbered("v", rng.next_u64() % 1000)),
+            _ => Command::Set(names.value(rng.next_u64() % 1000)),
         }
     } else if pick < u64::from(m.string + m.counter) {
         match choice {
@@ -77,10 +77,52 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng) -> (Bytes, Command) {
         match choice {
             0 => Command::Delete,
             1..=5 => Command::HashDelete(vec![field(rng)]),
-            _ => Command::HashSet(vec![(field(rng), numbered("", rng.next_u64() % 100))]),
+            _ => Command::HashSet(vec![(field(rng), names.field_value(rng.next_u64() % 100))]),
         }
     };
     (key, command)
+}
+
+/// Names a workload caches, per kind: its keys, and values, below this number. Beyond it each
+/// is made afresh (a scenario may name millions of keys).
+const NAMES_CACHED_MAX: u64 = 65_536;
+
+/// The keys and values a workload writes, each made once and shared after: a run draws a key
+/// and most often a value for every write, from few distinct ones (its keys, a thousand string
+/// values, a hundred hash values). A shared one is copied by a reference count.
+#[derive(Debug, Default)]
+pub struct Names {
+    keys: Vec<Option<Bytes>>,
+    values: Vec<Option<Bytes>>,
+    field_values: Vec<Option<Bytes>>,
+}
+
+impl Names {
+    /// Key number `n`: `k` and `n` in decimal.
+    pub fn key(&mut self, n: u64) -> Bytes {
+        Names::cached(&mut self.keys, "k", n)
+    }
+
+    /// String value number `n`: `v` and `n` in decimal.
+    pub fn value(&mut self, n: u64) -> Bytes {
+        Names::cached(&mut self.values, "v", n)
+    }
+
+    /// Hash field value number `n`: `n` in decimal.
+    pub fn field_value(&mut self, n: u64) -> Bytes {
+        Names::cached(&mut self.field_values, "", n)
+    }
+
+    fn cached(names: &mut Vec<Option<Bytes>>, prefix: &str, n: u64) -> Bytes {
+        if n >= NAMES_CACHED_MAX {
+            return numbered(prefix, n);
+        }
+        let at = n as usize;
+        if names.len() <= at {
+            names.resize(at + 1, None);
+        }
+        names[at].get_or_insert_with(|| numbered(prefix, n)).clone()
+    }
 }
 
 /// The set members a workload writes: static, so that they cost no allocation to make, copy or
@@ -158,6 +200,19 @@ mod tests {
     }
 
     #[test]
+    fn cached_names_are_the_numbered_ones_below_the_bound_and_above_it() {
+        let mut names = Names::default();
+        for n in [0, 1, 999, NAMES_CACHED_MAX - 1, NAMES_CACHED_MAX, u64::MAX] {
+            for _ in 0..2 {
+                assert_eq!(names.key(n), numbered("k", n));
+                assert_eq!(names.value(n), numbered("v", n));
+                assert_eq!(names.field_value(n), numbered("", n));
+            }
+        }
+        assert_eq!(names.keys.len(), NAMES_CACHED_MAX as usize, "bounded");
+    }
+
+    #[test]
     fn numbered_writes_what_format_writes() {
         for n in [0, 7, 10, 99, 1000, 12_345, u64::MAX] {
             assert_eq!(numbered("k", n), Bytes::from(format!("k{n}")));
@@ -180,8 +235,13 @@ mod tests {
         let w = workload();
         let mut a = ChaCha8Rng::seed_from_u64(9);
         let mut b = ChaCha8Rng::seed_from_u64(9);
+        let mut names = Names::default();
         for _ in 0..1000 {
-            assert_eq!(next_command(&w, &mut a), next_command(&w, &mut b));
+            // Names made once and kept, or made afresh every time: the same commands.
+            assert_eq!(
+                next_command(&w, &mut a, &mut names),
+                next_command(&w, &mut b, &mut Names::default())
+            );
         }
     }
 
@@ -190,8 +250,9 @@ mod tests {
         let w = workload();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut verbs = std::collections::BTreeSet::new();
+        let mut names = Names::default();
         for _ in 0..5000 {
-            let (key, command) = next_command(&w, &mut rng);
+            let (key, command) = next_command(&w, &mut rng, &mut names);
             let args = resp_args(&key, &command);
             assert_eq!(args[1], key);
             verbs.insert(String::from_utf8(args[0].to_vec()).unwrap());

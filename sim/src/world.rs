@@ -38,7 +38,7 @@ use crate::control::{ControlBugs, ControlSim, NetSettings};
 use crate::storage::{InjectedBug, SimStorage};
 pub use braid_node::scenario::Verdict;
 use braid_node::scenario::{Action, DurabilityMode, Scenario, CONVERGE_MS_DEFAULT};
-use braid_node::workload::{below, next_command, sub_seed, unit};
+use braid_node::workload::{below, next_command, sub_seed, unit, Names};
 
 /// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
 const EPOCH_MS: u64 = 1_700_000_000_000;
@@ -267,6 +267,8 @@ pub struct World<'a> {
     now_ms: u64,
     net_rng: ChaCha8Rng,
     load_rng: ChaCha8Rng,
+    /// The workload's keys and values, made once each.
+    names: Names,
     conn_rng: ChaCha8Rng,
     streams: BTreeMap<(usize, usize), Stream>,
     cut: BTreeSet<(usize, usize)>,
@@ -372,6 +374,7 @@ impl<'a> World<'a> {
             now_ms: 0,
             net_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 1)),
             load_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 2)),
+            names: Names::default(),
             conn_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 3)),
             streams: BTreeMap::new(),
             cut: BTreeSet::new(),
@@ -1010,7 +1013,11 @@ impl<'a> World<'a> {
             }
         }
         let ok = matches!(results.first(), Some(Ok(_)));
-        let name = self.regions[region].name.clone();
+        // The name is copied only for a trace kept as text.
+        let name = match self.options.keep_trace {
+            true => self.regions[region].name.clone(),
+            false => String::new(),
+        };
         self.trace([1, region as u64, after.0, u64::from(ok)], || {
             format!(
                 "write {name} {} -> seq {}",
@@ -1026,7 +1033,7 @@ impl<'a> World<'a> {
     }
 
     fn command(&mut self) -> (Bytes, Command) {
-        next_command(&self.scenario.workload, &mut self.load_rng)
+        next_command(&self.scenario.workload, &mut self.load_rng, &mut self.names)
     }
 
     // ---- network ----

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::bench::load::command;
 use crate::scenario::Workload;
-use crate::workload::{next_command, resp_args};
+use crate::workload::{next_command, resp_args, Names};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -108,6 +108,7 @@ pub async fn run(
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let mut conn: Option<TcpStream> = None;
     let mut out = Vec::new();
+    let mut names = Names::default();
     loop {
         tokio::select! {
             biased;
@@ -117,7 +118,7 @@ pub async fn run(
         if *stop.borrow() {
             return record;
         }
-        let (key, cmd) = next_command(&spec.workload, &mut rng);
+        let (key, cmd) = next_command(&spec.workload, &mut rng, &mut names);
         if !*member.borrow() {
             conn = None;
             continue;
