@@ -704,7 +704,7 @@ mod tests {
             (NodeId(4), 0, 100, usize::MAX),
         ] {
             let mut lent = Vec::new();
-            storage
+            let counted = storage
                 .log_after_each(origin, Seq(after), events_max, bytes_max, &mut |event| {
                     lent.push(event.clone())
                 })
@@ -716,6 +716,11 @@ mod tests {
                 lent, read,
                 "{origin:?} after {after}, {events_max}, {bytes_max}"
             );
+            let bytes: usize = read
+                .iter()
+                .map(braid_protocol::storage::event_size_bytes)
+                .sum();
+            assert_eq!(counted, bytes, "the bytes counted");
         }
         assert_eq!(
             storage

@@ -1105,7 +1105,9 @@ impl<S: Storage> Replica<S> {
                 }
                 let room = self.config.batch_events_max - batch.events;
                 let mut last = None;
-                self.storage.log_after_each(
+                // The storage counts the events' bytes as it checks its limit. (Past an event
+                // that could not be encoded the count runs on, and the batch ends anyway.)
+                bytes += self.storage.log_after_each(
                     origin,
                     sent,
                     room,
@@ -1118,7 +1120,6 @@ impl<S: Storage> Replica<S> {
                             unencodable = true;
                             return;
                         }
-                        bytes += crate::storage::event_size_bytes(event);
                         last = Some(event.seq);
                     },
                 )?;

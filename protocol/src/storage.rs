@@ -113,7 +113,9 @@ pub trait Storage {
 
     /// The events [`Storage::log_after`] returns, each lent to `each` in order instead: the
     /// replica encodes them into a batch as they come, and a storage that holds its events in
-    /// memory need not copy them. Defaults to lending what `log_after` returns.
+    /// memory need not copy them. Returns their bytes of keys and values as
+    /// [`event_size_bytes`] counts them (the count the limit was checked with). Defaults to
+    /// lending what `log_after` returns.
     fn log_after_each(
         &mut self,
         origin: NodeId,
@@ -121,11 +123,13 @@ pub trait Storage {
         events_max: usize,
         bytes_max: usize,
         each: &mut dyn FnMut(&ChangeEvent),
-    ) -> Result<(), Self::Error> {
+    ) -> Result<usize, Self::Error> {
+        let mut bytes = 0;
         for event in &self.log_after(origin, after, events_max, bytes_max)? {
+            bytes += event_size_bytes(event);
             each(event);
         }
-        Ok(())
+        Ok(bytes)
     }
 }
 
@@ -410,7 +414,7 @@ impl Storage for MemoryStorage {
         events_max: usize,
         bytes_max: usize,
         each: &mut dyn FnMut(&ChangeEvent),
-    ) -> Result<(), Infallible> {
+    ) -> Result<usize, Infallible> {
         let (mut events, mut bytes) = (0, 0);
         for event in self.log.after(origin, after) {
             if events >= events_max || (bytes >= bytes_max && events > 0) {
@@ -420,7 +424,7 @@ impl Storage for MemoryStorage {
             events += 1;
             each(event);
         }
-        Ok(())
+        Ok(bytes)
     }
 }
 

@@ -264,7 +264,7 @@ impl Storage for SimStorage {
         events_max: usize,
         bytes_max: usize,
         each: &mut dyn FnMut(&ChangeEvent),
-    ) -> Result<(), Infallible> {
+    ) -> Result<usize, Infallible> {
         self.inner
             .log_after_each(origin, after, events_max, bytes_max, each)
     }
