@@ -181,11 +181,11 @@ pub(crate) fn encode_message(
     match message {
         Message::EventBatch(events) => {
             out.push(EVENT_BATCH_TAG);
-            bincode::encode_into_writer(EncodeBatch(events), FrameWriter(out), wire_config())
+            bincode::encode_into_writer(EncodeBatch(events), VecWriter(out), wire_config())
         }
         Message::EncodedEvents(batch) => {
             out.push(EVENT_BATCH_TAG);
-            bincode::encode_into_writer(batch.events as u64, FrameWriter(out), wire_config())?;
+            bincode::encode_into_writer(batch.events as u64, VecWriter(out), wire_config())?;
             out.extend_from_slice(&batch.bytes);
             Ok(())
         }
@@ -194,16 +194,18 @@ pub(crate) fn encode_message(
                 Message::Ack(_) => ACK_TAG,
                 _ => HEARTBEAT_TAG,
             });
-            bincode::encode_into_writer(EncodeVector(vector), FrameWriter(out), wire_config())
+            bincode::encode_into_writer(EncodeVector(vector), VecWriter(out), wire_config())
         }
-        _ => bincode::serde::encode_into_writer(message, FrameWriter(out), wire_config()),
+        _ => bincode::serde::encode_into_writer(message, VecWriter(out), wire_config()),
     }
 }
 
-/// bincode's writer for a frame buffer: appends to it.
-struct FrameWriter<'a>(&'a mut Vec<u8>);
+/// bincode's writer for a growing buffer, a frame's or any other: appends to it. (bincode keeps
+/// its own one to itself.)
+#[derive(Debug)]
+pub struct VecWriter<'a>(pub &'a mut Vec<u8>);
 
-impl bincode::enc::write::Writer for FrameWriter<'_> {
+impl bincode::enc::write::Writer for VecWriter<'_> {
     #[inline]
     fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
         self.0.extend_from_slice(bytes);
@@ -312,7 +314,7 @@ impl EncodedEvents {
         let at = self.bytes.len();
         let written = bincode::encode_into_writer(
             EncodeEvent(event),
-            FrameWriter(&mut self.bytes),
+            VecWriter(&mut self.bytes),
             config::standard(),
         );
         if let Err(err) = written {
@@ -326,12 +328,8 @@ impl EncodedEvents {
     /// The events, decoded (and validated) as a subscriber reads them.
     pub fn decode(&self) -> Result<Vec<ChangeEvent>, DecodeError> {
         let mut body = vec![PROTOCOL_VERSION, EVENT_BATCH_TAG];
-        bincode::encode_into_writer(
-            self.events as u64,
-            FrameWriter(&mut body),
-            config::standard(),
-        )
-        .map_err(|err| DecodeError::Malformed {
+        bincode::encode_into_writer(self.events as u64, VecWriter(&mut body), config::standard())
+            .map_err(|err| DecodeError::Malformed {
             reason: err.to_string(),
         })?;
         body.extend_from_slice(&self.bytes);

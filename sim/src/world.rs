@@ -1624,7 +1624,7 @@ impl<'a> World<'a> {
                 bytes.extend_from_slice(&[0; 8]);
                 let encoded = bincode::serde::encode_into_writer(
                     state,
-                    VecWriter(&mut bytes),
+                    frame::VecWriter(&mut bytes),
                     bincode::config::standard(),
                 );
                 if encoded.is_err() {
@@ -1874,15 +1874,4 @@ fn diff_detail(
         }
     }
     format!("region {region} differs from the oracle")
-}
-
-/// bincode's writer for a growing buffer: appends to it.
-struct VecWriter<'a>(&'a mut Vec<u8>);
-
-impl bincode::enc::write::Writer for VecWriter<'_> {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-        self.0.extend_from_slice(bytes);
-        Ok(())
-    }
 }
