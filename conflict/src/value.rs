@@ -26,7 +26,7 @@ use crdts::{CmRDT, CvRDT, Dot, LWWReg, PNCounter, VClock};
 use serde::{Deserialize, Serialize};
 
 use crate::awset::AwSet;
-use crate::{Hlc, NodeId};
+use crate::{Hlc, Name, NodeId};
 
 /// The four value types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -338,7 +338,7 @@ struct SetState {
 /// Invariant: no field's marker is `<= cleared`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct HashState {
-    fields: BTreeMap<Bytes, LWWReg<Option<Bytes>, Hlc>>,
+    fields: BTreeMap<Name, LWWReg<Option<Bytes>, Hlc>>,
     cleared: Hlc,
     latest: Hlc,
 }
@@ -348,7 +348,7 @@ impl HashState {
         self.fields.values().any(|reg| reg.val.is_some())
     }
 
-    fn live(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+    fn live(&self) -> impl Iterator<Item = (&Name, &Bytes)> {
         self.fields
             .iter()
             .filter_map(|(field, reg)| reg.val.as_ref().map(|v| (field, v)))
@@ -357,7 +357,7 @@ impl HashState {
     /// Writes `field` at `hlc` unless the hash was cleared at or after it. Returns whether a
     /// write with a greater HLC had reached the field already (this one lost), found in the
     /// same lookup as the write.
-    fn write_field(&mut self, field: &Bytes, val: Option<Bytes>, hlc: Hlc) -> bool {
+    fn write_field(&mut self, field: &[u8], val: Option<Bytes>, hlc: Hlc) -> bool {
         let cleared = hlc <= self.cleared;
         match self.fields.get_mut(field) {
             Some(reg) => {
@@ -370,7 +370,7 @@ impl HashState {
             None => {
                 if !cleared {
                     self.fields
-                        .insert(field.clone(), LWWReg { val, marker: hlc });
+                        .insert(Name::from(field), LWWReg { val, marker: hlc });
                 }
                 false
             }
@@ -441,12 +441,19 @@ impl KeyState {
         Some(match self.visible_type()? {
             ValueType::String => Value::String(self.string_value()?.clone()),
             ValueType::Counter => Value::Counter(self.counter.as_ref()?.value()),
-            ValueType::Set => Value::Set(self.set.as_ref()?.members.members().cloned().collect()),
+            ValueType::Set => Value::Set(
+                self.set
+                    .as_ref()?
+                    .members
+                    .members()
+                    .map(Bytes::copy_from_slice)
+                    .collect(),
+            ),
             ValueType::Hash => Value::Hash(
                 self.hash
                     .as_ref()?
                     .live()
-                    .map(|(f, v)| (f.clone(), v.clone()))
+                    .map(|(f, v)| (f.to_bytes(), v.clone()))
                     .collect(),
             ),
         })
