@@ -37,7 +37,7 @@ use crdts::{CmRDT, CvRDT, Dot, VClock};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use crate::{Name, NodeId};
+use crate::{NodeId, StateBytes};
 
 /// An add-wins observed-remove set. See the module documentation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,10 +46,10 @@ pub struct AwSet {
     clock: VClock<NodeId>,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
-    entries: BTreeMap<Name, MemberDots>,
+    entries: BTreeMap<StateBytes, MemberDots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
-    pending: BTreeMap<Name, VClock<NodeId>>,
+    pending: BTreeMap<StateBytes, VClock<NodeId>>,
 }
 
 impl AwSet {
@@ -60,7 +60,7 @@ impl AwSet {
 
     /// The members, in byte order.
     pub fn members(&self) -> impl Iterator<Item = &[u8]> {
-        self.entries.keys().map(Name::as_bytes)
+        self.entries.keys().map(StateBytes::as_bytes)
     }
 
     /// How many members the set holds.
@@ -113,7 +113,7 @@ impl AwSet {
                         let mut dots = MemberDots::default();
                         dots.apply(dot);
                         if !dots.is_empty() {
-                            self.entries.insert(Name::from(&member[..]), dots);
+                            self.entries.insert(StateBytes::from(&member[..]), dots);
                         }
                     }
                 }
@@ -139,7 +139,7 @@ impl AwSet {
             }
             if ahead {
                 self.pending
-                    .entry(Name::from(&member[..]))
+                    .entry(StateBytes::from(&member[..]))
                     .or_default()
                     .merge(observed.clone());
             }
@@ -162,7 +162,7 @@ impl AwSet {
     /// State-based merge: the least upper bound of two replicas of the set.
     pub fn merge(&mut self, other: &AwSet) {
         let ours = std::mem::take(&mut self.entries);
-        let mut merged: BTreeMap<Name, MemberDots> = BTreeMap::new();
+        let mut merged: BTreeMap<StateBytes, MemberDots> = BTreeMap::new();
         for (member, dots) in &ours {
             let theirs = other.entries.get(member);
             let kept = merge_member_dots(dots, &self.clock, theirs, &other.clock);

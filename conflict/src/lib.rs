@@ -19,12 +19,12 @@
 
 pub mod awset;
 pub mod hlc;
-pub mod name;
 pub mod oracle;
+pub mod state_bytes;
 pub mod value;
 
 pub use hlc::{ClockError, Hlc, HlcClock, NodeId, CLOCK_SKEW_MS_MAX_DEFAULT};
-pub use name::Name;
+pub use state_bytes::StateBytes;
 pub use value::{
     Applied, Command, CommandError, Direction, InvalidOp, KeyState, Observed, Op, Prepared, Value,
     ValueType, Write,
