@@ -981,6 +981,9 @@ impl<S: Storage> Replica<S> {
         let mut overlay = Overlay::for_batch(events.len());
         let mut applied: Vec<ChangeEvent> = Vec::with_capacity(events.len());
         self.stats.peer(peer).events_received += events.len() as u64;
+        for event in &events {
+            self.storage.prefetch_key(&event.key);
+        }
         for event in events {
             let next = self.vector.get(event.origin).next();
             if event.origin == self.config.node || event.seq < next {

@@ -76,6 +76,14 @@ pub trait Storage {
         self.key_state(key)
     }
 
+    /// A hint that the replica is about to take `key`'s state ([`Storage::take_key_state`]).
+    /// A storage that keeps its states in memory may load it now: the replica gives the hint
+    /// for every key of a batch before it applies the first, so the keys' memory loads overlap
+    /// instead of waiting one after another. Changes nothing; does nothing by default.
+    fn prefetch_key(&self, key: &[u8]) {
+        let _ = key;
+    }
+
     /// Gives back, unchanged, a key state [`Storage::take_key_state`] handed over and the
     /// replica will not commit (a command refused it). A storage that handed over a copy has
     /// nothing to do, which is the default.
@@ -324,6 +332,12 @@ impl Storage for MemoryStorage {
 
     fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
         Ok(self.keys.get(key).cloned())
+    }
+
+    fn prefetch_key(&self, key: &[u8]) {
+        if let Some(state) = self.keys.get(key) {
+            state.touch();
+        }
     }
 
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {

@@ -200,6 +200,10 @@ impl Storage for SimStorage {
         self.inner.key_state(key)
     }
 
+    fn prefetch_key(&self, key: &[u8]) {
+        self.inner.prefetch_key(key);
+    }
+
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
         match self.bug {
             // A commit that loses its key updates must leave the stored states as they were,
