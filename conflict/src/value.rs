@@ -950,7 +950,10 @@ mod tests {
         assert!(frame.is_unique(), "a state keeps a slice of the frame");
         assert!(long.is_unique(), "a state keeps a slice of a long value");
         assert_eq!(state.string_value(), Some(&b"v1"[..]));
-        assert!(state.set.as_ref().is_some_and(|s| s.members.contains(b"m2")));
+        assert!(state
+            .set
+            .as_ref()
+            .is_some_and(|s| s.members.contains(b"m2")));
         assert_eq!(state.hash_field(b"f1"), Some(&b"x1"[..]));
     }
 
