@@ -283,13 +283,15 @@ impl Driver {
     }
 
     fn handle(&mut self, first: Input) -> Result<(), StorageError> {
-        let mut pending = vec![first];
         // Group commit: take every write already queued behind the first (bounded), so they
-        // share one commit. Other inputs queued meanwhile are handled right after, in order.
+        // share one commit. Any other input ends the group and is handled right after it:
+        // inputs take effect in the order they came, so a write queued behind `Leaving` is
+        // refused, and a checkpoint holds exactly the writes queued before it.
         let mut commands: Vec<(Bytes, Command)> = Vec::new();
         let mut replies: Vec<(oneshot::Sender<CommandReplies>, usize)> = Vec::new();
-        let mut others = Vec::new();
-        while let Some(input) = pending.pop() {
+        let mut other = None;
+        let mut next = Some(first);
+        while let Some(input) = next.take() {
             match input {
                 Input::Commands {
                     commands: batch,
@@ -297,13 +299,11 @@ impl Driver {
                 } => {
                     replies.push((reply, batch.len()));
                     commands.extend(batch);
+                    if commands.len() < WRITE_GROUP_COMMANDS_MAX {
+                        next = self.inputs.try_recv().ok();
+                    }
                 }
-                other => others.push(other),
-            }
-            if commands.len() < WRITE_GROUP_COMMANDS_MAX {
-                if let Ok(next) = self.inputs.try_recv() {
-                    pending.push(next);
-                }
+                input => other = Some(input),
             }
         }
         if !commands.is_empty() && self.leaving {
@@ -318,7 +318,7 @@ impl Driver {
                 let _ = reply.send(results.by_ref().take(count).collect());
             }
         }
-        for input in others {
+        if let Some(input) = other {
             self.handle_other(input)?;
         }
         Ok(())
@@ -577,4 +577,67 @@ impl Driver {
 /// Logs a fatal driver error.
 pub fn log_fatal(err: &StorageError) {
     error!(error = %err, "storage failed: stopping the node");
+}
+
+#[cfg(test)]
+mod tests {
+    use braid_protocol::{ReplicaConfig, Seq};
+
+    use super::*;
+    use crate::storage::Durability;
+
+    fn write(key: &'static str, reply: oneshot::Sender<CommandReplies>) -> Input {
+        let command = Command::Set(Bytes::from_static(b"v"));
+        Input::Commands {
+            commands: vec![(Bytes::from_static(key.as_bytes()), command)],
+            reply,
+        }
+    }
+
+    /// Inputs take effect in the order they came, grouped writes included: a write queued
+    /// behind `Leaving` is refused, and a checkpoint holds exactly the writes before it.
+    #[tokio::test]
+    async fn a_write_queued_behind_leaving_is_refused_and_a_checkpoint_holds_what_came_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId(1);
+        let storage = RocksStorage::open(dir.path(), Durability::Machine).unwrap();
+        let topology = Topology::full_mesh([node]).unwrap();
+        let replica = Replica::open(ReplicaConfig::new(node), topology, storage, now_ms()).unwrap();
+        let (inputs, input_rx) = mpsc::channel(16);
+        let (neighbors, _) = watch::channel(Vec::new());
+        let mut driver = Driver::new(replica, input_rx, Arc::new(Faults::new(false)), neighbors);
+        let (first_reply, first) = oneshot::channel();
+        let (before_reply, before) = oneshot::channel();
+        let (after_reply, after) = oneshot::channel();
+        let (checkpoint_reply, checkpoint) = oneshot::channel();
+        for input in [
+            write("before", before_reply),
+            Input::Checkpoint {
+                reply: checkpoint_reply,
+            },
+            Input::Leaving,
+            write("after", after_reply),
+        ] {
+            inputs.send(input).await.unwrap();
+        }
+        // Handled as the driver's loop does, one received input at a time.
+        driver.handle(write("first", first_reply)).unwrap();
+        while let Ok(input) = driver.inputs.try_recv() {
+            driver.handle(input).unwrap();
+        }
+        assert!(first.await.unwrap()[0].is_ok());
+        assert!(before.await.unwrap()[0].is_ok());
+        let (vector, _) = checkpoint.await.unwrap();
+        assert_eq!(
+            vector.get(node),
+            Seq(2),
+            "the checkpoint holds the two writes before it"
+        );
+        assert_eq!(
+            after.await.unwrap(),
+            vec![Err(CommandError::Leaving)],
+            "a write queued behind Leaving"
+        );
+        assert_eq!(driver.replica.vector().get(node), Seq(2));
+    }
 }

@@ -534,7 +534,14 @@ async fn set_keyspace(
 
 async fn leave(State(state): State<AdminState>) -> Result<Response, Refusal> {
     let control = control_of(&state)?;
-    Ok(answer(control.leave().await, result("draining")))
+    let reply = control.leave().await;
+    if matches!(reply, Ok(crate::control::ControlReply::Applied)) {
+        // Writes are refused from the moment the drain is committed, before the answer says
+        // so: the control plane's upkeep would tell the driver only at its next round, and
+        // the region would take writes after `braid leave` told its user it takes none.
+        let _ = state.inputs.send(Input::Leaving).await;
+    }
+    Ok(answer(reply, result("draining")))
 }
 
 /// `POST /join`: admits a new region (`braid join` sends it to any member).

@@ -519,12 +519,16 @@ fn t70_a_region_leaves_under_load_and_the_others_keep_converging() {
     }
     let out = leaving.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        c_refused,
-        "c took {c_acked} writes and refused none while draining (its last answer: {c_gone:?}); \
-         braid leave: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !c_refused {
+        let log = cluster.node("c").log();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        panic!(
+            "c took {c_acked} writes and refused none while draining (its last answer: \
+             {c_gone:?}); braid leave: {stdout}\n{}\nc's log, last lines:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     assert!(
         out.status.success(),
         "{stdout}\n{}",
