@@ -222,7 +222,19 @@ pub struct Oracle {
 #[allow(clippy::disallowed_types)]
 type FactMap = std::collections::HashMap<Bytes, KeyFacts, rustc_hash::FxBuildHasher>;
 
+/// Keys [`Oracle::with_keys`] makes room for at most: a scenario may name millions.
+const KEYS_RESERVED_MAX: usize = 1 << 20;
+
 impl Oracle {
+    /// An oracle with room for facts about `keys` keys (up to a bound), so that it does not
+    /// move its facts to a larger table again and again as they come.
+    pub fn with_keys(keys: u64) -> Oracle {
+        let keys = usize::try_from(keys).unwrap_or(usize::MAX);
+        let mut facts = FactMap::default();
+        facts.reserve(keys.min(KEYS_RESERVED_MAX));
+        Oracle { facts }
+    }
+
     /// Gathers one operation: `op` on `key` at `hlc`. Operations may come in any order, and
     /// more than once.
     pub fn add(&mut self, key: &Bytes, hlc: Hlc, op: &Op) {

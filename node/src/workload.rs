@@ -2,6 +2,8 @@
 //! its regions' replicas, `braid drill` sends them to real processes over RESP. One generator, so
 //! that a drill rehearses the same mix of keys, types and conflicts as the simulator.
 
+use std::sync::Mutex;
+
 use braid_conflict::Command;
 use bytes::Bytes;
 use rand_chacha::ChaCha8Rng;
@@ -87,42 +89,71 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng, names: &mut Names) -> (B
 /// is made afresh (a scenario may name millions of keys).
 const NAMES_CACHED_MAX: u64 = 65_536;
 
+/// The kinds of names, each numbered: keys `k0`, `k1`, ...; string values `v0`, ...; hash field
+/// values `0`, ...
+const KINDS: [&str; 3] = ["k", "v", ""];
+
+/// Every name made so far below [`NAMES_CACHED_MAX`], per kind, for the life of the process:
+/// static bytes that every run and thread shares, and that cost no reference count to copy or
+/// drop (a run copies a key or value for every write, and stores the copies in its regions'
+/// change logs). Bounded: at most `NAMES_CACHED_MAX` per kind, each a few bytes, about 6 MB
+/// with every slot filled.
+static INTERNED: Mutex<[Vec<Option<&'static [u8]>>; 3]> =
+    Mutex::new([Vec::new(), Vec::new(), Vec::new()]);
+
 /// The keys and values a workload writes, each made once and shared after: a run draws a key
 /// and most often a value for every write, from few distinct ones (its keys, a thousand string
-/// values, a hundred hash values). A shared one is copied by a reference count.
+/// values, a hundred hash values). Names are interned for the process ([`INTERNED`]); a
+/// `Names` keeps those its run has used, so that drawing one takes no lock.
 #[derive(Debug, Default)]
 pub struct Names {
-    keys: Vec<Option<Bytes>>,
-    values: Vec<Option<Bytes>>,
-    field_values: Vec<Option<Bytes>>,
+    kinds: [Vec<Option<&'static [u8]>>; 3],
 }
 
 impl Names {
     /// Key number `n`: `k` and `n` in decimal.
     pub fn key(&mut self, n: u64) -> Bytes {
-        Names::cached(&mut self.keys, "k", n)
+        self.cached(0, n)
     }
 
     /// String value number `n`: `v` and `n` in decimal.
     pub fn value(&mut self, n: u64) -> Bytes {
-        Names::cached(&mut self.values, "v", n)
+        self.cached(1, n)
     }
 
     /// Hash field value number `n`: `n` in decimal.
     pub fn field_value(&mut self, n: u64) -> Bytes {
-        Names::cached(&mut self.field_values, "", n)
+        self.cached(2, n)
     }
 
-    fn cached(names: &mut Vec<Option<Bytes>>, prefix: &str, n: u64) -> Bytes {
+    fn cached(&mut self, kind: usize, n: u64) -> Bytes {
         if n >= NAMES_CACHED_MAX {
-            return numbered(prefix, n);
+            return numbered(KINDS[kind], n);
         }
         let at = n as usize;
+        let names = &mut self.kinds[kind];
         if names.len() <= at {
             names.resize(at + 1, None);
         }
-        names[at].get_or_insert_with(|| numbered(prefix, n)).clone()
+        let name = *names[at].get_or_insert_with(|| interned(kind, at));
+        Bytes::from_static(name)
     }
+}
+
+/// Name `at` of `kind`, made and interned by the first run that asks for it.
+fn interned(kind: usize, at: usize) -> &'static [u8] {
+    // A thread that panicked while holding the lock left every slot it filled whole.
+    let mut all = INTERNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let names = &mut all[kind];
+    if names.len() <= at {
+        names.resize(at + 1, None);
+    }
+    names[at].get_or_insert_with(|| {
+        let name = numbered(KINDS[kind], at as u64);
+        Box::leak(name.to_vec().into_boxed_slice())
+    })
 }
 
 /// The set members a workload writes: static, so that they cost no allocation to make, copy or
@@ -209,7 +240,13 @@ mod tests {
                 assert_eq!(names.field_value(n), numbered("", n));
             }
         }
-        assert_eq!(names.keys.len(), NAMES_CACHED_MAX as usize, "bounded");
+        assert_eq!(names.kinds[0].len(), NAMES_CACHED_MAX as usize, "bounded");
+        // Interned: two runs share the same bytes; beyond the bound each name is its own.
+        let mut other = Names::default();
+        assert_eq!(names.key(7).as_ptr(), other.key(7).as_ptr());
+        assert_eq!(names.value(7).as_ptr(), other.value(7).as_ptr());
+        let beyond = NAMES_CACHED_MAX + 1;
+        assert_ne!(names.key(beyond).as_ptr(), other.key(beyond).as_ptr());
     }
 
     #[test]

@@ -380,7 +380,7 @@ impl<'a> World<'a> {
             cut: BTreeSet::new(),
             slow: BTreeMap::new(),
             acked: Vec::new(),
-            oracle: Oracle::default(),
+            oracle: Oracle::with_keys(scenario.workload.keys),
             writes_acked: 0,
             outputs: Vec::new(),
             created_ms: BTreeMap::new(),
