@@ -197,6 +197,14 @@ impl MemoryStorage {
         keys
     }
 
+    /// Whether `other` holds exactly the same keys in exactly the same states. Equal states
+    /// encode to the same bytes, so this is what comparing digests of both would say, without
+    /// encoding every state first.
+    pub fn same_keys(&self, other: &MemoryStorage) -> bool {
+        // The map's own equality: each key looked up in the other map, whatever the order.
+        self.keys == other.keys
+    }
+
     /// How many keys are stored.
     pub fn key_count(&self) -> usize {
         self.keys.len()
@@ -569,6 +577,47 @@ mod tests {
             .collect();
         assert_eq!(listed, keys);
         assert!(storage.key(&long[..KEY_INLINE_BYTES + 1]).is_none());
+    }
+
+    #[test]
+    fn same_keys_means_every_key_in_the_same_state_tombstones_included() {
+        let commit = |ops: &[(&'static str, u64)]| {
+            let mut storage = MemoryStorage::default();
+            let mut commit = Commit::default();
+            for &(key, wall) in ops {
+                let mut state = KeyState::default();
+                state.apply(&event(1, 1, "v").op, Hlc::new(wall, 0, NodeId(1)));
+                commit
+                    .keys
+                    .push((Bytes::from_static(key.as_bytes()), state));
+            }
+            storage.commit(commit).unwrap();
+            storage
+        };
+        let a = commit(&[("a", 1), ("b", 2)]);
+        assert!(a.same_keys(&commit(&[("b", 2), ("a", 1)])), "in any order");
+        assert!(!a.same_keys(&commit(&[("a", 1)])), "a key missing");
+        assert!(
+            !a.same_keys(&commit(&[("a", 1), ("b", 2), ("c", 3)])),
+            "a key more"
+        );
+        assert!(
+            !a.same_keys(&commit(&[("a", 1), ("b", 3)])),
+            "the same value, another HLC"
+        );
+        let mut deleted = commit(&[("a", 1), ("b", 2)]);
+        let mut gone = deleted.take_key_state(b"b").unwrap().unwrap();
+        let delete = braid_conflict::Observed {
+            string: true,
+            ..braid_conflict::Observed::default()
+        };
+        gone.apply(&Op::Delete(Box::new(delete)), Hlc::new(3, 0, NodeId(1)));
+        let commit = Commit {
+            keys: vec![(Bytes::from_static(b"b"), gone)],
+            ..Commit::default()
+        };
+        deleted.commit(commit).unwrap();
+        assert!(!a.same_keys(&deleted), "a tombstone");
     }
 
     #[test]

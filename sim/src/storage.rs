@@ -159,6 +159,11 @@ impl SimStorage {
             })
     }
 
+    /// Whether `other` holds exactly the same keys in exactly the same states.
+    pub fn same_keys(&self, other: &SimStorage) -> bool {
+        self.inner.same_keys(&other.inner)
+    }
+
     /// The change log.
     pub fn log(&self) -> &ChangeLog {
         self.inner.log()

@@ -332,8 +332,8 @@ fn regions_join_and_leave_a_running_mesh_through_the_control_plane() {
 }
 
 /// Tombstones are collected at the committed stable HLC in every region, under faults, and the
-/// states still converge byte for byte (the sweep's convergence checker compares digests of
-/// whole key states, tombstones included).
+/// states still converge exactly (the sweep's convergence checker compares whole key states,
+/// tombstones included).
 #[test]
 fn tombstones_are_collected_at_the_stable_hlc_and_states_still_converge() {
     for name in ["mesh-steady", "partition-heal"] {
