@@ -78,11 +78,42 @@ impl Serialize for StateBytes {
     }
 }
 
-/// Read from whatever a [`Bytes`] reads from.
+/// Read from whatever a [`Bytes`] reads from (a byte string, or a sequence of bytes), copied
+/// once, straight from the decoder's input.
 impl<'de> Deserialize<'de> for StateBytes {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<StateBytes, D::Error> {
-        let bytes = Bytes::deserialize(deserializer)?;
-        Ok(StateBytes::from(&bytes[..]))
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StateBytes;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<StateBytes, E> {
+                Ok(StateBytes::from(bytes))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<StateBytes, E> {
+                Ok(StateBytes::from(text.as_bytes()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StateBytes, A::Error> {
+                // The length a peer announces is not trusted with an allocation: the bytes
+                // are pushed as they come.
+                let mut bytes = SmallVec::new();
+                while let Some(byte) = seq.next_element::<u8>()? {
+                    bytes.push(byte);
+                }
+                Ok(StateBytes(bytes))
+            }
+        }
+
+        deserializer.deserialize_bytes(Visitor)
     }
 }
 
