@@ -63,6 +63,11 @@ impl AwSet {
         self.entries.keys().map(StateBytes::as_bytes)
     }
 
+    /// The members, in byte order, handed over.
+    pub fn into_members(self) -> impl Iterator<Item = StateBytes> {
+        self.entries.into_keys()
+    }
+
     /// How many members the set holds.
     pub fn len(&self) -> usize {
         self.entries.len()

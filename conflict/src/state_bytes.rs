@@ -42,6 +42,15 @@ impl StateBytes {
     pub fn to_bytes(&self) -> Bytes {
         Bytes::copy_from_slice(&self.0)
     }
+
+    /// The bytes as a [`Bytes`], handing over their allocation if they have one (a copy only
+    /// of bytes kept inline).
+    pub fn into_bytes(self) -> Bytes {
+        match self.0.spilled() {
+            true => Bytes::from(self.0.into_vec()),
+            false => Bytes::copy_from_slice(&self.0),
+        }
+    }
 }
 
 impl From<&[u8]> for StateBytes {
@@ -137,6 +146,7 @@ mod tests {
             prop_assert_eq!(na == nb, a == b);
             prop_assert_eq!(na.as_bytes(), &a[..]);
             prop_assert_eq!(na.to_bytes(), ba.clone());
+            prop_assert_eq!(na.clone().into_bytes(), ba.clone());
             let config = bincode::config::standard();
             let encoded = bincode::serde::encode_to_vec(&na, config).unwrap();
             prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(&ba, config).unwrap());

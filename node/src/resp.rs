@@ -696,7 +696,7 @@ impl Connection {
         key: &[u8],
         ty: ValueType,
     ) -> Result<Result<Option<Value>, Reply>, ConnectionError> {
-        let value = self.read(key)?.and_then(|s| s.value());
+        let value = self.read(key)?.and_then(KeyState::into_value);
         Ok(match value {
             Some(v) if v.value_type() != ty => Err(wrong_type()),
             other => Ok(other),
@@ -717,7 +717,7 @@ impl Connection {
 
 /// GET's view of a key: strings as they are, counters in decimal, other types refused.
 fn read_string(state: Option<KeyState>) -> Reply {
-    match state.and_then(|s| s.value()) {
+    match state.and_then(KeyState::into_value) {
         None => Reply::Nil,
         Some(Value::String(bytes)) => Reply::Bulk(bytes),
         Some(Value::Counter(n)) => Reply::Bulk(Bytes::from(n.to_string())),

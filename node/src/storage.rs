@@ -313,7 +313,7 @@ impl RocksStorage {
         for item in self.db.iterator_cf(self.cf(CF_DATA)?, IteratorMode::Start) {
             let (key, bytes) = item?;
             let state: KeyState = decode(&bytes, "key state")?;
-            if let Some(value) = state.value() {
+            if let Some(value) = state.into_value() {
                 values.insert(bytes::Bytes::copy_from_slice(&key), value);
             }
         }
