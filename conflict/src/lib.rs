@@ -8,6 +8,8 @@
 //! - [`value`]: [`KeyState`] (one key's replicated state), [`Op`] (what a change event carries),
 //!   [`Command`] (what a client asks), [`Value`] (what a client reads).
 //! - [`awset`]: the add-wins observed-remove set the `set` type is built on.
+//! - [`state_bytes`]: [`StateBytes`], the bytes a state keeps (members, fields, values): inline
+//!   when short, never a slice of the frame an operation came in.
 //! - [`oracle`]: converged values from the set of all operations, independent of [`KeyState`].
 //!
 //! The semantics, with worked examples, are in `docs/conflicts.md`; each example there is a test
