@@ -26,7 +26,7 @@
 //! them (the replication protocol guarantees it); duplicates and any interleaving of origins are
 //! harmless. State-based [`AwSet::merge`] needs no ordering at all.
 //!
-//! A member's dots are a [`MemberDots`], not a `VClock`: a member holds one dot per origin that
+//! A member's dots are a `MemberDots`, not a `VClock`: a member holds one dot per origin that
 //! added it concurrently, usually one, and a `VClock` would keep even that one in a B-tree node
 //! of its own (about 200 bytes, one per member). They encode as the `VClock` they stand for.
 
