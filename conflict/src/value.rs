@@ -459,6 +459,29 @@ impl KeyState {
         })
     }
 
+    /// Whether a client would read `expected` here: `value() == Some(expected)`, compared in
+    /// place, without copying the state's bytes out first.
+    pub fn reads_as(&self, expected: &Value) -> bool {
+        match (self.visible_type(), expected) {
+            (Some(ValueType::String), Value::String(value)) => {
+                self.string_value() == Some(&value[..])
+            }
+            (Some(ValueType::Counter), Value::Counter(n)) => {
+                self.counter.as_ref().is_some_and(|c| c.value() == *n)
+            }
+            (Some(ValueType::Set), Value::Set(members)) => self
+                .set
+                .as_ref()
+                .is_some_and(|s| s.members.members().eq(members.iter().map(|m| &m[..]))),
+            (Some(ValueType::Hash), Value::Hash(fields)) => self.hash.as_ref().is_some_and(|h| {
+                h.live()
+                    .map(|(f, v)| (f.as_bytes(), v.as_bytes()))
+                    .eq(fields.iter().map(|(f, v)| (&f[..], &v[..])))
+            }),
+            _ => false,
+        }
+    }
+
     /// What a client reads, or `None` for a missing key, taking the state apart: bytes kept
     /// in allocations of their own are handed over, not copied (see [`KeyState::value`]).
     pub fn into_value(self) -> Option<Value> {
@@ -980,8 +1003,8 @@ mod tests {
         assert_eq!(state.hash_field(b"f1"), Some(&b"x1"[..]));
     }
 
-    /// Taking a state apart reads what reading it does, for every type, with bytes both
-    /// inline and in allocations of their own.
+    /// Taking a state apart reads what reading it does, and a state reads as exactly the value
+    /// it reads, for every type, with bytes both inline and in allocations of their own.
     #[test]
     fn into_value_reads_what_value_reads() {
         let long = Bytes::from(vec![b'l'; 40]);
@@ -1017,6 +1040,23 @@ mod tests {
                 state.apply(op, hlc(n as u64 + 1));
             }
             assert_eq!(state.clone().into_value(), state.value(), "{ops:?}");
+            let value = state.value();
+            if let Some(value) = &value {
+                assert!(state.reads_as(value), "{ops:?}");
+            }
+            for other in [
+                Value::String(long.clone()),
+                Value::String(short.clone()),
+                Value::Counter(7),
+                Value::Counter(8),
+                Value::Set(vec![short.clone()]),
+                Value::Set(vec![long.clone(), short.clone()]),
+                Value::Hash(vec![(short.clone(), long.clone())]),
+                Value::Hash(vec![(long.clone(), short.clone())]),
+            ] {
+                let expected = value.as_ref() == Some(&other);
+                assert_eq!(state.reads_as(&other), expected, "{ops:?} as {other:?}");
+            }
         }
         assert_eq!(KeyState::default().into_value(), None);
     }

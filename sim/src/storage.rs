@@ -155,7 +155,9 @@ impl SimStorage {
     pub fn holds(&self, expected: &BTreeMap<Bytes, Value>) -> bool {
         self.inner.visible_keys() == expected.len()
             && expected.iter().all(|(key, value)| {
-                self.inner.key(key).and_then(KeyState::value).as_ref() == Some(value)
+                self.inner
+                    .key(key)
+                    .is_some_and(|state| state.reads_as(value))
             })
     }
 
