@@ -114,12 +114,11 @@ impl AwSet {
             if !covered {
                 match self.entries.get_mut(&member[..]) {
                     Some(dots) => dots.apply(dot),
+                    // Looked up by its bytes first: the member is copied only when it is new.
                     None => {
                         let mut dots = MemberDots::default();
                         dots.apply(dot);
-                        if !dots.is_empty() {
-                            self.entries.insert(StateBytes::from(&member[..]), dots);
-                        }
+                        self.entries.insert(StateBytes::from(&member[..]), dots);
                     }
                 }
             }
