@@ -975,7 +975,6 @@ mod tests {
         let frame = Bytes::from(b"v1m1m2f1x1".to_vec());
         let long = Bytes::from(vec![b'l'; 100]);
         let part = |at: usize| frame.slice(at..at + 2);
-        let hlc = |n| Hlc::new(n, 0, NodeId(1));
         let ops = [
             Write::Set(long.slice(..)),
             Write::Set(part(0)),
@@ -991,7 +990,7 @@ mod tests {
                 replaces: None,
                 write,
             };
-            state.apply(&op, hlc(n as u64 + 1));
+            state.apply(&op, at(n as u64 + 1));
         }
         assert!(frame.is_unique(), "a state keeps a slice of the frame");
         assert!(long.is_unique(), "a state keeps a slice of a long value");
@@ -1009,7 +1008,6 @@ mod tests {
     fn into_value_reads_what_value_reads() {
         let long = Bytes::from(vec![b'l'; 40]);
         let short = Bytes::from_static(b"s");
-        let hlc = |n| Hlc::new(n, 0, NodeId(1));
         let write = |write| Op::Write {
             replaces: None,
             write,
@@ -1037,7 +1035,7 @@ mod tests {
         for ops in writes {
             let mut state = KeyState::default();
             for (n, op) in ops.iter().enumerate() {
-                state.apply(op, hlc(n as u64 + 1));
+                state.apply(op, at(n as u64 + 1));
             }
             assert_eq!(state.clone().into_value(), state.value(), "{ops:?}");
             let value = state.value();
