@@ -183,12 +183,7 @@ pub(crate) fn encode_message(
             out.push(EVENT_BATCH_TAG);
             bincode::encode_into_writer(EncodeBatch(events), VecWriter(out), wire_config())
         }
-        Message::EncodedEvents(batch) => {
-            out.push(EVENT_BATCH_TAG);
-            bincode::encode_into_writer(batch.events as u64, VecWriter(out), wire_config())?;
-            out.extend_from_slice(&batch.bytes);
-            Ok(())
-        }
+        Message::EncodedEvents(batch) => encode_encoded_events(batch, out),
         Message::Ack(vector) | Message::Heartbeat(vector) => {
             out.push(match message {
                 Message::Ack(_) => ACK_TAG,
@@ -198,6 +193,18 @@ pub(crate) fn encode_message(
         }
         _ => bincode::serde::encode_into_writer(message, VecWriter(out), wire_config()),
     }
+}
+
+/// An encoded batch's payload: an `EventBatch`'s tag, its event count, then its events as they
+/// are.
+fn encode_encoded_events(
+    batch: &EncodedEvents,
+    out: &mut Vec<u8>,
+) -> Result<(), bincode::error::EncodeError> {
+    out.push(EVENT_BATCH_TAG);
+    bincode::encode_into_writer(batch.events as u64, VecWriter(out), wire_config())?;
+    out.extend_from_slice(&batch.bytes);
+    Ok(())
 }
 
 /// bincode's writer for a growing buffer, a frame's or any other: appends to it. (bincode keeps
@@ -327,12 +334,10 @@ impl EncodedEvents {
 
     /// The events, decoded (and validated) as a subscriber reads them.
     pub fn decode(&self) -> Result<Vec<ChangeEvent>, DecodeError> {
-        let mut body = vec![PROTOCOL_VERSION, EVENT_BATCH_TAG];
-        bincode::encode_into_writer(self.events as u64, VecWriter(&mut body), config::standard())
-            .map_err(|err| DecodeError::Malformed {
+        let mut body = vec![PROTOCOL_VERSION];
+        encode_encoded_events(self, &mut body).map_err(|err| DecodeError::Malformed {
             reason: err.to_string(),
         })?;
-        body.extend_from_slice(&self.bytes);
         match decode_body(&body)? {
             Message::EventBatch(events) => Ok(events),
             other => Err(DecodeError::Malformed {
