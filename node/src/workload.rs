@@ -131,11 +131,7 @@ impl Names {
             return numbered(KINDS[kind], n);
         }
         let at = n as usize;
-        let names = &mut self.kinds[kind];
-        if names.len() <= at {
-            names.resize(at + 1, None);
-        }
-        let name = *names[at].get_or_insert_with(|| interned(kind, at));
+        let name = *slot(&mut self.kinds[kind], at).get_or_insert_with(|| interned(kind, at));
         Bytes::from_static(name)
     }
 }
@@ -146,14 +142,18 @@ fn interned(kind: usize, at: usize) -> &'static [u8] {
     let mut all = INTERNED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let names = &mut all[kind];
-    if names.len() <= at {
-        names.resize(at + 1, None);
-    }
-    names[at].get_or_insert_with(|| {
+    slot(&mut all[kind], at).get_or_insert_with(|| {
         let name = numbered(KINDS[kind], at as u64);
         Box::leak(name.to_vec().into_boxed_slice())
     })
+}
+
+/// Slot `at` of a table of names, the table grown to hold it.
+fn slot<'t>(names: &'t mut Vec<Option<&'static [u8]>>, at: usize) -> &'t mut Option<&'static [u8]> {
+    if names.len() <= at {
+        names.resize(at + 1, None);
+    }
+    &mut names[at]
 }
 
 /// The set members a workload writes: static, so that they cost no allocation to make, copy or
