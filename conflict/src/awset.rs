@@ -6,7 +6,7 @@
 //! concurrent add. `crdts::Orswot` implements the same algorithm but keeps its state in
 //! `HashMap`s (iteration order and encoded bytes differ from process to process, which would leak
 //! into replies, digests and simulator traces) and cannot remove "everything observed" by a clock
-//! alone, which `DEL` needs to stay bounded in size. This type keeps the state in `BTreeMap`s and
+//! alone, which `DEL` needs to stay bounded in size. This type keeps the state in sorted maps and
 //! adds [`AwSet::remove_all`].
 //!
 //! ```text
@@ -29,11 +29,14 @@
 //! A member's dots are a `MemberDots`, not a `VClock`: a member holds one dot per origin that
 //! added it concurrently, usually one, and a `VClock` would keep even that one in a B-tree node
 //! of its own (about 200 bytes, one per member). They encode as the `VClock` they stand for.
-
-use std::collections::BTreeMap;
+//!
+//! Members and pending removes are kept in `LiteMap`s, sorted vectors, not `BTreeMap`s: a set
+//! has a handful of members, which a search of one short array finds, where a B-tree allocates
+//! a node for eleven (about 550 bytes for a set of two). They encode as the maps they stand for.
 
 use bytes::Bytes;
 use crdts::{CmRDT, CvRDT, Dot, VClock};
+use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -46,10 +49,10 @@ pub struct AwSet {
     clock: VClock<NodeId>,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
-    entries: BTreeMap<StateBytes, MemberDots>,
+    entries: LiteMap<StateBytes, MemberDots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
-    pending: BTreeMap<StateBytes, VClock<NodeId>>,
+    pending: LiteMap<StateBytes, VClock<NodeId>>,
 }
 
 impl AwSet {
@@ -65,7 +68,7 @@ impl AwSet {
 
     /// The members, in byte order, handed over.
     pub fn into_members(self) -> impl Iterator<Item = StateBytes> {
-        self.entries.into_keys()
+        self.entries.into_iter().map(|(member, _)| member)
     }
 
     /// How many members the set holds.
@@ -153,10 +156,10 @@ impl AwSet {
 
     /// Applies a remove of every member, observing the dots in `observed`.
     pub fn remove_all(&mut self, observed: &VClock<NodeId>) {
-        self.entries.retain(|_, dots| {
+        for (_, dots) in self.entries.iter_mut() {
             dots.reset_remove(observed);
-            !dots.is_empty()
-        });
+        }
+        self.entries.retain(|_, dots| !dots.is_empty());
         // An add covered by `observed` that has not arrived yet was seen, and removed, by the
         // remover: marking it seen makes `add` ignore it when it comes.
         self.clock.merge(observed.clone());
@@ -166,7 +169,7 @@ impl AwSet {
     /// State-based merge: the least upper bound of two replicas of the set.
     pub fn merge(&mut self, other: &AwSet) {
         let ours = std::mem::take(&mut self.entries);
-        let mut merged: BTreeMap<StateBytes, MemberDots> = BTreeMap::new();
+        let mut merged: LiteMap<StateBytes, MemberDots> = LiteMap::new();
         for (member, dots) in &ours {
             let theirs = other.entries.get(member);
             let kept = merge_member_dots(dots, &self.clock, theirs, &other.clock);
@@ -436,6 +439,87 @@ mod tests {
             prop_assert_eq!(&json, &serde_json::to_string(&clock).unwrap());
             prop_assert_eq!(serde_json::from_str::<MemberDots>(&json).unwrap(), dots);
         }
+    }
+
+    /// The set as `BTreeMap`s held it: the encoding stored and sent states kept before
+    /// `LiteMap`, which must not change.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct AwSetInTrees {
+        clock: VClock<NodeId>,
+        entries: std::collections::BTreeMap<StateBytes, MemberDots>,
+        pending: std::collections::BTreeMap<StateBytes, VClock<NodeId>>,
+    }
+
+    /// A set with members added out of order, one removed, and a remove pending for adds that
+    /// have not arrived.
+    fn set_with_pending() -> AwSet {
+        let mut set = AwSet::default();
+        set.add(
+            Dot::new(A, 1),
+            &[m("zz"), m("b"), m("a-member-longer-than-16")],
+        );
+        set.add(Dot::new(B, 1), &[m("b"), m("c")]);
+        set.remove(&set.observed(&[m("c")]), &[m("c")]);
+        set.remove(&clock(&[(A, 5)]), &[m("q"), m("b")]);
+        assert!(!set.pending.is_empty() && set.len() == 3);
+        set
+    }
+
+    #[test]
+    fn a_set_encodes_and_decodes_as_its_maps_in_trees() {
+        let set = set_with_pending();
+        let trees = AwSetInTrees {
+            clock: set.clock.clone(),
+            entries: set
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            pending: set
+                .pending
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&trees, config).unwrap();
+        assert_eq!(bincode::serde::encode_to_vec(&set, config).unwrap(), bytes);
+        let (decoded, _): (AwSet, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(decoded, set);
+    }
+
+    /// Members out of order or repeated, as a damaged or hostile state may carry them, are read
+    /// as a `BTreeMap` reads them: sorted, the last of a repeated member kept.
+    #[test]
+    fn members_out_of_order_decode_as_a_tree_decodes() {
+        let config = bincode::config::standard();
+        let dots = |n: u64| MemberDots::from(clock(&[(A, n)]));
+        let entries = vec![
+            (StateBytes::from(&b"y"[..]), dots(1)),
+            (StateBytes::from(&b"x"[..]), dots(2)),
+            (StateBytes::from(&b"y"[..]), dots(3)),
+        ];
+        let no_pending: Vec<(StateBytes, VClock<NodeId>)> = Vec::new();
+        let bytes =
+            bincode::serde::encode_to_vec((clock(&[(A, 3)]), entries, no_pending), config).unwrap();
+        let (set, _): (AwSet, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let (trees, _): (AwSetInTrees, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let held: Vec<_> = set
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let want: Vec<_> = trees.entries.into_iter().collect();
+        assert_eq!(held, want);
+        assert_eq!(
+            held,
+            vec![
+                (StateBytes::from(&b"x"[..]), dots(2)),
+                (StateBytes::from(&b"y"[..]), dots(3))
+            ]
+        );
     }
 
     /// Dots out of order or repeated, as a damaged or hostile state may carry them, are read
