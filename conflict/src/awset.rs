@@ -26,9 +26,10 @@
 //! them (the replication protocol guarantees it); duplicates and any interleaving of origins are
 //! harmless. State-based [`AwSet::merge`] needs no ordering at all.
 //!
-//! A member's dots are a `MemberDots`, not a `VClock`: a member holds one dot per origin that
-//! added it concurrently, usually one, and a `VClock` would keep even that one in a B-tree node
-//! of its own (about 200 bytes, one per member). They encode as the `VClock` they stand for.
+//! A member's dots, and the set's clock, are `Dots`, not `VClock`s: a member holds one dot per
+//! origin that added it concurrently, usually one, and a clock one per origin that ever added,
+//! a handful; a `VClock` would keep even one in a B-tree node of its own (about 200 bytes). They
+//! encode as the `VClock` they stand for.
 //!
 //! Members and pending removes are kept in `LiteMap`s, sorted vectors, not `BTreeMap`s: a set
 //! has a handful of members, which a search of one short array finds, where a B-tree allocates
@@ -46,10 +47,10 @@ use crate::{NodeId, StateBytes};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AwSet {
     /// Every add dot this replica has seen (applied, or known to be removed).
-    clock: VClock<NodeId>,
+    clock: Dots,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
-    entries: LiteMap<StateBytes, MemberDots>,
+    entries: LiteMap<StateBytes, Dots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
     pending: LiteMap<StateBytes, VClock<NodeId>>,
@@ -82,8 +83,8 @@ impl AwSet {
     }
 
     /// Every add dot seen: what a remove of everything would observe.
-    pub fn clock(&self) -> &VClock<NodeId> {
-        &self.clock
+    pub fn clock(&self) -> VClock<NodeId> {
+        self.clock.to_vclock()
     }
 
     /// The dots that make `members` present: what removing them observes.
@@ -101,12 +102,12 @@ impl AwSet {
 
     /// The counter of the next add dot `origin` would issue on this set.
     pub fn next_counter(&self, origin: NodeId) -> u64 {
-        self.clock.get(&origin) + 1
+        self.clock.get(origin) + 1
     }
 
     /// Applies an add of `members` witnessed by `dot`.
     pub fn add(&mut self, dot: Dot<NodeId>, members: &[Bytes]) {
-        if self.clock.get(&dot.actor) >= dot.counter {
+        if self.clock.get(dot.actor) >= dot.counter {
             return; // seen before: a duplicate, or covered by a remove of everything
         }
         for member in members {
@@ -119,7 +120,7 @@ impl AwSet {
                     Some(dots) => dots.apply(dot),
                     // Looked up by its bytes first: the member is copied only when it is new.
                     None => {
-                        let mut dots = MemberDots::default();
+                        let mut dots = Dots::default();
                         dots.apply(dot);
                         self.entries.insert(StateBytes::from(&member[..]), dots);
                     }
@@ -133,10 +134,7 @@ impl AwSet {
     /// Applies a remove of `members` that observed the dots in `observed`.
     pub fn remove(&mut self, observed: &VClock<NodeId>, members: &[Bytes]) {
         // Not `<=` (partial order): some dot it observed has not arrived here yet.
-        let ahead = !matches!(
-            observed.partial_cmp(&self.clock),
-            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
-        );
+        let ahead = !self.clock.covers(observed);
         for member in members {
             if let Some(dots) = self.entries.get_mut(&member[..]) {
                 dots.reset_remove(observed);
@@ -162,17 +160,17 @@ impl AwSet {
         self.entries.retain(|_, dots| !dots.is_empty());
         // An add covered by `observed` that has not arrived yet was seen, and removed, by the
         // remover: marking it seen makes `add` ignore it when it comes.
-        self.clock.merge(observed.clone());
+        self.clock.merge_clock(observed);
         self.prune_pending();
     }
 
     /// State-based merge: the least upper bound of two replicas of the set.
     pub fn merge(&mut self, other: &AwSet) {
         let ours = std::mem::take(&mut self.entries);
-        let mut merged: LiteMap<StateBytes, MemberDots> = LiteMap::new();
+        let mut merged: LiteMap<StateBytes, Dots> = LiteMap::new();
         for (member, dots) in &ours {
             let theirs = other.entries.get(member);
-            let kept = merge_member_dots(dots, &self.clock, theirs, &other.clock);
+            let kept = merge_dots(dots, &self.clock, theirs, &other.clock);
             if !kept.is_empty() {
                 merged.insert(member.clone(), kept);
             }
@@ -181,13 +179,13 @@ impl AwSet {
             if ours.contains_key(member) {
                 continue;
             }
-            let kept = merge_member_dots(dots, &other.clock, None, &self.clock);
+            let kept = merge_dots(dots, &other.clock, None, &self.clock);
             if !kept.is_empty() {
                 merged.insert(member.clone(), kept);
             }
         }
         self.entries = merged;
-        self.clock.merge(other.clock.clone());
+        self.clock.merge(&other.clock);
         for (member, observed) in &other.pending {
             self.pending
                 .entry(member.clone())
@@ -208,34 +206,24 @@ impl AwSet {
     /// Drops pending removes whose every covered add has arrived.
     fn prune_pending(&mut self) {
         let clock = &self.clock;
-        self.pending.retain(|_, observed| {
-            !matches!(
-                (*observed).partial_cmp(clock),
-                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
-            )
-        });
+        self.pending.retain(|_, observed| !clock.covers(observed));
     }
 }
 
 /// The dots of one member that survive a merge: a dot survives if both sides hold it, or if one
 /// side holds it and the other has never seen it (had the other seen it and not kept it, the
 /// other removed it).
-fn merge_member_dots(
-    ours: &MemberDots,
-    our_clock: &VClock<NodeId>,
-    theirs: Option<&MemberDots>,
-    their_clock: &VClock<NodeId>,
-) -> MemberDots {
-    let mut kept = MemberDots::default();
+fn merge_dots(ours: &Dots, our_clock: &Dots, theirs: Option<&Dots>, their_clock: &Dots) -> Dots {
+    let mut kept = Dots::default();
     for &(actor, counter) in ours.iter() {
         let in_both = theirs.is_some_and(|t| t.get(actor) == counter);
-        if in_both || their_clock.get(&actor) < counter {
+        if in_both || their_clock.get(actor) < counter {
             kept.apply(Dot::new(actor, counter));
         }
     }
     if let Some(theirs) = theirs {
         for &(actor, counter) in theirs.iter() {
-            if our_clock.get(&actor) < counter {
+            if our_clock.get(actor) < counter {
                 kept.apply(Dot::new(actor, counter));
             }
         }
@@ -243,31 +231,32 @@ fn merge_member_dots(
     kept
 }
 
-/// The add dots of one member: at most one per origin, sorted by origin, each the origin's
-/// greatest. It keeps a `VClock`'s meaning (see the module documentation for why it is not one)
-/// and encodes as one, so a stored or sent state reads the same either way.
+/// Dots, at most one per origin, sorted by origin, each the origin's greatest: the add dots of
+/// one member, or a set's clock. It keeps a `VClock`'s meaning (see the module documentation
+/// for why it is not one) and encodes as one, so a stored or sent state reads the same either
+/// way.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "VClock<NodeId>")]
-struct MemberDots(SmallVec<[(NodeId, u64); 1]>);
+struct Dots(SmallVec<[(NodeId, u64); 1]>);
 
 /// Written as `VClock` derives it (a struct whose one field, `dots`, is a map), straight from
 /// the dots: a state is encoded for every digest, and a `VClock` made first would cost a tree.
-impl Serialize for MemberDots {
+impl Serialize for Dots {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        struct Dots<'a>(&'a [(NodeId, u64)]);
-        impl Serialize for Dots<'_> {
+        struct DotMap<'a>(&'a [(NodeId, u64)]);
+        impl Serialize for DotMap<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.collect_map(self.0.iter().map(|(actor, counter)| (actor, counter)))
             }
         }
         let mut clock = serializer.serialize_struct("VClock", 1)?;
-        clock.serialize_field("dots", &Dots(&self.0))?;
+        clock.serialize_field("dots", &DotMap(&self.0))?;
         clock.end()
     }
 }
 
-impl MemberDots {
+impl Dots {
     /// The counter of `actor`'s dot, 0 if it has none.
     fn get(&self, actor: NodeId) -> u64 {
         self.0
@@ -299,12 +288,44 @@ impl MemberDots {
     fn iter(&self) -> impl Iterator<Item = &(NodeId, u64)> {
         self.0.iter()
     }
+
+    /// Whether every dot of `observed` is here, at or below its origin's counter: `observed <=
+    /// self` in a `VClock`'s partial order.
+    fn covers(&self, observed: &VClock<NodeId>) -> bool {
+        observed
+            .dots
+            .iter()
+            .all(|(&actor, &counter)| self.get(actor) >= counter)
+    }
+
+    /// Notes every dot of `other` (as `VClock::merge`).
+    fn merge(&mut self, other: &Dots) {
+        for &(actor, counter) in other.iter() {
+            self.apply(Dot::new(actor, counter));
+        }
+    }
+
+    /// Notes every dot of `observed` (as `VClock::merge`).
+    fn merge_clock(&mut self, observed: &VClock<NodeId>) {
+        for (&actor, &counter) in &observed.dots {
+            self.apply(Dot::new(actor, counter));
+        }
+    }
+
+    /// The same dots as a `VClock`.
+    fn to_vclock(&self) -> VClock<NodeId> {
+        let mut clock = VClock::new();
+        for &(actor, counter) in self.iter() {
+            clock.apply(Dot::new(actor, counter));
+        }
+        clock
+    }
 }
 
-impl From<VClock<NodeId>> for MemberDots {
-    fn from(clock: VClock<NodeId>) -> MemberDots {
+impl From<VClock<NodeId>> for Dots {
+    fn from(clock: VClock<NodeId>) -> Dots {
         // A clock's dots come in actor order, one per actor: the invariant holds as they are.
-        MemberDots(clock.dots.into_iter().collect())
+        Dots(clock.dots.into_iter().collect())
     }
 }
 
@@ -401,12 +422,14 @@ mod tests {
     }
 
     proptest! {
-        /// A member's dots answer as the `VClock` they stand for, step by step, and encode as it.
+        /// Dots answer as the `VClock` they stand for, step by step, compare and merge with
+        /// another as it does, and encode as it.
         #[test]
-        fn member_dots_behave_and_encode_as_a_vclock(
-            steps in prop::collection::vec(dots_step(), 0..24)
+        fn dots_behave_and_encode_as_a_vclock(
+            steps in prop::collection::vec(dots_step(), 0..24),
+            other in prop::collection::vec((1..5u64, 1..6u64), 0..4),
         ) {
-            let mut dots = MemberDots::default();
+            let mut dots = Dots::default();
             let mut clock = VClock::<NodeId>::new();
             for step in steps {
                 match step {
@@ -428,25 +451,42 @@ mod tests {
                     prop_assert_eq!(dots.get(NodeId(actor)), clock.get(&NodeId(actor)));
                 }
             }
+            prop_assert_eq!(&dots.to_vclock(), &clock);
+            let other = vclock_of(&other);
+            prop_assert_eq!(
+                dots.covers(&other),
+                matches!(
+                    other.partial_cmp(&clock),
+                    Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                )
+            );
+            let mut merged = dots.clone();
+            merged.merge_clock(&other);
+            let mut want = clock.clone();
+            want.merge(other.clone());
+            prop_assert_eq!(&merged.to_vclock(), &want);
+            let mut merged_dots = dots.clone();
+            merged_dots.merge(&Dots::from(other));
+            prop_assert_eq!(&merged_dots, &merged);
             let config = bincode::config::standard();
             let encoded = bincode::serde::encode_to_vec(&dots, config).unwrap();
             prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(&clock, config).unwrap());
-            let (decoded, _): (MemberDots, usize) =
+            let (decoded, _): (Dots, usize) =
                 bincode::serde::decode_from_slice(&encoded, config).unwrap();
             prop_assert_eq!(&decoded, &dots);
             // Field names too, for formats that write them.
             let json = serde_json::to_string(&dots).unwrap();
             prop_assert_eq!(&json, &serde_json::to_string(&clock).unwrap());
-            prop_assert_eq!(serde_json::from_str::<MemberDots>(&json).unwrap(), dots);
+            prop_assert_eq!(serde_json::from_str::<Dots>(&json).unwrap(), dots);
         }
     }
 
-    /// The set as `BTreeMap`s held it: the encoding stored and sent states kept before
-    /// `LiteMap`, which must not change.
+    /// The set as `BTreeMap`s and a `VClock` held it: the encoding stored and sent states kept
+    /// before `LiteMap` and `Dots`, which must not change.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct AwSetInTrees {
         clock: VClock<NodeId>,
-        entries: std::collections::BTreeMap<StateBytes, MemberDots>,
+        entries: std::collections::BTreeMap<StateBytes, Dots>,
         pending: std::collections::BTreeMap<StateBytes, VClock<NodeId>>,
     }
 
@@ -469,7 +509,7 @@ mod tests {
     fn a_set_encodes_and_decodes_as_its_maps_in_trees() {
         let set = set_with_pending();
         let trees = AwSetInTrees {
-            clock: set.clock.clone(),
+            clock: set.clock(),
             entries: set
                 .entries
                 .iter()
@@ -494,7 +534,7 @@ mod tests {
     #[test]
     fn members_out_of_order_decode_as_a_tree_decodes() {
         let config = bincode::config::standard();
-        let dots = |n: u64| MemberDots::from(clock(&[(A, n)]));
+        let dots = |n: u64| Dots::from(clock(&[(A, n)]));
         let entries = vec![
             (StateBytes::from(&b"y"[..]), dots(1)),
             (StateBytes::from(&b"x"[..]), dots(2)),
@@ -525,12 +565,11 @@ mod tests {
     /// Dots out of order or repeated, as a damaged or hostile state may carry them, are read
     /// as a `VClock` reads them: sorted, one per actor.
     #[test]
-    fn member_dots_decode_as_a_vclock_decodes() {
+    fn dots_decode_as_a_vclock_decodes() {
         let config = bincode::config::standard();
         let unsorted: Vec<(u64, u64)> = vec![(2, 1), (1, 4), (2, 3)];
         let bytes = bincode::serde::encode_to_vec(&unsorted, config).unwrap();
-        let (dots, _): (MemberDots, usize) =
-            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        let (dots, _): (Dots, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
         let (clock, _): (VClock<NodeId>, usize) =
             bincode::serde::decode_from_slice(&bytes, config).unwrap();
         let want: Vec<(NodeId, u64)> = clock.dots.into_iter().collect();

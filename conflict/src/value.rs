@@ -565,7 +565,7 @@ impl KeyState {
                 .set
                 .as_ref()
                 .filter(|s| !s.members.is_empty())
-                .map(|s| s.members.clock().clone()),
+                .map(|s| s.members.clock()),
             hash: self.hash.as_ref().is_some_and(|h| h.present()),
         }
     }
