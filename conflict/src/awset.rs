@@ -50,9 +50,11 @@ pub struct AwSet {
     clock: Dots,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
+    #[serde(with = "crate::small_map")]
     entries: LiteMap<StateBytes, Dots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
+    #[serde(with = "crate::small_map")]
     pending: LiteMap<StateBytes, VClock<NodeId>>,
 }
 
@@ -527,6 +529,19 @@ mod tests {
         let (decoded, _): (AwSet, usize) =
             bincode::serde::decode_from_slice(&bytes, config).unwrap();
         assert_eq!(decoded, set);
+    }
+
+    /// A member count the input cannot back, as a mutated frame or a corrupt stored state may
+    /// claim, ends in an error, not in reserving room for it (which would abort the process).
+    #[test]
+    fn a_claimed_member_count_past_the_input_is_an_error() {
+        let config = bincode::config::standard();
+        for claimed in [1u64 << 40, u64::MAX] {
+            // An empty clock, then the members' count with nothing after it.
+            let bytes = bincode::serde::encode_to_vec((0u64, claimed), config).unwrap();
+            let decoded = bincode::serde::decode_from_slice::<AwSet, _>(&bytes, config);
+            assert!(decoded.is_err(), "{claimed}");
+        }
     }
 
     /// Members out of order or repeated, as a damaged or hostile state may carry them, are read

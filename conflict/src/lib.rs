@@ -22,6 +22,7 @@
 pub mod awset;
 pub mod hlc;
 pub mod oracle;
+mod small_map;
 pub mod state_bytes;
 pub mod value;
 

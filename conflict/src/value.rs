@@ -342,6 +342,7 @@ struct HashState {
     /// In field order, in one vector: a hash has a handful of fields, which a search of a
     /// short sorted array finds reading one or two cache lines, where a B-tree allocates a
     /// node for eleven. It encodes as the map it stands for.
+    #[serde(with = "crate::small_map")]
     fields: LiteMap<StateBytes, LWWReg<Option<StateBytes>, Hlc>>,
     cleared: Hlc,
     latest: Hlc,
@@ -1022,6 +1023,17 @@ mod tests {
         assert_eq!(decoded, hash);
         let fields: Vec<&[u8]> = decoded.fields.keys().map(StateBytes::as_bytes).collect();
         assert_eq!(fields, [&b"a"[..], b"a-field-longer-than-16", b"m", b"zz"]);
+    }
+
+    /// A field count the input cannot back ends in an error, not in reserving room for it.
+    #[test]
+    fn a_claimed_field_count_past_the_input_is_an_error() {
+        let config = bincode::config::standard();
+        for claimed in [1u64 << 40, u64::MAX] {
+            let bytes = bincode::serde::encode_to_vec(claimed, config).unwrap();
+            let decoded = bincode::serde::decode_from_slice::<HashState, _>(&bytes, config);
+            assert!(decoded.is_err(), "{claimed}");
+        }
     }
 
     /// A state keeps copies of what it applies, not slices of the frame an operation came in:
