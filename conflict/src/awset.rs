@@ -239,7 +239,7 @@ fn merge_dots(ours: &Dots, our_clock: &Dots, theirs: Option<&Dots>, their_clock:
 /// way.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "VClock<NodeId>")]
-struct Dots(SmallVec<[(NodeId, u64); 1]>);
+pub(crate) struct Dots(SmallVec<[(NodeId, u64); 1]>);
 
 /// Written as `VClock` derives it (a struct whose one field, `dots`, is a map), straight from
 /// the dots: a state is encoded for every digest, and a `VClock` made first would cost a tree.
@@ -260,7 +260,7 @@ impl Serialize for Dots {
 
 impl Dots {
     /// The counter of `actor`'s dot, 0 if it has none.
-    fn get(&self, actor: NodeId) -> u64 {
+    pub(crate) fn get(&self, actor: NodeId) -> u64 {
         self.0
             .iter()
             .find(|(a, _)| *a == actor)
@@ -268,7 +268,7 @@ impl Dots {
     }
 
     /// Notes `dot`: its origin's counter becomes the greater of the two (as `VClock::apply`).
-    fn apply(&mut self, dot: Dot<NodeId>) {
+    pub(crate) fn apply(&mut self, dot: Dot<NodeId>) {
         match self.0.binary_search_by_key(&dot.actor, |&(actor, _)| actor) {
             Ok(at) => self.0[at].1 = self.0[at].1.max(dot.counter),
             Err(at) if dot.counter > 0 => self.0.insert(at, (dot.actor, dot.counter)),
@@ -283,11 +283,11 @@ impl Dots {
             .retain(|(actor, counter)| observed.dots.get(actor).is_none_or(|seen| seen < counter));
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(NodeId, u64)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(NodeId, u64)> {
         self.0.iter()
     }
 
@@ -301,7 +301,7 @@ impl Dots {
     }
 
     /// Notes every dot of `other` (as `VClock::merge`).
-    fn merge(&mut self, other: &Dots) {
+    pub(crate) fn merge(&mut self, other: &Dots) {
         for &(actor, counter) in other.iter() {
             self.apply(Dot::new(actor, counter));
         }

@@ -8,6 +8,7 @@
 //! - [`value`]: [`KeyState`] (one key's replicated state), [`Op`] (what a change event carries),
 //!   [`Command`] (what a client asks), [`Value`] (what a client reads).
 //! - [`awset`]: the add-wins observed-remove set the `set` type is built on.
+//! - [`counter`]: [`CounterTotals`], the per-origin totals the `counter` type is built on.
 //! - [`state_bytes`]: [`StateBytes`], the bytes a state keeps (members, fields, values): inline
 //!   when short, never a slice of the frame an operation came in.
 //! - [`oracle`]: converged values from the set of all operations, independent of [`KeyState`].
@@ -20,12 +21,14 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod awset;
+pub mod counter;
 pub mod hlc;
 pub mod oracle;
 mod small_map;
 pub mod state_bytes;
 pub mod value;
 
+pub use counter::CounterTotals;
 pub use hlc::{ClockError, Hlc, HlcClock, NodeId, CLOCK_SKEW_MS_MAX_DEFAULT};
 pub use state_bytes::StateBytes;
 pub use value::{
@@ -34,4 +37,4 @@ pub use value::{
 };
 
 /// Re-exported so that users of [`Observed`] and [`Write`] name the same types.
-pub use crdts::{Dot, PNCounter, VClock};
+pub use crdts::{Dot, VClock};

@@ -17,10 +17,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use crdts::{PNCounter, VClock};
+use crdts::VClock;
 
 use crate::value::{Direction, Observed, Op, Value, ValueType, Write};
-use crate::{Hlc, NodeId};
+use crate::{CounterTotals, Hlc, NodeId};
 
 /// Everything the oracle gathers about one key.
 #[derive(Debug, Default)]
@@ -29,7 +29,7 @@ struct KeyFacts {
     string: Option<(Hlc, Option<Bytes>)>,
     counter_up: BTreeMap<NodeId, u64>,
     counter_down: BTreeMap<NodeId, u64>,
-    counter_removed: Vec<PNCounter<NodeId>>,
+    counter_removed: Vec<CounterTotals>,
     counter_latest: Option<Hlc>,
     set_adds: Vec<(NodeId, u64, Bytes)>,
     set_removes: Vec<(VClock<NodeId>, Bytes)>,
@@ -126,12 +126,7 @@ impl KeyFacts {
             let (removed_up, removed_down) = self
                 .counter_removed
                 .iter()
-                .map(|seen| {
-                    (
-                        seen.inc_many(origin, 0).dot.counter,
-                        seen.dec_many(origin, 0).dot.counter,
-                    )
-                })
+                .map(|seen| (seen.up(origin), seen.down(origin)))
                 .fold((0, 0), |(u, d), (su, sd)| (u.max(su), d.max(sd)));
             let up = self.counter_up.get(&origin).copied().unwrap_or(0);
             let down = self.counter_down.get(&origin).copied().unwrap_or(0);

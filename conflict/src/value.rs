@@ -22,11 +22,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
-use crdts::{CmRDT, CvRDT, Dot, LWWReg, PNCounter, VClock};
+use crdts::{CvRDT, Dot, LWWReg, VClock};
 use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 
 use crate::awset::AwSet;
+use crate::counter::CounterTotals;
 use crate::{Hlc, NodeId, StateBytes};
 
 /// The four value types.
@@ -69,7 +70,7 @@ pub struct Observed {
     /// Tombstone the string at the operation's HLC (last writer wins).
     pub string: bool,
     /// The counter's per-origin totals the remover had seen; they stop counting.
-    pub counter: Option<PNCounter<NodeId>>,
+    pub counter: Option<CounterTotals>,
     /// The set's add dots the remover had seen; they are removed.
     pub set: Option<VClock<NodeId>>,
     /// Remove every hash field written before the operation's HLC (fields are LWW registers).
@@ -297,8 +298,8 @@ impl Value {
 /// Invariant: `removed <= total` pointwise.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct CounterState {
-    total: PNCounter<NodeId>,
-    removed: PNCounter<NodeId>,
+    total: CounterTotals,
+    removed: CounterTotals,
     latest: Hlc,
 }
 
@@ -308,23 +309,14 @@ impl CounterState {
     }
 
     fn value(&self) -> i128 {
-        let diff = self.total.read() - self.removed.read();
         // Each origin's totals are u64 and there are at most a few hundred origins: far inside
         // i128. Saturate rather than panic should a corrupt state say otherwise.
-        i128::try_from(&diff).unwrap_or(if diff.sign() == num_bigint::Sign::Minus {
-            i128::MIN
-        } else {
-            i128::MAX
-        })
+        self.total.value().saturating_sub(self.removed.value())
     }
 
     /// The origin's own running totals `(up, down)`.
     fn own_totals(&self, origin: NodeId) -> (u64, u64) {
-        // PNCounter keeps its parts private: read the origin's totals off the dots it would
-        // issue for a step of zero.
-        let up = self.total.inc_many(origin, 0).dot.counter;
-        let down = self.total.dec_many(origin, 0).dot.counter;
-        (up, down)
+        (self.total.up(origin), self.total.down(origin))
     }
 }
 
@@ -620,7 +612,7 @@ impl KeyState {
                 }
                 _ => {
                     expect(ValueType::Counter)?;
-                    // Read in place: a counter's state is four small trees, not worth a copy.
+                    // Read in place, not copied.
                     let none = CounterState::default();
                     let counter = self.counter.as_deref().unwrap_or(&none);
                     let current = counter.value();
@@ -747,8 +739,8 @@ impl KeyState {
         if let Some(seen) = &observed.counter {
             let counter = self.counter.get_or_insert_with(Box::default);
             // The totals it saw are real and will arrive; taking them now keeps removed <= total.
-            counter.total.merge(seen.clone());
-            counter.removed.merge(seen.clone());
+            counter.total.merge(seen);
+            counter.removed.merge(seen);
         }
         if let Some(seen) = &observed.set {
             self.set
@@ -777,18 +769,7 @@ impl KeyState {
             }
             Write::Counter { direction, total } => {
                 let counter = self.counter.get_or_insert_with(Box::default);
-                let dot = Dot::new(origin, *total);
-                let op = match direction {
-                    Direction::Up => crdts::pncounter::Op {
-                        dot,
-                        dir: crdts::pncounter::Dir::Pos,
-                    },
-                    Direction::Down => crdts::pncounter::Op {
-                        dot,
-                        dir: crdts::pncounter::Dir::Neg,
-                    },
-                };
-                counter.total.apply(op);
+                counter.total.advance(origin, *direction, *total);
                 counter.latest = counter.latest.max(hlc);
                 0
             }
@@ -895,8 +876,8 @@ impl KeyState {
         }
         if let Some(theirs) = &other.counter {
             let ours = self.counter.get_or_insert_with(Box::default);
-            ours.total.merge(theirs.total.clone());
-            ours.removed.merge(theirs.removed.clone());
+            ours.total.merge(&theirs.total);
+            ours.removed.merge(&theirs.removed);
             ours.latest = ours.latest.max(theirs.latest);
         }
         if let Some(theirs) = &other.set {

@@ -32,7 +32,7 @@
 use bincode::de::{BorrowDecode, BorrowDecoder, Decode};
 use bincode::enc::{Encode, Encoder};
 use bincode::error::{AllowedEnumVariants, DecodeError, EncodeError};
-use braid_conflict::{Direction, Hlc, NodeId, Observed, Op, PNCounter, VClock, Write};
+use braid_conflict::{CounterTotals, Direction, Hlc, NodeId, Observed, Op, VClock, Write};
 use bytes::Bytes;
 
 use crate::ids::{Seq, VersionVector};
@@ -327,7 +327,7 @@ fn decode_observed<'de, D: BorrowDecoder<'de>>(d: &mut D) -> Result<Observed, De
     let string = bool::decode(d)?;
     let counter = match decode_option_tag(d)? {
         false => None,
-        true => Some(bincode::serde::Compat::<PNCounter<NodeId>>::decode(d)?.0),
+        true => Some(bincode::serde::Compat::<CounterTotals>::decode(d)?.0),
     };
     let set = match decode_option_tag(d)? {
         false => None,
@@ -449,15 +449,15 @@ mod tests {
         })
     }
 
-    fn counter() -> impl Strategy<Value = PNCounter<NodeId>> {
+    fn counter() -> impl Strategy<Value = CounterTotals> {
         prop::collection::vec((1u64..5, 1u64..300, any::<bool>()), 0..3).prop_map(|steps| {
-            let mut counter = PNCounter::new();
+            let mut counter = CounterTotals::new();
             for (actor, n, up) in steps {
-                let op = match up {
-                    true => counter.inc_many(NodeId(actor), n),
-                    false => counter.dec_many(NodeId(actor), n),
-                };
-                counter.apply(op);
+                let origin = NodeId(actor);
+                match up {
+                    true => counter.advance(origin, Direction::Up, counter.up(origin) + n),
+                    false => counter.advance(origin, Direction::Down, counter.down(origin) + n),
+                }
             }
             counter
         })
@@ -609,8 +609,8 @@ mod tests {
         let b = |s: &'static str| Bytes::from_static(s.as_bytes());
         let mut clock = VClock::new();
         clock.apply(Dot::new(NodeId(2), 3));
-        let mut counter = PNCounter::new();
-        counter.apply(counter.dec_many(NodeId(2), 4));
+        let mut counter = CounterTotals::new();
+        counter.advance(NodeId(2), Direction::Down, 4);
         let observed = Observed {
             string: true,
             counter: Some(counter),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use braid_conflict::{
-    Command, Direction, Hlc, KeyState, NodeId, Observed, Op, PNCounter, VClock, Write,
+    Command, CounterTotals, Direction, Hlc, KeyState, NodeId, Observed, Op, VClock, Write,
 };
 use braid_protocol::frame::{self, DecodeError};
 use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
@@ -51,10 +51,9 @@ fn observed_clock() -> VClock<NodeId> {
     }
 }
 
-fn observed_counter() -> PNCounter<NodeId> {
-    let mut counter = PNCounter::new();
-    let op = counter.inc_many(B, 5);
-    crdts::CmRDT::apply(&mut counter, op);
+fn observed_counter() -> CounterTotals {
+    let mut counter = CounterTotals::new();
+    counter.advance(B, Direction::Up, 5);
     counter
 }
 
