@@ -523,12 +523,7 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
-        let config = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(&trees, config).unwrap();
-        assert_eq!(bincode::serde::encode_to_vec(&set, config).unwrap(), bytes);
-        let (decoded, _): (AwSet, usize) =
-            bincode::serde::decode_from_slice(&bytes, config).unwrap();
-        assert_eq!(decoded, set);
+        crate::small_map::assert_encodes_as(&set, &trees);
     }
 
     /// A member count the input cannot back, as a mutated frame or a corrupt stored state may

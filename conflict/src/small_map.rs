@@ -63,3 +63,18 @@ where
 
     deserializer.deserialize_map(MapVisitor(PhantomData))
 }
+
+/// Asserts that `ours` encodes to the bytes `old` (the same state in the layout it replaced)
+/// encodes to, and decodes from them back to itself.
+#[cfg(test)]
+pub(crate) fn assert_encodes_as<T, O>(ours: &T, old: &O)
+where
+    T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    O: Serialize,
+{
+    let config = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(old, config).unwrap();
+    assert_eq!(bincode::serde::encode_to_vec(ours, config).unwrap(), bytes);
+    let (decoded, _): (T, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+    assert_eq!(&decoded, ours);
+}
