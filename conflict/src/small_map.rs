@@ -5,7 +5,8 @@
 //! reading one, so a damaged or hostile length (a frame mutated in flight, a corrupt stored
 //! state) would ask the allocator for terabytes and abort the process. Here a claimed length
 //! reserves at most [`PREALLOCATED_ENTRIES_MAX`] entries; a longer map grows as its entries are
-//! read, and a length the input cannot back ends in a decoding error.
+//! read, and a length the input cannot back ends in a decoding error. Entries out of order are
+//! sorted once, in `O(n log n)`, as a `BTreeMap` would take them.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -50,14 +51,14 @@ where
 
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
             let reserve = access.size_hint().unwrap_or(0);
-            let mut map = LiteMap::with_capacity(reserve.min(PREALLOCATED_ENTRIES_MAX));
-            while let Some((key, value)) = access.next_entry()? {
-                // Sorted input, the only kind a state writes, appends; other input is sorted in.
-                if let Some((key, value)) = map.try_append(key, value) {
-                    map.insert(key, value);
-                }
+            let mut entries = Vec::with_capacity(reserve.min(PREALLOCATED_ENTRIES_MAX));
+            while let Some(entry) = access.next_entry()? {
+                entries.push(entry);
             }
-            Ok(map)
+            // Sorted input, the only kind a state writes, is taken as it is. Other input is
+            // sorted once (stably, keeping the last of a repeated key), not inserted entry by
+            // entry, which would shift the vector for each and take quadratic time.
+            Ok(entries.into_iter().collect())
         }
     }
 
