@@ -31,16 +31,17 @@
 //! a handful; a `VClock` would keep even one in a B-tree node of its own (about 200 bytes). They
 //! encode as the `VClock` they stand for.
 //!
-//! Members and pending removes are kept in `LiteMap`s, sorted vectors, not `BTreeMap`s: a set
-//! has a handful of members, which a search of one short array finds, where a B-tree allocates
-//! a node for eleven (about 550 bytes for a set of two). They encode as the maps they stand for.
+//! Members and pending removes are kept in `SmallMap`s: sorted vectors while a set has a handful
+//! of members, which a search of one short array finds, where a B-tree allocates a node for
+//! eleven (about 550 bytes for a set of two); B-trees once it has many. They encode as the
+//! `BTreeMap`s they stand for.
 
 use bytes::Bytes;
 use crdts::{CmRDT, CvRDT, Dot, VClock};
-use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
+use crate::small_map::SmallMap;
 use crate::{NodeId, StateBytes};
 
 /// An add-wins observed-remove set. See the module documentation.
@@ -50,12 +51,10 @@ pub struct AwSet {
     clock: Dots,
     /// Live members, each with the dots of its adds that no remove has covered.
     /// Invariant: no entry is empty.
-    #[serde(with = "crate::small_map")]
-    entries: LiteMap<StateBytes, Dots>,
+    entries: SmallMap<StateBytes, Dots>,
     /// Removes whose observed clock is ahead of `clock`: the adds they cover have not all
     /// arrived yet, and must be suppressed when they do. Invariant: no entry is `<= clock`.
-    #[serde(with = "crate::small_map")]
-    pending: LiteMap<StateBytes, VClock<NodeId>>,
+    pending: SmallMap<StateBytes, VClock<NodeId>>,
 }
 
 impl AwSet {
@@ -146,8 +145,7 @@ impl AwSet {
             }
             if ahead {
                 self.pending
-                    .entry(StateBytes::from(&member[..]))
-                    .or_default()
+                    .get_or_insert_default(StateBytes::from(&member[..]))
                     .merge(observed.clone());
             }
         }
@@ -169,7 +167,7 @@ impl AwSet {
     /// State-based merge: the least upper bound of two replicas of the set.
     pub fn merge(&mut self, other: &AwSet) {
         let ours = std::mem::take(&mut self.entries);
-        let mut merged: LiteMap<StateBytes, Dots> = LiteMap::new();
+        let mut merged: SmallMap<StateBytes, Dots> = SmallMap::default();
         for (member, dots) in &ours {
             let theirs = other.entries.get(member);
             let kept = merge_dots(dots, &self.clock, theirs, &other.clock);
@@ -190,8 +188,7 @@ impl AwSet {
         self.clock.merge(&other.clock);
         for (member, observed) in &other.pending {
             self.pending
-                .entry(member.clone())
-                .or_default()
+                .get_or_insert_default(member.clone())
                 .merge(observed.clone());
         }
         for (member, observed) in &self.pending {
@@ -484,7 +481,7 @@ mod tests {
     }
 
     /// The set as `BTreeMap`s and a `VClock` held it: the encoding stored and sent states kept
-    /// before `LiteMap` and `Dots`, which must not change.
+    /// before `SmallMap` and `Dots`, which must not change.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct AwSetInTrees {
         clock: VClock<NodeId>,

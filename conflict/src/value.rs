@@ -23,11 +23,11 @@ use std::fmt;
 
 use bytes::Bytes;
 use crdts::{CvRDT, Dot, LWWReg, VClock};
-use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 
 use crate::awset::AwSet;
 use crate::counter::CounterTotals;
+use crate::small_map::SmallMap;
 use crate::{Hlc, NodeId, StateBytes};
 
 /// The four value types.
@@ -331,11 +331,10 @@ struct SetState {
 /// Invariant: no field's marker is `<= cleared`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct HashState {
-    /// In field order, in one vector: a hash has a handful of fields, which a search of a
-    /// short sorted array finds reading one or two cache lines, where a B-tree allocates a
-    /// node for eleven. It encodes as the map it stands for.
-    #[serde(with = "crate::small_map")]
-    fields: LiteMap<StateBytes, LWWReg<Option<StateBytes>, Hlc>>,
+    /// In field order, in a `SmallMap`: one short sorted vector for the handful of fields most
+    /// hashes hold, read in a cache line or two where a B-tree allocates a node for eleven; a
+    /// B-tree for many. It encodes as the `BTreeMap` it stands for.
+    fields: SmallMap<StateBytes, LWWReg<Option<StateBytes>, Hlc>>,
     cleared: Hlc,
     latest: Hlc,
 }
@@ -955,7 +954,7 @@ mod tests {
     }
 
     /// The hash as a `BTreeMap` of fields held it: the encoding stored and sent states kept
-    /// before `LiteMap`, which must not change.
+    /// before `SmallMap`, which must not change.
     #[derive(Debug, Serialize, Deserialize)]
     struct HashStateInTree {
         fields: BTreeMap<StateBytes, LWWReg<Option<StateBytes>, Hlc>>,
