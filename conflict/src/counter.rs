@@ -11,7 +11,7 @@
 use crdts::Dot;
 use serde::{Deserialize, Serialize};
 
-use crate::awset::Dots;
+use crate::dots::Dots;
 use crate::value::Direction;
 use crate::NodeId;
 

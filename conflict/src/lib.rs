@@ -22,6 +22,7 @@
 
 pub mod awset;
 pub mod counter;
+mod dots;
 pub mod hlc;
 pub mod oracle;
 mod small_map;
