@@ -339,7 +339,7 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
-        crate::small_map::assert_encodes_as(&set, &trees);
+        crate::test_encoding::assert_encodes_as(&set, &trees);
     }
 
     /// A member count the input cannot back, as a mutated frame or a corrupt stored state may

@@ -144,17 +144,8 @@ mod tests {
             );
             prop_assert_eq!(merged == totals, merged_counter == counter);
 
-            let config = bincode::config::standard();
             for (totals, counter) in [(&totals, &counter), (&merged, &merged_counter)] {
-                let encoded = bincode::serde::encode_to_vec(totals, config).unwrap();
-                prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(counter, config).unwrap());
-                let (decoded, _): (CounterTotals, usize) =
-                    bincode::serde::decode_from_slice(&encoded, config).unwrap();
-                prop_assert_eq!(&decoded, totals);
-                // Field names too, for formats that write them.
-                let json = serde_json::to_string(totals).unwrap();
-                prop_assert_eq!(&json, &serde_json::to_string(counter).unwrap());
-                prop_assert_eq!(&serde_json::from_str::<CounterTotals>(&json).unwrap(), totals);
+                crate::test_encoding::assert_encodes_as_also_in_json(totals, counter);
             }
         }
     }

@@ -181,16 +181,7 @@ mod tests {
             let mut merged_dots = dots.clone();
             merged_dots.merge(&Dots::from(other));
             prop_assert_eq!(&merged_dots, &merged);
-            let config = bincode::config::standard();
-            let encoded = bincode::serde::encode_to_vec(&dots, config).unwrap();
-            prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(&clock, config).unwrap());
-            let (decoded, _): (Dots, usize) =
-                bincode::serde::decode_from_slice(&encoded, config).unwrap();
-            prop_assert_eq!(&decoded, &dots);
-            // Field names too, for formats that write them.
-            let json = serde_json::to_string(&dots).unwrap();
-            prop_assert_eq!(&json, &serde_json::to_string(&clock).unwrap());
-            prop_assert_eq!(serde_json::from_str::<Dots>(&json).unwrap(), dots);
+            crate::test_encoding::assert_encodes_as_also_in_json(&dots, &clock);
         }
     }
 

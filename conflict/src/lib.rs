@@ -27,6 +27,8 @@ pub mod hlc;
 pub mod oracle;
 mod small_map;
 pub mod state_bytes;
+#[cfg(test)]
+mod test_encoding;
 pub mod value;
 
 pub use counter::CounterTotals;

@@ -357,21 +357,6 @@ where
     }
 }
 
-/// Asserts that `ours` encodes to the bytes `old` (the same state in the layout it replaced)
-/// encodes to, and decodes from them back to itself.
-#[cfg(test)]
-pub(crate) fn assert_encodes_as<T, O>(ours: &T, old: &O)
-where
-    T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
-    O: Serialize,
-{
-    let config = bincode::config::standard();
-    let bytes = bincode::serde::encode_to_vec(old, config).unwrap();
-    assert_eq!(bincode::serde::encode_to_vec(ours, config).unwrap(), bytes);
-    let (decoded, _): (T, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
-    assert_eq!(&decoded, ours);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,7 +428,7 @@ mod tests {
             // The same entries in either form, and rebuilt from scratch, are equal.
             let fresh: SmallMap<u16, u32> = tree.clone().into_iter().collect();
             prop_assert_eq!(&fresh, &ours);
-            assert_encodes_as(&ours, &tree);
+            crate::test_encoding::assert_encodes_as(&ours, &tree);
             prop_assert!(ours.into_iter().eq(tree.into_iter()));
         }
     }

@@ -147,15 +147,7 @@ mod tests {
             prop_assert_eq!(na.as_bytes(), &a[..]);
             prop_assert_eq!(na.to_bytes(), ba.clone());
             prop_assert_eq!(na.clone().into_bytes(), ba.clone());
-            let config = bincode::config::standard();
-            let encoded = bincode::serde::encode_to_vec(&na, config).unwrap();
-            prop_assert_eq!(&encoded, &bincode::serde::encode_to_vec(&ba, config).unwrap());
-            let (back, _): (StateBytes, usize) =
-                bincode::serde::decode_from_slice(&encoded, config).unwrap();
-            prop_assert_eq!(&back, &na);
-            let json = serde_json::to_string(&na).unwrap();
-            prop_assert_eq!(&json, &serde_json::to_string(&ba).unwrap());
-            prop_assert_eq!(serde_json::from_str::<StateBytes>(&json).unwrap(), na);
+            crate::test_encoding::assert_encodes_as_also_in_json(&na, &ba);
         }
     }
 

@@ -995,7 +995,7 @@ mod tests {
             cleared: hash.cleared,
             latest: hash.latest,
         };
-        crate::small_map::assert_encodes_as(&hash, &tree);
+        crate::test_encoding::assert_encodes_as(&hash, &tree);
         let fields: Vec<&[u8]> = hash.fields.keys().map(StateBytes::as_bytes).collect();
         assert_eq!(fields, [&b"a"[..], b"a-field-longer-than-16", b"m", b"zz"]);
     }
