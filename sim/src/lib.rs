@@ -11,6 +11,7 @@
 //! - [`control`]: the control plane's real openraft group, on the simulated network.
 //! - [`storage`]: simulated storage, with bugs that can be injected to prove the checkers bite.
 //! - [`sweep`]: running many seeds and summarising them.
+//! - [`alloc`]: the binary's allocator.
 //!
 //! See `docs/simulation.md`.
 
@@ -18,6 +19,7 @@
 // Library code proves each unwrap cannot fail, or does not unwrap; tests may.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod alloc;
 pub mod control;
 pub mod storage;
 pub mod sweep;

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc: a run allocates and frees several small objects per simulated event.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: braid_sim::alloc::SimAllocator = braid_sim::alloc::SimAllocator;
 
 /// Braid's deterministic simulator: rehearse a topology and a workload under faults, seed by
 /// seed, on the real replication core, far faster than real time.
