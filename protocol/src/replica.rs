@@ -56,7 +56,6 @@
 //! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::ops::Bound;
 
 use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
 use bytes::Bytes;
@@ -361,6 +360,10 @@ struct Overlay {
 #[allow(clippy::disallowed_types)]
 type OverlayIndex = std::collections::HashMap<Bytes, usize, rustc_hash::FxBuildHasher>;
 
+/// Peers to pump, listed first because pumping needs the replica whole: on the stack for a
+/// mesh of up to eight neighbours (this runs after every commit and every ack).
+type Peers = smallvec::SmallVec<[NodeId; 8]>;
+
 /// One key of an [`Overlay`].
 struct OverlayEntry {
     key: Bytes,
@@ -447,7 +450,8 @@ struct Feed {
     inflight: usize,
     /// Whether a `Subscribe` has arrived; nothing is sent before.
     subscribed: bool,
-    /// Rotates which origin a batch starts with, so no origin starves another.
+    /// Where the next batch starts among the origins: one further for every batch sent, so
+    /// that no origin starves another.
     rotation: usize,
 }
 
@@ -709,7 +713,7 @@ impl<S: Storage> Replica<S> {
         if !events.is_empty() {
             self.stats.writes += events.len() as u64;
             self.commit(keys, events)?;
-            self.pump_all()?;
+            self.pump_feeds_of(&[self.config.node])?;
         }
         Ok(results)
     }
@@ -1016,6 +1020,13 @@ impl<S: Storage> Replica<S> {
         self.stats.peer(peer).events_applied += applied.len() as u64;
         // Keys were taken from storage for the overlay: all of them go back in this commit.
         assert!(overlay.entries.is_empty() || !applied.is_empty());
+        // The origins of what was applied, each once: the feeds to pump below.
+        let mut origins: smallvec::SmallVec<[NodeId; 4]> = smallvec::SmallVec::new();
+        for event in &applied {
+            if !origins.contains(&event.origin) {
+                origins.push(event.origin);
+            }
+        }
         if !applied.is_empty() {
             self.commit(overlay.into_keys(), applied)?;
         }
@@ -1025,7 +1036,7 @@ impl<S: Storage> Replica<S> {
             message: Message::Ack(self.vector.clone()),
         });
         // Relay: peers subscribed to these origins through us get them now.
-        self.pump_all()
+        self.pump_feeds_of(&origins)
     }
 
     /// Applies one in-order event into the overlay. Returns false if its HLC is refused.
@@ -1068,18 +1079,28 @@ impl<S: Storage> Replica<S> {
 
     // ---- publishing ----
 
+    /// Pumps every feed, in peer order.
     fn pump_all(&mut self) -> Result<(), S::Error> {
-        // Each feed in peer order, found after the last one pumped: pumping needs the replica
-        // whole, and this runs after every commit, where a list of the peers would cost an
-        // allocation each time.
-        let mut next = self.feeds.keys().next().copied();
-        while let Some(peer) = next {
+        let peers: Peers = self.feeds.keys().copied().collect();
+        for peer in peers {
             self.pump(peer)?;
-            next = self
-                .feeds
-                .range((Bound::Excluded(peer), Bound::Unbounded))
-                .next()
-                .map(|(peer, _)| *peer);
+        }
+        Ok(())
+    }
+
+    /// Pumps the feeds that asked for any of `origins`, in peer order. After a commit of
+    /// events of `origins` only those feeds can have anything new to send (a feed's window
+    /// opens on its own ack, which pumps it), and this runs after every commit: the others are
+    /// not looked at.
+    fn pump_feeds_of(&mut self, origins: &[NodeId]) -> Result<(), S::Error> {
+        let peers: Peers = self
+            .feeds
+            .iter()
+            .filter(|(_, feed)| feed.origins.iter().any(|o| origins.contains(o)))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in peers {
+            self.pump(peer)?;
         }
         Ok(())
     }
@@ -1136,10 +1157,10 @@ impl<S: Storage> Replica<S> {
                     break;
                 }
             }
-            feed.rotation = feed.rotation.wrapping_add(1);
             if batch.events == 0 {
                 break;
             }
+            feed.rotation = feed.rotation.wrapping_add(1);
             let counters = self.stats.peers.entry(peer).or_default();
             counters.events_sent += batch.events as u64;
             counters.batches_sent += 1;
