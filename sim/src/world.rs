@@ -915,6 +915,24 @@ impl<'a> World<'a> {
     fn step(&mut self, event: Event) {
         match event {
             Event::Write(region) => self.write(region),
+            Event::Deliver {
+                from,
+                to,
+                kind,
+                gen,
+                bytes,
+            } => self.deliver(from, to, kind, gen, &bytes),
+            other => self.step_rare(other),
+        }
+    }
+
+    /// Every event but writes and deliveries, which are nearly all of a run's: out of line, so
+    /// that the code of ticks, faults and connections does not sit among theirs in the
+    /// instruction cache.
+    #[inline(never)]
+    fn step_rare(&mut self, event: Event) {
+        match event {
+            Event::Write(region) => self.write(region),
             Event::Tick => {
                 for region in 0..self.regions.len() {
                     let now = self.local_ms(region);
@@ -1249,23 +1267,28 @@ impl<'a> World<'a> {
             [5, from as u64, to as u64, u64::from(result.is_ok())],
             || format!("deliver {from}->{to} {kind:?}"),
         );
-        if let Err(PeerError::Behind { .. }) = &result {
-            // The subscriber is told, and fetches a data snapshot from this publisher: as a
-            // node's driver does, one at a time, arriving a snapshot's transfer time later.
-            if self.resyncing.insert(from) {
-                self.schedule(
-                    self.now_ms + SNAPSHOT_MS,
-                    Event::Snapshot {
-                        sub: from,
-                        publ: to,
-                    },
-                );
-            }
-        }
-        if result.is_err() {
-            self.close(key);
+        if let Err(err) = &result {
+            self.refused(from, to, key, matches!(err, PeerError::Behind { .. }));
         }
         self.drain(to);
+    }
+
+    /// `to` refused what `from` sent on stream `key`, which closes; a subscriber told it is
+    /// `behind` fetches a data snapshot from this publisher: as a node's driver does, one at a
+    /// time, arriving a snapshot's transfer time later.
+    #[cold]
+    #[inline(never)]
+    fn refused(&mut self, from: usize, to: usize, key: (usize, usize), behind: bool) {
+        if behind && self.resyncing.insert(from) {
+            self.schedule(
+                self.now_ms + SNAPSHOT_MS,
+                Event::Snapshot {
+                    sub: from,
+                    publ: to,
+                },
+            );
+        }
+        self.close(key);
     }
 
     /// `publ`'s keys, vector and HLC, through the real encoding in chunks as a node sends
