@@ -300,9 +300,10 @@ pub struct World<'a> {
     writes_acked: u64,
     /// A region's outputs while `drain` sends them (kept to be filled again).
     outputs: Vec<Transmit>,
-    /// When each acknowledged write was made, by origin, at its sequence number (`u64::MAX`
-    /// where unknown).
-    created_ms: BTreeMap<NodeId, Vec<u64>>,
+    /// When each acknowledged write was made, by origin (at its node id, which is small: a
+    /// region's place in the scenario, from 1), at its sequence number (`u64::MAX` where
+    /// unknown). Looked up for every event applied.
+    created_ms: Vec<Vec<u64>>,
     lag: Histogram<u64>,
     events_sent: u64,
     events_applied: u64,
@@ -400,7 +401,7 @@ impl<'a> World<'a> {
             oracle: Oracle::with_keys(scenario.workload.keys),
             writes_acked: 0,
             outputs: Vec::new(),
-            created_ms: BTreeMap::new(),
+            created_ms: Vec::new(),
             lag: lag_histogram(),
             events_sent: 0,
             events_applied: 0,
@@ -1045,7 +1046,11 @@ impl<'a> World<'a> {
             let keep_whole = self.scenario.durability == Some(DurabilityMode::Process);
             for seq in before.0 + 1..=after.0 {
                 if let Some(event) = replica.storage_mut().log().get(node, Seq(seq)) {
-                    let created = self.created_ms.entry(node).or_default();
+                    let at = node.0 as usize;
+                    if self.created_ms.len() <= at {
+                        self.created_ms.resize_with(at + 1, Vec::new);
+                    }
+                    let created = &mut self.created_ms[at];
                     let at = seq as usize;
                     if created.len() <= at {
                         created.resize(at + 1, u64::MAX);
@@ -1116,9 +1121,9 @@ impl<'a> World<'a> {
         for &(origin, seq) in &committed {
             if origin != me {
                 self.events_applied += 1;
-                let created = self
-                    .created_ms
-                    .get(&origin)
+                let created = usize::try_from(origin.0)
+                    .ok()
+                    .and_then(|at| self.created_ms.get(at))
                     .and_then(|c| c.get(seq.0 as usize));
                 if let Some(&created) = created.filter(|&&c| c != u64::MAX) {
                     let lag = self.now_ms.saturating_sub(created);
