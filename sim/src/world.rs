@@ -230,6 +230,56 @@ struct Stream {
     last_delivery: [u64; 2],
 }
 
+/// The streams between regions, by (subscriber, publisher): a table of every pair, looked up
+/// for every message sent and delivered, where a B-tree took a search each time. Its keys come
+/// out in the order a `BTreeMap` of the pairs gives them.
+#[derive(Debug, Default)]
+struct Streams {
+    regions: usize,
+    table: Vec<Option<Stream>>,
+}
+
+impl Streams {
+    fn new(regions: usize) -> Streams {
+        Streams {
+            regions,
+            table: std::iter::repeat_with(|| None)
+                .take(regions * regions)
+                .collect(),
+        }
+    }
+
+    fn index(&self, (sub, publ): (usize, usize)) -> Option<usize> {
+        (sub < self.regions && publ < self.regions).then(|| sub * self.regions + publ)
+    }
+
+    fn insert(&mut self, key: (usize, usize), stream: Stream) {
+        let at = self.index(key);
+        assert!(at.is_some(), "a stream between two of the run's regions");
+        if let Some(at) = at {
+            self.table[at] = Some(stream);
+        }
+    }
+
+    fn get(&self, key: &(usize, usize)) -> Option<&Stream> {
+        self.table[self.index(*key)?].as_ref()
+    }
+
+    fn get_mut(&mut self, key: &(usize, usize)) -> Option<&mut Stream> {
+        let at = self.index(*key)?;
+        self.table[at].as_mut()
+    }
+
+    /// Every pair with a stream, in (subscriber, publisher) order.
+    fn keys(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, stream)| stream.is_some())
+            .map(|(at, _)| (at / self.regions, at % self.regions))
+    }
+}
+
 /// Where a region is in its membership of the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -287,7 +337,7 @@ pub struct World<'a> {
     /// The workload's keys and values, made once each.
     names: Names,
     conn_rng: ChaCha8Rng,
-    streams: BTreeMap<(usize, usize), Stream>,
+    streams: Streams,
     cut: BTreeSet<(usize, usize)>,
     slow: BTreeMap<(usize, usize), u64>,
     /// Acknowledged writes kept whole: in `process` durability only, where the oracle must
@@ -394,7 +444,7 @@ impl<'a> World<'a> {
             load_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 2)),
             names: Names::default(),
             conn_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 3)),
-            streams: BTreeMap::new(),
+            streams: Streams::new(scenario.regions.len()),
             cut: BTreeSet::new(),
             slow: BTreeMap::new(),
             acked: Vec::new(),
@@ -742,7 +792,6 @@ impl<'a> World<'a> {
             let keys: Vec<(usize, usize)> = self
                 .streams
                 .keys()
-                .copied()
                 .filter(|(a, b)| *a == region || *b == region)
                 .collect();
             for (sub, publ) in keys {
@@ -1370,7 +1419,7 @@ impl<'a> World<'a> {
 
     /// Opens or closes streams to match who is up and which links are cut both ways.
     fn reconcile(&mut self) {
-        let keys: Vec<(usize, usize)> = self.streams.keys().copied().collect();
+        let keys: Vec<(usize, usize)> = self.streams.keys().collect();
         for (sub, publ) in keys {
             let wanted = self.up(sub)
                 && self.up(publ)
