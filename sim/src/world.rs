@@ -982,7 +982,9 @@ impl<'a> World<'a> {
     #[inline(never)]
     fn step_rare(&mut self, event: Event) {
         match event {
-            Event::Write(region) => self.write(region),
+            Event::Write(_) | Event::Deliver { .. } => {
+                unreachable!("step handles writes and deliveries itself")
+            }
             Event::Tick => {
                 for region in 0..self.regions.len() {
                     let now = self.local_ms(region);
@@ -998,13 +1000,6 @@ impl<'a> World<'a> {
                 }
                 self.schedule(self.now_ms + TICK_MS, Event::Tick);
             }
-            Event::Deliver {
-                from,
-                to,
-                kind,
-                gen,
-                bytes,
-            } => self.deliver(from, to, kind, gen, &bytes),
             Event::Fault(i) => {
                 let action = self.scenario.timeline[i].action.clone();
                 self.fault(&action);
