@@ -218,7 +218,7 @@ struct Stream {
 /// The streams between regions, by (subscriber, publisher): a table of every pair, looked up
 /// for every message sent and delivered, where a B-tree took a search each time. Its keys come
 /// out in the order a `BTreeMap` of the pairs gives them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Streams {
     regions: usize,
     table: Vec<Option<Stream>>,
@@ -239,11 +239,10 @@ impl Streams {
     }
 
     fn insert(&mut self, key: (usize, usize), stream: Stream) {
-        let at = self.index(key);
-        assert!(at.is_some(), "a stream between two of the run's regions");
-        if let Some(at) = at {
-            self.table[at] = Some(stream);
-        }
+        let Some(at) = self.index(key) else {
+            panic!("a stream between two of the run's regions, not {key:?}");
+        };
+        self.table[at] = Some(stream);
     }
 
     fn get(&self, key: &(usize, usize)) -> Option<&Stream> {
@@ -257,11 +256,11 @@ impl Streams {
 
     /// Every pair with a stream, in (subscriber, publisher) order.
     fn keys(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.table
-            .iter()
-            .enumerate()
-            .filter(|(_, stream)| stream.is_some())
-            .map(|(at, _)| (at / self.regions, at % self.regions))
+        self.table.iter().enumerate().filter_map(|(at, stream)| {
+            stream
+                .as_ref()
+                .map(|_| (at / self.regions, at % self.regions))
+        })
     }
 }
 
