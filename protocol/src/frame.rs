@@ -332,6 +332,16 @@ impl EncodedEvents {
         Ok(())
     }
 
+    /// Appends `events` events already in their wire encoding, one after another, as
+    /// [`EncodedEvents::push`] wrote them.
+    pub(crate) fn append_encoded(&mut self, encoded: &[u8], events: usize) {
+        if self.bytes.capacity() == 0 {
+            self.bytes.reserve(ENCODE_CAPACITY_BYTES.max(encoded.len()));
+        }
+        self.bytes.extend_from_slice(encoded);
+        self.events += events;
+    }
+
     /// The events, decoded (and validated) as a subscriber reads them.
     pub fn decode(&self) -> Result<Vec<ChangeEvent>, DecodeError> {
         let mut body = vec![PROTOCOL_VERSION];

@@ -24,6 +24,7 @@
 
 mod batch;
 pub mod control;
+mod encoded_tail;
 pub mod frame;
 pub mod ids;
 pub mod limits;

@@ -57,6 +57,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::encoded_tail::EncodedTails;
 use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -495,6 +496,9 @@ pub struct Replica<S: Storage> {
     /// moved. A stall past `resubscribe_ms` means something was lost: re-subscribe.
     stalled: BTreeMap<NodeId, (Seq, u64)>,
     transmits: VecDeque<Transmit>,
+    /// The encodings of each origin's newest events, for the feeds that send them after the
+    /// first.
+    tails: EncodedTails,
     next_tick_ms: u64,
     stats: Stats,
 }
@@ -541,6 +545,7 @@ impl<S: Storage> Replica<S> {
             gap_since_ms: None,
             peer_vectors: BTreeMap::new(),
             transmits: VecDeque::new(),
+            tails: EncodedTails::default(),
             next_tick_ms: now_ms,
             stats: Stats::new(),
             config,
@@ -1115,8 +1120,9 @@ impl<S: Storage> Replica<S> {
             return Ok(());
         }
         while feed.inflight < self.config.peer_inflight_batches_max {
-            // Events are encoded into the batch straight from the log, as it lends them: never
-            // copied out of it, and sent as the bytes a socket carries.
+            // Events are encoded into the batch straight from the log, as it lends them (or
+            // copied from their encodings an earlier feed made): never copied out of the log as
+            // events, and sent as the bytes a socket carries.
             let mut batch = EncodedEvents::default();
             let mut bytes = 0usize;
             let mut unencodable = false;
@@ -1128,25 +1134,45 @@ impl<S: Storage> Replica<S> {
                     continue;
                 }
                 let room = self.config.batch_events_max - batch.events;
-                let mut last = None;
-                // The storage counts the events' bytes as it checks its limit. (Past an event
-                // that could not be encoded the count runs on, and the batch ends anyway.)
-                bytes += self.storage.log_after_each(
-                    origin,
-                    sent,
-                    room,
-                    self.config.batch_bytes_max.saturating_sub(bytes),
-                    &mut |event| {
-                        debug_assert_ne!(event.origin, peer, "never echo to the origin");
-                        // Encoding to memory cannot fail; if it did, the feed would stop at
-                        // this event, as it stops at a frame that cannot be sent.
-                        if unencodable || batch.push(event).is_err() {
-                            unencodable = true;
-                            return;
-                        }
-                        last = Some(event.seq);
-                    },
-                )?;
+                let bytes_max = self.config.batch_bytes_max.saturating_sub(bytes);
+                // What an earlier feed encoded is copied; the log lends the rest, which is
+                // encoded and kept for the feeds after this one. Together they lend what the
+                // log alone would, within the same limits.
+                let lent = self.tails.lend(origin, sent, room, bytes_max, &mut batch);
+                debug_assert!(
+                    lent.events == 0 || origin != peer,
+                    "never echo to the origin"
+                );
+                let mut last = (lent.events > 0).then_some(lent.last);
+                bytes += lent.bytes;
+                if lent.events < room
+                    && (lent.events == 0 || lent.bytes < bytes_max)
+                    && self.vector.get(origin) > lent.last
+                {
+                    let tails = &mut self.tails;
+                    // The storage counts the events' bytes as it checks its limit. (Past an
+                    // event that could not be encoded the count runs on, and the batch ends
+                    // anyway.)
+                    bytes += self.storage.log_after_each(
+                        origin,
+                        lent.last,
+                        room - lent.events,
+                        bytes_max - lent.bytes,
+                        &mut |event| {
+                            debug_assert_ne!(event.origin, peer, "never echo to the origin");
+                            // Encoding to memory cannot fail; if it did, the feed would stop
+                            // at this event, as it stops at a frame that cannot be sent.
+                            let at = batch.bytes.len();
+                            if unencodable || batch.push(event).is_err() {
+                                unencodable = true;
+                                return;
+                            }
+                            let size = crate::storage::event_size_bytes(event);
+                            tails.keep(origin, event.seq, &batch.bytes[at..], size);
+                            last = Some(event.seq);
+                        },
+                    )?;
+                }
                 if let Some(last) = last {
                     feed.cursor.advance(origin, last);
                 }
@@ -1357,6 +1383,7 @@ impl<S: Storage> Replica<S> {
         let high = self.clock.last().max(hlc);
         self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, high);
         self.trimmed.merge(&through);
+        self.tails.trim(&through);
         let commit = Commit {
             keys: Vec::new(),
             events: Vec::new(),
@@ -1479,6 +1506,7 @@ impl<S: Storage> Replica<S> {
             .sum();
         self.storage.trim_log(&cut)?;
         self.trimmed.merge(&cut);
+        self.tails.trim(&cut);
         self.stats.log_events_trimmed += deleted;
         assert!(
             self.vector.dominates(&self.trimmed),

@@ -575,6 +575,128 @@ fn a_slow_subscriber_holds_the_publisher_to_its_window() {
     );
 }
 
+/// The batches `replica` has to send, drained, each with its peer.
+fn batches_to(
+    replica: &mut Replica<MemoryStorage>,
+) -> Vec<(NodeId, braid_protocol::EncodedEvents)> {
+    std::iter::from_fn(|| replica.poll_transmit())
+        .filter_map(|t| match t.message {
+            Message::EncodedEvents(batch) => Some((t.peer, batch)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks that each peer's batches carry `origin`'s events from `from[peer]` on, in order,
+/// at most `events_max` to a batch, each batch byte for byte what encoding the logged events
+/// gives; advances `from` past them.
+fn check_batches(
+    replica: &Replica<MemoryStorage>,
+    origin: NodeId,
+    batches: &[(NodeId, braid_protocol::EncodedEvents)],
+    from: &mut BTreeMap<NodeId, u64>,
+    events_max: usize,
+) {
+    for (peer, batch) in batches {
+        let events = batch.decode().unwrap();
+        assert!(!events.is_empty() && events.len() <= events_max);
+        let mut expected = braid_protocol::EncodedEvents::default();
+        for event in &events {
+            let next = from.get_mut(peer).unwrap();
+            *next += 1;
+            assert_eq!((event.origin, event.seq), (origin, Seq(*next)));
+            expected
+                .push(replica.storage().log().get(origin, event.seq).unwrap())
+                .unwrap();
+        }
+        assert_eq!(batch.bytes(), expected.bytes(), "batch to {peer:?}");
+    }
+}
+
+#[test]
+fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them_first() {
+    // Three feeds at different points of one origin's log: the first to send an event encodes
+    // it, the others copy its encoding; the bytes must be the same either way, before and
+    // after the log is trimmed.
+    const D: NodeId = NodeId(4);
+    let topology = Topology::full_mesh([A, B, C, D]).unwrap();
+    let mut config = ReplicaConfig::new(A);
+    config.batch_events_max = 3;
+    config.peer_inflight_batches_max = 2;
+    let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
+    let write = |a: &mut Replica<MemoryStorage>, i: u64| {
+        let value = b(&"v".repeat(i as usize % 7 + 1));
+        a.handle_commands(vec![(b(&format!("k{i}")), Command::Set(value))], i)
+            .unwrap();
+    };
+    for i in 0..10 {
+        write(&mut a, i);
+    }
+    let mut from = BTreeMap::from([(B, 0), (C, 4), (D, 9)]);
+    for (peer, seq) in from.clone() {
+        a.handle_feed_open(peer, 20).unwrap();
+        let mut vector = VersionVector::new();
+        vector.advance(A, Seq(seq));
+        let subscribe = Subscribe {
+            vector,
+            origins: vec![A],
+            rewind: false,
+        };
+        a.handle_message(peer, StreamKind::Feed, Message::Subscribe(subscribe), 20)
+            .unwrap();
+    }
+    let batches = batches_to(&mut a);
+    check_batches(&a, A, &batches, &mut from, 3);
+    // B's window of two batches holds six of its ten events.
+    assert_eq!(from, BTreeMap::from([(B, 6), (C, 10), (D, 10)]));
+    // New writes go to whichever feed has room; acks free the rest, but C never acks and
+    // stays where its window filled.
+    for i in 10..40 {
+        if i < 30 {
+            write(&mut a, i);
+        }
+        let batches = batches_to(&mut a);
+        check_batches(&a, A, &batches, &mut from, 3);
+        if i % 4 == 0 || i >= 30 {
+            for peer in [B, D] {
+                let mut held = VersionVector::new();
+                held.advance(A, Seq(from[&peer]));
+                let ack = Message::Ack(held);
+                a.handle_message(peer, StreamKind::Feed, ack, i).unwrap();
+            }
+            let batches = batches_to(&mut a);
+            check_batches(&a, A, &batches, &mut from, 3);
+        }
+    }
+    assert_eq!((from[&B], from[&D]), (30, 30));
+    let stalled = from[&C];
+    assert!(stalled < 25);
+    // The log is trimmed past where C stopped: a rewind from before the trim is refused, and
+    // the window C's acks open gets what the log still holds, from after the trim, and never
+    // an encoding of an event the log no longer has.
+    a.handle_stable_frontier(&VersionVector::from_iter([(A, Seq(25))]))
+        .unwrap();
+    let mut vector = VersionVector::new();
+    vector.advance(A, Seq(20));
+    let rewind = Subscribe {
+        vector,
+        origins: vec![A],
+        rewind: true,
+    };
+    let refused = a.handle_message(C, StreamKind::Feed, Message::Subscribe(rewind), 40);
+    assert!(matches!(refused, Err(PeerError::Behind { .. })));
+    from.insert(C, 25);
+    while from[&C] < 30 {
+        let mut held = VersionVector::new();
+        held.advance(A, Seq(stalled));
+        a.handle_message(C, StreamKind::Feed, Message::Ack(held), 41)
+            .unwrap();
+        let batches = batches_to(&mut a);
+        assert!(!batches.is_empty() && batches.iter().all(|(peer, _)| *peer == C));
+        check_batches(&a, A, &batches, &mut from, 3);
+    }
+}
+
 #[test]
 fn full_mesh_converges_to_the_oracle_with_each_event_crossing_each_link_once() {
     let topology = Topology::full_mesh([A, B, C]).unwrap();

@@ -1,0 +1,363 @@
+//! The wire encoding of each origin's newest events, as the first feed to send them encoded
+//! them: the other feeds copy the bytes instead of encoding the same events again.
+//!
+//! A region sends each of its own writes to every neighbor, and relays the events it forwards
+//! to every subscriber of their origin: one event goes out on several feeds, each at its own
+//! pace (a feed sends when its peer's acknowledgements open its window). The feeds are rarely
+//! more than a window apart, so a short run of encodings per origin, kept in the order of
+//! sequence numbers, serves nearly all of them.
+//!
+//! The tails mirror the change log: they only ever hold events the log lent, and they drop what
+//! the log drops ([`EncodedTails::trim`]), so a batch built from them is the batch the log would
+//! have given, byte for byte. An origin and sequence number name one event for good (the
+//! replica commits an event only right after its origin's last), so a kept encoding never goes
+//! stale.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::ids::{NodeId, Seq, VersionVector};
+use crate::message::EncodedEvents;
+
+/// Bytes of encodings kept per origin; past it the oldest go. 256 KiB holds the events of
+/// several windows of every feed at thousands of writes per second, and bounds the memory at
+/// 256 KiB per origin (a mesh has a few dozen at most).
+pub(crate) const ENCODED_TAIL_BYTES_MAX: usize = 256 * 1024;
+
+/// Per origin, the encodings of a run of consecutive events.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedTails {
+    tails: BTreeMap<NodeId, Tail>,
+}
+
+/// What [`EncodedTails::lend`] put into a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lent {
+    /// The last sequence number lent (the `after` given, if none).
+    pub last: Seq,
+    /// How many events.
+    pub events: usize,
+    /// Their sizes, as [`crate::storage::event_size_bytes`] counts them.
+    pub bytes: usize,
+}
+
+/// One origin's run: the events from `first` on, each encoded, one after another in `bytes`.
+#[derive(Debug, Default)]
+struct Tail {
+    /// The sequence number of the first event kept.
+    first: Seq,
+    /// For each event kept, in order: where its encoding ends in `bytes`, and its size as the
+    /// storage counts it against a batch's byte limit.
+    ends: VecDeque<(usize, usize)>,
+    /// Where the first event's encoding starts in `bytes` (the bytes before it are dropped).
+    start: usize,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// The sequence number the next event appended must have.
+    fn next(&self) -> Seq {
+        Seq(self.first.0 + self.ends.len() as u64)
+    }
+
+    /// Where the encoding of the event at `index` (from `first`) starts.
+    fn start_of(&self, index: usize) -> usize {
+        match index {
+            0 => self.start,
+            _ => self.ends[index - 1].0,
+        }
+    }
+
+    fn live_bytes(&self) -> usize {
+        self.bytes.len() - self.start
+    }
+
+    /// Drops the first event.
+    fn pop_front(&mut self) {
+        if let Some((end, _)) = self.ends.pop_front() {
+            self.start = end;
+            self.first = self.first.next();
+        }
+        if self.ends.is_empty() {
+            self.bytes.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Moves the live bytes to the front once the dropped ones are most of the buffer: each
+    /// byte is moved at most once per time the buffer fills, so appending stays linear.
+    fn compact(&mut self) {
+        if self.start == 0 || self.start < self.bytes.len() / 2 {
+            return;
+        }
+        let dropped = self.start;
+        self.bytes.drain(..dropped);
+        for (end, _) in &mut self.ends {
+            *end -= dropped;
+        }
+        self.start = 0;
+    }
+}
+
+impl EncodedTails {
+    /// Copies into `batch` the encodings kept of `origin`'s events after `after`, in order, as
+    /// a storage lends them (see [`crate::storage::Storage::log_after_each`]): at most
+    /// `events_max` of them, stopping once their sizes reach `bytes_max` (at least one is lent
+    /// if the tail holds the next). Lends nothing unless the tail holds the event after `after`.
+    pub(crate) fn lend(
+        &self,
+        origin: NodeId,
+        after: Seq,
+        events_max: usize,
+        bytes_max: usize,
+        batch: &mut EncodedEvents,
+    ) -> Lent {
+        let mut lent = Lent {
+            last: after,
+            events: 0,
+            bytes: 0,
+        };
+        let Some(tail) = self.tails.get(&origin) else {
+            return lent;
+        };
+        let from_seq = after.next();
+        if from_seq < tail.first || from_seq >= tail.next() {
+            return lent;
+        }
+        let from = (from_seq.0 - tail.first.0) as usize;
+        let mut to = from;
+        while to < tail.ends.len() {
+            if lent.events >= events_max || (lent.bytes >= bytes_max && lent.events > 0) {
+                break;
+            }
+            lent.bytes += tail.ends[to].1;
+            lent.events += 1;
+            to += 1;
+        }
+        if lent.events == 0 {
+            return lent;
+        }
+        // One copy for the whole run: the encodings lie one after another.
+        batch.append_encoded(
+            &tail.bytes[tail.start_of(from)..tail.ends[to - 1].0],
+            lent.events,
+        );
+        lent.last = Seq(after.0 + lent.events as u64);
+        lent
+    }
+
+    /// Keeps the encoding of `origin`'s event `seq`, which the change log holds, with its size
+    /// as the storage counted it. The tail holds one run of consecutive events: an event right
+    /// after it extends it; one further on starts it again (the newest events are the ones the
+    /// feeds still want); one already in it, or before it, is not kept again.
+    pub(crate) fn keep(&mut self, origin: NodeId, seq: Seq, encoded: &[u8], size: usize) {
+        let tail = self.tails.entry(origin).or_default();
+        if encoded.len() > ENCODED_TAIL_BYTES_MAX {
+            // Larger than the whole bound: never kept, and the run it breaks starts again.
+            *tail = Tail::default();
+            return;
+        }
+        if tail.ends.is_empty() || seq > tail.next() {
+            tail.ends.clear();
+            tail.bytes.clear();
+            tail.start = 0;
+            tail.first = seq;
+        } else if seq < tail.next() {
+            return;
+        }
+        while !tail.ends.is_empty() && tail.live_bytes() + encoded.len() > ENCODED_TAIL_BYTES_MAX {
+            tail.pop_front();
+        }
+        if tail.ends.is_empty() {
+            tail.first = seq;
+        }
+        tail.compact();
+        tail.bytes.extend_from_slice(encoded);
+        tail.ends.push_back((tail.bytes.len(), size));
+        assert!(tail.live_bytes() <= ENCODED_TAIL_BYTES_MAX);
+    }
+
+    /// Drops, per origin, every event at or below `through[origin]`, as the change log does.
+    pub(crate) fn trim(&mut self, through: &VersionVector) {
+        for (origin, seq) in through.iter() {
+            if let Some(tail) = self.tails.get_mut(&origin) {
+                while !tail.ends.is_empty() && tail.first <= seq {
+                    tail.pop_front();
+                }
+                if tail.ends.is_empty() {
+                    self.tails.remove(&origin);
+                }
+            }
+        }
+    }
+
+    /// Bytes of encodings kept, over every origin.
+    #[cfg(test)]
+    fn live_bytes(&self) -> usize {
+        self.tails.values().map(Tail::live_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u64) -> NodeId {
+        NodeId(n)
+    }
+
+    /// An event's stand-in encoding: its sequence number, repeated `len` times.
+    fn encoding(seq: u64, len: usize) -> Vec<u8> {
+        vec![seq as u8; len]
+    }
+
+    fn keep_run(tails: &mut EncodedTails, origin: NodeId, seqs: std::ops::RangeInclusive<u64>) {
+        for seq in seqs {
+            tails.keep(origin, Seq(seq), &encoding(seq, 10), 30);
+        }
+    }
+
+    #[test]
+    fn lends_a_run_in_one_piece_within_the_limits() {
+        let mut tails = EncodedTails::default();
+        keep_run(&mut tails, node(1), 1..=5);
+        let mut batch = EncodedEvents::default();
+        let lent = tails.lend(node(1), Seq(1), 3, usize::MAX, &mut batch);
+        assert_eq!(
+            lent,
+            Lent {
+                last: Seq(4),
+                events: 3,
+                bytes: 90
+            }
+        );
+        assert_eq!(batch.events(), 3);
+        let expected: Vec<u8> = (2..=4).flat_map(|s| encoding(s, 10)).collect();
+        assert_eq!(batch.bytes(), &expected[..]);
+        // The byte limit stops the run once reached, but never before the first event.
+        let mut batch = EncodedEvents::default();
+        assert_eq!(tails.lend(node(1), Seq(0), 10, 31, &mut batch).events, 2);
+        let mut batch = EncodedEvents::default();
+        assert_eq!(tails.lend(node(1), Seq(0), 10, 1, &mut batch).events, 1);
+    }
+
+    #[test]
+    fn lends_nothing_it_does_not_hold_the_start_of() {
+        let mut tails = EncodedTails::default();
+        keep_run(&mut tails, node(1), 5..=8);
+        let mut batch = EncodedEvents::default();
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(3), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(8), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(
+            tails
+                .lend(node(2), Seq(0), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(batch.events(), 0);
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(4), 10, usize::MAX, &mut batch)
+                .events,
+            4
+        );
+    }
+
+    #[test]
+    fn a_gap_starts_the_run_again_and_old_events_are_not_kept_twice() {
+        let mut tails = EncodedTails::default();
+        keep_run(&mut tails, node(1), 1..=3);
+        tails.keep(node(1), Seq(2), &encoding(99, 10), 30);
+        let mut batch = EncodedEvents::default();
+        tails.lend(node(1), Seq(0), 10, usize::MAX, &mut batch);
+        assert_eq!(batch.events(), 3);
+        assert!(!batch.bytes().contains(&99));
+        keep_run(&mut tails, node(1), 7..=7);
+        let mut batch = EncodedEvents::default();
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(0), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(6), 10, usize::MAX, &mut batch)
+                .events,
+            1
+        );
+    }
+
+    #[test]
+    fn trimming_drops_what_the_log_drops() {
+        let mut tails = EncodedTails::default();
+        keep_run(&mut tails, node(1), 1..=5);
+        keep_run(&mut tails, node(2), 1..=2);
+        tails.trim(&VersionVector::from_entries(vec![
+            (node(1), Seq(3)),
+            (node(2), Seq(9)),
+        ]));
+        let mut batch = EncodedEvents::default();
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(2), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(3), 10, usize::MAX, &mut batch)
+                .events,
+            2
+        );
+        assert_eq!(
+            tails
+                .lend(node(2), Seq(0), 10, usize::MAX, &mut batch)
+                .events,
+            0
+        );
+        assert_eq!(tails.tails.len(), 1);
+    }
+
+    #[test]
+    fn memory_stays_within_the_bound_and_the_newest_are_kept() {
+        let mut tails = EncodedTails::default();
+        let len = 1000;
+        let count = 3 * ENCODED_TAIL_BYTES_MAX / len;
+        for seq in 1..=count as u64 {
+            tails.keep(node(1), Seq(seq), &encoding(seq, len), len);
+            assert!(tails.live_bytes() <= ENCODED_TAIL_BYTES_MAX);
+        }
+        let tail = &tails.tails[&node(1)];
+        assert_eq!(tail.next(), Seq(count as u64 + 1));
+        assert_eq!(tail.ends.len(), ENCODED_TAIL_BYTES_MAX / len);
+        // The buffer is compacted: never much more than twice the bound.
+        assert!(tail.bytes.len() <= 2 * ENCODED_TAIL_BYTES_MAX + len);
+        let mut batch = EncodedEvents::default();
+        let last = count as u64;
+        assert_eq!(
+            tails
+                .lend(node(1), Seq(last - 1), 10, usize::MAX, &mut batch)
+                .events,
+            1
+        );
+        assert_eq!(batch.bytes(), &encoding(last, len)[..]);
+        // An encoding larger than the bound is not kept, and breaks the run.
+        tails.keep(
+            node(1),
+            Seq(last + 1),
+            &encoding(0, ENCODED_TAIL_BYTES_MAX + 1),
+            1,
+        );
+        assert_eq!(tails.live_bytes(), 0);
+    }
+}
