@@ -1098,10 +1098,17 @@ impl<S: Storage> Replica<S> {
     /// opens on its own ack, which pumps it), and this runs after every commit: the others are
     /// not looked at.
     fn pump_feeds_of(&mut self, origins: &[NodeId]) -> Result<(), S::Error> {
+        let window = self.config.peer_inflight_batches_max;
+        // A feed with a full window sends nothing until an ack, which pumps it: under load that
+        // is most feeds after most commits, so they are passed over here.
         let peers: Peers = self
             .feeds
             .iter()
-            .filter(|(_, feed)| feed.origins.iter().any(|o| origins.contains(o)))
+            .filter(|(_, feed)| {
+                feed.subscribed
+                    && feed.inflight < window
+                    && feed.origins.iter().any(|o| origins.contains(o))
+            })
             .map(|(peer, _)| *peer)
             .collect();
         for peer in peers {
