@@ -110,15 +110,21 @@ impl VersionVector {
 
     /// Pointwise maximum: one pass over both sorted vectors, however many origins either names.
     pub fn merge(&mut self, other: &VersionVector) {
-        if other
-            .0
-            .iter()
-            .all(|(origin, _)| self.position(*origin).is_ok())
-        {
-            // The usual case: no new origin, nothing moves.
-            for (origin, seq) in &other.0 {
-                self.advance(*origin, *seq);
+        // The usual case: every origin of `other` is already here, and nothing moves. One walk
+        // over both, raising in place; on the first origin missing here, the full merge below
+        // (the entries raised so far are raised again to the same values).
+        let mut ours = self.0.iter_mut().peekable();
+        let all_here = other.0.iter().all(|&(origin, seq)| {
+            while ours.next_if(|(o, _)| *o < origin).is_some() {}
+            match ours.peek_mut() {
+                Some((o, held)) if *o == origin => {
+                    *held = (*held).max(seq);
+                    true
+                }
+                _ => false,
             }
+        });
+        if all_here {
             return;
         }
         let mut merged = Vec::with_capacity(self.0.len() + other.0.len());
@@ -352,6 +358,28 @@ mod tests {
             .zip(merged.iter().skip(1))
             .all(|(x, y)| x.0 < y.0));
         assert!(merged.dominates(&a) && merged.dominates(&b));
+    }
+
+    proptest::proptest! {
+        /// Any two vectors, often one naming only origins the other names (the fast path) and
+        /// often not: the merge is the pointwise maximum, in origin order.
+        #[test]
+        fn merge_is_the_pointwise_maximum(
+            a in proptest::collection::btree_map(0u64..8, 0u64..20, 0..6),
+            b in proptest::collection::btree_map(0u64..8, 0u64..20, 0..6),
+        ) {
+            let vector = |m: &BTreeMap<u64, u64>| -> VersionVector {
+                m.iter().map(|(&o, &s)| (NodeId(o), Seq(s))).collect()
+            };
+            let mut expected = a.clone();
+            for (&origin, &seq) in &b {
+                let slot = expected.entry(origin).or_default();
+                *slot = (*slot).max(seq);
+            }
+            let mut merged = vector(&a);
+            merged.merge(&vector(&b));
+            proptest::prop_assert_eq!(merged, vector(&expected));
+        }
     }
 
     #[test]
