@@ -30,6 +30,7 @@ pub mod ids;
 pub mod limits;
 pub mod message;
 pub mod replica;
+mod short_bytes;
 pub mod storage;
 pub mod topology;
 

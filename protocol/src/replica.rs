@@ -58,6 +58,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::encoded_tail::EncodedTails;
+use crate::short_bytes::short_bytes_eq;
 use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -398,7 +399,10 @@ impl Overlay {
     ) -> Result<&mut OverlayEntry, S::Error> {
         let found = match &self.index {
             Some(index) => index.get(key).copied(),
-            None => self.entries.iter().position(|e| e.key == *key),
+            None => self
+                .entries
+                .iter()
+                .position(|e| short_bytes_eq(&e.key, key)),
         };
         let at = match found {
             Some(at) => at,

@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::message::ChangeEvent;
+use crate::short_bytes::short_bytes_eq;
 
 /// One atomic change of a replica's durable state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,9 +145,21 @@ pub trait Storage {
 /// [`MemoryStorage`]'s key states. A hash map, which the workspace otherwise forbids because its
 /// iteration order could leak into behaviour: here the hasher has no seed (a run is the same
 /// every time), and the map is only iterated in key order, through
-/// [`MemoryStorage::keys_in_order`], or to count ([`MemoryStorage::visible_keys`]).
+/// [`MemoryStorage::keys_in_order`], or to count ([`MemoryStorage::visible_keys`]). hashbrown's
+/// rather than the standard library's (the same table), for [`Lookup`].
 #[allow(clippy::disallowed_types)]
-type KeyMap = std::collections::HashMap<StoredKey, KeyState, rustc_hash::FxBuildHasher>;
+type KeyMap = hashbrown::HashMap<StoredKey, KeyState, rustc_hash::FxBuildHasher>;
+
+/// A key to look up in a [`KeyMap`]: hashed as the stored key is (as a byte slice), and compared
+/// with [`short_bytes_eq`] instead of `memcmp`. Every event applied looks its key up twice.
+#[derive(Debug, Hash)]
+struct Lookup<'a>(&'a [u8]);
+
+impl hashbrown::Equivalent<StoredKey> for Lookup<'_> {
+    fn equivalent(&self, key: &StoredKey) -> bool {
+        short_bytes_eq(self.0, key)
+    }
+}
 
 /// Key bytes [`MemoryStorage`] keeps inside its map's slot; a longer key is kept in its own
 /// allocation.
@@ -183,7 +196,7 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// The stored state of `key`, without copying it.
     pub fn key(&self, key: &[u8]) -> Option<&KeyState> {
-        self.keys.get(key)
+        self.keys.get(&Lookup(key))
     }
 
     /// Every key and its state, in key order.
@@ -339,23 +352,23 @@ impl Storage for MemoryStorage {
     }
 
     fn key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
-        Ok(self.keys.get(key).cloned())
+        Ok(self.keys.get(&Lookup(key)).cloned())
     }
 
     fn prefetch_key(&self, key: &[u8]) {
-        if let Some(state) = self.keys.get(key) {
+        if let Some(state) = self.keys.get(&Lookup(key)) {
             state.touch();
         }
     }
 
     fn take_key_state(&mut self, key: &[u8]) -> Result<Option<KeyState>, Infallible> {
         // Left in place as an empty state until the commit overwrites it or it is put back.
-        Ok(self.keys.get_mut(key).map(std::mem::take))
+        Ok(self.keys.get_mut(&Lookup(key)).map(std::mem::take))
     }
 
     fn put_back(&mut self, key: Bytes, state: KeyState) {
         // A key that was absent has no slot, and its state is empty: nothing to restore.
-        if let Some(slot) = self.keys.get_mut(&key[..]) {
+        if let Some(slot) = self.keys.get_mut(&Lookup(&key)) {
             *slot = state;
         }
     }
@@ -366,11 +379,11 @@ impl Storage for MemoryStorage {
         }
         for (key, state) in commit.keys {
             if state.is_empty() {
-                self.keys.remove(&key[..]);
+                self.keys.remove(&Lookup(&key));
                 continue;
             }
             let tombstone = state.oldest_tombstone();
-            match self.keys.get_mut(&key[..]) {
+            match self.keys.get_mut(&Lookup(&key)) {
                 // A key taken for this commit: its slot is still there, and its key too.
                 Some(slot) => *slot = state,
                 None => {
