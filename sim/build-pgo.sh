@@ -50,7 +50,13 @@ say "2/3 running the shipped scenarios but the benchmark"
 for scenario in docs/scenarios/*.toml; do
     case "$(basename "$scenario")" in bench-*) continue ;; esac
     say "    $scenario"
-    LLVM_PROFILE_FILE="$data/%m-%p.profraw" "$instrumented" run "$scenario" --seeds 0..4 >/dev/null
+    # The sweep's report and progress go to a log, shown only if a seed fails.
+    if ! LLVM_PROFILE_FILE="$data/%m-%p.profraw" "$instrumented" run "$scenario" --seeds 0..4 \
+        >"$out/training.log" 2>&1; then
+        cat "$out/training.log" >&2
+        echo "build-pgo: $scenario failed in the instrumented build" >&2
+        exit 1
+    fi
 done
 "$profdata" merge -o "$data/merged.profdata" "$data"
 
