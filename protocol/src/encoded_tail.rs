@@ -210,6 +210,14 @@ mod tests {
         vec![seq as u8; len]
     }
 
+    /// How many events `tails` lends of `origin` after `after`, with no limit but the tail's.
+    fn lendable(tails: &EncodedTails, origin: u64, after: u64) -> usize {
+        let mut batch = EncodedEvents::default();
+        let lent = tails.lend(node(origin), Seq(after), 1000, usize::MAX, &mut batch);
+        assert_eq!(lent.events, batch.events());
+        lent.events
+    }
+
     fn keep_run(tails: &mut EncodedTails, origin: NodeId, seqs: std::ops::RangeInclusive<u64>) {
         for seq in seqs {
             tails.keep(origin, Seq(seq), &encoding(seq, 10), 30);
@@ -244,32 +252,10 @@ mod tests {
     fn lends_nothing_it_does_not_hold_the_start_of() {
         let mut tails = EncodedTails::default();
         keep_run(&mut tails, node(1), 5..=8);
-        let mut batch = EncodedEvents::default();
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(3), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(8), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
-        assert_eq!(
-            tails
-                .lend(node(2), Seq(0), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
-        assert_eq!(batch.events(), 0);
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(4), 10, usize::MAX, &mut batch)
-                .events,
-            4
-        );
+        assert_eq!(lendable(&tails, 1, 3), 0);
+        assert_eq!(lendable(&tails, 1, 8), 0);
+        assert_eq!(lendable(&tails, 2, 0), 0);
+        assert_eq!(lendable(&tails, 1, 4), 4);
     }
 
     #[test]
@@ -282,19 +268,8 @@ mod tests {
         assert_eq!(batch.events(), 3);
         assert!(!batch.bytes().contains(&99));
         keep_run(&mut tails, node(1), 7..=7);
-        let mut batch = EncodedEvents::default();
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(0), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(6), 10, usize::MAX, &mut batch)
-                .events,
-            1
-        );
+        assert_eq!(lendable(&tails, 1, 0), 0);
+        assert_eq!(lendable(&tails, 1, 6), 1);
     }
 
     #[test]
@@ -306,25 +281,9 @@ mod tests {
             (node(1), Seq(3)),
             (node(2), Seq(9)),
         ]));
-        let mut batch = EncodedEvents::default();
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(2), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
-        assert_eq!(
-            tails
-                .lend(node(1), Seq(3), 10, usize::MAX, &mut batch)
-                .events,
-            2
-        );
-        assert_eq!(
-            tails
-                .lend(node(2), Seq(0), 10, usize::MAX, &mut batch)
-                .events,
-            0
-        );
+        assert_eq!(lendable(&tails, 1, 2), 0);
+        assert_eq!(lendable(&tails, 1, 3), 2);
+        assert_eq!(lendable(&tails, 2, 0), 0);
         assert_eq!(tails.tails.len(), 1);
     }
 
