@@ -19,14 +19,20 @@ use crate::ids::{NodeId, Seq, VersionVector};
 use crate::message::EncodedEvents;
 
 /// Bytes of encodings kept per origin; past it the oldest go. 256 KiB holds the events of
-/// several windows of every feed at thousands of writes per second, and bounds the memory at
-/// 256 KiB per origin (a mesh has a few dozen at most).
+/// several windows of every feed at thousands of writes per second.
 pub(crate) const ENCODED_TAIL_BYTES_MAX: usize = 256 * 1024;
+
+/// Bytes of encodings kept over every origin: a mesh of sixteen origins keeps each one's whole
+/// tail; past that they share. (The buffers hold up to about twice their live bytes between
+/// compactions.)
+pub(crate) const ENCODED_TAILS_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Per origin, the encodings of a run of consecutive events.
 #[derive(Debug, Default)]
 pub(crate) struct EncodedTails {
     tails: BTreeMap<NodeId, Tail>,
+    /// The tails' live bytes, together.
+    live: usize,
 }
 
 /// What [`EncodedTails::lend`] put into a batch.
@@ -81,6 +87,34 @@ impl Tail {
             self.bytes.clear();
             self.start = 0;
         }
+    }
+
+    /// Keeps the encoding of event `seq`, holding no more than `allowance` bytes: see
+    /// [`EncodedTails::keep`].
+    fn keep(&mut self, seq: Seq, encoded: &[u8], size: usize, allowance: usize) {
+        if encoded.len() > allowance {
+            // Larger than all it may hold: not kept, and the run it breaks starts again.
+            *self = Tail::default();
+            return;
+        }
+        if self.ends.is_empty() || seq > self.next() {
+            self.ends.clear();
+            self.bytes.clear();
+            self.start = 0;
+            self.first = seq;
+        } else if seq < self.next() {
+            return;
+        }
+        while !self.ends.is_empty() && self.live_bytes() + encoded.len() > allowance {
+            self.pop_front();
+        }
+        if self.ends.is_empty() {
+            self.first = seq;
+        }
+        self.compact();
+        self.bytes.extend_from_slice(encoded);
+        self.ends.push_back((self.bytes.len(), size));
+        assert!(self.live_bytes() <= allowance);
     }
 
     /// Moves the live bytes to the front once the dropped ones are most of the buffer: each
@@ -151,38 +185,23 @@ impl EncodedTails {
     /// feeds still want); one already in it, or before it, is not kept again.
     pub(crate) fn keep(&mut self, origin: NodeId, seq: Seq, encoded: &[u8], size: usize) {
         let tail = self.tails.entry(origin).or_default();
-        if encoded.len() > ENCODED_TAIL_BYTES_MAX {
-            // Larger than the whole bound: never kept, and the run it breaks starts again.
-            *tail = Tail::default();
-            return;
-        }
-        if tail.ends.is_empty() || seq > tail.next() {
-            tail.ends.clear();
-            tail.bytes.clear();
-            tail.start = 0;
-            tail.first = seq;
-        } else if seq < tail.next() {
-            return;
-        }
-        while !tail.ends.is_empty() && tail.live_bytes() + encoded.len() > ENCODED_TAIL_BYTES_MAX {
-            tail.pop_front();
-        }
-        if tail.ends.is_empty() {
-            tail.first = seq;
-        }
-        tail.compact();
-        tail.bytes.extend_from_slice(encoded);
-        tail.ends.push_back((tail.bytes.len(), size));
-        assert!(tail.live_bytes() <= ENCODED_TAIL_BYTES_MAX);
+        let before = tail.live_bytes();
+        // What the other origins leave of the whole budget, and no more than an origin's own.
+        let allowance = ENCODED_TAIL_BYTES_MAX.min(ENCODED_TAILS_BYTES_MAX - (self.live - before));
+        tail.keep(seq, encoded, size, allowance);
+        self.live = self.live - before + tail.live_bytes();
+        assert!(self.live <= ENCODED_TAILS_BYTES_MAX);
     }
 
     /// Drops, per origin, every event at or below `through[origin]`, as the change log does.
     pub(crate) fn trim(&mut self, through: &VersionVector) {
         for (origin, seq) in through.iter() {
             if let Some(tail) = self.tails.get_mut(&origin) {
+                let before = tail.live_bytes();
                 while !tail.ends.is_empty() && tail.first <= seq {
                     tail.pop_front();
                 }
+                self.live = self.live - before + tail.live_bytes();
                 if tail.ends.is_empty() {
                     self.tails.remove(&origin);
                 }
@@ -193,7 +212,9 @@ impl EncodedTails {
     /// Bytes of encodings kept, over every origin.
     #[cfg(test)]
     fn live_bytes(&self) -> usize {
-        self.tails.values().map(Tail::live_bytes).sum()
+        let live = self.tails.values().map(Tail::live_bytes).sum();
+        assert_eq!(live, self.live, "the count of live bytes is kept right");
+        live
     }
 }
 
@@ -285,6 +306,31 @@ mod tests {
         assert_eq!(lendable(&tails, 1, 3), 2);
         assert_eq!(lendable(&tails, 2, 0), 0);
         assert_eq!(tails.tails.len(), 1);
+    }
+
+    #[test]
+    fn many_origins_share_one_bound() {
+        let mut tails = EncodedTails::default();
+        let len = 4096;
+        let origins = 2 * ENCODED_TAILS_BYTES_MAX / ENCODED_TAIL_BYTES_MAX;
+        for seq in 1..=(ENCODED_TAIL_BYTES_MAX / len) as u64 {
+            for origin in 1..=origins as u64 {
+                tails.keep(node(origin), Seq(seq), &encoding(seq, len), len);
+                assert!(tails.live_bytes() <= ENCODED_TAILS_BYTES_MAX);
+            }
+        }
+        assert!(tails.live_bytes() > ENCODED_TAILS_BYTES_MAX - origins * len);
+        // Each origin still lends its newest event, and trimming gives its bytes back.
+        for origin in 1..=origins as u64 {
+            let newest = (ENCODED_TAIL_BYTES_MAX / len) as u64;
+            assert_eq!(lendable(&tails, origin, newest - 1), 1);
+            tails.trim(&VersionVector::from_entries(vec![(
+                node(origin),
+                Seq(newest),
+            )]));
+        }
+        assert_eq!(tails.live_bytes(), 0);
+        assert!(tails.tails.is_empty());
     }
 
     #[test]
