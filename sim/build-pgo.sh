@@ -27,19 +27,24 @@ if [ ! -x "$profdata" ]; then
 fi
 [ -x "$profdata" ] || { echo "build-pgo: no llvm-profdata at $profdata" >&2; exit 1; }
 
+# Absolute, so that the path printed last works from anywhere (a relative CARGO_TARGET_DIR is
+# taken from the repository's root, as cargo takes it here).
 out="${CARGO_TARGET_DIR:-target}/pgo"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 data="$out/profiles"
 rm -rf "$data"
 mkdir -p "$data"
-data="$(cd "$data" && pwd)"
 
-# The flags of .cargo/config.toml's [build] rustflags, which RUSTFLAGS replaces, and the
-# profiling flag. An explicit --target keeps the flags off build scripts and procedural macros.
-base_flags="--cfg tokio_unstable"
+# The flags of .cargo/config.toml's [build] rustflags, which these replace, and the profiling
+# flag: passed encoded (one flag per field), which cargo takes before any RUSTFLAGS, and which
+# keeps a path with spaces one flag. An explicit --target keeps the flags off build scripts and
+# procedural macros.
 build() {
-    local dir="$1" flags="$2"
-    RUSTFLAGS="$base_flags $flags" cargo build --locked --profile sim -p braid-sim \
-        --target "$host" --target-dir "$out/$dir" $($quiet && echo --quiet)
+    local dir="$1" flag="$2"
+    CARGO_ENCODED_RUSTFLAGS="--cfg"$'\x1f'"tokio_unstable"$'\x1f'"$flag" \
+        cargo build --locked --profile sim -p braid-sim --target "$host" \
+        --target-dir "$out/$dir" $($quiet && echo --quiet)
 }
 
 say "1/3 building the instrumented simulator"

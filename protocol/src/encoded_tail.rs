@@ -23,8 +23,10 @@ use crate::message::EncodedEvents;
 pub(crate) const ENCODED_TAIL_BYTES_MAX: usize = 256 * 1024;
 
 /// Bytes of encodings kept over every origin: a mesh of sixteen origins keeps each one's whole
-/// tail; past that they share. (The buffers hold up to about twice their live bytes between
-/// compactions.)
+/// tail; past that, an origin keeps what the others leave when it next appends (first come,
+/// first served until a trim frees some). The memory held is a small multiple of this: between
+/// compactions a buffer holds up to twice its allowance, its capacity grows to twice that
+/// before it is given back, and each event kept takes 16 bytes of offsets beside its encoding.
 pub(crate) const ENCODED_TAILS_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Per origin, the encodings of a run of consecutive events.
@@ -92,6 +94,10 @@ impl Tail {
     /// Keeps the encoding of event `seq`, holding no more than `allowance` bytes: see
     /// [`EncodedTails::keep`].
     fn keep(&mut self, seq: Seq, encoded: &[u8], size: usize, allowance: usize) {
+        if !self.ends.is_empty() && seq < self.next() {
+            // Already kept, or older than the run: a lagging feed reading the log.
+            return;
+        }
         if encoded.len() > allowance {
             // Larger than all it may hold: not kept, and the run it breaks starts again.
             *self = Tail::default();
@@ -102,8 +108,6 @@ impl Tail {
             self.bytes.clear();
             self.start = 0;
             self.first = seq;
-        } else if seq < self.next() {
-            return;
         }
         while !self.ends.is_empty() && self.live_bytes() + encoded.len() > allowance {
             self.pop_front();
@@ -112,6 +116,12 @@ impl Tail {
             self.first = seq;
         }
         self.compact();
+        // A buffer grown under a larger allowance gives the excess back (past twice what it
+        // can grow to under this one, so that growing and shrinking do not alternate).
+        let grown_max = 2 * (2 * allowance + encoded.len());
+        if self.bytes.capacity() > 2 * grown_max {
+            self.bytes.shrink_to(grown_max);
+        }
         self.bytes.extend_from_slice(encoded);
         self.ends.push_back((self.bytes.len(), size));
         assert!(self.live_bytes() <= allowance);
@@ -190,6 +200,9 @@ impl EncodedTails {
         let allowance = ENCODED_TAIL_BYTES_MAX.min(ENCODED_TAILS_BYTES_MAX - (self.live - before));
         tail.keep(seq, encoded, size, allowance);
         self.live = self.live - before + tail.live_bytes();
+        if tail.ends.is_empty() {
+            self.tails.remove(&origin);
+        }
         assert!(self.live <= ENCODED_TAILS_BYTES_MAX);
     }
 
@@ -331,6 +344,27 @@ mod tests {
         }
         assert_eq!(tails.live_bytes(), 0);
         assert!(tails.tails.is_empty());
+    }
+
+    #[test]
+    fn a_tail_whose_allowance_shrinks_gives_its_memory_back() {
+        let mut tail = Tail::default();
+        let len = 1000;
+        for seq in 1..=1000 {
+            tail.keep(Seq(seq), &encoding(seq, len), len, ENCODED_TAIL_BYTES_MAX);
+        }
+        assert!(tail.bytes.capacity() >= ENCODED_TAIL_BYTES_MAX);
+        let small = 4 * len;
+        for seq in 1001..=1010 {
+            tail.keep(Seq(seq), &encoding(seq, len), len, small);
+            assert!(tail.live_bytes() <= small);
+        }
+        assert!(tail.bytes.capacity() <= 4 * (2 * small + len));
+        // Already kept, or older than the run: never kept again, whatever its size.
+        let next = tail.next();
+        tail.keep(Seq(1009), &encoding(0, 10 * small), 1, small);
+        tail.keep(Seq(2), &encoding(0, 10 * small), 1, small);
+        assert_eq!(tail.next(), next);
     }
 
     #[test]

@@ -1708,9 +1708,10 @@ impl<S: Storage> Replica<S> {
 
     /// Checks the replica's invariants: the constant-time ones always, those that walk the
     /// vectors, feeds or held events in debug builds. (A simulator checks after every input:
-    /// the walks were a fiftieth of a release run. Each walked invariant is also asserted, in
-    /// every build, where its state changes: the trimmed vector where the log is trimmed, a
-    /// feed's window where a batch is sent.)
+    /// the walks were a fiftieth of a release run.) Where the replica itself changes what a
+    /// walked invariant covers, it is asserted in every build: the trimmed vector where the log
+    /// is trimmed, a feed's window where a batch is sent, its origins where a subscription sets
+    /// them. What storage hands back at [`Replica::open`] is checked here only.
     pub fn check_invariants(&self) {
         assert!(self.durable_hlc <= self.clock.last());
         assert!(self.held.len() <= self.config.held_events_max);

@@ -588,20 +588,28 @@ fn batches_to(
 }
 
 /// Checks that each peer's batches carry `origin`'s events from `from[peer]` on, in order,
-/// at most `events_max` to a batch, each batch byte for byte what encoding the logged events
-/// gives; advances `from` past them.
+/// each batch byte for byte what encoding the logged events gives, and cut where the log's
+/// limits cut it: at `limits.0` events, or at the first event that takes the sizes the storage
+/// counts to `limits.1` bytes, or at the last event the replica holds. Advances `from` past
+/// them.
 fn check_batches(
     replica: &Replica<MemoryStorage>,
     origin: NodeId,
     batches: &[(NodeId, braid_protocol::EncodedEvents)],
     from: &mut BTreeMap<NodeId, u64>,
-    events_max: usize,
+    (events_max, bytes_max): (usize, usize),
 ) {
     for (peer, batch) in batches {
         let events = batch.decode().unwrap();
         assert!(!events.is_empty() && events.len() <= events_max);
         let mut expected = braid_protocol::EncodedEvents::default();
-        for event in &events {
+        let mut bytes = 0;
+        for (i, event) in events.iter().enumerate() {
+            assert!(
+                i == 0 || bytes < bytes_max,
+                "batch to {peer:?} past its byte limit"
+            );
+            bytes += braid_protocol::storage::event_size_bytes(event);
             let next = from.get_mut(peer).unwrap();
             *next += 1;
             assert_eq!((event.origin, event.seq), (origin, Seq(*next)));
@@ -609,6 +617,13 @@ fn check_batches(
                 .push(replica.storage().log().get(origin, event.seq).unwrap())
                 .unwrap();
         }
+        let last = events.last().unwrap().seq;
+        assert!(
+            events.len() == events_max
+                || bytes >= bytes_max
+                || last == replica.vector().get(origin),
+            "batch to {peer:?} cut short"
+        );
         assert_eq!(batch.bytes(), expected.bytes(), "batch to {peer:?}");
     }
 }
@@ -621,7 +636,10 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
     const D: NodeId = NodeId(4);
     let topology = Topology::full_mesh([A, B, C, D]).unwrap();
     let mut config = ReplicaConfig::new(A);
-    config.batch_events_max = 3;
+    // Events of 35 to 42 bytes as the storage counts them: batches end at three events or at
+    // 70 bytes, whichever comes first: the byte limit cuts most at two, the count some at three.
+    const LIMITS: (usize, usize) = (3, 70);
+    (config.batch_events_max, config.batch_bytes_max) = LIMITS;
     config.peer_inflight_batches_max = 2;
     let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
     let write = |a: &mut Replica<MemoryStorage>, i: u64| {
@@ -646,9 +664,9 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
             .unwrap();
     }
     let batches = batches_to(&mut a);
-    check_batches(&a, A, &batches, &mut from, 3);
-    // B's window of two batches holds six of its ten events.
-    assert_eq!(from, BTreeMap::from([(B, 6), (C, 10), (D, 10)]));
+    check_batches(&a, A, &batches, &mut from, LIMITS);
+    // A window of two batches of two events each: B has four of its ten, C four of its six.
+    assert_eq!(from, BTreeMap::from([(B, 4), (C, 8), (D, 10)]));
     // New writes go to whichever feed has room; acks free the rest, but C never acks and
     // stays where its window filled.
     for i in 10..40 {
@@ -656,16 +674,18 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
             write(&mut a, i);
         }
         let batches = batches_to(&mut a);
-        check_batches(&a, A, &batches, &mut from, 3);
-        if i % 4 == 0 || i >= 30 {
-            for peer in [B, D] {
+        check_batches(&a, A, &batches, &mut from, LIMITS);
+        // B acks more often than D, which then finds part of what it lacks encoded by B and
+        // the rest only in the log: one batch from both.
+        for (peer, every) in [(B, 3), (D, 5)] {
+            if i % every == 0 || i >= 30 {
                 let mut held = VersionVector::new();
                 held.advance(A, Seq(from[&peer]));
                 let ack = Message::Ack(held);
                 a.handle_message(peer, StreamKind::Feed, ack, i).unwrap();
+                let batches = batches_to(&mut a);
+                check_batches(&a, A, &batches, &mut from, LIMITS);
             }
-            let batches = batches_to(&mut a);
-            check_batches(&a, A, &batches, &mut from, 3);
         }
     }
     assert_eq!((from[&B], from[&D]), (30, 30));
@@ -693,8 +713,65 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
             .unwrap();
         let batches = batches_to(&mut a);
         assert!(!batches.is_empty() && batches.iter().all(|(peer, _)| *peer == C));
-        check_batches(&a, A, &batches, &mut from, 3);
+        check_batches(&a, A, &batches, &mut from, LIMITS);
     }
+}
+
+#[test]
+fn a_batch_begun_from_encodings_and_ended_from_the_log_keeps_the_logs_limits() {
+    // B's batch starts with an event C's feed encoded and goes on with events only the log
+    // has: together they must stop where the log alone would (four events, or the first to
+    // reach 100 bytes as the storage counts them: three of these).
+    const LIMITS: (usize, usize) = (4, 100);
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut config = ReplicaConfig::new(A);
+    (config.batch_events_max, config.batch_bytes_max) = LIMITS;
+    config.peer_inflight_batches_max = 1;
+    let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
+    let write = |a: &mut Replica<MemoryStorage>, i: u64| {
+        let value = b(&"v".repeat(i as usize % 3 + 1));
+        a.handle_commands(vec![(b(&format!("key{i}")), Command::Set(value))], i)
+            .unwrap();
+    };
+    let subscribe = |a: &mut Replica<MemoryStorage>, peer: NodeId, from: u64| {
+        let mut vector = VersionVector::new();
+        vector.advance(A, Seq(from));
+        a.handle_feed_open(peer, 10).unwrap();
+        let subscribe = Subscribe {
+            vector,
+            origins: vec![A],
+            rewind: false,
+        };
+        a.handle_message(peer, StreamKind::Feed, Message::Subscribe(subscribe), 10)
+            .unwrap();
+    };
+    let mut from = BTreeMap::from([(B, 0), (C, 3)]);
+    for i in 1..=3 {
+        write(&mut a, i);
+    }
+    subscribe(&mut a, B, 0);
+    subscribe(&mut a, C, 3);
+    // B got the first three; C, which had them, gets the fourth: encoded by C's feed.
+    write(&mut a, 4);
+    let batches = batches_to(&mut a);
+    assert_eq!(batches.len(), 2);
+    check_batches(&a, A, &batches, &mut from, LIMITS);
+    assert_eq!(from, BTreeMap::from([(B, 3), (C, 4)]));
+    for i in 5..=9 {
+        write(&mut a, i);
+    }
+    assert!(batches_to(&mut a).is_empty(), "both windows are full");
+    let mut held = VersionVector::new();
+    held.advance(A, Seq(3));
+    a.handle_message(B, StreamKind::Feed, Message::Ack(held), 20)
+        .unwrap();
+    let batches = batches_to(&mut a);
+    assert_eq!(batches.len(), 1);
+    check_batches(&a, A, &batches, &mut from, LIMITS);
+    assert_eq!(
+        from[&B], 6,
+        "the fourth from C's encoding, the fifth and sixth from the log"
+    );
 }
 
 #[test]
