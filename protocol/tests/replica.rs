@@ -575,6 +575,37 @@ fn a_slow_subscriber_holds_the_publisher_to_its_window() {
     );
 }
 
+/// `peer` subscribes to `replica`'s events of `A`, holding them through `from`.
+fn subscribe_to_a(
+    replica: &mut Replica<MemoryStorage>,
+    peer: NodeId,
+    from: u64,
+    rewind: bool,
+) -> Result<(), PeerError<braid_protocol::storage::Infallible>> {
+    let subscribe = Subscribe {
+        vector: VersionVector::from_iter([(A, Seq(from))]),
+        origins: vec![A],
+        rewind,
+    };
+    replica.handle_message(peer, StreamKind::Feed, Message::Subscribe(subscribe), 20)
+}
+
+/// `peer` acknowledges `replica`'s events of `A` through `held`.
+fn ack_a(replica: &mut Replica<MemoryStorage>, peer: NodeId, held: u64) {
+    let ack = Message::Ack(VersionVector::from_iter([(A, Seq(held))]));
+    replica
+        .handle_message(peer, StreamKind::Feed, ack, 30)
+        .unwrap();
+}
+
+/// A client sets `key` to a value of `value_bytes` bytes at `replica`.
+fn set_sized(replica: &mut Replica<MemoryStorage>, key: &str, value_bytes: usize, now_ms: u64) {
+    let value = b(&"v".repeat(value_bytes));
+    replica
+        .handle_commands(vec![(b(key), Command::Set(value))], now_ms)
+        .unwrap();
+}
+
 /// The batches `replica` has to send, drained, each with its peer.
 fn batches_to(
     replica: &mut Replica<MemoryStorage>,
@@ -643,9 +674,7 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
     config.peer_inflight_batches_max = 2;
     let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
     let write = |a: &mut Replica<MemoryStorage>, i: u64| {
-        let value = b(&"v".repeat(i as usize % 7 + 1));
-        a.handle_commands(vec![(b(&format!("k{i}")), Command::Set(value))], i)
-            .unwrap();
+        set_sized(a, &format!("k{i}"), i as usize % 7 + 1, i)
     };
     for i in 0..10 {
         write(&mut a, i);
@@ -653,22 +682,14 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
     let mut from = BTreeMap::from([(B, 0), (C, 4), (D, 9)]);
     for (peer, seq) in from.clone() {
         a.handle_feed_open(peer, 20).unwrap();
-        let mut vector = VersionVector::new();
-        vector.advance(A, Seq(seq));
-        let subscribe = Subscribe {
-            vector,
-            origins: vec![A],
-            rewind: false,
-        };
-        a.handle_message(peer, StreamKind::Feed, Message::Subscribe(subscribe), 20)
-            .unwrap();
+        subscribe_to_a(&mut a, peer, seq, false).unwrap();
     }
     let batches = batches_to(&mut a);
     check_batches(&a, A, &batches, &mut from, LIMITS);
     // A window of two batches of two events each: B has four of its ten, C four of its six.
     assert_eq!(from, BTreeMap::from([(B, 4), (C, 8), (D, 10)]));
-    // New writes go to whichever feed has room; acks free the rest, but C never acks and
-    // stays where its window filled.
+    // New writes go to whichever feed has room; acks free the rest. C stops acking early and
+    // stays where its window filled: inside the run of encodings the other feeds keep.
     for i in 10..40 {
         if i < 30 {
             write(&mut a, i);
@@ -677,12 +698,9 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
         check_batches(&a, A, &batches, &mut from, LIMITS);
         // B acks more often than D, which then finds part of what it lacks encoded by B and
         // the rest only in the log: one batch from both.
-        for (peer, every) in [(B, 3), (D, 5)] {
-            if i % every == 0 || i >= 30 {
-                let mut held = VersionVector::new();
-                held.advance(A, Seq(from[&peer]));
-                let ack = Message::Ack(held);
-                a.handle_message(peer, StreamKind::Feed, ack, i).unwrap();
+        for (peer, every, until) in [(B, 3, 40), (C, 4, 18), (D, 5, 40)] {
+            if i < until && (i % every == 0 || i >= 30) {
+                ack_a(&mut a, peer, from[&peer]);
                 let batches = batches_to(&mut a);
                 check_batches(&a, A, &batches, &mut from, LIMITS);
             }
@@ -696,21 +714,11 @@ fn every_feed_sends_its_events_as_the_log_gives_them_whichever_feed_encoded_them
     // an encoding of an event the log no longer has.
     a.handle_stable_frontier(&VersionVector::from_iter([(A, Seq(25))]))
         .unwrap();
-    let mut vector = VersionVector::new();
-    vector.advance(A, Seq(20));
-    let rewind = Subscribe {
-        vector,
-        origins: vec![A],
-        rewind: true,
-    };
-    let refused = a.handle_message(C, StreamKind::Feed, Message::Subscribe(rewind), 40);
+    let refused = subscribe_to_a(&mut a, C, 20, true);
     assert!(matches!(refused, Err(PeerError::Behind { .. })));
     from.insert(C, 25);
     while from[&C] < 30 {
-        let mut held = VersionVector::new();
-        held.advance(A, Seq(stalled));
-        a.handle_message(C, StreamKind::Feed, Message::Ack(held), 41)
-            .unwrap();
+        ack_a(&mut a, C, stalled);
         let batches = batches_to(&mut a);
         assert!(!batches.is_empty() && batches.iter().all(|(peer, _)| *peer == C));
         check_batches(&a, A, &batches, &mut from, LIMITS);
@@ -729,21 +737,11 @@ fn a_batch_begun_from_encodings_and_ended_from_the_log_keeps_the_logs_limits() {
     config.peer_inflight_batches_max = 1;
     let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
     let write = |a: &mut Replica<MemoryStorage>, i: u64| {
-        let value = b(&"v".repeat(i as usize % 3 + 1));
-        a.handle_commands(vec![(b(&format!("key{i}")), Command::Set(value))], i)
-            .unwrap();
+        set_sized(a, &format!("key{i}"), i as usize % 3 + 1, i)
     };
     let subscribe = |a: &mut Replica<MemoryStorage>, peer: NodeId, from: u64| {
-        let mut vector = VersionVector::new();
-        vector.advance(A, Seq(from));
         a.handle_feed_open(peer, 10).unwrap();
-        let subscribe = Subscribe {
-            vector,
-            origins: vec![A],
-            rewind: false,
-        };
-        a.handle_message(peer, StreamKind::Feed, Message::Subscribe(subscribe), 10)
-            .unwrap();
+        subscribe_to_a(a, peer, from, false).unwrap();
     };
     let mut from = BTreeMap::from([(B, 0), (C, 3)]);
     for i in 1..=3 {
@@ -761,10 +759,7 @@ fn a_batch_begun_from_encodings_and_ended_from_the_log_keeps_the_logs_limits() {
         write(&mut a, i);
     }
     assert!(batches_to(&mut a).is_empty(), "both windows are full");
-    let mut held = VersionVector::new();
-    held.advance(A, Seq(3));
-    a.handle_message(B, StreamKind::Feed, Message::Ack(held), 20)
-        .unwrap();
+    ack_a(&mut a, B, 3);
     let batches = batches_to(&mut a);
     assert_eq!(batches.len(), 1);
     check_batches(&a, A, &batches, &mut from, LIMITS);
