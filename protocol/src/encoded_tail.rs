@@ -103,11 +103,11 @@ impl Tail {
             *self = Tail::default();
             return;
         }
-        if self.ends.is_empty() || seq > self.next() {
+        if seq > self.next() {
+            // A gap: the run starts again at `seq` (below, once empty).
             self.ends.clear();
             self.bytes.clear();
             self.start = 0;
-            self.first = seq;
         }
         while !self.ends.is_empty() && self.live_bytes() + encoded.len() > allowance {
             self.pop_front();

@@ -460,6 +460,14 @@ struct Feed {
     rotation: usize,
 }
 
+impl Feed {
+    /// Whether the feed may send a batch now: subscribed, with room in its window of `window`
+    /// batches.
+    fn has_room(&self, window: usize) -> bool {
+        self.subscribed && self.inflight < window
+    }
+}
+
 /// One region's replication state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Replica<S: Storage> {
@@ -1109,9 +1117,7 @@ impl<S: Storage> Replica<S> {
             .feeds
             .iter()
             .filter(|(_, feed)| {
-                feed.subscribed
-                    && feed.inflight < window
-                    && feed.origins.iter().any(|o| origins.contains(o))
+                feed.has_room(window) && feed.origins.iter().any(|o| origins.contains(o))
             })
             .map(|(peer, _)| *peer)
             .collect();
@@ -1127,10 +1133,10 @@ impl<S: Storage> Replica<S> {
         let Some(feed) = self.feeds.get_mut(&peer) else {
             return Ok(());
         };
-        if !feed.subscribed || feed.origins.is_empty() {
+        if feed.origins.is_empty() {
             return Ok(());
         }
-        while feed.inflight < self.config.peer_inflight_batches_max {
+        while feed.has_room(self.config.peer_inflight_batches_max) {
             // Events are encoded into the batch straight from the log, as it lends them (or
             // copied from their encodings an earlier feed made): never copied out of the log as
             // events, and sent as the bytes a socket carries.
