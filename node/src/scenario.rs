@@ -198,14 +198,13 @@ pub enum Action {
     /// The region, not part of the mesh until then, joins it: it is admitted through the
     /// control plane, installs a data snapshot from the member that admitted it, and then
     /// replicates and takes writes (a region named by a `join` is outside the mesh at the
-    /// start). Simulator-only for now: `braid add-region` and `braid join` do it by hand.
+    /// start). A drill runs the region's `braid join`.
     Join {
         /// The region.
         region: String,
     },
     /// The region leaves the mesh: it refuses writes, ships what it holds, and is removed once
-    /// every other member holds its events. Simulator-only for now: `braid leave` does it by
-    /// hand.
+    /// every other member holds its events. A drill sends the region `POST /leave`.
     Leave {
         /// The region.
         region: String,
@@ -215,14 +214,15 @@ pub enum Action {
         /// The region.
         region: String,
     },
-    /// The region's machine loses power: in `machine` durability nothing acknowledged is lost.
-    /// Refused for `process` durability, which does not promise to survive it.
+    /// The region's machine loses power: in `machine` durability nothing acknowledged is lost;
+    /// in `process` durability what the region committed since its last sync is (the simulator
+    /// counts those writes; a drill refuses it, as a process cannot lose its unsynced writes).
     PowerFail {
         /// The region.
         region: String,
     },
-    /// No message crosses between the groups, in either direction (or only `from` -> `to`
-    /// with `one-way`).
+    /// No message crosses between the groups, in either direction (or, with `one-way`, only
+    /// from the first group to the others).
     Partition {
         /// Groups of regions; links between groups are cut.
         groups: Vec<Vec<String>>,
@@ -230,9 +230,10 @@ pub enum Action {
         #[serde(default)]
         one_way: bool,
     },
-    /// Every cut link is restored.
+    /// Every cut and slow link is restored, and every flap running ends with its link up.
     Heal,
-    /// A link goes down and up repeatedly (every `period-ms`) until `until-ms`.
+    /// A link goes down and up repeatedly (every `period-ms`) until `until-ms` (after the flap
+    /// starts, and no later than `duration-ms`) or a `heal`.
     Flap {
         /// One end.
         from: String,
@@ -368,6 +369,9 @@ impl Scenario {
         if w.mix.string + w.mix.counter + w.mix.set + w.mix.hash == 0 {
             return invalid("workload.mix: at least one type needs a weight".into());
         }
+        if w.rate_per_region == 0 {
+            return invalid("workload.rate-per-region must be at least 1 write per second".into());
+        }
         let mut last = 0;
         for fault in &self.timeline {
             if fault.at_ms < last {
@@ -379,6 +383,26 @@ impl Scenario {
                     "timeline: a fault at {} ms is after duration-ms",
                     fault.at_ms
                 ));
+            }
+            if let Action::Flap {
+                period_ms,
+                until_ms,
+                ..
+            } = &fault.action
+            {
+                if *period_ms == 0 {
+                    return invalid(format!(
+                        "timeline: the flap at {} ms needs period-ms of at least 1",
+                        fault.at_ms
+                    ));
+                }
+                if *until_ms <= fault.at_ms || *until_ms > self.duration_ms {
+                    return invalid(format!(
+                        "timeline: the flap at {} ms needs until-ms after it and no later than \
+                         duration-ms ({}), not {until_ms}",
+                        fault.at_ms, self.duration_ms
+                    ));
+                }
             }
             let regions: Vec<&str> = match &fault.action {
                 Action::Kill { region }
@@ -528,6 +552,33 @@ converged-within-ms = 5000
         assert_eq!(s.timeline[2].action, Action::Kill { region: "b".into() });
         assert!(s.expect.no_lost_writes);
         assert_eq!(s.workload.mix.set, 0);
+    }
+
+    #[test]
+    fn refuses_flaps_that_never_end_or_never_flap_and_a_rate_of_zero() {
+        let flap = |period: u64, until: u64| {
+            SAMPLE.replace(
+                "action = \"heal\"",
+                &format!(
+                    "action = \"flap\"\nfrom = \"a\"\nto = \"b\"\nperiod-ms = {period}\n\
+                     until-ms = {until}"
+                ),
+            )
+        };
+        Scenario::parse(&flap(200, 6000)).unwrap();
+        Scenario::parse(&flap(200, 10000)).unwrap();
+        for (period, until, says) in [
+            (0, 6000, "period-ms of at least 1"),
+            (200, 4000, "until-ms after it"),
+            (200, 3000, "until-ms after it"),
+            (200, 10001, "no later than duration-ms (10000), not 10001"),
+        ] {
+            let err = Scenario::parse(&flap(period, until)).unwrap_err();
+            assert!(err.to_string().contains(says), "{period}/{until}: {err}");
+        }
+        let err = Scenario::parse(&SAMPLE.replace("rate-per-region = 100", "rate-per-region = 0"))
+            .unwrap_err();
+        assert!(err.to_string().contains("rate-per-region"), "{err}");
     }
 
     #[test]

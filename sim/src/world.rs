@@ -186,11 +186,15 @@ enum Event {
         bytes: Bytes,
     },
     Fault(usize),
+    /// The link `a`-`b` of a running `flap` goes down or up: only while `epoch` is the world's
+    /// [`World::flap_epoch`], which `heal` and the end of the workload advance to stop every
+    /// flap.
     Flap {
         a: usize,
         b: usize,
         period_ms: u64,
         until_ms: u64,
+        epoch: u64,
     },
     Connect {
         sub: usize,
@@ -362,6 +366,9 @@ pub struct World<'a> {
     control_ops: Vec<(usize, bool)>,
     /// The world's cuts or slow links changed since the control plane's network last saw them.
     net_changed: bool,
+    /// Flaps scheduled under an older epoch are over: `heal` and the end of the workload
+    /// advance it.
+    flap_epoch: u64,
     log_events_collected: u64,
     tombstones_collected: u64,
     leader_kills: u64,
@@ -451,6 +458,7 @@ impl<'a> World<'a> {
             control: None,
             control_ops: Vec::new(),
             net_changed: false,
+            flap_epoch: 0,
             log_events_collected: 0,
             tombstones_collected: 0,
             leader_kills: 0,
@@ -998,7 +1006,11 @@ impl<'a> World<'a> {
                 b,
                 period_ms,
                 until_ms,
+                epoch,
             } => {
+                if epoch != self.flap_epoch {
+                    return; // healed since: the link stays as `heal` left it
+                }
                 let cut = self.cut.contains(&(a, b));
                 if cut || self.now_ms >= until_ms {
                     self.cut.remove(&(a, b));
@@ -1019,6 +1031,7 @@ impl<'a> World<'a> {
                             b,
                             period_ms,
                             until_ms,
+                            epoch,
                         },
                     );
                 }
@@ -1035,6 +1048,7 @@ impl<'a> World<'a> {
             Event::EndWorkload => {
                 self.workload_over = true;
                 self.end_ms = self.now_ms;
+                self.flap_epoch += 1;
                 self.cut.clear();
                 self.slow.clear();
                 self.net_changed = true;
@@ -1559,6 +1573,8 @@ impl<'a> World<'a> {
                 }
             }
             Action::Heal => {
+                // Every flap running ends too, with its link up.
+                self.flap_epoch += 1;
                 self.cut.clear();
                 self.slow.clear();
             }
@@ -1569,6 +1585,7 @@ impl<'a> World<'a> {
                 until_ms,
             } => {
                 let (a, b) = (self.region_index(from), self.region_index(to));
+                // The scenario's validation holds `period-ms` to at least 1.
                 let (period_ms, until_ms) = (*period_ms.max(&1), *until_ms);
                 self.schedule(
                     self.now_ms,
@@ -1577,6 +1594,7 @@ impl<'a> World<'a> {
                         b,
                         period_ms,
                         until_ms,
+                        epoch: self.flap_epoch,
                     },
                 );
             }

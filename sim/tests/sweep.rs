@@ -410,3 +410,63 @@ fn a_power_failure_loses_only_unshipped_writes_and_a_region_not_told_is_caught()
     }
     assert!(caught.len() >= 4, "caught only in seeds {caught:?}");
 }
+
+/// `heal` ends a flap that would run on: after it, the link is never cut again, and the trace
+/// shows no more flaps.
+#[test]
+fn heal_ends_a_running_flap() {
+    let scenario = Scenario::parse(
+        r#"
+name = "flap-then-heal"
+regions = ["a", "b", "c"]
+duration-ms = 4000
+[network]
+latency-ms-min = 2
+latency-ms-max = 10
+[workload]
+rate-per-region = 50
+keys = 20
+[[timeline]]
+at-ms = 500
+action = "flap"
+from = "a"
+to = "b"
+period-ms = 200
+until-ms = 3900
+[[timeline]]
+at-ms = 1100
+action = "heal"
+"#,
+    )
+    .unwrap();
+    let report = braid_sim::run(
+        &scenario,
+        RunOptions {
+            keep_trace: true,
+            ..options(0)
+        },
+    )
+    .unwrap();
+    assert!(report.passed, "{:?}", report.checkers);
+    let healed = report
+        .trace
+        .iter()
+        .position(|line| line.contains("fault Heal"))
+        .expect("the heal is traced");
+    // A line is the time, then the record: "     700 flap 0-1 cut=false".
+    let is_flap = |line: &&String| line.split_whitespace().nth(1) == Some("flap");
+    let flaps = |lines: &[String]| lines.iter().filter(is_flap).count();
+    assert!(
+        flaps(&report.trace[..healed]) >= 3,
+        "the flap ran before the heal"
+    );
+    assert_eq!(
+        flaps(&report.trace[healed..]),
+        0,
+        "flaps after the heal: {:?}",
+        report.trace[healed..]
+            .iter()
+            .filter(is_flap)
+            .collect::<Vec<_>>()
+    );
+}

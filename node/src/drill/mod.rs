@@ -1479,6 +1479,11 @@ pub async fn run(
                         }
                     } else {
                         drill.perform(action).await?;
+                        if matches!(action, Action::Heal) {
+                            // `heal` ends every flap running, with its link up (perform
+                            // restored it): none may cut it again.
+                            steps.retain(|_, step| !matches!(step, Step::Flap { .. }));
+                        }
                         if let Action::Join { region } | Action::Leave { region } = action {
                             order += 1;
                             let i = drill.index(region);
