@@ -30,23 +30,23 @@ enum Commands {
     Run {
         /// The scenario (TOML; see docs/scenarios.md).
         scenario: PathBuf,
-        /// Run this one seed.
+        /// Run this one seed (seed 0 when neither --seed nor --seeds is given).
         #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
         /// Run every seed from A up to, not including, B; print a summary table.
         #[arg(long, value_name = "A..B")]
         seeds: Option<String>,
-        /// Write the event trace of the (single) run to this file.
-        #[arg(long, value_name = "FILE")]
+        /// Write the event trace of the run to this file (one seed only).
+        #[arg(long, value_name = "FILE", conflicts_with = "seeds")]
         trace: Option<PathBuf>,
         /// Write the report (one run) or every report and the summary (sweep) as JSON.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// Run the seed twice and check that both traces are identical.
-        #[arg(long)]
+        /// Run the seed twice and check that both traces are identical (one seed only).
+        #[arg(long, conflicts_with = "seeds")]
         check_determinism: bool,
         /// Test only: inject a bug (double-apply, lose-write, grant-every-vote,
-        /// drop-control-apply, collect-early) to see the checkers catch it.
+        /// drop-control-apply, ignore-possible-loss, collect-early) to see the checkers catch it.
         #[arg(long, value_name = "BUG", hide = true)]
         inject_bug: Option<InjectedBug>,
     },
@@ -56,14 +56,26 @@ fn parse_range(text: &str) -> Result<(u64, u64)> {
     let (a, b) = text
         .split_once("..")
         .context("--seeds takes A..B, e.g. 0..200")?;
-    let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+    let number = |n: &str| {
+        n.trim().parse::<u64>().with_context(|| {
+            format!("--seeds {text}: {n:?} is not a seed number (A..B, e.g. 0..200)")
+        })
+    };
+    let (a, b) = (number(a)?, number(b)?);
     if a >= b {
         bail!("--seeds {text}: the range is empty");
     }
     Ok((a, b))
 }
 
-fn print_report(report: &Report, scenario_path: &Path) {
+/// The command that replays a run, naming the scenario file it ran.
+fn replay_of(report: &Report, scenario_path: &Path) -> String {
+    report
+        .replay
+        .replacen("SCENARIO", &scenario_path.display().to_string(), 1)
+}
+
+fn print_report(report: &Report) {
     println!(
         "scenario {}  seed {}  trace {}",
         report.scenario, report.seed, report.trace_hash
@@ -115,12 +127,7 @@ fn print_report(report: &Report, scenario_path: &Path) {
         if report.passed {
             "PASSED".to_string()
         } else {
-            format!(
-                "FAILED: replay with {}",
-                report
-                    .replay
-                    .replacen("SCENARIO", &scenario_path.display().to_string(), 1)
-            )
+            format!("FAILED: replay with {}", report.replay)
         }
     );
 }
@@ -176,11 +183,12 @@ fn run() -> Result<bool> {
         let mut reports = Vec::new();
         let total = to - from;
         for (done, seed) in (from..to).enumerate() {
-            let report =
+            let mut report =
                 braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
+            report.replay = replay_of(&report, &path);
             if !report.passed {
                 eprintln!();
-                print_report(&report, &path);
+                print_report(&report);
             }
             reports.push(report);
             let failed = reports.iter().filter(|r| !r.passed).count();
@@ -234,9 +242,10 @@ fn run() -> Result<bool> {
         return Ok(summary.failed.is_empty());
     }
     let seed = seed.unwrap_or(0);
-    let report =
+    let mut report =
         braid_sim::run(&scenario, options(seed, trace.is_some())).map_err(anyhow::Error::msg)?;
-    print_report(&report, &path);
+    report.replay = replay_of(&report, &path);
+    print_report(&report);
     let mut ok = report.passed;
     if check_determinism {
         let again = braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;

@@ -1,0 +1,134 @@
+//! The `braid-sim` command as a user runs it: its flags, its errors and its JSON reports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scenario small enough to run in well under a second in a test build.
+const SMALL: &str = r#"
+name = "cli-small"
+regions = ["a", "b"]
+duration-ms = 1500
+[network]
+latency-ms-min = 2
+latency-ms-max = 10
+[workload]
+rate-per-region = 40
+keys = 10
+"#;
+
+/// A directory of this test's own, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("braid-sim-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn scenario(&self) -> PathBuf {
+        let path = self.0.join("small.toml");
+        std::fs::write(&path, SMALL).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn braid_sim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_braid-sim"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn one_seed_options_are_refused_with_a_sweep() {
+    let scratch = Scratch::new("conflicts");
+    let scenario = scratch.scenario();
+    let trace = scratch.0.join("trace.txt");
+    for extra in [
+        vec!["--trace", text(&trace)],
+        vec!["--check-determinism"],
+        vec!["--seed", "3"],
+    ] {
+        let mut args = vec!["run", text(&scenario), "--seeds", "0..2"];
+        args.extend(extra.iter().copied());
+        let out = braid_sim(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("cannot be used with"),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!trace.exists(), "a refused run wrote its trace");
+}
+
+#[test]
+fn a_seed_range_that_is_not_numbers_says_what_it_takes() {
+    let scratch = Scratch::new("range");
+    let scenario = scratch.scenario();
+    for (range, says) in [
+        ("a..5", "\"a\" is not a seed number"),
+        ("0..x", "\"x\" is not a seed number"),
+        ("5", "--seeds takes A..B"),
+        ("5..5", "the range is empty"),
+    ] {
+        let out = braid_sim(&["run", text(&scenario), "--seeds", range]);
+        assert_eq!(out.status.code(), Some(2), "{range}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{range}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn json_reports_name_the_scenario_in_their_replay_command() {
+    let scratch = Scratch::new("json");
+    let scenario = scratch.scenario();
+    let one = scratch.0.join("one.json");
+    let out = braid_sim(&["run", text(&scenario), "--seed", "4", "--json", text(&one)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&one).unwrap()).unwrap();
+    assert_eq!(report["seed"], 4);
+    assert_eq!(report["passed"], true);
+    assert_eq!(
+        report["replay"],
+        format!("braid-sim run {} --seed 4", scenario.display())
+    );
+
+    let sweep = scratch.0.join("sweep.json");
+    let out = braid_sim(&[
+        "run",
+        text(&scenario),
+        "--seeds",
+        "1..3",
+        "--json",
+        text(&sweep),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sweep).unwrap()).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, seed) in runs.iter().zip(1..) {
+        assert_eq!(
+            run["replay"],
+            format!("braid-sim run {} --seed {seed}", scenario.display())
+        );
+    }
+    assert_eq!(doc["summary"]["seeds"], 2);
+}
