@@ -536,8 +536,9 @@ impl<'a> World<'a> {
     /// one of bincode's varints (as the wire writes integers). A record is always five of them
     /// and a varint's first byte gives its length, so the bytes decode back to exactly one
     /// sequence of records; the words are mostly small, and this hashes about a fifth of the
-    /// bytes that five whole `u64`s took.
-    fn trace(&mut self, record: [u64; 4], text: impl FnOnce() -> String) {
+    /// bytes that five whole `u64`s took. A trace kept as text (`--trace`) takes `text` too,
+    /// given the regions' names by position.
+    fn trace(&mut self, record: [u64; 4], text: impl FnOnce(&[String]) -> String) {
         let [a, b, c, d] = record;
         let mut bytes = [0u8; TRACE_RECORD_BYTES_MAX];
         let Ok(len) = bincode::encode_into_slice(
@@ -562,8 +563,9 @@ impl<'a> World<'a> {
     /// hot paths that trace, filling the instruction cache.
     #[cold]
     #[inline(never)]
-    fn keep_trace_line(&mut self, text: impl FnOnce() -> String) {
-        let line = format!("{:>8} {}", self.now_ms, text());
+    fn keep_trace_line(&mut self, text: impl FnOnce(&[String]) -> String) {
+        let scenario = self.scenario;
+        let line = format!("{:>8} {}", self.now_ms, text(&scenario.regions));
         self.trace.push(line);
     }
 
@@ -684,8 +686,8 @@ impl<'a> World<'a> {
             }
         }
         for (region, err) in failed {
-            self.trace([22, region as u64, 0, 0], || {
-                format!("control plane of {region} did not start: {err}")
+            self.trace([22, region as u64, 0, 0], |n| {
+                format!("control plane of {} did not start: {err}", n[region])
             });
         }
     }
@@ -739,20 +741,29 @@ impl<'a> World<'a> {
             }
         }
         for (node, term, leader) in changes {
-            self.trace([20, node, term, leader.unwrap_or(0)], || {
-                format!("raft: node {node} in term {term} sees leader {leader:?}")
+            self.trace([20, node, term, leader.unwrap_or(0)], |n| {
+                // Raft's node ids are the regions' positions from 1.
+                let name = |id: u64| n.get(id as usize - 1).map_or("?", String::as_str);
+                let leader = leader.map_or("none", name);
+                format!("raft: {} in term {term} sees leader {leader}", name(node))
             });
         }
         for (region, deleted) in collected {
             self.log_events_collected += deleted;
-            self.trace([21, region as u64, deleted, 0], || {
-                format!("gc {region}: {deleted} change-log events at the stable frontier")
+            self.trace([21, region as u64, deleted, 0], |n| {
+                format!(
+                    "gc {}: {deleted} change-log events at the stable frontier",
+                    n[region]
+                )
             });
         }
         for (region, keys, stable) in tombstones {
             self.tombstones_collected += keys;
-            self.trace([27, region as u64, keys, stable.wall_ms], || {
-                format!("gc {region}: tombstones of {keys} keys at stable hlc {stable}")
+            self.trace([27, region as u64, keys, stable.wall_ms], |n| {
+                format!(
+                    "gc {}: tombstones of {keys} keys at stable hlc {stable}",
+                    n[region]
+                )
             });
         }
         self.follow_topology();
@@ -782,8 +793,8 @@ impl<'a> World<'a> {
             }
         }
         for region in changed {
-            self.trace([23, region as u64, 0, 0], || {
-                format!("topology {region}: follows the committed links")
+            self.trace([23, region as u64, 0, 0], |n| {
+                format!("topology {}: follows the committed links", n[region])
             });
             // Streams to peers no longer linked close; new links open.
             let keys: Vec<(usize, usize)> = self
@@ -850,8 +861,8 @@ impl<'a> World<'a> {
         let Some(state) = admitted else {
             let join = control.join_command(region);
             if self.ask(admitter, region, join) {
-                self.trace([24, region as u64, admitter as u64, 0], || {
-                    format!("join {region}: asks {admitter}")
+                self.trace([24, region as u64, admitter as u64, 0], |n| {
+                    format!("join {}: asks {}", n[region], n[admitter])
                 });
             }
             return;
@@ -870,8 +881,11 @@ impl<'a> World<'a> {
         }
         if self.regions[region].replica.is_some() && self.snapshot(region, admitter) {
             self.regions[region].phase = Phase::Member;
-            self.trace([25, region as u64, admitter as u64, 0], || {
-                format!("join {region}: snapshot from {admitter} installed, replicating")
+            self.trace([25, region as u64, admitter as u64, 0], |n| {
+                format!(
+                    "join {}: snapshot from {} installed, replicating",
+                    n[region], n[admitter]
+                )
             });
             self.reconcile();
         }
@@ -951,8 +965,8 @@ impl<'a> World<'a> {
                     self.retired.push((r.name.clone(), storage));
                 }
                 self.control_ops.push((region, false));
-                self.trace([26, region as u64, 0, 0], || {
-                    format!("leave {region}: removed, stopped")
+                self.trace([26, region as u64, 0, 0], |n| {
+                    format!("leave {}: removed, stopped", n[region])
                 });
                 self.reconcile();
             }
@@ -993,7 +1007,7 @@ impl<'a> World<'a> {
                 self.control_tick();
                 if self.workload_over && self.converged() && self.unfinished_changes().is_empty() {
                     self.converged_at = Some(self.now_ms);
-                    self.trace([7, 0, 0, 0], || "converged".into());
+                    self.trace([7, 0, 0, 0], |_| "converged".into());
                 }
                 self.schedule(self.now_ms + TICK_MS, Event::Tick);
             }
@@ -1020,8 +1034,8 @@ impl<'a> World<'a> {
                     self.cut.insert((b, a));
                 }
                 self.net_changed = true;
-                self.trace([8, a as u64, b as u64, u64::from(!cut)], || {
-                    format!("flap {a}-{b} cut={}", !cut)
+                self.trace([8, a as u64, b as u64, u64::from(!cut)], |n| {
+                    format!("flap {}-{} cut={}", n[a], n[b], !cut)
                 });
                 if self.now_ms < until_ms {
                     self.schedule(
@@ -1055,7 +1069,7 @@ impl<'a> World<'a> {
                 for region in 0..self.regions.len() {
                     self.restart(region);
                 }
-                self.trace([9, 0, 0, 0], || {
+                self.trace([9, 0, 0, 0], |_| {
                     "workload over: healed, every region up".into()
                 });
                 self.reconcile();
@@ -1113,14 +1127,10 @@ impl<'a> World<'a> {
             }
         }
         let ok = matches!(results.first(), Some(Ok(_)));
-        // The name is copied only for a trace kept as text.
-        let name = match self.options.keep_trace {
-            true => self.regions[region].name.clone(),
-            false => String::new(),
-        };
-        self.trace([1, region as u64, after.0, u64::from(ok)], || {
+        self.trace([1, region as u64, after.0, u64::from(ok)], |n| {
             format!(
-                "write {name} {} -> seq {}",
+                "write {} {} -> seq {}",
+                n[region],
                 String::from_utf8_lossy(&key),
                 after.0
             )
@@ -1235,8 +1245,8 @@ impl<'a> World<'a> {
     ) {
         let net = &self.scenario.network;
         if self.cut.contains(&(from, to)) || unit(&mut self.net_rng) < net.loss {
-            self.trace([2, from as u64, to as u64, bytes.len() as u64], || {
-                format!("lost {what} {from}->{to}")
+            self.trace([2, from as u64, to as u64, bytes.len() as u64], |n| {
+                format!("lost {what} {}->{}", n[from], n[to])
             });
             return;
         }
@@ -1259,8 +1269,8 @@ impl<'a> World<'a> {
             }
         }
         let duplicated = unit(&mut self.net_rng) < net.duplicate;
-        self.trace([3, from as u64, to as u64, at], || {
-            format!("send {what} {from}->{to} at {at}")
+        self.trace([3, from as u64, to as u64, at], |n| {
+            format!("send {what} {}->{} at {at}", n[from], n[to])
         });
         if duplicated {
             self.schedule(
@@ -1303,8 +1313,8 @@ impl<'a> World<'a> {
         let message = match frame::decode_shared(bytes) {
             Ok(Some((message, _))) => message,
             other => {
-                self.trace([4, from as u64, to as u64, 0], || {
-                    format!("undecodable frame {from}->{to}: {other:?}")
+                self.trace([4, from as u64, to as u64, 0], |n| {
+                    format!("undecodable frame {}->{}: {other:?}", n[from], n[to])
                 });
                 return;
             }
@@ -1317,7 +1327,7 @@ impl<'a> World<'a> {
         let result = replica.handle_message(from_id, kind, message, now);
         self.trace(
             [5, from as u64, to as u64, u64::from(result.is_ok())],
-            || format!("deliver {from}->{to} {kind:?}"),
+            |n| format!("deliver {}->{} {kind:?}", n[from], n[to]),
         );
         if let Err(err) = &result {
             self.refused(from, to, key, matches!(err, PeerError::Behind { .. }));
@@ -1373,8 +1383,8 @@ impl<'a> World<'a> {
                 Ok(Ok(Some((Message::SnapshotChunk(decoded), _)))) => decoded,
                 other => {
                     // Left half-installed: the convergence and oracle checkers report it.
-                    self.trace([14, sub as u64, publ as u64, 0], || {
-                        format!("snapshot {publ}->{sub} failed: {other:?}")
+                    self.trace([14, sub as u64, publ as u64, 0], |n| {
+                        format!("snapshot {}->{} failed: {other:?}", n[publ], n[sub])
                     });
                     return false;
                 }
@@ -1390,8 +1400,8 @@ impl<'a> World<'a> {
             Err(never) => match never {},
         }
         self.snapshots += 1;
-        self.trace([13, sub as u64, publ as u64, keys as u64], || {
-            format!("snapshot {publ}->{sub}: {keys} keys")
+        self.trace([13, sub as u64, publ as u64, keys as u64], |n| {
+            format!("snapshot {}->{}: {keys} keys", n[publ], n[sub])
         });
         self.drain(sub);
         true
@@ -1459,8 +1469,8 @@ impl<'a> World<'a> {
         if let Some(replica) = self.regions[sub].replica.as_mut() {
             let _ = replica.handle_subscription_open(publ_id, sub_now);
         }
-        self.trace([6, sub as u64, publ as u64, 1], || {
-            format!("connect {sub}->{publ}")
+        self.trace([6, sub as u64, publ as u64, 1], |n| {
+            format!("connect {}->{}", n[sub], n[publ])
         });
         self.drain(publ);
         self.drain(sub);
@@ -1483,8 +1493,8 @@ impl<'a> World<'a> {
         if let Some(replica) = self.regions[sub].replica.as_mut() {
             replica.handle_subscription_closed(publ_id, sub_now);
         }
-        self.trace([6, sub as u64, publ as u64, 0], || {
-            format!("close {sub}->{publ}")
+        self.trace([6, sub as u64, publ as u64, 0], |n| {
+            format!("close {}->{}", n[sub], n[publ])
         });
         self.drain(sub);
         self.drain(publ);
@@ -1503,7 +1513,7 @@ impl<'a> World<'a> {
     }
 
     fn fault(&mut self, action: &Action) {
-        self.trace([10, 0, 0, 0], || format!("fault {action:?}"));
+        self.trace([10, 0, 0, 0], |_| format!("fault {action:?}"));
         self.net_changed = true;
         match action {
             Action::Kill { region } => {
@@ -1520,23 +1530,26 @@ impl<'a> World<'a> {
                 if lost {
                     self.regions[r].lost_on_power_fail = true;
                 }
-                self.trace([28, r as u64, u64::from(lost), 0], || {
-                    format!("power failure of {r}: commits since its last sync lost: {lost}")
+                self.trace([28, r as u64, u64::from(lost), 0], |n| {
+                    format!(
+                        "power failure of {}: commits since its last sync lost: {lost}",
+                        n[r]
+                    )
                 });
             }
             Action::KillLeader { down_ms } => {
                 match self.control.as_ref().and_then(ControlSim::leader) {
                     Some(r) => {
                         self.leader_kills += 1;
-                        self.trace([12, r as u64, 0, 0], || {
-                            format!("the leader is {r}: kill it")
+                        self.trace([12, r as u64, 0, 0], |n| {
+                            format!("the leader is {}: kill it", n[r])
                         });
                         self.kill(r);
                         if let Some(ms) = down_ms {
                             self.schedule(self.now_ms + ms, Event::Restart(r));
                         }
                     }
-                    None => self.trace([12, u64::MAX, 0, 0], || "no leader to kill".into()),
+                    None => self.trace([12, u64::MAX, 0, 0], |_| "no leader to kill".into()),
                 }
             }
             Action::Restart { region } => {
@@ -1647,7 +1660,9 @@ impl<'a> World<'a> {
                 Err(never) => match never {},
             }
         }
-        self.trace([11, region as u64, 0, 0], || format!("restart {region}"));
+        self.trace([11, region as u64, 0, 0], |n| {
+            format!("restart {}", n[region])
+        });
     }
 
     // ---- checks ----
@@ -1756,15 +1771,7 @@ impl<'a> World<'a> {
             None => Verdict {
                 checker: "convergence".into(),
                 passed: false,
-                detail: format!(
-                    "{} within {budget} ms after heal; {}",
-                    if timed_out {
-                        "wall-clock watchdog fired"
-                    } else {
-                        "regions differ"
-                    },
-                    self.first_divergence()
-                ),
+                detail: self.not_converged(timed_out, budget),
             },
         });
         // With `process` durability a power failure takes what its region committed since its
@@ -1915,6 +1922,31 @@ impl<'a> World<'a> {
             .map(|e| (e.origin, e.seq, e.hlc))
             .filter(|id| !held.contains(id))
             .collect()
+    }
+
+    /// Why a run did not converge: the watchdog, joins or leaves not finished, or regions whose
+    /// states differ (the first divergent key).
+    fn not_converged(&self, timed_out: bool, budget_ms: u64) -> String {
+        if timed_out {
+            return format!(
+                "the wall-clock watchdog stopped the run after {} s, at simulated {} ms; {}",
+                WALL_MS_MAX / 1000,
+                self.now_ms,
+                self.first_divergence()
+            );
+        }
+        let unfinished = self.unfinished_changes();
+        if self.workload_over && !unfinished.is_empty() && self.converged() {
+            return format!(
+                "states agree, but not every membership change finished within {budget_ms} ms \
+                 after heal: {}",
+                unfinished.join(", ")
+            );
+        }
+        format!(
+            "regions differ {budget_ms} ms after heal; {}",
+            self.first_divergence()
+        )
     }
 
     fn first_divergence(&self) -> String {
