@@ -147,7 +147,20 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// Lets the process end quietly when its standard output closes (`braid-sim run ... | head`), as
+/// Unix tools do, where `println!` would panic on the broken pipe. Rust ignores SIGPIPE in every
+/// program; the simulator writes to no socket, so the default (end the process) is safe here.
+#[allow(unsafe_code)]
+fn quiet_on_closed_stdout() {
+    // SAFETY: sets a signal's disposition to its default at start-up, before any other thread
+    // exists; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     keep_freed_memory();
     match run() {
         Ok(true) => ExitCode::SUCCESS,

@@ -132,3 +132,39 @@ fn json_reports_name_the_scenario_in_their_replay_command() {
     }
     assert_eq!(doc["summary"]["seeds"], 2);
 }
+
+/// The writing end of a pipe whose reading end is closed already.
+#[allow(unsafe_code)]
+fn closed_pipe() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `pipe2` writes two new descriptors into the array it is given, of two.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just made, and each is owned once, here.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    writer
+}
+
+/// Output piped into a reader that has gone (`braid-sim run ... | head`) ends the process as
+/// SIGPIPE does other tools, without a panic.
+#[test]
+fn a_closed_output_ends_the_run_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let scratch = Scratch::new("pipe");
+    let scenario = scratch.scenario();
+    let writer = closed_pipe();
+    let out = Command::new(env!("CARGO_BIN_EXE_braid-sim"))
+        .args(["run", text(&scenario), "--seed", "0"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
