@@ -384,6 +384,16 @@ impl Scenario {
                     fault.at_ms
                 ));
             }
+            if let Action::Flap { from, to, .. } | Action::SlowLink { from, to, .. } = &fault.action
+            {
+                if from == to {
+                    return invalid(format!(
+                        "timeline: the fault at {} ms needs a link between two regions, not \
+                         {from} and itself",
+                        fault.at_ms
+                    ));
+                }
+            }
             if let Action::Flap {
                 period_ms,
                 until_ms,
@@ -555,7 +565,7 @@ converged-within-ms = 5000
     }
 
     #[test]
-    fn refuses_flaps_that_never_end_or_never_flap_and_a_rate_of_zero() {
+    fn refuses_flaps_that_never_end_or_never_flap_links_to_itself_and_a_rate_of_zero() {
         let flap = |period: u64, until: u64| {
             SAMPLE.replace(
                 "action = \"heal\"",
@@ -576,6 +586,9 @@ converged-within-ms = 5000
             let err = Scenario::parse(&flap(period, until)).unwrap_err();
             assert!(err.to_string().contains(says), "{period}/{until}: {err}");
         }
+        let err =
+            Scenario::parse(&flap(200, 6000).replace("to = \"b\"", "to = \"a\"")).unwrap_err();
+        assert!(err.to_string().contains("not a and itself"), "{err}");
         let err = Scenario::parse(&SAMPLE.replace("rate-per-region = 100", "rate-per-region = 0"))
             .unwrap_err();
         assert!(err.to_string().contains("rate-per-region"), "{err}");

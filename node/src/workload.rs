@@ -39,7 +39,8 @@ pub fn unit(rng: &mut ChaCha8Rng) -> f64 {
 
 /// The next write of the workload: a key (from the hot keys with probability `conflict-share`,
 /// else skewed over all keys) and a command of the key's type (each key has one, chosen by the
-/// mix; 2% of writes try another type, to exercise type conflicts and `WRONGTYPE`).
+/// mix; 2% of writes draw a type from the mix again, often another, to exercise type conflicts
+/// and `WRONGTYPE`).
 pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng, names: &mut Names) -> (Bytes, Command) {
     let index = if unit(rng) < w.conflict_share {
         below(rng, HOT_KEYS.min(w.keys))

@@ -743,7 +743,10 @@ impl<'a> World<'a> {
         for (node, term, leader) in changes {
             self.trace([20, node, term, leader.unwrap_or(0)], |n| {
                 // Raft's node ids are the regions' positions from 1.
-                let name = |id: u64| n.get(id as usize - 1).map_or("?", String::as_str);
+                let name = |id: u64| {
+                    let at = (id as usize).checked_sub(1);
+                    at.and_then(|at| n.get(at)).map_or("?", String::as_str)
+                };
                 let leader = leader.map_or("none", name);
                 format!("raft: {} in term {term} sees leader {leader}", name(node))
             });
@@ -1025,21 +1028,23 @@ impl<'a> World<'a> {
                 if epoch != self.flap_epoch {
                     return; // healed since: the link stays as `heal` left it
                 }
-                let cut = self.cut.contains(&(a, b));
-                if cut || self.now_ms >= until_ms {
-                    self.cut.remove(&(a, b));
-                    self.cut.remove(&(b, a));
-                } else {
+                // Down and up in turn; up for good from `until_ms`.
+                let cut = !self.cut.contains(&(a, b)) && self.now_ms < until_ms;
+                if cut {
                     self.cut.insert((a, b));
                     self.cut.insert((b, a));
+                } else {
+                    self.cut.remove(&(a, b));
+                    self.cut.remove(&(b, a));
                 }
                 self.net_changed = true;
-                self.trace([8, a as u64, b as u64, u64::from(!cut)], |n| {
-                    format!("flap {}-{} cut={}", n[a], n[b], !cut)
+                self.trace([8, a as u64, b as u64, u64::from(cut)], |n| {
+                    format!("flap {}-{} cut={cut}", n[a], n[b])
                 });
                 if self.now_ms < until_ms {
+                    // The last turn comes at `until_ms`, not a period past it (as in a drill).
                     self.schedule(
-                        self.now_ms + period_ms,
+                        (self.now_ms + period_ms).min(until_ms),
                         Event::Flap {
                             a,
                             b,
@@ -1943,8 +1948,15 @@ impl<'a> World<'a> {
                 unfinished.join(", ")
             );
         }
+        let unfinished = match unfinished.is_empty() {
+            true => String::new(),
+            false => format!(
+                " (membership changes not finished: {})",
+                unfinished.join(", ")
+            ),
+        };
         format!(
-            "regions differ {budget_ms} ms after heal; {}",
+            "regions differ {budget_ms} ms after heal{unfinished}; {}",
             self.first_divergence()
         )
     }

@@ -453,7 +453,7 @@ action = "heal"
         .iter()
         .position(|line| line.contains("fault Heal"))
         .expect("the heal is traced");
-    // A line is the time, then the record: "     700 flap 0-1 cut=false".
+    // A line is the time, then the record: "     700 flap a-b cut=false".
     let is_flap = |line: &&String| line.split_whitespace().nth(1) == Some("flap");
     let flaps = |lines: &[String]| lines.iter().filter(is_flap).count();
     assert!(
