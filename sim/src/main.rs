@@ -214,6 +214,12 @@ fn run() -> Result<bool> {
         }
         eprintln!();
         let summary = sweep::summarise(&scenario.name, &reports);
+        // The file first: it is kept if standard output closes while the table prints.
+        if let Some(file) = json {
+            let doc = serde_json::json!({ "summary": summary, "runs": reports });
+            std::fs::write(&file, serde_json::to_string_pretty(&doc)? + "\n")
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
         println!(
             "{:<24} {:>6} {:>6} {:>6}  {:>22}  {:>22}  {:>9}  {:>12}  {:>8}",
             "SCENARIO",
@@ -247,17 +253,21 @@ fn run() -> Result<bool> {
                 path.display()
             );
         }
-        if let Some(file) = json {
-            let doc = serde_json::json!({ "summary": summary, "runs": reports });
-            std::fs::write(&file, serde_json::to_string_pretty(&doc)? + "\n")
-                .with_context(|| format!("cannot write {}", file.display()))?;
-        }
         return Ok(summary.failed.is_empty());
     }
     let seed = seed.unwrap_or(0);
     let mut report =
         braid_sim::run(&scenario, options(seed, trace.is_some())).map_err(anyhow::Error::msg)?;
     report.replay = replay_of(&report, &path);
+    // The files first: they are kept if standard output closes while the report prints.
+    if let Some(file) = trace {
+        std::fs::write(&file, report.trace.join("\n") + "\n")
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    if let Some(file) = json {
+        std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
     print_report(&report);
     let mut ok = report.passed;
     if check_determinism {
@@ -269,14 +279,6 @@ fn run() -> Result<bool> {
             again.trace_hash
         );
         ok &= same;
-    }
-    if let Some(file) = trace {
-        std::fs::write(&file, report.trace.join("\n") + "\n")
-            .with_context(|| format!("cannot write {}", file.display()))?;
-    }
-    if let Some(file) = json {
-        std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("cannot write {}", file.display()))?;
     }
     Ok(ok)
 }

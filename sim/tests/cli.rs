@@ -159,12 +159,17 @@ fn a_closed_output_ends_the_run_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let scratch = Scratch::new("pipe");
     let scenario = scratch.scenario();
+    let json = scratch.0.join("report.json");
     let writer = closed_pipe();
     let out = Command::new(env!("CARGO_BIN_EXE_braid-sim"))
-        .args(["run", text(&scenario), "--seed", "0"])
+        .args(["run", text(&scenario), "--seed", "0", "--json", text(&json)])
         .stdout(writer)
         .output()
         .unwrap();
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    // The report's file is written before the report is printed.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
 }
