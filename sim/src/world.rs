@@ -2008,3 +2008,77 @@ fn diff_detail(
     }
     format!("region {region} differs from the oracle")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three regions, the third joining at 1 s.
+    const JOINING: &str = r#"
+name = "joining"
+regions = ["a", "b", "c"]
+duration-ms = 3000
+[workload]
+rate-per-region = 10
+keys = 5
+[[timeline]]
+at-ms = 1000
+action = "join"
+region = "c"
+"#;
+
+    fn world(scenario: &Scenario) -> World<'_> {
+        let options = RunOptions {
+            seed: 0,
+            bug: None,
+            keep_trace: false,
+        };
+        World::new(scenario, options).unwrap()
+    }
+
+    #[test]
+    fn a_run_the_watchdog_stopped_says_so_with_the_simulated_time_reached() {
+        let scenario = Scenario::parse(JOINING).unwrap();
+        let mut world = world(&scenario);
+        world.now_ms = 1234;
+        let text = world.not_converged(true, 5000);
+        assert!(
+            text.starts_with(
+                "the wall-clock watchdog stopped the run after 120 s, at simulated 1234 ms"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn states_that_agree_with_a_join_unfinished_name_the_join() {
+        let scenario = Scenario::parse(JOINING).unwrap();
+        let mut world = world(&scenario);
+        // Nothing written yet: the members agree; the join has not happened.
+        world.workload_over = true;
+        assert!(world.converged());
+        let text = world.not_converged(false, 5000);
+        assert_eq!(
+            text,
+            "states agree, but not every membership change finished within 5000 ms after heal: \
+             join c"
+        );
+    }
+
+    #[test]
+    fn states_that_differ_with_a_join_unfinished_name_both() {
+        let scenario = Scenario::parse(JOINING).unwrap();
+        let mut world = world(&scenario);
+        world.write(0); // a write in a that b has not received
+        world.workload_over = true;
+        assert!(!world.converged());
+        let text = world.not_converged(false, 5000);
+        assert!(
+            text.starts_with(
+                "regions differ 5000 ms after heal (membership changes not finished: join c); \
+                 first divergent key"
+            ),
+            "{text}"
+        );
+    }
+}
