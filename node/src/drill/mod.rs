@@ -623,6 +623,91 @@ enum Step {
     End,
 }
 
+/// The drill's steps in time order, and what each step schedules by itself: a `flap` fault its
+/// first turn, a turn the next one until `until-ms`, and a `heal` the end of every flap running.
+/// What depends on the cluster (a restart after a leader kill, the next look at a membership
+/// change) the drill schedules with [`Timeline::push`].
+#[derive(Debug)]
+struct Timeline {
+    steps: BTreeMap<(u64, u64), Step>,
+    /// Steps due at the same time run in the order they were scheduled.
+    order: u64,
+}
+
+impl Timeline {
+    /// Every fault of `scenario` at its time scaled by `scale`, and the end at `total_ms`.
+    fn new(scenario: &Scenario, scale: f64, total_ms: u64) -> Timeline {
+        let mut timeline = Timeline {
+            steps: BTreeMap::new(),
+            order: 0,
+        };
+        for (i, fault) in scenario.timeline.iter().enumerate() {
+            timeline.push(scaled(fault.at_ms, scale), Step::Fault(i));
+        }
+        timeline.steps.insert((total_ms, u64::MAX), Step::End);
+        timeline
+    }
+
+    fn push(&mut self, at_ms: u64, step: Step) {
+        self.order += 1;
+        self.steps.insert((at_ms, self.order), step);
+    }
+
+    /// The next step and its due time, and what it schedules by itself.
+    fn pop(&mut self, scenario: &Scenario, names: &[String], scale: f64) -> Option<(u64, Step)> {
+        let ((due_ms, _), step) = self.steps.pop_first()?;
+        match &step {
+            Step::Fault(i) => match &scenario.timeline[*i].action {
+                Action::Flap {
+                    from,
+                    to,
+                    period_ms,
+                    until_ms,
+                } => {
+                    let index = |name: &str| names.iter().position(|n| n == name).unwrap_or(0);
+                    self.push(
+                        due_ms,
+                        Step::Flap {
+                            a: index(from),
+                            b: index(to),
+                            period_ms: scaled(*period_ms, scale).max(1),
+                            until_ms: scaled(*until_ms, scale),
+                            down: true,
+                        },
+                    );
+                }
+                // `heal` ends every flap running, with its link up (the drill restores it).
+                Action::Heal => self
+                    .steps
+                    .retain(|_, step| !matches!(step, Step::Flap { .. })),
+                _ => {}
+            },
+            Step::Flap {
+                a,
+                b,
+                period_ms,
+                until_ms,
+                down,
+            } if due_ms < *until_ms => {
+                // The last turn comes at `until_ms`, and leaves the link up.
+                let next = (due_ms + period_ms).min(*until_ms);
+                self.push(
+                    next,
+                    Step::Flap {
+                        a: *a,
+                        b: *b,
+                        period_ms: *period_ms,
+                        until_ms: *until_ms,
+                        down: !down && next < *until_ms,
+                    },
+                );
+            }
+            _ => {}
+        }
+        Some((due_ms, step))
+    }
+}
+
 /// A region failure being measured.
 struct Failure {
     report: FailureReport,
@@ -1375,16 +1460,10 @@ pub async fn run(
         scenario.workload.rate_per_region,
         scenario.timeline.len()
     )));
-    let mut steps: BTreeMap<(u64, u64), Step> = BTreeMap::new();
-    let mut order = 0u64;
-    for (i, fault) in scenario.timeline.iter().enumerate() {
-        order += 1;
-        steps.insert((scaled(fault.at_ms, scale), order), Step::Fault(i));
-    }
-    steps.insert((total_ms, u64::MAX), Step::End);
+    let mut timeline = Timeline::new(scenario, scale, total_ms);
     let mut next_progress = Duration::ZERO;
     let result: Result<(), DrillError> = async {
-        while let Some(((due_ms, _), step)) = steps.pop_first() {
+        while let Some((due_ms, step)) = timeline.pop(scenario, &drill.names, scale) {
             loop {
                 let now = start.elapsed();
                 let due = Duration::from_millis(due_ms);
@@ -1416,9 +1495,8 @@ pub async fn run(
                 Step::End => break,
                 Step::Membership(i) => {
                     if !drill.poll_membership(i).await? {
-                        order += 1;
                         let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
-                        steps.insert((next, order), Step::Membership(i));
+                        timeline.push(next, Step::Membership(i));
                     }
                 }
                 Step::Restart(i) => {
@@ -1438,25 +1516,8 @@ pub async fn run(
                         action: label.clone(),
                     });
                     progress(Progress::Fault(label));
-                    if let Action::Flap {
-                        from,
-                        to,
-                        period_ms,
-                        until_ms,
-                    } = action
-                    {
-                        order += 1;
-                        steps.insert(
-                            (due_ms, order),
-                            Step::Flap {
-                                a: drill.index(from),
-                                b: drill.index(to),
-                                period_ms: scaled(*period_ms, scale).max(1),
-                                until_ms: scaled(*until_ms, scale),
-                                down: true,
-                            },
-                        );
-                    } else if let Action::KillLeader { down_ms } = action {
+                    // A flap's turns are steps of their own, which the timeline scheduled.
+                    if let Action::KillLeader { down_ms } = action {
                         match drill.leader().await {
                             Some(i) => {
                                 progress(Progress::Fault(format!(
@@ -1465,11 +1526,8 @@ pub async fn run(
                                 )));
                                 drill.fail(i, "kill").await?;
                                 if let Some(down_ms) = down_ms {
-                                    order += 1;
-                                    steps.insert(
-                                        (due_ms + scaled(*down_ms, scale), order),
-                                        Step::Restart(i),
-                                    );
+                                    timeline
+                                        .push(due_ms + scaled(*down_ms, scale), Step::Restart(i));
                                 }
                             }
                             None => drill.warnings.push(format!(
@@ -1479,46 +1537,28 @@ pub async fn run(
                         }
                     } else {
                         drill.perform(action).await?;
-                        if matches!(action, Action::Heal) {
-                            // `heal` ends every flap running, with its link up (perform
-                            // restored it): none may cut it again.
-                            steps.retain(|_, step| !matches!(step, Step::Flap { .. }));
-                        }
                         if let Action::Join { region } | Action::Leave { region } = action {
-                            order += 1;
                             let i = drill.index(region);
                             let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
-                            steps.insert((next, order), Step::Membership(i));
+                            timeline.push(next, Step::Membership(i));
                         }
                     }
                 }
                 Step::Flap {
                     a,
                     b,
-                    period_ms,
                     until_ms,
                     down,
+                    ..
                 } => {
-                    let down = down && due_ms < until_ms;
-                    if down {
+                    // Down and up in turn (the timeline scheduled the next turn); up for good
+                    // from `until_ms`.
+                    if down && due_ms < until_ms {
                         drill.net.flapped.insert(pair(a, b));
                     } else {
                         drill.net.flapped.remove(&pair(a, b));
                     }
                     drill.push_faults().await?;
-                    if due_ms < until_ms {
-                        order += 1;
-                        steps.insert(
-                            ((due_ms + period_ms).min(until_ms), order),
-                            Step::Flap {
-                                a,
-                                b,
-                                period_ms,
-                                until_ms,
-                                down: !down,
-                            },
-                        );
-                    }
                 }
             }
         }
@@ -2076,6 +2116,81 @@ mod tests {
     }
 
     const ALL: [bool; 3] = [true; 3];
+
+    /// A flap of a-b from 1 s, every 200 ms until 3 s, and `extra` faults after it.
+    fn flapping(extra: &str) -> Scenario {
+        Scenario::parse(&format!(
+            r#"
+name = "flapping"
+regions = ["a", "b", "c"]
+duration-ms = 4000
+[workload]
+rate-per-region = 10
+keys = 5
+[[timeline]]
+at-ms = 1000
+action = "flap"
+from = "a"
+to = "b"
+period-ms = 200
+until-ms = 3000
+{extra}
+"#
+        ))
+        .unwrap()
+    }
+
+    /// Every step the timeline gives, in order, with its due time.
+    fn steps_of(scenario: &Scenario, scale: f64) -> Vec<(u64, Step)> {
+        let total_ms = scaled(scenario.duration_ms, scale);
+        let mut timeline = Timeline::new(scenario, scale, total_ms);
+        std::iter::from_fn(|| timeline.pop(scenario, &names(), scale)).collect()
+    }
+
+    fn turn(down: bool, period_ms: u64, until_ms: u64) -> Step {
+        Step::Flap {
+            a: 0,
+            b: 1,
+            period_ms,
+            until_ms,
+            down,
+        }
+    }
+
+    #[test]
+    fn a_flap_turns_every_period_until_it_ends_up() {
+        let steps = steps_of(&flapping(""), 1.0);
+        let mut expected = vec![(1000, Step::Fault(0))];
+        for (k, at) in (1000..=3000).step_by(200).enumerate() {
+            expected.push((at, turn(k % 2 == 0 && at < 3000, 200, 3000)));
+        }
+        expected.push((4000, Step::End));
+        assert_eq!(steps, expected);
+        // Scaled, the same turns at half the times; the last at until-ms, not a period past.
+        let half = steps_of(&flapping(""), 0.5);
+        assert_eq!(half.len(), expected.len());
+        assert_eq!(half[1], (500, turn(true, 100, 1500)));
+        assert_eq!(half[half.len() - 2], (1500, turn(false, 100, 1500)));
+    }
+
+    #[test]
+    fn a_heal_ends_every_flap_running() {
+        let steps = steps_of(
+            &flapping("[[timeline]]\nat-ms = 1500\naction = \"heal\""),
+            1.0,
+        );
+        assert_eq!(
+            steps,
+            vec![
+                (1000, Step::Fault(0)),
+                (1000, turn(true, 200, 3000)),
+                (1200, turn(false, 200, 3000)),
+                (1400, turn(true, 200, 3000)),
+                (1500, Step::Fault(1)),
+                (4000, Step::End),
+            ]
+        );
+    }
 
     #[test]
     fn partitions_become_cuts_one_way_drops_and_delays() {
