@@ -2117,8 +2117,8 @@ mod tests {
 
     const ALL: [bool; 3] = [true; 3];
 
-    /// A flap of a-b from 1 s, every 200 ms until 3 s, and `extra` faults after it.
-    fn flapping(extra: &str) -> Scenario {
+    /// A flap of a-b from 1 s, every `period_ms` until 3 s, and `extra` faults after it.
+    fn flapping(period_ms: u64, extra: &str) -> Scenario {
         Scenario::parse(&format!(
             r#"
 name = "flapping"
@@ -2132,7 +2132,7 @@ at-ms = 1000
 action = "flap"
 from = "a"
 to = "b"
-period-ms = 200
+period-ms = {period_ms}
 until-ms = 3000
 {extra}
 "#
@@ -2159,24 +2159,33 @@ until-ms = 3000
 
     #[test]
     fn a_flap_turns_every_period_until_it_ends_up() {
-        let steps = steps_of(&flapping(""), 1.0);
+        let steps = steps_of(&flapping(200, ""), 1.0);
         let mut expected = vec![(1000, Step::Fault(0))];
         for (k, at) in (1000..=3000).step_by(200).enumerate() {
             expected.push((at, turn(k % 2 == 0 && at < 3000, 200, 3000)));
         }
         expected.push((4000, Step::End));
         assert_eq!(steps, expected);
-        // Scaled, the same turns at half the times; the last at until-ms, not a period past.
-        let half = steps_of(&flapping(""), 0.5);
+        // Scaled, the same turns at half the times.
+        let half = steps_of(&flapping(200, ""), 0.5);
         assert_eq!(half.len(), expected.len());
         assert_eq!(half[1], (500, turn(true, 100, 1500)));
         assert_eq!(half[half.len() - 2], (1500, turn(false, 100, 1500)));
+        // A period that does not divide the flap's time: the last turn at until-ms, not past it.
+        let steps = steps_of(&flapping(300, ""), 1.0);
+        let turns: Vec<&(u64, Step)> = steps
+            .iter()
+            .filter(|(_, s)| matches!(s, Step::Flap { .. }))
+            .collect();
+        assert_eq!(turns.len(), 8, "{turns:?}");
+        assert_eq!(*turns[6], (2800, turn(true, 300, 3000)));
+        assert_eq!(*turns[7], (3000, turn(false, 300, 3000)));
     }
 
     #[test]
     fn a_heal_ends_every_flap_running() {
         let steps = steps_of(
-            &flapping("[[timeline]]\nat-ms = 1500\naction = \"heal\""),
+            &flapping(200, "[[timeline]]\nat-ms = 1500\naction = \"heal\""),
             1.0,
         );
         assert_eq!(
