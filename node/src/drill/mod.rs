@@ -623,6 +623,11 @@ enum Step {
     End,
 }
 
+/// Where region `name` is in `names`. The scenario was validated: every name is a region.
+fn region_index(names: &[String], name: &str) -> usize {
+    names.iter().position(|n| n == name).unwrap_or(0)
+}
+
 /// The drill's steps in time order, and what each step schedules by itself: a `flap` fault its
 /// first turn, a turn the next one until `until-ms`, and a `heal` the end of every flap running.
 /// What depends on the cluster (a restart after a leader kill, the next look at a membership
@@ -664,15 +669,16 @@ impl Timeline {
                     period_ms,
                     until_ms,
                 } => {
-                    let index = |name: &str| names.iter().position(|n| n == name).unwrap_or(0);
+                    let until_ms = scaled(*until_ms, scale);
                     self.push(
                         due_ms,
                         Step::Flap {
-                            a: index(from),
-                            b: index(to),
+                            a: region_index(names, from),
+                            b: region_index(names, to),
                             period_ms: scaled(*period_ms, scale).max(1),
-                            until_ms: scaled(*until_ms, scale),
-                            down: true,
+                            until_ms,
+                            // Down first, unless scaling rounded its start onto its end.
+                            down: due_ms < until_ms,
                         },
                     );
                 }
@@ -759,8 +765,7 @@ impl Drill<'_> {
     }
 
     fn index(&self, name: &str) -> usize {
-        // The scenario was validated: every name is a region.
-        self.names.iter().position(|n| n == name).unwrap_or(0)
+        region_index(&self.names, name)
     }
 
     /// Sends every region that is up and in the mesh its share of the network faults.
@@ -1544,16 +1549,10 @@ pub async fn run(
                         }
                     }
                 }
-                Step::Flap {
-                    a,
-                    b,
-                    until_ms,
-                    down,
-                    ..
-                } => {
-                    // Down and up in turn (the timeline scheduled the next turn); up for good
-                    // from `until_ms`.
-                    if down && due_ms < until_ms {
+                Step::Flap { a, b, down, .. } => {
+                    // Down and up in turn, up for good from `until_ms`: the timeline scheduled
+                    // each turn.
+                    if down {
                         drill.net.flapped.insert(pair(a, b));
                     } else {
                         drill.net.flapped.remove(&pair(a, b));
