@@ -246,12 +246,14 @@ fn run() -> Result<bool> {
             summary.applied_per_wall_s,
             summary.messages_per_change_max
         );
-        let bug = inject_bug.map_or(String::new(), |b| format!(" --inject-bug {}", b.name()));
-        for (seed, checker) in &summary.failed {
-            println!(
-                "failed: seed {seed} ({checker}): braid-sim run {} --seed {seed}{bug}",
-                path.display()
+        // The summary lists the failed runs in the order of the reports.
+        let failed = reports.iter().filter(|r| !r.passed);
+        for ((seed, checker), report) in summary.failed.iter().zip(failed) {
+            assert_eq!(
+                *seed, report.seed,
+                "the summary's failures follow the reports"
             );
+            println!("failed: seed {seed} ({checker}): {}", report.replay);
         }
         return Ok(summary.failed.is_empty());
     }
