@@ -424,10 +424,13 @@ impl Connection {
         socket: &mut TcpStream,
     ) -> Result<bool, ConnectionError> {
         let mut queue: Vec<Pending> = Vec::new();
+        // Whether `queue` holds a write: only writes wait, to be committed as one group.
+        let mut writes_queued = false;
         for args in burst {
-            if !is_write(&args[0]) && queue.iter().any(has_writes) {
+            if !is_write(&args[0]) && writes_queued {
                 // A read must see the writes before it: commit them first.
                 self.flush(&mut queue, output).await?;
+                writes_queued = false;
             }
             if output.len() >= RESP_OUTPUT_FLUSH_BYTES {
                 socket.write_all(output).await?;
@@ -435,10 +438,16 @@ impl Connection {
             }
             let pending = self.plan(args).await?;
             let quit = matches!(pending, Pending::Quit);
+            writes_queued |= has_writes(&pending);
             queue.push(pending);
             if quit {
                 self.flush(&mut queue, output).await?;
                 return Ok(true);
+            }
+            if !writes_queued {
+                // Nothing waits for a commit: the reply is encoded now, so a pipeline of reads
+                // holds at most `RESP_OUTPUT_FLUSH_BYTES` and one reply, not every reply.
+                self.flush(&mut queue, output).await?;
             }
         }
         self.flush(&mut queue, output).await?;

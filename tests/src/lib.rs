@@ -170,6 +170,24 @@ impl Node {
         self.child.is_some()
     }
 
+    /// The most memory the running process has had resident so far (`VmHWM`), in bytes.
+    pub fn peak_resident_bytes(&self) -> u64 {
+        let child = self.child.as_ref().expect("the node is running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|line| line.starts_with("VmHWM:"))
+            .expect("VmHWM in /proc/PID/status");
+        let kib: u64 = line
+            .trim_start_matches("VmHWM:")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
+        kib * 1024
+    }
+
     /// `kill -9`: no chance to flush or say goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -242,3 +242,38 @@ fn t34_auth_is_required_when_a_password_is_set() {
         "-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n+OK\r\n$1\r\nv\r\n+OK\r\n"
     );
 }
+
+#[test]
+fn t35_a_pipeline_of_reads_is_answered_as_it_goes_not_held() {
+    const VALUE_BYTES: usize = 1024 * 1024;
+    const READS: usize = 600;
+    let mut cluster = Cluster::start(Layout::mesh(1));
+    let node = cluster.node("a");
+    let _: () = node.redis().set("big", vec![b'x'; VALUE_BYTES]).unwrap();
+    let before = node.peak_resident_bytes();
+    // One burst of reads, every reply 1 MiB: 600 MiB in all, read back as it comes.
+    let mut stream = TcpStream::connect(node.resp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(&b"GET big\r\n".repeat(READS)).unwrap();
+    let reply_bytes = format!("${VALUE_BYTES}\r\n").len() + VALUE_BYTES + 2;
+    let mut left = READS * reply_bytes;
+    let mut buffer = vec![0u8; 1 << 20];
+    while left > 0 {
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(
+            read > 0,
+            "the connection closed with {left} bytes of replies unread"
+        );
+        left = left
+            .checked_sub(read)
+            .expect("no more bytes than the replies");
+    }
+    let grown = node.peak_resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 200 * 1024 * 1024,
+        "the node's peak memory grew by {} MiB answering {READS} reads of 1 MiB",
+        grown >> 20
+    );
+}
