@@ -250,6 +250,13 @@ pub enum CommandError {
         "TRYAGAIN this region is recovering writes it may have lost in a restart; retry shortly"
     )]
     Recovering,
+    /// The key is longer than the wire protocol carries: an event of it would be refused by
+    /// every peer.
+    #[error("ERR key longer than {max} bytes")]
+    KeyTooLong {
+        /// The longest key, in bytes.
+        max: usize,
+    },
     /// The key's keyspace takes writes only in other regions (or in none: it is frozen).
     #[error("READONLY keyspace '{keyspace}' takes no writes in this region; write in one of its writer regions")]
     NotWriter {

@@ -9,6 +9,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -73,6 +74,9 @@ pub enum Input {
     Commands {
         /// The commands.
         commands: Vec<(Bytes, Command)>,
+        /// Ranges of `commands`, in order, that are one client command over several keys
+        /// (`MSET`, `DEL`): applied all or none (see [`Replica::handle_commands_atomic`]).
+        all_or_none: Vec<Range<usize>>,
         /// Where the results go.
         reply: oneshot::Sender<CommandReplies>,
     },
@@ -289,6 +293,7 @@ impl Driver {
         // keyspace rules) ends the group: a write queued behind it waits for it, so a write
         // queued behind `Leaving` is refused.
         let mut commands: Vec<(Bytes, Command)> = Vec::new();
+        let mut all_or_none: Vec<Range<usize>> = Vec::new();
         let mut replies: Vec<(oneshot::Sender<CommandReplies>, usize)> = Vec::new();
         let mut others = Vec::new();
         let mut next = Some(first);
@@ -297,8 +302,11 @@ impl Driver {
             match input {
                 Input::Commands {
                     commands: batch,
+                    all_or_none: ranges,
                     reply,
                 } => {
+                    let at = commands.len();
+                    all_or_none.extend(ranges.into_iter().map(|r| r.start + at..r.end + at));
                     replies.push((reply, batch.len()));
                     commands.extend(batch);
                 }
@@ -314,7 +322,10 @@ impl Driver {
             }
         } else if !commands.is_empty() {
             let now = self.now();
-            let mut results = self.replica.handle_commands(commands, now)?.into_iter();
+            let mut results = self
+                .replica
+                .handle_commands_atomic(commands, &all_or_none, now)?
+                .into_iter();
             for (reply, count) in replies {
                 // A client that went away does not care for its reply.
                 let _ = reply.send(results.by_ref().take(count).collect());
@@ -592,6 +603,7 @@ mod tests {
         let command = Command::Set(Bytes::from_static(b"v"));
         Input::Commands {
             commands: vec![(Bytes::from_static(key.as_bytes()), command)],
+            all_or_none: Vec::new(),
             reply,
         }
     }

@@ -13,6 +13,7 @@
 //! protocol error (malformed framing, an oversized bulk) gets an error reply and the connection
 //! is closed, as Redis does; nothing else is affected.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use braid_conflict::{value::parse_i64, Command, CommandError, KeyState, Value, ValueType};
@@ -461,8 +462,9 @@ impl Connection {
         output: &mut Vec<u8>,
     ) -> Result<(), ConnectionError> {
         let mut commands = Vec::new();
+        let mut all_or_none = Vec::new();
         for pending in queue.iter() {
-            collect_writes(pending, &mut commands);
+            collect_writes(pending, &mut commands, &mut all_or_none);
         }
         let mut results = if commands.is_empty() {
             Vec::new().into_iter()
@@ -470,7 +472,11 @@ impl Connection {
             let (reply, rx) = oneshot::channel();
             self.context
                 .inputs
-                .send(Input::Commands { commands, reply })
+                .send(Input::Commands {
+                    commands,
+                    all_or_none,
+                    reply,
+                })
                 .await
                 .map_err(|_| ConnectionError::Stopping)?;
             rx.await.map_err(|_| ConnectionError::Stopping)?.into_iter()
@@ -489,24 +495,10 @@ impl Connection {
         if !self.authenticated && !matches!(name.as_str(), "auth" | "quit" | "hello") {
             return done(Reply::err("NOAUTH Authentication required."));
         }
-        if let Some(key) = args.get(1) {
-            let keyed = !matches!(
-                name.as_str(),
-                "auth"
-                    | "echo"
-                    | "ping"
-                    | "info"
-                    | "config"
-                    | "client"
-                    | "select"
-                    | "command"
-                    | "hello"
-            );
-            if keyed && key.len() > KEY_BYTES_MAX {
-                return done(Reply::err(format!(
-                    "ERR key longer than {KEY_BYTES_MAX} bytes"
-                )));
-            }
+        if keys_of(&name, &args).any(|key| key.len() > KEY_BYTES_MAX) {
+            return done(Reply::err(format!(
+                "ERR key longer than {KEY_BYTES_MAX} bytes"
+            )));
         }
         let write = |key: &Bytes, command, reply| Pending::Write {
             key: key.clone(),
@@ -659,7 +651,7 @@ impl Connection {
             }),
             "echo" | "select" | "get" | "mget" | "exists" | "set" | "mset" | "del" | "incr"
             | "decr" | "incrby" | "decrby" | "sadd" | "srem" | "smembers" | "sismember"
-            | "scard" | "hset" | "hdel" | "hget" | "hgetall" => done(wrong_args(&name)),
+            | "scard" | "hset" | "hmset" | "hdel" | "hget" | "hgetall" => done(wrong_args(&name)),
             _ => {
                 let preview: Vec<String> = args[1..]
                     .iter()
@@ -753,10 +745,37 @@ fn has_writes(pending: &Pending) -> bool {
     }
 }
 
-fn collect_writes(pending: &Pending, out: &mut Vec<(Bytes, Command)>) {
+/// The keys command `name` names in `args`: every argument after the name for the commands
+/// over several keys, every other one for `MSET`, the first for the rest, none for commands
+/// without a key.
+fn keys_of<'a>(name: &str, args: &'a [Bytes]) -> impl Iterator<Item = &'a Bytes> {
+    let rest = args.get(1..).unwrap_or_default();
+    let (keys, step) = match name {
+        "auth" | "echo" | "ping" | "info" | "config" | "client" | "select" | "command"
+        | "hello" | "quit" => (&rest[..0], 1),
+        "mget" | "exists" | "del" => (rest, 1),
+        "mset" => (rest, 2),
+        _ => (&rest[..rest.len().min(1)], 1),
+    };
+    keys.iter().step_by(step)
+}
+
+/// Adds the writes of `pending` to `out`; the writes of one command over several keys are
+/// also a range of `all_or_none`, as Redis applies such a command whole or not at all.
+fn collect_writes(
+    pending: &Pending,
+    out: &mut Vec<(Bytes, Command)>,
+    all_or_none: &mut Vec<Range<usize>>,
+) {
     match pending {
         Pending::Write { key, command, .. } => out.push((key.clone(), command.clone())),
-        Pending::Sum(parts) => parts.iter().for_each(|p| collect_writes(p, out)),
+        Pending::Sum(parts) => {
+            let start = out.len();
+            parts
+                .iter()
+                .for_each(|p| collect_writes(p, out, all_or_none));
+            all_or_none.push(start..out.len());
+        }
         _ => {}
     }
 }
@@ -779,16 +798,22 @@ fn render(
         Pending::Sum(parts) => {
             let mut total = 0;
             let mut last = Reply::Integer(0);
+            let mut error = None;
+            // Every part takes its result, even after an error: the results that follow
+            // belong to the commands after this one.
             for part in parts {
                 match render(part, results) {
                     Reply::Integer(n) => total += n,
-                    Reply::Error(e) => return Reply::Error(e),
+                    Reply::Error(e) => {
+                        error.get_or_insert(e);
+                    }
                     other => last = other,
                 }
             }
-            match last {
-                Reply::Simple(text) => Reply::Simple(text),
-                _ => Reply::Integer(total),
+            match (error, last) {
+                (Some(e), _) => Reply::Error(e),
+                (None, Reply::Simple(text)) => Reply::Simple(text),
+                (None, _) => Reply::Integer(total),
             }
         }
     }

@@ -56,6 +56,7 @@
 //! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 
 use crate::encoded_tail::EncodedTails;
 use crate::short_bytes::short_bytes_eq;
@@ -65,7 +66,7 @@ use hdrhistogram::Histogram;
 
 use crate::control::Keyspaces;
 use crate::ids::{NodeId, Seq, VersionVector};
-use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
+use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX};
 use crate::message::{ChangeEvent, EncodedEvents, ErrorCode, Message, SnapshotEntry, Subscribe};
 use crate::storage::{Commit, Storage};
 use crate::topology::Topology;
@@ -678,6 +679,19 @@ impl<S: Storage> Replica<S> {
         commands: Vec<(Bytes, Command)>,
         now_ms: u64,
     ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
+        self.handle_commands_atomic(commands, &[], now_ms)
+    }
+
+    /// [`Replica::handle_commands`], where each range of `all_or_none` (positions in `commands`,
+    /// in order, not overlapping) is one client command over several keys (`MSET`, `DEL`): if
+    /// any of its keys is refused before it is looked at (its keyspace takes no writes here, or
+    /// it is too long), every command of the range gets that refusal and none is applied.
+    pub fn handle_commands_atomic(
+        &mut self,
+        commands: Vec<(Bytes, Command)>,
+        all_or_none: &[Range<usize>],
+        now_ms: u64,
+    ) -> Result<Vec<Result<i64, CommandError>>, S::Error> {
         let mut overlay = Overlay::for_batch(commands.len());
         let mut events = Vec::with_capacity(commands.len());
         let mut results = Vec::with_capacity(commands.len());
@@ -685,11 +699,25 @@ impl<S: Storage> Replica<S> {
         if self.own_recovery.is_some() {
             return Ok(vec![Err(CommandError::Recovering); commands.len()]);
         }
-        for (key, command) in commands {
-            if let Some(keyspace) = self.keyspaces.refusing(&key, node) {
-                results.push(Err(CommandError::NotWriter {
-                    keyspace: keyspace.to_string(),
-                }));
+        debug_assert!(all_or_none.windows(2).all(|w| w[0].end <= w[1].start));
+        // The first refusal of each all-or-none range, if any.
+        let refused: Vec<(Range<usize>, CommandError)> = all_or_none
+            .iter()
+            .filter_map(|range| {
+                let keys = commands.get(range.clone())?;
+                let refusal = keys.iter().find_map(|(key, _)| self.refusal(key))?;
+                Some((range.clone(), refusal))
+            })
+            .collect();
+        let mut refused = refused.iter().peekable();
+        for (at, (key, command)) in commands.into_iter().enumerate() {
+            while refused.next_if(|(range, _)| range.end <= at).is_some() {}
+            if let Some((_, refusal)) = refused.peek().filter(|(range, _)| range.contains(&at)) {
+                results.push(Err(refusal.clone()));
+                continue;
+            }
+            if let Some(refusal) = self.refusal(&key) {
+                results.push(Err(refusal));
                 continue;
             }
             // Taken, not copied: every key of the overlay is committed or put back below.
@@ -733,6 +761,19 @@ impl<S: Storage> Replica<S> {
             self.pump_feeds_of(&[self.config.node])?;
         }
         Ok(results)
+    }
+
+    /// Why a client write to `key` is refused before its state is looked at, if it is: a key
+    /// longer than the wire protocol carries (every peer would refuse its event, and with it
+    /// the stream), or a keyspace that takes no writes in this region.
+    fn refusal(&self, key: &[u8]) -> Option<CommandError> {
+        if key.len() > KEY_BYTES_MAX {
+            return Some(CommandError::KeyTooLong { max: KEY_BYTES_MAX });
+        }
+        let keyspace = self.keyspaces.refusing(key, self.config.node)?;
+        Some(CommandError::NotWriter {
+            keyspace: keyspace.to_string(),
+        })
     }
 
     fn commit(

@@ -1504,6 +1504,73 @@ fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
 }
 
 #[test]
+fn a_command_over_several_keys_is_refused_whole_or_applied_whole() {
+    use braid_conflict::CommandError;
+    use braid_protocol::control::{KeyspaceOptions, Keyspaces};
+    use braid_protocol::limits::KEY_BYTES_MAX;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    let rules = Keyspaces::new(
+        [(
+            "orders:".to_string(),
+            KeyspaceOptions {
+                writers: [A].into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let region_b = net.replicas.get_mut(&B).unwrap();
+    region_b.handle_keyspaces(rules);
+    let long = Bytes::from(vec![b'k'; KEY_BYTES_MAX + 1]);
+    let set = |key: Bytes| (key, Command::Set(b("v")));
+    let results = region_b
+        .handle_commands_atomic(
+            vec![
+                // An MSET whose second key B may not write: none of it.
+                set(b("x")),
+                set(b("orders:1")),
+                // A key alone, then an MSET whose first key is too long: none of it.
+                set(b("alone")),
+                set(long.clone()),
+                set(b("y")),
+                // An MSET B may write whole.
+                set(b("z1")),
+                set(b("z2")),
+                // A too-long key on its own is refused, and nothing else with it.
+                set(long),
+            ],
+            &[0..2, 3..5, 5..7],
+            2_000,
+        )
+        .unwrap();
+    let not_writer = Err(CommandError::NotWriter {
+        keyspace: "orders:".into(),
+    });
+    let too_long = Err(CommandError::KeyTooLong { max: KEY_BYTES_MAX });
+    assert_eq!(
+        results,
+        vec![
+            not_writer.clone(),
+            not_writer,
+            Ok(0),
+            too_long.clone(),
+            too_long.clone(),
+            Ok(0),
+            Ok(0),
+            too_long,
+        ]
+    );
+    assert_eq!(region_b.vector().get(B), Seq(3), "alone, z1 and z2 only");
+    net.collect();
+    net.run();
+    let values = net.values(A);
+    let keys: Vec<&[u8]> = values.keys().map(|k| &k[..]).collect();
+    assert_eq!(keys, vec![&b"alone"[..], b"z1", b"z2"]);
+}
+
+#[test]
 fn a_replica_that_lost_its_own_tail_refuses_writes_until_a_snapshot_brings_it_back() {
     use braid_conflict::CommandError;
     let topology = Topology::full_mesh([A, B]).unwrap();

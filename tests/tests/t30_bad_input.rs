@@ -277,3 +277,35 @@ fn t35_a_pipeline_of_reads_is_answered_as_it_goes_not_held() {
         grown >> 20
     );
 }
+
+#[test]
+fn t36_every_key_of_a_command_is_checked_and_a_refused_mset_writes_nothing() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let resp = cluster.node("a").resp;
+    // Before, only the first key was checked: a long second key was committed, every peer
+    // refused the batch carrying it, and replication from `a` stopped.
+    let long = "k".repeat(64 * 1024 + 1);
+    let mut request = Vec::new();
+    for args in [
+        vec!["MSET", "short", "1", long.as_str(), "v"],
+        vec!["DEL", "short", long.as_str()],
+        vec!["EXISTS", "short", long.as_str()],
+        vec!["GET", "short"],
+        vec!["HMSET", "h", "f"],
+        vec!["QUIT"],
+    ] {
+        request.extend(format!("*{}\r\n", args.len()).bytes());
+        for arg in args {
+            request.extend(format!("${}\r\n{arg}\r\n", arg.len()).bytes());
+        }
+    }
+    let too_long = "-ERR key longer than 65536 bytes\r\n";
+    assert_eq!(
+        raw_resp(resp, &request),
+        format!(
+            "{too_long}{too_long}{too_long}$-1\r\n-ERR wrong number of arguments for 'hmset' \
+             command\r\n+OK\r\n"
+        )
+    );
+    still_serving(&mut cluster, "after-long-keys");
+}

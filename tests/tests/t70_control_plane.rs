@@ -4,6 +4,7 @@
 //! a whole cluster restarts with its control state.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use braid_node::http::Status;
@@ -687,6 +688,22 @@ fn t70_a_keyspace_takes_writes_only_in_its_home_regions() {
     assert!(
         refusal.contains("ReadOnly") && refusal.contains("keyspace 'orders:' takes no writes"),
         "{refusal}"
+    );
+    // A command over several keys is refused whole when one of them is refused, as Redis
+    // applies it whole or not at all; the pipeline's later replies stay in step.
+    let mut stream = std::net::TcpStream::connect(cluster.node("b").resp).unwrap();
+    stream.write_all(
+        b"MSET free1 x orders:m y\r\nDEL orders:1 free2\r\nSET free3 v\r\nGET free1\r\nQUIT\r\n",
+    )
+    .unwrap();
+    let mut replies = String::new();
+    stream.read_to_string(&mut replies).unwrap();
+    let readonly = "-READONLY keyspace 'orders:' takes no writes in this region; write in one of \
+                    its writer regions\r\n";
+    assert_eq!(
+        replies,
+        format!("{readonly}{readonly}+OK\r\n$-1\r\n+OK\r\n"),
+        "MSET and DEL refused whole, SET answered OK, free1 never written"
     );
     // Keys outside it are written anywhere; the home region writes it, and every region
     // replicates that.
