@@ -688,11 +688,7 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         None => {
             println!("Interrupted during start-up: stopping the regions.");
             launch::stop(&file).await;
-            for region in &mut file.regions {
-                region.pid = None;
-            }
-            file.save(dir)?;
-            return Ok(());
+            return save_stopped(dir, &file);
         }
     }
     println!(
@@ -725,8 +721,24 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         region = first_exit => println!("Region {} exited; stopping the cluster...", file.regions[region].name),
     }
     launch::stop(&file).await;
+    save_stopped(dir, &file)
+}
+
+/// Records in `DIR/cluster.json` that the regions of `started` are stopped. The file is read
+/// again first: `braid add-region` may have added a region to it while the cluster ran, and
+/// that region stays.
+fn save_stopped(dir: &Path, started: &ClusterFile) -> Result<()> {
+    let mut file = match ClusterFile::load(dir) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("warning: {err}; writing cluster.json again as this command started it");
+            started.clone()
+        }
+    };
     for region in &mut file.regions {
-        region.pid = None;
+        if started.regions.iter().any(|s| s.name == region.name) {
+            region.pid = None;
+        }
     }
     file.save(dir)?;
     Ok(())

@@ -134,6 +134,13 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
     };
     replicates(&file);
     let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
+    // A region laid out while the cluster runs stays in cluster.json after it stops.
+    let added = Command::new(braid_bin())
+        .args(["add-region", "--region", "c", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
     // SAFETY: kill(2) sends a signal; no memory of this process is involved.
     #[allow(unsafe_code)]
     unsafe {
@@ -145,4 +152,8 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
         "cluster up exits cleanly on Ctrl-C: {status}"
     );
     wait_gone(&pids);
+    let after = ClusterFile::load(dir.path()).unwrap();
+    let names: Vec<&str> = after.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "the added region is kept");
+    assert!(after.regions.iter().all(|r| r.pid.is_none()));
 }
