@@ -140,6 +140,11 @@ pub struct PeerStatus {
     pub events_applied: u64,
     /// Events received from it and dropped as duplicates (or echoes).
     pub events_duplicate: u64,
+    /// Events received from it with an HLC further ahead of this node's clock than
+    /// `clock-skew-ms-max`: refused, and fetched again once the clock has caught up. Their
+    /// origin's replication waits meanwhile.
+    #[serde(default)]
+    pub events_clock_refused: u64,
     /// Bytes sent to it.
     pub bytes_sent: u64,
     /// Bytes received from it.
@@ -228,6 +233,7 @@ impl AdminState {
                 events_received: counters.events_received,
                 events_applied: counters.events_applied,
                 events_duplicate: counters.events_duplicate,
+                events_clock_refused: counters.events_clock_refused,
                 bytes_sent: traffic.map_or(0, |t| t.bytes_sent.load(Ordering::Relaxed)),
                 bytes_received: traffic.map_or(0, |t| t.bytes_received.load(Ordering::Relaxed)),
                 batches_sent: counters.batches_sent,
@@ -294,7 +300,7 @@ impl AdminState {
             status.writes
         );
         type Counter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
-        let peer_counters: [Counter; 6] = [
+        let peer_counters: [Counter; 7] = [
             ("braid_events_sent_total", "Events sent to a peer.", |p| {
                 p.events_sent
             }),
@@ -312,6 +318,11 @@ impl AdminState {
                 "braid_events_duplicate_total",
                 "Events received from a peer and dropped as duplicates or echoes.",
                 |p| p.events_duplicate,
+            ),
+            (
+                "braid_events_clock_refused_total",
+                "Events received from a peer with an HLC too far ahead of this node's clock, refused until it catches up.",
+                |p| p.events_clock_refused,
             ),
             ("braid_bytes_sent_total", "Bytes sent to a peer.", |p| {
                 p.bytes_sent
@@ -371,7 +382,8 @@ impl AdminState {
         let _ = writeln!(out, "# HELP braid_change_log_events Events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
         let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted below the stable frontier.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
         let _ = writeln!(out, "# HELP braid_tombstones_collected_total Keys whose tombstones were dropped at the stable HLC.\n# TYPE braid_tombstones_collected_total counter\nbraid_tombstones_collected_total{{region=\"{region}\"}} {}", status.tombstones_collected);
-        let _ = writeln!(out, "# HELP braid_up Seconds since the Unix epoch at scrape time.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} {}", now_ms() / 1000);
+        let _ = writeln!(out, "# HELP braid_up 1: the node answers.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} 1");
+        let _ = writeln!(out, "# HELP braid_scrape_time_seconds Seconds since the Unix epoch at scrape time, by the node's clock.\n# TYPE braid_scrape_time_seconds gauge\nbraid_scrape_time_seconds{{region=\"{region}\"}} {}", now_ms() / 1000);
         out
     }
 }

@@ -1197,6 +1197,13 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
             p.events_duplicate
         );
     }
+    for p in status.peers.iter().filter(|p| p.events_clock_refused > 0) {
+        println!(
+            "warning: {} events from {} were refused for an HLC too far ahead of this node's clock \
+             (clock-skew-ms-max); that origin's replication waits until the clock catches up",
+            p.events_clock_refused, p.region
+        );
+    }
     let control = &status.control;
     println!();
     println!(

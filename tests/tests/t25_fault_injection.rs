@@ -187,4 +187,30 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
     assert_eq!(value(&mut cluster, "a", "race").as_deref(), Some("from-a"));
     let _: () = cluster.node("b").redis().set("race", "after").unwrap();
     wait_value(&mut cluster, "a", "race", "after");
+
+    // A clock further ahead than b's bound (60 s): b refuses a's events, counts them per peer
+    // in /status and /metrics, and `braid status` warns.
+    faults(&mut cluster, "a", r#"{"clock-offset-ms": 120000}"#);
+    let _: () = cluster.node("a").redis().set("far-ahead", "1").unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while cluster.node("b").status().peers[0].events_clock_refused == 0 {
+        assert!(Instant::now() < deadline, "b never counted a refused event");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(value(&mut cluster, "b", "far-ahead"), None);
+    let metrics = http_get(cluster.node("b").http, "/metrics").unwrap();
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("braid_events_clock_refused_total{region=\"b\",peer=\"a\"} "))
+        .unwrap_or_else(|| panic!("no clock-refused counter for a: {metrics}"));
+    assert!(refused.parse::<u64>().unwrap() > 0, "{metrics}");
+    let out = std::process::Command::new(braid_tests::braid_bin())
+        .args(["status", "--http", &cluster.node("b").http.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("from a were refused for an HLC too far ahead"),
+        "{stdout}"
+    );
 }
