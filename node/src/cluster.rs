@@ -109,14 +109,6 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError
     Ok(())
 }
 
-fn valid_region(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Writes a CA, one certificate and one configuration per region, and `cluster.json`.
 /// Refuses to overwrite an existing cluster in `dir`.
 pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
@@ -125,11 +117,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
         return Err(InitError::Invalid("at least one region is needed".into()));
     }
     for (i, name) in options.regions.iter().enumerate() {
-        if !valid_region(name) {
-            return Err(InitError::Invalid(format!(
-                "region name {name:?}: use 1-32 letters, digits, '-' or '_'"
-            )));
-        }
+        crate::config::check_region_name(name).map_err(InitError::Invalid)?;
         if options.regions[..i].contains(name) {
             return Err(InitError::Invalid(format!("region {name} appears twice")));
         }
@@ -246,11 +234,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
 /// marked as not joined yet, so that `braid start` refuses it until `braid join` has admitted
 /// it. Appends it to `cluster.json`.
 pub fn add_region(dir: &Path, name: &str) -> Result<RegionEntry, InitError> {
-    if !valid_region(name) {
-        return Err(InitError::Invalid(format!(
-            "region name {name:?}: use 1-32 letters, digits, '-' or '_'"
-        )));
-    }
+    crate::config::check_region_name(name).map_err(InitError::Invalid)?;
     let mut file = ClusterFile::load(dir)?;
     if file.regions.iter().any(|r| r.name == name) {
         return Err(InitError::Invalid(format!(

@@ -184,11 +184,13 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         self.cluster_id()?;
-        if self.region.is_empty() {
-            return invalid("region must not be empty".into());
-        }
         let mut ids = BTreeSet::from([self.node_id]);
         let mut regions = BTreeSet::from([self.region.as_str()]);
+        for name in std::iter::once(&self.region).chain(self.peers.iter().map(|p| &p.region)) {
+            if let Err(why) = check_region_name(name) {
+                return invalid(why);
+            }
+        }
         for peer in &self.peers {
             if !ids.insert(peer.id) {
                 return invalid(format!("node id {} appears twice", peer.id));
@@ -306,6 +308,25 @@ pub fn parse_cluster_id(text: &str) -> Option<ClusterId> {
     Some(ClusterId(id))
 }
 
+/// The longest region name, in bytes.
+pub const REGION_NAME_BYTES_MAX: usize = 32;
+
+/// Whether `name` may name a region: 1 to [`REGION_NAME_BYTES_MAX`] ASCII letters, digits, `-`
+/// or `_`. Region names go into file names, metric labels and log lines unquoted.
+pub fn check_region_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= REGION_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    match valid {
+        true => Ok(()),
+        false => Err(format!(
+            "region name {name:?}: use 1-{REGION_NAME_BYTES_MAX} letters, digits, '-' or '_'"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +382,12 @@ address = "127.0.0.1:7012"
             .unwrap_err()
             .to_string();
         assert!(err.contains("appears twice"), "{err}");
+        for name in ["", "us east", "a\\\"b", &"x".repeat(33)] {
+            let err = load(&sample().replacen("region = \"a\"", &format!("region = {name:?}"), 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("use 1-32 letters"), "{name:?}: {err}");
+        }
         let text = sample().replace("node-id = 1", "node-id = 1\nlinks = [[\"a\", \"z\"]]");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("unknown region"), "{err}");

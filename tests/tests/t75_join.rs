@@ -319,6 +319,11 @@ fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
         (join(ours, 1, "x", "127.0.0.1:3"), "node id n1 is taken"),
         (join(ours, 3, "x", "127.0.0.1:3"), "node id n3 is taken"),
         (join(ours, 9, "a", "127.0.0.1:3"), "region a is taken"),
+        // Region names go into metric labels unquoted.
+        (
+            join(ours, 9, "x\"} 1\nfake", "127.0.0.1:3"),
+            "use 1-32 letters, digits",
+        ),
     ] {
         assert!(err.contains(expected), "{err}");
     }

@@ -356,6 +356,9 @@ impl ControlPlane {
                 request.cluster_id
             ));
         }
+        if let Err(why) = crate::config::check_region_name(&request.region) {
+            return invalid(why);
+        }
         for (what, address) in [
             ("peer-address", &request.peer_address),
             ("resp-address", &request.resp_address),
