@@ -179,8 +179,12 @@ pub(crate) enum StreamError {
     Write(#[from] quinn::WriteError),
     #[error("bad frame: {0}")]
     Decode(#[from] DecodeError),
-    #[error("handshake: {0}")]
-    Handshake(String),
+    /// The peer's handshake was refused; `code` tells it why.
+    #[error("handshake: {why}")]
+    Handshake { code: ErrorCode, why: String },
+    /// A message of ours did not encode (it would not fit a frame).
+    #[error("cannot send {kind}: {why}")]
+    Encode { kind: &'static str, why: String },
     #[error("handshake timed out")]
     HandshakeTimeout,
     #[error("the node is stopping")]
@@ -198,7 +202,8 @@ impl StreamError {
             StreamError::Decode(DecodeError::UnknownVersion { .. }) => {
                 ErrorCode::UnsupportedVersion
             }
-            StreamError::Handshake(_) => ErrorCode::WrongCluster,
+            StreamError::Handshake { code, .. } => *code,
+            StreamError::Encode { .. } => ErrorCode::Internal,
             _ => ErrorCode::Malformed,
         }
     }
@@ -498,7 +503,10 @@ pub(crate) async fn write_message(
     buf: &mut Vec<u8>,
 ) -> Result<usize, StreamError> {
     buf.clear();
-    frame::encode(message, buf).map_err(|e| StreamError::Handshake(e.to_string()))?;
+    frame::encode(message, buf).map_err(|e| StreamError::Encode {
+        kind: message.kind(),
+        why: e.to_string(),
+    })?;
     send.write_all(buf).await?;
     Ok(buf.len())
 }
@@ -522,13 +530,14 @@ pub(crate) async fn handshake(
         let mut body = Vec::new();
         match read_frame(recv, &mut body).await? {
             Some((Message::Handshake(theirs), _)) => check_handshake(mesh, peer, &theirs),
-            Some((other, _)) => Err(StreamError::Handshake(format!(
-                "expected a handshake, got {}",
-                other.kind()
-            ))),
-            None => Err(StreamError::Handshake(
-                "stream ended before the handshake".into(),
-            )),
+            Some((other, _)) => Err(StreamError::Handshake {
+                code: ErrorCode::Malformed,
+                why: format!("expected a handshake, got {}", other.kind()),
+            }),
+            None => Err(StreamError::Handshake {
+                code: ErrorCode::Malformed,
+                why: "stream ended before the handshake".into(),
+            }),
         }
     })
     .await
@@ -695,22 +704,28 @@ async fn run_stream(
 
 fn check_handshake(mesh: &Mesh, peer: NodeId, theirs: &Handshake) -> Result<(), StreamError> {
     if theirs.protocol_version != PROTOCOL_VERSION {
-        return Err(StreamError::Handshake(format!(
-            "protocol version {}",
-            theirs.protocol_version
-        )));
+        return Err(StreamError::Handshake {
+            code: ErrorCode::UnsupportedVersion,
+            why: format!(
+                "protocol version {}, and this node speaks {PROTOCOL_VERSION}",
+                theirs.protocol_version
+            ),
+        });
     }
     if theirs.cluster_id != mesh.cluster {
-        return Err(StreamError::Handshake(format!(
-            "cluster {} is not {}",
-            theirs.cluster_id, mesh.cluster
-        )));
+        return Err(StreamError::Handshake {
+            code: ErrorCode::WrongCluster,
+            why: format!("cluster {} is not {}", theirs.cluster_id, mesh.cluster),
+        });
     }
     if theirs.node_id != peer {
-        return Err(StreamError::Handshake(format!(
-            "says it is {} but its certificate is {peer}",
-            theirs.node_id
-        )));
+        return Err(StreamError::Handshake {
+            code: ErrorCode::UnknownPeer,
+            why: format!(
+                "says it is {} but its certificate is {peer}",
+                theirs.node_id
+            ),
+        });
     }
     Ok(())
 }

@@ -88,19 +88,26 @@ fn t30_a_peer_with_a_certificate_from_another_ca_is_refused_and_logged() {
 /// Connects to `a` as region c (a real member, its process not running) and runs `script` on
 /// a subscription stream after a valid handshake. Returns what `a` answered.
 fn as_peer_c(cluster: &Cluster, script: impl FnOnce(&mut Vec<u8>)) -> Vec<Message> {
+    as_peer_c_saying(cluster, |_| {}, script)
+}
+
+/// [`as_peer_c`], with the handshake changed by `edit` first.
+fn as_peer_c_saying(
+    cluster: &Cluster,
+    edit: impl FnOnce(&mut Handshake),
+    script: impl FnOnce(&mut Vec<u8>),
+) -> Vec<Message> {
     let c = cluster.nodes.iter().find(|n| n.name == "c").unwrap();
     let config = NodeConfig::load(&c.config).unwrap();
     let a = cluster.nodes.iter().find(|n| n.name == "a").unwrap();
     let mut payload = Vec::new();
-    frame::encode(
-        &Message::Handshake(Handshake {
-            protocol_version: PROTOCOL_VERSION,
-            cluster_id: config.cluster_id().unwrap(),
-            node_id: NodeId(3),
-        }),
-        &mut payload,
-    )
-    .unwrap();
+    let mut handshake = Handshake {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: config.cluster_id().unwrap(),
+        node_id: NodeId(3),
+    };
+    edit(&mut handshake);
+    frame::encode(&Message::Handshake(handshake), &mut payload).unwrap();
     script(&mut payload);
     runtime().block_on(async {
         let endpoint = client(&config.tls.ca_cert, &config.tls.cert, &config.tls.key);
@@ -157,6 +164,19 @@ fn t31_oversized_and_garbage_frames_from_a_real_peer_get_errors() {
             .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::UnsupportedVersion)),
         "an unknown version is answered with UnsupportedVersion: {version:?}"
     );
+    // A handshake that does not fit is refused with the code that says why.
+    let refused = |edit: fn(&mut Handshake), code: ErrorCode| {
+        let answer = as_peer_c_saying(&cluster, edit, |_| {});
+        assert!(
+            answer
+                .iter()
+                .any(|m| matches!(m, Message::Error(e) if e.code == code)),
+            "{code:?} expected: {answer:?}"
+        );
+    };
+    refused(|h| h.protocol_version += 1, ErrorCode::UnsupportedVersion);
+    refused(|h| h.cluster_id.0[0] ^= 1, ErrorCode::WrongCluster);
+    refused(|h| h.node_id = NodeId(2), ErrorCode::UnknownPeer);
     still_serving(&mut cluster, "after-bad-frames");
 }
 
