@@ -173,6 +173,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
             durability: options.durability,
             password: options.password.clone(),
             clock_skew_ms_max: braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT,
+            max_clients: crate::config::MAX_CLIENTS_DEFAULT,
             listen: Listen {
                 resp: addr(i, 0),
                 http: addr(i, 1),

@@ -31,6 +31,10 @@ pub struct NodeConfig {
     /// How far ahead of local time a remote HLC may be, in milliseconds (default 60,000).
     #[serde(default = "default_clock_skew_ms_max")]
     pub clock_skew_ms_max: u64,
+    /// Most RESP clients connected at once (default 10,000, as Redis's `maxclients`); one more
+    /// is told `ERR max number of clients reached` and closed.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
     /// Addresses this node listens on.
     pub listen: Listen,
     /// Certificates for the mesh's mutual TLS.
@@ -82,6 +86,13 @@ fn default_retention_secs() -> Option<u64> {
 
 fn default_clock_skew_ms_max() -> u64 {
     braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT
+}
+
+/// The default of `max-clients`.
+pub const MAX_CLIENTS_DEFAULT: usize = 10_000;
+
+fn default_max_clients() -> usize {
+    MAX_CLIENTS_DEFAULT
 }
 
 /// Listening addresses.
@@ -202,6 +213,9 @@ impl NodeConfig {
         if self.change_log_retention_events == Some(0) || self.change_log_retention_secs == Some(0)
         {
             return invalid("change-log-retention-events and -secs must be above 0".into());
+        }
+        if self.max_clients == 0 {
+            return invalid("max-clients must be above 0".into());
         }
         if self.password.as_deref() == Some("") {
             return invalid("password, when set, must not be empty".into());
@@ -382,6 +396,10 @@ address = "127.0.0.1:7012"
             .unwrap_err()
             .to_string();
         assert!(err.contains("appears twice"), "{err}");
+        let err = load(&sample().replace("node-id = 1", "node-id = 1\nmax-clients = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max-clients must be above 0"), "{err}");
         for name in ["", "us east", "a\\\"b", &"x".repeat(33)] {
             let err = load(&sample().replacen("region = \"a\"", &format!("region = {name:?}"), 1))
                 .unwrap_err()

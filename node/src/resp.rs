@@ -21,7 +21,7 @@ use braid_protocol::limits::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, warn};
 
 use crate::driver::{Input, Snapshot};
@@ -38,6 +38,8 @@ pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
 /// Replies are written out as soon as this many bytes are waiting, so a long pipeline does not
 /// buffer all its replies.
 pub const RESP_OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+/// What a client past `max-clients` is told before its connection is closed (Redis's text).
+const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// The largest single reply (an MGET of many large values): past it, an error instead.
 pub const RESP_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -266,6 +268,8 @@ pub struct RespContext {
     pub storage: RocksStorage,
     /// The password, if AUTH is required.
     pub password: Option<Arc<str>>,
+    /// Most clients connected at once.
+    pub max_clients: usize,
     /// Renders INFO's text from a status snapshot.
     pub info: Arc<dyn Fn(&Snapshot) -> String + Send + Sync>,
 }
@@ -284,8 +288,9 @@ pub async fn serve(
     context: RespContext,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let clients = Arc::new(Semaphore::new(context.max_clients));
     loop {
-        let (socket, remote) = tokio::select! {
+        let (mut socket, remote) = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
@@ -297,12 +302,22 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(client) = clients.clone().try_acquire_owned() else {
+            warn!(%remote, max_clients = context.max_clients, "refusing a RESP client: max-clients reached");
+            // Told why and closed, without holding up the next accept.
+            tokio::spawn(async move {
+                let _ = socket.write_all(MAX_CLIENTS_REPLY).await;
+                let _ = socket.shutdown().await;
+            });
+            continue;
+        };
         let context = context.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             if let Err(err) = Connection::new(context).run(socket, shutdown).await {
                 debug!(%remote, error = %err, "RESP connection ended");
             }
+            drop(client);
         });
     }
 }
@@ -905,5 +920,52 @@ mod tests {
         fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             let _ = parse_command(&bytes);
         }
+    }
+
+    /// A client past `max-clients` is told why and closed; once a client leaves, its place is
+    /// taken again.
+    #[tokio::test]
+    async fn a_client_past_max_clients_is_refused_until_a_place_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RocksStorage::open(dir.path(), crate::storage::Durability::Machine).unwrap();
+        let (inputs, _input_rx) = mpsc::channel(16);
+        let context = RespContext {
+            inputs,
+            storage,
+            password: None,
+            max_clients: 1,
+            info: Arc::new(|_: &Snapshot| String::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, context, shutdown));
+        async fn ping(stream: &mut TcpStream) -> String {
+            stream.write_all(b"PING\r\n").await.unwrap();
+            let mut reply = vec![0u8; 64];
+            let read = stream.read(&mut reply).await.unwrap_or(0);
+            String::from_utf8_lossy(&reply[..read]).into_owned()
+        }
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ping(&mut first).await, "+PONG\r\n");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let mut refused = Vec::new();
+        second.read_to_end(&mut refused).await.unwrap();
+        assert_eq!(refused, MAX_CLIENTS_REPLY);
+        drop(first);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut third = TcpStream::connect(addr).await.unwrap();
+            if ping(&mut third).await == "+PONG\r\n" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the place never freed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 }
