@@ -7,6 +7,7 @@
 //!                       ◄──── SnapshotBegin ── vector + HLC at that view, key estimate
 //!     merge into states ◄──── SnapshotChunk ── keys in order (a blocking reader, bounded
 //!     (idempotent)      ◄──── SnapshotChunk ── pipeline; QUIC flow control paces it)
+//!     join the parts    ◄── SnapshotKeyPart* ── a key too large for a frame, in parts
 //!     finish: vector,   ◄──── SnapshotEnd ──── key count, checked
 //!     HLC, trimmed (synced)
 //! ```
@@ -22,9 +23,10 @@ use std::time::Duration;
 
 use braid_conflict::Hlc;
 use braid_protocol::limits::{SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_KEYS_MAX};
+use braid_protocol::snapshot_parts::{self, Assembly};
 use braid_protocol::{
-    ErrorMessage, Message, NodeId, Replica, SnapshotEnd, SnapshotEntry, SnapshotRequest,
-    VersionVector,
+    frame, EncodeError, ErrorMessage, Message, NodeId, Replica, SnapshotEnd, SnapshotEntry,
+    SnapshotRequest, VersionVector,
 };
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -124,11 +126,16 @@ pub(crate) async fn serve(
     });
     let mut keys = 0u64;
     while let Some(piece) = rx.recv().await {
-        let message = match piece {
-            Ok(SnapshotPiece::Begin(begin)) => Message::SnapshotBegin(begin),
+        let written = match piece {
+            Ok(SnapshotPiece::Begin(begin)) => {
+                let message = Message::SnapshotBegin(begin);
+                buf.clear();
+                frame::encode(&message, &mut buf).map_err(|e| encode_failed(&message, e))?;
+                write_frame(&mut send, &buf).await
+            }
             Ok(SnapshotPiece::Chunk(chunk)) => {
                 keys += chunk.len() as u64;
-                Message::SnapshotChunk(chunk)
+                write_chunk(&mut send, chunk, &mut buf).await
             }
             Err(err) => {
                 warn!(%peer, error = %err, "cannot read a data snapshot");
@@ -137,11 +144,15 @@ pub(crate) async fn serve(
                 return Err(failed);
             }
         };
-        // A fetcher that stops reading must not hold the snapshot (and its thread) for ever.
-        let write = transport::write_message(&mut send, &message, &mut buf);
-        let bytes = tokio::time::timeout(Duration::from_millis(FRAME_WAIT_MS_MAX), write)
-            .await
-            .map_err(|_| StreamError::Control("the fetcher stopped reading".into()))??;
+        let bytes = match written {
+            Ok(bytes) => bytes,
+            Err(err @ StreamError::Encode { .. }) => {
+                warn!(%peer, error = %err, "cannot send a data snapshot");
+                transport::refuse(mesh, peer, &mut send, &err, &mut buf).await;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
         if let Some(t) = &traffic {
             t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         }
@@ -163,6 +174,80 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(Duration::from_millis(FRAME_WAIT_MS_MAX), send.stopped()).await;
     info!(%peer, keys, "data snapshot served");
     Ok(())
+}
+
+/// Writes one encoded frame. A fetcher that stops reading must not hold the snapshot (and its
+/// thread) for ever: each frame has [`FRAME_WAIT_MS_MAX`] to go.
+async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<usize, StreamError> {
+    tokio::time::timeout(
+        Duration::from_millis(FRAME_WAIT_MS_MAX),
+        send.write_all(frame),
+    )
+    .await
+    .map_err(|_| StreamError::Control("the fetcher stopped reading".into()))??;
+    Ok(frame.len())
+}
+
+fn encode_failed(message: &Message, err: EncodeError) -> StreamError {
+    StreamError::Encode {
+        kind: message.kind(),
+        why: err.to_string(),
+    }
+}
+
+/// Writes a chunk of keys: as one frame when it fits; else key by key, each in a chunk of its
+/// own or, when even that is larger than a frame, in parts ([`snapshot_parts`]). Returns the
+/// bytes written.
+async fn write_chunk(
+    send: &mut quinn::SendStream,
+    chunk: Vec<SnapshotEntry>,
+    buf: &mut Vec<u8>,
+) -> Result<usize, StreamError> {
+    let message = Message::SnapshotChunk(chunk);
+    buf.clear();
+    match frame::encode(&message, buf) {
+        Ok(()) => return write_frame(send, buf).await,
+        Err(EncodeError::TooLarge { .. }) => {}
+        Err(err) => return Err(encode_failed(&message, err)),
+    }
+    let Message::SnapshotChunk(entries) = message else {
+        return Ok(0);
+    };
+    let mut bytes = 0;
+    for entry in entries {
+        let single = Message::SnapshotChunk(vec![entry]);
+        buf.clear();
+        match frame::encode(&single, buf) {
+            Ok(()) => {
+                bytes += write_frame(send, buf).await?;
+                continue;
+            }
+            Err(EncodeError::TooLarge { .. }) => {}
+            Err(err) => return Err(encode_failed(&single, err)),
+        }
+        let Message::SnapshotChunk(mut single) = single else {
+            continue;
+        };
+        let Some(entry) = single.pop() else {
+            continue;
+        };
+        let key = String::from_utf8_lossy(&entry.key[..entry.key.len().min(64)]).into_owned();
+        let parts = snapshot_parts::parts(&entry).map_err(|e| StreamError::Encode {
+            kind: "snapshot_key_part",
+            why: format!("key {key:?}: {e}"),
+        })?;
+        info!(
+            key,
+            parts = parts.len(),
+            "a key too large for a frame goes in parts"
+        );
+        for part in &parts {
+            buf.clear();
+            frame::encode(part, buf).map_err(|e| encode_failed(part, e))?;
+            bytes += write_frame(send, buf).await?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// Where a fetched snapshot goes: the replica of a joining node before its driver runs, or a
@@ -269,6 +354,8 @@ pub(crate) async fn fetch(
         let mut state = FetchProgress::default();
         let mut begin = None;
         let mut last_key: Option<Bytes> = None;
+        // The parts of a key too large for a frame, joined as they come.
+        let mut assembly = Assembly::default();
         let mut body = Vec::new();
         loop {
             let next = tokio::time::timeout(
@@ -285,6 +372,24 @@ pub(crate) async fn fetch(
                 return Err(protocol("the stream ended before the snapshot did".into()));
             };
             state.bytes += bytes as u64;
+            if assembly.in_progress() && !matches!(message, Message::SnapshotKeyPart(_)) {
+                return Err(protocol(format!(
+                    "a {} message came between the parts of a key",
+                    message.kind()
+                )));
+            }
+            let message = match message {
+                Message::SnapshotKeyPart(part) if begin.is_some() => {
+                    match assembly.push(&part).map_err(|e| protocol(e.to_string()))? {
+                        Some(entry) => Message::SnapshotChunk(vec![entry]),
+                        None => {
+                            progress(&state);
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
             match (message, &begin) {
                 (Message::SnapshotBegin(head), None) => {
                     state.keys_estimate = head.keys_estimate;

@@ -23,7 +23,8 @@ use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeEvent, EncodeVe
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
-    SNAPSHOT_CHUNK_KEYS_MAX, SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
+    SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_KEY_BYTES_MAX, SNAPSHOT_PART_BYTES_MAX,
+    SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
 };
 use crate::message::{ChangeEvent, EncodedEvents, Message, PROTOCOL_VERSION};
 use braid_conflict::InvalidOp;
@@ -43,6 +44,12 @@ pub enum EncodeError {
     TooLarge {
         /// The size it would have had.
         body_bytes: usize,
+    },
+    /// A snapshot key whose state is larger than a snapshot carries, even in parts.
+    #[error("a key state of {entry_bytes} bytes exceeds the {SNAPSHOT_KEY_BYTES_MAX} bytes a snapshot carries per key")]
+    KeyStateTooLarge {
+        /// The encoded entry's length.
+        entry_bytes: usize,
     },
     /// bincode refused the value (cannot happen for well-formed messages).
     #[error("encoding failed: {0}")]
@@ -137,6 +144,21 @@ pub enum ProtocolViolation {
     /// Keys of a snapshot chunk not in strictly increasing order.
     #[error("snapshot chunk keys out of order")]
     ChunkOutOfOrder,
+    /// A snapshot key part that is empty or over `SNAPSHOT_PART_BYTES_MAX`.
+    #[error("snapshot key part of {part_bytes} bytes (1 to {SNAPSHOT_PART_BYTES_MAX})")]
+    KeyPartSize {
+        /// The part's length.
+        part_bytes: usize,
+    },
+    /// A snapshot key announced larger than `SNAPSHOT_KEY_BYTES_MAX`.
+    #[error("snapshot key of {entry_bytes} bytes exceeds {SNAPSHOT_KEY_BYTES_MAX}")]
+    KeyStateTooLarge {
+        /// The announced length.
+        entry_bytes: u64,
+    },
+    /// Parts of one snapshot key that disagree on its length or run past it.
+    #[error("snapshot key parts disagree on the key's length or run past it")]
+    KeyPartsMismatch,
     /// An error text over the length limit.
     #[error("error text of {text_bytes} bytes exceeds {ERROR_TEXT_BYTES_MAX}")]
     ErrorTextTooLong {
@@ -443,6 +465,7 @@ pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
         Message::SnapshotRequest(request) => validate_vector(&request.vector),
         Message::SnapshotBegin(begin) => validate_vector(&begin.vector),
         Message::SnapshotEnd(_) => Ok(()),
+        Message::SnapshotKeyPart(part) => crate::snapshot_parts::validate_part(part),
         Message::SnapshotChunk(entries) => {
             if entries.len() > SNAPSHOT_CHUNK_KEYS_MAX {
                 return Err(ProtocolViolation::ChunkTooLarge {

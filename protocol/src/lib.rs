@@ -31,6 +31,7 @@ pub mod limits;
 pub mod message;
 pub mod replica;
 mod short_bytes;
+pub mod snapshot_parts;
 pub mod storage;
 pub mod topology;
 
@@ -38,7 +39,8 @@ pub use frame::{DecodeError, EncodeError, ProtocolViolation};
 pub use ids::{ClusterId, NodeId, Seq, VersionVector};
 pub use message::{
     ChangeEvent, EncodedEvents, ErrorCode, ErrorMessage, Handshake, Message, RaftCall, RaftRequest,
-    SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotRequest, Subscribe, PROTOCOL_VERSION,
+    SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotKeyPart, SnapshotRequest, Subscribe,
+    PROTOCOL_VERSION,
 };
 pub use replica::{
     OriginStats, PeerError, Replica, ReplicaConfig, StreamKind, TopologyChange, Transmit,

@@ -32,10 +32,20 @@ pub const SNAPSHOT_CHUNK_KEYS_MAX: usize = 1024;
 /// key's state may go past it, up to the frame limit).
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 
+/// The largest encoded state of one key a snapshot carries (its `SnapshotEntry`, key
+/// included). A key whose state does not fit a frame goes in `SnapshotKeyPart`s; a key past
+/// this cannot be sent in a snapshot, and the snapshot fails with a message naming it.
+pub const SNAPSHOT_KEY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// The bytes of one `SnapshotKeyPart`.
+pub const SNAPSHOT_PART_BYTES_MAX: usize = 1024 * 1024;
+
 /// The longest human-readable text in an error message.
 pub const ERROR_TEXT_BYTES_MAX: usize = 1024;
 
 // One event with the largest key and value must fit in a frame with room for its metadata.
 const _: () = assert!(KEY_BYTES_MAX + VALUE_BYTES_MAX + 4096 <= FRAME_BYTES_MAX);
+// A key part, with its message's few bytes of head, fits a frame.
+const _: () = assert!(SNAPSHOT_PART_BYTES_MAX + 64 <= FRAME_BYTES_MAX);
 // The body length must fit the length prefix.
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);

@@ -170,6 +170,18 @@ pub struct SnapshotEntry {
     pub state: KeyState,
 }
 
+/// Part of the one key of a snapshot whose state does not fit a frame. The parts of a key come
+/// one after another, between chunks; their bytes together are the key's [`SnapshotEntry`] as
+/// [`crate::snapshot_parts::encode_entry`] writes it, `entry_bytes` long, and the key counts
+/// in [`SnapshotEnd::keys`] as one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotKeyPart {
+    /// The length of the whole entry; every part of one key says the same.
+    pub entry_bytes: u64,
+    /// The next bytes of it: at least one, at most `SNAPSHOT_PART_BYTES_MAX`.
+    pub bytes: Bytes,
+}
+
 /// The tail of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEnd {
@@ -205,6 +217,8 @@ pub enum Message {
     SnapshotChunk(Vec<SnapshotEntry>),
     /// A snapshot's tail.
     SnapshotEnd(SnapshotEnd),
+    /// Part of a snapshot key too large for a frame.
+    SnapshotKeyPart(SnapshotKeyPart),
     /// An [`Message::EventBatch`] as the replica core hands one out: its events already in
     /// their wire encoding, written straight from the change log. It is sent as, and arrives
     /// as, an `EventBatch` (the same bytes); it is never received as itself.
@@ -250,6 +264,7 @@ impl Message {
             Message::SnapshotBegin(_) => "snapshot_begin",
             Message::SnapshotChunk(_) => "snapshot_chunk",
             Message::SnapshotEnd(_) => "snapshot_end",
+            Message::SnapshotKeyPart(_) => "snapshot_key_part",
         }
     }
 }

@@ -10,8 +10,8 @@ use braid_protocol::frame::{self, DecodeError};
 use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
 use braid_protocol::{
     ChangeEvent, ClusterId, ErrorCode, ErrorMessage, Handshake, Message, ProtocolViolation,
-    RaftCall, RaftRequest, Seq, SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotRequest,
-    Subscribe, VersionVector,
+    RaftCall, RaftRequest, Seq, SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotKeyPart,
+    SnapshotRequest, Subscribe, VersionVector,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -133,6 +133,13 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
         (
             "snapshot_end",
             Message::SnapshotEnd(SnapshotEnd { keys: 2 }),
+        ),
+        (
+            "snapshot_key_part",
+            Message::SnapshotKeyPart(SnapshotKeyPart {
+                entry_bytes: 5,
+                bytes: b("abc"),
+            }),
         ),
         (
             "error",
@@ -600,6 +607,12 @@ fn arb_message() -> impl Strategy<Value = Message> {
             )
         }),
         any::<u64>().prop_map(|keys| Message::SnapshotEnd(SnapshotEnd { keys })),
+        (1..16u64, prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(extra, bytes)| {
+            Message::SnapshotKeyPart(SnapshotKeyPart {
+                entry_bytes: bytes.len() as u64 + extra,
+                bytes: Bytes::from(bytes),
+            })
+        }),
     ]
 }
 

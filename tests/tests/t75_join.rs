@@ -407,3 +407,41 @@ fn t75_a_region_down_past_the_retention_bound_is_resynchronised_by_snapshot() {
     );
     assert_eq!(values[0].1.len(), 100 + 1500 + 1 + 1);
 }
+
+#[test]
+fn t75_a_key_larger_than_a_frame_reaches_a_joining_region_in_parts() {
+    const FIELDS: usize = 60_000;
+    const PER_COMMAND: usize = 10_000;
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let mut a = cluster.node("a").redis();
+    let _: () = a.set("after", "z").unwrap();
+    let _: () = a.set("before", "a").unwrap();
+    // A hash of about 7 MB: its state alone does not fit a 4 MiB frame.
+    let value = "v".repeat(100);
+    for start in (0..FIELDS).step_by(PER_COMMAND) {
+        let mut hset = redis::cmd("HSET");
+        hset.arg("big");
+        for i in start..start + PER_COMMAND {
+            hset.arg(format!("field-{i:06}")).arg(&value);
+        }
+        let added: i64 = hset.query(&mut a).unwrap();
+        assert_eq!(added, PER_COMMAND as i64);
+    }
+    drop(a);
+    let via = cluster.node("a").http;
+    cluster.add_region("c");
+    cluster.node("c").start_join(via);
+    cluster.node("c").wait_healthy();
+    let mut c = cluster.node("c").redis();
+    let fields: BTreeMap<String, String> = c.hgetall("big").unwrap();
+    assert_eq!(fields.len(), FIELDS, "every field of the large key arrived");
+    assert_eq!(fields.get("field-059999"), Some(&value));
+    let around: (String, String) = (c.get("before").unwrap(), c.get("after").unwrap());
+    assert_eq!(around, ("a".into(), "z".into()), "the keys around it too");
+    let log = cluster.node("a").log();
+    assert!(
+        log.contains("a key too large for a frame goes in parts"),
+        "the server says it sent a key in parts"
+    );
+    cluster.wait_converged(SETTLE);
+}
