@@ -694,7 +694,7 @@ impl Connection {
             3 => &args[2], // AUTH username password: the only user is "default"
             _ => return wrong_args("auth"),
         };
-        if given.as_ref() == password.as_bytes() {
+        if same_secret(given, password.as_bytes()) {
             self.authenticated = true;
             Reply::Simple("OK")
         } else {
@@ -758,6 +758,17 @@ fn has_writes(pending: &Pending) -> bool {
         Pending::Sum(parts) => parts.iter().any(has_writes),
         _ => false,
     }
+}
+
+/// Whether `given` is the password, in a time that does not depend on where they first differ
+/// (a client timing wrong guesses learns nothing of the password but its length).
+fn same_secret(given: &[u8], password: &[u8]) -> bool {
+    given.len() == password.len()
+        && given
+            .iter()
+            .zip(password)
+            .fold(0u8, |differ, (g, p)| differ | (g ^ p))
+            == 0
 }
 
 /// The keys command `name` names in `args`: every argument after the name for the commands
@@ -919,6 +930,14 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             let _ = parse_command(&bytes);
+        }
+    }
+
+    #[test]
+    fn the_password_compares_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        for wrong in [&b"s3creT"[..], b"S3cret", b"s3cre", b"s3crets", b""] {
+            assert!(!same_secret(wrong, b"s3cret"), "{wrong:?}");
         }
     }
 
