@@ -289,7 +289,7 @@ impl AdminState {
     pub fn metrics(&self, snapshot: &Snapshot) -> String {
         let status = self.status(snapshot);
         let mut out = String::new();
-        let region = &status.region;
+        let region = &label(&status.region);
         let _ = writeln!(
             out,
             "# HELP braid_writes_total Local writes committed.\n# TYPE braid_writes_total counter"
@@ -339,7 +339,7 @@ impl AdminState {
                 let _ = writeln!(
                     out,
                     "{name}{{region=\"{region}\",peer=\"{}\"}} {}",
-                    peer.region,
+                    label(&peer.region),
                     value(peer)
                 );
             }
@@ -349,7 +349,7 @@ impl AdminState {
             let _ = writeln!(
                 out,
                 "braid_events_applied_by_origin_total{{region=\"{region}\",origin=\"{}\"}} {}",
-                self.region(*origin),
+                label(&self.region(*origin)),
                 stats.applied
             );
         }
@@ -359,12 +359,14 @@ impl AdminState {
             let _ = writeln!(
                 out,
                 "braid_lag_events{{region=\"{region}\",peer=\"{}\"}} {}",
-                peer.region, peer.lag_events
+                label(&peer.region),
+                peer.lag_events
             );
         }
         let _ = writeln!(out, "# HELP braid_replication_lag_ms Milliseconds from an event's commit at its origin to its apply here.\n# TYPE braid_replication_lag_ms summary");
         for (origin, stats) in &snapshot.stats.origins {
-            let (origin, histogram) = (self.region(*origin), &stats.lag_ms);
+            let origin = label(&self.region(*origin)).into_owned();
+            let histogram = &stats.lag_ms;
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let _ = writeln!(out, "braid_replication_lag_ms{{region=\"{region}\",origin=\"{origin}\",quantile=\"{q}\"}} {}", histogram.value_at_quantile(q));
             }
@@ -386,6 +388,25 @@ impl AdminState {
         let _ = writeln!(out, "# HELP braid_scrape_time_seconds Seconds since the Unix epoch at scrape time, by the node's clock.\n# TYPE braid_scrape_time_seconds gauge\nbraid_scrape_time_seconds{{region=\"{region}\"}} {}", now_ms() / 1000);
         out
     }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped, as the text format
+/// asks. Region names are checked where they are made (`braid init`, `add-region`, `POST
+/// /join`), but a configuration written by hand may still hold any name.
+fn label(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    let mut escaped = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
 }
 
 async fn health() -> impl IntoResponse {
@@ -659,4 +680,15 @@ pub async fn serve(
             let _ = shutdown.changed().await;
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_asks() {
+        assert_eq!(label("us-east"), "us-east");
+        assert_eq!(label("a\"} 1\nb\\c"), "a\\\"} 1\\nb\\\\c");
+    }
 }

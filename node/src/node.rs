@@ -334,7 +334,7 @@ async fn run_node(
         inputs: inputs.clone(),
         storage: reader,
         password: config.password.as_deref().map(Arc::from),
-        max_clients: config.max_clients,
+        max_clients: resp::fit_open_files(config.max_clients),
         info: Arc::new(move |snapshot: &Snapshot| info_text(&info_admin, snapshot)),
     };
     tokio::spawn(resp::serve(resp_listener, context, shutdown.clone()));

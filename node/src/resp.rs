@@ -282,6 +282,56 @@ impl std::fmt::Debug for RespContext {
     }
 }
 
+/// File descriptors a node keeps for other than RESP clients: RocksDB's files, the QUIC socket,
+/// HTTP clients, the log.
+pub const FILE_DESCRIPTORS_RESERVED: u64 = 256;
+
+/// Raises the process's soft open-file limit, up to its hard limit, to hold `max_clients`
+/// clients and [`FILE_DESCRIPTORS_RESERVED`]; returns how many clients fit (at least one),
+/// with a warning when that is fewer than asked. Without it, a client past the limit would
+/// wait unanswered in the listen backlog instead of hearing `max number of clients reached`.
+pub fn fit_open_files(max_clients: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes the limit into the struct it is given, which lives here.
+    #[allow(unsafe_code)]
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if read != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return max_clients;
+    }
+    let wanted = (max_clients as u64).saturating_add(FILE_DESCRIPTORS_RESERVED);
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted.min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit(2) reads the struct it is given, which lives here.
+        #[allow(unsafe_code)]
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) };
+        if set == 0 {
+            limit.rlim_cur = raised.rlim_cur;
+        }
+    }
+    let fit = limit
+        .rlim_cur
+        .saturating_sub(FILE_DESCRIPTORS_RESERVED)
+        .max(1);
+    let fit = usize::try_from(fit).unwrap_or(usize::MAX).min(max_clients);
+    if fit < max_clients {
+        warn!(
+            max_clients,
+            fit,
+            open_files = limit.rlim_cur,
+            "the open-file limit holds fewer RESP clients than max-clients: raise it (ulimit -n) \
+             to take more"
+        );
+    }
+    fit
+}
+
 /// Accepts RESP clients until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -939,6 +989,31 @@ mod tests {
         for wrong in [&b"s3creT"[..], b"S3cret", b"s3cre", b"s3crets", b""] {
             assert!(!same_secret(wrong, b"s3cret"), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_fit_the_clients_or_they_are_fewer() {
+        let fit = fit_open_files(100);
+        assert_eq!(
+            fit, 100,
+            "a hundred clients fit any usual limit, raised if need be"
+        );
+        let fit = fit_open_files(usize::MAX >> 4);
+        assert!((1..usize::MAX >> 4).contains(&fit));
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes the struct it is given, which lives here.
+        #[allow(unsafe_code)]
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(read, 0);
+        assert!(
+            fit as u64 + FILE_DESCRIPTORS_RESERVED
+                <= limit.rlim_cur.max(FILE_DESCRIPTORS_RESERVED + 1),
+            "{fit} clients and the reserve fit the limit {}",
+            limit.rlim_cur
+        );
     }
 
     /// A client past `max-clients` is told why and closed; once a client leaves, its place is
