@@ -683,6 +683,7 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         Some(Ok(())) => {}
         Some(Err(err)) => {
             launch::stop(&file).await;
+            save_stopped(dir, &file)?;
             return Err(err);
         }
         None => {
@@ -1199,7 +1200,7 @@ async fn status(http: SocketAddr, json: bool) -> Result<()> {
     }
     for p in status.peers.iter().filter(|p| p.events_clock_refused > 0) {
         println!(
-            "warning: {} events from {} were refused for an HLC too far ahead of this node's clock \
+            "warning: {} refusals of events from {} for an HLC too far ahead of this node's clock \
              (clock-skew-ms-max); that origin's replication waits until the clock catches up",
             p.events_clock_refused, p.region
         );

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use braid_conflict::Hlc;
-use braid_protocol::limits::{SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_KEYS_MAX};
+use braid_protocol::limits::{FRAME_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_CHUNK_KEYS_MAX};
 use braid_protocol::snapshot_parts::{self, Assembly};
 use braid_protocol::{
     frame, EncodeError, ErrorMessage, Message, NodeId, Replica, SnapshotEnd, SnapshotEntry,
@@ -213,23 +213,30 @@ async fn write_chunk(
     let Message::SnapshotChunk(entries) = message else {
         return Ok(0);
     };
+    // A chunk of one key that does not fit is that key, in parts; of several, each key alone.
+    let alone = entries.len() == 1;
     let mut bytes = 0;
     for entry in entries {
-        let single = Message::SnapshotChunk(vec![entry]);
-        buf.clear();
-        match frame::encode(&single, buf) {
-            Ok(()) => {
-                bytes += write_frame(send, buf).await?;
-                continue;
+        let entry = if alone {
+            entry
+        } else {
+            let single = Message::SnapshotChunk(vec![entry]);
+            buf.clear();
+            match frame::encode(&single, buf) {
+                Ok(()) => {
+                    bytes += write_frame(send, buf).await?;
+                    continue;
+                }
+                Err(EncodeError::TooLarge { .. }) => {}
+                Err(err) => return Err(encode_failed(&single, err)),
             }
-            Err(EncodeError::TooLarge { .. }) => {}
-            Err(err) => return Err(encode_failed(&single, err)),
-        }
-        let Message::SnapshotChunk(mut single) = single else {
-            continue;
-        };
-        let Some(entry) = single.pop() else {
-            continue;
+            let Message::SnapshotChunk(mut single) = single else {
+                continue;
+            };
+            let Some(entry) = single.pop() else {
+                continue;
+            };
+            entry
         };
         let key = String::from_utf8_lossy(&entry.key[..entry.key.len().min(64)]).into_owned();
         let parts = snapshot_parts::parts(&entry).map_err(|e| StreamError::Encode {
@@ -246,6 +253,10 @@ async fn write_chunk(
             frame::encode(part, buf).map_err(|e| encode_failed(part, e))?;
             bytes += write_frame(send, buf).await?;
         }
+    }
+    // The failed encodings grew the buffer past a frame: give that memory back.
+    if buf.capacity() > 2 * FRAME_BYTES_MAX {
+        *buf = Vec::new();
     }
     Ok(bytes)
 }

@@ -210,7 +210,7 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("from a were refused for an HLC too far ahead"),
+        stdout.contains("refusals of events from a for an HLC too far ahead"),
         "{stdout}"
     );
 }
