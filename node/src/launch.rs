@@ -141,8 +141,8 @@ fn http_addr(region: &RegionEntry) -> Result<SocketAddr, LaunchError> {
     })
 }
 
-/// Waits until every region answers `/health`; fails if one exits or takes longer than
-/// `timeout`.
+/// Waits until every region's process answers `/status` with its own pid; fails if one exits
+/// or takes longer than `timeout`.
 pub async fn wait_healthy(
     file: &ClusterFile,
     children: &mut [tokio::process::Child],
@@ -162,11 +162,17 @@ pub async fn wait_healthy(
                     log: log_path(&region.config),
                 });
             }
-            if crate::admin_client::get(addr, "/health", Duration::from_millis(500))
-                .await
-                .is_ok()
+            // Healthy once the node this started answers: another process on the same port
+            // (a cluster already running there) is not it, and this one will fail to bind.
+            if let Ok(body) =
+                crate::admin_client::get(addr, "/status", Duration::from_millis(500)).await
             {
-                break;
+                let pid = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|status| status["pid"].as_u64());
+                if pid.is_some() && pid == child.id().map(u64::from) {
+                    break;
+                }
             }
             if Instant::now() > deadline {
                 return Err(LaunchError::Unhealthy {

@@ -85,7 +85,31 @@ fn t40_cluster_up_detached_then_down() {
         );
     }
     let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
-    let result = std::panic::catch_unwind(|| replicates(&file));
+    // A second cluster on the same ports: its regions cannot bind, and it says so instead of
+    // taking the running cluster's answers for its own.
+    let other = tempfile::tempdir().unwrap();
+    let clash = Command::new(braid_bin())
+        .args([
+            "cluster",
+            "up",
+            "--regions",
+            "3",
+            "--detach",
+            "--base-port",
+            &base,
+            "--dir",
+        ])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let clash_err = String::from_utf8_lossy(&clash.stderr);
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            !clash.status.success() && clash_err.contains("exited during start-up"),
+            "a cluster on taken ports: {clash:?}"
+        );
+        replicates(&file)
+    });
     let down = Command::new(braid_bin())
         .args(["cluster", "down", "--dir"])
         .arg(dir.path())
