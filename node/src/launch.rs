@@ -243,9 +243,28 @@ pub fn zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// SIGTERM every region of `file`, wait up to [`STOP_GRACE`], then SIGKILL what is left.
+/// The pid `cluster.json` records for `region`, if that process is still the region's node:
+/// alive, and started with the region's configuration (its `/proc/PID/cmdline`). A pid left
+/// from before a reboot, or taken since by another program, is none of the cluster's business
+/// and is never signalled.
+pub fn running_pid(region: &RegionEntry) -> Option<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let pid = region.pid.filter(|&pid| pid > 0)?;
+    if !alive(pid) || zombie(pid) {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let config = region.config.as_os_str().as_bytes();
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == config)
+        .then_some(pid)
+}
+
+/// SIGTERM every region of `file` still running (see [`running_pid`]), wait up to
+/// [`STOP_GRACE`], then SIGKILL what is left.
 pub async fn stop(file: &ClusterFile) {
-    let pids: Vec<u32> = file.regions.iter().filter_map(|r| r.pid).collect();
+    let pids: Vec<u32> = file.regions.iter().filter_map(running_pid).collect();
     for pid in &pids {
         signal(*pid, libc::SIGTERM);
     }

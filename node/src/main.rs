@@ -651,7 +651,7 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         if let Some(r) = file
             .regions
             .iter()
-            .find(|r| r.pid.is_some_and(launch::alive))
+            .find(|r| launch::running_pid(r).is_some())
         {
             bail!("the cluster in {} is already running (region {} is pid {:?}); stop it with `braid cluster down --dir {}`",
                 dir.display(), r.name, r.pid, dir.display());
@@ -768,7 +768,7 @@ async fn cluster_down(dir: &Path) -> Result<()> {
     let running: Vec<&str> = file
         .regions
         .iter()
-        .filter(|r| r.pid.is_some_and(launch::alive))
+        .filter(|r| launch::running_pid(r).is_some())
         .map(|r| r.name.as_str())
         .collect();
     if running.is_empty() {

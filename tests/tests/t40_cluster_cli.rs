@@ -181,3 +181,37 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
     assert_eq!(names, ["a", "b", "c"], "the added region is kept");
     assert!(after.regions.iter().all(|r| r.pid.is_none()));
 }
+
+#[test]
+fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(2).to_string();
+    let init = Command::new(braid_bin())
+        .args(["init", "--regions", "a,b", "--base-port", &base, "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    // A pid left in cluster.json, since taken by another program.
+    let mut stranger = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut file = ClusterFile::load(dir.path()).unwrap();
+    file.regions[0].pid = Some(stranger.id());
+    file.save(dir.path()).unwrap();
+    let down = Command::new(braid_bin())
+        .args(["cluster", "down", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&down.stdout);
+    std::thread::sleep(Duration::from_millis(200));
+    let spared = stranger.try_wait().unwrap().is_none();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(down.status.success(), "{down:?}");
+    assert!(stdout.contains("is running"), "{stdout}");
+    assert!(
+        spared,
+        "cluster down signalled a process that is not a region"
+    );
+    assert_eq!(ClusterFile::load(dir.path()).unwrap().regions[0].pid, None);
+}

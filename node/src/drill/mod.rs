@@ -966,18 +966,14 @@ impl Drill<'_> {
             Some(_) => None,
             None => {
                 let name = &self.names[i];
-                let pid = self.file.regions[i].pid.ok_or_else(|| {
+                let region = &self.file.regions[i];
+                let pid = launch::running_pid(region).ok_or_else(|| {
                     DrillError::Cluster(format!(
-                        "cluster.json records no process for region {name}: cannot kill it"
+                        "the process cluster.json records for region {name} ({:?}) is not its \
+                         running node: cannot kill it",
+                        region.pid
                     ))
                 })?;
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if !cmdline.contains("braid") || !cmdline.contains("start") {
-                    return Err(DrillError::Cluster(format!(
-                        "process {pid} recorded for region {name} is not a running braid node"
-                    )));
-                }
                 Some(pid)
             }
         };
