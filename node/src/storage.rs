@@ -104,8 +104,19 @@ pub enum StorageError {
     Encode(&'static str),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes one stored value may decode to. A corrupt length prefix is refused by it
+/// before anything is allocated, instead of asking for an impossible allocation (a panic, or
+/// an abort) or for gigabytes.
+const STORED_VALUE_BYTES_MAX: usize = 1 << 30;
+
+type StoredConfig = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<STORED_VALUE_BYTES_MAX>,
+>;
+
+fn config() -> StoredConfig {
+    bincode::config::standard().with_limit::<STORED_VALUE_BYTES_MAX>()
 }
 
 fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StorageError> {
@@ -579,8 +590,15 @@ impl Storage for RocksStorage {
             .iterator_cf(log, IteratorMode::From(&start, Direction::Forward))
         {
             let (key, value) = item?;
-            if key.len() != 16 || key[..8] != origin.0.to_be_bytes() {
+            if !key.starts_with(&origin.0.to_be_bytes()) {
                 break;
+            }
+            if key.len() != 16 {
+                // Every key of the log is an origin and a sequence number, 8 bytes each.
+                return Err(StorageError::Corrupt {
+                    what: "change-log key",
+                    reason: format!("{} bytes, not 16", key.len()),
+                });
             }
             if events.len() >= events_max || (bytes >= bytes_max && !events.is_empty()) {
                 break;
@@ -596,6 +614,29 @@ impl Storage for RocksStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_corrupt_length_in_a_stored_value_is_an_error_not_a_panic() {
+        // A byte string announcing 2^60 bytes, as a flipped bit in a length prefix could.
+        let mut bytes = vec![253];
+        bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let err = decode::<Vec<u8>>(&bytes, "log event").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::Corrupt {
+                    what: "log event",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = decode::<ChangeEvent>(
+            &[1, 1, 1, 0, 1, 253, 255, 255, 255, 255, 255, 255, 255, 15],
+            "log event",
+        );
+        assert!(err.is_err());
+    }
     use braid_conflict::Command;
     use braid_protocol::MemoryStorage;
     use bytes::Bytes;

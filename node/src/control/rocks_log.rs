@@ -67,10 +67,20 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(write_err)
 }
 
+/// A stored log entry or vote. Entries arrive in frames, or are this node's own small
+/// commands: a length prefix past a frame is corruption, refused before any allocation, as are
+/// bytes left over.
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(value, _)| value)
-        .map_err(read_err)
+    let config =
+        bincode::config::standard().with_limit::<{ braid_protocol::limits::FRAME_BYTES_MAX }>();
+    match bincode::serde::decode_from_slice(bytes, config) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes after a stored value", bytes.len() - used),
+        ))),
+        Err(err) => Err(read_err(err)),
+    }
 }
 
 fn synced() -> WriteOptions {

@@ -187,8 +187,13 @@ fn encode(data: &SnapshotData) -> Result<Vec<u8>, bincode::error::EncodeError> {
     bincode::serde::encode_to_vec(data, bincode::config::standard())
 }
 
+/// The most bytes a control-plane snapshot may decode to: members, links, keyspaces and
+/// checkpoints are small; a length prefix past this is corruption (or a hostile peer's).
+const CONTROL_SNAPSHOT_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 fn decode(bytes: &[u8]) -> Result<SnapshotData, StorageError<NodeId>> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+    let config = bincode::config::standard().with_limit::<CONTROL_SNAPSHOT_BYTES_MAX>();
+    bincode::serde::decode_from_slice(bytes, config)
         .map(|(data, _)| data)
         .map_err(io_error)
 }
