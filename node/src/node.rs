@@ -150,8 +150,9 @@ async fn run_node(
     }
     let initialize = !joined.exists();
     let storage = RocksStorage::open(&config.data_dir, config.durability)?;
-    // With `process` durability a machine restart (a power loss) may have taken the tail of
-    // the write-ahead log, this node's own last writes with it, which the peers may hold.
+    // After a run in `process` durability (any run in the last boot, whatever this one's), a
+    // machine restart (a power loss) may have taken the tail of the write-ahead log, this
+    // node's own last writes with it, which the peers may hold.
     // Marked in the database until the node took them back, so that a restart before then
     // (in the same boot) recovers too.
     let process = config.durability == Durability::Process;

@@ -43,6 +43,10 @@ const META_BOOT: &[u8] = b"boot-id";
 /// Present while this node may lack some of its own last writes (a power loss in `process`
 /// durability) and has not taken them back yet: every start until then recovers first.
 const META_RECOVERING: &[u8] = b"recovering";
+/// `[1]` when a run in `process` durability used this database during the recorded boot
+/// (`[0]` otherwise): its last writes were not synced, and a reboot may have taken them,
+/// whatever durability the node starts with next.
+const META_PROCESS_RUN: &[u8] = b"process-run";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 /// Format 2 added the tombstone index (and the checkpoints' HLC in the Raft log beside it).
 const FORMAT_VERSION: u32 = 2;
@@ -425,23 +429,32 @@ impl RocksStorage {
 
     /// Records `boot_id` (the operating system's id of its current boot) as the one this
     /// database is used under, synced, and returns whether this node may lack some of its own
-    /// last writes: the machine restarted since another boot id was recorded and the tail of
-    /// the write-ahead log may have gone with the page cache (`possible_loss_on_reboot`: the
-    /// node runs in `process` durability), or an earlier start found so and did not finish
-    /// taking them back ([`RocksStorage::recovery_done`] was not called since). The new boot id
-    /// and that mark are written together, so a crash in between cannot lose the mark.
+    /// last writes: the machine restarted since another boot id was recorded, and some run
+    /// during that boot was in `process` durability, so the tail of its write-ahead log may
+    /// have gone with the page cache (whatever durability this run has: switching to `machine`
+    /// after a power loss does not bring those writes back); or an earlier start found so and
+    /// did not finish taking them back ([`RocksStorage::recovery_done`] was not called since).
+    /// `runs_in_process_durability` is this run's. The new boot id and that mark are written
+    /// together, so a crash in between cannot lose the mark.
     pub fn note_boot(
         &self,
         boot_id: &str,
-        possible_loss_on_reboot: bool,
+        runs_in_process_durability: bool,
     ) -> Result<bool, StorageError> {
         let meta = self.cf(CF_META)?;
         let before = self.db.get_cf(meta, META_BOOT)?;
         let rebooted = before.as_deref().is_some_and(|b| b != boot_id.as_bytes());
+        // A database from before the record was kept may have been used so: assumed it was.
+        let process_run_before = match self.db.get_cf(meta, META_PROCESS_RUN)? {
+            Some(flag) => flag.first() == Some(&1),
+            None => before.is_some(),
+        };
         let marked = self.recovery_marked()?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, META_BOOT, boot_id.as_bytes());
-        let possible_loss = marked || (rebooted && possible_loss_on_reboot);
+        let process_run_now = runs_in_process_durability || (!rebooted && process_run_before);
+        batch.put_cf(meta, META_PROCESS_RUN, [u8::from(process_run_now)]);
+        let possible_loss = marked || (rebooted && process_run_before);
         if possible_loss {
             batch.put_cf(meta, META_RECOVERING, b"");
         }
@@ -872,10 +885,27 @@ mod tests {
         assert!(!storage.note_boot("boot-1", true).unwrap(), "first start");
         assert!(!storage.note_boot("boot-1", true).unwrap(), "same boot");
         assert!(
-            !storage.note_boot("boot-2", false).unwrap(),
-            "a reboot loses nothing in machine durability"
+            storage.note_boot("boot-2", false).unwrap(),
+            "a reboot after a run in process durability may have lost writes, even if the node \
+             now starts in machine durability"
         );
-        assert!(storage.note_boot("boot-3", true).unwrap(), "a reboot");
+        storage.recovery_done().unwrap();
+        assert!(
+            !storage.note_boot("boot-3", false).unwrap(),
+            "a reboot after runs in machine durability only loses nothing"
+        );
+        assert!(!storage.note_boot("boot-3", true).unwrap(), "same boot");
+        assert!(
+            !storage.note_boot("boot-3", false).unwrap(),
+            "same boot, back to machine"
+        );
+        assert!(
+            storage.note_boot("boot-4", false).unwrap(),
+            "a reboot after a boot that had a run in process durability, whichever was last"
+        );
+        storage.recovery_done().unwrap();
+        assert!(!storage.note_boot("boot-5", true).unwrap());
+        assert!(storage.note_boot("boot-6", true).unwrap(), "a reboot");
         drop(storage);
         let storage = open();
         assert!(
