@@ -320,6 +320,9 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
         "--base-port",
         &base,
         "--keep-change-log",
+        // The drill's writers authenticate with the password the cluster's configurations hold.
+        "--password",
+        "s3cret",
     ]);
     assert!(up.status.success(), "{:?}", text(&up));
     let pid_of = |name: &str| {
@@ -394,6 +397,22 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
     let down = braid(&["cluster", "down", "--dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("failure: kill b"), "{stdout}");
+    for region in ["a", "b"] {
+        // region, acknowledged, refused, unknown, unavailable
+        let counts: Vec<u64> = stdout
+            .lines()
+            .map(str::split_whitespace)
+            .find_map(|mut words| {
+                (words.next() == Some(region))
+                    .then(|| words.filter_map(|w| w.parse().ok()).collect())
+            })
+            .unwrap_or_else(|| panic!("no write counts for {region}: {stdout}"));
+        // Refusals are the workload's WRONGTYPEs; without AUTH every write was one (NOAUTH).
+        assert!(
+            counts.len() == 4 && counts[0] > counts[1],
+            "{region}: {counts:?}\n{stdout}"
+        );
+    }
     assert_ne!(pids[1], first_b, "b was restarted");
     assert!(down.status.success(), "{:?}", text(&down));
     for pid in pids {

@@ -475,6 +475,22 @@ struct UnderTest {
 }
 
 impl UnderTest {
+    /// The RESP password the cluster's configurations hold (an attached cluster may have one).
+    fn password(&self) -> Option<String> {
+        let first = self.file.regions.first()?;
+        crate::config::NodeConfig::load(&first.config)
+            .ok()?
+            .password
+    }
+
+    /// The load's settings for this cluster.
+    fn load_spec(&self, options: &BenchOptions) -> load::LoadSpec {
+        load::LoadSpec {
+            password: self.password(),
+            ..load_spec(options, options.clients)
+        }
+    }
+
     async fn start(options: &BenchOptions, work: &Path) -> Result<UnderTest, BenchError> {
         let fail = |e: &dyn std::fmt::Display| BenchError::Cluster(e.to_string());
         let (mut file, started) = match &options.attach {
@@ -684,7 +700,7 @@ async fn measure_cluster(
         options.clients,
         options.pipeline
     )));
-    let load = RunningLoad::to(regions, load_spec(options, options.clients));
+    let load = RunningLoad::to(regions, cluster.load_spec(options));
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64, before.applied_total());
     while started.elapsed() < options.duration && !load.failed() {
@@ -855,6 +871,7 @@ async fn measure_outage(
         .collect();
     let originated = |statuses: &[Status]| -> u64 { statuses.iter().map(|s| s.writes).sum() };
     let before = originated(&Reading::take(&survivors).await?.statuses);
+    // Only a cluster the bench started, which has no password.
     let load = RunningLoad::to(&survivors, load_spec(options, options.clients));
     let mut written = 0;
     let mut last = (Instant::now(), 0u64);

@@ -1437,10 +1437,15 @@ pub async fn run(
     let (stop_writers, writers_rx) = watch::channel(false);
     let mut writers = Vec::new();
     for (i, region) in drill.regions.iter().enumerate() {
+        // An attached cluster may want a password: every region's configuration has it.
+        let password = NodeConfig::load(&drill.file.regions[i].config)
+            .ok()
+            .and_then(|config| config.password);
         let spec = WriterSpec {
             addr: resps[i],
             workload: scenario.workload.clone(),
             seed: sub_seed(options.seed, 100 + i as u64),
+            password,
         };
         writers.push(tokio::spawn(writer::run(
             spec,
@@ -1562,6 +1567,7 @@ pub async fn run(
     .await;
     stop_writers.send_replace(true);
     let mut clients = Vec::new();
+    let mut all_refused = None;
     for (i, w) in writers.into_iter().enumerate() {
         let record = match w.await {
             Ok(record) => record,
@@ -1572,6 +1578,17 @@ pub async fn run(
                 )))
             }
         };
+        // A region that refused every write the drill sent it (a password, a frozen keyspace)
+        // leaves nothing to check: the drill cannot pass on it.
+        let [acknowledged, refused, ..] = drill.regions[i].counters.read();
+        if acknowledged == 0 && refused > 0 && all_refused.is_none() {
+            let first = record.first_refusal.clone().unwrap_or_default();
+            all_refused = Some(DrillError::Cluster(format!(
+                "region {} refused all {refused} writes the drill sent it, the first with \
+                 {first:?}: nothing the drill wrote there can be checked",
+                drill.names[i]
+            )));
+        }
         clients.push(ClientCheck {
             record,
             base: bases[i],
@@ -1579,9 +1596,9 @@ pub async fn run(
             exclusive: !attached,
         });
     }
-    let outcome = match result {
-        Ok(()) => finish(&mut drill, options, progress, clients).await,
-        Err(err) => Err(err),
+    let outcome = match (result, all_refused) {
+        (Ok(()), None) => finish(&mut drill, options, progress, clients).await,
+        (Err(err), _) | (Ok(()), Some(err)) => Err(err),
     };
     stop_tx.send_replace(true);
     let _ = observer.await;

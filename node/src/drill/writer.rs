@@ -64,6 +64,8 @@ pub struct WriterRecord {
     /// Acknowledged writes that may or may not have made one (`INCRBY 0`: an event on a string
     /// key, none on a counter).
     pub maybe_events: u64,
+    /// The text of the first write the region refused, if it refused one.
+    pub first_refusal: Option<String>,
 }
 
 /// Whether an acknowledged command made an event: `SET`, `SADD`, `HSET` always; `INCRBY` when
@@ -88,6 +90,8 @@ pub struct WriterSpec {
     pub workload: Workload,
     /// Seed of this region's command sequence.
     pub seed: u64,
+    /// The cluster's RESP password, sent with `AUTH` on every new connection.
+    pub password: Option<String>,
 }
 
 /// Writes until `stop` turns true. While `member` is false the region is outside the mesh (it
@@ -132,8 +136,26 @@ pub async fn run(
             Some(stream) => stream,
             None => {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(spec.addr)).await {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(mut stream)) => {
                         let _ = stream.set_nodelay(true);
+                        if let Some(password) = &spec.password {
+                            out.clear();
+                            command(&mut out, &[b"AUTH", password.as_bytes()]);
+                            let auth =
+                                tokio::time::timeout(REPLY_TIMEOUT, round_trip(&mut stream, &out));
+                            match auth.await {
+                                Ok(Ok(Reply::Done(_))) => {}
+                                Ok(Ok(Reply::Refused(text))) => {
+                                    record.first_refusal.get_or_insert(text);
+                                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                _ => {
+                                    counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                            }
+                        }
                         conn.insert(stream)
                     }
                     _ => {
@@ -159,7 +181,10 @@ pub async fn run(
                 }
                 counters.acked.fetch_add(1, Ordering::Relaxed)
             }
-            Ok(Ok(Reply::Refused)) => counters.refused.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(Reply::Refused(text))) => {
+                record.first_refusal.get_or_insert(text);
+                counters.refused.fetch_add(1, Ordering::Relaxed)
+            }
             _ => {
                 conn = None;
                 counters.unknown.fetch_add(1, Ordering::Relaxed)
@@ -168,10 +193,10 @@ pub async fn run(
     }
 }
 
-/// A reply: done (with its integer, if it was one) or refused (an error reply).
+/// A reply: done (with its integer, if it was one) or refused (an error reply, its text).
 enum Reply {
     Done(Option<i64>),
-    Refused,
+    Refused(String),
 }
 
 /// Sends one command and reads its one-line reply.
@@ -199,7 +224,7 @@ async fn round_trip(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<R
     match line.first() {
         Some(b'+') => Ok(Reply::Done(None)),
         Some(b':') => Ok(Reply::Done(body().parse().ok())),
-        Some(b'-') => Ok(Reply::Refused),
+        Some(b'-') => Ok(Reply::Refused(body())),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
