@@ -526,14 +526,22 @@ async fn join(config_path: &Path, via: SocketAddr) -> Result<()> {
         config.region, config.node_id
     );
     let body = serde_json::to_string(&request)?;
-    let reply = braid_node::admin_client::post_json(via, "/join", &body, JOIN_REQUEST_TIMEOUT)
-        .await
-        .with_context(|| {
-            format!(
-                "the member at http://{via} did not admit region {}",
-                config.region
-            )
-        })?;
+    let asked = braid_node::admin_client::post_json(via, "/join", &body, JOIN_REQUEST_TIMEOUT);
+    // Waiting to be admitted can take a while; Ctrl-C stops the wait, and nothing started yet.
+    let reply = tokio::select! {
+        reply = asked => reply,
+        _ = signals.recv() => bail!(
+            "interrupted while waiting for the member at {via} to admit region {}: if it admits \
+             it anyway, run this command again to finish the join",
+            config.region
+        ),
+    };
+    let reply = reply.with_context(|| {
+        format!(
+            "the member at http://{via} did not admit region {}",
+            config.region
+        )
+    })?;
     let reply: JoinReply = serde_json::from_str(&reply).context("unexpected /join answer")?;
     let sources = reply
         .members
@@ -665,9 +673,38 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
             layout,
         ))?
     };
+    // A region laid out by add-region starts with `braid join`, not with the others.
+    let all = file.clone();
+    let (joining, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut file.regions)
+        .into_iter()
+        .partition(not_joined);
+    file.regions = ready;
+    let via = file.regions.first().map(|r| r.http.clone());
+    for region in &joining {
+        eprintln!(
+            "region {} has not joined yet: not started; admit it with `braid join --config {} \
+             --via {}`",
+            region.name,
+            region.config.display(),
+            via.as_deref().unwrap_or("<a member's HTTP address>")
+        );
+    }
+    if file.regions.is_empty() {
+        bail!(
+            "no region of {} has joined: nothing to start",
+            dir.display()
+        );
+    }
     let exe = std::env::current_exe().context("cannot find the braid executable")?;
     let mut children = launch::spawn(&mut file, &exe, detach)?;
-    file.save(dir)?;
+    // cluster.json keeps every region, in its order, with the pids of those started.
+    let mut recorded = all;
+    for region in &mut recorded.regions {
+        if let Some(started) = file.regions.iter().find(|s| s.name == region.name) {
+            region.pid = started.pid;
+        }
+    }
+    recorded.save(dir)?;
     let started = async {
         launch::wait_healthy(&file, &mut children, Duration::from_secs(30)).await?;
         for region in launch::wait_meshed(&file, Duration::from_secs(10)).await {
@@ -717,12 +754,44 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
         exits.push(Box::pin(child.wait()));
     }
     let first_exit = futures_first(exits);
-    tokio::select! {
-        _ = signals.recv() => println!("\nStopping the cluster..."),
-        region = first_exit => println!("Region {} exited; stopping the cluster...", file.regions[region].name),
-    }
+    let exited = tokio::select! {
+        _ = signals.recv() => {
+            println!("\nStopping the cluster...");
+            None
+        }
+        region = first_exit => {
+            println!("Region {} exited; stopping the cluster...", file.regions[region].name);
+            Some(region)
+        }
+    };
     launch::stop(&file).await;
-    save_stopped(dir, &file)
+    save_stopped(dir, &file)?;
+    match exited {
+        None => Ok(()),
+        Some(region) => {
+            let status = children[region]
+                .try_wait()
+                .ok()
+                .flatten()
+                .map_or("an unknown status".to_string(), |s| s.to_string());
+            bail!(
+                "region {} exited with {status}; see {}",
+                file.regions[region].name,
+                launch::log_path(&file.regions[region].config).display()
+            )
+        }
+    }
+}
+
+/// Whether `region` was laid out by `braid add-region` and has not finished joining (its data
+/// directory says so).
+fn not_joined(region: &braid_node::cluster::RegionEntry) -> bool {
+    NodeConfig::load(&region.config).is_ok_and(|config| {
+        config
+            .data_dir
+            .join(braid_node::node::SNAPSHOT_PENDING_MARKER)
+            .exists()
+    })
 }
 
 /// Records in `DIR/cluster.json` that the regions of `started` are stopped. The file is read

@@ -180,6 +180,31 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
     let names: Vec<&str> = after.regions.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"], "the added region is kept");
     assert!(after.regions.iter().all(|r| r.pid.is_none()));
+    // Started again, the regions that joined run; c, which has not, is left to `braid join`.
+    let again = Command::new(braid_bin())
+        .args(["cluster", "up", "--detach", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let restarted = ClusterFile::load(dir.path()).unwrap();
+    let pids: Vec<Option<u32>> = restarted.regions.iter().map(|r| r.pid).collect();
+    let down = Command::new(braid_bin())
+        .args(["cluster", "down", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        stderr.contains("region c has not joined yet") && stderr.contains("braid join"),
+        "{stderr}"
+    );
+    assert!(
+        pids[0].is_some() && pids[1].is_some() && pids[2].is_none(),
+        "{pids:?}"
+    );
+    assert!(down.status.success(), "{down:?}");
+    wait_gone(&pids.into_iter().flatten().collect::<Vec<_>>());
 }
 
 #[test]
@@ -214,4 +239,96 @@ fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
         "cluster down signalled a process that is not a region"
     );
     assert_eq!(ClusterFile::load(dir.path()).unwrap().regions[0].pid, None);
+}
+
+#[test]
+fn t43_cluster_up_in_the_foreground_fails_when_a_region_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(2).to_string();
+    let mut child = Command::new(braid_bin())
+        .args([
+            "cluster",
+            "up",
+            "--regions",
+            "2",
+            "--base-port",
+            &base,
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let file = loop {
+        if let Ok(file) = ClusterFile::load(dir.path()) {
+            let healthy = file.regions.iter().all(|r| {
+                r.pid.is_some() && braid_tests::http_get(r.http.parse().unwrap(), "/health").is_ok()
+            });
+            if healthy {
+                break file;
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster up did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
+    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pids[1] as i32, libc::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a dead region is a failure: {stderr}"
+    );
+    assert!(
+        stderr.contains("region b exited") && stderr.contains("braid.log"),
+        "{stderr}"
+    );
+    wait_gone(&pids);
+}
+
+#[test]
+fn t44_join_stops_on_interrupt_while_it_waits_to_be_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(3).to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(braid_bin())
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    run(&["init", "--regions", "a,b", "--base-port", &base]);
+    run(&["add-region", "--region", "c"]);
+    // A member that takes the request and never answers (its backlog holds the connection).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let via = silent.local_addr().unwrap().to_string();
+    let config = dir.path().join("c").join("braid.toml");
+    let child = Command::new(braid_bin())
+        .args(["join", "--via", &via, "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let asked = Instant::now();
+    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted while waiting"), "{stderr}");
+    // Not after the request's own 30 s timeout.
+    assert!(asked.elapsed() < Duration::from_secs(10), "{stderr}");
 }
