@@ -245,7 +245,7 @@ fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
 fn t43_cluster_up_in_the_foreground_fails_when_a_region_dies() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(2).to_string();
-    let mut child = Command::new(braid_bin())
+    let child = Command::new(braid_bin())
         .args([
             "cluster",
             "up",
