@@ -73,12 +73,26 @@ impl ClusterFile {
             .map_err(|e| InitError::Invalid(format!("{}: {e}", path.display())))
     }
 
-    /// Writes `DIR/cluster.json`.
+    /// Writes `DIR/cluster.json`: whole or not at all (a new file, synced, renamed over the
+    /// old one), so that a crash or a full disk midway leaves the last good one.
     pub fn save(&self, dir: &Path) -> Result<(), InitError> {
         let path = dir.join("cluster.json");
         let text =
             serde_json::to_string_pretty(self).map_err(|e| InitError::Invalid(e.to_string()))?;
-        std::fs::write(&path, text + "\n").map_err(|e| InitError::Io(path, e))
+        let partial = dir.join(".cluster.json.new");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |e| InitError::Io(path, e)
+        };
+        let mut file = std::fs::File::create(&partial).map_err(io(&partial))?;
+        std::io::Write::write_all(&mut file, (text + "\n").as_bytes()).map_err(io(&partial))?;
+        file.sync_all().map_err(io(&partial))?;
+        drop(file);
+        std::fs::rename(&partial, &path).map_err(io(&path))?;
+        // The rename itself is durable once the directory is synced.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))
     }
 }
 
@@ -99,12 +113,23 @@ pub enum InitError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// Writes a new file; a `secret` one (a key, a configuration with a password) is readable by
+/// its owner only from its creation on, never for a moment by others.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError> {
-    std::fs::write(path, contents).map_err(|e| InitError::Io(path.to_owned(), e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e| InitError::Io(path.to_owned(), e);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
     if secret {
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(io)?;
+    if secret {
+        // A file that existed before keeps its mode through `open`: set it all the same.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| InitError::Io(path.to_owned(), e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
     }
     Ok(())
 }
@@ -376,6 +401,14 @@ mod tests {
             (3, "ap", 2)
         );
         crate::tls::MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for key in [dir.path().join("ca.key"), config.tls.key.clone()] {
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+        // cluster.json is written whole, through a file renamed over it.
+        assert!(!dir.path().join(".cluster.json.new").exists());
+        assert_eq!(ClusterFile::load(dir.path()).unwrap(), file);
         let err = init(&options).unwrap_err().to_string();
         assert!(err.contains("already holds a cluster"), "{err}");
     }

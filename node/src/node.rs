@@ -120,6 +120,21 @@ fn marker_error(path: &std::path::Path, source: std::io::Error) -> NodeError {
     NodeError::Task(format!("cannot write {}: {source}", path.display()))
 }
 
+/// Creates (`present`) or removes a marker file, durably: the file and its directory synced,
+/// so that a power loss right after cannot undo it.
+fn set_marker(path: &std::path::Path, present: bool) -> Result<(), NodeError> {
+    let done = if present {
+        std::fs::File::create(path).and_then(|file| file.sync_all())
+    } else {
+        std::fs::remove_file(path)
+    };
+    done.and_then(|()| match path.parent() {
+        Some(dir) => std::fs::File::open(dir).and_then(|dir| dir.sync_all()),
+        None => Ok(()),
+    })
+    .map_err(|e| marker_error(path, e))
+}
+
 async fn run_node(
     config: NodeConfig,
     mut plan: Option<JoinPlan>,
@@ -145,8 +160,8 @@ async fn run_node(
     }
     if plan.is_some() {
         // Before anything else: from here on this node never starts a group of its own.
-        std::fs::write(&joined, b"").map_err(|e| marker_error(&joined, e))?;
-        std::fs::write(&pending, b"").map_err(|e| marker_error(&pending, e))?;
+        set_marker(&joined, true)?;
+        set_marker(&pending, true)?;
     }
     let initialize = !joined.exists();
     let storage = RocksStorage::open(&config.data_dir, config.durability)?;
@@ -284,9 +299,9 @@ async fn run_node(
     if possible_loss {
         warn!(
             vector = ?replica.vector(),
-            "the machine restarted since this node last ran, and with process durability its \
-             last writes may be lost: client writes wait until every peer has said what it \
-             holds of this region's events"
+            "the machine restarted since this node ran in process durability, and its last \
+             writes may be lost: client writes wait until every peer has said what it holds of \
+             this region's events"
         );
         replica.handle_possible_loss();
     }
@@ -295,7 +310,9 @@ async fn run_node(
         // first, before its driver runs, so that it subscribes from the snapshot's vector.
         let vector =
             install_snapshot(&mesh, &endpoint, plan, &mut replica, shutdown.clone()).await?;
-        std::fs::remove_file(&pending).map_err(|e| marker_error(&pending, e))?;
+        // The snapshot is on disk before the mark that it is incomplete goes.
+        replica.storage().sync()?;
+        set_marker(&pending, false)?;
         info!(%node, ?vector, "data snapshot installed: joining the mesh");
     }
     // A region that joined is admitted while it installs its snapshot: the committed topology
