@@ -22,7 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::driver::{Input, Snapshot};
 use crate::storage::{RocksStorage, StorageError};
@@ -469,7 +469,25 @@ impl Connection {
             if fatal.is_none() && input.len() > RESP_BUFFER_BYTES_MAX {
                 fatal = Some(RespError::Protocol("request too large".into()));
             }
-            let quit = self.execute(burst, &mut output, &mut socket).await?;
+            let quit = match self.execute(burst, &mut output, &mut socket).await {
+                Ok(quit) => quit,
+                Err(err @ (ConnectionError::Stopping | ConnectionError::Storage(_))) => {
+                    // Told, not just cut off: the replies so far, then why nothing follows.
+                    if let ConnectionError::Storage(cause) = &err {
+                        error!(error = %cause, "a read from storage failed");
+                    }
+                    Reply::err(match &err {
+                        ConnectionError::Storage(cause) => format!("ERR storage: {cause}"),
+                        _ => "ERR the node is stopping (see its log): writes not yet answered \
+                              were not committed"
+                            .into(),
+                    })
+                    .encode(&mut output);
+                    let _ = socket.write_all(&output).await;
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
             if let Some(err) = &fatal {
                 Reply::err(format!("ERR {err}")).encode(&mut output);
             }
@@ -1014,6 +1032,42 @@ mod tests {
             "{fit} clients and the reserve fit the limit {}",
             limit.rlim_cur
         );
+    }
+
+    /// A write the node can no longer commit (its driver stopped: a storage failure, or a
+    /// shutdown) is answered with why, not with a silently closed connection.
+    #[tokio::test]
+    async fn a_write_to_a_stopped_node_is_answered_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RocksStorage::open(dir.path(), crate::storage::Durability::Machine).unwrap();
+        let (inputs, input_rx) = mpsc::channel(16);
+        drop(input_rx);
+        let context = RespContext {
+            inputs,
+            storage,
+            password: None,
+            max_clients: 4,
+            info: Arc::new(|_: &Snapshot| String::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, context, shutdown));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET k\r\nSET k v\r\nGET k\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("$-1\r\n-ERR the node is stopping"),
+            "{reply:?}"
+        );
+        assert!(reply.contains("were not committed"), "{reply:?}");
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 
     /// A client past `max-clients` is told why and closed; once a client leaves, its place is
