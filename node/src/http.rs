@@ -414,8 +414,16 @@ fn label(value: &str) -> std::borrow::Cow<'_, str> {
     escaped.into()
 }
 
-async fn health() -> impl IntoResponse {
-    Json(serde_json::json!({ "status": "ok" }))
+/// `ok`, or 503 with the reason when the control plane has stopped for good.
+async fn health(State(state): State<AdminState>) -> Response {
+    match state.control.as_ref().and_then(|control| control.fatal()) {
+        None => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Some(fatal) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "control plane stopped", "error": fatal })),
+        )
+            .into_response(),
+    }
 }
 
 async fn status(State(state): State<AdminState>) -> Response {

@@ -37,7 +37,7 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::calls::{propose_here, Proposal, ProposeResult};
 use super::quic::{CallError, QuicRaftClient, QuicRaftNetwork};
@@ -510,6 +510,15 @@ impl ControlPlane {
             .unwrap_or_else(|| node.to_string())
     }
 
+    /// Why the control plane's Raft stopped for good (its log or state machine storage failed),
+    /// if it did: the node can no longer report checkpoints or follow changes of the mesh.
+    pub fn fatal(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        }
+    }
+
     /// What `/status` shows of the control plane.
     pub fn status(&self) -> ControlStatus {
         let metrics = self.raft.metrics().borrow().clone();
@@ -904,8 +913,16 @@ impl ControlPlane {
         match self.propose(command).await {
             Ok(ControlReply::Refused(why)) => debug!(%why, "checkpoint refused"),
             Ok(_) => {}
-            // A minority region cannot report; it keeps serving and tries again later.
-            Err(err) => debug!(error = %err, "checkpoint not committed"),
+            Err(err) => match self.fatal() {
+                // Every later checkpoint fails too, and collection stalls mesh-wide.
+                Some(fatal) => error!(
+                    %fatal,
+                    "the control plane stopped: this node reports no checkpoints; restart it \
+                     (/health says unhealthy until then)"
+                ),
+                // A minority region cannot report; it keeps serving and tries again later.
+                None => debug!(error = %err, "checkpoint not committed"),
+            },
         }
     }
 }
