@@ -865,6 +865,26 @@ fn progress_line(err: &mut impl std::io::Write, line: &str, terminal: bool) -> b
     terminal
 }
 
+/// Refuses, before a long run, an output path its report could not be written to: a missing
+/// directory, or a directory where the file should be.
+fn check_output(path: Option<&Path>, flag: &str) -> Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    if path.is_dir() {
+        bail!("{flag} {}: a directory, not a file", path.display());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+        bail!(
+            "{flag} {}: the directory {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes a report as pretty JSON and says where.
 fn write_json(path: &Path, report: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(report)?;
@@ -947,6 +967,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
             }
         }
     };
+    check_output(args.json.as_deref(), "--json")?;
     let mut signals = Signals::new()?;
     let report = tokio::select! {
         report = bench::run(&options, &mut progress) => report?,
@@ -1014,6 +1035,8 @@ async fn drill(args: DrillArgs) -> Result<()> {
             }
         }
     };
+    check_output(args.json.as_deref(), "--json")?;
+    check_output(args.html.as_deref(), "--html")?;
     let mut signals = Signals::new()?;
     let report = tokio::select! {
         report = drill::run(&options, &mut progress) => report?,
@@ -1024,14 +1047,23 @@ async fn drill(args: DrillArgs) -> Result<()> {
         ),
     };
     println!("{}", report.table());
+    // Each report is written even if the other cannot be; the verdict comes first.
+    let mut unwritten = Vec::new();
     if let Some(path) = &args.json {
-        write_json(path, &report)?;
+        if let Err(err) = write_json(path, &report) {
+            unwritten.push(format!("{err:#}"));
+        }
     }
     if let Some(path) = &args.html {
-        std::fs::write(path, report.html())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("Page written to {}", path.display());
+        match std::fs::write(path, report.html()) {
+            Ok(()) => println!("Page written to {}", path.display()),
+            Err(err) => unwritten.push(format!("cannot write {}: {err}", path.display())),
+        }
     }
+    let unwritten = match unwritten.is_empty() {
+        true => String::new(),
+        false => format!("; and {}", unwritten.join("; ")),
+    };
     if !report.passed {
         let failed: Vec<&str> = report
             .checkers
@@ -1039,7 +1071,14 @@ async fn drill(args: DrillArgs) -> Result<()> {
             .filter(|c| !c.passed)
             .map(|c| c.checker.as_str())
             .collect();
-        bail!("drill {} FAILED: {}", report.scenario, failed.join(", "));
+        bail!(
+            "drill {} FAILED: {}{unwritten}",
+            report.scenario,
+            failed.join(", ")
+        );
+    }
+    if !unwritten.is_empty() {
+        bail!("drill {} passed{unwritten}", report.scenario);
     }
     Ok(())
 }

@@ -216,6 +216,11 @@ fn t50_bench_refuses_bad_options_clearly() {
         (&["--conflict-ratio", "2"][..], "--conflict-ratio"),
         (&["--duration", "0"][..], "--duration"),
         (&["--attach", "/nonexistent/braid"][..], "cluster.json"),
+        // Refused before the run, not after it.
+        (
+            &["--json", "/nonexistent/report.json"][..],
+            "the directory /nonexistent does not exist",
+        ),
         (
             &["--attach", "/tmp", "--outage-events", "10"][..],
             "--outage-events needs the bench's own cluster",

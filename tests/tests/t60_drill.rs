@@ -293,6 +293,25 @@ fn t60_a_drill_refuses_what_it_cannot_do_honestly() {
     assert!(!out.status.success());
     assert!(stderr.contains("--durability machine"), "{stderr}");
     assert!(!dir.join("cluster").exists(), "nothing was started");
+    // Report paths are checked before anything starts, not after the whole drill.
+    let shipped = braid_tests::manifest_dir().join("../docs/drills/region-loss.toml");
+    let nowhere = braid(&[
+        "drill",
+        shipped.to_str().unwrap(),
+        "--html",
+        "/nonexistent/page.html",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!nowhere.status.success());
+    assert!(
+        text(&nowhere)
+            .1
+            .contains("the directory /nonexistent does not exist"),
+        "{:?}",
+        text(&nowhere)
+    );
+    assert!(!dir.join("cluster").exists(), "nothing was started");
     let bad = braid(&["drill", "/nonexistent/drill.toml"]);
     assert!(!bad.status.success());
     assert!(text(&bad).1.contains("cannot read /nonexistent/drill.toml"));
