@@ -19,7 +19,7 @@ pub enum LaunchError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     /// A region exited while starting.
-    #[error("region {region} exited during start-up ({status}); see {log}")]
+    #[error("region {region} exited during start-up ({status}); see {log}{tail}")]
     Exited {
         /// The region.
         region: String,
@@ -27,6 +27,9 @@ pub enum LaunchError {
         status: std::process::ExitStatus,
         /// Its log file.
         log: PathBuf,
+        /// Its log's last lines (see [`log_tail`]): a temporary cluster's log is gone by the
+        /// time someone reads the error.
+        tail: String,
     },
     /// A region did not answer its health check in time.
     #[error("region {region} did not become healthy within {timeout:?}")]
@@ -156,10 +159,12 @@ pub async fn wait_healthy(
                 .try_wait()
                 .map_err(|e| LaunchError::Io(format!("region {}", region.name), e))?;
             if let Some(status) = exited {
+                let log = log_path(&region.config);
                 return Err(LaunchError::Exited {
                     region: region.name.clone(),
                     status,
-                    log: log_path(&region.config),
+                    tail: log_tail(&log),
+                    log,
                 });
             }
             // Healthy once the node this started answers: another process on the same port
@@ -214,6 +219,32 @@ pub async fn wait_meshed(file: &ClusterFile, timeout: Duration) -> Vec<String> {
         }
     }
     late
+}
+
+/// Lines of a log an error quotes.
+const LOG_TAIL_LINES: usize = 5;
+
+/// What an error about a region that exited quotes of its log at `path`, as a few indented
+/// lines after a newline (nothing if it cannot be read): the node's last `Error:` and the
+/// causes under it (not a backtrace after them), or else the log's last lines.
+pub fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let quoted = match lines.iter().rposition(|l| l.starts_with("Error: ")) {
+        Some(at) => lines[at..]
+            .iter()
+            .take_while(|l| !l.starts_with("Stack backtrace:"))
+            .take(LOG_TAIL_LINES)
+            .copied()
+            .collect::<Vec<_>>(),
+        None => lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].to_vec(),
+    };
+    quoted
+        .iter()
+        .map(|line| format!("\n    {line}"))
+        .collect::<String>()
 }
 
 /// Whether process `pid` exists (signal 0 touches nothing).

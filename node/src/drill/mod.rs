@@ -880,8 +880,11 @@ impl Drill<'_> {
         match self.regions[i].phase {
             Phase::Joining => {
                 if let Some(exit) = exited {
+                    let log = launch::log_path(&self.file.regions[i].config);
                     return Err(DrillError::Cluster(format!(
-                        "region {name} exited during its join ({exit}); see its braid.log"
+                        "region {name} exited during its join ({exit}); see {}{}",
+                        log.display(),
+                        launch::log_tail(&log)
                     )));
                 }
                 // Its admin server starts once its data snapshot is installed.
@@ -1065,9 +1068,12 @@ impl Drill<'_> {
         let http = self.regions[i].http;
         let status = loop {
             if let Ok(Some(exit)) = child.try_wait() {
+                let log = launch::log_path(&self.file.regions[i].config);
                 return Err(DrillError::Cluster(format!(
-                    "region {} exited at restart ({exit}); see its braid.log",
-                    self.names[i]
+                    "region {} exited at restart ({exit}); see {}{}",
+                    self.names[i],
+                    log.display(),
+                    launch::log_tail(&log)
                 )));
             }
             if let Ok(status) = get_json::<Status>(http, "/status").await {
