@@ -95,7 +95,11 @@ pub enum StorageError {
         reason: String,
     },
     /// The database was written by another on-disk format version.
-    #[error("database format {found} is not the supported format {FORMAT_VERSION}")]
+    #[error(
+        "database format {found} is not the supported format {FORMAT_VERSION}: run the braid \
+         version that wrote this data directory, or start this region afresh with an empty one \
+         (braid join, or a new cluster)"
+    )]
     Format {
         /// The format found.
         found: u32,
