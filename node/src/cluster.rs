@@ -79,7 +79,8 @@ impl ClusterFile {
         let path = dir.join("cluster.json");
         let text =
             serde_json::to_string_pretty(self).map_err(|e| InitError::Invalid(e.to_string()))?;
-        let partial = dir.join(".cluster.json.new");
+        // A name of this process's own: two commands saving at once do not write one file.
+        let partial = dir.join(format!(".cluster.json.{}.new", std::process::id()));
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e| InitError::Io(path, e)
@@ -113,8 +114,8 @@ pub enum InitError {
     Config(#[from] crate::config::ConfigError),
 }
 
-/// Writes a new file; a `secret` one (a key, a configuration with a password) is readable by
-/// its owner only from its creation on, never for a moment by others.
+/// Writes a file, synced; a `secret` one (a key, a configuration with a password) is readable
+/// by its owner only before anything is written to it.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |e| InitError::Io(path.to_owned(), e);
@@ -124,14 +125,16 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError
         options.mode(0o600);
     }
     let mut file = options.open(path).map_err(io)?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(io)?;
     if secret {
-        // A file that existed before keeps its mode through `open`: set it all the same.
+        // A file that existed before keeps its mode through `open`: set it before writing.
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
     }
-    Ok(())
+    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(io)?;
+    // Markers among these files decide how a node starts: on disk before anything that
+    // follows them (cluster.json, whose save syncs the directory).
+    file.sync_all().map_err(io)
 }
 
 /// Writes a CA, one certificate and one configuration per region, and `cluster.json`.
@@ -407,7 +410,17 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{}", key.display());
         }
         // cluster.json is written whole, through a file renamed over it.
-        assert!(!dir.path().join(".cluster.json.new").exists());
+        let leftovers = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".new")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
         assert_eq!(ClusterFile::load(dir.path()).unwrap(), file);
         let err = init(&options).unwrap_err().to_string();
         assert!(err.contains("already holds a cluster"), "{err}");

@@ -414,13 +414,18 @@ fn label(value: &str) -> std::borrow::Cow<'_, str> {
     escaped.into()
 }
 
-/// `ok`, or 503 with the reason when the control plane has stopped for good.
+/// `ok`, or 503 with the reason when the control plane has stopped for good; with the node's
+/// pid, which a tool that started the node checks (an answer from another process on the same
+/// port is not its node's). Answered without the driver, however busy it is.
 async fn health(State(state): State<AdminState>) -> Response {
+    let pid = std::process::id();
     match state.control.as_ref().and_then(|control| control.fatal()) {
-        None => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        None => Json(serde_json::json!({ "status": "ok", "pid": pid })).into_response(),
         Some(fatal) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "control plane stopped", "error": fatal })),
+            Json(
+                serde_json::json!({ "status": "control plane stopped", "error": fatal, "pid": pid }),
+            ),
         )
             .into_response(),
     }

@@ -108,11 +108,17 @@ fn spawn_node(
 ) -> Result<tokio::process::Child, LaunchError> {
     let log_file = log_path(&region.config);
     let io = |e| LaunchError::Io(log_file.display().to_string(), e);
-    let log = std::fs::OpenOptions::new()
+    let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_file)
         .map_err(io)?;
+    // Where this run's lines begin: what an error quotes of the log comes after it.
+    std::io::Write::write_all(
+        &mut log,
+        format!("{LOG_RUN_MARK}{}\n", region.name).as_bytes(),
+    )
+    .map_err(io)?;
     let mut command = tokio::process::Command::new(exe);
     match join_via {
         None => command.arg("start"),
@@ -144,7 +150,7 @@ fn http_addr(region: &RegionEntry) -> Result<SocketAddr, LaunchError> {
     })
 }
 
-/// Waits until every region's process answers `/status` with its own pid; fails if one exits
+/// Waits until every region's process answers `/health` with its own pid; fails if one exits
 /// or takes longer than `timeout`.
 pub async fn wait_healthy(
     file: &ClusterFile,
@@ -170,7 +176,7 @@ pub async fn wait_healthy(
             // Healthy once the node this started answers: another process on the same port
             // (a cluster already running there) is not it, and this one will fail to bind.
             if let Ok(body) =
-                crate::admin_client::get(addr, "/status", Duration::from_millis(500)).await
+                crate::admin_client::get(addr, "/health", Duration::from_millis(500)).await
             {
                 let pid = serde_json::from_str::<serde_json::Value>(&body)
                     .ok()
@@ -224,14 +230,36 @@ pub async fn wait_meshed(file: &ClusterFile, timeout: Duration) -> Vec<String> {
 /// Lines of a log an error quotes.
 const LOG_TAIL_LINES: usize = 5;
 
+/// The end of a log an error reads: the last run's lines, or that much of them.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The line a started region's log gets before each run's own lines.
+const LOG_RUN_MARK: &str = "--- braid started region ";
+
 /// What an error about a region that exited quotes of its log at `path`, as a few indented
 /// lines after a newline (nothing if it cannot be read): the node's last `Error:` and the
 /// causes under it (not a backtrace after them), or else the log's last lines.
 pub fn log_tail(path: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
         return String::new();
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let length = file.metadata().map_or(0, |m| m.len());
+    let mut bytes = Vec::new();
+    let read = file
+        .seek(SeekFrom::Start(length.saturating_sub(LOG_TAIL_BYTES)))
+        .and_then(|_| file.read_to_end(&mut bytes));
+    if read.is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    // This run's lines only: an earlier run's error is not this one's.
+    let run = text.rsplit(LOG_RUN_MARK).next().unwrap_or(&text);
+    let lines: Vec<&str> = run
+        .lines()
+        .skip(usize::from(run.len() < text.len()))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     let quoted = match lines.iter().rposition(|l| l.starts_with("Error: ")) {
         Some(at) => lines[at..]
             .iter()
@@ -361,5 +389,26 @@ mod tests {
     fn no_usage_for_a_missing_process() {
         assert!(usage(u32::MAX).is_none());
         assert!(!alive(u32::MAX));
+    }
+
+    #[test]
+    fn a_log_tail_quotes_the_last_run_only_and_its_error_without_the_backtrace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("braid.log");
+        let text =
+            format!("{LOG_RUN_MARK}a\nError: an old failure\n{LOG_RUN_MARK}a\nstarting\nkilled\n");
+        std::fs::write(&log, &text).unwrap();
+        let tail = log_tail(&log);
+        assert_eq!(tail, "\n    starting\n    killed");
+        let text = format!(
+            "{text}{LOG_RUN_MARK}a\nError: node failed\n\nCaused by:\n    0: cannot listen\n\
+             Stack backtrace:\n   0: frame\n"
+        );
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(
+            log_tail(&log),
+            "\n    Error: node failed\n    Caused by:\n        0: cannot listen"
+        );
+        assert_eq!(log_tail(&dir.path().join("missing.log")), "");
     }
 }

@@ -766,14 +766,14 @@ async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> 
     };
     launch::stop(&file).await;
     save_stopped(dir, &file)?;
-    match exited {
-        None => Ok(()),
-        Some(region) => {
-            let status = children[region]
-                .try_wait()
-                .ok()
-                .flatten()
-                .map_or("an unknown status".to_string(), |s| s.to_string());
+    let status = exited.and_then(|region| children[region].try_wait().ok().flatten());
+    match (exited, status) {
+        // A region that ended cleanly (it left the mesh, or was stopped from elsewhere) is no
+        // failure.
+        (None, _) => Ok(()),
+        (Some(_), Some(status)) if status.success() => Ok(()),
+        (Some(region), status) => {
+            let status = status.map_or("an unknown status".to_string(), |s| s.to_string());
             bail!(
                 "region {} exited with {status}; see {}",
                 file.regions[region].name,

@@ -304,8 +304,10 @@ pub fn fit_open_files(max_clients: usize) -> usize {
     }
     let wanted = (max_clients as u64).saturating_add(FILE_DESCRIPTORS_RESERVED);
     if limit.rlim_cur < wanted {
+        // As far as allowed: RocksDB keeps its table files open, and a large data directory
+        // needs more than the reserve.
         let raised = libc::rlimit {
-            rlim_cur: wanted.min(limit.rlim_max),
+            rlim_cur: limit.rlim_max,
             rlim_max: limit.rlim_max,
         };
         // SAFETY: setrlimit(2) reads the struct it is given, which lives here.
@@ -478,12 +480,16 @@ impl Connection {
                     }
                     Reply::err(match &err {
                         ConnectionError::Storage(cause) => format!("ERR storage: {cause}"),
-                        _ => "ERR the node is stopping (see its log): writes not yet answered \
-                              were not committed"
+                        // The driver may have committed them before it stopped.
+                        _ => "ERR the node is stopping (see its log): the outcome of writes \
+                              not yet answered is unknown"
                             .into(),
                     })
                     .encode(&mut output);
                     let _ = socket.write_all(&output).await;
+                    // Closed for writing first, so unread input does not reset the connection
+                    // before the client has read these replies.
+                    let _ = socket.shutdown().await;
                     return Err(err);
                 }
                 Err(err) => return Err(err),
@@ -1065,7 +1071,7 @@ mod tests {
             reply.starts_with("$-1\r\n-ERR the node is stopping"),
             "{reply:?}"
         );
-        assert!(reply.contains("were not committed"), "{reply:?}");
+        assert!(reply.contains("outcome of writes"), "{reply:?}");
         stop.send(true).unwrap();
         server.await.unwrap();
     }

@@ -637,7 +637,7 @@ mod tests {
         // A byte string announcing 2^60 bytes, as a flipped bit in a length prefix could.
         let mut bytes = vec![253];
         bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        let err = decode::<Vec<u8>>(&bytes, "log event").unwrap_err();
+        let err = decode::<bytes::Bytes>(&bytes, "log event").unwrap_err();
         assert!(
             matches!(
                 err,

@@ -320,7 +320,18 @@ fn t44_join_stops_on_interrupt_while_it_waits_to_be_admitted() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    // Interrupted once it asks (its signal handlers are set before it does).
+    silent.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _asking = loop {
+        match silent.accept() {
+            Ok((connection, _)) => break connection,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "braid join never asked");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
     let asked = Instant::now();
     // SAFETY: kill(2) sends a signal; no memory of this process is involved.
     #[allow(unsafe_code)]
