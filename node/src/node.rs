@@ -144,6 +144,7 @@ async fn run_node(
     let cluster = config.cluster_id()?;
     let topology = config.topology()?;
     let tls = MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    crate::tls::check_own_certificate(&config.tls.cert, node)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Bind {
         what: "data directory",
         addr: config.listen.resp,

@@ -243,7 +243,32 @@ pub fn peer_node(connection: &quinn::Connection) -> Option<NodeId> {
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    let leaf = chain.first()?;
+    named_node(chain.first()?)
+}
+
+/// Checks that the certificate at `path` is `node`'s: peers know a node by the `node-<id>`
+/// name in its certificate, and one made for another node would be refused by every peer, or
+/// taken for that other node.
+pub fn check_own_certificate(path: &Path, node: NodeId) -> Result<(), TlsError> {
+    let leaf = CertificateDer::pem_slice_iter(&read(path)?)
+        .next()
+        .and_then(|cert| cert.ok());
+    let named = leaf.as_ref().and_then(named_node);
+    match named {
+        Some(named) if named == node => Ok(()),
+        named => Err(TlsError::Pem {
+            path: path.display().to_string(),
+            reason: format!(
+                "the certificate is for {}, and this node is {node} (node-id): use the \
+                 certificate made for it",
+                named.map_or("no node".to_string(), |n| format!("{n}"))
+            ),
+        }),
+    }
+}
+
+/// The node a certificate names with its `node-<id>` DNS name.
+fn named_node(leaf: &CertificateDer<'_>) -> Option<NodeId> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|name| match name {
@@ -252,4 +277,28 @@ pub fn peer_node(connection: &quinn::Connection) -> Option<NodeId> {
         }
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_starts_only_with_its_own_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test").unwrap();
+        let cert = generate_node_cert(&ca, NodeId(2)).unwrap();
+        let path = dir.path().join("node.pem");
+        std::fs::write(&path, &cert.cert_pem).unwrap();
+        check_own_certificate(&path, NodeId(2)).unwrap();
+        let err = check_own_certificate(&path, NodeId(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("for n2") && err.contains("this node is n3"),
+            "{err}"
+        );
+        std::fs::write(&path, "not a certificate").unwrap();
+        assert!(check_own_certificate(&path, NodeId(2)).is_err());
+    }
 }
