@@ -13,7 +13,7 @@ use braid_node::config::NodeConfig;
 use braid_node::http::Status;
 use braid_node::launch;
 use braid_node::storage::Durability;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 /// Braid: a multi-active, bidirectional replication mesh.
@@ -346,8 +346,38 @@ enum ClusterCommand {
     },
 }
 
+/// The options of `cluster up` that lay a new cluster out, as clap names them and as a user
+/// types them.
+const LAYOUT_OPTIONS: [(&str, &str); 8] = [
+    ("regions", "--regions"),
+    ("base_port", "--base-port"),
+    ("host", "--host"),
+    ("topology", "--topology"),
+    ("durability", "--durability"),
+    ("password", "--password"),
+    ("fault_injection", "--fault-injection"),
+    ("keep_change_log", "--keep-change-log"),
+];
+
+/// The layout options given on the command line of a `cluster up`.
+fn layout_options_given(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    let Some(up) = matches
+        .subcommand_matches("cluster")
+        .and_then(|m| m.subcommand_matches("up"))
+    else {
+        return Vec::new();
+    };
+    LAYOUT_OPTIONS
+        .iter()
+        .filter(|(id, _)| up.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|(_, flag)| *flag)
+        .collect()
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let layout_given = layout_options_given(&matches);
+    let cli = Cli::from_arg_matches(&matches)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -368,7 +398,7 @@ fn main() -> Result<()> {
                 dir,
                 detach,
                 layout,
-            }) => cluster_up(regions as usize, &dir, detach, &layout).await,
+            }) => cluster_up(regions as usize, &dir, detach, &layout, &layout_given).await,
             Commands::Cluster(ClusterCommand::Down { dir }) => cluster_down(&dir).await,
             Commands::Status { http, json } => status(http, json).await,
             Commands::Leave { http } => leave(http).await,
@@ -652,9 +682,25 @@ fn print_regions(file: &ClusterFile) {
     }
 }
 
-async fn cluster_up(count: usize, dir: &Path, detach: bool, layout: &Layout) -> Result<()> {
+async fn cluster_up(
+    count: usize,
+    dir: &Path,
+    detach: bool,
+    layout: &Layout,
+    layout_given: &[&str],
+) -> Result<()> {
     let mut signals = Signals::new()?;
     let mut file = if dir.join("cluster.json").exists() {
+        if !layout_given.is_empty() {
+            bail!(
+                "{} holds a cluster already, laid out when it was made: {} would be ignored. \
+                 Restart it with `braid cluster up --dir {}` alone, or lay out a new cluster \
+                 in another --dir",
+                dir.display(),
+                layout_given.join(", "),
+                dir.display()
+            );
+        }
         let file = ClusterFile::load(dir)?;
         if let Some(r) = file
             .regions

@@ -182,6 +182,17 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
     let names: Vec<&str> = after.regions.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"], "the added region is kept");
     assert!(after.regions.iter().all(|r| r.pid.is_none()));
+    // Layout options do not apply to an existing cluster: refused, not ignored.
+    let relaid = Command::new(braid_bin())
+        .args(["cluster", "up", "--detach", "--fault-injection", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!relaid.status.success());
+    assert!(
+        String::from_utf8_lossy(&relaid.stderr).contains("--fault-injection would be ignored"),
+        "{relaid:?}"
+    );
     // Started again, the regions that joined run; c, which has not, is left to `braid join`.
     let again = Command::new(braid_bin())
         .args(["cluster", "up", "--detach", "--dir"])
