@@ -687,21 +687,22 @@ async fn cluster_up(
     dir: &Path,
     detach: bool,
     layout: &Layout,
-    layout_given: &[&str],
+    layout_given: &[&'static str],
 ) -> Result<()> {
     let mut signals = Signals::new()?;
     let mut file = if dir.join("cluster.json").exists() {
-        if !layout_given.is_empty() {
+        let file = ClusterFile::load(dir)?;
+        let differing = layout_differences(&file, count, layout, layout_given);
+        if !differing.is_empty() {
             bail!(
-                "{} holds a cluster already, laid out when it was made: {} would be ignored. \
-                 Restart it with `braid cluster up --dir {}` alone, or lay out a new cluster \
-                 in another --dir",
+                "{} holds a cluster already, laid out otherwise when it was made: {} would be \
+                 ignored. Restart it with `braid cluster up --dir {}` alone, or lay out a new \
+                 cluster in another --dir",
                 dir.display(),
-                layout_given.join(", "),
+                differing.join(", "),
                 dir.display()
             );
         }
-        let file = ClusterFile::load(dir)?;
         if let Some(r) = file
             .regions
             .iter()
@@ -827,6 +828,43 @@ async fn cluster_up(
             )
         }
     }
+}
+
+/// The layout options of `given` whose value differs from how the cluster of `file` was laid
+/// out (running the same `cluster up` again is a restart, not a conflict).
+fn layout_differences(
+    file: &ClusterFile,
+    count: usize,
+    layout: &Layout,
+    given: &[&'static str],
+) -> Vec<&'static str> {
+    let Some(first) = file.regions.first() else {
+        return given.to_vec();
+    };
+    let config = NodeConfig::load(&first.config).ok();
+    let resp: Option<SocketAddr> = first.resp.parse().ok();
+    given
+        .iter()
+        .copied()
+        .filter(|flag| {
+            let Some(config) = &config else {
+                return true;
+            };
+            match *flag {
+                "--regions" => count != file.regions.len(),
+                "--base-port" => resp.map(|a| a.port()) != Some(layout.base_port),
+                "--host" => resp.map(|a| a.ip()) != Some(layout.host),
+                "--topology" => {
+                    config.links.is_some() != matches!(layout.topology, TopologyArg::Chain)
+                }
+                "--durability" => config.durability != Durability::from(layout.durability),
+                "--password" => config.password != layout.password,
+                "--fault-injection" => config.fault_injection != layout.fault_injection,
+                "--keep-change-log" => config.change_log_gc == layout.keep_change_log,
+                _ => true,
+            }
+        })
+        .collect()
 }
 
 /// Whether `region` was laid out by `braid add-region` and has not finished joining (its data

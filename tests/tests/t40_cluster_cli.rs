@@ -193,9 +193,11 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
         String::from_utf8_lossy(&relaid.stderr).contains("--fault-injection would be ignored"),
         "{relaid:?}"
     );
-    // Started again, the regions that joined run; c, which has not, is left to `braid join`.
+    // Started again (the same command again is a restart: an option with the value the
+    // cluster was laid out with is no conflict), the regions that joined run; c, which has
+    // not, is left to `braid join`.
     let again = Command::new(braid_bin())
-        .args(["cluster", "up", "--detach", "--dir"])
+        .args(["cluster", "up", "--detach", "--base-port", &base, "--dir"])
         .arg(dir.path())
         .output()
         .unwrap();
