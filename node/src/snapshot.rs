@@ -203,40 +203,22 @@ async fn write_chunk(
     chunk: Vec<SnapshotEntry>,
     buf: &mut Vec<u8>,
 ) -> Result<usize, StreamError> {
-    let message = Message::SnapshotChunk(chunk);
-    buf.clear();
-    match frame::encode(&message, buf) {
-        Ok(()) => return write_frame(send, buf).await,
-        Err(EncodeError::TooLarge { .. }) => {}
-        Err(err) => return Err(encode_failed(&message, err)),
-    }
-    let Message::SnapshotChunk(entries) = message else {
-        return Ok(0);
+    let Some(entries) = encode_chunk(chunk, buf)? else {
+        return write_frame(send, buf).await;
     };
     // A chunk of one key that does not fit is that key, in parts; of several, each key alone.
     let alone = entries.len() == 1;
     let mut bytes = 0;
     for entry in entries {
-        let entry = if alone {
-            entry
-        } else {
-            let single = Message::SnapshotChunk(vec![entry]);
-            buf.clear();
-            match frame::encode(&single, buf) {
-                Ok(()) => {
+        let entry = match alone {
+            true => entry,
+            false => match encode_chunk(vec![entry], buf)?.and_then(|mut back| back.pop()) {
+                None => {
                     bytes += write_frame(send, buf).await?;
                     continue;
                 }
-                Err(EncodeError::TooLarge { .. }) => {}
-                Err(err) => return Err(encode_failed(&single, err)),
-            }
-            let Message::SnapshotChunk(mut single) = single else {
-                continue;
-            };
-            let Some(entry) = single.pop() else {
-                continue;
-            };
-            entry
+                Some(entry) => entry,
+            },
         };
         let key = String::from_utf8_lossy(&entry.key[..entry.key.len().min(64)]).into_owned();
         let parts = snapshot_parts::parts(&entry).map_err(|e| StreamError::Encode {
@@ -259,6 +241,24 @@ async fn write_chunk(
         *buf = Vec::new();
     }
     Ok(bytes)
+}
+
+/// Encodes `entries` as one chunk into `buf`; gives them back, unencoded, when they do not
+/// fit a frame.
+fn encode_chunk(
+    entries: Vec<SnapshotEntry>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Vec<SnapshotEntry>>, StreamError> {
+    let message = Message::SnapshotChunk(entries);
+    buf.clear();
+    match frame::encode(&message, buf) {
+        Ok(()) => Ok(None),
+        Err(EncodeError::TooLarge { .. }) => match message {
+            Message::SnapshotChunk(entries) => Ok(Some(entries)),
+            _ => Ok(Some(Vec::new())),
+        },
+        Err(err) => Err(encode_failed(&message, err)),
+    }
 }
 
 /// Where a fetched snapshot goes: the replica of a joining node before its driver runs, or a
