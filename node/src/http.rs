@@ -55,10 +55,6 @@ impl std::fmt::Debug for AdminState {
 pub struct Status {
     /// This node's id.
     pub node: u64,
-    /// The node's process id: a tool that started the node checks that it reaches that
-    /// process, not another one on the same port.
-    #[serde(default)]
-    pub pid: u32,
     /// This node's region.
     pub region: String,
     /// Durability mode.
@@ -247,7 +243,6 @@ impl AdminState {
         Status {
             node: snapshot.node.0,
             region: self.region(snapshot.node),
-            pid: std::process::id(),
             durability: self.durability.into(),
             hlc: format!("{}.{}", snapshot.hlc.wall_ms, snapshot.hlc.logical),
             vector: named(&snapshot.vector),
