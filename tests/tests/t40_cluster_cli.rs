@@ -2,10 +2,11 @@
 //! regions and writes cluster.json; writes replicate; `cluster down` (or Ctrl-C without
 //! `--detach`) stops every region.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use braid_node::cluster::ClusterFile;
+use braid_node::launch;
 use braid_tests::{braid_bin, free_base_port};
 use redis::Commands;
 
@@ -126,11 +127,12 @@ fn t40_cluster_up_detached_then_down() {
     result.unwrap();
 }
 
-#[test]
-fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
+/// A two-region `braid cluster up` in the foreground, once every region answers: its
+/// directory, base port, process (stderr to `stderr`) and cluster.json.
+fn foreground_cluster(stderr: Stdio) -> (tempfile::TempDir, String, Child, ClusterFile) {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(2).to_string();
-    let mut child = Command::new(braid_bin())
+    let child = Command::new(braid_bin())
         .args([
             "cluster",
             "up",
@@ -142,7 +144,7 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
         ])
         .arg(dir.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -158,6 +160,12 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
         assert!(Instant::now() < deadline, "cluster up did not come up");
         std::thread::sleep(Duration::from_millis(100));
     };
+    (dir, base, child, file)
+}
+
+#[test]
+fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
+    let (dir, base, mut child, file) = foreground_cluster(Stdio::null());
     replicates(&file);
     let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
     // A region laid out while the cluster runs stays in cluster.json after it stops.
@@ -167,11 +175,7 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
         .output()
         .unwrap();
     assert!(added.status.success(), "{added:?}");
-    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    launch::signal(child.id(), libc::SIGINT);
     let status = child.wait().unwrap();
     assert!(
         status.success(),
@@ -258,42 +262,9 @@ fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
 
 #[test]
 fn t43_cluster_up_in_the_foreground_fails_when_a_region_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port(2).to_string();
-    let child = Command::new(braid_bin())
-        .args([
-            "cluster",
-            "up",
-            "--regions",
-            "2",
-            "--base-port",
-            &base,
-            "--dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let file = loop {
-        if let Ok(file) = ClusterFile::load(dir.path()) {
-            let healthy = file.regions.iter().all(|r| {
-                r.pid.is_some() && braid_tests::http_get(r.http.parse().unwrap(), "/health").is_ok()
-            });
-            if healthy {
-                break file;
-            }
-        }
-        assert!(Instant::now() < deadline, "cluster up did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (_dir, _, child, file) = foreground_cluster(Stdio::piped());
     let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
-    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(pids[1] as i32, libc::SIGKILL);
-    }
+    launch::signal(pids[1], libc::SIGKILL);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -346,11 +317,7 @@ fn t44_join_stops_on_interrupt_while_it_waits_to_be_admitted() {
         }
     };
     let asked = Instant::now();
-    // SAFETY: kill(2) sends a signal; no memory of this process is involved.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    launch::signal(child.id(), libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
