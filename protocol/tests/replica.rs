@@ -1440,14 +1440,10 @@ fn a_stable_hlc_ahead_of_the_clock_becomes_its_floor_durably() {
     assert!(reopened.hlc() >= Hlc::new(50_000, 3, braid_conflict::NodeId(0)));
 }
 
-#[test]
-fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
-    use braid_conflict::CommandError;
+/// Keyspace rules under which keys beginning with `orders:` are written in region A only.
+fn orders_written_only_in_a() -> braid_protocol::control::Keyspaces {
     use braid_protocol::control::{KeyspaceOptions, Keyspaces};
-    let topology = Topology::full_mesh([A, B]).unwrap();
-    let mut net = Net::new(&topology);
-    net.connect_links(&topology);
-    let rules = Keyspaces::new(
+    Keyspaces::new(
         [(
             "orders:".to_string(),
             KeyspaceOptions {
@@ -1456,7 +1452,17 @@ fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
         )]
         .into_iter()
         .collect(),
-    );
+    )
+}
+
+#[test]
+fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
+    use braid_conflict::CommandError;
+    use braid_protocol::control::Keyspaces;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    let rules = orders_written_only_in_a();
     for node in [A, B] {
         net.replicas
             .get_mut(&node)
@@ -1506,21 +1512,11 @@ fn a_keyspace_takes_client_writes_only_in_its_writer_regions() {
 #[test]
 fn a_command_over_several_keys_is_refused_whole_or_applied_whole() {
     use braid_conflict::CommandError;
-    use braid_protocol::control::{KeyspaceOptions, Keyspaces};
     use braid_protocol::limits::KEY_BYTES_MAX;
     let topology = Topology::full_mesh([A, B]).unwrap();
     let mut net = Net::new(&topology);
     net.connect_links(&topology);
-    let rules = Keyspaces::new(
-        [(
-            "orders:".to_string(),
-            KeyspaceOptions {
-                writers: [A].into_iter().collect(),
-            },
-        )]
-        .into_iter()
-        .collect(),
-    );
+    let rules = orders_written_only_in_a();
     let region_b = net.replicas.get_mut(&B).unwrap();
     region_b.handle_keyspaces(rules);
     let long = Bytes::from(vec![b'k'; KEY_BYTES_MAX + 1]);
