@@ -230,8 +230,10 @@ pub enum Action {
         #[serde(default)]
         one_way: bool,
     },
-    /// Every cut and slow link is restored, and every flap running ends with its link up.
-    Heal,
+    /// Every cut and slow link is restored, and every flap running ends with its link up. (A
+    /// variant with no fields rather than a unit variant: an unknown key next to it, such as
+    /// `region`, is then refused instead of ignored.)
+    Heal {},
     /// A link goes down and up repeatedly (every `period-ms`) until `until-ms` (after the flap
     /// starts, and no later than `duration-ms`) or a `heal`.
     Flap {
@@ -265,6 +267,20 @@ pub enum Action {
 /// Convergence budget after the workload when the scenario sets none, in milliseconds.
 pub const CONVERGE_MS_DEFAULT: u64 = 60_000;
 
+/// The most writes per second a scenario may ask of one region: far above what one node takes
+/// from a drill's clients, and at least 10 microseconds apart in the simulator.
+pub const RATE_PER_REGION_MAX: u64 = 100_000;
+
+/// The largest weight of one type in `workload.mix` (the weights are relative).
+pub const MIX_WEIGHT_MAX: u32 = 1_000_000;
+
+/// When the simulator's writes start, in simulated milliseconds: the control plane elects its
+/// first leader before them.
+pub const WORKLOAD_START_MS: u64 = 500;
+
+/// The shortest `duration-ms`: a run shorter than this would write nothing in the simulator.
+pub const DURATION_MS_MIN: u64 = 1_000;
+
 /// One expectation's verdict, as both executors (the simulator and `braid drill`) report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -276,8 +292,9 @@ pub struct Verdict {
     pub detail: String,
 }
 
-/// What the run must show. Absent expectations are not checked.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// What the run must show. Absent expectations are not checked, but for `no-lost-writes`, which
+/// holds unless turned off, with or without an `[expect]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Expect {
     /// After the workload ends and every fault is healed, all regions converge within this.
@@ -296,6 +313,18 @@ pub struct Expect {
 
 fn default_true() -> bool {
     true
+}
+
+// By hand: a derived default would turn the oracle off for a scenario without `[expect]`.
+impl Default for Expect {
+    fn default() -> Expect {
+        Expect {
+            converged_within_ms: None,
+            no_lost_writes: true,
+            max_messages_per_change: None,
+            lag_ms_p99_max: None,
+        }
+    }
 }
 
 /// A scenario that cannot be run.
@@ -366,11 +395,28 @@ impl Scenario {
                 "workload: keys >= 1, skew within [0, 1), conflict-share within [0, 1]".into(),
             );
         }
-        if w.mix.string + w.mix.counter + w.mix.set + w.mix.hash == 0 {
+        let weights = [w.mix.string, w.mix.counter, w.mix.set, w.mix.hash];
+        if weights.iter().any(|&weight| weight > MIX_WEIGHT_MAX) {
+            return invalid(format!(
+                "workload.mix: each weight must be at most {MIX_WEIGHT_MAX} (weights are relative)"
+            ));
+        }
+        if weights.iter().all(|&weight| weight == 0) {
             return invalid("workload.mix: at least one type needs a weight".into());
         }
-        if w.rate_per_region == 0 {
-            return invalid("workload.rate-per-region must be at least 1 write per second".into());
+        if !(1..=RATE_PER_REGION_MAX).contains(&w.rate_per_region) {
+            return invalid(format!(
+                "workload.rate-per-region must be from 1 to {RATE_PER_REGION_MAX} writes per \
+                 second, not {}",
+                w.rate_per_region
+            ));
+        }
+        if self.duration_ms < DURATION_MS_MIN {
+            return invalid(format!(
+                "duration-ms must be at least {DURATION_MS_MIN} (the simulator's writes start \
+                 {WORKLOAD_START_MS} ms in), not {}",
+                self.duration_ms
+            ));
         }
         let mut last = 0;
         for fault in &self.timeline {
@@ -390,6 +436,22 @@ impl Scenario {
                     return invalid(format!(
                         "timeline: the fault at {} ms needs a link between two regions, not \
                          {from} and itself",
+                        fault.at_ms
+                    ));
+                }
+                if !self.linked(from, to) {
+                    return invalid(format!(
+                        "timeline: the fault at {} ms names the link {from}-{to}, which `links` \
+                         does not have",
+                        fault.at_ms
+                    ));
+                }
+            }
+            if let Action::Partition { groups, .. } = &fault.action {
+                let mut seen = BTreeSet::new();
+                if let Some(twice) = groups.iter().flatten().find(|r| !seen.insert(r.as_str())) {
+                    return invalid(format!(
+                        "timeline: the partition at {} ms puts {twice} in more than one group",
                         fault.at_ms
                     ));
                 }
@@ -427,13 +489,55 @@ impl Scenario {
                     groups.iter().flatten().map(String::as_str).collect()
                 }
                 Action::Flap { from, to, .. } | Action::SlowLink { from, to, .. } => vec![from, to],
-                Action::Heal | Action::KillLeader { .. } => vec![],
+                Action::Heal {} | Action::KillLeader { .. } => vec![],
             };
             if let Some(unknown) = regions.iter().find(|r| !known(r)) {
                 return invalid(format!("timeline: unknown region {unknown}"));
             }
         }
-        self.validate_membership()
+        self.validate_membership()?;
+        self.validate_links()
+    }
+
+    /// Whether `a` and `b` share a link: always in a full mesh (no `links`).
+    fn linked(&self, a: &str, b: &str) -> bool {
+        self.links.as_ref().is_none_or(|links| {
+            links
+                .iter()
+                .any(|[x, y]| (x == a && y == b) || (x == b && y == a))
+        })
+    }
+
+    /// Explicit links: no region linked to itself, and every region reachable from the first
+    /// through them (the mesh must be able to carry every write everywhere).
+    fn validate_links(&self) -> Result<(), ScenarioError> {
+        let invalid = |msg: String| Err(ScenarioError::Invalid(msg));
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        if let Some([a, _]) = links.iter().find(|[a, b]| a == b) {
+            return invalid(format!("links: {a} is linked to itself"));
+        }
+        let mut reached: BTreeSet<&str> = BTreeSet::new();
+        let mut next = vec![self.regions[0].as_str()];
+        while let Some(region) = next.pop() {
+            if reached.insert(region) {
+                for [a, b] in links {
+                    if a == region {
+                        next.push(b);
+                    } else if b == region {
+                        next.push(a);
+                    }
+                }
+            }
+        }
+        match self.regions.iter().find(|r| !reached.contains(r.as_str())) {
+            Some(r) => invalid(format!(
+                "links: {r} cannot be reached from {} through the links",
+                self.regions[0]
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Regions that are members from the start: every region but those a `join` brings in.
@@ -493,7 +597,7 @@ impl Scenario {
                     vec![]
                 }
                 Action::Leave { region } => vec![region],
-                Action::Heal | Action::KillLeader { .. } => vec![],
+                Action::Heal {} | Action::KillLeader { .. } => vec![],
             };
             if let Some(r) = named
                 .iter()
@@ -685,5 +789,120 @@ converged-within-ms = 5000
         ))
         .unwrap_err();
         assert!(err.to_string().contains("region"), "{err}");
+    }
+
+    #[test]
+    fn the_oracle_is_checked_without_an_expect_table() {
+        let at = SAMPLE.find("[expect]").unwrap();
+        let s = Scenario::parse(&SAMPLE[..at]).unwrap();
+        assert!(
+            s.expect.no_lost_writes,
+            "no [expect]: the oracle still runs"
+        );
+        assert!(Scenario::parse(SAMPLE).unwrap().expect.no_lost_writes);
+        let off = SAMPLE.replace("[expect]", "[expect]\nno-lost-writes = false");
+        assert!(!Scenario::parse(&off).unwrap().expect.no_lost_writes);
+    }
+
+    #[test]
+    fn refuses_rates_weights_and_durations_out_of_bounds() {
+        let refused = |text: String, says: &str| {
+            let err = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        };
+        let rate =
+            |n: u64| SAMPLE.replace("rate-per-region = 100", &format!("rate-per-region = {n}"));
+        Scenario::parse(&rate(RATE_PER_REGION_MAX)).unwrap();
+        refused(
+            rate(RATE_PER_REGION_MAX + 1),
+            "rate-per-region must be from 1 to 100000",
+        );
+        refused(rate(1_000_000_000), "not 1000000000");
+        // Weights that would overflow a sum of u32 are refused, not wrapped.
+        let mix = "mix = { string = 4294967295, counter = 2 }";
+        refused(
+            SAMPLE.replace("mix = { string = 2, counter = 1 }", mix),
+            "at most 1000000",
+        );
+        let duration = |ms: u64| {
+            SAMPLE
+                .replace("duration-ms = 10000", &format!("duration-ms = {ms}"))
+                .replace("at-ms = 2000", "at-ms = 0")
+                .replace("at-ms = 4000", "at-ms = 0")
+                .replace("at-ms = 5000", "at-ms = 0")
+        };
+        Scenario::parse(&duration(DURATION_MS_MIN)).unwrap();
+        refused(duration(0), "duration-ms must be at least 1000");
+        refused(duration(500), "not 500");
+    }
+
+    #[test]
+    fn refuses_faults_on_links_that_do_not_exist_and_regions_in_two_groups() {
+        let chain = SAMPLE.replace(
+            "duration-ms = 10000",
+            "duration-ms = 10000\nlinks = [[\"a\", \"b\"], [\"b\", \"c\"]]",
+        );
+        Scenario::parse(&chain).unwrap();
+        for action in [
+            "flap\"\nperiod-ms = 100\nuntil-ms = 6000",
+            "slow-link\"\nextra-ms = 50",
+        ] {
+            let fault = |from: &str, to: &str| {
+                chain.replace(
+                    "action = \"heal\"",
+                    &format!("action = \"{action}\nfrom = \"{from}\"\nto = \"{to}\""),
+                )
+            };
+            Scenario::parse(&fault("c", "b")).unwrap();
+            let err = Scenario::parse(&fault("a", "c")).unwrap_err().to_string();
+            assert!(
+                err.contains("names the link a-c, which `links` does not have"),
+                "{err}"
+            );
+        }
+        let twice = SAMPLE.replace(
+            "groups = [[\"a\"], [\"b\", \"c\"]]",
+            "groups = [[\"a\", \"b\"], [\"b\", \"c\"]]",
+        );
+        let err = Scenario::parse(&twice).unwrap_err().to_string();
+        assert!(err.contains("puts b in more than one group"), "{err}");
+    }
+
+    #[test]
+    fn refuses_links_that_leave_a_region_unreachable_or_loop_on_one() {
+        let links = |l: &str| {
+            SAMPLE.replace(
+                "duration-ms = 10000",
+                &format!("duration-ms = 10000\nlinks = {l}"),
+            )
+        };
+        let err = Scenario::parse(&links("[[\"a\", \"b\"]]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c cannot be reached from a through the links"),
+            "{err}"
+        );
+        let err = Scenario::parse(&links("[[\"a\", \"b\"], [\"c\", \"c\"]]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c is linked to itself"), "{err}");
+        let err = Scenario::parse(&links("[]")).unwrap_err().to_string();
+        assert!(err.contains("b cannot be reached"), "{err}");
+    }
+
+    #[test]
+    fn a_heal_takes_no_other_key() {
+        let err = Scenario::parse(
+            &SAMPLE.replace("action = \"heal\"", "action = \"heal\"\nregion = \"a\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("region"),
+            "{err}"
+        );
+        let s = Scenario::parse(SAMPLE).unwrap();
+        assert_eq!(s.timeline[1].action, Action::Heal {});
     }
 }

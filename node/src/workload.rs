@@ -50,7 +50,13 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng, names: &mut Names) -> (B
         ((u * w.keys as f64) as u64).min(w.keys.saturating_sub(1))
     };
     let m = &w.mix;
-    let total = u64::from(m.string + m.counter + m.set + m.hash).max(1);
+    let (string, counter, set, hash) = (
+        u64::from(m.string),
+        u64::from(m.counter),
+        u64::from(m.set),
+        u64::from(m.hash),
+    );
+    let total = (string + counter + set + hash).max(1);
     let pick = if below(rng, 50) == 0 {
         below(rng, total)
     } else {
@@ -59,17 +65,17 @@ pub fn next_command(w: &Workload, rng: &mut ChaCha8Rng, names: &mut Names) -> (B
     let key = names.key(index);
     let choice = below(rng, 20);
     let member = |rng: &mut ChaCha8Rng| named(&MEMBERS, rng);
-    let command = if pick < u64::from(m.string) {
+    let command = if pick < string {
         match choice {
             0 => Command::Delete,
             _ => Command::Set(names.value(rng.next_u64() % 1000)),
         }
-    } else if pick < u64::from(m.string + m.counter) {
+    } else if pick < string + counter {
         match choice {
             0 => Command::Delete,
             _ => Command::IncrBy(below(rng, 15) as i64 - 5),
         }
-    } else if pick < u64::from(m.string + m.counter + m.set) {
+    } else if pick < string + counter + set {
         match choice {
             0 => Command::Delete,
             1..=6 => Command::SetRemove(vec![member(rng)]),

@@ -68,11 +68,41 @@ fn parse_range(text: &str) -> Result<(u64, u64)> {
     Ok((a, b))
 }
 
-/// The command that replays a run, naming the scenario file it ran.
+/// The command that replays a run, naming the scenario file it ran, quoted for a shell where
+/// it needs to be.
 fn replay_of(report: &Report, scenario_path: &Path) -> String {
-    report
-        .replay
-        .replacen("SCENARIO", &scenario_path.display().to_string(), 1)
+    report.replay.replacen(
+        "SCENARIO",
+        &shell_word(&scenario_path.display().to_string()),
+        1,
+    )
+}
+
+/// `text` as one word of a POSIX shell command: as it is when it holds only characters no
+/// shell treats specially, else in single quotes (each quote inside written as `'\''`).
+fn shell_word(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,:=+@%".contains(c);
+    match !text.is_empty() && text.chars().all(plain) {
+        true => text.to_string(),
+        false => format!("'{}'", text.replace('\'', "'\\''")),
+    }
+}
+
+/// Creates an output file before any seed runs, so that a path that cannot be written is
+/// refused at once rather than after the run, with its report lost.
+fn create_output(path: &Path, what: &str) -> Result<std::fs::File> {
+    std::fs::File::create(path)
+        .with_context(|| format!("cannot write the {what} to {}", path.display()))
+}
+
+/// Writes `text` to an output file made by [`create_output`].
+fn write_output(file: Option<(std::fs::File, PathBuf)>, text: &str) -> Result<()> {
+    if let Some((mut file, path)) = file {
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn print_report(report: &Report) {
@@ -186,6 +216,14 @@ fn run() -> Result<bool> {
             },
     } = Cli::parse();
     let scenario = Scenario::load(&path)?;
+    let json = match json {
+        Some(p) => Some((create_output(&p, "report")?, p)),
+        None => None,
+    };
+    let trace = match trace {
+        Some(p) => Some((create_output(&p, "trace")?, p)),
+        None => None,
+    };
     let options = |seed: u64, keep_trace: bool| RunOptions {
         seed,
         bug: inject_bug,
@@ -215,10 +253,9 @@ fn run() -> Result<bool> {
         eprintln!();
         let summary = sweep::summarise(&scenario.name, &reports);
         // The file first: it is kept if standard output closes while the table prints.
-        if let Some(file) = json {
+        if json.is_some() {
             let doc = serde_json::json!({ "summary": summary, "runs": reports });
-            std::fs::write(&file, serde_json::to_string_pretty(&doc)? + "\n")
-                .with_context(|| format!("cannot write {}", file.display()))?;
+            write_output(json, &(serde_json::to_string_pretty(&doc)? + "\n"))?;
         }
         println!(
             "{:<24} {:>6} {:>6} {:>6}  {:>22}  {:>22}  {:>9}  {:>12}  {:>8}",
@@ -262,14 +299,8 @@ fn run() -> Result<bool> {
         braid_sim::run(&scenario, options(seed, trace.is_some())).map_err(anyhow::Error::msg)?;
     report.replay = replay_of(&report, &path);
     // The files first: they are kept if standard output closes while the report prints.
-    if let Some(file) = trace {
-        std::fs::write(&file, report.trace.join("\n") + "\n")
-            .with_context(|| format!("cannot write {}", file.display()))?;
-    }
-    if let Some(file) = json {
-        std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("cannot write {}", file.display()))?;
-    }
+    write_output(trace, &(report.trace.join("\n") + "\n"))?;
+    write_output(json, &(serde_json::to_string_pretty(&report)? + "\n"))?;
     print_report(&report);
     let mut ok = report.passed;
     if check_determinism {

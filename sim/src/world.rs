@@ -37,7 +37,11 @@ use serde::Serialize;
 use crate::control::{ControlBugs, ControlSim, NetSettings};
 use crate::storage::{InjectedBug, SimStorage};
 pub use braid_node::scenario::Verdict;
-use braid_node::scenario::{Action, DurabilityMode, Scenario, CONVERGE_MS_DEFAULT};
+// Clients start writing at `WORKLOAD_START_MS`, once the mesh has had time to connect
+// (connections come up 100-300 ms after start), as `braid cluster up` waits for the mesh.
+use braid_node::scenario::{
+    Action, DurabilityMode, Scenario, CONVERGE_MS_DEFAULT, WORKLOAD_START_MS,
+};
 use braid_node::workload::{below, next_command, sub_seed, unit, Names};
 
 /// Physical time of the simulation's start, as the nodes' clocks see it (ms since the epoch).
@@ -52,9 +56,6 @@ const SNAPSHOT_MS: u64 = 200;
 /// How long a broken connection takes to be re-established: 100 ms plus up to 200 ms.
 const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_JITTER: u64 = 200;
-/// Clients start writing once the mesh has had time to connect (connections come up 100-300 ms
-/// after start), as `braid cluster up` waits for the mesh before it reports the cluster up.
-const WORKLOAD_START_MS: u64 = 500;
 /// Wall-clock watchdog for one run: a run that takes longer is reported as failed.
 const WALL_MS_MAX: u128 = 120_000;
 /// The watchdog looks at the wall clock once every this many simulated events.
@@ -1090,8 +1091,9 @@ impl<'a> World<'a> {
         }
         // Writes arrive every interval on average: half of it, plus up to a whole one at random.
         let interval_us = self.write_interval_us();
-        let next_us =
-            self.next_write_us[region] + interval_us / 2 + below(&mut self.load_rng, interval_us);
+        // At least a microsecond on: simulated time must move between writes.
+        let next_us = self.next_write_us[region]
+            + (interval_us / 2 + below(&mut self.load_rng, interval_us)).max(1);
         self.next_write_us[region] = next_us;
         self.schedule(next_us / 1_000, Event::Write(region));
         let (key, command) = self.command();
@@ -1590,7 +1592,7 @@ impl<'a> World<'a> {
                     }
                 }
             }
-            Action::Heal => {
+            Action::Heal {} => {
                 // Every flap running ends too, with its link up.
                 self.flap_epoch += 1;
                 self.cut.clear();
@@ -1833,6 +1835,16 @@ impl<'a> World<'a> {
             },
         });
         let writes = self.writes_acked;
+        if writes == 0 {
+            // Nothing written shows nothing: every other checker would pass vacuously.
+            verdicts.push(Verdict {
+                checker: "workload".into(),
+                passed: false,
+                detail: "no write was acknowledged: the run shows nothing (is every region down \
+                         or outside the mesh while the workload runs?)"
+                    .into(),
+            });
+        }
         let per_change = if writes == 0 {
             0.0
         } else {
@@ -1956,9 +1968,39 @@ impl<'a> World<'a> {
             ),
         };
         format!(
-            "regions differ {budget_ms} ms after heal{unfinished}; {}",
-            self.first_divergence()
+            "regions differ {budget_ms} ms after heal{unfinished}; {}{}",
+            self.first_divergence(),
+            self.clock_refusals()
         )
+    }
+
+    /// Events refused for a clock too far ahead, by region, when there were any: a region whose
+    /// clock runs past the peers' bound has its writes refused until true time catches up, which
+    /// shows as divergence (`clock-skew` beyond the bound).
+    fn clock_refusals(&self) -> String {
+        let refused: Vec<String> = self
+            .regions
+            .iter()
+            .filter_map(|r| {
+                let replica = r.replica.as_ref()?;
+                let n: u64 = replica
+                    .stats()
+                    .peers
+                    .values()
+                    .map(|p| p.events_clock_refused)
+                    .sum();
+                (n > 0).then(|| format!("{} {n}", r.name))
+            })
+            .collect();
+        match refused.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; events refused for an HLC too far ahead of the receiver's clock (a clock \
+                 skewed past the bound of {} ms), by receiving region: {}",
+                braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT,
+                refused.join(", ")
+            ),
+        }
     }
 
     fn first_divergence(&self) -> String {

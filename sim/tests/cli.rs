@@ -173,3 +173,71 @@ fn a_closed_output_ends_the_run_quietly() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["passed"], true);
 }
+
+#[test]
+fn an_output_path_that_cannot_be_written_is_refused_before_any_seed_runs() {
+    let scratch = Scratch::new("unwritable");
+    let scenario = scratch.scenario();
+    let nowhere = scratch.0.join("no-such-dir").join("out");
+    for (flag, what) in [("--json", "report"), ("--trace", "trace")] {
+        for seeds in [["--seed", "1"], ["--seeds", "0..3"]] {
+            if flag == "--trace" && seeds[0] == "--seeds" {
+                continue; // refused as a one-seed option (above)
+            }
+            let out = braid_sim(&[
+                "run",
+                text(&scenario),
+                seeds[0],
+                seeds[1],
+                flag,
+                text(&nowhere),
+            ]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{flag} {seeds:?}: {err}");
+            assert!(
+                err.contains(&format!("cannot write the {what} to {}", nowhere.display())),
+                "{flag} {seeds:?}: {err}"
+            );
+            assert!(!err.contains("seeds,"), "a seed ran first: {err}");
+            assert!(
+                out.stdout.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
+fn the_replay_command_quotes_a_scenario_path_a_shell_would_split() {
+    let scratch = Scratch::new("quoted");
+    let scenario = scratch.0.join("my scenario's copy.toml");
+    std::fs::write(&scenario, SMALL).unwrap();
+    let report_path = scratch.0.join("report.json");
+    let out = braid_sim(&[
+        "run",
+        text(&scenario),
+        "--seed",
+        "2",
+        "--json",
+        text(&report_path),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let quoted = format!("'{}'", text(&scenario).replace('\'', "'\\''"));
+    assert_eq!(report["replay"], format!("braid-sim run {quoted} --seed 2"));
+    // The command as printed runs the same seed again in a shell.
+    let replay = report["replay"].as_str().unwrap().replacen(
+        "braid-sim",
+        env!("CARGO_BIN_EXE_braid-sim"),
+        1,
+    );
+    let again = Command::new("sh").arg("-c").arg(&replay).output().unwrap();
+    assert!(again.status.success(), "{replay}: {}", stderr(&again));
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        stdout.contains(report["trace_hash"].as_str().unwrap()),
+        "{stdout}"
+    );
+}

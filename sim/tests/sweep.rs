@@ -470,3 +470,77 @@ action = "heal"
             .collect::<Vec<_>>()
     );
 }
+
+/// Two regions, both killed before the workload starts.
+const NOTHING_WRITTEN: &str = r#"
+name = "nothing-written"
+regions = ["a", "b"]
+duration-ms = 2000
+[workload]
+rate-per-region = 50
+keys = 5
+[[timeline]]
+at-ms = 0
+action = "kill"
+region = "a"
+[[timeline]]
+at-ms = 0
+action = "kill"
+region = "b"
+"#;
+
+#[test]
+fn a_run_in_which_nothing_was_written_fails_instead_of_passing_vacuously() {
+    let scenario = Scenario::parse(NOTHING_WRITTEN).unwrap();
+    let report = braid_sim::run(&scenario, options(1)).unwrap();
+    assert_eq!(report.writes, 0);
+    assert!(!report.passed, "{:?}", report.checkers);
+    let verdict = report
+        .checkers
+        .iter()
+        .find(|c| c.checker == "workload")
+        .expect("a workload verdict");
+    assert!(!verdict.passed);
+    assert!(
+        verdict.detail.contains("no write was acknowledged"),
+        "{}",
+        verdict.detail
+    );
+}
+
+#[test]
+fn a_clock_skewed_past_the_bound_is_named_in_the_divergence_it_causes() {
+    let text = r#"
+name = "far-ahead"
+regions = ["a", "b"]
+duration-ms = 3000
+[workload]
+rate-per-region = 50
+keys = 5
+mix = { counter = 1 }
+[[timeline]]
+at-ms = 0
+action = "clock-skew"
+region = "a"
+offset-ms = 3600000
+[expect]
+converged-within-ms = 2000
+"#;
+    let scenario = Scenario::parse(text).unwrap();
+    let report = braid_sim::run(&scenario, options(1)).unwrap();
+    assert!(!report.passed);
+    let verdict = report
+        .checkers
+        .iter()
+        .find(|c| c.checker == "convergence")
+        .unwrap();
+    assert!(!verdict.passed);
+    assert!(
+        verdict
+            .detail
+            .contains("events refused for an HLC too far ahead")
+            && verdict.detail.contains("by receiving region: b "),
+        "{}",
+        verdict.detail
+    );
+}

@@ -598,7 +598,7 @@ fn action_name(action: &Action) -> String {
                 if *one_way { " (one way)" } else { "" }
             )
         }
-        Action::Heal => "heal".into(),
+        Action::Heal {} => "heal".into(),
         Action::Flap { from, to, .. } => format!("flap {from}-{to}"),
         Action::ClockSkew { region, offset_ms } => format!("clock-skew {region} {offset_ms:+} ms"),
         Action::SlowLink { from, to, extra_ms } => format!("slow-link {from}-{to} +{extra_ms} ms"),
@@ -683,7 +683,7 @@ impl Timeline {
                     );
                 }
                 // `heal` ends every flap running, with its link up (the drill restores it).
-                Action::Heal => self
+                Action::Heal {} => self
                     .steps
                     .retain(|_, step| !matches!(step, Step::Flap { .. })),
                 _ => {}
@@ -1151,7 +1151,7 @@ impl Drill<'_> {
                 }
                 self.push_faults().await?;
             }
-            Action::Heal => {
+            Action::Heal {} => {
                 self.net.heal();
                 self.push_faults().await?;
                 let target = lock(&self.shared).frontier(&self.up());
