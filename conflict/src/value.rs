@@ -257,6 +257,13 @@ pub enum CommandError {
         /// The longest key, in bytes.
         max: usize,
     },
+    /// A value (a string, a set member, a hash field or its value) larger than the wire
+    /// protocol carries: an event of it would be refused by every peer.
+    #[error("ERR value larger than {max} bytes")]
+    ValueTooLarge {
+        /// The largest value, in bytes.
+        max: usize,
+    },
     /// The key's keyspace takes writes only in other regions (or in none: it is frozen).
     #[error("READONLY keyspace '{keyspace}' takes no writes in this region; write in one of its writer regions")]
     NotWriter {
@@ -639,6 +646,10 @@ impl KeyState {
             },
             Command::SetAdd(members) => {
                 expect(ValueType::Set)?;
+                if members.is_empty() {
+                    // Nothing to add: no event (peers refuse an empty SetAdd).
+                    return Ok(Prepared { op: None, reply: 0 });
+                }
                 let members = sorted_unique(members);
                 let set = self.set.as_ref().map(|s| &s.members);
                 let new = members

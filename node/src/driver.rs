@@ -113,6 +113,8 @@ pub enum Input {
     SnapshotChunk {
         /// The keys.
         entries: Vec<SnapshotEntry>,
+        /// The snapshot's HLC (its `SnapshotBegin`'s), adopted before they are merged.
+        hlc: Hlc,
         /// Answered once they are merged.
         reply: oneshot::Sender<()>,
     },
@@ -356,8 +358,12 @@ impl Driver {
                 self.leaving = true;
             }
             Input::Removed => self.removed = true,
-            Input::SnapshotChunk { entries, reply } => {
-                self.replica.handle_snapshot_chunk(entries)?;
+            Input::SnapshotChunk {
+                entries,
+                hlc,
+                reply,
+            } => {
+                self.replica.handle_snapshot_chunk(entries, hlc, now)?;
                 let _ = reply.send(());
             }
             Input::SnapshotEnd { vector, hlc, reply } => {

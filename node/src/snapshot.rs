@@ -264,8 +264,8 @@ fn encode_chunk(
 /// Where a fetched snapshot goes: the replica of a joining node before its driver runs, or a
 /// running node's driver (a resynchronisation).
 pub(crate) trait SnapshotSink {
-    /// Merges a chunk of keys.
-    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError>;
+    /// Merges a chunk of keys, of a snapshot whose `SnapshotBegin` carried `hlc`.
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>, hlc: Hlc) -> Result<(), SnapshotError>;
     /// The last chunk is in: takes the snapshot's vector and HLC; returns the node's vector.
     async fn end(
         &mut self,
@@ -278,8 +278,10 @@ pub(crate) trait SnapshotSink {
 pub(crate) struct ReplicaSink<'a>(pub &'a mut Replica<RocksStorage>);
 
 impl SnapshotSink for ReplicaSink<'_> {
-    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError> {
-        Ok(self.0.handle_snapshot_chunk(entries)?)
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>, hlc: Hlc) -> Result<(), SnapshotError> {
+        Ok(self
+            .0
+            .handle_snapshot_chunk(entries, hlc, crate::driver::now_ms())?)
     }
 
     async fn end(
@@ -297,11 +299,15 @@ impl SnapshotSink for ReplicaSink<'_> {
 pub(crate) struct DriverSink(pub mpsc::Sender<Input>);
 
 impl SnapshotSink for DriverSink {
-    async fn chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), SnapshotError> {
+    async fn chunk(&mut self, entries: Vec<SnapshotEntry>, hlc: Hlc) -> Result<(), SnapshotError> {
         let (reply, done) = oneshot::channel();
         let stopped = || SnapshotError::Stopped;
         self.0
-            .send(Input::SnapshotChunk { entries, reply })
+            .send(Input::SnapshotChunk {
+                entries,
+                hlc,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         done.await.map_err(|_| stopped())
@@ -407,7 +413,7 @@ pub(crate) async fn fetch(
                     info!(%from, vector = ?head.vector, keys_estimate = head.keys_estimate, "fetching a data snapshot");
                     begin = Some(head);
                 }
-                (Message::SnapshotChunk(entries), Some(_)) => {
+                (Message::SnapshotChunk(entries), Some(head)) => {
                     if let (Some(last), Some(first)) = (&last_key, entries.first()) {
                         if first.key <= *last {
                             return Err(protocol("keys out of order across chunks".into()));
@@ -415,7 +421,7 @@ pub(crate) async fn fetch(
                     }
                     last_key = entries.last().map(|e| e.key.clone()).or(last_key);
                     state.keys += entries.len() as u64;
-                    sink.chunk(entries).await?;
+                    sink.chunk(entries, head.hlc).await?;
                 }
                 (Message::SnapshotEnd(end), Some(head)) => {
                     if end.keys != state.keys {

@@ -1063,7 +1063,9 @@ mod tests {
             .unwrap();
         for _ in 0..2 {
             for chunk in &chunks {
-                replica.handle_snapshot_chunk(chunk.to_vec()).unwrap();
+                replica
+                    .handle_snapshot_chunk(chunk.to_vec(), begin.hlc, 2)
+                    .unwrap();
             }
             replica
                 .handle_snapshot_end(&begin.vector, begin.hlc, 2)

@@ -24,7 +24,7 @@ use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
     SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_KEY_BYTES_MAX, SNAPSHOT_PART_BYTES_MAX,
-    SUBSCRIBE_ORIGINS_MAX, VECTOR_ENTRIES_MAX,
+    SUBSCRIBE_ORIGINS_MAX, VALUE_BYTES_MAX, VECTOR_ENTRIES_MAX,
 };
 use crate::message::{ChangeEvent, EncodedEvents, Message, PROTOCOL_VERSION};
 use braid_conflict::InvalidOp;
@@ -117,6 +117,12 @@ pub enum ProtocolViolation {
     KeyTooLong {
         /// The key's length.
         key_bytes: usize,
+    },
+    /// A value over the size limit.
+    #[error("value of {value_bytes} bytes exceeds {VALUE_BYTES_MAX}")]
+    ValueTooLarge {
+        /// The value's length.
+        value_bytes: usize,
     },
     /// An event whose HLC was issued by another node than its origin.
     #[error("event of origin {origin} carries an HLC of node {hlc_node}")]
@@ -518,8 +524,29 @@ pub fn validate_event(event: &ChangeEvent) -> Result<(), ProtocolViolation> {
             key_bytes: event.key.len(),
         });
     }
+    if let Some(value_bytes) = largest_value(&event.op).filter(|&n| n > VALUE_BYTES_MAX) {
+        return Err(ProtocolViolation::ValueTooLarge { value_bytes });
+    }
     event.op.validate()?;
     Ok(())
+}
+
+/// The longest value an operation writes (a string, a set member, a hash field or its value):
+/// no node's client may write one past [`VALUE_BYTES_MAX`], so no honest peer sends one.
+fn largest_value(op: &braid_conflict::Op) -> Option<usize> {
+    use braid_conflict::{Op, Write};
+    match op {
+        Op::Delete(_) => None,
+        Op::Write { write, .. } => match write {
+            Write::Set(value) => Some(value.len()),
+            Write::Counter { .. } => None,
+            Write::SetAdd { members, .. } | Write::SetRemove { members, .. } => {
+                members.iter().map(Bytes::len).max()
+            }
+            Write::HashSet(fields) => fields.iter().map(|(f, v)| f.len().max(v.len())).max(),
+            Write::HashDelete(fields) => fields.iter().map(Bytes::len).max(),
+        },
+    }
 }
 
 /// Origins of one batch [`validate_batch`] keeps track of without allocating.

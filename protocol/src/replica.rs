@@ -66,9 +66,9 @@ use hdrhistogram::Histogram;
 
 use crate::control::Keyspaces;
 use crate::ids::{NodeId, Seq, VersionVector};
-use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX};
+use crate::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use crate::message::{ChangeEvent, EncodedEvents, ErrorCode, Message, SnapshotEntry, Subscribe};
-use crate::storage::{Commit, Storage};
+use crate::storage::{event_size_bytes, Commit, Storage};
 use crate::topology::Topology;
 
 /// Tunables of the replica, with their defaults.
@@ -88,6 +88,9 @@ pub struct ReplicaConfig {
     /// Events received ahead of a gap and held until it fills. Past this they are dropped and
     /// fetched again by the next re-subscription.
     pub held_events_max: usize,
+    /// The same bound in bytes of keys and values ([`event_size_bytes`]): events of up to a few
+    /// MiB each would otherwise let the count alone hold gigabytes.
+    pub held_bytes_max: usize,
     /// How often each feed carries a heartbeat, and how often the replica ticks.
     pub heartbeat_ms: u64,
     /// How long a gap may stay open before the replica re-subscribes to fill it.
@@ -115,6 +118,7 @@ impl ReplicaConfig {
             batch_events_max: BATCH_EVENTS_MAX,
             batch_bytes_max: 1024 * 1024,
             held_events_max: 4096,
+            held_bytes_max: 64 * 1024 * 1024,
             heartbeat_ms: 1_000,
             resubscribe_ms: 2_000,
             route_fallback_ms: 2_000,
@@ -482,6 +486,8 @@ pub struct Replica<S: Storage> {
     feeds: BTreeMap<NodeId, Feed>,
     /// Events that arrived ahead of a gap in their origin's sequence.
     held: BTreeMap<(NodeId, Seq), ChangeEvent>,
+    /// The bytes of `held`'s events, as [`event_size_bytes`] counts them.
+    held_bytes: usize,
     /// When the oldest still-open gap (or refused event) was noticed.
     gap_since_ms: Option<u64>,
     /// What each peer is known to have applied (from its heartbeats, subscriptions and acks).
@@ -555,6 +561,7 @@ impl<S: Storage> Replica<S> {
             subscriptions: BTreeMap::new(),
             feeds: BTreeMap::new(),
             held: BTreeMap::new(),
+            held_bytes: 0,
             gap_since_ms: None,
             peer_vectors: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -705,7 +712,9 @@ impl<S: Storage> Replica<S> {
             .iter()
             .filter_map(|range| {
                 let keys = commands.get(range.clone())?;
-                let refusal = keys.iter().find_map(|(key, _)| self.refusal(key))?;
+                let refusal = keys
+                    .iter()
+                    .find_map(|(key, command)| self.refusal(key, command))?;
                 Some((range.clone(), refusal))
             })
             .collect();
@@ -716,7 +725,7 @@ impl<S: Storage> Replica<S> {
                 results.push(Err(refusal.clone()));
                 continue;
             }
-            if let Some(refusal) = self.refusal(&key) {
+            if let Some(refusal) = self.refusal(&key, &command) {
                 results.push(Err(refusal));
                 continue;
             }
@@ -766,9 +775,23 @@ impl<S: Storage> Replica<S> {
     /// Why a client write to `key` is refused before its state is looked at, if it is: a key
     /// longer than the wire protocol carries (every peer would refuse its event, and with it
     /// the stream), or a keyspace that takes no writes in this region.
-    fn refusal(&self, key: &[u8]) -> Option<CommandError> {
+    fn refusal(&self, key: &[u8], command: &Command) -> Option<CommandError> {
         if key.len() > KEY_BYTES_MAX {
             return Some(CommandError::KeyTooLong { max: KEY_BYTES_MAX });
+        }
+        let long = |value: &Bytes| value.len() > VALUE_BYTES_MAX;
+        let too_large = match command {
+            Command::Set(value) => long(value),
+            Command::SetAdd(values) | Command::SetRemove(values) | Command::HashDelete(values) => {
+                values.iter().any(long)
+            }
+            Command::HashSet(fields) => fields.iter().any(|(f, v)| long(f) || long(v)),
+            Command::IncrBy(_) | Command::Delete => false,
+        };
+        if too_large {
+            return Some(CommandError::ValueTooLarge {
+                max: VALUE_BYTES_MAX,
+            });
         }
         let keyspace = self.keyspaces.refusing(key, self.config.node)?;
         Some(CommandError::NotWriter {
@@ -1062,7 +1085,7 @@ impl<S: Storage> Replica<S> {
             // The event may have closed a gap: apply what was held behind it.
             while let Some((origin, _)) = applied.last().map(|e| (e.origin, e.seq)) {
                 let key = (origin, self.vector.get(origin).next());
-                let Some(held) = self.held.remove(&key) else {
+                let Some(held) = self.unhold(&key) else {
                     break;
                 };
                 if !self.apply_event(peer, held, &mut overlay, &mut applied, now_ms)? {
@@ -1128,11 +1151,24 @@ impl<S: Storage> Replica<S> {
 
     fn hold(&mut self, event: ChangeEvent, now_ms: u64) {
         self.gap_since_ms.get_or_insert(now_ms);
-        if self.held.len() >= self.config.held_events_max {
+        let bytes = event_size_bytes(&event);
+        if self.held.len() >= self.config.held_events_max
+            || self.held_bytes + bytes > self.config.held_bytes_max
+        {
             self.stats.held_dropped += 1;
             return;
         }
-        self.held.insert((event.origin, event.seq), event);
+        if let Some(replaced) = self.held.insert((event.origin, event.seq), event) {
+            self.held_bytes -= event_size_bytes(&replaced);
+        }
+        self.held_bytes += bytes;
+    }
+
+    /// Takes a held event out.
+    fn unhold(&mut self, key: &(NodeId, Seq)) -> Option<ChangeEvent> {
+        let event = self.held.remove(key)?;
+        self.held_bytes -= event_size_bytes(&event);
+        Some(event)
     }
 
     // ---- publishing ----
@@ -1358,6 +1394,7 @@ impl<S: Storage> Replica<S> {
             });
         }
         self.held.clear();
+        self.held_bytes = 0;
     }
 
     // ---- topology ----
@@ -1398,7 +1435,18 @@ impl<S: Storage> Replica<S> {
     /// what the others' logs hold): each is merged into the stored state with the state's own
     /// merge, in one commit that leaves the vector alone. Idempotent: a chunk merged twice, or
     /// over a state that already reflects some of its events, gives the same state.
-    pub fn handle_snapshot_chunk(&mut self, entries: Vec<SnapshotEntry>) -> Result<(), S::Error> {
+    ///
+    /// `hlc` is the donor's HLC at its snapshot's view (its `SnapshotBegin`), at least every HLC
+    /// in the states: the clock adopts it first (as [`Replica::handle_snapshot_end`] bounds it),
+    /// so that a write made here after a client read a merged value is stamped above that value
+    /// and wins over it, whether or not the snapshot is ever finished.
+    pub fn handle_snapshot_chunk(
+        &mut self,
+        entries: Vec<SnapshotEntry>,
+        hlc: Hlc,
+        now_ms: u64,
+    ) -> Result<(), S::Error> {
+        self.adopt_snapshot_hlc(hlc, now_ms);
         let mut overlay = Overlay::for_batch(entries.len());
         for entry in entries {
             // Every key taken is in the commit below.
@@ -1431,15 +1479,7 @@ impl<S: Storage> Replica<S> {
             .filter(|(origin, seq)| *seq > self.vector.get(*origin))
             .collect();
         self.vector.merge(snapshot);
-        // Adopted no further ahead of local time than a remote HLC may be: a peer with a bad
-        // clock must not drag this one along.
-        let bound = now_ms.saturating_add(self.config.clock_skew_ms_max);
-        let hlc = match hlc.wall_ms > bound {
-            true => Hlc::new(bound, 0, hlc.node),
-            false => hlc,
-        };
-        let high = self.clock.last().max(hlc);
-        self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, high);
+        self.adopt_snapshot_hlc(hlc, now_ms);
         self.trimmed.merge(&through);
         self.tails.trim(&through);
         let commit = Commit {
@@ -1455,10 +1495,27 @@ impl<S: Storage> Replica<S> {
         assert!(self.vector.dominates(&self.trimmed));
         self.gap_since_ms = None;
         self.stalled.clear();
+        // The states merged may hold tombstones at or below the stable HLC (a donor that had
+        // not collected them yet): collected from the next tick, not only once the stable HLC
+        // moves again, which in a quiet mesh could be never.
+        self.gc_more = self.stable_hlc > Hlc::ZERO;
         self.end_recovery_if_done();
         self.resubscribe_all();
         self.refresh_routes(now_ms);
         self.pump_all()
+    }
+
+    /// Moves the clock up to a snapshot's HLC, but no further ahead of local time than a remote
+    /// HLC may be: a donor with a bad clock must not drag this one along.
+    fn adopt_snapshot_hlc(&mut self, hlc: Hlc, now_ms: u64) {
+        let bound = now_ms.saturating_add(self.config.clock_skew_ms_max);
+        let hlc = match hlc.wall_ms > bound {
+            true => Hlc::new(bound, 0, hlc.node),
+            false => hlc,
+        };
+        if hlc > self.clock.last() {
+            self.clock = HlcClock::resume(self.config.node, self.config.clock_skew_ms_max, hlc);
+        }
     }
 
     // ---- garbage collection ----
@@ -1757,6 +1814,12 @@ impl<S: Storage> Replica<S> {
     pub fn check_invariants(&self) {
         assert!(self.durable_hlc <= self.clock.last());
         assert!(self.held.len() <= self.config.held_events_max);
+        assert!(self.held_bytes <= self.config.held_bytes_max);
+        debug_assert_eq!(
+            self.held_bytes,
+            self.held.values().map(event_size_bytes).sum::<usize>(),
+            "held bytes counted"
+        );
         debug_assert!(
             self.vector.dominates(&self.trimmed),
             "the log is trimmed only below what is held"

@@ -1236,11 +1236,11 @@ fn a_region_past_the_others_logs_is_resynchronised_by_snapshot_and_converges() {
     // A snapshot of A, in two chunks (one merged twice: harmless), brings C up to A's vector.
     let (entries, vector, hlc) = snapshot_of(&mut net, A);
     let (first, second) = entries.split_at(entries.len() / 2);
-    let c = net.replicas.get_mut(&C).unwrap();
-    c.handle_snapshot_chunk(first.to_vec()).unwrap();
-    c.handle_snapshot_chunk(first.to_vec()).unwrap();
-    c.handle_snapshot_chunk(second.to_vec()).unwrap();
     let now = net.now_ms;
+    let c = net.replicas.get_mut(&C).unwrap();
+    c.handle_snapshot_chunk(first.to_vec(), hlc, now).unwrap();
+    c.handle_snapshot_chunk(first.to_vec(), hlc, now).unwrap();
+    c.handle_snapshot_chunk(second.to_vec(), hlc, now).unwrap();
     c.handle_snapshot_end(&vector, hlc, now).unwrap();
     c.check_invariants();
     assert!(c.vector().dominates(&vector));
@@ -1613,7 +1613,7 @@ fn a_replica_that_lost_its_own_tail_refuses_writes_until_a_snapshot_brings_it_ba
     let (entries, vector, hlc) = snapshot_of(&mut net, B);
     let now = net.now_ms;
     let a = net.replicas.get_mut(&A).unwrap();
-    a.handle_snapshot_chunk(entries).unwrap();
+    a.handle_snapshot_chunk(entries, hlc, now).unwrap();
     a.handle_snapshot_end(&vector, hlc, now).unwrap();
     assert!(!a.is_recovering());
     assert_eq!(a.vector().get(A), Seq(8));
@@ -1739,4 +1739,169 @@ fn a_batch_over_more_keys_than_a_scan_covers_applies_every_write_once() {
         1,
         "the peer received the whole batch at once"
     );
+}
+
+#[test]
+fn a_write_after_a_merged_snapshot_chunk_is_stamped_above_it() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    // The donor's clock runs 30 s ahead (within the bound): its state of `k` is stamped there.
+    let mut donor = replica(B, &topology);
+    donor
+        .handle_commands(vec![(b("k"), Command::Set(b("old")))], 31_000)
+        .unwrap();
+    let entries = vec![SnapshotEntry {
+        key: b("k"),
+        state: donor.read(b"k").unwrap().unwrap(),
+    }];
+    let mut a = replica(A, &topology);
+    a.handle_snapshot_chunk(entries, donor.hlc(), 1_000)
+        .unwrap();
+    let value = |a: &mut Replica<MemoryStorage>| a.read(b"k").unwrap().unwrap().value();
+    assert_eq!(value(&mut a), Some(Value::String(b("old"))));
+    // The snapshot is not finished (a fetch may fail half-way), and a client read "old": its
+    // next write must win over it, here and everywhere.
+    let results = a
+        .handle_commands(vec![(b("k"), Command::Set(b("new")))], 1_000)
+        .unwrap();
+    assert!(results[0].is_ok());
+    assert_eq!(value(&mut a), Some(Value::String(b("new"))));
+    assert_eq!(a.stats().conflicts_lww, 0, "the write lost to nothing");
+    // The clock's new floor is durable with the chunk: a restart issues above it too.
+    let storage = a.storage().clone();
+    let mut again = Replica::open(ReplicaConfig::new(A), topology.clone(), storage, 1_000).unwrap();
+    again
+        .handle_commands(vec![(b("k"), Command::Set(b("newer")))], 1_000)
+        .unwrap();
+    assert_eq!(value(&mut again), Some(Value::String(b("newer"))));
+}
+
+#[test]
+fn tombstones_a_snapshot_brings_at_or_below_the_stable_hlc_are_collected_at_the_next_tick() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut donor = replica(B, &topology);
+    donor
+        .handle_commands(vec![(b("k"), Command::Set(b("x")))], 100)
+        .unwrap();
+    donor
+        .handle_commands(vec![(b("k"), Command::Delete)], 200)
+        .unwrap();
+    let state = donor.read(b"k").unwrap().unwrap();
+    let tombstone = state
+        .oldest_tombstone()
+        .expect("a deleted string's tombstone");
+    let (vector, hlc) = (donor.vector().clone(), donor.hlc());
+    let mut a = replica(A, &topology);
+    // The stable HLC already covers the tombstone when the snapshot arrives, and stays put.
+    a.handle_stable_hlc(tombstone).unwrap();
+    a.handle_snapshot_chunk(vec![SnapshotEntry { key: b("k"), state }], hlc, 1_000)
+        .unwrap();
+    a.handle_snapshot_end(&vector, hlc, 1_000).unwrap();
+    a.handle_tick(2_000).unwrap();
+    assert_eq!(
+        a.read(b"k").unwrap(),
+        None,
+        "collected without a new stable HLC"
+    );
+    assert_eq!(a.storage().tombstone_entries(), 0);
+    a.check_invariants();
+}
+
+#[test]
+fn an_empty_sadd_and_a_value_past_the_limit_write_no_event_peers_would_refuse() {
+    use braid_protocol::limits::VALUE_BYTES_MAX;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    let big = Bytes::from(vec![b'v'; VALUE_BYTES_MAX + 1]);
+    let results = a
+        .handle_commands(
+            vec![
+                (b("s"), Command::SetAdd(vec![])),
+                (b("k"), Command::Set(big.clone())),
+                (b("s"), Command::SetAdd(vec![b("m"), big.clone()])),
+                (b("h"), Command::HashSet(vec![(big.clone(), b("v"))])),
+                (b("h"), Command::HashSet(vec![(b("f"), big)])),
+            ],
+            1,
+        )
+        .unwrap();
+    assert_eq!(results[0], Ok(0), "nothing to add");
+    for refused in &results[1..] {
+        assert_eq!(
+            *refused,
+            Err(braid_conflict::CommandError::ValueTooLarge {
+                max: VALUE_BYTES_MAX
+            })
+        );
+    }
+    assert_eq!(a.vector().get(A), Seq(0), "no event was logged");
+    // A value at the limit is taken, and its event passes a peer's checks.
+    let at_limit = Bytes::from(vec![b'v'; VALUE_BYTES_MAX]);
+    a.handle_commands(vec![(b("k"), Command::Set(at_limit))], 2)
+        .unwrap();
+    let events: Vec<ChangeEvent> = a.storage_mut().log().iter().cloned().collect();
+    assert_eq!(events.len(), 1);
+    frame::validate(&Message::EventBatch(events)).unwrap();
+}
+
+#[test]
+fn a_peers_value_past_the_limit_is_refused_on_receipt() {
+    use braid_protocol::limits::VALUE_BYTES_MAX;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut b_replica = replica(B, &topology);
+    b_replica
+        .handle_commands(vec![(b("k"), Command::Set(b("v")))], 10)
+        .unwrap();
+    let mut event = b_replica.storage_mut().log().iter().next().unwrap().clone();
+    event.op = braid_conflict::Op::Write {
+        replaces: None,
+        write: braid_conflict::Write::Set(Bytes::from(vec![0; VALUE_BYTES_MAX + 1])),
+    };
+    let err = frame::validate(&Message::EventBatch(vec![event])).unwrap_err();
+    assert!(err.to_string().contains("exceeds 1048576"), "{err}");
+}
+
+#[test]
+fn events_held_ahead_of_a_gap_are_bounded_in_bytes_as_well_as_in_number() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut b_replica = replica(B, &topology);
+    for i in 0..4 {
+        b_replica
+            .handle_commands(
+                vec![(b("k"), Command::Set(Bytes::from(vec![b'x'; 1000])))],
+                10 + i,
+            )
+            .unwrap();
+    }
+    let events: Vec<ChangeEvent> = b_replica.storage_mut().log().iter().cloned().collect();
+    let mut config = ReplicaConfig::new(A);
+    config.held_bytes_max = 2_500;
+    let mut a = Replica::open(config, topology.clone(), MemoryStorage::default(), 0).unwrap();
+    a.handle_subscription_open(B, 20).unwrap();
+    // Events 2, 3 and 4 arrive before 1: two fit the bound, the third is dropped.
+    for event in &events[1..] {
+        a.handle_message(
+            B,
+            StreamKind::Subscription,
+            Message::EventBatch(vec![event.clone()]),
+            21,
+        )
+        .unwrap();
+    }
+    assert_eq!(a.held_events(), 2);
+    assert_eq!(a.stats().held_dropped, 1);
+    a.check_invariants();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[0].clone()]),
+        22,
+    )
+    .unwrap();
+    assert_eq!(
+        a.vector().get(B),
+        Seq(3),
+        "the held ones applied; the dropped one is fetched again"
+    );
+    assert_eq!(a.held_events(), 0);
+    a.check_invariants();
 }

@@ -1397,7 +1397,7 @@ impl<'a> World<'a> {
                 }
             };
             keys += decoded.len();
-            match replica.handle_snapshot_chunk(decoded) {
+            match replica.handle_snapshot_chunk(decoded, hlc, now) {
                 Ok(()) => {}
                 Err(never) => match never {},
             }
