@@ -18,6 +18,10 @@ use rustls::RootCertStore;
 /// The ALPN protocol of the mesh.
 pub const ALPN: &[u8] = b"braid/1";
 
+/// The bytes a peer may have in flight to this node on one connection, over all its streams:
+/// four largest frames, which keeps a cross-region snapshot transfer at tens of MB/s.
+const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 /// A TLS setup that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -226,6 +230,12 @@ impl MeshTls {
             10_000,
         ))));
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+        // Every stream of the mesh is bidirectional: a peer may open no other kind (quinn
+        // would otherwise buffer up to a stream window on each of 100 it never reads).
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        // What one connection's streams may hold unread, all together (quinn's default is
+        // unbounded: each stream's own window times the streams a peer opens).
+        transport.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW_BYTES));
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         client.transport_config(transport);

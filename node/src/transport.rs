@@ -44,6 +44,10 @@ use crate::tls::{node_dns_name, peer_node};
 /// found again within about two seconds.
 const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_MAX: u64 = 2_000;
+/// The largest frame buffer a stream keeps between frames (most frames are far smaller).
+const BODY_KEPT_BYTES_MAX: usize = 64 * 1024;
+/// How long a subscription stream must have run for its end to reset the backoff.
+const STREAM_SETTLED_MS: u64 = 5_000;
 
 /// How long a refused stream's error message may take to be written before the stream ends.
 const ERROR_FLUSH_MS_MAX: u64 = 1_000;
@@ -426,6 +430,8 @@ async fn subscriber(
 ) {
     let mut backoff_ms = RECONNECT_MS_MIN;
     let mut faults = mesh.faults.watch();
+    // The last failure logged as a warning: a repeat of it goes to debug.
+    let mut warned: Option<String> = None;
     loop {
         while faults.borrow_and_update().cut.contains(&peer) {
             tokio::select! {
@@ -452,13 +458,26 @@ async fn subscriber(
             connection.close(quinn::VarInt::from_u32(0), b"subscription ended");
             result.map_err(|e| e.to_string())
         };
+        let started = Instant::now();
         let outcome = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
             outcome = attempt => outcome,
         };
+        // Only a stream that ran a while counts as having worked. A peer that refuses the
+        // subscription (it is behind us, or does not link us yet) ends it cleanly at once: that
+        // must back off like any failure, not reconnect ten times a second.
+        let lasted = started.elapsed() >= Duration::from_millis(STREAM_SETTLED_MS);
         match outcome {
-            Ok(()) => backoff_ms = RECONNECT_MS_MIN,
+            Ok(()) if lasted => {
+                backoff_ms = RECONNECT_MS_MIN;
+                warned = None;
+            }
+            Ok(()) => debug!(%peer, retry_ms = backoff_ms, "subscription ended at once"),
+            Err(err) if warned.as_ref() != Some(&err) => {
+                warn!(%peer, ?addr, error = %err, retry_ms = backoff_ms, "subscription failed");
+                warned = Some(err);
+            }
             Err(err) => {
                 debug!(%peer, ?addr, error = %err, retry_ms = backoff_ms, "subscription failed");
             }
@@ -491,9 +510,21 @@ pub(crate) async fn read_frame(
     if body_bytes == 0 {
         return Err(DecodeError::Empty.into());
     }
-    body.resize(body_bytes, 0);
-    recv.read_exact(body).await?;
+    // The body grows with the bytes that arrive, not with what the prefix announces: a peer
+    // that announces 4 MiB and sends nothing more holds no 4 MiB here.
+    body.clear();
+    while body.len() < body_bytes {
+        match recv.read_chunk(body_bytes - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(quinn::ReadExactError::FinishedEarly(body.len()).into()),
+            Err(err) => return Err(quinn::ReadExactError::ReadError(err).into()),
+        }
+    }
     let message = frame::decode_body(body)?;
+    // A stream keeps its buffer between frames; not one a rare large frame grew.
+    if body.capacity() > BODY_KEPT_BYTES_MAX {
+        *body = Vec::new();
+    }
     Ok(Some((message, FRAME_LENGTH_BYTES + body_bytes)))
 }
 
@@ -570,8 +601,10 @@ async fn run_stream(
         input,
     };
     // The reader's way to tell the peer about a bad frame: through the writer, after whatever
-    // frame it is writing, so the peer only ever sees whole frames.
-    let errors = outbox.clone();
+    // frame it is writing, so the peer only ever sees whole frames. A weak sender: the driver's
+    // outbox must stay the only one that keeps the writer going, so that the driver closes the
+    // stream by dropping it (a stream it replaced, or one whose peer stopped reading).
+    let errors = outbox.downgrade();
     mesh.send_input(input(PeerInput::Opened { outbox })).await?;
     if let Some(first) = first {
         mesh.send_input(input(PeerInput::Message(first))).await?;
@@ -601,12 +634,13 @@ async fn run_stream(
                 t.streams_refused.fetch_add(1, Ordering::Relaxed);
             }
             let text = err.to_string();
-            let _ = errors.try_send(Message::Error(ErrorMessage {
-                code: err.code(),
-                text,
-            }));
+            if let Some(errors) = errors.upgrade() {
+                let _ = errors.try_send(Message::Error(ErrorMessage {
+                    code: err.code(),
+                    text,
+                }));
+            }
         }
-        drop(errors);
         result
     };
     let writer = async {

@@ -329,3 +329,130 @@ fn t36_every_key_of_a_command_is_checked_and_a_refused_mset_writes_nothing() {
     );
     still_serving(&mut cluster, "after-long-keys");
 }
+
+/// Opens a subscription stream to `a` as region c: handshake, then `Subscribe` to a's own
+/// events. Returns the stream once a answered the handshake.
+async fn subscribe_as_c(
+    connection: &quinn::Connection,
+    handshake: &[u8],
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut payload = handshake.to_vec();
+    let subscribe = Message::Subscribe(braid_protocol::Subscribe {
+        vector: braid_protocol::VersionVector::new(),
+        origins: vec![NodeId(1)],
+        rewind: false,
+    });
+    frame::encode(&subscribe, &mut payload).unwrap();
+    send.write_all(&payload).await.unwrap();
+    // a's handshake: its length prefix, then its body.
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    recv.read_exact(&mut body).await.unwrap();
+    (send, recv)
+}
+
+#[test]
+fn t37_a_replaced_stream_is_ended_and_a_peer_may_open_no_unidirectional_stream() {
+    let mut cluster = Cluster::start(Layout::mesh(3).without_running("c"));
+    let c = cluster.nodes.iter().find(|n| n.name == "c").unwrap();
+    let config = NodeConfig::load(&c.config).unwrap();
+    let a = cluster.nodes.iter().find(|n| n.name == "a").unwrap();
+    let mut handshake = Vec::new();
+    let hello = Message::Handshake(Handshake {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: config.cluster_id().unwrap(),
+        node_id: NodeId(3),
+    });
+    frame::encode(&hello, &mut handshake).unwrap();
+    let (first_ended, uni_opened) = runtime().block_on(async {
+        let endpoint = client(&config.tls.ca_cert, &config.tls.cert, &config.tls.key);
+        let connection = endpoint.connect(a.peer, "node-1").unwrap().await.unwrap();
+        // The first stream stays open on this side; a second subscription replaces it at a.
+        let (_first_send, mut first) = subscribe_as_c(&connection, &handshake).await;
+        let (_second_send, _second) = subscribe_as_c(&connection, &handshake).await;
+        // a forgot the first stream: it must end it, not leave it open and silent (the peer
+        // would wait on it for ever, its re-subscriptions unanswered).
+        let first_ended =
+            tokio::time::timeout(Duration::from_secs(5), first.read_to_end(1 << 20)).await;
+        let uni = tokio::time::timeout(Duration::from_secs(1), connection.open_uni()).await;
+        (first_ended.is_ok(), uni.is_ok_and(|opened| opened.is_ok()))
+    });
+    assert!(first_ended, "the replaced stream was left open");
+    assert!(!uni_opened, "a peer could open a unidirectional stream");
+    still_serving(&mut cluster, "after-replaced-stream");
+}
+
+/// Reads one frame's message from `recv`, or `None` at its end.
+async fn read_message(recv: &mut quinn::RecvStream) -> Option<Message> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.ok()?;
+    let mut frame = prefix.to_vec();
+    frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+    recv.read_exact(&mut frame[4..]).await.ok()?;
+    frame::decode(&frame).ok()?.map(|(message, _)| message)
+}
+
+#[test]
+fn t38_a_peer_that_refuses_every_subscription_is_retried_with_backoff() {
+    let mut cluster = Cluster::start(Layout::mesh(3).without_running("c"));
+    let c = cluster.nodes.iter().find(|n| n.name == "c").unwrap();
+    let config = NodeConfig::load(&c.config).unwrap();
+    let tls = MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key).unwrap();
+    let hello = Message::Handshake(Handshake {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: config.cluster_id().unwrap(),
+        node_id: NodeId(3),
+    });
+    let refusal = Message::Error(braid_protocol::ErrorMessage {
+        code: ErrorCode::Internal,
+        text: "not now".into(),
+    });
+    // Region c's address answers as c would if it refused every subscription at once (it is
+    // behind, or does not link them yet): handshake, then an error and the end of the stream.
+    let refused = runtime().block_on(async {
+        let server = quinn::Endpoint::server(tls.server, c.peer).unwrap();
+        let started = tokio::time::Instant::now();
+        let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let serving = {
+            let times = times.clone();
+            async move {
+                while let Some(incoming) = server.accept().await {
+                    let (times, hello, refusal) = (times.clone(), hello.clone(), refusal.clone());
+                    tokio::spawn(async move {
+                        let Ok(connection) = incoming.await else {
+                            return;
+                        };
+                        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                            let mut out = Vec::new();
+                            frame::encode(&hello, &mut out).unwrap();
+                            let _ = send.write_all(&out).await;
+                            let _ = read_message(&mut recv).await;
+                            if let Some(Message::Subscribe(_)) = read_message(&mut recv).await {
+                                times.lock().unwrap().push(started.elapsed());
+                            }
+                            out.clear();
+                            frame::encode(&refusal, &mut out).unwrap();
+                            let _ = send.write_all(&out).await;
+                            let _ = send.finish();
+                        }
+                    });
+                }
+            }
+        };
+        // Attempts a and b began while nothing listened at c's address end first (a QUIC
+        // connection attempt gives up after the idle timeout, 10 s).
+        let _ = tokio::time::timeout(Duration::from_secs(16), serving).await;
+        let times = times.lock().unwrap().clone();
+        let first = *times.first().expect("nobody subscribed to c");
+        times
+            .iter()
+            .filter(|t| **t < first + Duration::from_secs(4))
+            .count()
+    });
+    // a and b each back off 100, 200, 400 ms... up to 2 s between refusals: at most about six
+    // subscriptions each in 4 s. Before, a clean refusal reset the backoff: one every 100 ms.
+    assert!(refused <= 12, "{refused} subscriptions refused in 4 s");
+    still_serving(&mut cluster, "after-refusals");
+}
