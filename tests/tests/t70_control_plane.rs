@@ -755,3 +755,41 @@ fn t70_a_keyspace_takes_writes_only_in_its_home_regions() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// openraft gives each append-entries call one heartbeat interval to be answered. With every
+/// message between regions 150 ms late each way (a call's round trip past 300 ms, as between
+/// regions far apart), the group must still commit: before, with 250 ms heartbeats, every call
+/// to a follower ran out of time and no checkpoint after the delay began ever committed.
+#[test]
+fn t70_checkpoints_commit_with_round_trips_longer_than_a_quarter_second() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_fault_injection());
+    for (region, others) in [("a", ["b", "c"]), ("b", ["a", "c"]), ("c", ["a", "b"])] {
+        let body = format!(
+            r#"{{"delay-ms": {{"{}": 150, "{}": 150}}}}"#,
+            others[0], others[1]
+        );
+        let http = cluster.node(region).http;
+        http_post(http, "/faults", &body).unwrap();
+    }
+    for region in ["a", "b", "c"] {
+        let _: () = cluster
+            .node(region)
+            .redis()
+            .set(format!("slow-{region}"), "v")
+            .unwrap();
+    }
+    cluster.wait_converged(SETTLE);
+    let covers = |status: &Status, member: &str| {
+        checkpoint_of(status, member).is_some_and(|vector| {
+            ["a", "b", "c"]
+                .iter()
+                .all(|origin| vector.get(*origin).copied().unwrap_or(0) >= 1)
+        })
+    };
+    wait_for(&cluster, "checkpoints through delayed calls", |statuses| {
+        statuses.len() == 3
+            && statuses
+                .iter()
+                .all(|s| ["a", "b", "c"].iter().all(|m| covers(s, m)))
+    });
+}

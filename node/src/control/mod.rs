@@ -79,14 +79,16 @@ pub const PROPOSE_MS_MAX: u64 = 10_000;
 /// Pause before a proposal is tried again when it found no leader or failed.
 pub const PROPOSE_RETRY_MS: u64 = 200;
 
-/// Raft timings for a mesh of regions: heartbeats every 250 ms, elections after 1-2 s of
-/// silence (cross-region round trips are tens to hundreds of milliseconds).
+/// Raft timings for a mesh of regions: heartbeats every 500 ms, elections after 1.5-3 s of
+/// silence. openraft also gives every AppendEntries call one heartbeat interval to be answered:
+/// a round trip between regions (up to about 300 ms between the farthest) plus the follower's
+/// synced write must fit in it, or that follower never receives the log.
 pub fn raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "braid-control".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1_000,
-        election_timeout_max: 2_000,
+        heartbeat_interval: 500,
+        election_timeout_min: 1_500,
+        election_timeout_max: 3_000,
         // A snapshot chunk must fit in one frame with room to spare.
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES_MAX,
         // Checkpoints arrive every few seconds from every node: a snapshot every 1,000 entries

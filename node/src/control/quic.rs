@@ -66,6 +66,7 @@ impl QuicRaftNetwork {
             target,
             connection: None,
             stream: None,
+            opening: None,
         }
     }
 }
@@ -107,7 +108,21 @@ pub struct QuicRaftClient {
     target: NodeId,
     connection: Option<quinn::Connection>,
     stream: Option<(quinn::SendStream, quinn::RecvStream)>,
+    /// A stream being set up, in a task of its own: a call that times out while it connects
+    /// and shakes hands leaves it to the next call instead of dropping it half-made. openraft
+    /// gives each call as long as a heartbeat interval; across regions a new stream's setup
+    /// (a connection, then the handshakes) can take longer than that on its own, and every call
+    /// would otherwise start it again from nothing.
+    opening: Option<tokio::task::JoinHandle<Result<Opened, CallError>>>,
 }
+
+/// A stream set up for calls, and the connection of the client's own it rides on, if it made
+/// one.
+type Opened = (
+    Option<quinn::Connection>,
+    quinn::SendStream,
+    quinn::RecvStream,
+);
 
 impl QuicRaftClient {
     /// Makes one call and waits at most `ttl` for its answer.
@@ -121,6 +136,9 @@ impl QuicRaftClient {
         if self.mesh.faults.cut(target) {
             self.stream = None;
             self.connection = None;
+            if let Some(opening) = self.opening.take() {
+                opening.abort();
+            }
             return Err(CallError::Unreachable(format!(
                 "the link to {target} is cut by an injected fault"
             )));
@@ -196,42 +214,68 @@ impl QuicRaftClient {
 
     async fn open(&mut self) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
         let target = self.target;
-        let unreachable = |e: String| CallError::Unreachable(format!("{target}: {e}"));
-        // The subscription's connection to the target when there is one (the same connection
-        // carries both), else one of this client's own.
-        let connection = match (self.mesh.connection(target), &self.connection) {
-            (Some(shared), _) => shared,
-            (None, Some(own)) if own.close_reason().is_none() => own.clone(),
-            _ => {
-                let addr: SocketAddr = self
-                    .mesh
-                    .peers
-                    .address(target)
-                    .ok_or_else(|| unreachable("not a known peer".into()))?;
-                let connecting = self
-                    .endpoint
-                    .connect(addr, &node_dns_name(target))
-                    .map_err(|e| unreachable(e.to_string()))?;
-                let connection =
-                    tokio::time::timeout(Duration::from_millis(CONNECT_MS_MAX), connecting)
-                        .await
-                        .map_err(|_| {
-                            unreachable(format!("no connection within {CONNECT_MS_MAX} ms"))
-                        })?
-                        .map_err(|e| unreachable(e.to_string()))?;
-                self.connection = Some(connection.clone());
-                connection
-            }
-        };
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        transport::handshake(&self.mesh, target, &mut send, &mut recv)
-            .await
-            .map_err(|e| CallError::Failed(format!("{target}: {e}")))?;
+        let opening = self.opening.get_or_insert_with(|| {
+            let own = self
+                .connection
+                .clone()
+                .filter(|own| own.close_reason().is_none());
+            tokio::spawn(open_stream(
+                self.mesh.clone(),
+                self.endpoint.clone(),
+                target,
+                own,
+            ))
+        });
+        // Cancelled here (the call timed out), the task goes on and the next call takes its
+        // stream.
+        let opened = opening.await;
+        self.opening = None;
+        let (own, send, recv) = opened
+            .map_err(|e| CallError::Failed(format!("{target}: setting up a stream: {e}")))??;
+        if own.is_some() {
+            self.connection = own;
+        }
         Ok((send, recv))
     }
+}
+
+/// Sets up a stream for calls to `target`: on this node's subscription connection to it when
+/// there is one (the same connection carries both), else on `own` (a connection of the
+/// client's own) or a new one, which it returns to be kept.
+async fn open_stream(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    target: NodeId,
+    own: Option<quinn::Connection>,
+) -> Result<Opened, CallError> {
+    let unreachable = |e: String| CallError::Unreachable(format!("{target}: {e}"));
+    let (connection, made) = match (mesh.connection(target), own) {
+        (Some(shared), _) => (shared, None),
+        (None, Some(own)) => (own, None),
+        (None, None) => {
+            let addr: SocketAddr = mesh
+                .peers
+                .address(target)
+                .ok_or_else(|| unreachable("not a known peer".into()))?;
+            let connecting = endpoint
+                .connect(addr, &node_dns_name(target))
+                .map_err(|e| unreachable(e.to_string()))?;
+            let connection =
+                tokio::time::timeout(Duration::from_millis(CONNECT_MS_MAX), connecting)
+                    .await
+                    .map_err(|_| unreachable(format!("no connection within {CONNECT_MS_MAX} ms")))?
+                    .map_err(|e| unreachable(e.to_string()))?;
+            (connection.clone(), Some(connection))
+        }
+    };
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    transport::handshake(&mesh, target, &mut send, &mut recv)
+        .await
+        .map_err(|e| CallError::Failed(format!("{target}: {e}")))?;
+    Ok((made, send, recv))
 }
 
 impl QuicRaftClient {

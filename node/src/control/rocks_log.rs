@@ -27,6 +27,7 @@ use rocksdb::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::debug;
 
 use super::store::{Meta, SnapshotVault};
 use super::ControlConfig;
@@ -272,10 +273,95 @@ impl RaftLogStorage<ControlConfig> for RocksRaftLog {
         self.db.write_opt(batch, &synced()).map_err(write_err)
     }
 
+    /// Deletes the entries up to `log_id`, but never past the snapshot this database holds.
+    /// openraft purges as soon as it hands a received snapshot to the state machine, without
+    /// waiting for the snapshot to be saved: a crash in between would leave neither the entries
+    /// nor a snapshot covering them, and a node that cannot start. What is kept goes with the
+    /// next purge.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let covered = self.load()?.and_then(|(meta, _)| meta.last_log_id);
+        let through = match covered {
+            // No snapshot covers any entry yet: every entry is kept.
+            None => return Ok(()),
+            Some(covered) if covered.index < log_id.index => {
+                debug!(
+                    asked = log_id.index,
+                    kept_from = covered.index + 1,
+                    "purge held at the saved snapshot"
+                );
+                covered
+            }
+            Some(_) => log_id,
+        };
         let mut batch = WriteBatch::default();
-        self.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
-        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&log_id)?);
+        self.delete_range(&mut batch, 0, Some(through.index.saturating_add(1)))?;
+        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&through)?);
         self.db.write_opt(batch, &synced()).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload, SnapshotMeta, StoredMembership};
+
+    fn log_id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn snapshot_through(index: u64) -> Meta {
+        SnapshotMeta {
+            last_log_id: Some(log_id(index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("through-{index}"),
+        }
+    }
+
+    #[test]
+    fn a_purge_never_goes_past_the_saved_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RocksRaftLog::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        for index in 1..=6 {
+            let entry = Entry::<ControlConfig> {
+                log_id: log_id(index),
+                payload: EntryPayload::Blank,
+            };
+            batch.put_cf(
+                log.cf(CF_LOG).unwrap(),
+                index.to_be_bytes(),
+                encode(&entry).unwrap(),
+            );
+        }
+        log.db.write(batch).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let indexes = |log: &mut RocksRaftLog| {
+                let log = log.clone();
+                async move {
+                    let mut log = log;
+                    let entries = log.try_get_log_entries(0..100).await.unwrap();
+                    entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>()
+                }
+            };
+            // No snapshot yet: nothing is covered, nothing goes.
+            log.purge(log_id(4)).await.unwrap();
+            assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5, 6]);
+            // openraft purges to 4 while the snapshot saved covers 2 (a received snapshot not
+            // yet saved): 3 and 4 stay, to rebuild the state from at a restart.
+            log.save(&snapshot_through(2), b"state").unwrap();
+            log.purge(log_id(4)).await.unwrap();
+            assert_eq!(indexes(&mut log).await, [3, 4, 5, 6]);
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(2)));
+            // Once the snapshot through 6 is saved, the next purge goes as far as it asks.
+            log.save(&snapshot_through(6), b"state").unwrap();
+            log.purge(log_id(5)).await.unwrap();
+            assert_eq!(indexes(&mut log).await, [6]);
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(5)));
+        });
     }
 }
