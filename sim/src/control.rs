@@ -615,6 +615,16 @@ impl ControlSim {
         }
     }
 
+    /// Whether region `i`'s node may commit its own removal, by the Raft membership it knows
+    /// (as a node decides: [`braid_node::control::may_remove_itself`]).
+    pub fn may_remove_itself(&self, i: usize) -> bool {
+        let node = &self.nodes[i];
+        node.running.as_ref().is_some_and(|(raft, _)| {
+            let membership = raft.metrics().borrow().membership_config.clone();
+            braid_node::control::may_remove_itself(&membership, node.id)
+        })
+    }
+
     /// Region `i`'s view of the committed control state, while its node runs.
     pub fn state(&self, i: usize) -> Option<ControlState> {
         self.nodes[i].running.as_ref()?.1.state()

@@ -952,7 +952,7 @@ impl<'a> World<'a> {
                             .get(&m.id)
                             .is_none_or(|c| !c.vector.dominates(&held))
                     });
-                if !behind {
+                if !behind && control.may_remove_itself(region) {
                     self.ask(region, region, ControlCommand::Remove(id));
                 }
             }

@@ -99,9 +99,21 @@ pub fn raft_config() -> openraft::Config {
     }
 }
 
+/// Whether a draining `node` may commit its own removal, by the Raft membership it knows: no
+/// change of voters under way, and `node` not a voter. A voter that removed itself would stop
+/// before the leader had changed the voters without it, and the change, needing its vote, would
+/// never commit, nor would anything after it.
+pub fn may_remove_itself(
+    membership: &openraft::StoredMembership<u64, openraft::BasicNode>,
+    node: u64,
+) -> bool {
+    membership.membership().get_joint_config().len() == 1
+        && !membership.voter_ids().any(|v| v == node)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -551,5 +563,31 @@ mod tests {
             }
             response.data
         }
+    }
+
+    #[test]
+    fn a_draining_voter_may_not_remove_itself_until_the_voters_changed_without_it() {
+        use openraft::{Membership, StoredMembership};
+        let nodes = |ids: &[u64]| -> BTreeMap<u64, BasicNode> {
+            ids.iter().map(|id| (*id, BasicNode::default())).collect()
+        };
+        let config = |voters: Vec<BTreeSet<u64>>| {
+            StoredMembership::new(None, Membership::new(voters, nodes(&[1, 2, 3])))
+        };
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<u64>>();
+        // Still a voter: no.
+        assert!(!super::may_remove_itself(&config(vec![set(&[1, 2])]), 2));
+        // The leader's change under way ({1, 2} to {1}, joint): no.
+        assert!(!super::may_remove_itself(
+            &config(vec![set(&[1, 2]), set(&[1])]),
+            2
+        ));
+        // The change done, 2 a learner: yes.
+        assert!(super::may_remove_itself(&config(vec![set(&[1])]), 2));
+        // A learner while another change is under way: no.
+        assert!(!super::may_remove_itself(
+            &config(vec![set(&[1, 3]), set(&[1])]),
+            2
+        ));
     }
 }

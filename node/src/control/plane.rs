@@ -859,6 +859,11 @@ impl ControlPlane {
             debug!(?behind, seq = %mine, "leaving: waiting for the others to hold this region's events");
             return false;
         }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        if !super::may_remove_itself(&membership, self.node.0) {
+            debug!("leaving: waiting for the voters to change without this region");
+            return false;
+        }
         match self.propose(ControlCommand::Remove(self.node)).await {
             Ok(ControlReply::Applied) => {
                 info!(seq = %mine, "left the mesh: every other region holds this region's events");
