@@ -116,6 +116,19 @@ pub async fn join(
     run_node(config, Some(plan), shutdown).await
 }
 
+/// Written when a peer told this node it was removed from the mesh (see `Mesh::told_removed`).
+pub const REMOVED_MARKER: &str = "REMOVED";
+
+/// Why a removed region does not start.
+fn removed_error(config: &NodeConfig) -> NodeError {
+    NodeError::Task(format!(
+        "region {} (node {}) was removed from the mesh, and a removed node's id is never used \
+         again: set this region up anew to bring it back",
+        config.region,
+        config.node()
+    ))
+}
+
 fn marker_error(path: &std::path::Path, source: std::io::Error) -> NodeError {
     NodeError::Task(format!("cannot write {}: {source}", path.display()))
 }
@@ -150,6 +163,9 @@ async fn run_node(
         addr: config.listen.resp,
         source,
     })?;
+    if config.data_dir.join(REMOVED_MARKER).exists() {
+        return Err(removed_error(&config));
+    }
     let joined = config.data_dir.join(JOINED_MARKER);
     let pending = config.data_dir.join(SNAPSHOT_PENDING_MARKER);
     if plan.is_none() && pending.exists() {
@@ -239,6 +255,7 @@ async fn run_node(
         faults: faults.clone(),
         control: OnceLock::new(),
         connections: Arc::default(),
+        told_removed: Arc::default(),
     });
     let control = ControlPlane::start(
         &control_dir(&config.data_dir),
@@ -249,13 +266,7 @@ async fn run_node(
     )
     .await?;
     match control.own_state() {
-        Some(MemberState::Removed) => {
-            return Err(NodeError::Task(format!(
-                "region {} (node {node}) was removed from the mesh, and a removed node's id is \
-                 never used again: set this region up anew to bring it back",
-                config.region
-            )));
-        }
+        Some(MemberState::Removed) => return Err(removed_error(&config)),
         // It was leaving when it stopped: it takes no writes (queued before any client's).
         Some(MemberState::Draining) => {
             let _ = inputs.send(crate::driver::Input::Leaving).await;
@@ -377,6 +388,11 @@ async fn run_node(
     endpoint.close(quinn::VarInt::from_u32(0), b"node stopping");
     if let Err(err) = &result {
         crate::driver::log_fatal(err);
+    }
+    if mesh.told_removed.load(std::sync::atomic::Ordering::SeqCst) {
+        // Its own control log may never say so (it was cut off when the removal committed):
+        // the marker keeps it from starting again and taking writes no region would receive.
+        set_marker(&config.data_dir.join(REMOVED_MARKER), true)?;
     }
     Ok(result?)
 }

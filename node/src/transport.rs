@@ -33,7 +33,7 @@ use braid_protocol::{
     ClusterId, ErrorCode, ErrorMessage, Handshake, Message, NodeId, StreamKind, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::control::ControlRaft;
 use crate::driver::{Input, PeerInput, STREAM_OUTBOX_MAX};
@@ -46,6 +46,8 @@ const RECONNECT_MS_MIN: u64 = 100;
 const RECONNECT_MS_MAX: u64 = 2_000;
 /// The largest frame buffer a stream keeps between frames (most frames are far smaller).
 const BODY_KEPT_BYTES_MAX: usize = 64 * 1024;
+/// The QUIC close code that tells a peer it was removed from the mesh.
+const CLOSE_REMOVED: u32 = 3;
 /// How long a subscription stream must have run for its end to reset the backoff.
 const STREAM_SETTLED_MS: u64 = 5_000;
 
@@ -86,6 +88,10 @@ pub struct PeerEntry {
 #[derive(Debug, Default)]
 pub struct Directory {
     peers: std::sync::RwLock<BTreeMap<NodeId, PeerEntry>>,
+    /// Members the control plane removed: refused like any unknown peer, but told why, so that
+    /// one removed while it was cut off learns it and stops instead of taking writes no other
+    /// region will ever receive.
+    removed: std::sync::RwLock<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Directory {
@@ -120,6 +126,19 @@ impl Directory {
             );
         }
         *map = next;
+    }
+
+    /// Records the members the control plane removed (every one, each time).
+    pub fn set_removed(&self, removed: impl IntoIterator<Item = NodeId>) {
+        *self.removed.write().unwrap_or_else(|e| e.into_inner()) = removed.into_iter().collect();
+    }
+
+    /// Whether `peer` was removed from the mesh.
+    pub fn is_removed(&self, peer: NodeId) -> bool {
+        self.removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
     }
 
     /// Whether `peer` is known.
@@ -172,6 +191,9 @@ pub struct Mesh {
     pub control: OnceLock<ControlRaft>,
     /// The connection of each open subscription, for the control plane's calls to share.
     pub connections: Arc<std::sync::Mutex<BTreeMap<NodeId, quinn::Connection>>>,
+    /// A peer told this node it was removed from the mesh (its control plane had not learned
+    /// it: it was cut off when the removal committed).
+    pub told_removed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why a stream ended.
@@ -295,6 +317,14 @@ async fn accept_loop(
                     return;
                 }
             };
+            if let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.is_removed(*p)) {
+                warn!(%peer, %remote, "refused peer: it was removed from the mesh (told so)");
+                connection.close(
+                    quinn::VarInt::from_u32(CLOSE_REMOVED),
+                    b"removed from the mesh",
+                );
+                return;
+            }
             let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.contains(*p)) else {
                 warn!(%remote, "refused peer: its certificate names no node of this cluster");
                 connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
@@ -446,17 +476,21 @@ async fn subscriber(
             let connecting = endpoint
                 .connect(addr, &node_dns_name(peer))
                 .map_err(|e| e.to_string())?;
-            let connection = connecting.await.map_err(|e| e.to_string())?;
+            let connection = connecting.await.map_err(|e| told(&e))?;
             mesh.share_connection(peer, &connection);
-            let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            let (send, recv) = connection.open_bi().await.map_err(|e| told(&e))?;
             info!(%peer, %addr, "subscribing");
             let (mut send, mut recv) = (send, recv);
             let result = match handshake(&mesh, peer, &mut send, &mut recv).await {
                 Ok(()) => run_stream(&mesh, peer, StreamKind::Subscription, send, recv, None).await,
                 Err(err) => Err(err),
             };
+            let removed = connection.close_reason().as_ref().map(told);
             connection.close(quinn::VarInt::from_u32(0), b"subscription ended");
-            result.map_err(|e| e.to_string())
+            match removed {
+                Some(told) if told == REMOVED => Err(told),
+                _ => result.map_err(|e| e.to_string()),
+            }
         };
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -468,6 +502,12 @@ async fn subscriber(
         // subscription (it is behind us, or does not link us yet) ends it cleanly at once: that
         // must back off like any failure, not reconnect ten times a second.
         let lasted = started.elapsed() >= Duration::from_millis(STREAM_SETTLED_MS);
+        if outcome.as_ref().is_err_and(|err| err == REMOVED) {
+            error!(%peer, "the peer says this region was removed from the mesh: stopping");
+            mesh.told_removed.store(true, Ordering::SeqCst);
+            let _ = mesh.send_input(Input::Removed).await;
+            return;
+        }
         match outcome {
             Ok(()) if lasted => {
                 backoff_ms = RECONNECT_MS_MIN;
@@ -488,6 +528,22 @@ async fn subscriber(
             _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
         }
         backoff_ms = (backoff_ms * 2).min(RECONNECT_MS_MAX);
+    }
+}
+
+/// What a subscription attempt says when the peer closed the connection because this node
+/// was removed from the mesh.
+const REMOVED: &str = "removed from the mesh";
+
+/// A connection error as text: [`REMOVED`] when the peer closed it with [`CLOSE_REMOVED`].
+fn told(err: &quinn::ConnectionError) -> String {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_REMOVED) =>
+        {
+            REMOVED.to_string()
+        }
+        other => other.to_string(),
     }
 }
 

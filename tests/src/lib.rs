@@ -170,6 +170,22 @@ impl Node {
         self.child.is_some()
     }
 
+    /// Waits up to `within` for the process to end on its own; its exit status if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("wait for braid") {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The most memory the running process has had resident so far (`VmHWM`), in bytes.
     pub fn peak_resident_bytes(&self) -> u64 {
         let child = self.child.as_ref().expect("the node is running");

@@ -449,3 +449,76 @@ fn t75_a_key_larger_than_a_frame_reaches_a_joining_region_in_parts() {
     );
     cluster.wait_converged(SETTLE);
 }
+
+/// Sets the faults of `region` (fault injection on).
+fn faults(cluster: &mut Cluster, region: &str, body: &str) {
+    let http = cluster.node(region).http;
+    braid_tests::http_post(http, "/faults", body)
+        .unwrap_or_else(|e| panic!("POST /faults to {region}: {e}"));
+}
+
+#[test]
+fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
+    let mut cluster = Cluster::start(Layout::mesh(3).with_fault_injection());
+    wait_for(
+        &mut cluster,
+        &["a", "b", "c"],
+        "the group bootstrapped",
+        |s| s.iter().all(|s| s.control.members.len() == 3),
+    );
+    faults(&mut cluster, "c", r#"{"cut": ["a", "b"]}"#);
+    faults(&mut cluster, "a", r#"{"cut": ["c"]}"#);
+    faults(&mut cluster, "b", r#"{"cut": ["c"]}"#);
+    let http = cluster.node("b").http.to_string();
+    let out = braid(&["remove", "--http", &http, "--region", "c"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(&mut cluster, &["a", "b"], "c removed", |s| {
+        s.iter()
+            .all(|s| member_state(s, "c").as_deref() == Some("removed"))
+    });
+    // Cut off, c never learned: it still takes writes, which no other region will receive.
+    let _: () = cluster.node("c").redis().set("lost", "1").unwrap();
+    // c's links to the follower heal; to the leader, which would replicate the removal to it
+    // while it is still in the Raft group, they stay cut: as once the leader has dropped it.
+    let leader = cluster.node("a").status().control.leader.expect("a leader");
+    let follower = if leader == "a" { "b" } else { "a" };
+    faults(&mut cluster, follower, "{}");
+    faults(&mut cluster, "c", &format!(r#"{{"cut": ["{leader}"]}}"#));
+    // Its next connection to the follower is refused with the reason: it stops.
+    let exit = cluster.node("c").wait_exit(SETTLE);
+    assert!(
+        exit.is_some(),
+        "c still runs, taking writes, after the heal"
+    );
+    assert!(
+        cluster
+            .node(follower)
+            .log()
+            .contains("it was removed from the mesh (told so)"),
+        "{}",
+        cluster.node(follower).log()
+    );
+    assert!(
+        cluster
+            .node("c")
+            .log()
+            .contains("the peer says this region was removed from the mesh"),
+        "{}",
+        cluster.node("c").log()
+    );
+    // And it does not start again to take writes.
+    cluster.node("c").start();
+    let exit = cluster
+        .node("c")
+        .wait_exit(SETTLE)
+        .expect("c refuses to start");
+    assert!(!exit.success());
+    let log = cluster.node("c").log();
+    assert!(
+        log.rsplit("node listening")
+            .next()
+            .unwrap_or(&log)
+            .contains("was removed from the mesh"),
+        "{log}"
+    );
+}

@@ -425,6 +425,12 @@ impl ControlPlane {
                 }
             });
         self.mesh.peers.update(peers);
+        self.mesh.peers.set_removed(
+            state
+                .members()
+                .filter(|m| m.state == MemberState::Removed)
+                .map(|m| m.id),
+        );
     }
 
     /// Removes the member named `region` from the mesh for good: one that is dead, or a join
