@@ -411,11 +411,15 @@ impl Scenario {
                 w.rate_per_region
             ));
         }
-        if self.duration_ms < DURATION_MS_MIN {
+        // The simulator's first write in a region comes within one write interval after
+        // WORKLOAD_START_MS: a run must last that long to write anything at all.
+        let shortest =
+            DURATION_MS_MIN.max(WORKLOAD_START_MS + 1_000_u64.div_ceil(w.rate_per_region));
+        if self.duration_ms < shortest {
             return invalid(format!(
-                "duration-ms must be at least {DURATION_MS_MIN} (the simulator's writes start \
-                 {WORKLOAD_START_MS} ms in), not {}",
-                self.duration_ms
+                "duration-ms must be at least {shortest} at {} writes per second (the \
+                 simulator's writes start {WORKLOAD_START_MS} ms in, one interval apart), not {}",
+                w.rate_per_region, self.duration_ms
             ));
         }
         let mut last = 0;
@@ -834,6 +838,10 @@ converged-within-ms = 5000
         Scenario::parse(&duration(DURATION_MS_MIN)).unwrap();
         refused(duration(0), "duration-ms must be at least 1000");
         refused(duration(500), "not 500");
+        // At one write per second the first may come 1.5 s in.
+        let slow = duration(1_000).replace("rate-per-region = 100", "rate-per-region = 1");
+        refused(slow.clone(), "at least 1500 at 1 writes per second");
+        Scenario::parse(&slow.replace("duration-ms = 1000", "duration-ms = 1500")).unwrap();
     }
 
     #[test]

@@ -508,11 +508,12 @@ async fn subscriber(
             let _ = mesh.send_input(Input::Removed).await;
             return;
         }
+        if lasted {
+            // It worked for a while: whatever ended it, the next attempt starts afresh.
+            backoff_ms = RECONNECT_MS_MIN;
+        }
         match outcome {
-            Ok(()) if lasted => {
-                backoff_ms = RECONNECT_MS_MIN;
-                warned = None;
-            }
+            Ok(()) if lasted => warned = None,
             Ok(()) => debug!(%peer, retry_ms = backoff_ms, "subscription ended at once"),
             Err(err) if warned.as_ref() != Some(&err) => {
                 warn!(%peer, ?addr, error = %err, retry_ms = backoff_ms, "subscription failed");

@@ -216,6 +216,8 @@ fn run() -> Result<bool> {
             },
     } = Cli::parse();
     let scenario = Scenario::load(&path)?;
+    // Every argument checked before an output file is created (and so emptied).
+    let range = seeds.as_deref().map(parse_range).transpose()?;
     let json = match json {
         Some(p) => Some((create_output(&p, "report")?, p)),
         None => None,
@@ -229,8 +231,7 @@ fn run() -> Result<bool> {
         bug: inject_bug,
         keep_trace,
     };
-    if let Some(range) = seeds {
-        let (from, to) = parse_range(&range)?;
+    if let Some((from, to)) = range {
         let mut reports = Vec::new();
         let total = to - from;
         for (done, seed) in (from..to).enumerate() {

@@ -111,7 +111,9 @@ pub async fn transport(
     let receiver = tokio::spawn(async move {
         let incoming = server.accept().await.ok_or("no connection")?;
         let connection = incoming.await.map_err(|e| e.to_string())?;
-        let mut stream = connection.accept_uni().await.map_err(|e| e.to_string())?;
+        // Bidirectional, as every stream of the mesh is (a peer may open no other kind); only
+        // its receiving half is used.
+        let (_send, mut stream) = connection.accept_bi().await.map_err(|e| e.to_string())?;
         let mut buffer = vec![0u8; 64 * 1024];
         let mut received: u64 = 0;
         let mut last_byte = Instant::now();
@@ -129,8 +131,8 @@ pub async fn transport(
         .map_err(|e| fail("QUIC connect", &e))?
         .await
         .map_err(|e| fail("QUIC connect", &e))?;
-    let mut stream = connection
-        .open_uni()
+    let (mut stream, _recv) = connection
+        .open_bi()
         .await
         .map_err(|e| fail("QUIC stream", &e))?;
     let frame = bytes::Bytes::from(vec![b'f'; frame_bytes]);

@@ -79,6 +79,9 @@ pub const PROPOSE_MS_MAX: u64 = 10_000;
 /// Pause before a proposal is tried again when it found no leader or failed.
 pub const PROPOSE_RETRY_MS: u64 = 200;
 
+/// Longest one snapshot chunk's call may take, in milliseconds.
+pub const INSTALL_SNAPSHOT_MS_MAX: u64 = 10_000;
+
 /// Raft timings for a mesh of regions: heartbeats every 500 ms, elections after 1.5-3 s of
 /// silence. openraft also gives every AppendEntries call one heartbeat interval to be answered:
 /// a round trip between regions (up to about 300 ms between the farthest) plus the follower's
@@ -89,6 +92,9 @@ pub fn raft_config() -> openraft::Config {
         heartbeat_interval: 500,
         election_timeout_min: 1_500,
         election_timeout_max: 3_000,
+        // Each snapshot chunk (up to 1 MiB) must be sent and answered within this (openraft's
+        // default, 200 ms, is less than a round trip between regions far apart).
+        install_snapshot_timeout: INSTALL_SNAPSHOT_MS_MAX,
         // A snapshot chunk must fit in one frame with room to spare.
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES_MAX,
         // Checkpoints arrive every few seconds from every node: a snapshot every 1,000 entries
@@ -141,6 +147,24 @@ mod tests {
 
     const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
+    /// A Raft log a test group runs on, and where its state machines keep snapshots: a node
+    /// keeps them in its on-disk log, whose purge waits for them.
+    trait TestLog: openraft::storage::RaftLogStorage<ControlConfig> {
+        fn vault(&self) -> Option<Arc<dyn super::store::SnapshotVault>>;
+    }
+
+    impl TestLog for MemLogStore {
+        fn vault(&self) -> Option<Arc<dyn super::store::SnapshotVault>> {
+            None
+        }
+    }
+
+    impl TestLog for super::rocks_log::RocksRaftLog {
+        fn vault(&self) -> Option<Arc<dyn super::store::SnapshotVault>> {
+            Some(Arc::new(self.clone()))
+        }
+    }
+
     struct Group {
         router: Router,
         nodes: BTreeMap<u64, (ControlRaft, StateMachineStore)>,
@@ -157,7 +181,7 @@ mod tests {
 
         /// Starts `n` nodes on the logs `logs` gives; `initialize` a new group, or not (the
         /// nodes restart on logs that already hold one).
-        async fn start_on<L: openraft::storage::RaftLogStorage<ControlConfig>>(
+        async fn start_on<L: TestLog>(
             n: u64,
             config: openraft::Config,
             initialize: bool,
@@ -169,16 +193,15 @@ mod tests {
             let router = Router::new();
             let mut nodes = BTreeMap::new();
             for id in 1..=n {
-                let machine = StateMachineStore::new(initial.clone());
-                let raft = ControlRaft::new(
-                    id,
-                    config.clone(),
-                    router.network(id),
-                    logs(id),
-                    machine.clone(),
-                )
-                .await
-                .unwrap();
+                let log = logs(id);
+                let machine = match log.vault() {
+                    Some(vault) => StateMachineStore::new_keeping(initial.clone(), vault),
+                    None => StateMachineStore::new(initial.clone()),
+                };
+                let raft =
+                    ControlRaft::new(id, config.clone(), router.network(id), log, machine.clone())
+                        .await
+                        .unwrap();
                 router.add(id, raft.clone());
                 nodes.insert(id, (raft, machine));
             }

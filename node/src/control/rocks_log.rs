@@ -19,6 +19,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -27,7 +28,7 @@ use rocksdb::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::debug;
+use tracing::warn;
 
 use super::store::{Meta, SnapshotVault};
 use super::ControlConfig;
@@ -40,6 +41,11 @@ const META_VOTE: &[u8] = b"vote";
 const META_COMMITTED: &[u8] = b"committed";
 const META_PURGED: &[u8] = b"purged";
 const META_SNAPSHOT: &[u8] = b"snapshot";
+
+/// Longest a purge waits for the snapshot covering it to be saved.
+const PURGE_WAIT_MS_MAX: u64 = 10_000;
+/// How often a waiting purge looks for it.
+const PURGE_POLL_MS: u64 = 5;
 
 /// The Raft log and vote on disk. Cheap to clone: clones share the database (one is the
 /// reader openraft asks for).
@@ -273,26 +279,33 @@ impl RaftLogStorage<ControlConfig> for RocksRaftLog {
         self.db.write_opt(batch, &synced()).map_err(write_err)
     }
 
-    /// Deletes the entries up to `log_id`, but never past the snapshot this database holds.
+    /// Deletes the entries up to `log_id`, once the snapshot this database holds covers them.
     /// openraft purges as soon as it hands a received snapshot to the state machine, without
-    /// waiting for the snapshot to be saved: a crash in between would leave neither the entries
-    /// nor a snapshot covering them, and a node that cannot start. What is kept goes with the
-    /// next purge.
+    /// waiting for the snapshot to be saved (another task saves it): a crash in between would
+    /// leave neither the entries nor a snapshot covering them, and a node that cannot start. So
+    /// the purge waits for the save, which takes milliseconds; past [`PURGE_WAIT_MS_MAX`] (a
+    /// snapshot that will not be saved) it purges as asked, as before.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let covered = self.load()?.and_then(|(meta, _)| meta.last_log_id);
-        let through = match covered {
-            // No snapshot covers any entry yet: every entry is kept.
-            None => return Ok(()),
-            Some(covered) if covered.index < log_id.index => {
-                debug!(
-                    asked = log_id.index,
-                    kept_from = covered.index + 1,
-                    "purge held at the saved snapshot"
-                );
-                covered
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(PURGE_WAIT_MS_MAX);
+        loop {
+            let covered = self
+                .load()?
+                .and_then(|(meta, _)| meta.last_log_id)
+                .is_some_and(|saved| saved.index >= log_id.index);
+            if covered {
+                break;
             }
-            Some(_) => log_id,
-        };
+            if tokio::time::Instant::now() >= deadline {
+                warn!(
+                    upto = log_id.index,
+                    "purging the Raft log past the saved snapshot: none covering it was saved \
+                     within {PURGE_WAIT_MS_MAX} ms"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(PURGE_POLL_MS)).await;
+        }
+        let through = log_id;
         let mut batch = WriteBatch::default();
         self.delete_range(&mut batch, 0, Some(through.index.saturating_add(1)))?;
         batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&through)?);
@@ -318,9 +331,9 @@ mod tests {
     }
 
     #[test]
-    fn a_purge_never_goes_past_the_saved_snapshot() {
+    fn a_purge_waits_for_the_snapshot_that_covers_it_to_be_saved() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RocksRaftLog::open(dir.path()).unwrap();
+        let log = RocksRaftLog::open(dir.path()).unwrap();
         let mut batch = WriteBatch::default();
         for index in 1..=6 {
             let entry = Entry::<ControlConfig> {
@@ -335,33 +348,30 @@ mod tests {
         }
         log.db.write(batch).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let indexes = |log: &mut RocksRaftLog| {
-                let log = log.clone();
+            let indexes = |log: &RocksRaftLog| {
+                let mut log = log.clone();
                 async move {
-                    let mut log = log;
                     let entries = log.try_get_log_entries(0..100).await.unwrap();
                     entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>()
                 }
             };
-            // No snapshot yet: nothing is covered, nothing goes.
-            log.purge(log_id(4)).await.unwrap();
-            assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5, 6]);
-            // openraft purges to 4 while the snapshot saved covers 2 (a received snapshot not
-            // yet saved): 3 and 4 stay, to rebuild the state from at a restart.
+            // openraft purges to 4 while the snapshot saved covers 2 (a received snapshot the
+            // state machine has not saved yet): nothing goes until the snapshot through 4 is.
             log.save(&snapshot_through(2), b"state").unwrap();
-            log.purge(log_id(4)).await.unwrap();
-            assert_eq!(indexes(&mut log).await, [3, 4, 5, 6]);
-            let state = log.get_log_state().await.unwrap();
-            assert_eq!(state.last_purged_log_id, Some(log_id(2)));
-            // Once the snapshot through 6 is saved, the next purge goes as far as it asks.
-            log.save(&snapshot_through(6), b"state").unwrap();
-            log.purge(log_id(5)).await.unwrap();
-            assert_eq!(indexes(&mut log).await, [6]);
-            let state = log.get_log_state().await.unwrap();
-            assert_eq!(state.last_purged_log_id, Some(log_id(5)));
+            let mut purging = log.clone();
+            let purge = tokio::spawn(async move { purging.purge(log_id(4)).await });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!purge.is_finished(), "purged before the snapshot was saved");
+            assert_eq!(indexes(&log).await, [1, 2, 3, 4, 5, 6]);
+            log.save(&snapshot_through(4), b"state").unwrap();
+            purge.await.unwrap().unwrap();
+            assert_eq!(indexes(&log).await, [5, 6]);
+            let state = log.clone().get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(4)));
         });
     }
 }

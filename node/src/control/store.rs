@@ -205,6 +205,12 @@ impl StateMachineStore {
         StateMachineStore::with(Some(initial), None)
     }
 
+    /// The same, keeping every snapshot it builds or installs in `vault`, as a node's does (the
+    /// on-disk log waits for them before it purges).
+    pub fn new_keeping(initial: ControlState, vault: Arc<dyn SnapshotVault>) -> StateMachineStore {
+        StateMachineStore::with(Some(initial), Some(vault))
+    }
+
     fn with(state: Option<ControlState>, vault: Option<Arc<dyn SnapshotVault>>) -> Self {
         StateMachineStore {
             inner: Arc::new(Mutex::new(MachineInner {
