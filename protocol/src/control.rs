@@ -569,6 +569,15 @@ impl ControlState {
         self.active().take(VOTERS_MAX).map(|m| m.id).collect()
     }
 
+    /// The voters once `node` stops being active (drains): the Raft voters a leave changes to.
+    pub fn voters_without(&self, node: NodeId) -> BTreeSet<NodeId> {
+        self.active()
+            .filter(|m| m.id != node)
+            .take(VOTERS_MAX)
+            .map(|m| m.id)
+            .collect()
+    }
+
     /// Options of keyspaces, by key prefix.
     pub fn keyspaces(&self) -> &BTreeMap<String, KeyspaceOptions> {
         &self.keyspaces

@@ -522,3 +522,37 @@ fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
         "{log}"
     );
 }
+
+#[test]
+fn t75_a_leave_that_would_need_a_dead_voters_vote_is_refused_with_the_way_out() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    wait_for(
+        &mut cluster,
+        &["a", "b", "c"],
+        "every member reported a checkpoint",
+        |s| {
+            s.iter().all(|s| {
+                s.control.members.len() == 3
+                    && s.control.members.iter().all(|m| m.checkpoint.is_some())
+            })
+        },
+    );
+    // b dies; c leaving would change the voters {a, b, c} to {a, b}, which needs b's vote.
+    cluster.node("b").kill9();
+    std::thread::sleep(Duration::from_secs(12));
+    let http = cluster.node("c").http.to_string();
+    let out = braid(&["leave", "--http", &http]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the leave was accepted: {stderr}");
+    assert!(
+        stderr.contains("needs the votes of b") && stderr.contains("braid remove"),
+        "{stderr}"
+    );
+    // Nothing changed: c is still active and takes writes.
+    let statuses = wait_for(&mut cluster, &["a", "c"], "c still active", |s| {
+        s.iter()
+            .all(|s| member_state(s, "c").as_deref() == Some("active"))
+    });
+    assert_eq!(statuses.len(), 2);
+    let _: () = cluster.node("c").redis().set("still", "1").unwrap();
+}

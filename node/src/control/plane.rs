@@ -52,6 +52,10 @@ use crate::driver::{now_ms, Input};
 use crate::transport::Mesh;
 
 /// Longest wait for the leader's answer to one forwarded proposal.
+/// How long a voter may go without reporting a checkpoint (every 3 s) before a leave counts it
+/// as dead ([`ControlPlane::leave`]).
+const VOTER_SILENT_MS: u64 = 10_000;
+
 const FORWARD_MS_MAX: u64 = 5_000;
 
 /// Longest wait at start for the committed control log to be applied.
@@ -820,9 +824,36 @@ impl ControlPlane {
 
     /// Starts this region's departure: it drains (ships what it holds, takes no new writes),
     /// then removes itself once every other member holds all of its events, and stops.
+    ///
+    /// Refused while the voters it would leave behind have no live majority (those that have
+    /// not reported a checkpoint for [`VOTER_SILENT_MS`] count as dead): the change of voters
+    /// a leave makes needs their votes, and would hold the control plane still until they came
+    /// back.
     pub async fn leave(&self) -> Result<ControlReply, ControlPlaneError> {
         if self.own_state() == Some(MemberState::Draining) {
             return Ok(ControlReply::Applied);
+        }
+        if let Some(state) = self.state() {
+            let after = state.voters_without(self.node);
+            let now = now_ms();
+            let silent: Vec<&str> = after
+                .iter()
+                .filter(|id| {
+                    state
+                        .checkpoints()
+                        .get(id)
+                        .is_none_or(|c| now.saturating_sub(c.reported_ms) > VOTER_SILENT_MS)
+                })
+                .filter_map(|id| state.member(*id).map(|m| m.region.as_str()))
+                .collect();
+            if !after.is_empty() && (after.len() - silent.len()) * 2 <= after.len() {
+                return Err(ControlPlaneError::Invalid(format!(
+                    "leaving now needs the votes of {}, which reported no checkpoint for over {} \
+                     s: bring them back, or remove them first (`braid remove --region NAME`)",
+                    silent.join(", "),
+                    VOTER_SILENT_MS / 1000
+                )));
+            }
         }
         self.propose(ControlCommand::Drain(self.node)).await
     }
