@@ -539,7 +539,8 @@ fn t75_a_leave_that_would_need_a_dead_voters_vote_is_refused_with_the_way_out() 
     );
     // b dies; c leaving would change the voters {a, b, c} to {a, b}, which needs b's vote.
     cluster.node("b").kill9();
-    std::thread::sleep(Duration::from_secs(12));
+    // Its last checkpoint ages past 30 s.
+    std::thread::sleep(Duration::from_secs(33));
     let http = cluster.node("c").http.to_string();
     let out = braid(&["leave", "--http", &http]);
     let stderr = String::from_utf8_lossy(&out.stderr);

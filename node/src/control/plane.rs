@@ -53,8 +53,9 @@ use crate::transport::Mesh;
 
 /// Longest wait for the leader's answer to one forwarded proposal.
 /// How long a voter may go without reporting a checkpoint (every 3 s) before a leave counts it
-/// as dead ([`ControlPlane::leave`]).
-const VOTER_SILENT_MS: u64 = 10_000;
+/// as dead ([`ControlPlane::leave`]). Reports carry their reporter's clock: the margin covers
+/// clocks some seconds apart.
+const VOTER_SILENT_MS: u64 = 30_000;
 
 const FORWARD_MS_MAX: u64 = 5_000;
 
@@ -134,8 +135,9 @@ pub struct ControlStatus {
     pub links: Vec<[String; 2]>,
     /// Whether the committed topology links every member to every other.
     pub full_mesh: bool,
-    /// Per origin region, the highest sequence number every active or draining member has
-    /// applied (what may be garbage-collected); empty while one of them has not reported.
+    /// Per origin region, the highest sequence number every member not removed (joining,
+    /// active or draining) has applied (what may be garbage-collected); empty while one of them
+    /// has not reported.
     pub stable_frontier: BTreeMap<String, u64>,
     /// The stable HLC, as `wall_ms.logical`: every event some member lacks carries a greater
     /// one, so tombstones at or below it are dropped. Null until every member's reports are
@@ -825,8 +827,8 @@ impl ControlPlane {
     /// Starts this region's departure: it drains (ships what it holds, takes no new writes),
     /// then removes itself once every other member holds all of its events, and stops.
     ///
-    /// Refused while the voters it would leave behind have no live majority (those that have
-    /// not reported a checkpoint for [`VOTER_SILENT_MS`] count as dead): the change of voters
+    /// Refused while the voters it would leave behind have no live majority (those whose last
+    /// checkpoint is older than [`VOTER_SILENT_MS`] count as dead): the change of voters
     /// a leave makes needs their votes, and would hold the control plane still until they came
     /// back.
     pub async fn leave(&self) -> Result<ControlReply, ControlPlaneError> {
@@ -838,11 +840,13 @@ impl ControlPlane {
             let now = now_ms();
             let silent: Vec<&str> = after
                 .iter()
+                // One that has not reported yet (a group just started) is given the benefit
+                // of the doubt.
                 .filter(|id| {
                     state
                         .checkpoints()
                         .get(id)
-                        .is_none_or(|c| now.saturating_sub(c.reported_ms) > VOTER_SILENT_MS)
+                        .is_some_and(|c| now.saturating_sub(c.reported_ms) > VOTER_SILENT_MS)
                 })
                 .filter_map(|id| state.member(*id).map(|m| m.region.as_str()))
                 .collect();
