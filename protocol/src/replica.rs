@@ -1151,6 +1151,9 @@ impl<S: Storage> Replica<S> {
 
     fn hold(&mut self, event: ChangeEvent, now_ms: u64) {
         self.gap_since_ms.get_or_insert(now_ms);
+        if self.held.contains_key(&(event.origin, event.seq)) {
+            return; // held already (an event is the same wherever it comes from)
+        }
         let bytes = event_size_bytes(&event);
         if self.held.len() >= self.config.held_events_max
             || self.held_bytes + bytes > self.config.held_bytes_max
@@ -1158,9 +1161,7 @@ impl<S: Storage> Replica<S> {
             self.stats.held_dropped += 1;
             return;
         }
-        if let Some(replaced) = self.held.insert((event.origin, event.seq), event) {
-            self.held_bytes -= event_size_bytes(&replaced);
-        }
+        self.held.insert((event.origin, event.seq), event);
         self.held_bytes += bytes;
     }
 

@@ -1889,6 +1889,16 @@ fn events_held_ahead_of_a_gap_are_bounded_in_bytes_as_well_as_in_number() {
     }
     assert_eq!(a.held_events(), 2);
     assert_eq!(a.stats().held_dropped, 1);
+    // One held already, sent again (a rewind): kept once, and not counted as dropped.
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![events[1].clone()]),
+        21,
+    )
+    .unwrap();
+    assert_eq!(a.held_events(), 2);
+    assert_eq!(a.stats().held_dropped, 1);
     a.check_invariants();
     a.handle_message(
         B,

@@ -45,6 +45,10 @@ type RaftNodeId = u64;
 /// Longest wait for a QUIC connection to a peer to be set up for a call.
 const CONNECT_MS_MAX: u64 = 2_000;
 
+/// How long a stream set up for a call that gave up waits for the next call: past it, set up
+/// another (the peer waits 5 s for a stream's first call).
+const OPENED_KEPT_MS: u64 = 2_000;
+
 /// The network openraft uses to reach the other nodes' control planes.
 #[derive(Debug, Clone)]
 pub struct QuicRaftNetwork {
@@ -113,7 +117,7 @@ pub struct QuicRaftClient {
     /// gives each call as long as a heartbeat interval; across regions a new stream's setup
     /// (a connection, then the handshakes) can take longer than that on its own, and every call
     /// would otherwise start it again from nothing.
-    opening: Option<tokio::task::JoinHandle<Result<Opened, CallError>>>,
+    opening: Option<tokio::task::JoinHandle<(tokio::time::Instant, Result<Opened, CallError>)>>,
 }
 
 /// A stream set up for calls, and the connection of the client's own it rides on, if it made
@@ -214,28 +218,46 @@ impl QuicRaftClient {
 
     async fn open(&mut self) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
         let target = self.target;
-        let opening = self.opening.get_or_insert_with(|| {
-            let own = self
-                .connection
-                .clone()
-                .filter(|own| own.close_reason().is_none());
-            tokio::spawn(open_stream(
-                self.mesh.clone(),
-                self.endpoint.clone(),
-                target,
-                own,
-            ))
-        });
-        // Cancelled here (the call timed out), the task goes on and the next call takes its
-        // stream.
-        let opened = opening.await;
-        self.opening = None;
-        let (own, send, recv) = opened
-            .map_err(|e| CallError::Failed(format!("{target}: setting up a stream: {e}")))??;
-        if own.is_some() {
-            self.connection = own;
+        loop {
+            let opening = self.opening.get_or_insert_with(|| {
+                let own = self
+                    .connection
+                    .clone()
+                    .filter(|own| own.close_reason().is_none());
+                let (mesh, endpoint) = (self.mesh.clone(), self.endpoint.clone());
+                tokio::spawn(async move {
+                    let opened = open_stream(mesh, endpoint, target, own).await;
+                    (tokio::time::Instant::now(), opened)
+                })
+            });
+            // Cancelled here (the call timed out), the task goes on and the next call takes
+            // its stream.
+            let finished = opening.is_finished();
+            let (done_at, opened) = opening
+                .await
+                .map_err(|e| CallError::Failed(format!("{target}: setting up a stream: {e}")))?;
+            self.opening = None;
+            // A setup that finished long before this call (its caller gave up, and no call came
+            // for a while): its error is old news, and its stream may have been given up by the
+            // peer, which waits only so long for the first call. Set up another.
+            if finished && done_at.elapsed() > Duration::from_millis(OPENED_KEPT_MS) {
+                continue;
+            }
+            let (own, send, recv) = opened?;
+            if own.is_some() {
+                self.connection = own;
+            }
+            return Ok((send, recv));
         }
-        Ok((send, recv))
+    }
+}
+
+impl Drop for QuicRaftClient {
+    fn drop(&mut self) {
+        // Nobody will take the stream it sets up.
+        if let Some(opening) = self.opening.take() {
+            opening.abort();
+        }
     }
 }
 
