@@ -512,36 +512,33 @@ impl Scenario {
         })
     }
 
-    /// Explicit links: no region linked to itself, and every region reachable from the first
-    /// through them (the mesh must be able to carry every write everywhere).
+    /// Explicit links: the topology they make must hold (no region linked to itself, every
+    /// region reachable from every other), as the simulator and a node check it, with the
+    /// regions named instead of their node ids. Runs after every link is known to name a region.
     fn validate_links(&self) -> Result<(), ScenarioError> {
-        let invalid = |msg: String| Err(ScenarioError::Invalid(msg));
+        use braid_protocol::{NodeId, Topology, TopologyError};
         let Some(links) = &self.links else {
             return Ok(());
         };
-        if let Some([a, _]) = links.iter().find(|[a, b]| a == b) {
-            return invalid(format!("links: {a} is linked to itself"));
-        }
-        let mut reached: BTreeSet<&str> = BTreeSet::new();
-        let mut next = vec![self.regions[0].as_str()];
-        while let Some(region) = next.pop() {
-            if reached.insert(region) {
-                for [a, b] in links {
-                    if a == region {
-                        next.push(b);
-                    } else if b == region {
-                        next.push(a);
-                    }
-                }
-            }
-        }
-        match self.regions.iter().find(|r| !reached.contains(r.as_str())) {
-            Some(r) => invalid(format!(
-                "links: {r} cannot be reached from {} through the links",
-                self.regions[0]
-            )),
-            None => Ok(()),
-        }
+        // Node ids in region order, as the simulator and `braid cluster` number them.
+        let id = |region: &str| {
+            let at = self.regions.iter().position(|r| r == region).unwrap_or(0);
+            NodeId(at as u64 + 1)
+        };
+        let name = |node: NodeId| &self.regions[(node.0 - 1) as usize];
+        let ids = self.regions.iter().map(|r| id(r));
+        let pairs = links.iter().map(|[a, b]| (id(a), id(b)));
+        let why = match Topology::with_links(ids, pairs) {
+            Ok(_) => return Ok(()),
+            Err(TopologyError::SelfLink(node)) => format!("{} is linked to itself", name(node)),
+            Err(TopologyError::Disconnected(from, to)) => format!(
+                "{} cannot be reached from {} through the links",
+                name(to),
+                name(from)
+            ),
+            Err(other) => other.to_string(),
+        };
+        Err(ScenarioError::Invalid(format!("links: {why}")))
     }
 
     /// Regions that are members from the start: every region but those a `join` brings in.
