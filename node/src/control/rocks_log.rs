@@ -305,10 +305,9 @@ impl RaftLogStorage<ControlConfig> for RocksRaftLog {
             }
             tokio::time::sleep(Duration::from_millis(PURGE_POLL_MS)).await;
         }
-        let through = log_id;
         let mut batch = WriteBatch::default();
-        self.delete_range(&mut batch, 0, Some(through.index.saturating_add(1)))?;
-        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&through)?);
+        self.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
+        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&log_id)?);
         self.db.write_opt(batch, &synced()).map_err(write_err)
     }
 }
