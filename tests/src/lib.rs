@@ -478,6 +478,14 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no region {name}"))
     }
 
+    /// Sets `region`'s injected faults (`POST /faults`; the layout must enable fault
+    /// injection).
+    pub fn faults(&mut self, region: &str, body: &str) {
+        let http = self.node(region).http;
+        http_post(http, "/faults", body)
+            .unwrap_or_else(|e| panic!("POST /faults to {region}: {e}"));
+    }
+
     /// Waits until each listed node reports every neighbor that is also listed as connected.
     pub fn wait_connected(&self, indexes: &[usize]) {
         let names: Vec<&str> = indexes

@@ -9,11 +9,6 @@ use redis::Commands;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn faults(cluster: &mut Cluster, region: &str, body: &str) {
-    let http = cluster.node(region).http;
-    http_post(http, "/faults", body).unwrap_or_else(|e| panic!("POST /faults to {region}: {e}"));
-}
-
 fn value(cluster: &mut Cluster, region: &str, key: &str) -> Option<String> {
     cluster.node(region).redis().get(key).unwrap()
 }
@@ -65,8 +60,8 @@ fn t25_a_cut_link_stops_replication_both_ways_until_healed() {
         let err = http_post(http, "/faults", bad).unwrap_err();
         assert!(err.contains("400"), "{bad}: {err}");
     }
-    faults(&mut cluster, "a", r#"{"cut": ["b"]}"#);
-    faults(&mut cluster, "b", r#"{"cut": ["a"]}"#);
+    cluster.faults("a", r#"{"cut": ["b"]}"#);
+    cluster.faults("b", r#"{"cut": ["a"]}"#);
     let answer = http_get(http, "/faults").unwrap();
     assert!(answer.contains(r#""cut":["b"]"#), "{answer}");
     // Both sides see the peer go away.
@@ -93,8 +88,8 @@ fn t25_a_cut_link_stops_replication_both_ways_until_healed() {
         None,
         "crossed a cut link"
     );
-    faults(&mut cluster, "a", "{}");
-    faults(&mut cluster, "b", "{}");
+    cluster.faults("a", "{}");
+    cluster.faults("b", "{}");
     wait_value(&mut cluster, "b", "from-a", "1");
     wait_value(&mut cluster, "a", "from-b", "1");
 }
@@ -142,7 +137,7 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
     cluster.wait_connected(&[0, 1]);
 
     // One way: a's frames to b are dropped; b's still reach a.
-    faults(&mut cluster, "a", r#"{"drop-to": ["b"]}"#);
+    cluster.faults("a", r#"{"drop-to": ["b"]}"#);
     let _: () = cluster.node("b").redis().set("from-b", "1").unwrap();
     wait_value(&mut cluster, "a", "from-b", "1");
     let _: () = cluster.node("a").redis().set("from-a", "1").unwrap();
@@ -154,11 +149,11 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
     );
     let dropped = cluster.node("a").status().peers[0].frames_dropped;
     assert!(dropped > 0, "dropped frames are counted");
-    faults(&mut cluster, "a", "{}");
+    cluster.faults("a", "{}");
     wait_value(&mut cluster, "b", "from-a", "1");
 
     // Delay: frames to b are held for 2 s.
-    faults(&mut cluster, "a", r#"{"delay-ms": {"b": 2000}}"#);
+    cluster.faults("a", r#"{"delay-ms": {"b": 2000}}"#);
     let sent = Instant::now();
     let _: () = cluster.node("a").redis().set("slow", "1").unwrap();
     wait_value(&mut cluster, "b", "slow", "1");
@@ -166,22 +161,18 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
         sent.elapsed() >= Duration::from_millis(2000),
         "arrived before the delay was over"
     );
-    faults(&mut cluster, "a", "{}");
+    cluster.faults("a", "{}");
 
     // A clock 30 s ahead decides between concurrent writes: with the link cut, a writes first
     // and b later, yet a's write wins (its HLC is ahead). Causally later writes still win: the
     // HLC absorbs the skew once b has seen a's events.
-    faults(
-        &mut cluster,
-        "a",
-        r#"{"clock-offset-ms": 30000, "cut": ["b"]}"#,
-    );
-    faults(&mut cluster, "b", r#"{"cut": ["a"]}"#);
+    cluster.faults("a", r#"{"clock-offset-ms": 30000, "cut": ["b"]}"#);
+    cluster.faults("b", r#"{"cut": ["a"]}"#);
     let _: () = cluster.node("a").redis().set("race", "from-a").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let _: () = cluster.node("b").redis().set("race", "from-b").unwrap();
-    faults(&mut cluster, "a", r#"{"clock-offset-ms": 30000}"#);
-    faults(&mut cluster, "b", "{}");
+    cluster.faults("a", r#"{"clock-offset-ms": 30000}"#);
+    cluster.faults("b", "{}");
     wait_value(&mut cluster, "b", "race", "from-a");
     cluster.wait_converged(CONVERGE);
     assert_eq!(value(&mut cluster, "a", "race").as_deref(), Some("from-a"));
@@ -190,7 +181,7 @@ fn t25_one_way_drops_delays_and_clock_skew_act_as_documented() {
 
     // A clock further ahead than b's bound (60 s): b refuses a's events, counts them per peer
     // in /status and /metrics, and `braid status` warns.
-    faults(&mut cluster, "a", r#"{"clock-offset-ms": 120000}"#);
+    cluster.faults("a", r#"{"clock-offset-ms": 120000}"#);
     let _: () = cluster.node("a").redis().set("far-ahead", "1").unwrap();
     let deadline = Instant::now() + CONVERGE;
     while cluster.node("b").status().peers[0].events_clock_refused == 0 {

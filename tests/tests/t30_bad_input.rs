@@ -345,11 +345,7 @@ async fn subscribe_as_c(
     });
     frame::encode(&subscribe, &mut payload).unwrap();
     send.write_all(&payload).await.unwrap();
-    // a's handshake: its length prefix, then its body.
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    recv.read_exact(&mut body).await.unwrap();
+    read_message(&mut recv).await.expect("a's handshake");
     (send, recv)
 }
 

@@ -768,8 +768,7 @@ fn t70_checkpoints_commit_with_round_trips_longer_than_a_quarter_second() {
             r#"{{"delay-ms": {{"{}": 150, "{}": 150}}}}"#,
             others[0], others[1]
         );
-        let http = cluster.node(region).http;
-        http_post(http, "/faults", &body).unwrap();
+        cluster.faults(region, &body);
     }
     for region in ["a", "b", "c"] {
         let _: () = cluster

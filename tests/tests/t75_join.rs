@@ -450,13 +450,6 @@ fn t75_a_key_larger_than_a_frame_reaches_a_joining_region_in_parts() {
     cluster.wait_converged(SETTLE);
 }
 
-/// Sets the faults of `region` (fault injection on).
-fn faults(cluster: &mut Cluster, region: &str, body: &str) {
-    let http = cluster.node(region).http;
-    braid_tests::http_post(http, "/faults", body)
-        .unwrap_or_else(|e| panic!("POST /faults to {region}: {e}"));
-}
-
 #[test]
 fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
     let mut cluster = Cluster::start(Layout::mesh(3).with_fault_injection());
@@ -466,9 +459,9 @@ fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
         "the group bootstrapped",
         |s| s.iter().all(|s| s.control.members.len() == 3),
     );
-    faults(&mut cluster, "c", r#"{"cut": ["a", "b"]}"#);
-    faults(&mut cluster, "a", r#"{"cut": ["c"]}"#);
-    faults(&mut cluster, "b", r#"{"cut": ["c"]}"#);
+    cluster.faults("c", r#"{"cut": ["a", "b"]}"#);
+    cluster.faults("a", r#"{"cut": ["c"]}"#);
+    cluster.faults("b", r#"{"cut": ["c"]}"#);
     let http = cluster.node("b").http.to_string();
     let out = braid(&["remove", "--http", &http, "--region", "c"]);
     assert!(out.status.success(), "{out:?}");
@@ -482,8 +475,8 @@ fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
     // while it is still in the Raft group, they stay cut: as once the leader has dropped it.
     let leader = cluster.node("a").status().control.leader.expect("a leader");
     let follower = if leader == "a" { "b" } else { "a" };
-    faults(&mut cluster, follower, "{}");
-    faults(&mut cluster, "c", &format!(r#"{{"cut": ["{leader}"]}}"#));
+    cluster.faults(follower, "{}");
+    cluster.faults("c", &format!(r#"{{"cut": ["{leader}"]}}"#));
     // Its next connection to the follower is refused with the reason: it stops.
     let exit = cluster.node("c").wait_exit(SETTLE);
     assert!(
