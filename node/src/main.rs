@@ -3,6 +3,7 @@
 // The binary talks to people on stdout and stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,8 +121,9 @@ enum TopologyCommand {
         /// Link every region to every other.
         #[arg(long, conflicts_with = "links", required_unless_present = "links")]
         mesh: bool,
-        /// Only these links, as region pairs `a-b`, comma-separated; every region must be in
-        /// one and every region must reach every other.
+        /// Only these links, as region pairs `a-b` (or `a:b`, for names that hold '-'),
+        /// comma-separated; every region must be in one and every region must reach every
+        /// other.
         #[arg(long, value_delimiter = ',', value_name = "A-B,B-C")]
         links: Option<Vec<String>>,
     },
@@ -1309,12 +1311,21 @@ async fn topology_set(http: SocketAddr, mesh: bool, links: Option<Vec<String>>) 
     let links = match (mesh, links) {
         (true, _) | (false, None) => None,
         (false, Some(links)) => {
+            // Region names may hold '-': a pair with more than one is read against the
+            // cluster's regions, asked of the node only then.
+            let mut known = None;
             let mut pairs = Vec::with_capacity(links.len());
             for link in links {
-                let Some((a, b)) = link.split_once('-') else {
-                    bail!("--links: {link:?} is not a pair of regions like a-b");
+                let pair = match split_link(&link, None) {
+                    Err(LinkError::Ambiguous) => {
+                        if known.is_none() {
+                            known = Some(region_names(http).await?);
+                        }
+                        split_link(&link, known.as_ref())
+                    }
+                    other => other,
                 };
-                pairs.push([a.to_string(), b.to_string()]);
+                pairs.push(pair.map_err(|err| anyhow::anyhow!("--links: {link:?} {err}"))?);
             }
             Some(pairs)
         }
@@ -1333,6 +1344,63 @@ async fn topology_set(http: SocketAddr, mesh: bool, links: Option<Vec<String>>) 
         }
     }
     Ok(())
+}
+
+/// Why a `--links` pair could not be read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum LinkError {
+    #[error("is not a pair of regions like a-b (or a:b)")]
+    NotAPair,
+    #[error("could be split at more than one '-': write it as a:b")]
+    Ambiguous,
+    #[error("names no two regions of the cluster at any '-': write it as a:b")]
+    Unknown,
+}
+
+/// Reads a `--links` pair: `a:b`, or `a-b` where names may hold '-' themselves. A pair that
+/// splits at more than one '-' is read against `known` (the cluster's regions): the one split
+/// that names two of them. Without `known`, or with more than one such split, it is ambiguous.
+fn split_link(link: &str, known: Option<&BTreeSet<String>>) -> Result<[String; 2], LinkError> {
+    let pair = |a: &str, b: &str| [a.to_string(), b.to_string()];
+    if let Some((a, b)) = link.split_once(':') {
+        return match a.is_empty() || b.is_empty() || b.contains(':') {
+            true => Err(LinkError::NotAPair),
+            false => Ok(pair(a, b)),
+        };
+    }
+    let splits: Vec<(&str, &str)> = link
+        .match_indices('-')
+        .map(|(at, _)| (&link[..at], &link[at + 1..]))
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .collect();
+    match (splits.as_slice(), known) {
+        ([], _) => Err(LinkError::NotAPair),
+        ([(a, b)], _) => Ok(pair(a, b)),
+        (_, None) => Err(LinkError::Ambiguous),
+        (_, Some(known)) => {
+            let named: Vec<&(&str, &str)> = splits
+                .iter()
+                .filter(|(a, b)| known.contains(*a) && known.contains(*b))
+                .collect();
+            match named.as_slice() {
+                [] => Err(LinkError::Unknown),
+                [(a, b)] => Ok(pair(a, b)),
+                _ => Err(LinkError::Ambiguous),
+            }
+        }
+    }
+}
+
+/// The regions a node knows: its own, its peers', and every origin of its version vector.
+async fn region_names(http: SocketAddr) -> Result<BTreeSet<String>> {
+    let body = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot ask http://{http} for the cluster's regions"))?;
+    let status: Status = serde_json::from_str(&body).context("unexpected /status reply")?;
+    let mut names: BTreeSet<String> = status.vector.into_keys().collect();
+    names.insert(status.region);
+    names.extend(status.peers.into_iter().map(|peer| peer.region));
+    Ok(names)
 }
 
 async fn status(http: SocketAddr, json: bool) -> Result<()> {
@@ -1475,4 +1543,45 @@ fn named_vector_or(vector: &std::collections::BTreeMap<String, u64>, empty: &str
 fn named_vector(vector: &std::collections::BTreeMap<String, u64>) -> String {
     let parts: Vec<String> = vector.iter().map(|(r, s)| format!("{r}={s}")).collect();
     parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(a: &str, b: &str) -> [String; 2] {
+        [a.to_string(), b.to_string()]
+    }
+
+    #[test]
+    fn a_link_splits_at_its_one_dash_or_its_colon() {
+        assert_eq!(split_link("a-b", None), Ok(pair("a", "b")));
+        assert_eq!(
+            split_link("us-east:eu-west", None),
+            Ok(pair("us-east", "eu-west"))
+        );
+        assert_eq!(split_link("ab", None), Err(LinkError::NotAPair));
+        assert_eq!(split_link("a-", None), Err(LinkError::NotAPair));
+        assert_eq!(split_link(":b", None), Err(LinkError::NotAPair));
+        assert_eq!(split_link("a:b:c", None), Err(LinkError::NotAPair));
+    }
+
+    #[test]
+    fn a_link_with_dashed_names_is_read_against_the_cluster_regions() {
+        assert_eq!(
+            split_link("us-east-eu-west", None),
+            Err(LinkError::Ambiguous)
+        );
+        let known: BTreeSet<String> = ["us-east", "eu-west", "ap-south"].map(String::from).into();
+        assert_eq!(
+            split_link("us-east-eu-west", Some(&known)),
+            Ok(pair("us-east", "eu-west"))
+        );
+        assert_eq!(
+            split_link("us-east-ap-north", Some(&known)),
+            Err(LinkError::Unknown)
+        );
+        let both: BTreeSet<String> = ["a", "a-b", "b-c", "c"].map(String::from).into();
+        assert_eq!(split_link("a-b-c", Some(&both)), Err(LinkError::Ambiguous));
+    }
 }
