@@ -114,6 +114,11 @@ pub enum InitError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// `dir` as an absolute path (not resolving links), from the working directory.
+fn absolute(dir: &Path) -> Result<PathBuf, InitError> {
+    std::path::absolute(dir).map_err(|e| InitError::Io(dir.to_owned(), e))
+}
+
 /// Writes a file, synced; a `secret` one (a key, a configuration with a password) is readable
 /// by its owner only before anything is written to it.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), InitError> {
@@ -163,13 +168,15 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
             options.base_port
         )));
     }
-    if options.dir.join("cluster.json").exists() {
+    // cluster.json names every region's configuration by this path: absolute, so that it
+    // serves from any working directory.
+    let dir = &absolute(&options.dir)?;
+    if dir.join("cluster.json").exists() {
         return Err(InitError::Invalid(format!(
             "{} already holds a cluster (cluster.json); choose another directory or remove it",
             options.dir.display()
         )));
     }
-    let dir = &options.dir;
     std::fs::create_dir_all(dir).map_err(|e| InitError::Io(dir.clone(), e))?;
     let mut cluster_id = [0u8; 16];
     getrandom::fill(&mut cluster_id)
@@ -264,6 +271,7 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
 /// it. Appends it to `cluster.json`.
 pub fn add_region(dir: &Path, name: &str) -> Result<RegionEntry, InitError> {
     crate::config::check_region_name(name).map_err(InitError::Invalid)?;
+    let dir = &absolute(dir)?;
     let mut file = ClusterFile::load(dir)?;
     if file.regions.iter().any(|r| r.name == name) {
         return Err(InitError::Invalid(format!(

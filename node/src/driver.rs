@@ -175,6 +175,15 @@ pub struct PeerSnapshot {
     pub vector: Option<VersionVector>,
 }
 
+/// How a driver's run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop (shutdown).
+    Stopped,
+    /// The region was removed from the mesh (it left, or was removed by others).
+    Removed,
+}
+
 /// The driver: owns the replica, runs until shutdown or a storage failure.
 pub struct Driver {
     replica: Replica<RocksStorage>,
@@ -250,7 +259,7 @@ impl Driver {
 
     /// Runs until `shutdown` turns true or every input sender is gone. A storage error stops the
     /// driver: the node must not go on with unknown durable state.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StorageError> {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<Ended, StorageError> {
         info!(node = %self.replica.node(), vector = ?self.replica.vector(), "replica started");
         loop {
             // Capped: the replica's deadline is in wall-clock time, which can step backwards;
@@ -281,11 +290,11 @@ impl Driver {
             }
             if self.removed {
                 info!(node = %self.replica.node(), "this region was removed from the mesh");
-                break;
+                return Ok(Ended::Removed);
             }
         }
         info!(node = %self.replica.node(), "replica stopped");
-        Ok(())
+        Ok(Ended::Stopped)
     }
 
     fn handle(&mut self, first: Input) -> Result<(), StorageError> {

@@ -722,12 +722,22 @@ async fn cluster_up(
             layout,
         ))?
     };
-    // A region laid out by add-region starts with `braid join`, not with the others.
+    // A region laid out by add-region starts with `braid join`, not with the others; one that
+    // left the mesh (or was removed) does not start again.
     let all = file.clone();
-    let (joining, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut file.regions)
+    let (gone, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut file.regions)
         .into_iter()
-        .partition(not_joined);
+        .partition(|region| has_marker(region, braid_node::node::REMOVED_MARKER));
+    let (joining, ready): (Vec<_>, Vec<_>) = staying
+        .into_iter()
+        .partition(|region| has_marker(region, braid_node::node::SNAPSHOT_PENDING_MARKER));
     file.regions = ready;
+    for region in &gone {
+        eprintln!(
+            "region {} left the mesh (or was removed): not started; its id is never used again",
+            region.name
+        );
+    }
     let via = file.regions.first().map(|r| r.http.clone());
     for region in &joining {
         eprintln!(
@@ -775,7 +785,14 @@ async fn cluster_up(
         None => {
             println!("Interrupted during start-up: stopping the regions.");
             launch::stop(&file).await;
-            return save_stopped(dir, &file);
+            save_stopped(dir, &file)?;
+            // In the foreground, Ctrl-C is how the cluster stops, at any time. Detached, the
+            // command's job was to leave a cluster running: `cluster up --detach && ...` must
+            // not go on without one.
+            if detach {
+                bail!("interrupted during start-up: the cluster is not running");
+            }
+            return Ok(());
         }
     }
     println!(
@@ -798,30 +815,48 @@ async fn cluster_up(
         return Ok(());
     }
     println!("Press Ctrl-C to stop every region.");
-    let mut exits = Vec::new();
-    for child in &mut children {
-        exits.push(Box::pin(child.wait()));
-    }
-    let first_exit = futures_first(exits);
-    let exited = tokio::select! {
-        _ = signals.recv() => {
-            println!("\nStopping the cluster...");
-            None
+    // A region that ends cleanly (it left the mesh, or was stopped from elsewhere) is no
+    // failure, and the others keep running; one that fails stops them all.
+    let mut running = vec![true; children.len()];
+    let failed = loop {
+        if !running.contains(&true) {
+            println!("Every region has stopped.");
+            break None;
         }
-        region = first_exit => {
-            println!("Region {} exited; stopping the cluster...", file.regions[region].name);
-            Some(region)
+        let exited = {
+            let (regions, exits): (Vec<usize>, Vec<_>) = children
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| running[*i])
+                .map(|(i, child)| (i, Box::pin(child.wait())))
+                .unzip();
+            tokio::select! {
+                _ = signals.recv() => None,
+                n = futures_first(exits) => Some(regions[n]),
+            }
+        };
+        let Some(region) = exited else {
+            println!("\nStopping the cluster...");
+            break None;
+        };
+        running[region] = false;
+        let name = &file.regions[region].name;
+        match children[region].try_wait().ok().flatten() {
+            Some(status) if status.success() => println!(
+                "Region {name} stopped (it left the mesh, or was stopped from elsewhere); the \
+                 others keep running."
+            ),
+            status => {
+                println!("Region {name} exited; stopping the cluster...");
+                break Some((region, status));
+            }
         }
     };
     launch::stop(&file).await;
     save_stopped(dir, &file)?;
-    let status = exited.and_then(|region| children[region].try_wait().ok().flatten());
-    match (exited, status) {
-        // A region that ended cleanly (it left the mesh, or was stopped from elsewhere) is no
-        // failure.
-        (None, _) => Ok(()),
-        (Some(_), Some(status)) if status.success() => Ok(()),
-        (Some(region), status) => {
+    match failed {
+        None => Ok(()),
+        Some((region, status)) => {
             let status = status.map_or("an unknown status".to_string(), |s| s.to_string());
             bail!(
                 "region {} exited with {status}; see {}",
@@ -869,15 +904,11 @@ fn layout_differences(
         .collect()
 }
 
-/// Whether `region` was laid out by `braid add-region` and has not finished joining (its data
-/// directory says so).
-fn not_joined(region: &braid_node::cluster::RegionEntry) -> bool {
-    NodeConfig::load(&region.config).is_ok_and(|config| {
-        config
-            .data_dir
-            .join(braid_node::node::SNAPSHOT_PENDING_MARKER)
-            .exists()
-    })
+/// Whether the data directory of `region` holds `marker`: the snapshot-pending one of a region
+/// laid out by `braid add-region` that has not finished joining, or the one of a region that
+/// was removed from the mesh.
+fn has_marker(region: &braid_node::cluster::RegionEntry, marker: &str) -> bool {
+    NodeConfig::load(&region.config).is_ok_and(|config| config.data_dir.join(marker).exists())
 }
 
 /// Records in `DIR/cluster.json` that the regions of `started` are stopped. The file is read

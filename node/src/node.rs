@@ -116,7 +116,8 @@ pub async fn join(
     run_node(config, Some(plan), shutdown).await
 }
 
-/// Written when a peer told this node it was removed from the mesh (see `Mesh::told_removed`).
+/// Written when this node was removed from the mesh: it left, its control plane learned it was
+/// removed, or a peer told it so (see `Mesh::told_removed`).
 pub const REMOVED_MARKER: &str = "REMOVED";
 
 /// Why a removed region does not start.
@@ -389,12 +390,15 @@ async fn run_node(
     if let Err(err) = &result {
         crate::driver::log_fatal(err);
     }
-    if mesh.told_removed.load(std::sync::atomic::Ordering::SeqCst) {
-        // Its own control log may never say so (it was cut off when the removal committed):
-        // the marker keeps it from starting again and taking writes no region would receive.
+    let removed = matches!(result, Ok(crate::driver::Ended::Removed));
+    if removed || mesh.told_removed.load(std::sync::atomic::Ordering::SeqCst) {
+        // A peer's word: its own control log may never say so (it was cut off when the removal
+        // committed). The marker keeps it from starting again and taking writes no region
+        // would receive, and tells `braid cluster up` (which reads no control log) to leave it.
         set_marker(&config.data_dir.join(REMOVED_MARKER), true)?;
     }
-    Ok(result?)
+    result?;
+    Ok(())
 }
 
 async fn fetch_into_replica(

@@ -325,3 +325,94 @@ fn t44_join_stops_on_interrupt_while_it_waits_to_be_admitted() {
     // Not after the request's own 30 s timeout.
     assert!(asked.elapsed() < Duration::from_secs(10), "{stderr}");
 }
+
+#[test]
+fn t45_a_region_that_leaves_is_not_started_again_and_the_cluster_is_found_from_anywhere() {
+    // Laid out through a relative --dir: cluster.json must still serve from elsewhere.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("cluster");
+    let base = free_base_port(3).to_string();
+    let mut child = Command::new(braid_bin())
+        .args(["cluster", "up", "--regions", "3", "--base-port", &base])
+        .args(["--dir", "cluster"])
+        .current_dir(work.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let file = loop {
+        if let Ok(file) = ClusterFile::load(&dir) {
+            let healthy = file.regions.iter().all(|r| {
+                r.pid.is_some() && braid_tests::http_get(r.http.parse().unwrap(), "/health").is_ok()
+            });
+            if healthy {
+                break file;
+            }
+        }
+        assert!(Instant::now() < deadline, "cluster up did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pids: Vec<u32> = file.regions.iter().map(|r| r.pid.unwrap()).collect();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(
+            file.regions.iter().all(|r| r.config.is_absolute()),
+            "{:?}",
+            file.regions
+        );
+        // Once the control plane has formed (a leave is refused before).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leave = Command::new(braid_bin())
+                .args(["leave", "--http", &file.regions[2].http])
+                .output()
+                .unwrap();
+            if leave.status.success() {
+                break;
+            }
+            let stderr = String::from_utf8_lossy(&leave.stderr);
+            assert!(
+                stderr.contains("not bootstrapped") && Instant::now() < deadline,
+                "{stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_gone(&pids[2..]);
+        // The others keep running, and so does the command.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(child.try_wait().unwrap().is_none(), "cluster up ended");
+        replicates(&ClusterFile {
+            regions: file.regions[..2].to_vec(),
+        });
+    }));
+    launch::signal(child.id(), libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    wait_gone(&pids);
+    outcome.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("Region c stopped"), "{stdout}");
+    // Started again from another directory: the region that left is not started.
+    let again = Command::new(braid_bin())
+        .args(["cluster", "up", "--detach", "--dir"])
+        .arg(&dir)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let restarted = ClusterFile::load(&dir).unwrap();
+    let pids: Vec<Option<u32>> = restarted.regions.iter().map(|r| r.pid).collect();
+    let down = Command::new(braid_bin())
+        .args(["cluster", "down", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    wait_gone(&pids.iter().flatten().copied().collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{again:?}");
+    assert!(stderr.contains("region c left the mesh"), "{stderr}");
+    assert!(
+        pids[0].is_some() && pids[1].is_some() && pids[2].is_none(),
+        "{pids:?}"
+    );
+    assert!(down.status.success(), "{down:?}");
+}
