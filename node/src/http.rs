@@ -453,6 +453,10 @@ async fn set_faults(
     request: JsonBody<crate::faults::FaultSet>,
 ) -> Result<Response, Refusal> {
     use crate::faults::FaultError;
+    if !state.faults.enabled() {
+        let err = FaultError::Disabled;
+        return Err(Refusal(StatusCode::FORBIDDEN, err.to_string()));
+    }
     let request = body(request)?;
     let peers = state.peers();
     Ok(match state.faults.set(&request, &peers) {
@@ -502,10 +506,16 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The request's body, or a 400 answer.
+/// The request's body, or a 400 answer (415 without a JSON content type: what a web page's
+/// plain form cannot send, so that no page a browser opens can post to the admin API).
 fn body<T>(request: JsonBody<T>) -> Result<T, Refusal> {
+    use axum::extract::rejection::JsonRejection;
     match request {
         Ok(Json(request)) => Ok(request),
+        Err(rejection @ JsonRejection::MissingJsonContentType(_)) => Err(Refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            rejection.body_text(),
+        )),
         Err(rejection) => Err(Refusal(StatusCode::BAD_REQUEST, rejection.body_text())),
     }
 }
@@ -566,6 +576,13 @@ async fn set_keyspace(
     request: JsonBody<KeyspaceRequest>,
 ) -> Result<Response, Refusal> {
     let request = body(request)?;
+    // Checked here as the control plane checks it, so that a bad prefix is a bad request (and
+    // never reaches the Raft log).
+    let prefix_max = braid_protocol::control::KEYSPACE_PREFIX_BYTES_MAX;
+    if request.prefix.is_empty() || request.prefix.len() > prefix_max {
+        let text = format!("a keyspace prefix must be 1 to {prefix_max} bytes long");
+        return Err(Refusal(StatusCode::BAD_REQUEST, text));
+    }
     let named = request.writers.as_ref().map_or(0, Vec::len);
     if named > braid_protocol::control::MEMBERS_MAX {
         let text = format!("at most {} writers", braid_protocol::control::MEMBERS_MAX);
@@ -578,7 +595,17 @@ async fn set_keyspace(
     ))
 }
 
-async fn leave(State(state): State<AdminState>) -> Result<Response, Refusal> {
+/// `POST /leave`: `{}` (a JSON body, empty: a web page cannot post one without the browser
+/// asking the node first, which it refuses).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {}
+
+async fn leave(
+    State(state): State<AdminState>,
+    request: JsonBody<LeaveRequest>,
+) -> Result<Response, Refusal> {
+    body(request)?;
     let control = control_of(&state)?;
     let reply = control.leave().await;
     if matches!(reply, Ok(crate::control::ControlReply::Applied)) {

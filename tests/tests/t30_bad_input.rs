@@ -452,3 +452,50 @@ fn t38_a_peer_that_refuses_every_subscription_is_retried_with_backoff() {
     assert!(refused <= 12, "{refused} subscriptions refused in 4 s");
     still_serving(&mut cluster, "after-refusals");
 }
+
+/// An HTTP/1.1 request as given, answered: the status code and the body's text.
+fn raw_http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn t39_admin_posts_a_web_page_could_send_or_that_are_malformed_are_refused_first() {
+    let mut cluster = Cluster::start(Layout::mesh(3));
+    let http = cluster.node("a").http;
+    // What a web page's form may post: refused before anything happens, whatever the state
+    // of the control plane.
+    let form = "application/x-www-form-urlencoded";
+    let reply = raw_http(http, "POST", "/leave", form, "");
+    assert!(reply.starts_with("HTTP/1.1 415"), "{reply}");
+    let reply = raw_http(http, "POST", "/remove", form, "region=b");
+    assert!(reply.starts_with("HTTP/1.1 415"), "{reply}");
+    // A keyspace prefix the control plane would refuse is a bad request, not a conflict, and
+    // is refused before it reaches the Raft log.
+    let json = "application/json";
+    let body = r#"{"prefix": "", "writers": []}"#;
+    let reply = raw_http(http, "POST", "/keyspace", json, body);
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("1 to 128 bytes"),
+        "{reply}"
+    );
+    let long = format!(r#"{{"prefix": "{}", "writers": []}}"#, "p".repeat(129));
+    let reply = raw_http(http, "POST", "/keyspace", json, &long);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // Fault injection is off: 403, whatever the body.
+    let reply = raw_http(http, "POST", "/faults", json, "not json");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // The region never began to leave: it takes writes.
+    still_serving(&mut cluster, "after-admin-refusals");
+}
