@@ -43,6 +43,14 @@ use bytes::Bytes;
 use crdts::{CmRDT, CvRDT, Dot, VClock};
 use serde::{Deserialize, Serialize};
 
+/// The most bytes one dot (an origin and a counter, two varints) takes encoded.
+pub(crate) const DOT_BYTES_MAX: usize = 18;
+
+/// The most bytes an entry's framing takes encoded, beside its member's bytes and its dots:
+/// its member's length (at most 5 bytes as a varint: members are far below 4 GiB) and its dots'
+/// count (at most 3).
+pub(crate) const ENTRY_BYTES_MAX: usize = 8;
+
 /// An add-wins observed-remove set. See the module documentation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AwSet {
@@ -80,6 +88,24 @@ impl AwSet {
     /// Whether the set holds no member.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// At least the bytes the set takes encoded (see [`KeyState::size_bytes`]).
+    ///
+    /// [`KeyState::size_bytes`]: crate::value::KeyState::size_bytes
+    pub fn size_bytes(&self) -> usize {
+        let entry = |bytes: usize, dots: usize| bytes + ENTRY_BYTES_MAX + dots * DOT_BYTES_MAX;
+        let members: usize = self
+            .entries
+            .iter()
+            .map(|(member, dots)| entry(member.len(), dots.len()))
+            .sum();
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|(member, clock)| entry(member.len(), clock.dots.len()))
+            .sum();
+        self.clock.len() * DOT_BYTES_MAX + members + pending
     }
 
     /// Every add dot seen: what a remove of everything would observe.

@@ -75,6 +75,11 @@ impl CounterTotals {
         self.n.inner.merge(&other.n.inner);
     }
 
+    /// How many totals are held: one per origin and direction.
+    pub fn origins(&self) -> usize {
+        self.p.inner.len() + self.n.inner.len()
+    }
+
     /// Whether no origin has a total.
     pub fn is_empty(&self) -> bool {
         self.p.inner.is_empty() && self.n.inner.is_empty()

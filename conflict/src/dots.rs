@@ -63,6 +63,10 @@ impl Dots {
         self.0.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = &(NodeId, u64)> {
         self.0.iter()
     }

@@ -36,7 +36,7 @@ pub use hlc::{ClockError, Hlc, HlcClock, NodeId, CLOCK_SKEW_MS_MAX_DEFAULT};
 pub use state_bytes::StateBytes;
 pub use value::{
     Applied, Command, CommandError, Direction, InvalidOp, KeyState, Observed, Op, Prepared, Value,
-    ValueType, Write,
+    ValueType, Write, KEY_STATE_BYTES_MAX,
 };
 
 /// Re-exported so that users of [`Observed`] and [`Write`] name the same types.

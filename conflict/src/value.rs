@@ -264,6 +264,13 @@ pub enum CommandError {
         /// The largest value, in bytes.
         max: usize,
     },
+    /// The key's state would grow past [`KEY_STATE_BYTES_MAX`]: more than a data snapshot
+    /// carries for one key, so that no region could join or resynchronise.
+    #[error("ERR the key would hold more than {max} bytes; split it into several keys")]
+    KeyTooLarge {
+        /// The most bytes a key's state may hold.
+        max: usize,
+    },
     /// The key's keyspace takes writes only in other regions (or in none: it is frozen).
     #[error("READONLY keyspace '{keyspace}' takes no writes in this region; write in one of its writer regions")]
     NotWriter {
@@ -394,6 +401,11 @@ impl HashState {
     }
 }
 
+/// The most bytes a client's write may grow one key's state to (as [`KeyState::size_bytes`]
+/// counts them): half what a data snapshot carries for one key, which leaves room for writes
+/// made in several regions at once, each under the bound where it was made.
+pub const KEY_STATE_BYTES_MAX: usize = 32 * 1024 * 1024;
+
 /// The replicated state of one key. See the module documentation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
@@ -522,6 +534,42 @@ impl KeyState {
         std::hint::black_box(self.counter.as_ref().map(|c| c.latest.wall_ms));
         std::hint::black_box(self.set.as_ref().map(|s| s.latest.wall_ms));
         std::hint::black_box(self.hash.as_ref().map(|h| h.latest.wall_ms));
+    }
+
+    /// At least the bytes the state takes encoded, counted in one walk of its members and
+    /// fields: every byte of them, and for every entry and dot the most its encoding adds.
+    pub fn size_bytes(&self) -> usize {
+        use crate::awset::{DOT_BYTES_MAX, ENTRY_BYTES_MAX};
+        // A type's fixed part (a register's tags and HLC, a set's or hash's HLCs and counts).
+        const HEAD_BYTES: usize = 64;
+        // A hash field's register beside its field and value: a tag, a length and an HLC.
+        const FIELD_BYTES: usize = 32;
+        let string = self.string.as_ref().map_or(0, |reg| {
+            HEAD_BYTES + reg.val.as_ref().map_or(0, |value| value.len())
+        });
+        let counter = self.counter.as_ref().map_or(0, |counter| {
+            HEAD_BYTES + (counter.total.origins() + counter.removed.origins()) * DOT_BYTES_MAX
+        });
+        let set = self
+            .set
+            .as_ref()
+            .map_or(0, |set| HEAD_BYTES + set.members.size_bytes());
+        let hash = self.hash.as_ref().map_or(0, |hash| {
+            let fields: usize = hash
+                .fields
+                .iter()
+                .map(|(field, reg)| {
+                    field.len()
+                        + reg.val.as_ref().map_or(0, |value| value.len())
+                        + ENTRY_BYTES_MAX
+                        + FIELD_BYTES
+                })
+                .sum();
+            HEAD_BYTES + fields
+        });
+        // Each type's presence tag.
+        const TAGS_BYTES: usize = 4;
+        TAGS_BYTES + string + counter + set + hash
     }
 
     /// Whether nothing at all is stored (not even a tombstone): the key can be forgotten.
@@ -1118,6 +1166,49 @@ mod tests {
             }
         }
         assert_eq!(KeyState::default().into_value(), None);
+    }
+
+    /// `size_bytes` counts at least what the state takes encoded, whatever its types, origins,
+    /// members and tombstones: the bound on a key's state is checked with it.
+    #[test]
+    fn size_bytes_is_at_least_the_encoded_size() {
+        let config = bincode::config::standard();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..50 {
+            let mut state = KeyState::default();
+            for step in 0..200 {
+                let origin = NodeId(next(5) + 1);
+                let bytes = |n: u64| Bytes::from(vec![b'a' + (n % 26) as u8; 1 + n as usize % 70]);
+                let member = bytes(next(40));
+                let command = match next(9) {
+                    0 => Command::Set(member),
+                    1 => Command::IncrBy(next(100) as i64 - 50),
+                    2..=4 => Command::SetAdd(vec![member, bytes(next(40))]),
+                    5 => Command::SetRemove(vec![member]),
+                    6 => Command::HashSet(vec![(member, bytes(next(300)))]),
+                    7 => Command::HashDelete(vec![member]),
+                    _ => Command::Delete,
+                };
+                let Ok(prepared) = state.prepare(origin, command) else {
+                    continue;
+                };
+                if let Some(op) = prepared.op {
+                    state.apply(&op, Hlc::new(step + 1, 0, origin));
+                }
+                let encoded = bincode::serde::encode_to_vec(&state, config).unwrap().len();
+                assert!(
+                    state.size_bytes() >= encoded,
+                    "round {round} step {step}: {} < {encoded}: {state:?}",
+                    state.size_bytes()
+                );
+            }
+        }
     }
 
     /// A hash field write that arrives after a newer one to the same field loses, and is

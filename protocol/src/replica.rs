@@ -60,7 +60,9 @@ use std::ops::Range;
 
 use crate::encoded_tail::EncodedTails;
 use crate::short_bytes::short_bytes_eq;
-use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
+use braid_conflict::{
+    ClockError, Command, CommandError, Hlc, HlcClock, KeyState, KEY_STATE_BYTES_MAX,
+};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 
@@ -731,6 +733,10 @@ impl<S: Storage> Replica<S> {
             }
             // Taken, not copied: every key of the overlay is committed or put back below.
             let entry = overlay.entry(&key, &mut self.storage)?;
+            if let Some(refusal) = too_large(&entry.state, &command) {
+                results.push(Err(refusal));
+                continue;
+            }
             let prepared = match entry.state.prepare(node, command) {
                 Ok(prepared) => prepared,
                 Err(err) => {
@@ -1832,5 +1838,32 @@ impl<S: Storage> Replica<S> {
             .held
             .keys()
             .all(|(origin, seq)| *seq > self.vector.get(*origin).next()));
+    }
+}
+
+// A key's state as clients may grow it fits a snapshot twice over (room for adds made in
+// several regions at once).
+const _: () = assert!(2 * KEY_STATE_BYTES_MAX <= crate::limits::SNAPSHOT_KEY_BYTES_MAX);
+
+/// Whether a client's command would grow `state` past [`KEY_STATE_BYTES_MAX`] (more than a
+/// data snapshot carries for one key): each member, field and value it adds counted whole, as
+/// though none were there. Only adds grow a key without bound: a string holds one value, a
+/// counter a total per origin, and removes are never refused.
+fn too_large(state: &KeyState, command: &Command) -> Option<CommandError> {
+    /// What an added entry's dots and framing take beside its bytes, at most.
+    const ENTRY_BYTES: usize = 64;
+    let adds: usize = match command {
+        Command::SetAdd(members) => members.iter().map(|m| m.len() + ENTRY_BYTES).sum(),
+        Command::HashSet(fields) => fields
+            .iter()
+            .map(|(f, v)| f.len() + v.len() + ENTRY_BYTES)
+            .sum(),
+        _ => return None,
+    };
+    match state.size_bytes().saturating_add(adds) > KEY_STATE_BYTES_MAX {
+        true => Some(CommandError::KeyTooLarge {
+            max: KEY_STATE_BYTES_MAX,
+        }),
+        false => None,
     }
 }

@@ -1915,3 +1915,78 @@ fn events_held_ahead_of_a_gap_are_bounded_in_bytes_as_well_as_in_number() {
     assert_eq!(a.held_events(), 0);
     a.check_invariants();
 }
+
+#[test]
+fn a_key_is_not_grown_past_what_a_snapshot_carries_and_can_always_shrink() {
+    use braid_conflict::{CommandError, KEY_STATE_BYTES_MAX};
+    use braid_protocol::limits::VALUE_BYTES_MAX;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    let member = |i: usize| {
+        let mut bytes = vec![b'm'; VALUE_BYTES_MAX];
+        bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        Bytes::from(bytes)
+    };
+    let refused = Err(CommandError::KeyTooLarge {
+        max: KEY_STATE_BYTES_MAX,
+    });
+    let mut added = 0;
+    let mut first_refused = None;
+    let mut fields_refused = None;
+    for i in 0..KEY_STATE_BYTES_MAX / VALUE_BYTES_MAX + 2 {
+        let results = a
+            .handle_commands(
+                vec![
+                    (b("s"), Command::SetAdd(vec![member(i)])),
+                    (
+                        b("h"),
+                        Command::HashSet(vec![(b(&format!("f{i}")), member(i))]),
+                    ),
+                ],
+                1 + i as u64,
+            )
+            .unwrap();
+        match results[0] {
+            Ok(1) => added += 1,
+            ref other => {
+                assert_eq!(*other, refused, "member {i}");
+                first_refused.get_or_insert(i);
+            }
+        }
+        match results[1] {
+            Ok(1) => assert!(fields_refused.is_none(), "field {i} after a refused one"),
+            ref other => {
+                assert_eq!(*other, refused, "field {i}");
+                fields_refused.get_or_insert(i);
+            }
+        }
+    }
+    let first_refused = first_refused.expect("the set grew without bound");
+    let fields_refused = fields_refused.expect("the hash grew without bound");
+    assert!(fields_refused >= KEY_STATE_BYTES_MAX / VALUE_BYTES_MAX - 1);
+    assert_eq!(
+        added, first_refused,
+        "refused from the first one past the bound"
+    );
+    assert!(
+        added >= KEY_STATE_BYTES_MAX / VALUE_BYTES_MAX - 1,
+        "{added}"
+    );
+    // A refused write wrote nothing; the key's state still fits a snapshot, and removes are
+    // taken, after which adds are again.
+    let Some(Value::Set(members)) = a.read(b"s").unwrap().and_then(|s| s.value()) else {
+        panic!("no set")
+    };
+    assert_eq!(members.len(), added);
+    let results = a
+        .handle_commands(
+            vec![
+                (b("s"), Command::SetRemove(vec![member(0), member(1)])),
+                (b("s"), Command::SetAdd(vec![member(first_refused)])),
+            ],
+            100,
+        )
+        .unwrap();
+    assert_eq!(results, vec![Ok(2), Ok(1)]);
+    a.check_invariants();
+}
