@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, warn};
 
-use crate::driver::{Input, Snapshot};
+use crate::driver::{Input, Snapshot, WRITE_GROUP_COMMANDS_MAX};
 use crate::storage::{RocksStorage, StorageError};
 
 /// Most arguments in one command (Redis allows more; a million-member SADD is a mistake).
@@ -517,8 +517,10 @@ impl Connection {
         // Whether `queue` holds a write: only writes wait, to be committed as one group.
         let mut writes_queued = false;
         for args in burst {
-            if !is_write(&args[0]) && writes_queued {
-                // A read must see the writes before it: commit them first.
+            // A read must see the writes before it: commit them first. A group is as large as
+            // the driver's own (a burst of tiny writes would otherwise be one commit of
+            // hundreds of thousands, and hold every other client's writes meanwhile).
+            if writes_queued && (!is_write(&args[0]) || queue.len() >= WRITE_GROUP_COMMANDS_MAX) {
                 self.flush(&mut queue, output).await?;
                 writes_queued = false;
             }
@@ -930,6 +932,58 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn a_burst_of_writes_is_committed_in_groups_no_larger_than_the_drivers() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RocksStorage::open(dir.path(), crate::storage::Durability::Machine).unwrap();
+        let (inputs, mut received) = mpsc::channel(16);
+        let context = RespContext {
+            inputs,
+            storage,
+            password: None,
+            max_clients: 1,
+            info: Arc::new(|_| String::new()),
+        };
+        // A driver that answers every write and notes each group's size.
+        let driver = tokio::spawn(async move {
+            let mut groups = Vec::new();
+            while let Some(input) = received.recv().await {
+                if let Input::Commands {
+                    commands, reply, ..
+                } = input
+                {
+                    groups.push(commands.len());
+                    let _ = reply.send(commands.iter().map(|_| Ok(0)).collect());
+                }
+            }
+            groups
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let writes = 3 * WRITE_GROUP_COMMANDS_MAX + 5;
+        let burst: Vec<Vec<Bytes>> = (0..writes)
+            .map(|i| args(&["SET", &format!("k{i}"), "v"]))
+            .collect();
+        let mut output = Vec::new();
+        let mut connection = Connection::new(context);
+        let quit = connection
+            .execute(burst, &mut output, &mut socket)
+            .await
+            .unwrap();
+        drop(connection);
+        let groups = driver.await.unwrap();
+        assert!(!quit);
+        assert_eq!(groups.iter().sum::<usize>(), writes);
+        assert!(
+            groups.iter().all(|&n| n <= WRITE_GROUP_COMMANDS_MAX),
+            "{groups:?}"
+        );
+        assert_eq!(groups.len(), 4, "{groups:?}");
+        assert_eq!(output, b"+OK\r\n".repeat(writes));
+    }
     #[test]
     fn parses_arrays_of_bulk_strings_and_waits_for_more() {
         let frame = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
