@@ -312,10 +312,15 @@ struct DrillArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Durability of the started cluster (power-fail needs machine).
-    #[arg(long, value_enum, default_value_t = DurabilityArg::Process)]
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Process, conflicts_with = "attach")]
     durability: DurabilityArg,
     /// First port of the started cluster (region i uses base+10i .. base+10i+2).
-    #[arg(long, value_name = "PORT", default_value_t = braid_node::drill::BASE_PORT_DEFAULT)]
+    #[arg(
+        long,
+        value_name = "PORT",
+        default_value_t = braid_node::drill::BASE_PORT_DEFAULT,
+        conflicts_with = "attach"
+    )]
     base_port: u16,
     /// Multiply the scenario's duration and every time of its timeline by this (0.25: a
     /// quarter of the time); expectations are not scaled.

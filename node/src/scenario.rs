@@ -271,6 +271,11 @@ pub const CONVERGE_MS_DEFAULT: u64 = 60_000;
 /// from a drill's clients, and at least 10 microseconds apart in the simulator.
 pub const RATE_PER_REGION_MAX: u64 = 100_000;
 
+/// The longest time any field of a scenario may give (a day, in milliseconds): `duration-ms`,
+/// latencies, downtimes, periods, clock offsets, delays and expected bounds. Longer ones are
+/// no rehearsal, and times past it would overflow where they are added up.
+pub const TIME_MS_MAX: u64 = 24 * 3600 * 1000;
+
 /// The largest weight of one type in `workload.mix` (the weights are relative).
 pub const MIX_WEIGHT_MAX: u32 = 1_000_000;
 
@@ -374,6 +379,34 @@ impl Scenario {
                     return invalid(format!("link {a}-{b} names an unknown region"));
                 }
             }
+        }
+        let mut times: Vec<(String, u64)> = vec![
+            ("duration-ms".into(), self.duration_ms),
+            ("network.latency-ms-max".into(), self.network.latency_ms_max),
+        ];
+        let expect = &self.expect;
+        for (what, ms) in [
+            ("converged-within-ms", expect.converged_within_ms),
+            ("lag-ms-p99-max", expect.lag_ms_p99_max),
+        ] {
+            times.extend(ms.map(|ms| (format!("expect.{what}"), ms)));
+        }
+        for fault in &self.timeline {
+            let at = |what: &str| format!("timeline: {what} of the fault at {} ms", fault.at_ms);
+            match &fault.action {
+                Action::KillLeader { down_ms: Some(ms) } => times.push((at("down-ms"), *ms)),
+                Action::Flap { period_ms, .. } => times.push((at("period-ms"), *period_ms)),
+                Action::ClockSkew { offset_ms, .. } => {
+                    times.push((at("offset-ms"), offset_ms.unsigned_abs()))
+                }
+                Action::SlowLink { extra_ms, .. } => times.push((at("extra-ms"), *extra_ms)),
+                _ => {}
+            }
+        }
+        if let Some((what, ms)) = times.iter().find(|(_, ms)| *ms > TIME_MS_MAX) {
+            return invalid(format!(
+                "{what} is {ms}: at most {TIME_MS_MAX} (a day) is taken"
+            ));
         }
         let n = &self.network;
         if n.latency_ms_min > n.latency_ms_max {
@@ -839,6 +872,56 @@ converged-within-ms = 5000
         let slow = duration(1_000).replace("rate-per-region = 100", "rate-per-region = 1");
         refused(slow.clone(), "at least 1500 at 1 writes per second");
         Scenario::parse(&slow.replace("duration-ms = 1000", "duration-ms = 1500")).unwrap();
+    }
+
+    #[test]
+    fn refuses_times_past_a_day_where_they_would_overflow() {
+        let refused = |text: String, says: &str| {
+            let err = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        };
+        let heal_as = |action: &str| SAMPLE.replace("action = \"heal\"", action);
+        // TOML's largest integer.
+        let huge = i64::MAX as u64;
+        let fine = TIME_MS_MAX;
+        let cases = [
+            (
+                "action = \"kill-leader\"\ndown-ms = {}",
+                "down-ms of the fault at 4000 ms",
+            ),
+            (
+                "action = \"flap\"\nfrom = \"a\"\nto = \"b\"\nperiod-ms = {}\nuntil-ms = 6000",
+                "period-ms of the fault at 4000 ms",
+            ),
+            (
+                "action = \"slow-link\"\nfrom = \"a\"\nto = \"b\"\nextra-ms = {}",
+                "extra-ms of the fault at 4000 ms",
+            ),
+        ];
+        for (action, says) in cases {
+            Scenario::parse(&heal_as(&action.replace("{}", &fine.to_string()))).unwrap();
+            refused(heal_as(&action.replace("{}", &huge.to_string())), says);
+        }
+        let skew = "action = \"clock-skew\"\nregion = \"a\"\noffset-ms = -9223372036854775808";
+        refused(
+            heal_as(skew),
+            "offset-ms of the fault at 4000 ms is 9223372036854775808",
+        );
+        refused(
+            SAMPLE.replace("duration-ms = 10000", &format!("duration-ms = {huge}")),
+            "duration-ms is 9223372036854775807: at most 86400000",
+        );
+        refused(
+            SAMPLE.replace("latency-ms-max = 20", &format!("latency-ms-max = {huge}")),
+            "network.latency-ms-max",
+        );
+        refused(
+            SAMPLE.replace(
+                "converged-within-ms = 5000",
+                &format!("converged-within-ms = {}", fine + 1),
+            ),
+            "expect.converged-within-ms",
+        );
     }
 
     #[test]

@@ -376,7 +376,9 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
         FAILING
             .replace(
                 "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
-                "action = \"kill\"\nregion = \"b\"",
+                // The second kill finds b down: skipped, and said so.
+                "action = \"kill\"\nregion = \"b\"\n[[timeline]]\nat-ms = 1500\n\
+                 action = \"kill\"\nregion = \"b\"",
             )
             .replace("action = \"heal\"", "action = \"restart\"\nregion = \"b\"")
             .replace("lag-ms-p99-max = 1", "converged-within-ms = 20000"),
@@ -404,6 +406,15 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
         "{:?}",
         text(&refused)
     );
+    // The attached cluster has its own durability and ports: asking for others is refused,
+    // not ignored.
+    for flag in [["--durability", "machine"], ["--base-port", "18000"]] {
+        let mut args = vec!["drill", kill.to_str().unwrap(), "--attach"];
+        args.extend([dir.to_str().unwrap(), flag[0], flag[1]]);
+        let refused = braid(&args);
+        assert!(!refused.status.success());
+        assert!(text(&refused).1.contains("cannot be used with"), "{flag:?}");
+    }
     let out = braid(&[
         "drill",
         kill.to_str().unwrap(),
@@ -416,6 +427,10 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
     let down = braid(&["cluster", "down", "--dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("failure: kill b"), "{stdout}");
+    assert!(
+        stdout.contains("kill b at 1500 ms: skipped, region b is down already"),
+        "{stdout}"
+    );
     for region in ["a", "b"] {
         // region, acknowledged, refused, unknown, unavailable
         let counts: Vec<u64> = stdout

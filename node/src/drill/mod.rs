@@ -533,12 +533,15 @@ fn check_supported(
                 return Err(DrillError::Unsupported(format!(
                     "power-fail of region {region} at {} ms: the cluster runs with {} \
                      durability, which does not promise to survive power loss, and a drill \
-                     cannot drop one process's unsynced writes from the page cache. Run with \
-                     --durability machine (every acknowledged write synced; the drill then \
-                     kills the process, which loses what a power failure could: nothing \
-                     acknowledged), or use kill",
+                     cannot drop one process's unsynced writes from the page cache. {} \
+                     (every acknowledged write synced; the drill then kills the process, which \
+                     loses what a power failure could: nothing acknowledged), or use kill",
                     fault.at_ms,
-                    durability.name()
+                    durability.name(),
+                    match attached {
+                        true => "Start the cluster with `braid cluster up --durability machine`",
+                        false => "Run with --durability machine",
+                    }
                 )));
             }
             Action::Kill { .. }
@@ -1133,6 +1136,33 @@ impl Drill<'_> {
         Ok(())
     }
 
+    /// Why `action` would do nothing now, if it would: [`Drill::perform`] leaves a region
+    /// alone that is already as the action would make it, or not (or no longer) a member.
+    fn skipped(&self, action: &Action) -> Option<String> {
+        let (i, name) = match action {
+            Action::Kill { region }
+            | Action::PowerFail { region }
+            | Action::Restart { region }
+            | Action::Leave { region } => (self.index(region), region),
+            _ => return None,
+        };
+        let up = *self.regions[i].up.borrow();
+        let phase = self.regions[i].phase;
+        match action {
+            Action::Kill { .. } | Action::PowerFail { .. } if !up => {
+                Some(format!("region {name} is down already"))
+            }
+            Action::Restart { .. } if up => Some(format!("region {name} is running")),
+            Action::Restart { .. } if !matches!(phase, Phase::Member | Phase::Leaving) => {
+                Some(format!("region {name} is not a member of the mesh"))
+            }
+            Action::Leave { .. } if phase != Phase::Member => Some(format!(
+                "region {name} is not a member of the mesh (or leaving already)"
+            )),
+            _ => None,
+        }
+    }
+
     async fn perform(&mut self, action: &Action) -> Result<(), DrillError> {
         match action {
             Action::Kill { region } => self.fail(self.index(region), "kill").await?,
@@ -1204,8 +1234,11 @@ impl Drill<'_> {
                 }
             }
         }
+        // A leader just killed may still be named by followers that have not noticed yet:
+        // not one to kill, wait for the next.
         let (_, name) = best?;
-        self.names.iter().position(|n| *n == name)
+        let leader = self.names.iter().position(|n| *n == name)?;
+        (*self.regions[leader].up.borrow()).then_some(leader)
     }
 }
 
@@ -1512,7 +1545,16 @@ pub async fn run(
                     }
                 }
                 Step::Restart(i) => {
-                    let label = format!("restart {}", drill.names[i]);
+                    let mut label = format!("restart {}", drill.names[i]);
+                    if let Some(why) = drill.skipped(&Action::Restart {
+                        region: drill.names[i].clone(),
+                    }) {
+                        drill.warnings.push(format!(
+                            "{label} at {} ms: skipped, {why}",
+                            drill.elapsed_ms()
+                        ));
+                        label += " (skipped)";
+                    }
                     drill.marks.push(FaultMark {
                         at_ms: drill.elapsed_ms(),
                         action: label.clone(),
@@ -1522,7 +1564,15 @@ pub async fn run(
                 }
                 Step::Fault(i) => {
                     let action = &scenario.timeline[i].action;
-                    let label = action_name(action);
+                    let mut label = action_name(action);
+                    // A fault that finds nothing to do says so, in the warnings and its mark.
+                    if let Some(why) = drill.skipped(action) {
+                        drill.warnings.push(format!(
+                            "{label} at {} ms: skipped, {why}",
+                            scenario.timeline[i].at_ms
+                        ));
+                        label += " (skipped)";
+                    }
                     drill.marks.push(FaultMark {
                         at_ms: drill.elapsed_ms(),
                         action: label.clone(),
@@ -1537,9 +1587,11 @@ pub async fn run(
                                     drill.names[i]
                                 )));
                                 drill.fail(i, "kill").await?;
+                                // Down for `down-ms` from the kill, which waiting for a
+                                // leader may have put well past the step's own time.
                                 if let Some(down_ms) = down_ms {
-                                    timeline
-                                        .push(due_ms + scaled(*down_ms, scale), Step::Restart(i));
+                                    let back_ms = drill.elapsed_ms() + scaled(*down_ms, scale);
+                                    timeline.push(back_ms, Step::Restart(i));
                                 }
                             }
                             None => drill.warnings.push(format!(
