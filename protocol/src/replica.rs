@@ -304,6 +304,14 @@ const RETENTION_READ_EVENTS: usize = 1024;
 /// tick): a million events at most, however far behind the bounds the log is.
 const RETENTION_READS_MAX: usize = 1024;
 
+/// Bytes of keys and values one retention read returns at most (past its first event): events
+/// are read whole, and a thousand near the value limit would be a gigabyte at once.
+const RETENTION_READ_BYTES: usize = 1024 * 1024;
+
+/// Bytes of keys and values one application of the retention bounds reads at most, over all
+/// its reads (the rest waits for the next tick): it runs on the driver's thread.
+const RETENTION_BYTES_PER_TICK: usize = 64 * 1024 * 1024;
+
 /// Histograms track 1 ms .. 1 hour with 3 significant digits: lag past an hour is an outage,
 /// reported as an hour.
 const LAG_MS_TRACKED_MAX: u64 = 3_600_000;
@@ -1653,6 +1661,7 @@ impl<S: Storage> Replica<S> {
         let mut through = self.trimmed.clone();
         let origins: Vec<NodeId> = self.vector.iter().map(|(o, _)| o).collect();
         let mut reads = 0usize;
+        let mut bytes_read = 0usize;
         if let Some(age) = age {
             let cutoff = now_ms.saturating_sub(age);
             for origin in &origins {
@@ -1664,14 +1673,15 @@ impl<S: Storage> Replica<S> {
                 if head.first().is_none_or(|e| e.hlc.wall_ms >= cutoff) {
                     continue;
                 }
-                while reads < RETENTION_READS_MAX {
+                while reads < RETENTION_READS_MAX && bytes_read < RETENTION_BYTES_PER_TICK {
                     reads += 1;
                     let events = self.storage.log_after(
                         *origin,
                         through.get(*origin),
                         RETENTION_READ_EVENTS,
-                        usize::MAX,
+                        RETENTION_READ_BYTES,
                     )?;
+                    bytes_read += events.iter().map(event_size_bytes).sum::<usize>();
                     let old = events
                         .iter()
                         .take_while(|e| e.hlc.wall_ms < cutoff)
@@ -1680,8 +1690,9 @@ impl<S: Storage> Replica<S> {
                     if let Some(seq) = old {
                         through.advance(*origin, seq);
                     }
-                    let more = events.len() == RETENTION_READ_EVENTS
-                        && old == events.last().map(|e| e.seq);
+                    // Every event read was old: more may follow (a read ends at its count or
+                    // its bytes, or at the log's end, which the next read finds empty).
+                    let more = !events.is_empty() && old == events.last().map(|e| e.seq);
                     if !more {
                         break;
                     }

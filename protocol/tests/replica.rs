@@ -1316,6 +1316,29 @@ fn retention_cuts_the_log_by_size_and_by_age_whoever_lacks_the_events() {
 }
 
 #[test]
+fn the_age_bound_reads_a_bounded_number_of_bytes_per_tick() {
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut config = ReplicaConfig::new(A);
+    config.retention_age_ms = Some(500);
+    let mut a = Replica::open(config, topology, MemoryStorage::default(), 0).unwrap();
+    // 160 MiB of old events, in 320 of half a MiB.
+    for i in 0..320u64 {
+        set_sized(&mut a, &format!("k{i}"), 512 * 1024, 1_000 + i);
+    }
+    // Each tick takes at most 64 MiB of them (and a read more): the rest waits.
+    let mut per_tick = Vec::new();
+    for tick in 0..4 {
+        let before = a.log_events();
+        a.enforce_retention(10_000 + tick).unwrap();
+        per_tick.push(before - a.log_events());
+    }
+    assert_eq!(per_tick.iter().sum::<u64>(), 320, "{per_tick:?}");
+    assert!(per_tick.iter().all(|&n| n <= 130), "{per_tick:?}");
+    assert!(per_tick[0] >= 120, "{per_tick:?}");
+    a.check_invariants();
+}
+
+#[test]
 fn a_snapshot_from_a_clock_far_ahead_does_not_drag_the_clock_along() {
     let topology = Topology::full_mesh([A, B]).unwrap();
     let mut a = replica(A, &topology);
