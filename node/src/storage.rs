@@ -227,9 +227,41 @@ impl std::fmt::Debug for RocksStorage {
     }
 }
 
+/// Refuses a database of another format before the read-write open, which would create the
+/// column families this format has and that one lacks: the version that wrote it could then
+/// not open it again (a read-write open must name every column family), though the refusal
+/// tells the operator to run that version.
+fn check_format_before_open(dir: &Path) -> Result<(), StorageError> {
+    // No database yet (or none RocksDB can list: the open says why).
+    let Ok(existing) = DB::list_cf(&Options::default(), dir) else {
+        return Ok(());
+    };
+    let ours = [CF_DATA, CF_LOG, CF_META, CF_TOMBSTONES];
+    let has = |name: &str| existing.iter().any(|e| e == name);
+    if ours.iter().all(|name| has(name)) || !has(CF_META) {
+        // Every family there (the open checks the format), or no format to read.
+        return Ok(());
+    }
+    let families = existing
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, families, false)?;
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or(StorageError::MissingColumnFamily(CF_META))?;
+    if let Some(bytes) = db.get_cf(meta, META_FORMAT)? {
+        let found: u32 = decode(&bytes, "format version")?;
+        if found != FORMAT_VERSION {
+            return Err(StorageError::Format { found });
+        }
+    }
+    Ok(())
+}
+
 impl RocksStorage {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, durability: Durability) -> Result<RocksStorage, StorageError> {
+        check_format_before_open(dir)?;
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
@@ -632,6 +664,29 @@ impl Storage for RocksStorage {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_database_of_another_format_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        // Laid out as an older format: without the tombstone index.
+        {
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let db = DB::open_cf(&options, dir.path(), [CF_DATA, CF_LOG, CF_META]).unwrap();
+            let meta = db.cf_handle(CF_META).unwrap();
+            db.put_cf(meta, META_FORMAT, encode(&1u32, "format").unwrap())
+                .unwrap();
+        }
+        let err = RocksStorage::open(dir.path(), Durability::Machine).unwrap_err();
+        assert!(matches!(err, StorageError::Format { found: 1 }), "{err}");
+        let mut families = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        families.sort();
+        assert_eq!(
+            families,
+            ["data", "default", "log", "meta"],
+            "nothing created"
+        );
+    }
     #[test]
     fn a_corrupt_length_in_a_stored_value_is_an_error_not_a_panic() {
         // A byte string announcing 2^60 bytes, as a flipped bit in a length prefix could.
