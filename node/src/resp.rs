@@ -616,8 +616,10 @@ impl Connection {
             "mget" if argc >= 2 => {
                 let mut values = Vec::with_capacity(argc - 1);
                 let mut bytes = 0;
+                // One view for every key: an MSET committed meanwhile is seen whole or not.
+                let view = self.context.storage.view();
                 for key in &args[1..] {
-                    values.push(match read_string(self.read(key)?) {
+                    values.push(match read_string(view.get(key)?) {
                         Reply::Bulk(b) => {
                             bytes += b.len();
                             Reply::Bulk(b)
@@ -633,8 +635,9 @@ impl Connection {
             }
             "exists" if argc >= 2 => {
                 let mut count = 0;
+                let view = self.context.storage.view();
                 for key in &args[1..] {
-                    count += i64::from(self.read(key)?.and_then(|s| s.visible_type()).is_some());
+                    count += i64::from(view.get(key)?.and_then(|s| s.visible_type()).is_some());
                 }
                 done(Reply::Integer(count))
             }

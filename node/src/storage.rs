@@ -27,7 +27,8 @@ use braid_conflict::{Hlc, KeyState};
 use braid_protocol::storage::{event_size_bytes, Commit, Recovered, Storage};
 use braid_protocol::{ChangeEvent, NodeId, Seq, VersionVector};
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -227,6 +228,33 @@ impl std::fmt::Debug for RocksStorage {
     }
 }
 
+/// See [`RocksStorage::view`].
+pub struct View<'a> {
+    storage: &'a RocksStorage,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl std::fmt::Debug for View<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("storage", self.storage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl View<'_> {
+    /// The key's state in this view.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyState>, StorageError> {
+        let mut options = ReadOptions::default();
+        options.set_snapshot(&self.snapshot);
+        let data = self.storage.cf(CF_DATA)?;
+        match self.storage.db.get_pinned_cf_opt(data, key, &options)? {
+            Some(bytes) => Ok(Some(decode(&bytes, "key state")?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Refuses a database of another format before the read-write open, which would create the
 /// column families this format has and that one lacks: the version that wrote it could then
 /// not open it again (a read-write open must name every column family), though the refusal
@@ -352,6 +380,16 @@ impl RocksStorage {
         match self.db.get_pinned_cf(self.cf(CF_DATA)?, key)? {
             Some(bytes) => Ok(Some(decode(&bytes, "key state")?)),
             None => Ok(None),
+        }
+    }
+
+    /// A consistent view of every key's state as of now: reads through it see every commit
+    /// made before it was taken, whole, and none after (a multi-key read such as `MGET` sees
+    /// an `MSET` whole or not at all).
+    pub fn view(&self) -> View<'_> {
+        View {
+            storage: self,
+            snapshot: self.db.snapshot(),
         }
     }
 
@@ -687,6 +725,41 @@ mod tests {
             "nothing created"
         );
     }
+    #[test]
+    fn a_view_sees_the_commits_before_it_and_none_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = RocksStorage::open(dir.path(), Durability::Machine).unwrap();
+        let node = NodeId(1);
+        let state = |value: &'static str, ms: u64| {
+            let mut state = KeyState::default();
+            let op = state
+                .prepare(node, Command::Set(Bytes::from_static(value.as_bytes())))
+                .unwrap()
+                .op
+                .unwrap();
+            state.apply(&op, Hlc::new(ms, 0, node));
+            state
+        };
+        let mset = |value: &'static str, ms: u64| Commit {
+            keys: vec![
+                (Bytes::from_static(b"a"), state(value, ms)),
+                (Bytes::from_static(b"b"), state(value, ms)),
+            ],
+            events: vec![],
+            vector: VersionVector::new(),
+            hlc: Hlc::new(ms, 0, node),
+            trim_through: VersionVector::new(),
+            collected: vec![],
+        };
+        storage.commit(mset("old", 1)).unwrap();
+        let view = storage.view();
+        let a = view.get(b"a").unwrap();
+        storage.clone().commit(mset("new", 2)).unwrap();
+        assert_eq!(storage.get(b"b").unwrap(), Some(state("new", 2)));
+        assert_eq!(a, Some(state("old", 1)));
+        assert_eq!(view.get(b"b").unwrap(), Some(state("old", 1)), "b as a was");
+    }
+
     #[test]
     fn a_corrupt_length_in_a_stored_value_is_an_error_not_a_panic() {
         // A byte string announcing 2^60 bytes, as a flipped bit in a length prefix could.
