@@ -317,19 +317,14 @@ async fn accept_loop(
                     return;
                 }
             };
-            if let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.is_removed(*p)) {
-                warn!(%peer, %remote, "refused peer: it was removed from the mesh (told so)");
-                connection.close(
-                    quinn::VarInt::from_u32(CLOSE_REMOVED),
-                    b"removed from the mesh",
-                );
-                return;
-            }
-            let Some(peer) = peer_node(&connection).filter(|p| mesh.peers.contains(*p)) else {
+            let Some(peer) = peer_node(&connection) else {
                 warn!(%remote, "refused peer: its certificate names no node of this cluster");
                 connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
                 return;
             };
+            if refused_member(&mesh, peer, &connection) {
+                return;
+            }
             if mesh.faults.cut(peer) {
                 debug!(%peer, %remote, "refused peer: the link is cut by an injected fault");
                 connection.close(quinn::VarInt::from_u32(2), b"link cut");
@@ -339,6 +334,28 @@ async fn accept_loop(
             serve_feeds(mesh, connection, peer, shutdown).await;
         });
     }
+}
+
+/// Closes `connection` if `peer` is no longer a member, saying why (a removed one is told so,
+/// and stops): checked when it connects and again for every stream it opens, since a removed
+/// peer's connection may outlive its removal (heartbeats keep it open), and must take no
+/// snapshot or feed from then on.
+fn refused_member(mesh: &Mesh, peer: NodeId, connection: &quinn::Connection) -> bool {
+    let remote = connection.remote_address();
+    if mesh.peers.is_removed(peer) {
+        warn!(%peer, %remote, "refused peer: it was removed from the mesh (told so)");
+        connection.close(
+            quinn::VarInt::from_u32(CLOSE_REMOVED),
+            b"removed from the mesh",
+        );
+        return true;
+    }
+    if !mesh.peers.contains(peer) {
+        warn!(%peer, %remote, "refused peer: not a member of this cluster");
+        connection.close(quinn::VarInt::from_u32(1), b"unknown peer");
+        return true;
+    }
+    false
 }
 
 /// Serves every subscription stream the peer opens on its connection.
@@ -360,6 +377,9 @@ async fn serve_feeds(
                 }
             },
         };
+        if refused_member(&mesh, peer, &connection) {
+            return;
+        }
         let mesh = mesh.clone();
         tokio::spawn(async move {
             if let Err(err) = serve_stream(&mesh, peer, send, recv).await {
