@@ -217,6 +217,12 @@ fn data_options() -> Options {
 pub struct RocksStorage {
     db: Arc<DB>,
     durability: Durability,
+    /// Where the next [`Storage::tombstones_through`] begins: past the entries of the last
+    /// answer, while answers come full (a backlog being collected). Collected entries are
+    /// deleted, and an iterator from the start would step over every deletion not yet
+    /// compacted away, at each step again. Reset by an answer that is not full, so that an
+    /// entry added behind it is found by the next.
+    gc_from: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RocksStorage {
@@ -305,6 +311,7 @@ impl RocksStorage {
         let storage = RocksStorage {
             db: Arc::new(db),
             durability,
+            gc_from: None,
         };
         storage.check_format()?;
         Ok(storage)
@@ -323,6 +330,7 @@ impl RocksStorage {
         let storage = RocksStorage {
             db: Arc::new(db),
             durability: Durability::Process,
+            gc_from: None,
         };
         let meta = storage.cf(CF_META)?;
         if let Some(bytes) = storage.db.get_cf(meta, META_FORMAT)? {
@@ -641,10 +649,12 @@ impl Storage for RocksStorage {
         keys_max: usize,
     ) -> Result<Vec<(Hlc, bytes::Bytes)>, StorageError> {
         let mut entries = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_TOMBSTONES)?, IteratorMode::Start)
-        {
+        let mode = match &self.gc_from {
+            Some(from) => IteratorMode::From(from, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut last = None;
+        for item in self.db.iterator_cf(self.cf(CF_TOMBSTONES)?, mode) {
             if entries.len() >= keys_max {
                 break;
             }
@@ -657,7 +667,13 @@ impl Storage for RocksStorage {
                 break;
             }
             entries.push((hlc, key));
+            last = Some(raw);
         }
+        // The smallest key after the last one returned.
+        self.gc_from = match (last, entries.len() == keys_max) {
+            (Some(raw), true) => Some([&raw[..], &[0]].concat()),
+            _ => None,
+        };
         Ok(entries)
     }
 
@@ -998,6 +1014,46 @@ mod tests {
             .unwrap();
         assert_eq!(storage.key_state(&keys[1].0).unwrap(), None);
         assert_eq!(storage.tombstones_through(at, 10).unwrap(), vec![]);
+
+        // A backlog collected in full steps, and an entry added behind the entries a step took
+        // meanwhile: every entry is found, each once, and the steps end.
+        let deleted_at = |key: &str, ms: u64| {
+            let mut state = keys[2].1.clone();
+            let op = state.prepare(node, Command::Delete).unwrap().op.unwrap();
+            state.apply(&op, Hlc::new(ms, 0, node));
+            (Bytes::from(key.to_string()), state)
+        };
+        let backlog: Vec<(Bytes, KeyState)> = (0..5)
+            .map(|i| deleted_at(&format!("gc{i}"), 40 + i))
+            .collect();
+        storage.commit(plain(backlog, vec![])).unwrap();
+        let stable = Hlc::new(100, 0, node);
+        let mut found = Vec::new();
+        for step in 0.. {
+            assert!(step < 10, "the steps never ended: {found:?}");
+            let entries = storage.tombstones_through(stable, 2).unwrap();
+            if entries.is_empty() {
+                break;
+            }
+            found.extend(entries.iter().map(|(_, key)| key.clone()));
+            // As the replica collects: the entries go, in the commit that writes their keys.
+            let collected: Vec<(Bytes, KeyState)> = entries
+                .iter()
+                .map(|(_, key)| (key.clone(), KeyState::default()))
+                .collect();
+            let behind = (step == 0).then(|| deleted_at("behind", 35));
+            storage
+                .commit(plain(
+                    collected.into_iter().chain(behind).collect(),
+                    entries,
+                ))
+                .unwrap();
+        }
+        found.sort();
+        let expected: Vec<Bytes> = ["behind", "gc0", "gc1", "gc2", "gc3", "gc4"]
+            .map(|k| Bytes::from(k.to_string()))
+            .to_vec();
+        assert_eq!(found, expected);
         assert_eq!(
             storage.key_state(&keys[2].0).unwrap(),
             Some(keys[2].1.clone())

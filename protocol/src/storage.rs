@@ -103,6 +103,10 @@ pub trait Storage {
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), Self::Error>;
 
     /// Entries of the tombstone index at or below `stable`, oldest first, at most `keys_max`.
+    /// After an answer of `keys_max` entries (which the caller collects: its next commit
+    /// deletes them), a storage may begin the next answer after them instead of from the
+    /// oldest; after an answer of fewer, it begins from the oldest again. So an entry is found
+    /// at the latest once a backlog has been collected.
     fn tombstones_through(
         &mut self,
         stable: Hlc,
