@@ -382,10 +382,10 @@ impl AdminState {
             );
         }
         let _ = writeln!(out, "# HELP braid_change_log_events Events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
-        let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted below the stable frontier.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
+        let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted: below the stable frontier, or by the retention bounds.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
         let _ = writeln!(out, "# HELP braid_tombstones_collected_total Keys whose tombstones were dropped at the stable HLC.\n# TYPE braid_tombstones_collected_total counter\nbraid_tombstones_collected_total{{region=\"{region}\"}} {}", status.tombstones_collected);
         let _ = writeln!(out, "# HELP braid_up 1: the node answers.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} 1");
-        let _ = writeln!(out, "# HELP braid_scrape_time_seconds Seconds since the Unix epoch at scrape time, by the node's clock.\n# TYPE braid_scrape_time_seconds gauge\nbraid_scrape_time_seconds{{region=\"{region}\"}} {}", now_ms() / 1000);
+        let _ = writeln!(out, "# HELP braid_scrape_time_seconds Seconds since the Unix epoch at scrape time, by the node's clock.\n# TYPE braid_scrape_time_seconds gauge\nbraid_scrape_time_seconds{{region=\"{region}\"}} {:.3}", now_ms() as f64 / 1000.0);
         out
     }
 }

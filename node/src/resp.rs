@@ -768,12 +768,13 @@ impl Connection {
                  Are you sure your configuration is correct?",
             );
         };
-        let given = match args.len() {
-            2 => &args[1],
-            3 => &args[2], // AUTH username password: the only user is "default"
+        // AUTH username password: the only user is "default", as in Redis without ACLs.
+        let (user_known, given) = match args.len() {
+            2 => (true, &args[1]),
+            3 => (&args[1][..] == b"default", &args[2]),
             _ => return wrong_args("auth"),
         };
-        if same_secret(given, password.as_bytes()) {
+        if same_secret(given, password.as_bytes()) && user_known {
             self.authenticated = true;
             Reply::Simple("OK")
         } else {

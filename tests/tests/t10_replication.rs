@@ -213,6 +213,15 @@ fn t14_full_mesh_each_event_crosses_each_link_once_and_never_echoes() {
     assert!(
         metrics.contains("braid_replication_lag_ms{region=\"a\",origin=\"b\",quantile=\"0.99\"}")
     );
+    // The node's clock to the millisecond, for comparing regions' clocks.
+    let scraped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("braid_scrape_time_seconds{region=\"a\"} "))
+        .unwrap_or_else(|| panic!("no scrape time: {metrics}"));
+    assert!(
+        scraped.split_once('.').is_some_and(|(_, ms)| ms.len() == 3),
+        "{scraped}"
+    );
 }
 
 #[test]

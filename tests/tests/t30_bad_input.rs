@@ -255,11 +255,16 @@ fn t34_auth_is_required_when_a_password_is_set() {
     let resp = cluster.node("a").resp;
     let reply = raw_resp(
         resp,
-        b"GET k\r\nAUTH wrong\r\nAUTH s3cret\r\nSET k v\r\nGET k\r\nQUIT\r\n",
+        b"GET k\r\nAUTH wrong\r\nAUTH anyone s3cret\r\nAUTH s3cret\r\nSET k v\r\nGET k\r\n\
+          AUTH default s3cret\r\nQUIT\r\n",
     );
+    let wrongpass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n";
     assert_eq!(
         reply,
-        "-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n+OK\r\n$1\r\nv\r\n+OK\r\n"
+        format!(
+            "-NOAUTH Authentication required.\r\n{wrongpass}{wrongpass}+OK\r\n+OK\r\n\
+             $1\r\nv\r\n+OK\r\n+OK\r\n"
+        )
     );
 }
 
