@@ -191,7 +191,18 @@ async fn run_node(
     let process = config.durability == Durability::Process;
     let possible_loss = match boot_id() {
         Some(id) => storage.note_boot(&id, process)?,
-        None => storage.recovery_marked()?,
+        None => {
+            if process {
+                // Nothing tells a machine restart from a process restart here: a power loss
+                // would go unnoticed, and the peers would drop this region's next writes as
+                // ones they hold already.
+                warn!(
+                    env = BOOT_ID_ENV,
+                    "no boot id (neither {BOOT_ID_ENV} nor /proc/sys/kernel/random/boot_id): a                      power loss cannot be detected, and `process` durability may lose writes                      for good after one; use `machine` durability, or set {BOOT_ID_ENV}"
+                );
+            }
+            storage.recovery_marked()?
+        }
     };
     let reader = storage.clone();
 

@@ -282,9 +282,18 @@ impl std::fmt::Debug for RespContext {
     }
 }
 
-/// File descriptors a node keeps for other than RESP clients: RocksDB's files, the QUIC socket,
-/// HTTP clients, the log.
-pub const FILE_DESCRIPTORS_RESERVED: u64 = 256;
+/// File descriptors a node keeps for other than RESP clients: the two databases' files (at
+/// most [`crate::storage::DATA_OPEN_FILES_MAX`] and
+/// [`crate::control::rocks_log::CONTROL_OPEN_FILES_MAX`], and their logs and locks), then the
+/// QUIC socket, HTTP clients and the log.
+pub const FILE_DESCRIPTORS_RESERVED: u64 = 512;
+
+const _: () = assert!(
+    (crate::storage::DATA_OPEN_FILES_MAX + crate::control::rocks_log::CONTROL_OPEN_FILES_MAX)
+        as u64
+        + 128
+        <= FILE_DESCRIPTORS_RESERVED
+);
 
 /// Raises the process's soft open-file limit, up to its hard limit, to hold `max_clients`
 /// clients and [`FILE_DESCRIPTORS_RESERVED`]; returns how many clients fit (at least one),

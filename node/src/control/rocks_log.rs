@@ -100,12 +100,17 @@ fn synced() -> WriteOptions {
 #[error("column family {0} is missing")]
 struct MissingFamily(&'static str);
 
+/// Files the control database keeps open at most (it is small: its log is purged behind
+/// snapshots). Counted in [`crate::resp::FILE_DESCRIPTORS_RESERVED`].
+pub const CONTROL_OPEN_FILES_MAX: i32 = 64;
+
 impl RocksRaftLog {
     /// Opens (or creates) the log in `dir`.
     pub fn open(dir: &Path) -> Result<RocksRaftLog, rocksdb::Error> {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
+        options.set_max_open_files(CONTROL_OPEN_FILES_MAX);
         let families = [
             ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
