@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -697,6 +698,19 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// HTTP connections served at once; more wait in the listen backlog until one ends. Each
+/// `/status` or `/metrics` request also waits on the driver's input queue: a bound here keeps
+/// scrapers from filling it.
+pub const HTTP_CONNECTIONS_MAX: usize = 64;
+
+/// How long a client has to send a request's headers once it connected, or once its last
+/// request was answered: an idle or slow connection is closed, and frees its place.
+pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection is kept at most; then it is closed once its request in flight, if
+/// any, is answered (a client connects again).
+pub const HTTP_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
 /// Serves the admin API until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -715,11 +729,59 @@ pub async fn serve(
         .route("/join", axum::routing::post(join))
         .route("/remove", axum::routing::post(remove))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
+    let places = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
+    loop {
+        let place = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => return Ok(()),
+            },
+        };
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, most likely: try again shortly.
+                    tracing::warn!(error = %err, "cannot accept an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HTTP_HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let lifetime = tokio::time::sleep(HTTP_CONNECTION_LIFETIME);
+            tokio::pin!(lifetime);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    outcome = connection.as_mut() => {
+                        if let Err(err) = outcome {
+                            tracing::debug!(%remote, error = %err, "HTTP connection ended");
+                        }
+                        return;
+                    }
+                    _ = &mut lifetime, if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = shutdown.changed(), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -504,3 +504,38 @@ fn t39_admin_posts_a_web_page_could_send_or_that_are_malformed_are_refused_first
     // The region never began to leave: it takes writes.
     still_serving(&mut cluster, "after-admin-refusals");
 }
+
+#[test]
+fn t30_idle_and_slow_http_connections_are_closed_and_free_their_place() {
+    let mut cluster = Cluster::start(Layout::mesh(2));
+    let http = cluster.node("a").http;
+    // More connections than the server serves at once, none sending a byte.
+    let idle: Vec<TcpStream> = (0..braid_node::http::HTTP_CONNECTIONS_MAX + 8)
+        .map(|_| TcpStream::connect(http).unwrap())
+        .collect();
+    // A request waits for a place, and gets one once the idle ones are closed.
+    let started = std::time::Instant::now();
+    let reply = raw_http(http, "GET", "/health", "text/plain", "");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        started.elapsed() >= braid_node::http::HTTP_HEADER_READ_TIMEOUT / 2,
+        "answered while every place was taken"
+    );
+    // Each idle connection was closed by the server: reading finds its end.
+    for mut stream in idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("an idle connection was kept: {other:?}"),
+        }
+    }
+    still_serving(&mut cluster, "after-idle-http");
+}
