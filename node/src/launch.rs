@@ -62,10 +62,22 @@ pub fn spawn(
     exe: &Path,
     detach: bool,
 ) -> Result<Vec<tokio::process::Child>, LaunchError> {
-    file.regions
-        .iter_mut()
-        .map(|region| spawn_region(region, exe, detach))
-        .collect()
+    let mut children = Vec::with_capacity(file.regions.len());
+    for i in 0..file.regions.len() {
+        match spawn_region(&mut file.regions[i], exe, detach) {
+            Ok(child) => children.push(child),
+            Err(err) => {
+                // The regions started so far are stopped: detached, nothing else would, and
+                // cluster.json (not written yet) would not know them.
+                for (child, region) in children.iter_mut().zip(&mut file.regions) {
+                    let _ = child.start_kill();
+                    region.pid = None;
+                }
+                return Err(err);
+            }
+        }
+    }
+    Ok(children)
 }
 
 /// Starts one region (see [`spawn`]) and records its pid.

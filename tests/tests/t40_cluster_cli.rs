@@ -416,3 +416,41 @@ fn t45_a_region_that_leaves_is_not_started_again_and_the_cluster_is_found_from_a
     );
     assert!(down.status.success(), "{down:?}");
 }
+
+#[test]
+fn t46_a_region_that_cannot_be_started_leaves_none_running_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(2).to_string();
+    let init = Command::new(braid_bin())
+        .args(["init", "--regions", "a,b", "--base-port", &base, "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    // b's log cannot be opened: b cannot be started, after a was.
+    std::fs::create_dir(dir.path().join("b").join("braid.log")).unwrap();
+    let up = Command::new(braid_bin())
+        .args(["cluster", "up", "--detach", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!up.status.success(), "{up:?}");
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("braid.log"),
+        "{up:?}"
+    );
+    let file = ClusterFile::load(dir.path()).unwrap();
+    assert!(file.regions.iter().all(|r| r.pid.is_none()), "{file:?}");
+    // a was stopped: nothing answers on its admin port.
+    let a_http = file.regions[0].http.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while braid_tests::http_get(a_http, "/health").is_ok() {
+        assert!(Instant::now() < deadline, "region a was left running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        braid_tests::http_get(a_http, "/health").is_err(),
+        "region a runs"
+    );
+}
