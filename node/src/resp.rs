@@ -91,7 +91,18 @@ pub fn check_command(buf: &[u8], progress: &mut Progress) -> Result<Option<usize
         return Ok(None);
     };
     if first != b'*' {
-        return Ok(parse_inline(buf)?.map(|(_, used)| used));
+        // An inline command: its line, up to the limit, searched from where the last look
+        // stopped (a line sent a byte at a time is not searched again from its start).
+        let limit = buf.len().min(RESP_INLINE_BYTES_MAX + 1);
+        let from = progress.at.min(limit);
+        return match buf[from..limit].iter().position(|b| *b == b'\n') {
+            Some(at) => Ok(Some(from + at + 1)),
+            None if buf.len() > RESP_INLINE_BYTES_MAX => protocol("too big inline request"),
+            None => {
+                progress.at = limit;
+                Ok(None)
+            }
+        };
     }
     let count = match progress.count {
         Some(count) => count,
@@ -996,6 +1007,35 @@ mod tests {
         );
         assert_eq!(groups.len(), 4, "{groups:?}");
         assert_eq!(output, b"+OK\r\n".repeat(writes));
+    }
+
+    #[test]
+    fn an_inline_line_is_searched_once_and_bounded_even_when_it_ends_in_the_buffer() {
+        let mut line = b"SET k ".to_vec();
+        line.extend(std::iter::repeat_n(b'v', 1000));
+        line.extend_from_slice(b"\r\n");
+        let mut progress = Progress::default();
+        for cut in 1..line.len() {
+            assert_eq!(
+                check_command(&line[..cut], &mut progress),
+                Ok(None),
+                "cut at {cut}"
+            );
+            assert_eq!(progress.at, cut, "searched through {cut}");
+        }
+        assert_eq!(check_command(&line, &mut progress), Ok(Some(line.len())));
+        let (args, used) = parse_command(&line).unwrap().unwrap();
+        assert_eq!((args.len(), used), (3, line.len()));
+        // Longer than the limit, though its end is in the buffer: refused all the same.
+        let mut long = vec![b'a'; RESP_INLINE_BYTES_MAX + 1];
+        long.extend_from_slice(b"\r\n");
+        assert!(parse_command(&long).is_err());
+        let mut longest = vec![b'a'; RESP_INLINE_BYTES_MAX];
+        longest.push(b'\n');
+        assert_eq!(
+            parse_command(&longest).unwrap().map(|(_, used)| used),
+            Some(longest.len())
+        );
     }
     #[test]
     fn parses_arrays_of_bulk_strings_and_waits_for_more() {
