@@ -23,7 +23,8 @@ pub struct DrillReport {
     pub seed: u64,
     /// Factor applied to the scenario's times.
     pub time_scale: f64,
-    /// Regions, in scenario order.
+    /// Regions, in the cluster's order (its `cluster.json`): those of a started cluster in
+    /// scenario order, then any the scenario joins.
     pub regions: Vec<String>,
     /// How long the workload ran, ms.
     pub duration_ms: u64,
