@@ -698,6 +698,46 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// Refuses a request that changes something (any method but GET and HEAD) unless its `Host`
+/// is an IP address or `localhost`: a web page whose own name an attacker points at the node
+/// (DNS rebinding) is same-origin to the browser, and could post JSON; its `Host` is that
+/// name. Reads answer whatever the name (scrapers use names).
+async fn refuse_foreign_hosts(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_is_address(host) {
+        let text = format!(
+            "the admin API takes changes only through an IP address or localhost, not {host:?}"
+        );
+        return (StatusCode::FORBIDDEN, text).into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header names an IP address or `localhost`, with or without a port.
+fn host_is_address(host: &str) -> bool {
+    // [v6]:port, [v6], v4:port, v4, name:port, name.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 /// HTTP connections served at once; more wait in the listen backlog until one ends. Each
 /// `/status` or `/metrics` request also waits on the driver's input queue: a bound here keeps
 /// scrapers from filling it.
@@ -710,6 +750,10 @@ pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection is kept at most; then it is closed once its request in flight, if
 /// any, is answered (a client connects again).
 pub const HTTP_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long a connection being closed has to finish its request in flight (a body sent, or an
+/// answer read, too slowly): then it is dropped.
+pub const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves the admin API until shutdown.
 pub async fn serve(
@@ -728,6 +772,7 @@ pub async fn serve(
         .route("/leave", axum::routing::post(leave))
         .route("/join", axum::routing::post(join))
         .route("/remove", axum::routing::post(remove))
+        .layer(axum::middleware::from_fn(refuse_foreign_hosts))
         .with_state(state);
     let places = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
     loop {
@@ -759,8 +804,9 @@ pub async fn serve(
                 .header_read_timeout(HTTP_HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
-            let lifetime = tokio::time::sleep(HTTP_CONNECTION_LIFETIME);
-            tokio::pin!(lifetime);
+            // First the lifetime, then the grace a closing connection has: past it, dropped.
+            let deadline = tokio::time::sleep(HTTP_CONNECTION_LIFETIME);
+            tokio::pin!(deadline);
             let mut closing = false;
             loop {
                 tokio::select! {
@@ -770,13 +816,19 @@ pub async fn serve(
                         }
                         return;
                     }
-                    _ = &mut lifetime, if !closing => {
+                    _ = &mut deadline => {
+                        if closing {
+                            tracing::debug!(%remote, "HTTP connection dropped: too slow to close");
+                            return;
+                        }
                         connection.as_mut().graceful_shutdown();
                         closing = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + HTTP_CLOSE_GRACE);
                     }
                     _ = shutdown.changed(), if !closing => {
                         connection.as_mut().graceful_shutdown();
                         closing = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + HTTP_CLOSE_GRACE);
                     }
                 }
             }
@@ -787,6 +839,29 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_are_taken_only_through_an_address_or_localhost() {
+        for host in [
+            "127.0.0.1:7001",
+            "10.0.0.5",
+            "[::1]:7001",
+            "[fe80::1]",
+            "localhost:7001",
+            "LOCALHOST",
+        ] {
+            assert!(host_is_address(host), "{host}");
+        }
+        for host in [
+            "evil.example:7001",
+            "evil.example",
+            "",
+            "[evil]:1",
+            "127.0.0.1.evil:1",
+        ] {
+            assert!(!host_is_address(host), "{host}");
+        }
+    }
 
     #[test]
     fn label_values_are_escaped_as_the_text_format_asks() {

@@ -498,6 +498,23 @@ fn t39_admin_posts_a_web_page_could_send_or_that_are_malformed_are_refused_first
     let long = format!(r#"{{"prefix": "{}", "writers": []}}"#, "p".repeat(129));
     let reply = raw_http(http, "POST", "/keyspace", json, &long);
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // A page whose name was pointed at the node (DNS rebinding) sends its own name as Host.
+    let mut stream = TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /leave HTTP/1.1\r\nHost: evil.example:7001\r\nContent-Type: \
+              application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("IP address or localhost"),
+        "{reply}"
+    );
     // Fault injection is off: 403, whatever the body.
     let reply = raw_http(http, "POST", "/faults", json, "not json");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
