@@ -402,8 +402,9 @@ impl HashState {
 }
 
 /// The most bytes a client's write may grow one key's state to (as [`KeyState::size_bytes`]
-/// counts them): half what a data snapshot carries for one key, which leaves room for writes
-/// made in several regions at once, each under the bound where it was made.
+/// counts them): half what a data snapshot carries for one key, which leaves room for a second
+/// region's writes made at the same time, each under the bound where it was made (three or
+/// more regions cut off from each other could still grow a key past a snapshot's bound).
 pub const KEY_STATE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// The replicated state of one key. See the module documentation.
@@ -1180,10 +1181,21 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
+        let check = |state: &KeyState, what: &str| {
+            let encoded = bincode::serde::encode_to_vec(state, config).unwrap().len();
+            assert!(
+                state.size_bytes() >= encoded,
+                "{what}: {} < {encoded}: {state:?}",
+                state.size_bytes()
+            );
+        };
         for round in 0..50 {
             let mut state = KeyState::default();
+            // Every op made, with its origin and HLC (wall-clock sized: the longest varints).
+            let mut ops: Vec<(NodeId, Op, Hlc)> = Vec::new();
             for step in 0..200 {
-                let origin = NodeId(next(5) + 1);
+                // Node ids of every size a varint takes.
+                let origin = NodeId([1, 300, 70_000, u64::MAX / 3, u64::MAX][next(5) as usize]);
                 let bytes = |n: u64| Bytes::from(vec![b'a' + (n % 26) as u8; 1 + n as usize % 70]);
                 let member = bytes(next(40));
                 let command = match next(9) {
@@ -1199,14 +1211,30 @@ mod tests {
                     continue;
                 };
                 if let Some(op) = prepared.op {
-                    state.apply(&op, Hlc::new(step + 1, 0, origin));
+                    let hlc = Hlc::new(1_765_000_000_000 + step, next(3) as u32, origin);
+                    state.apply(&op, hlc);
+                    ops.push((origin, op, hlc));
                 }
-                let encoded = bincode::serde::encode_to_vec(&state, config).unwrap().len();
-                assert!(
-                    state.size_bytes() >= encoded,
-                    "round {round} step {step}: {} < {encoded}: {state:?}",
-                    state.size_bytes()
-                );
+                check(&state, &format!("round {round} step {step}"));
+            }
+            // The same ops in another region: each origin's in order, the origins interleaved
+            // otherwise, so that removes arrive before the adds they observed (pending).
+            let mut queues: BTreeMap<NodeId, std::collections::VecDeque<(Op, Hlc)>> =
+                BTreeMap::new();
+            for (origin, op, hlc) in ops {
+                queues.entry(origin).or_default().push_back((op, hlc));
+            }
+            let mut other = KeyState::default();
+            while !queues.is_empty() {
+                let at = next(queues.len() as u64) as usize;
+                let origin = *queues.keys().nth(at).unwrap();
+                let queue = queues.get_mut(&origin).unwrap();
+                let (op, hlc) = queue.pop_front().unwrap();
+                if queue.is_empty() {
+                    queues.remove(&origin);
+                }
+                other.apply(&op, hlc);
+                check(&other, &format!("round {round}, reordered"));
             }
         }
     }

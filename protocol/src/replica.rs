@@ -1852,8 +1852,8 @@ impl<S: Storage> Replica<S> {
     }
 }
 
-// A key's state as clients may grow it fits a snapshot twice over (room for adds made in
-// several regions at once).
+// A key's state as clients may grow it fits a snapshot twice over (room for a second region's
+// adds made at the same time).
 const _: () = assert!(2 * KEY_STATE_BYTES_MAX <= crate::limits::SNAPSHOT_KEY_BYTES_MAX);
 
 /// Whether a client's command would grow `state` past [`KEY_STATE_BYTES_MAX`] (more than a
