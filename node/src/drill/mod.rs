@@ -1587,10 +1587,16 @@ pub async fn run(
                                     drill.names[i]
                                 )));
                                 drill.fail(i, "kill").await?;
+                                // The mark is when the kill happened, not when the step came
+                                // due (the leader may have taken seconds to be known).
+                                let killed_ms = drill.elapsed_ms();
+                                if let Some(mark) = drill.marks.last_mut() {
+                                    mark.at_ms = killed_ms;
+                                }
                                 // Down for `down-ms` from the kill, which waiting for a
                                 // leader may have put well past the step's own time.
                                 if let Some(down_ms) = down_ms {
-                                    let back_ms = drill.elapsed_ms() + scaled(*down_ms, scale);
+                                    let back_ms = killed_ms + scaled(*down_ms, scale);
                                     timeline.push(back_ms, Step::Restart(i));
                                 }
                             }
