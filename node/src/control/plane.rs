@@ -430,13 +430,15 @@ impl ControlPlane {
                     None
                 }
             });
-        self.mesh.peers.update(peers);
+        // Removed ones first: a peer dropped from the directory is then always told it was
+        // removed, never taken for a stranger.
         self.mesh.peers.set_removed(
             state
                 .members()
                 .filter(|m| m.state == MemberState::Removed)
                 .map(|m| m.id),
         );
+        self.mesh.peers.update(peers);
     }
 
     /// Removes the member named `region` from the mesh for good: one that is dead, or a join
