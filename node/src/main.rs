@@ -755,7 +755,8 @@ async fn cluster_up(
     }
     if file.regions.is_empty() {
         bail!(
-            "no region of {} has joined: nothing to start",
+            "no region of {} is a member of the mesh (each left it, was removed or has not \
+             joined): nothing to start",
             dir.display()
         );
     }

@@ -198,7 +198,9 @@ async fn run_node(
                 // ones they hold already.
                 warn!(
                     env = BOOT_ID_ENV,
-                    "no boot id (neither {BOOT_ID_ENV} nor /proc/sys/kernel/random/boot_id): a                      power loss cannot be detected, and `process` durability may lose writes                      for good after one; use `machine` durability, or set {BOOT_ID_ENV}"
+                    "no boot id (neither {BOOT_ID_ENV} nor /proc/sys/kernel/random/boot_id): a \
+                     power loss cannot be detected, and `process` durability may lose writes \
+                     for good after one; use `machine` durability, or set {BOOT_ID_ENV}"
                 );
             }
             storage.recovery_marked()?
@@ -402,13 +404,17 @@ async fn run_node(
         crate::driver::log_fatal(err);
     }
     let removed = matches!(result, Ok(crate::driver::Ended::Removed));
-    if removed || mesh.told_removed.load(std::sync::atomic::Ordering::SeqCst) {
+    let marked = if removed || mesh.told_removed.load(std::sync::atomic::Ordering::SeqCst) {
         // A peer's word: its own control log may never say so (it was cut off when the removal
         // committed). The marker keeps it from starting again and taking writes no region
         // would receive, and tells `braid cluster up` (which reads no control log) to leave it.
-        set_marker(&config.data_dir.join(REMOVED_MARKER), true)?;
-    }
+        set_marker(&config.data_dir.join(REMOVED_MARKER), true)
+    } else {
+        Ok(())
+    };
+    // The run's own failure first: it is the cause.
     result?;
+    marked?;
     Ok(())
 }
 

@@ -195,14 +195,14 @@ const DATA_WRITE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Share of the memtable given to its whole-key bloom filter.
 const DATA_MEMTABLE_BLOOM_RATIO: f64 = 0.05;
 
-/// Options of the key-state column family. Every write reads its key's state first, and most
-/// keys were last written before the current memtable: bloom filters in the memtable and in the
-/// table files let such a read skip the structures that do not hold the key.
 /// Files the data database keeps open at most (RocksDB opens every table file otherwise, and
 /// a large data directory would take the descriptors clients need; past it, tables are opened
 /// as read, through a cache). Counted in [`crate::resp::FILE_DESCRIPTORS_RESERVED`].
 pub const DATA_OPEN_FILES_MAX: i32 = 256;
 
+/// Options of the key-state column family. Every write reads its key's state first, and most
+/// keys were last written before the current memtable: bloom filters in the memtable and in the
+/// table files let such a read skip the structures that do not hold the key.
 fn data_options() -> Options {
     let mut options = Options::default();
     let mut table = rocksdb::BlockBasedOptions::default();
