@@ -470,7 +470,11 @@ impl RocksStorage {
         }
         let mut chunk = Vec::new();
         let mut bytes = 0usize;
-        for item in view.iterator_cf(data, IteratorMode::Start) {
+        // A whole scan, read once: kept out of the block cache, which serves the clients'
+        // reads and writes.
+        let mut scan = ReadOptions::default();
+        scan.fill_cache(false);
+        for item in view.iterator_cf_opt(data, scan, IteratorMode::Start) {
             let (key, value) = item?;
             let size = key.len() + value.len();
             // Sent before it would pass the budget: a chunk is at most the budget, or one key.
