@@ -771,7 +771,12 @@ async fn cluster_up(
     }
     recorded.save(dir)?;
     let started = async {
+        println!(
+            "Started {} regions; waiting for each to answer (up to 30 s)...",
+            file.regions.len()
+        );
         launch::wait_healthy(&file, &mut children, Duration::from_secs(30)).await?;
+        println!("Every region answers; waiting for them to connect to each other (up to 10 s)...");
         for region in launch::wait_meshed(&file, Duration::from_secs(10)).await {
             eprintln!("warning: region {region} is not connected to all its peers yet");
         }
