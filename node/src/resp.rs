@@ -38,6 +38,9 @@ pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
 /// Replies are written out as soon as this many bytes are waiting, so a long pipeline does not
 /// buffer all its replies.
 pub const RESP_OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+/// The buffer space a connection keeps between bursts, each way: what grew past it for a large
+/// request or reply is given back once that is done.
+const RESP_KEPT_BYTES: usize = 16 * 1024;
 /// What a client past `max-clients` is told before its connection is closed (Redis's text).
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// The largest single reply (an MGET of many large values): past it, an error instead.
@@ -447,8 +450,8 @@ impl Connection {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnectionError> {
         socket.set_nodelay(true)?;
-        let mut input = BytesMut::with_capacity(16 * 1024);
-        let mut output = Vec::with_capacity(16 * 1024);
+        let mut input = BytesMut::with_capacity(RESP_KEPT_BYTES);
+        let mut output = Vec::with_capacity(RESP_KEPT_BYTES);
         let mut progress = Progress::default();
         loop {
             let read = tokio::select! {
@@ -519,6 +522,12 @@ impl Connection {
             }
             socket.write_all(&output).await?;
             output.clear();
+            // A large reply or request once is not kept for the connection's life: an idle
+            // connection holds what a small one needs.
+            output.shrink_to(RESP_KEPT_BYTES);
+            if input.is_empty() && input.capacity() > RESP_KEPT_BYTES {
+                input = BytesMut::with_capacity(RESP_KEPT_BYTES);
+            }
             if quit || fatal.is_some() {
                 socket.shutdown().await?;
                 return Ok(());

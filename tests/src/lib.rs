@@ -188,14 +188,23 @@ impl Node {
 
     /// The most memory the running process has had resident so far (`VmHWM`), in bytes.
     pub fn peak_resident_bytes(&self) -> u64 {
+        self.memory_bytes("VmHWM:")
+    }
+
+    /// The memory the running process has resident now (`VmRSS`), in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        self.memory_bytes("VmRSS:")
+    }
+
+    fn memory_bytes(&self, field: &str) -> u64 {
         let child = self.child.as_ref().expect("the node is running");
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
         let line = status
             .lines()
-            .find(|line| line.starts_with("VmHWM:"))
-            .expect("VmHWM in /proc/PID/status");
+            .find(|line| line.starts_with(field))
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         let kib: u64 = line
-            .trim_start_matches("VmHWM:")
+            .trim_start_matches(field)
             .trim()
             .trim_end_matches("kB")
             .trim()

@@ -556,3 +556,51 @@ fn t30_idle_and_slow_http_connections_are_closed_and_free_their_place() {
     }
     still_serving(&mut cluster, "after-idle-http");
 }
+
+#[test]
+fn t30_idle_connections_give_back_what_a_large_reply_took() {
+    const KEYS: usize = 8;
+    const CONNECTIONS: usize = 24;
+    let mut cluster = Cluster::start(Layout::mesh(1));
+    let node = cluster.node("a");
+    let mut writer = node.redis();
+    for i in 0..KEYS {
+        let _: () = writer
+            .set(format!("big{i}"), vec![b'x'; 1024 * 1024])
+            .unwrap();
+    }
+    let mget = format!(
+        "MGET {}\r\n",
+        (0..KEYS)
+            .map(|i| format!("big{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let reply_bytes = 4 + KEYS * (format!("${}\r\n", 1024 * 1024).len() + 1024 * 1024 + 2);
+    let before = node.resident_bytes();
+    // Each connection reads an 8 MiB reply, then stays open, idle.
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(node.resp).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(mget.as_bytes()).unwrap();
+        let mut left = reply_bytes;
+        let mut buffer = vec![0u8; 1 << 20];
+        while left > 0 {
+            let read = stream.read(&mut buffer).unwrap();
+            assert!(read > 0, "closed with {left} bytes unread");
+            left = left.checked_sub(read).expect("no more than the reply");
+        }
+        idle.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let held = node.resident_bytes().saturating_sub(before);
+    assert!(
+        held < 96 * 1024 * 1024,
+        "{CONNECTIONS} idle connections hold {} MiB after 8 MiB replies",
+        held >> 20
+    );
+    drop(idle);
+}
