@@ -406,6 +406,27 @@ fn t60_a_drill_attaches_to_a_running_cluster_and_refuses_faults_it_lacks() {
         "{:?}",
         text(&refused)
     );
+    // A region whose process cluster.json does not record (started by hand) cannot be
+    // killed: refused before the workload, not midway.
+    let recorded = ClusterFile::load(&dir).unwrap();
+    let mut unrecorded = recorded.clone();
+    unrecorded.regions[1].pid = None;
+    unrecorded.save(&dir).unwrap();
+    let refused = braid(&[
+        "drill",
+        kill.to_str().unwrap(),
+        "--attach",
+        dir.to_str().unwrap(),
+    ]);
+    recorded.save(&dir).unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused)
+            .1
+            .contains("cluster.json records no running process for region b"),
+        "{:?}",
+        text(&refused)
+    );
     // The attached cluster has its own durability and ports: asking for others is refused,
     // not ignored.
     for flag in [["--durability", "machine"], ["--base-port", "18000"]] {

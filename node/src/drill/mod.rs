@@ -1397,6 +1397,30 @@ pub async fn run(
         .await
         .is_ok();
     let warnings = check_supported(scenario, durability, faults_available, attached)?;
+    if attached {
+        // A kill finds the region's process through cluster.json: a cluster started with
+        // `braid start` by hand records none, and the kill would end the drill midway.
+        let kills = scenario.timeline.iter().find(|f| {
+            matches!(
+                f.action,
+                Action::Kill { .. } | Action::PowerFail { .. } | Action::KillLeader { .. }
+            )
+        });
+        let unknown = file
+            .regions
+            .iter()
+            .find(|r| launch::running_pid(r).is_none());
+        if let (Some(fault), Some(region)) = (kills, unknown) {
+            return Err(DrillError::Unsupported(format!(
+                "{} at {} ms: cluster.json records no running process for region {} (a \
+                 cluster started by `braid cluster up` records every region's), so the drill \
+                 could not kill it",
+                action_name(&fault.action),
+                fault.at_ms,
+                region.name
+            )));
+        }
+    }
 
     let n = file.regions.len();
     let initial = scenario.initial_regions();
