@@ -525,3 +525,72 @@ fn t60_a_join_leave_drill_admits_a_region_and_lets_one_go_against_real_processes
         None
     );
 }
+
+/// A region that does not come back from its restart: the drill cannot go on, and says so in
+/// a report (JSON included) that fails, with what it saw until then.
+#[test]
+fn t60_a_drill_that_cannot_go_on_still_reports_and_fails() {
+    use std::io::BufRead;
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("broken.toml");
+    let broken = FAILING
+        .replace(
+            "action = \"partition\"\ngroups = [[\"a\"], [\"b\"]]",
+            "action = \"kill\"\nregion = \"b\"",
+        )
+        .replace("action = \"heal\"", "action = \"restart\"\nregion = \"b\"")
+        .replace("at-ms = 2000", "at-ms = 2500")
+        .replace("lag-ms-p99-max = 1", "converged-within-ms = 20000");
+    std::fs::write(&scenario, broken).unwrap();
+    let json = work.path().join("r.json");
+    let dir = work.path().join("d");
+    let base = free_base_port(2).to_string();
+    let mut child = std::process::Command::new(braid_tests::braid_bin())
+        .args(["drill", scenario.to_str().unwrap(), "--base-port", &base])
+        .args([
+            "--json",
+            json.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once b is killed, its configuration is spoiled: its restart fails.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("!! kill b") {
+            break;
+        }
+    }
+    assert!(seen.contains("!! kill b"), "{seen}");
+    std::fs::write(dir.join("cluster").join("b").join("braid.toml"), "not toml").unwrap();
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}\n{seen}");
+    assert!(seen.contains("FAILED: drill"), "{seen}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], false);
+    let drill = checker(&report, "drill");
+    assert!(
+        drill["detail"]
+            .as_str()
+            .unwrap()
+            .contains("region b exited at restart"),
+        "{drill}"
+    );
+    assert!(
+        report["writes"]["a"]["acknowledged"].as_u64().unwrap() > 0,
+        "what it saw until then: {report}"
+    );
+}

@@ -1686,7 +1686,14 @@ pub async fn run(
     }
     let outcome = match (result, all_refused) {
         (Ok(()), None) => finish(&mut drill, options, progress, clients).await,
-        (Err(err), _) | (Ok(()), Some(err)) => Err(err),
+        (Ok(()), Some(err)) => Err(err),
+        (Err(err), _) => Err(err),
+    };
+    // A drill that ran and could not go on (a region that did not come back, a cluster that
+    // stopped answering) is a failed drill, with what it saw until then: a report.
+    let outcome = match outcome {
+        Err(DrillError::Cluster(why)) => Ok(cut_short(&drill, options, why)),
+        other => other,
     };
     stop_tx.send_replace(true);
     let _ = observer.await;
@@ -1982,6 +1989,58 @@ async fn finish(
         timeline: observed.timeline.clone(),
         warnings: drill.warnings.clone(),
     })
+}
+
+/// The report of a drill that could not go on: what it measured until then, and a failed
+/// `drill` verdict that says why.
+fn cut_short(drill: &Drill<'_>, options: &DrillOptions, why: String) -> DrillReport {
+    let observed = lock(&drill.shared);
+    let writes = drill
+        .regions
+        .iter()
+        .map(|r| {
+            let [acknowledged, refused, unknown, unavailable] = r.counters.read();
+            let counts = WriteCounts {
+                acknowledged,
+                refused,
+                unknown,
+                unavailable,
+            };
+            (r.name.clone(), counts)
+        })
+        .collect();
+    DrillReport {
+        scenario: options.scenario.name.clone(),
+        command: options.command_line.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        durability: drill.durability.name().into(),
+        seed: options.seed,
+        time_scale: options.time_scale,
+        regions: drill.names.clone(),
+        duration_ms: drill.elapsed_ms(),
+        passed: false,
+        checkers: vec![Verdict {
+            checker: "drill".into(),
+            passed: false,
+            detail: format!("the drill could not go on, and checked nothing: {why}"),
+        }],
+        writes,
+        events_written: 0,
+        conflicts_resolved: observed.conflicts_total,
+        messages_per_change: 0.0,
+        lag_ms: figures(&observed.lag_total),
+        lag_ms_by_link: observed
+            .lag_by_link
+            .iter()
+            .map(|(l, h)| (l.clone(), figures(h)))
+            .collect(),
+        faults: drill.marks.clone(),
+        failures: drill.failures.iter().map(|f| f.report.clone()).collect(),
+        convergence: Vec::new(),
+        final_convergence_ms: None,
+        timeline: observed.timeline.clone(),
+        warnings: drill.warnings.clone(),
+    }
 }
 
 /// How long the end of a drill waits for the control plane to show each join and leave done
