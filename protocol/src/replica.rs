@@ -1857,17 +1857,27 @@ impl<S: Storage> Replica<S> {
 const _: () = assert!(2 * KEY_STATE_BYTES_MAX <= crate::limits::SNAPSHOT_KEY_BYTES_MAX);
 
 /// Whether a client's command would grow `state` past [`KEY_STATE_BYTES_MAX`] (more than a
-/// data snapshot carries for one key): each member, field and value it adds counted whole, as
-/// though none were there. Only adds grow a key without bound: a string holds one value, a
-/// counter a total per origin, and removes are never refused.
+/// data snapshot carries for one key): a new member, field or value counted whole, a member
+/// already there as the dot it adds, a value replacing another as what it adds to it. Only
+/// adds grow a key without bound: a string holds one value, a counter a total per origin, and
+/// removes are never refused.
 fn too_large(state: &KeyState, command: &Command) -> Option<CommandError> {
     /// What an added entry's dots and framing take beside its bytes, at most.
     const ENTRY_BYTES: usize = 64;
     let adds: usize = match command {
-        Command::SetAdd(members) => members.iter().map(|m| m.len() + ENTRY_BYTES).sum(),
+        Command::SetAdd(members) => members
+            .iter()
+            .map(|m| match state.set_contains(m) {
+                true => ENTRY_BYTES,
+                false => m.len() + ENTRY_BYTES,
+            })
+            .sum(),
         Command::HashSet(fields) => fields
             .iter()
-            .map(|(f, v)| f.len() + v.len() + ENTRY_BYTES)
+            .map(|(f, v)| match state.hash_field(f) {
+                Some(old) => v.len().saturating_sub(old.len()),
+                None => f.len() + v.len() + ENTRY_BYTES,
+            })
             .sum(),
         _ => return None,
     };

@@ -1987,6 +1987,14 @@ fn a_key_is_not_grown_past_what_a_snapshot_carries_and_can_always_shrink() {
     let first_refused = first_refused.expect("the set grew without bound");
     let fields_refused = fields_refused.expect("the hash grew without bound");
     assert!(fields_refused >= KEY_STATE_BYTES_MAX / VALUE_BYTES_MAX - 1);
+    // At the bound, a value that replaces one no smaller is taken: it does not grow the key.
+    let results = a
+        .handle_commands(
+            vec![(b("h"), Command::HashSet(vec![(b("f0"), member(99))]))],
+            90,
+        )
+        .unwrap();
+    assert_eq!(results, vec![Ok(0)], "an overwrite near the bound");
     assert_eq!(
         added, first_refused,
         "refused from the first one past the bound"
