@@ -407,6 +407,11 @@ impl HashState {
 /// more regions cut off from each other could still grow a key past a snapshot's bound).
 pub const KEY_STATE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
+/// What an entry a client adds to a set or hash takes beside its bytes (its dots or HLC, and
+/// its framing), at most: how [`KeyState::prepare`] counts an add against
+/// [`KEY_STATE_BYTES_MAX`].
+const ADDED_ENTRY_BYTES: usize = 64;
+
 /// The replicated state of one key. See the module documentation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyState {
@@ -535,6 +540,18 @@ impl KeyState {
         std::hint::black_box(self.counter.as_ref().map(|c| c.latest.wall_ms));
         std::hint::black_box(self.set.as_ref().map(|s| s.latest.wall_ms));
         std::hint::black_box(self.hash.as_ref().map(|h| h.latest.wall_ms));
+    }
+
+    /// Refuses a client's write that would grow the state past [`KEY_STATE_BYTES_MAX`] by
+    /// `added` bytes (counted generously). Only adds grow a key without bound: a string holds
+    /// one value, a counter a total per origin, and removes are never refused.
+    fn check_growth(&self, added: usize) -> Result<(), CommandError> {
+        match self.size_bytes().saturating_add(added) > KEY_STATE_BYTES_MAX {
+            true => Err(CommandError::KeyTooLarge {
+                max: KEY_STATE_BYTES_MAX,
+            }),
+            false => Ok(()),
+        }
     }
 
     /// At least the bytes the state takes encoded, counted in one walk of its members and
@@ -701,10 +718,16 @@ impl KeyState {
                 }
                 let members = sorted_unique(members);
                 let set = self.set.as_ref().map(|s| &s.members);
-                let new = members
-                    .iter()
-                    .filter(|m| !set.is_some_and(|s| s.contains(m)))
-                    .count();
+                // A member already there adds a dot; a new one, itself too.
+                let (mut new, mut added) = (0, 0);
+                for member in &members {
+                    added += ADDED_ENTRY_BYTES;
+                    if !set.is_some_and(|s| s.contains(member)) {
+                        new += 1;
+                        added += member.len();
+                    }
+                }
+                self.check_growth(added)?;
                 let counter = set.map_or(1, |s| s.next_counter(origin));
                 Ok(Prepared {
                     op: write(Write::SetAdd { counter, members }),
@@ -737,10 +760,18 @@ impl KeyState {
                 expect(ValueType::Hash)?;
                 // Within one command the last value given for a field wins, as in Redis.
                 let fields: BTreeMap<Bytes, Bytes> = pairs.into_iter().collect();
-                let new = fields
-                    .keys()
-                    .filter(|f| self.hash_field(f).is_none())
-                    .count();
+                // A value replacing another adds what it is longer by; a new field, itself.
+                let (mut new, mut added) = (0, 0);
+                for (field, value) in &fields {
+                    match self.hash_field(field) {
+                        Some(old) => added += value.len().saturating_sub(old.len()),
+                        None => {
+                            new += 1;
+                            added += field.len() + value.len() + ADDED_ENTRY_BYTES;
+                        }
+                    }
+                }
+                self.check_growth(added)?;
                 Ok(Prepared {
                     op: (!fields.is_empty()).then(|| Op::Write {
                         replaces: None,

@@ -45,6 +45,9 @@ pub const ERROR_TEXT_BYTES_MAX: usize = 1024;
 
 // One event with the largest key and value must fit in a frame with room for its metadata.
 const _: () = assert!(KEY_BYTES_MAX + VALUE_BYTES_MAX + 4096 <= FRAME_BYTES_MAX);
+// A key's state as clients may grow it fits a snapshot twice over (room for a second region's
+// adds made at the same time).
+const _: () = assert!(2 * braid_conflict::KEY_STATE_BYTES_MAX <= SNAPSHOT_KEY_BYTES_MAX);
 // A key part, with its message's few bytes of head, fits a frame.
 const _: () = assert!(SNAPSHOT_PART_BYTES_MAX + 64 <= FRAME_BYTES_MAX);
 // The body length must fit the length prefix.

@@ -60,9 +60,7 @@ use std::ops::Range;
 
 use crate::encoded_tail::EncodedTails;
 use crate::short_bytes::short_bytes_eq;
-use braid_conflict::{
-    ClockError, Command, CommandError, Hlc, HlcClock, KeyState, KEY_STATE_BYTES_MAX,
-};
+use braid_conflict::{ClockError, Command, CommandError, Hlc, HlcClock, KeyState};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 
@@ -741,10 +739,6 @@ impl<S: Storage> Replica<S> {
             }
             // Taken, not copied: every key of the overlay is committed or put back below.
             let entry = overlay.entry(&key, &mut self.storage)?;
-            if let Some(refusal) = too_large(&entry.state, &command) {
-                results.push(Err(refusal));
-                continue;
-            }
             let prepared = match entry.state.prepare(node, command) {
                 Ok(prepared) => prepared,
                 Err(err) => {
@@ -1849,42 +1843,5 @@ impl<S: Storage> Replica<S> {
             .held
             .keys()
             .all(|(origin, seq)| *seq > self.vector.get(*origin).next()));
-    }
-}
-
-// A key's state as clients may grow it fits a snapshot twice over (room for a second region's
-// adds made at the same time).
-const _: () = assert!(2 * KEY_STATE_BYTES_MAX <= crate::limits::SNAPSHOT_KEY_BYTES_MAX);
-
-/// Whether a client's command would grow `state` past [`KEY_STATE_BYTES_MAX`] (more than a
-/// data snapshot carries for one key): a new member, field or value counted whole, a member
-/// already there as the dot it adds, a value replacing another as what it adds to it. Only
-/// adds grow a key without bound: a string holds one value, a counter a total per origin, and
-/// removes are never refused.
-fn too_large(state: &KeyState, command: &Command) -> Option<CommandError> {
-    /// What an added entry's dots and framing take beside its bytes, at most.
-    const ENTRY_BYTES: usize = 64;
-    let adds: usize = match command {
-        Command::SetAdd(members) => members
-            .iter()
-            .map(|m| match state.set_contains(m) {
-                true => ENTRY_BYTES,
-                false => m.len() + ENTRY_BYTES,
-            })
-            .sum(),
-        Command::HashSet(fields) => fields
-            .iter()
-            .map(|(f, v)| match state.hash_field(f) {
-                Some(old) => v.len().saturating_sub(old.len()),
-                None => f.len() + v.len() + ENTRY_BYTES,
-            })
-            .sum(),
-        _ => return None,
-    };
-    match state.size_bytes().saturating_add(adds) > KEY_STATE_BYTES_MAX {
-        true => Some(CommandError::KeyTooLarge {
-            max: KEY_STATE_BYTES_MAX,
-        }),
-        false => None,
     }
 }
