@@ -840,10 +840,10 @@ impl Drill<'_> {
 
     /// Asks region `i` to leave the mesh (`POST /leave`): it drains, is removed and exits.
     async fn begin_leave(&mut self, i: usize) -> Result<(), DrillError> {
-        let region = &self.regions[i];
-        if region.phase != Phase::Member {
+        if self.leave_skipped(i).is_some() {
             return Ok(());
         }
+        let region = &self.regions[i];
         if !*region.up.borrow() {
             return Err(DrillError::Cluster(format!(
                 "leave of region {}: it is down, and only a running region leaves",
@@ -964,7 +964,7 @@ impl Drill<'_> {
     }
 
     async fn fail(&mut self, i: usize, kind: &str) -> Result<(), DrillError> {
-        if !*self.regions[i].up.borrow() {
+        if self.kill_skipped(i).is_some() {
             return Ok(());
         }
         // An attached region's process is found through cluster.json: make sure it is a node.
@@ -1040,9 +1040,7 @@ impl Drill<'_> {
     }
 
     async fn restart(&mut self, i: usize) -> Result<(), DrillError> {
-        if *self.regions[i].up.borrow()
-            || !matches!(self.regions[i].phase, Phase::Member | Phase::Leaving)
-        {
+        if self.restart_skipped(i).is_some() {
             return Ok(());
         }
         let restarted = Instant::now();
@@ -1139,28 +1137,40 @@ impl Drill<'_> {
     /// Why `action` would do nothing now, if it would: [`Drill::perform`] leaves a region
     /// alone that is already as the action would make it, or not (or no longer) a member.
     fn skipped(&self, action: &Action) -> Option<String> {
-        let (i, name) = match action {
-            Action::Kill { region }
-            | Action::PowerFail { region }
-            | Action::Restart { region }
-            | Action::Leave { region } => (self.index(region), region),
-            _ => return None,
-        };
-        let up = *self.regions[i].up.borrow();
-        let phase = self.regions[i].phase;
         match action {
-            Action::Kill { .. } | Action::PowerFail { .. } if !up => {
-                Some(format!("region {name} is down already"))
+            Action::Kill { region } | Action::PowerFail { region } => {
+                self.kill_skipped(self.index(region))
             }
-            Action::Restart { .. } if up => Some(format!("region {name} is running")),
-            Action::Restart { .. } if !matches!(phase, Phase::Member | Phase::Leaving) => {
-                Some(format!("region {name} is not a member of the mesh"))
-            }
-            Action::Leave { .. } if phase != Phase::Member => Some(format!(
-                "region {name} is not a member of the mesh (or leaving already)"
-            )),
+            Action::Restart { region } => self.restart_skipped(self.index(region)),
+            Action::Leave { region } => self.leave_skipped(self.index(region)),
             _ => None,
         }
+    }
+
+    /// Why a kill of region `i` does nothing, if it does: it is down.
+    fn kill_skipped(&self, i: usize) -> Option<String> {
+        let down = !*self.regions[i].up.borrow();
+        down.then(|| format!("region {} is down already", self.names[i]))
+    }
+
+    /// Why a restart of region `i` does nothing, if it does: it runs, or is no member.
+    fn restart_skipped(&self, i: usize) -> Option<String> {
+        let name = &self.names[i];
+        if *self.regions[i].up.borrow() {
+            return Some(format!("region {name} is running"));
+        }
+        let member = matches!(self.regions[i].phase, Phase::Member | Phase::Leaving);
+        (!member).then(|| format!("region {name} is not a member of the mesh"))
+    }
+
+    /// Why a leave of region `i` does nothing, if it does: it is no member, or leaving.
+    fn leave_skipped(&self, i: usize) -> Option<String> {
+        (self.regions[i].phase != Phase::Member).then(|| {
+            format!(
+                "region {} is not a member of the mesh (or leaving already)",
+                self.names[i]
+            )
+        })
     }
 
     async fn perform(&mut self, action: &Action) -> Result<(), DrillError> {
@@ -1570,9 +1580,7 @@ pub async fn run(
                 }
                 Step::Restart(i) => {
                     let mut label = format!("restart {}", drill.names[i]);
-                    if let Some(why) = drill.skipped(&Action::Restart {
-                        region: drill.names[i].clone(),
-                    }) {
+                    if let Some(why) = drill.restart_skipped(i) {
                         drill.warnings.push(format!(
                             "{label} at {} ms: skipped, {why}",
                             drill.elapsed_ms()
@@ -1945,56 +1953,28 @@ async fn finish(
             ),
         });
     }
-    let writes = drill
-        .regions
-        .iter()
-        .map(|r| {
-            let [acknowledged, refused, unknown, unavailable] = r.counters.read();
-            (
-                r.name.clone(),
-                WriteCounts {
-                    acknowledged,
-                    refused,
-                    unknown,
-                    unavailable,
-                },
-            )
-        })
-        .collect();
     Ok(DrillReport {
-        scenario: scenario.name.clone(),
-        command: options.command_line.clone(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        durability: drill.durability.name().into(),
-        seed: options.seed,
-        time_scale: options.time_scale,
-        regions: drill.names.clone(),
-        duration_ms: end_ms,
         passed: checkers.iter().all(|c| c.passed),
         checkers,
-        writes,
         events_written,
-        conflicts_resolved: observed.conflicts_total,
         messages_per_change: per_change,
         lag_ms: lag,
-        lag_ms_by_link: observed
-            .lag_by_link
-            .iter()
-            .map(|(l, h)| (l.clone(), figures(h)))
-            .collect(),
-        faults: drill.marks.clone(),
         failures,
         convergence,
         final_convergence_ms,
-        timeline: observed.timeline.clone(),
-        warnings: drill.warnings.clone(),
+        ..measured(drill, options, &observed, end_ms)
     })
 }
 
-/// The report of a drill that could not go on: what it measured until then, and a failed
-/// `drill` verdict that says why.
-fn cut_short(drill: &Drill<'_>, options: &DrillOptions, why: String) -> DrillReport {
-    let observed = lock(&drill.shared);
+/// The report of what the drill measured, through `duration_ms` of workload, without verdicts
+/// (and so not passed), nor what only its end computes: events written, messages per change,
+/// recoveries and convergence.
+fn measured(
+    drill: &Drill<'_>,
+    options: &DrillOptions,
+    observed: &Observed,
+    duration_ms: u64,
+) -> DrillReport {
     let writes = drill
         .regions
         .iter()
@@ -2017,13 +1997,9 @@ fn cut_short(drill: &Drill<'_>, options: &DrillOptions, why: String) -> DrillRep
         seed: options.seed,
         time_scale: options.time_scale,
         regions: drill.names.clone(),
-        duration_ms: drill.elapsed_ms(),
+        duration_ms,
         passed: false,
-        checkers: vec![Verdict {
-            checker: "drill".into(),
-            passed: false,
-            detail: format!("the drill could not go on, and checked nothing: {why}"),
-        }],
+        checkers: Vec::new(),
         writes,
         events_written: 0,
         conflicts_resolved: observed.conflicts_total,
@@ -2040,6 +2016,20 @@ fn cut_short(drill: &Drill<'_>, options: &DrillOptions, why: String) -> DrillRep
         final_convergence_ms: None,
         timeline: observed.timeline.clone(),
         warnings: drill.warnings.clone(),
+    }
+}
+
+/// The report of a drill that could not go on: what it measured until then, and a failed
+/// `drill` verdict that says why.
+fn cut_short(drill: &Drill<'_>, options: &DrillOptions, why: String) -> DrillReport {
+    let observed = lock(&drill.shared);
+    DrillReport {
+        checkers: vec![Verdict {
+            checker: "drill".into(),
+            passed: false,
+            detail: format!("the drill could not go on, and checked nothing: {why}"),
+        }],
+        ..measured(drill, options, &observed, drill.elapsed_ms())
     }
 }
 
