@@ -258,11 +258,16 @@ impl View<'_> {
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyState>, StorageError> {
         let mut options = ReadOptions::default();
         options.set_snapshot(&self.snapshot);
-        let data = self.storage.cf(CF_DATA)?;
-        match self.storage.db.get_pinned_cf_opt(data, key, &options)? {
-            Some(bytes) => Ok(Some(decode(&bytes, "key state")?)),
-            None => Ok(None),
-        }
+        self.storage.get_with(key, &options)
+    }
+}
+
+/// Refuses a stored format version other than this build's.
+fn check_format_bytes(bytes: &[u8]) -> Result<(), StorageError> {
+    let found: u32 = decode(bytes, "format version")?;
+    match found == FORMAT_VERSION {
+        true => Ok(()),
+        false => Err(StorageError::Format { found }),
     }
 }
 
@@ -288,13 +293,10 @@ fn check_format_before_open(dir: &Path) -> Result<(), StorageError> {
     let meta = db
         .cf_handle(CF_META)
         .ok_or(StorageError::MissingColumnFamily(CF_META))?;
-    if let Some(bytes) = db.get_cf(meta, META_FORMAT)? {
-        let found: u32 = decode(&bytes, "format version")?;
-        if found != FORMAT_VERSION {
-            return Err(StorageError::Format { found });
-        }
+    match db.get_cf(meta, META_FORMAT)? {
+        Some(bytes) => check_format_bytes(&bytes),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl RocksStorage {
@@ -340,10 +342,7 @@ impl RocksStorage {
         };
         let meta = storage.cf(CF_META)?;
         if let Some(bytes) = storage.db.get_cf(meta, META_FORMAT)? {
-            let found: u32 = decode(&bytes, "format version")?;
-            if found != FORMAT_VERSION {
-                return Err(StorageError::Format { found });
-            }
+            check_format_bytes(&bytes)?;
         }
         Ok(storage)
     }
@@ -365,12 +364,7 @@ impl RocksStorage {
     fn check_format(&self) -> Result<(), StorageError> {
         let meta = self.cf(CF_META)?;
         match self.db.get_cf(meta, META_FORMAT)? {
-            Some(bytes) => {
-                let found: u32 = decode(&bytes, "format version")?;
-                if found != FORMAT_VERSION {
-                    return Err(StorageError::Format { found });
-                }
-            }
+            Some(bytes) => check_format_bytes(&bytes)?,
             None => self
                 .db
                 .put_cf(meta, META_FORMAT, encode(&FORMAT_VERSION, "format")?)?,
@@ -391,7 +385,16 @@ impl RocksStorage {
 
     /// The stored state of `key` (a read that does not go through the replica).
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyState>, StorageError> {
-        match self.db.get_pinned_cf(self.cf(CF_DATA)?, key)? {
+        self.get_with(key, &ReadOptions::default())
+    }
+
+    /// [`RocksStorage::get`] with these read options (a view's snapshot).
+    fn get_with(
+        &self,
+        key: &[u8],
+        options: &ReadOptions,
+    ) -> Result<Option<KeyState>, StorageError> {
+        match self.db.get_pinned_cf_opt(self.cf(CF_DATA)?, key, options)? {
             Some(bytes) => Ok(Some(decode(&bytes, "key state")?)),
             None => Ok(None),
         }
