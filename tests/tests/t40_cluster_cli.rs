@@ -226,8 +226,8 @@ fn t41_cluster_up_in_the_foreground_stops_every_region_on_interrupt() {
     wait_gone(&pids.into_iter().flatten().collect::<Vec<_>>());
 }
 
-#[test]
-fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
+/// A directory with two regions, a and b, laid out by `braid init` (not started).
+fn init_two_regions() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(2).to_string();
     let init = Command::new(braid_bin())
@@ -236,6 +236,12 @@ fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
         .output()
         .unwrap();
     assert!(init.status.success(), "{init:?}");
+    dir
+}
+
+#[test]
+fn t42_cluster_down_never_signals_a_process_that_is_not_the_region() {
+    let dir = init_two_regions();
     // A pid left in cluster.json, since taken by another program.
     let mut stranger = Command::new("sleep").arg("60").spawn().unwrap();
     let mut file = ClusterFile::load(dir.path()).unwrap();
@@ -418,14 +424,7 @@ fn t45_a_region_that_leaves_is_not_started_again_and_the_cluster_is_found_from_a
 
 #[test]
 fn t46_a_region_that_cannot_be_started_leaves_none_running_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port(2).to_string();
-    let init = Command::new(braid_bin())
-        .args(["init", "--regions", "a,b", "--base-port", &base, "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
+    let dir = init_two_regions();
     // b's log cannot be opened: b cannot be started, after a was.
     std::fs::create_dir(dir.path().join("b").join("braid.log")).unwrap();
     let up = Command::new(braid_bin())
