@@ -1214,11 +1214,16 @@ async fn drill(args: DrillArgs) -> Result<()> {
 /// How long `braid leave` waits for the region to be gone.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
-async fn leave(http: SocketAddr) -> Result<()> {
-    let status = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
+/// The node's `/status`.
+async fn fetch_status(http: SocketAddr) -> Result<Status> {
+    let body = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
         .await
         .with_context(|| format!("cannot reach the node at http://{http}/status"))?;
-    let status: Status = serde_json::from_str(&status).context("unexpected /status document")?;
+    serde_json::from_str(&body).context("unexpected /status document")
+}
+
+async fn leave(http: SocketAddr) -> Result<()> {
+    let status = fetch_status(http).await?;
     let region = status.region.clone();
     braid_node::admin_client::post_json(http, "/leave", "{}", TOPOLOGY_SET_TIMEOUT)
         .await
@@ -1433,16 +1438,10 @@ fn split_link(link: &str, known: Option<&BTreeSet<String>>) -> Result<[String; 2
     }
 }
 
-/// The regions a node knows: its own, its peers', and every origin of its version vector.
+/// The regions of the cluster, as the node's control plane has committed them.
 async fn region_names(http: SocketAddr) -> Result<BTreeSet<String>> {
-    let body = braid_node::admin_client::get(http, "/status", Duration::from_secs(5))
-        .await
-        .with_context(|| format!("cannot ask http://{http} for the cluster's regions"))?;
-    let status: Status = serde_json::from_str(&body).context("unexpected /status reply")?;
-    let mut names: BTreeSet<String> = status.vector.into_keys().collect();
-    names.insert(status.region);
-    names.extend(status.peers.into_iter().map(|peer| peer.region));
-    Ok(names)
+    let status = fetch_status(http).await?;
+    Ok(status.control.members.into_iter().map(|m| m.name).collect())
 }
 
 async fn status(http: SocketAddr, json: bool) -> Result<()> {
