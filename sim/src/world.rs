@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::hash::Hasher;
 use std::time::Instant;
 
 use braid_conflict::oracle::Oracle;
@@ -65,8 +66,10 @@ const WATCHDOG_STEPS: u64 = 1024;
 const RAFT_SETTLE_MS: u64 = 10_000;
 /// Trace records are hashed in buffers of this many bytes.
 const TRACE_BUFFER_BYTES: usize = 16 * 1024;
-/// A trace record's bytes at most: five of bincode's varints of up to nine bytes each.
-const TRACE_RECORD_BYTES_MAX: usize = 5 * 9;
+/// Numbers in a trace record at most, its time first.
+const TRACE_RECORD_NUMBERS_MAX: usize = 6;
+/// A trace record's bytes at most: bincode's varints of up to nine bytes each.
+const TRACE_RECORD_BYTES_MAX: usize = TRACE_RECORD_NUMBERS_MAX * 9;
 
 /// How to run a scenario.
 #[derive(Debug, Clone)]
@@ -327,7 +330,11 @@ pub struct World<'a> {
     names: Names,
     conn_rng: ChaCha8Rng,
     streams: Streams,
+    /// Links down, one way each: those `partitioned` and those `flapped` (kept apart so that
+    /// a flap's turn up does not lift a partition running over the same link, as in a drill).
     cut: BTreeSet<(usize, usize)>,
+    partitioned: BTreeSet<(usize, usize)>,
+    flapped: BTreeSet<(usize, usize)>,
     slow: BTreeMap<(usize, usize), u64>,
     /// Acknowledged writes kept whole: in `process` durability only, where the oracle must
     /// leave out those a power failure took, which is known only at the end.
@@ -438,6 +445,8 @@ impl<'a> World<'a> {
             conn_rng: ChaCha8Rng::seed_from_u64(sub_seed(seed, 3)),
             streams: Streams::new(scenario.regions.len()),
             cut: BTreeSet::new(),
+            partitioned: BTreeSet::new(),
+            flapped: BTreeSet::new(),
             slow: BTreeMap::new(),
             acked: Vec::new(),
             oracle: Oracle::with_keys(scenario.workload.keys),
@@ -539,15 +548,16 @@ impl<'a> World<'a> {
     /// sequence of records; the words are mostly small, and this hashes about a fifth of the
     /// bytes that five whole `u64`s took. A trace kept as text (`--trace`) takes `text` too,
     /// given the regions' names by position.
-    fn trace(&mut self, record: [u64; 4], text: impl FnOnce(&[String]) -> String) {
-        let [a, b, c, d] = record;
+    fn trace<const N: usize>(&mut self, record: [u64; N], text: impl FnOnce(&[String]) -> String) {
+        const { assert!(N < TRACE_RECORD_NUMBERS_MAX) };
         let mut bytes = [0u8; TRACE_RECORD_BYTES_MAX];
+        // An array is its elements, one varint each, as a tuple of them would be.
         let Ok(len) = bincode::encode_into_slice(
-            (self.now_ms, a, b, c, d),
+            (self.now_ms, record),
             &mut bytes,
             bincode::config::standard(),
         ) else {
-            unreachable!("five varints fit a trace record's buffer")
+            unreachable!("a record's varints fit its buffer")
         };
         self.unhashed.extend_from_slice(&bytes[..len]);
         if self.unhashed.len() >= TRACE_BUFFER_BYTES {
@@ -1030,15 +1040,15 @@ impl<'a> World<'a> {
                     return; // healed since: the link stays as `heal` left it
                 }
                 // Down and up in turn; up for good from `until_ms`.
-                let cut = !self.cut.contains(&(a, b)) && self.now_ms < until_ms;
+                let cut = !self.flapped.contains(&(a, b)) && self.now_ms < until_ms;
                 if cut {
-                    self.cut.insert((a, b));
-                    self.cut.insert((b, a));
+                    self.flapped.insert((a, b));
+                    self.flapped.insert((b, a));
                 } else {
-                    self.cut.remove(&(a, b));
-                    self.cut.remove(&(b, a));
+                    self.flapped.remove(&(a, b));
+                    self.flapped.remove(&(b, a));
                 }
-                self.net_changed = true;
+                self.recut();
                 self.trace([8, a as u64, b as u64, u64::from(cut)], |n| {
                     format!("flap {}-{} cut={cut}", n[a], n[b])
                 });
@@ -1069,9 +1079,10 @@ impl<'a> World<'a> {
                 self.workload_over = true;
                 self.end_ms = self.now_ms;
                 self.flap_epoch += 1;
-                self.cut.clear();
+                self.partitioned.clear();
+                self.flapped.clear();
+                self.recut();
                 self.slow.clear();
-                self.net_changed = true;
                 for region in 0..self.regions.len() {
                     self.restart(region);
                 }
@@ -1134,14 +1145,25 @@ impl<'a> World<'a> {
             }
         }
         let ok = matches!(results.first(), Some(Ok(_)));
-        self.trace([1, region as u64, after.0, u64::from(ok)], |n| {
-            format!(
-                "write {} {} -> seq {}",
-                n[region],
-                String::from_utf8_lossy(&key),
-                after.0
-            )
-        });
+        let mut fingerprint = rustc_hash::FxHasher::default();
+        fingerprint.write(&key);
+        self.trace(
+            [
+                1,
+                region as u64,
+                after.0,
+                u64::from(ok),
+                fingerprint.finish(),
+            ],
+            |n| {
+                format!(
+                    "write {} {} -> seq {}",
+                    n[region],
+                    String::from_utf8_lossy(&key),
+                    after.0
+                )
+            },
+        );
         self.drain(region);
     }
 
@@ -1276,7 +1298,7 @@ impl<'a> World<'a> {
             }
         }
         let duplicated = unit(&mut self.net_rng) < net.duplicate;
-        self.trace([3, from as u64, to as u64, at], |n| {
+        self.trace([3, from as u64, to as u64, at, bytes.len() as u64], |n| {
             format!("send {what} {}->{} at {at}", n[from], n[to])
         });
         if duplicated {
@@ -1430,6 +1452,12 @@ impl<'a> World<'a> {
                 .is_some_and(|r| r.topology().neighbors(me).contains(&other))
         };
         sees(a, ia, ib) && sees(b, ib, ia)
+    }
+
+    /// The links down: every one a partition or a flap holds down.
+    fn recut(&mut self) {
+        self.cut = self.partitioned.union(&self.flapped).copied().collect();
+        self.net_changed = true;
     }
 
     /// Opens or closes streams to match who is up and which links are cut both ways.
@@ -1587,15 +1615,18 @@ impl<'a> World<'a> {
                     for b in 0..n {
                         let (ga, gb) = (group_of(a), group_of(b));
                         if a != b && ga != gb && (!one_way || ga == Some(0)) {
-                            self.cut.insert((a, b));
+                            self.partitioned.insert((a, b));
                         }
                     }
                 }
+                self.recut();
             }
             Action::Heal {} => {
                 // Every flap running ends too, with its link up.
                 self.flap_epoch += 1;
-                self.cut.clear();
+                self.partitioned.clear();
+                self.flapped.clear();
+                self.recut();
                 self.slow.clear();
             }
             Action::Flap {
@@ -1889,6 +1920,7 @@ impl<'a> World<'a> {
             None => (0, 0),
         };
         let passed = verdicts.iter().all(|v| v.passed);
+        self.hash_final_states();
         self.hasher.update(&self.unhashed);
         self.unhashed.clear();
         let trace_hash = self.hasher.finalize().to_hex().to_string();
@@ -1917,6 +1949,34 @@ impl<'a> World<'a> {
             replay: String::new(),
             trace: std::mem::take(&mut self.trace),
         }
+    }
+
+    /// Every region's final vector and key states, in region and key order, into the trace
+    /// hash: two runs of a seed that end with different data hash differently even where every
+    /// step's record matched. Once the members converged, their states are one (compared key by
+    /// key): the first member's stand for them all.
+    fn hash_final_states(&mut self) {
+        let config = bincode::config::standard();
+        let mut buf = std::mem::take(&mut self.unhashed);
+        let first_member = self.regions.iter().position(|r| r.phase == Phase::Member);
+        for (i, region) in self.regions.iter().enumerate() {
+            let vector = region.replica.as_ref().map(|r| r.vector());
+            let encoded = bincode::serde::encode_into_std_write(vector, &mut buf, config);
+            assert!(encoded.is_ok(), "a vector always encodes");
+            let same_as_first = self.converged_at.is_some()
+                && region.phase == Phase::Member
+                && first_member != Some(i);
+            let storage = Self::storage(region).filter(|_| !same_as_first);
+            for (key, state) in storage.map(SimStorage::keys).unwrap_or_default() {
+                let encoded = bincode::serde::encode_into_std_write((key, state), &mut buf, config);
+                assert!(encoded.is_ok(), "a key state always encodes");
+                if buf.len() >= TRACE_BUFFER_BYTES {
+                    self.hasher.update(&buf);
+                    buf.clear();
+                }
+            }
+        }
+        self.unhashed = buf;
     }
 
     /// Acknowledged writes that no region holds any more: lost with a power failure before
@@ -2076,6 +2136,24 @@ region = "c"
             keep_trace: false,
         };
         World::new(scenario, options).unwrap()
+    }
+
+    #[test]
+    fn the_trace_hash_covers_the_states_a_run_ends_with() {
+        let scenario = Scenario::parse(JOINING).unwrap();
+        // Two worlds with the same records, whose region a holds another value of one key.
+        let hash = |value: &'static [u8]| {
+            let mut world = world(&scenario);
+            let replica = world.regions[0].replica.as_mut().unwrap();
+            let command = Command::Set(Bytes::from_static(value));
+            let results = replica.handle_commands(vec![(Bytes::from_static(b"k"), command)], 0);
+            assert!(matches!(results.as_deref(), Ok([Ok(_)])), "{results:?}");
+            world.hash_final_states();
+            world.hasher.update(&world.unhashed);
+            world.hasher.finalize()
+        };
+        assert_eq!(hash(b"x"), hash(b"x"));
+        assert_ne!(hash(b"x"), hash(b"y"));
     }
 
     #[test]

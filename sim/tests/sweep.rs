@@ -471,6 +471,70 @@ action = "heal"
     );
 }
 
+/// A flap over a link a partition holds down: its turns up must not lift the partition.
+#[test]
+fn a_flap_over_a_partitioned_link_leaves_the_partition_in_place() {
+    let scenario = Scenario::parse(
+        r#"
+name = "flap-over-partition"
+regions = ["a", "b", "c"]
+duration-ms = 6000
+[network]
+latency-ms-min = 2
+latency-ms-max = 10
+[workload]
+rate-per-region = 50
+keys = 20
+[[timeline]]
+at-ms = 1000
+action = "partition"
+groups = [["a"], ["b", "c"]]
+[[timeline]]
+at-ms = 2000
+action = "flap"
+from = "a"
+to = "b"
+period-ms = 300
+until-ms = 3000
+[[timeline]]
+at-ms = 5000
+action = "heal"
+"#,
+    )
+    .unwrap();
+    let report = braid_sim::run(
+        &scenario,
+        RunOptions {
+            keep_trace: true,
+            ..options(0)
+        },
+    )
+    .unwrap();
+    assert!(report.passed, "{:?}", report.checkers);
+    // A line is the time, then the record: "    2300 send batch a->b at 2305".
+    let at = |line: &String| -> u64 { line.split_whitespace().next().unwrap().parse().unwrap() };
+    let flaps = report
+        .trace
+        .iter()
+        .filter(|line| line.split_whitespace().nth(1) == Some("flap"))
+        .count();
+    assert!(flaps >= 3, "the flap ran");
+    // From a moment after the partition (frames already in flight land) to the heal, nothing
+    // crosses between a and the others.
+    let crossed: Vec<&String> = report
+        .trace
+        .iter()
+        .filter(|line| (1100..5000).contains(&at(line)))
+        .filter(|line| {
+            line.split_whitespace().nth(1) == Some("send")
+                && ["a->b", "b->a", "a->c", "c->a"]
+                    .iter()
+                    .any(|link| line.contains(link))
+        })
+        .collect();
+    assert!(crossed.is_empty(), "sent across the partition: {crossed:?}");
+}
+
 /// Two regions, both killed before the workload starts.
 const NOTHING_WRITTEN: &str = r#"
 name = "nothing-written"
