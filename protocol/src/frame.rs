@@ -23,7 +23,7 @@ use crate::batch::{DecodeBatch, DecodeVector, EncodeBatch, EncodeEvent, EncodeVe
 use crate::ids::{NodeId, Seq, VersionVector};
 use crate::limits::{
     BATCH_EVENTS_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_LENGTH_BYTES, KEY_BYTES_MAX,
-    SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_KEY_BYTES_MAX, SNAPSHOT_PART_BYTES_MAX,
+    SEQ_MAX, SNAPSHOT_CHUNK_KEYS_MAX, SNAPSHOT_KEY_BYTES_MAX, SNAPSHOT_PART_BYTES_MAX,
     SUBSCRIBE_ORIGINS_MAX, VALUE_BYTES_MAX, VECTOR_ENTRIES_MAX,
 };
 use crate::message::{ChangeEvent, EncodedEvents, Message, PROTOCOL_VERSION};
@@ -135,6 +135,12 @@ pub enum ProtocolViolation {
     /// Sequence number zero, which no event has.
     #[error("event with sequence number 0")]
     ZeroSeq,
+    /// A sequence number (of an event or in a vector) past the largest any region reaches.
+    #[error("sequence number {seq} exceeds {SEQ_MAX}")]
+    SeqTooLarge {
+        /// The sequence number.
+        seq: u64,
+    },
     /// Events of one origin out of order within a batch.
     #[error("events of one origin out of order in a batch")]
     OutOfOrder,
@@ -500,11 +506,14 @@ pub fn validate(message: &Message) -> Result<(), ProtocolViolation> {
 }
 
 fn validate_vector(vector: &VersionVector) -> Result<(), ProtocolViolation> {
-    match vector.len() > VECTOR_ENTRIES_MAX {
-        true => Err(ProtocolViolation::VectorTooLarge {
+    if vector.len() > VECTOR_ENTRIES_MAX {
+        return Err(ProtocolViolation::VectorTooLarge {
             entries: vector.len(),
-        }),
-        false => Ok(()),
+        });
+    }
+    match vector.iter().find(|(_, seq)| seq.0 > SEQ_MAX) {
+        Some((_, seq)) => Err(ProtocolViolation::SeqTooLarge { seq: seq.0 }),
+        None => Ok(()),
     }
 }
 
@@ -518,6 +527,9 @@ pub fn validate_event(event: &ChangeEvent) -> Result<(), ProtocolViolation> {
     }
     if event.seq.0 == 0 {
         return Err(ProtocolViolation::ZeroSeq);
+    }
+    if event.seq.0 > SEQ_MAX {
+        return Err(ProtocolViolation::SeqTooLarge { seq: event.seq.0 });
     }
     if event.key.len() > KEY_BYTES_MAX {
         return Err(ProtocolViolation::KeyTooLong {

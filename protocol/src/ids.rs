@@ -17,8 +17,11 @@ impl Seq {
     /// No event yet.
     pub const ZERO: Seq = Seq(0);
 
-    /// The sequence number after this one.
+    /// The sequence number after this one. Every number a node accepts is at most
+    /// [`SEQ_MAX`](crate::limits::SEQ_MAX) (checked where events and vectors are received), so
+    /// there always is one.
     pub fn next(self) -> Seq {
+        assert!(self.0 < u64::MAX, "sequence number {} has no next", self.0);
         Seq(self.0 + 1)
     }
 }

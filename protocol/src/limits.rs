@@ -22,6 +22,11 @@ pub const BATCH_EVENTS_MAX: usize = 1024;
 /// The most entries in a version vector: one per origin that ever wrote (nodes of the cluster).
 pub const VECTOR_ENTRIES_MAX: usize = 1024;
 
+/// The largest sequence number an event or a vector may carry: half of `u64`'s range, which no
+/// region reaches (a million writes a second for 290,000 years), so that the next number after
+/// any accepted one is always there.
+pub const SEQ_MAX: u64 = u64::MAX / 2;
+
 /// The most origins one subscription may ask a peer for.
 pub const SUBSCRIBE_ORIGINS_MAX: usize = VECTOR_ENTRIES_MAX;
 

@@ -7,7 +7,7 @@ use braid_conflict::{
     Command, CounterTotals, Direction, Hlc, KeyState, NodeId, Observed, Op, VClock, Write,
 };
 use braid_protocol::frame::{self, DecodeError};
-use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX};
+use braid_protocol::limits::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, SEQ_MAX};
 use braid_protocol::{
     ChangeEvent, ClusterId, ErrorCode, ErrorMessage, Handshake, Message, ProtocolViolation,
     RaftCall, RaftRequest, Seq, SnapshotBegin, SnapshotEnd, SnapshotEntry, SnapshotKeyPart,
@@ -385,6 +385,22 @@ fn protocol_rules_are_enforced_after_decoding() {
         (
             Message::EventBatch(vec![set(0)]),
             ProtocolViolation::ZeroSeq,
+        ),
+        (
+            Message::EventBatch(vec![set(SEQ_MAX + 1)]),
+            ProtocolViolation::SeqTooLarge { seq: SEQ_MAX + 1 },
+        ),
+        (
+            Message::Ack([(A, Seq(3)), (B, Seq(u64::MAX))].into_iter().collect()),
+            ProtocolViolation::SeqTooLarge { seq: u64::MAX },
+        ),
+        (
+            Message::SnapshotBegin(SnapshotBegin {
+                vector: [(A, Seq(SEQ_MAX + 1))].into_iter().collect(),
+                hlc: Hlc::new(1_700_000_000_000, 0, A),
+                keys_estimate: 0,
+            }),
+            ProtocolViolation::SeqTooLarge { seq: SEQ_MAX + 1 },
         ),
         (
             Message::EventBatch(vec![ChangeEvent {
