@@ -28,7 +28,7 @@ use rocksdb::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::store::{Meta, SnapshotVault};
 use super::ControlConfig;
@@ -288,31 +288,37 @@ impl RaftLogStorage<ControlConfig> for RocksRaftLog {
     /// openraft purges as soon as it hands a received snapshot to the state machine, without
     /// waiting for the snapshot to be saved (another task saves it): a crash in between would
     /// leave neither the entries nor a snapshot covering them, and a node that cannot start. So
-    /// the purge waits for the save, which takes milliseconds; past [`PURGE_WAIT_MS_MAX`] (a
-    /// snapshot that will not be saved) it purges as asked, as before.
+    /// the purge waits for the save, which takes milliseconds. Past [`PURGE_WAIT_MS_MAX`] (a
+    /// snapshot that failed to install, and will not be saved) it deletes only what the saved
+    /// snapshot covers: the rest stays for a restart to replay, and a later purge takes it.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(PURGE_WAIT_MS_MAX);
-        loop {
-            let covered = self
-                .load()?
-                .and_then(|(meta, _)| meta.last_log_id)
-                .is_some_and(|saved| saved.index >= log_id.index);
-            if covered {
-                break;
+        let through = loop {
+            let saved = self.load()?.and_then(|(meta, _)| meta.last_log_id);
+            if saved.is_some_and(|saved| saved.index >= log_id.index) {
+                break log_id;
             }
             if tokio::time::Instant::now() >= deadline {
-                warn!(
+                error!(
                     upto = log_id.index,
-                    "purging the Raft log past the saved snapshot: none covering it was saved \
-                     within {PURGE_WAIT_MS_MAX} ms"
+                    saved = ?saved.map(|saved| saved.index),
+                    "keeping Raft log entries openraft purged: no snapshot covering them was \
+                     saved within {PURGE_WAIT_MS_MAX} ms (see the state machine's errors)"
                 );
-                break;
+                match saved {
+                    Some(saved) => break saved,
+                    None => return Ok(()),
+                }
             }
             tokio::time::sleep(Duration::from_millis(PURGE_POLL_MS)).await;
+        };
+        let purged: Option<LogId<NodeId>> = self.get_meta(META_PURGED)?;
+        if purged.is_some_and(|purged| purged.index >= through.index) {
+            return Ok(());
         }
         let mut batch = WriteBatch::default();
-        self.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
-        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&log_id)?);
+        self.delete_range(&mut batch, 0, Some(through.index.saturating_add(1)))?;
+        batch.put_cf(self.cf(CF_META)?, META_PURGED, encode(&through)?);
         self.db.write_opt(batch, &synced()).map_err(write_err)
     }
 }
@@ -376,6 +382,41 @@ mod tests {
             assert_eq!(indexes(&log).await, [5, 6]);
             let state = log.clone().get_log_state().await.unwrap();
             assert_eq!(state.last_purged_log_id, Some(log_id(4)));
+        });
+    }
+
+    #[test]
+    fn a_purge_no_saved_snapshot_covers_keeps_the_entries_past_the_saved_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RocksRaftLog::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        for index in 1..=6 {
+            let entry = Entry::<ControlConfig> {
+                log_id: log_id(index),
+                payload: EntryPayload::Blank,
+            };
+            batch.put_cf(
+                log.cf(CF_LOG).unwrap(),
+                index.to_be_bytes(),
+                encode(&entry).unwrap(),
+            );
+        }
+        log.db.write(batch).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // The snapshot through 4 failed to install: only the one through 2 is ever saved.
+            log.save(&snapshot_through(2), b"state").unwrap();
+            let mut purging = log.clone();
+            purging.purge(log_id(4)).await.unwrap();
+            let entries = log.clone().try_get_log_entries(0..100).await.unwrap();
+            let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+            assert_eq!(indexes, [3, 4, 5, 6], "what no saved snapshot covers stays");
+            let state = log.clone().get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(2)));
         });
     }
 }
