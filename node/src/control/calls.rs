@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::runtime::BraidRuntime;
+use super::store::CONTROL_SNAPSHOT_BYTES_MAX;
 use super::{ControlConfig, ControlRaft, ControlReply};
 
 type RaftNodeId = u64;
@@ -93,6 +94,7 @@ pub async fn answer(raft: &ControlRaft, request: &RaftRequest) -> Result<Bytes, 
         }
         RaftCall::InstallSnapshot => {
             let rpc: InstallSnapshotRequest<ControlConfig> = decode(&request.body)?;
+            check_snapshot_chunk(&rpc)?;
             encode(&raft.install_snapshot(rpc).await)
         }
         RaftCall::Propose => {
@@ -114,6 +116,20 @@ pub async fn answer(raft: &ControlRaft, request: &RaftRequest) -> Result<Bytes, 
                 };
             encode(&result)
         }
+    }
+}
+
+/// Refuses a snapshot chunk that reaches past the largest snapshot: openraft writes each chunk
+/// at its offset into a buffer in memory, which a chunk at a huge offset would grow to its
+/// offset, zeroes included.
+fn check_snapshot_chunk(rpc: &InstallSnapshotRequest<ControlConfig>) -> Result<(), String> {
+    let end = rpc.offset.saturating_add(rpc.data.len() as u64);
+    match end > CONTROL_SNAPSHOT_BYTES_MAX as u64 {
+        true => Err(format!(
+            "a snapshot chunk reaching byte {end}, past the largest snapshot \
+             ({CONTROL_SNAPSHOT_BYTES_MAX} bytes)"
+        )),
+        false => Ok(()),
     }
 }
 
@@ -162,6 +178,24 @@ mod tests {
                 _
             )))
         ));
+    }
+
+    #[test]
+    fn a_snapshot_chunk_past_the_largest_snapshot_is_refused() {
+        let chunk = |offset: u64, len: usize| InstallSnapshotRequest::<ControlConfig> {
+            vote: Vote::new(1, 1),
+            meta: Default::default(),
+            offset,
+            data: vec![0; len],
+            done: false,
+        };
+        let max = CONTROL_SNAPSHOT_BYTES_MAX as u64;
+        assert!(check_snapshot_chunk(&chunk(0, 1024)).is_ok());
+        assert!(check_snapshot_chunk(&chunk(max - 10, 10)).is_ok());
+        let err = check_snapshot_chunk(&chunk(max - 10, 11)).unwrap_err();
+        assert!(err.contains("past the largest snapshot"), "{err}");
+        assert!(check_snapshot_chunk(&chunk(1 << 40, 1)).is_err());
+        assert!(check_snapshot_chunk(&chunk(u64::MAX, 1)).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use rocksdb::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::error;
 
 use super::store::{Meta, SnapshotVault};
 use super::ControlConfig;

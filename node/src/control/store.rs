@@ -189,7 +189,7 @@ fn encode(data: &SnapshotData) -> Result<Vec<u8>, bincode::error::EncodeError> {
 
 /// The most bytes a control-plane snapshot may decode to: members, links, keyspaces and
 /// checkpoints are small; a length prefix past this is corruption (or a hostile peer's).
-const CONTROL_SNAPSHOT_BYTES_MAX: usize = 64 * 1024 * 1024;
+pub(crate) const CONTROL_SNAPSHOT_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 fn decode(bytes: &[u8]) -> Result<SnapshotData, StorageError<NodeId>> {
     let config = bincode::config::standard().with_limit::<CONTROL_SNAPSHOT_BYTES_MAX>();
