@@ -281,7 +281,7 @@ impl ControlPlane {
                 Err(err) => debug!(%node, error = %err, "control plane: group already initialized"),
             }
         }
-        Ok(ControlPlane {
+        let plane = ControlPlane {
             node,
             mesh,
             raft,
@@ -289,7 +289,14 @@ impl ControlPlane {
             network,
             regions: Arc::new(config.regions()),
             forwards: Arc::default(),
-        })
+        };
+        // The directory follows the committed members from the start, before the mesh serves
+        // anyone: a member removed while this node was down is refused (and told why) at once,
+        // not served until the first upkeep round.
+        if let Some(state) = plane.state() {
+            plane.follow_members(&state);
+        }
+        Ok(plane)
     }
 
     /// The node's Raft (its transport serves peers' calls with it).
