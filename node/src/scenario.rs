@@ -408,6 +408,20 @@ impl Scenario {
                 "{what} is {ms}: at most {TIME_MS_MAX} (a day) is taken"
             ));
         }
+        if self.change_log_retention_events == Some(0) {
+            return invalid("change-log-retention-events must be above 0".into());
+        }
+        if let Some(bound) = expect.max_messages_per_change {
+            if !(bound.is_finite() && bound > 0.0) {
+                return invalid(format!(
+                    "expect.max-messages-per-change is {bound}: a finite number above 0 is taken"
+                ));
+            }
+        }
+        if expect.lag_ms_p99_max == Some(0) {
+            // Every lag counts as at least 1 ms.
+            return invalid("expect.lag-ms-p99-max must be at least 1".into());
+        }
         let n = &self.network;
         if n.latency_ms_min > n.latency_ms_max {
             return invalid("network.latency-ms-min exceeds latency-ms-max".into());
@@ -489,6 +503,16 @@ impl Scenario {
                 if let Some(twice) = groups.iter().flatten().find(|r| !seen.insert(r.as_str())) {
                     return invalid(format!(
                         "timeline: the partition at {} ms puts {twice} in more than one group",
+                        fault.at_ms
+                    ));
+                }
+                // The regions in no group are one more group.
+                let sides = groups.iter().filter(|g| !g.is_empty()).count()
+                    + usize::from(seen.len() < self.regions.len());
+                if sides < 2 {
+                    return invalid(format!(
+                        "timeline: the partition at {} ms separates no region from another: \
+                         name two groups, or one that leaves some region out",
                         fault.at_ms
                     ));
                 }
@@ -730,6 +754,39 @@ converged-within-ms = 5000
         let err = Scenario::parse(&SAMPLE.replace("rate-per-region = 100", "rate-per-region = 0"))
             .unwrap_err();
         assert!(err.to_string().contains("rate-per-region"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bounds_no_run_could_meet_and_faults_that_do_nothing() {
+        let with = |line: &str| SAMPLE.replace("[expect]\n", &format!("[expect]\n{line}\n"));
+        for bound in ["nan", "-1.0", "0.0", "inf"] {
+            let err =
+                Scenario::parse(&with(&format!("max-messages-per-change = {bound}"))).unwrap_err();
+            assert!(err.to_string().contains("max-messages-per-change"), "{err}");
+        }
+        assert!(Scenario::parse(&with("max-messages-per-change = 3.5")).is_ok());
+        let err = Scenario::parse(&with("lag-ms-p99-max = 0")).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let retention = SAMPLE.replace(
+            "duration-ms = 10000",
+            "duration-ms = 10000\nchange-log-retention-events = 0",
+        );
+        let err = Scenario::parse(&retention).unwrap_err();
+        assert!(err.to_string().contains("above 0"), "{err}");
+        for groups in [
+            "[]",
+            "[[\"a\", \"b\", \"c\"]]",
+            "[[], [\"a\", \"b\", \"c\"]]",
+        ] {
+            let text = SAMPLE.replace("[[\"a\"], [\"b\", \"c\"]]", groups);
+            let err = Scenario::parse(&text).unwrap_err();
+            assert!(
+                err.to_string().contains("separates no region"),
+                "{groups}: {err}"
+            );
+        }
+        // One group cuts its regions from the rest.
+        assert!(Scenario::parse(&SAMPLE.replace("[[\"a\"], [\"b\", \"c\"]]", "[[\"a\"]]")).is_ok());
     }
 
     #[test]
