@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use braid_sim::world::Verdict;
 use braid_sim::{sweep, InjectedBug, Report, RunOptions, Scenario};
 use clap::{Parser, Subcommand};
 
@@ -299,20 +300,23 @@ fn run() -> Result<bool> {
     let mut report =
         braid_sim::run(&scenario, options(seed, trace.is_some())).map_err(anyhow::Error::msg)?;
     report.replay = replay_of(&report, &path);
+    if check_determinism {
+        // A verdict like the others, in the report and its JSON.
+        let again = braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
+        let same = again.trace_hash == report.trace_hash;
+        report.checkers.push(Verdict {
+            checker: "determinism".into(),
+            passed: same,
+            detail: match same {
+                true => "a second run of the seed hashed the same".into(),
+                false => format!("a second run of the seed hashed {}", again.trace_hash),
+            },
+        });
+        report.passed &= same;
+    }
     // The files first: they are kept if standard output closes while the report prints.
     write_output(trace, &(report.trace.join("\n") + "\n"))?;
     write_output(json, &(serde_json::to_string_pretty(&report)? + "\n"))?;
     print_report(&report);
-    let mut ok = report.passed;
-    if check_determinism {
-        let again = braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
-        let same = again.trace_hash == report.trace_hash;
-        println!(
-            "  determinism: {} (second run {})",
-            if same { "PASS" } else { "FAIL" },
-            again.trace_hash
-        );
-        ok &= same;
-    }
-    Ok(ok)
+    Ok(report.passed)
 }

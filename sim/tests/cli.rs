@@ -133,6 +133,34 @@ fn json_reports_name_the_scenario_in_their_replay_command() {
     assert_eq!(doc["summary"]["seeds"], 2);
 }
 
+#[test]
+fn the_determinism_check_is_a_verdict_of_the_json_report() {
+    let scratch = Scratch::new("determinism");
+    let scenario = scratch.scenario();
+    let json = scratch.0.join("report.json");
+    let out = braid_sim(&[
+        "run",
+        text(&scenario),
+        "--seed",
+        "2",
+        "--check-determinism",
+        "--json",
+        text(&json),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let checkers = report["checkers"].as_array().unwrap();
+    let determinism = checkers
+        .iter()
+        .find(|v| v["checker"] == "determinism")
+        .expect("the check is in the report");
+    assert_eq!(determinism["passed"], true, "{determinism}");
+    assert_eq!(report["passed"], true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("determinism"), "{stdout}");
+}
+
 /// The writing end of a pipe whose reading end is closed already.
 #[allow(unsafe_code)]
 fn closed_pipe() -> std::os::fd::OwnedFd {

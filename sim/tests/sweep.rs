@@ -535,6 +535,34 @@ action = "heal"
     assert!(crossed.is_empty(), "sent across the partition: {crossed:?}");
 }
 
+/// A lag bound over a run with no remote apply (one region) is not met: a percentile of nothing
+/// reads 0, which would pass any bound.
+#[test]
+fn a_lag_bound_with_no_lag_measured_is_not_met() {
+    let scenario = Scenario::parse(
+        r#"
+name = "alone"
+regions = ["a"]
+duration-ms = 2000
+[workload]
+rate-per-region = 50
+keys = 5
+[expect]
+lag-ms-p99-max = 100
+"#,
+    )
+    .unwrap();
+    let report = braid_sim::run(&scenario, options(0)).unwrap();
+    let lag = report
+        .checkers
+        .iter()
+        .find(|v| v.checker == "lag_p99")
+        .expect("the bound is checked");
+    assert!(!lag.passed, "{lag:?}");
+    assert!(lag.detail.contains("no remote apply"), "{lag:?}");
+    assert!(!report.passed);
+}
+
 /// Two regions, both killed before the workload starts.
 const NOTHING_WRITTEN: &str = r#"
 name = "nothing-written"

@@ -176,6 +176,8 @@ struct Region {
     /// When its join or leave began (the drill's clock, and the report's milliseconds).
     change_since: Option<(Instant, u64)>,
     counters: Arc<WriterCounters>,
+    /// How many times the drill killed it.
+    kills: u64,
 }
 
 /// The network faults in force, from which each node's `POST /faults` body is derived.
@@ -612,8 +614,12 @@ fn action_name(action: &Action) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Step {
     Fault(usize),
-    /// A region a `kill-leader` took down starts again.
-    Restart(usize),
+    /// A region a `kill-leader` took down starts again, unless it was killed again since (its
+    /// kill count moved on from `kills`): a later kill is another fault's, to end as it says.
+    Restart {
+        region: usize,
+        kills: u64,
+    },
     Flap {
         a: usize,
         b: usize,
@@ -985,6 +991,7 @@ impl Drill<'_> {
         };
         let at_ms = self.elapsed_ms();
         let unknown_before = self.regions[i].counters.read()[2];
+        self.regions[i].kills += 1;
         self.regions[i].up.send_replace(false);
         if let Some(mut child) = self.regions[i].child.take() {
             let _ = child.start_kill();
@@ -1454,6 +1461,7 @@ pub async fn run(
             },
             change_since: None,
             counters: Arc::new(WriterCounters::default()),
+            kills: 0,
         });
     }
     let shared: Shared = Arc::new(Mutex::new(Observed::new(n)));
@@ -1578,9 +1586,16 @@ pub async fn run(
                         timeline.push(next, Step::Membership(i));
                     }
                 }
-                Step::Restart(i) => {
+                Step::Restart { region: i, kills } => {
                     let mut label = format!("restart {}", drill.names[i]);
-                    if let Some(why) = drill.restart_skipped(i) {
+                    let stale = (drill.regions[i].kills != kills).then(|| {
+                        format!(
+                            "region {} was killed again since the leader kill: it stays down",
+                            drill.names[i]
+                        )
+                    });
+                    let skipped = stale.clone().or_else(|| drill.restart_skipped(i));
+                    if let Some(why) = skipped {
                         drill.warnings.push(format!(
                             "{label} at {} ms: skipped, {why}",
                             drill.elapsed_ms()
@@ -1592,7 +1607,9 @@ pub async fn run(
                         action: label.clone(),
                     });
                     progress(Progress::Fault(label));
-                    drill.restart(i).await?;
+                    if stale.is_none() {
+                        drill.restart(i).await?;
+                    }
                 }
                 Step::Fault(i) => {
                     let action = &scenario.timeline[i].action;
@@ -1629,7 +1646,8 @@ pub async fn run(
                                 // leader may have put well past the step's own time.
                                 if let Some(down_ms) = down_ms {
                                     let back_ms = killed_ms + scaled(*down_ms, scale);
-                                    timeline.push(back_ms, Step::Restart(i));
+                                    let kills = drill.regions[i].kills;
+                                    timeline.push(back_ms, Step::Restart { region: i, kills });
                                 }
                             }
                             None => drill.warnings.push(format!(
