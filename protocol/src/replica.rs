@@ -287,8 +287,44 @@ pub struct OriginStats {
 struct OwnRecovery {
     /// Neighbors that told their vector since the recovery began.
     heard: std::collections::BTreeSet<NodeId>,
-    /// The highest of this replica's own sequence numbers a neighbor holds, and which.
-    ahead: Option<(NodeId, Seq)>,
+    /// Peers that hold more of this replica's own events than it does: the highest of its
+    /// sequence numbers each last told (replaced at every report, dropped at one that is not
+    /// ahead).
+    holders: BTreeMap<NodeId, Seq>,
+    /// The holder last asked for a data snapshot: a holder that cannot serve one (it went down,
+    /// or away) is not asked for ever, the next holder of as many is asked in turn.
+    asked: Option<NodeId>,
+}
+
+impl OwnRecovery {
+    /// The most of this replica's own events any member holds, and the members holding that
+    /// many. A holder the topology no longer has was removed from the mesh: what it alone
+    /// held is gone with it.
+    fn most(&self, topology: &Topology) -> Option<(Seq, Vec<NodeId>)> {
+        let members = || {
+            self.holders
+                .iter()
+                .filter(|(peer, _)| topology.contains(**peer))
+        };
+        let most = members().map(|(_, seq)| *seq).max()?;
+        let peers = members()
+            .filter(|(_, seq)| **seq == most)
+            .map(|(peer, _)| *peer)
+            .collect();
+        Some((most, peers))
+    }
+
+    /// The holder of the most to ask next: the first after the one asked last, in id order,
+    /// round again.
+    fn next_source(&mut self, topology: &Topology) -> Option<NodeId> {
+        let (_, peers) = self.most(topology)?;
+        let next = match self.asked {
+            Some(asked) => peers.iter().find(|p| **p > asked).or(peers.first()),
+            None => peers.first(),
+        };
+        self.asked = next.copied();
+        self.asked
+    }
 }
 
 /// Tombstone-index entries one garbage-collection step visits; the rest waits for the next
@@ -1033,14 +1069,20 @@ impl<S: Storage> Replica<S> {
             .map_or(Seq::ZERO, |v| v.get(me));
         if theirs > self.vector.get(me) {
             let recovery = self.own_recovery.get_or_insert_with(OwnRecovery::default);
-            if recovery.ahead.is_none_or(|(_, seq)| theirs > seq) {
-                recovery.ahead = Some((peer, theirs));
+            let most = recovery.most(&self.topology).map(|(seq, _)| seq);
+            recovery.holders.insert(peer, theirs);
+            // The first to hold more than any other is asked at once; the others at ticks.
+            if most.is_none_or(|most| theirs > most) {
+                recovery.asked = Some(peer);
                 if !self.resyncs.contains(&peer) {
                     self.resyncs.push_back(peer);
                 }
             }
         }
         if let Some(recovery) = self.own_recovery.as_mut() {
+            if theirs <= self.vector.get(me) {
+                recovery.holders.remove(&peer);
+            }
             recovery.heard.insert(peer);
         }
         self.heard.insert(peer);
@@ -1058,8 +1100,8 @@ impl<S: Storage> Replica<S> {
             .iter()
             .all(|n| recovery.heard.contains(n));
         let caught_up = recovery
-            .ahead
-            .is_none_or(|(_, seq)| self.vector.get(me) >= seq);
+            .most(&self.topology)
+            .is_none_or(|(seq, _)| self.vector.get(me) >= seq);
         if all_heard && caught_up {
             self.own_recovery = None;
         }
@@ -1435,6 +1477,8 @@ impl<S: Storage> Replica<S> {
         }
         self.topology = topology;
         self.refresh_routes(now_ms);
+        // A removed holder of our own events no longer counts, nor a neighbor gone.
+        self.end_recovery_if_done();
         Ok(())
     }
 
@@ -1759,10 +1803,16 @@ impl<S: Storage> Replica<S> {
         }
         self.enforce_retention(now_ms)?;
         // A snapshot asked for and not installed (the fetch failed, or the peer went away):
-        // ask again, from the peer known to hold the most of our own events.
-        if let Some((peer, _)) = self.own_recovery.as_ref().and_then(|r| r.ahead) {
-            if !self.resyncs.contains(&peer) {
-                self.resyncs.push_back(peer);
+        // ask again, from the next peer known to hold the most of our own events.
+        let topology = &self.topology;
+        let me = self.config.node;
+        let mine = self.vector.get(me);
+        if let Some(recovery) = self.own_recovery.as_mut() {
+            let behind = recovery.most(topology).is_some_and(|(most, _)| most > mine);
+            if let Some(peer) = recovery.next_source(topology).filter(|_| behind) {
+                if !self.resyncs.contains(&peer) {
+                    self.resyncs.push_back(peer);
+                }
             }
         }
         self.end_recovery_if_done();

@@ -1652,6 +1652,62 @@ fn a_replica_that_lost_its_own_tail_refuses_writes_until_a_snapshot_brings_it_ba
 }
 
 #[test]
+fn a_replica_recovering_its_own_tail_asks_every_holder_in_turn_not_only_the_first() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut net = Net::new(&topology);
+    net.connect_links(&topology);
+    net.write(A, "k", Command::Set(b("1")));
+    net.run();
+    let synced = net.replicas[&A].storage().clone();
+    for i in 0..3 {
+        net.write(A, &format!("late{i}"), Command::Set(b("x")));
+    }
+    net.run();
+    for peer in [B, C] {
+        assert_eq!(net.replicas[&peer].vector().get(A), Seq(4));
+        net.disconnect(A, peer);
+        net.disconnect(peer, A);
+    }
+    let now = net.now_ms;
+    let mut a = Replica::open(ReplicaConfig::new(A), topology.clone(), synced, now).unwrap();
+    a.handle_possible_loss();
+    net.replicas.insert(A, a);
+    net.connect_links(&topology);
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert!(a.is_recovering());
+    let first = a.poll_resync().expect("a holder is asked");
+    assert_eq!(a.poll_resync(), None);
+    let other = if first == B { C } else { B };
+    // The first holder goes down (its snapshot never comes): the next tick asks the other,
+    // which holds as many of A's events.
+    net.disconnect(A, first);
+    net.disconnect(first, A);
+    net.tick_all(1_000);
+    let a = net.replicas.get_mut(&A).unwrap();
+    assert_eq!(a.poll_resync(), Some(other));
+    // Removed from the mesh, the first is not asked again: the other is, tick after tick.
+    let rest = Topology::full_mesh([A, other]).unwrap();
+    let now = net.now_ms;
+    for replica in net.replicas.values_mut() {
+        let _ = replica.handle_topology(rest.clone(), now);
+    }
+    for _ in 0..3 {
+        net.tick_all(1_000);
+        let a = net.replicas.get_mut(&A).unwrap();
+        assert_eq!(a.poll_resync(), Some(other));
+        assert!(a.is_recovering(), "the other still holds A's events 2..4");
+    }
+    // Its snapshot ends the recovery.
+    let (entries, vector, hlc) = snapshot_of(&mut net, other);
+    let now = net.now_ms;
+    let a = net.replicas.get_mut(&A).unwrap();
+    a.handle_snapshot_chunk(entries, hlc, now).unwrap();
+    a.handle_snapshot_end(&vector, hlc, now).unwrap();
+    assert!(!a.is_recovering());
+    assert_eq!(a.vector().get(A), Seq(4));
+}
+
+#[test]
 fn a_peer_holding_more_of_a_replicas_own_events_stops_its_writes_even_unannounced() {
     use braid_conflict::CommandError;
     let topology = Topology::full_mesh([A, B]).unwrap();
