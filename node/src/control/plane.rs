@@ -74,6 +74,9 @@ const JOIN_APPLY_MS_MAX: u64 = 3_000;
 /// How long a removed member that never caught up on its removal stays in the Raft group
 /// before the leader drops it anyway (it is down for good).
 const REMOVED_GRACE_MS: u64 = 60_000;
+/// Longest a refused change waits for this node's state machine to show that an earlier try
+/// committed it (see [`ControlPlane::propose_once`]).
+const APPLIED_WAIT_MS_MAX: u64 = 1_000;
 
 /// The control plane could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +357,34 @@ impl ControlPlane {
         }
     }
 
+    /// [`ControlPlane::propose`] for a change the state machine refuses to make twice (a join,
+    /// a drain, a removal): `propose` tries again after an answer it did not get (a forward
+    /// that timed out, a commit slower than the leader's bound), and that second try is refused
+    /// when the first committed. So a refusal is checked against the committed state, which
+    /// this node's state machine is given [`APPLIED_WAIT_MS_MAX`] to catch up with: when `done`
+    /// says the change is there, it was applied.
+    async fn propose_once(
+        &self,
+        command: ControlCommand,
+        done: impl Fn(&ControlState) -> bool,
+    ) -> Result<ControlReply, ControlPlaneError> {
+        let reply = self.propose(command).await?;
+        if !matches!(reply, ControlReply::Refused(_)) {
+            return Ok(reply);
+        }
+        let deadline = Instant::now() + Duration::from_millis(APPLIED_WAIT_MS_MAX);
+        loop {
+            if self.state().as_ref().is_some_and(&done) {
+                debug!(refused = ?reply, "a retried change was refused: the first try committed it");
+                return Ok(ControlReply::Applied);
+            }
+            if Instant::now() >= deadline {
+                return Ok(reply);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Admits a new region as a joining member. Asking again for a member already admitted
     /// with the same region and addresses succeeds (a `braid join` that is retried); anything
     /// else the state refuses is [`ControlReply::Refused`].
@@ -409,7 +440,9 @@ impl ControlPlane {
         if self.state().as_ref().is_some_and(admitted) {
             return Ok(ControlReply::Applied);
         }
-        let reply = self.propose(ControlCommand::Join(member.clone())).await?;
+        let reply = self
+            .propose_once(ControlCommand::Join(member.clone()), admitted)
+            .await?;
         // This node serves the new region's snapshot next: it must know it at once, not at
         // its next upkeep, so it waits (bounded) for its own state machine to apply the join.
         let deadline = Instant::now() + Duration::from_millis(JOIN_APPLY_MS_MAX);
@@ -464,7 +497,13 @@ impl ControlPlane {
                 "{region} is this node: a running region leaves with `braid leave`"
             )));
         }
-        self.propose(ControlCommand::Remove(member.id)).await
+        let id = member.id;
+        let removed = |state: &ControlState| {
+            state
+                .member(id)
+                .is_some_and(|m| m.state == MemberState::Removed)
+        };
+        self.propose_once(ControlCommand::Remove(id), removed).await
     }
 
     /// Commits new links between the members, named by region (`None`: a full mesh).
@@ -868,7 +907,14 @@ impl ControlPlane {
                 )));
             }
         }
-        self.propose(ControlCommand::Drain(self.node)).await
+        let node = self.node;
+        let draining = |state: &ControlState| {
+            state
+                .member(node)
+                .is_some_and(|m| m.state == MemberState::Draining)
+        };
+        self.propose_once(ControlCommand::Drain(node), draining)
+            .await
     }
 
     /// A draining node's last step: once every other active or draining member's committed
