@@ -104,6 +104,11 @@ impl VersionVector {
         VersionVector(kept)
     }
 
+    /// Whether the vector names `origin`.
+    pub fn contains(&self, origin: NodeId) -> bool {
+        self.position(origin).is_ok()
+    }
+
     /// The highest contiguous sequence number applied from `origin`.
     pub fn get(&self, origin: NodeId) -> Seq {
         self.position(origin).map_or(Seq::ZERO, |at| self.0[at].1)

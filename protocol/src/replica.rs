@@ -198,6 +198,19 @@ pub enum PeerError<E: std::error::Error> {
         /// What the log was trimmed through.
         trimmed: Seq,
     },
+    /// Events of an origin past the most a mesh ever has: every id a mesh hands out, removed
+    /// members' too, is one of [`MEMBERS_MAX`](crate::control::MEMBERS_MAX), so the peer made
+    /// them up (each new origin would cost an entry in every vector and its own statistics).
+    #[error(
+        "{peer} sent events of origin {origin}, past the {} origins a mesh ever has",
+        crate::control::MEMBERS_MAX
+    )]
+    TooManyOrigins {
+        /// The peer.
+        peer: NodeId,
+        /// The first origin past the bound.
+        origin: NodeId,
+    },
     /// Storage failed: fatal.
     #[error("storage failed: {0}")]
     Storage(E),
@@ -207,7 +220,7 @@ impl<E: std::error::Error> PeerError<E> {
     /// The code to close the stream with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            PeerError::Unexpected { .. } => ErrorCode::Malformed,
+            PeerError::Unexpected { .. } | PeerError::TooManyOrigins { .. } => ErrorCode::Malformed,
             PeerError::UnknownPeer(_) | PeerError::NotLinked(_) => ErrorCode::UnknownPeer,
             PeerError::Closed { code, .. } => *code,
             PeerError::Behind { .. } => ErrorCode::Behind,
@@ -955,6 +968,9 @@ impl<S: Storage> Replica<S> {
                 if !self.subscriptions.contains_key(&peer) {
                     return Err(unexpected("event_batch"));
                 }
+                if let Some(origin) = self.origin_past_bound(&events) {
+                    return Err(PeerError::TooManyOrigins { peer, origin });
+                }
                 self.handle_events(peer, events, now_ms)
                     .map_err(PeerError::Storage)
             }
@@ -971,6 +987,28 @@ impl<S: Storage> Replica<S> {
             }
             (_, message) => Err(unexpected(message.kind())),
         }
+    }
+
+    /// The first origin of `events` that would take the vector past
+    /// [`MEMBERS_MAX`](crate::control::MEMBERS_MAX) origins, if any.
+    fn origin_past_bound(&self, events: &[ChangeEvent]) -> Option<NodeId> {
+        let mut new: Vec<NodeId> = Vec::new();
+        let mut last = None;
+        for event in events {
+            // A batch's events come in runs of one origin: each run is looked at once.
+            if last == Some(event.origin) {
+                continue;
+            }
+            last = Some(event.origin);
+            if self.vector.contains(event.origin) || new.contains(&event.origin) {
+                continue;
+            }
+            new.push(event.origin);
+            if self.vector.len() + new.len() > crate::control::MEMBERS_MAX {
+                return Some(event.origin);
+            }
+        }
+        None
     }
 
     fn handle_subscribe(

@@ -508,6 +508,69 @@ fn a_remote_clock_too_far_ahead_is_refused_and_counted() {
 }
 
 #[test]
+fn events_of_more_origins_than_a_mesh_ever_has_are_refused() {
+    use braid_protocol::control::MEMBERS_MAX;
+    let topology = Topology::full_mesh([A, B]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_subscription_open(B, 0).unwrap();
+    let event = |origin: u64| ChangeEvent {
+        origin: NodeId(origin),
+        seq: Seq(1),
+        hlc: Hlc::new(1_000, 0, NodeId(origin)),
+        key: b("k"),
+        op: braid_conflict::Op::Write {
+            replaces: None,
+            write: braid_conflict::Write::Set(b("v")),
+        },
+    };
+    // As many origins as a mesh ever has pass (a removed member's events are still relayed).
+    let fill: Vec<ChangeEvent> = (100..100 + MEMBERS_MAX as u64).map(event).collect();
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(fill),
+        1_000,
+    )
+    .unwrap();
+    assert_eq!(a.vector().len(), MEMBERS_MAX);
+    // One more is made up: refused whole, and nothing of it applied.
+    let past = vec![event(2), event(5_000)];
+    let err = a
+        .handle_message(
+            B,
+            StreamKind::Subscription,
+            Message::EventBatch(past),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PeerError::TooManyOrigins {
+                peer: B,
+                origin: NodeId(2)
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.code(), braid_protocol::ErrorCode::Malformed);
+    assert_eq!(a.vector().len(), MEMBERS_MAX);
+    // Known origins still pass.
+    let more = ChangeEvent {
+        seq: Seq(2),
+        ..event(100)
+    };
+    a.handle_message(
+        B,
+        StreamKind::Subscription,
+        Message::EventBatch(vec![more]),
+        1_000,
+    )
+    .unwrap();
+    assert_eq!(a.vector().get(NodeId(100)), Seq(2));
+}
+
+#[test]
 fn unknown_peers_and_misplaced_messages_are_refused() {
     let topology = Topology::full_mesh([A, B]).unwrap();
     let mut a = replica(A, &topology);
