@@ -53,7 +53,7 @@
 //!
 //! [`Replica::handle_stable_hlc`] takes the stable HLC the control plane derived (every event
 //! some region lacks carries a greater one) and drops the tombstones at or below it, key by key
-//! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] keys per step.
+//! from the storage's tombstone index, [`GC_KEYS_PER_STEP`] index entries per step.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -185,8 +185,8 @@ pub enum PeerError<E: std::error::Error> {
         text: String,
     },
     /// The peer subscribed from before what this node's change log still holds: the events it
-    /// lacks were garbage-collected (every region was known to hold them), so it must be
-    /// resynchronised from a snapshot.
+    /// lacks were deleted (collected at the stable frontier, or by the retention bounds before
+    /// every region held them), so it must be resynchronised from a snapshot.
     #[error("{peer} asks for events of {origin} after seq {from}, and the log holds them only after {trimmed}")]
     Behind {
         /// The peer.
@@ -268,7 +268,8 @@ pub struct Stats {
     pub conflicts_lww: u64,
     /// Out-of-order events dropped because the hold buffer was full.
     pub held_dropped: u64,
-    /// Change-log events deleted below the stable frontier.
+    /// Change-log events deleted, at the stable frontier and by the retention bounds alike
+    /// (those also count in `log_events_retention_trimmed`).
     pub log_events_trimmed: u64,
     /// Subscriptions refused because they asked for deleted events ([`PeerError::Behind`]).
     pub subscriptions_behind: u64,
@@ -549,7 +550,8 @@ pub struct Replica<S: Storage> {
     gap_since_ms: Option<u64>,
     /// What each peer is known to have applied (from its heartbeats, subscriptions and acks).
     peer_vectors: BTreeMap<NodeId, VersionVector>,
-    /// Per origin, the highest seq deleted from the change log (every region holds it).
+    /// Per origin, the highest seq deleted from the change log (at the stable frontier, by the
+    /// retention bounds, or below a data snapshot installed).
     trimmed: VersionVector,
     /// The HLC high-water mark of the last commit: what storage would give back after a crash.
     durable_hlc: Hlc,
