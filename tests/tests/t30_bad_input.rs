@@ -11,7 +11,9 @@ use braid_node::config::NodeConfig;
 use braid_node::tls::{self, MeshTls};
 use braid_protocol::frame;
 use braid_protocol::limits::FRAME_BYTES_MAX;
-use braid_protocol::{ErrorCode, Handshake, Message, NodeId, PROTOCOL_VERSION};
+use braid_protocol::{
+    ErrorCode, Handshake, Message, NodeId, RaftCall, RaftRequest, PROTOCOL_VERSION,
+};
 use braid_tests::{Cluster, Layout};
 use redis::Commands;
 
@@ -163,6 +165,29 @@ fn t31_oversized_and_garbage_frames_from_a_real_peer_get_errors() {
             .iter()
             .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::UnsupportedVersion)),
         "an unknown version is answered with UnsupportedVersion: {version:?}"
+    );
+    // On a control stream, a bad frame after a good call is answered as the first would be.
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, 3), None);
+    let body = bincode::serde::encode_to_vec(&vote, bincode::config::standard()).unwrap();
+    let control = as_peer_c(&cluster, |out| {
+        let call = Message::RaftRequest(RaftRequest {
+            call: RaftCall::Vote,
+            body: body.into(),
+        });
+        frame::encode(&call, out).unwrap();
+        out.extend_from_slice(&((FRAME_BYTES_MAX + 1) as u32).to_be_bytes());
+    });
+    assert!(
+        control
+            .iter()
+            .any(|m| matches!(m, Message::RaftResponse(_))),
+        "the vote is answered: {control:?}"
+    );
+    assert!(
+        control
+            .iter()
+            .any(|m| matches!(m, Message::Error(e) if e.code == ErrorCode::FrameTooLarge)),
+        "the oversized frame after it is answered with FrameTooLarge: {control:?}"
     );
     // A handshake that does not fit is refused with the code that says why.
     let refused = |edit: fn(&mut Handshake), code: ErrorCode| {

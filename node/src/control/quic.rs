@@ -393,7 +393,16 @@ pub(crate) async fn serve(
         // The caller holds the stream open between calls; a call that is never made is the
         // caller's business, and the stream ends with its connection.
         let mut body = Vec::new();
-        request = match transport::read_frame(&mut recv, &mut body).await? {
+        let next = match transport::read_frame(&mut recv, &mut body).await {
+            Ok(next) => next,
+            // A bad frame is answered, counted and logged as on any other stream.
+            Err(err @ StreamError::Decode(_)) => {
+                transport::refuse(mesh, peer, &mut send, &err, &mut buf).await;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
+        request = match next {
             Some((Message::RaftRequest(next), bytes)) => {
                 if let Some(t) = mesh.traffic(peer) {
                     t.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
