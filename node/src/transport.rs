@@ -54,6 +54,12 @@ const STREAM_SETTLED_MS: u64 = 5_000;
 /// How long a refused stream's error message may take to be written before the stream ends.
 const ERROR_FLUSH_MS_MAX: u64 = 1_000;
 
+/// Longest a stream's writer waits for one frame to go out: a peer whose QUIC stack answers
+/// but which reads nothing holds the frame back with flow control for ever, and with it the
+/// writer, its queued messages and the stream (the driver's closing of the outbox cannot reach
+/// a writer blocked in a write). Past this the stream ends; the peer subscribes again later.
+const FRAME_WRITE_MS_MAX: u64 = 30_000;
+
 /// How long a stream may take to complete its handshake (and an accepted stream to send its
 /// first message after it).
 pub(crate) const HANDSHAKE_MS_MAX: u64 = 5_000;
@@ -769,7 +775,15 @@ async fn run_stream(
                 }
             };
             let is_error = matches!(message, Message::Error(_));
-            let bytes = write_message(&mut send, &message, &mut buf).await?;
+            let bound = Duration::from_millis(FRAME_WRITE_MS_MAX);
+            let bytes = tokio::time::timeout(bound, write_message(&mut send, &message, &mut buf))
+                .await
+                .map_err(|_| {
+                    warn!(%peer, wait_ms = FRAME_WRITE_MS_MAX, "the peer reads nothing: closing the stream");
+                    StreamError::Control(format!(
+                        "the peer read nothing for {FRAME_WRITE_MS_MAX} ms: stream closed"
+                    ))
+                })??;
             if let Some(t) = &traffic {
                 t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             }
