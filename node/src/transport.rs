@@ -267,6 +267,13 @@ impl Mesh {
         connections.insert(peer, connection.clone());
     }
 
+    /// Stops sharing the subscription connection to `peer` (its subscriber stopped): it closes
+    /// once the calls still using it end, instead of staying open on keep-alives.
+    fn forget_connection(&self, peer: NodeId) {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections.remove(&peer);
+    }
+
     pub(crate) fn traffic(&self, peer: NodeId) -> Option<Arc<Traffic>> {
         self.peers.traffic(peer)
     }
@@ -521,7 +528,10 @@ async fn subscriber(
         let started = Instant::now();
         let outcome = tokio::select! {
             biased;
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                mesh.forget_connection(peer);
+                return;
+            }
             outcome = attempt => outcome,
         };
         // Only a stream that ran a while counts as having worked. A peer that refuses the
@@ -734,6 +744,7 @@ async fn run_stream(
         let faulty = mesh.faults.enabled();
         let mut held: VecDeque<(Instant, Message)> = VecDeque::new();
         let mut open = true;
+        let mut sent_error = false;
         while open || !held.is_empty() {
             let message = if !faulty {
                 match outgoing.recv().await {
@@ -788,11 +799,18 @@ async fn run_stream(
                 t.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             }
             if is_error {
+                sent_error = true;
                 break;
             }
         }
         // The driver dropped the outbox (or sent an error): end the stream.
         let _ = send.finish();
+        if sent_error {
+            // The error is read before the connection may close (a subscriber closes its
+            // connection when its stream ends, which would discard frames not yet delivered).
+            let flush = Duration::from_millis(ERROR_FLUSH_MS_MAX);
+            let _ = tokio::time::timeout(flush, send.stopped()).await;
+        }
         Ok::<(), StreamError>(())
     };
     // Ends the stream when an injected fault cuts the link.
