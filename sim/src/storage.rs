@@ -68,6 +68,7 @@ impl std::str::FromStr for InjectedBug {
 struct Synced {
     inner: MemoryStorage,
     seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
+    covered: std::collections::BTreeMap<NodeId, u64>,
     held: std::collections::BTreeSet<(NodeId, Seq, Hlc)>,
 }
 
@@ -91,6 +92,9 @@ pub struct SimStorage {
     /// Per origin, a bit per sequence number ever committed here (the change log forgets what
     /// garbage collection deletes; this does not).
     seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
+    /// Per origin, the sequence number through which every bit of `seen` is set by a commit
+    /// without events (a data snapshot's, whose events arrive inside the key states).
+    covered: std::collections::BTreeMap<NodeId, u64>,
     bug: Option<InjectedBug>,
     commits: u64,
 }
@@ -122,6 +126,7 @@ impl SimStorage {
         if let Some(synced) = self.synced.as_mut() {
             synced.inner = self.inner.clone();
             synced.seen = self.seen.clone();
+            synced.covered = self.covered.clone();
             synced.held = self.held.clone();
         }
     }
@@ -135,6 +140,7 @@ impl SimStorage {
         let lost = synced.inner.recovered != self.inner.recovered;
         self.inner = synced.inner.clone();
         self.seen = synced.seen.clone();
+        self.covered = synced.covered.clone();
         self.held = synced.held.clone();
         lost
     }
@@ -173,8 +179,28 @@ impl SimStorage {
 }
 
 impl SimStorage {
-    /// Notes every event of a commit, and any that was committed before.
+    /// Notes every event of a commit, and any that was committed before. A commit without
+    /// events that moves the vector (a data snapshot installed) brings its events inside the
+    /// key states: they count as applied, so that one applied again after is seen.
     fn watch(&mut self, commit: &Commit) {
+        if commit.events.is_empty() {
+            for (origin, seq) in commit.vector.iter() {
+                let covered = self.covered.entry(origin).or_default();
+                if seq.0 <= *covered {
+                    continue;
+                }
+                let bits = self.seen.entry(origin).or_default();
+                for n in *covered + 1..=seq.0 {
+                    let (word, bit) = ((n / 64) as usize, n % 64);
+                    if bits.len() <= word {
+                        bits.resize(word + 1, 0);
+                    }
+                    bits[word] |= 1 << bit;
+                }
+                *covered = seq.0;
+            }
+            return;
+        }
         // A commit's events come in runs of one origin: its bits are found once a run.
         for run in commit.events.chunk_by(|a, b| a.origin == b.origin) {
             let bits = self.seen.entry(run[0].origin).or_default();
@@ -325,6 +351,43 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn an_event_applied_again_after_a_snapshot_brought_it_is_a_duplicate() {
+        let origin = NodeId(2);
+        let mut storage = SimStorage::new(None);
+        // A snapshot through 5 of `origin`: no events, a vector that moved.
+        let snapshot = Commit {
+            vector: [(origin, Seq(5))].into_iter().collect(),
+            trim_through: [(origin, Seq(5))].into_iter().collect(),
+            ..Commit::default()
+        };
+        storage.commit(snapshot).unwrap();
+        let event = |seq: u64| ChangeEvent {
+            origin,
+            seq: Seq(seq),
+            hlc: Hlc::new(seq, 0, origin),
+            key: Bytes::from_static(b"k"),
+            op: Op::Write {
+                replaces: None,
+                write: Write::Set(Bytes::from_static(b"v")),
+            },
+        };
+        let after = Commit {
+            events: vec![event(6)],
+            vector: [(origin, Seq(6))].into_iter().collect(),
+            ..Commit::default()
+        };
+        storage.commit(after).unwrap();
+        assert!(storage.duplicate_applies.is_empty());
+        let again = Commit {
+            events: vec![event(3)],
+            vector: [(origin, Seq(6))].into_iter().collect(),
+            ..Commit::default()
+        };
+        storage.commit(again).unwrap();
+        assert_eq!(storage.duplicate_applies, [(origin, Seq(3))]);
     }
 
     #[test]
