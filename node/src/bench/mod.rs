@@ -638,16 +638,8 @@ pub async fn run(
                 "running the same load against Redis (1 primary, {} replicas)",
                 measured.regions.len() - 1
             )));
-            Some(
-                run_redis(
-                    options,
-                    &server,
-                    &work.path,
-                    measured.regions.len(),
-                    progress,
-                )
-                .await?,
-            )
+            let names: Vec<String> = measured.regions.iter().map(|r| r.name.clone()).collect();
+            Some(run_redis(options, &server, &work.path, &names, progress).await?)
         }
         _ => None,
     };
@@ -1000,20 +992,20 @@ async fn run_redis(
     options: &BenchOptions,
     server: &Path,
     work: &Path,
-    regions: usize,
+    regions: &[String],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<redis::RedisResult, BenchError> {
-    let set = redis::start(server, &work.join("redis"), regions - 1).await?;
-    // The same clients in all, all on the primary (replicas take no writes). A rate limit per
-    // region becomes the same total rate.
-    let mut spec = load_spec(options, options.clients * regions);
-    spec.rate_per_target = options
-        .rate_per_region
-        .map(|r| r.saturating_mul(regions as u64));
-    let targets = vec![load::Target {
-        name: "primary".into(),
-        addr: set.primary,
-    }];
+    let set = redis::start(server, &work.join("redis"), regions.len().saturating_sub(1)).await?;
+    // The same clients as each region's, with the same names (so the same keys, from the same
+    // seeds), all on the primary: replicas take no writes.
+    let spec = load_spec(options, options.clients);
+    let targets = regions
+        .iter()
+        .map(|name| load::Target {
+            name: name.clone(),
+            addr: set.primary,
+        })
+        .collect();
     let load = RunningLoad::start(targets, spec);
     let started = Instant::now();
     let sampler = {

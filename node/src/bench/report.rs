@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::ceilings::{StorageCeiling, TransportCeiling};
 use super::redis::RedisResult;
-use super::{BenchOptions, LagSummary, Measured, MixOp, OutageFigures};
+use super::{BenchOptions, LagSummary, Measured, MixOp, OutageFigures, RedisChoice};
 
 /// One region's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +58,8 @@ pub struct Settings {
     pub rate_per_region: Option<u64>,
     /// Attached to an existing cluster.
     pub attached: bool,
+    /// Whether Redis was left out (`--no-redis`), as opposed to not found.
+    pub no_redis: bool,
 }
 
 /// The ceilings.
@@ -190,6 +192,7 @@ impl Report {
                 durability: measured.durability.clone(),
                 rate_per_region: options.rate_per_region,
                 attached: options.attach.is_some(),
+                no_redis: options.redis == RedisChoice::Off,
             },
             acked_writes_per_s: acked,
             replicated_events_per_s: replicated,
@@ -391,11 +394,11 @@ impl Report {
                 }
             }
             None => {
-                let _ = writeln!(
-                    out,
-                    "{:<42} not run (install redis-server to compare)",
-                    "Redis"
-                );
+                let why = match self.settings.no_redis {
+                    true => "not run (--no-redis)",
+                    false => "not run (install redis-server to compare)",
+                };
+                let _ = writeln!(out, "{:<42} {why}", "Redis");
             }
         }
         if self.write_errors > 0 {
