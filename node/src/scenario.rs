@@ -490,7 +490,8 @@ impl Scenario {
                         fault.at_ms
                     ));
                 }
-                if !self.linked(from, to) {
+                // An unknown region is named as such below, not as a missing link.
+                if known(from) && known(to) && !self.linked(from, to) {
                     return invalid(format!(
                         "timeline: the fault at {} ms names the link {from}-{to}, which `links` \
                          does not have",
@@ -1004,6 +1005,8 @@ converged-within-ms = 5000
                 err.contains("names the link a-c, which `links` does not have"),
                 "{err}"
             );
+            let err = Scenario::parse(&fault("a", "z")).unwrap_err().to_string();
+            assert!(err.contains("unknown region z"), "{err}");
         }
         let twice = SAMPLE.replace(
             "groups = [[\"a\"], [\"b\", \"c\"]]",
