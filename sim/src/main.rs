@@ -236,8 +236,8 @@ fn run() -> Result<bool> {
         let mut reports = Vec::new();
         let total = to - from;
         for (done, seed) in (from..to).enumerate() {
-            let mut report =
-                braid_sim::run(&scenario, options(seed, false)).map_err(anyhow::Error::msg)?;
+            let mut report = braid_sim::run(&scenario, options(seed, false))
+                .map_err(|e| anyhow::anyhow!("seed {seed} could not run: {e}"))?;
             report.replay = replay_of(&report, &path);
             if !report.passed {
                 eprintln!();
