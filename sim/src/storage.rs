@@ -68,7 +68,6 @@ impl std::str::FromStr for InjectedBug {
 struct Synced {
     inner: MemoryStorage,
     seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
-    covered: std::collections::BTreeMap<NodeId, u64>,
     held: std::collections::BTreeSet<(NodeId, Seq, Hlc)>,
 }
 
@@ -92,9 +91,6 @@ pub struct SimStorage {
     /// Per origin, a bit per sequence number ever committed here (the change log forgets what
     /// garbage collection deletes; this does not).
     seen: std::collections::BTreeMap<NodeId, Vec<u64>>,
-    /// Per origin, the sequence number through which every bit of `seen` is set by a commit
-    /// without events (a data snapshot's, whose events arrive inside the key states).
-    covered: std::collections::BTreeMap<NodeId, u64>,
     bug: Option<InjectedBug>,
     commits: u64,
 }
@@ -126,7 +122,6 @@ impl SimStorage {
         if let Some(synced) = self.synced.as_mut() {
             synced.inner = self.inner.clone();
             synced.seen = self.seen.clone();
-            synced.covered = self.covered.clone();
             synced.held = self.held.clone();
         }
     }
@@ -140,7 +135,6 @@ impl SimStorage {
         let lost = synced.inner.recovered != self.inner.recovered;
         self.inner = synced.inner.clone();
         self.seen = synced.seen.clone();
-        self.covered = synced.covered.clone();
         self.held = synced.held.clone();
         lost
     }
@@ -179,27 +173,13 @@ impl SimStorage {
 }
 
 impl SimStorage {
-    /// Notes every event of a commit, and any that was committed before. A commit without
-    /// events that moves the vector (a data snapshot installed) brings its events inside the
-    /// key states: they count as applied, so that one applied again after is seen.
+    /// Notes every event of a commit, and any that was committed before. A data snapshot's
+    /// commit (the one that moves the vector past what the log holds: `trim_through`) brings
+    /// its events inside the key states: they count as applied, so that one applied again
+    /// after is seen.
     fn watch(&mut self, commit: &Commit) {
-        if commit.events.is_empty() {
-            for (origin, seq) in commit.vector.iter() {
-                let covered = self.covered.entry(origin).or_default();
-                if seq.0 <= *covered {
-                    continue;
-                }
-                let bits = self.seen.entry(origin).or_default();
-                for n in *covered + 1..=seq.0 {
-                    let (word, bit) = ((n / 64) as usize, n % 64);
-                    if bits.len() <= word {
-                        bits.resize(word + 1, 0);
-                    }
-                    bits[word] |= 1 << bit;
-                }
-                *covered = seq.0;
-            }
-            return;
+        if !commit.trim_through.is_empty() {
+            self.mark_through(&commit.trim_through);
         }
         // A commit's events come in runs of one origin: its bits are found once a run.
         for run in commit.events.chunk_by(|a, b| a.origin == b.origin) {
@@ -218,6 +198,22 @@ impl SimStorage {
                     self.held.insert((event.origin, event.seq, event.hlc));
                 }
             }
+        }
+    }
+}
+
+impl SimStorage {
+    /// Marks every sequence number up to `through[origin]` as committed, a word at a time.
+    #[cold]
+    fn mark_through(&mut self, through: &VersionVector) {
+        for (origin, seq) in through.iter() {
+            let bits = self.seen.entry(origin).or_default();
+            let words = (seq.0 / 64) as usize + 1;
+            if bits.len() < words {
+                bits.resize(words, 0);
+            }
+            bits[..words - 1].fill(u64::MAX);
+            bits[words - 1] |= u64::MAX >> (63 - seq.0 % 64);
         }
     }
 }
