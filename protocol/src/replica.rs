@@ -1515,9 +1515,20 @@ impl<S: Storage> Replica<S> {
         for new in after.iter().filter(|n| !before.contains(n)) {
             self.down_since_ms.insert(*new, now_ms);
         }
+        // A holder of our own events removed from the mesh no longer counts, but what the
+        // others told before may be stale: frames from the removed one may have reached them
+        // since. Every neighbor must tell its vector again before the recovery may end.
+        if let Some(recovery) = self.own_recovery.as_mut() {
+            if recovery
+                .holders
+                .keys()
+                .any(|holder| !topology.contains(*holder))
+            {
+                recovery.heard.clear();
+            }
+        }
         self.topology = topology;
         self.refresh_routes(now_ms);
-        // A removed holder of our own events no longer counts, nor a neighbor gone.
         self.end_recovery_if_done();
         Ok(())
     }

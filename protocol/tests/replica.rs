@@ -1749,6 +1749,9 @@ fn a_replica_recovering_its_own_tail_asks_every_holder_in_turn_not_only_the_firs
     let a = net.replicas.get_mut(&A).unwrap();
     assert_eq!(a.poll_resync(), Some(other));
     // Removed from the mesh, the first is not asked again: the other is, tick after tick.
+    net.disconnect(other, first);
+    net.disconnect(first, other);
+    net.replicas.remove(&first);
     let rest = Topology::full_mesh([A, other]).unwrap();
     let now = net.now_ms;
     for replica in net.replicas.values_mut() {
@@ -1760,14 +1763,47 @@ fn a_replica_recovering_its_own_tail_asks_every_holder_in_turn_not_only_the_firs
         assert_eq!(a.poll_resync(), Some(other));
         assert!(a.is_recovering(), "the other still holds A's events 2..4");
     }
-    // Its snapshot ends the recovery.
+    // Its snapshot, and its word after the removal, end the recovery.
     let (entries, vector, hlc) = snapshot_of(&mut net, other);
     let now = net.now_ms;
     let a = net.replicas.get_mut(&A).unwrap();
     a.handle_snapshot_chunk(entries, hlc, now).unwrap();
     a.handle_snapshot_end(&vector, hlc, now).unwrap();
-    assert!(!a.is_recovering());
     assert_eq!(a.vector().get(A), Seq(4));
+    net.tick_all(1_000);
+    net.run();
+    assert!(!net.replicas[&A].is_recovering());
+}
+
+#[test]
+fn a_removed_holder_of_a_replicas_own_events_needs_fresh_word_from_every_neighbor() {
+    let topology = Topology::full_mesh([A, B, C]).unwrap();
+    let mut a = replica(A, &topology);
+    a.handle_commands(vec![(b("k"), Command::Set(b("1")))], 0)
+        .unwrap();
+    a.handle_possible_loss();
+    for peer in [B, C] {
+        a.handle_subscription_open(peer, 0).unwrap();
+    }
+    let heartbeat = |seq: u64| Message::Heartbeat([(A, Seq(seq))].into_iter().collect());
+    // B holds as much of A as A does; C holds more, and is asked for it.
+    a.handle_message(B, StreamKind::Subscription, heartbeat(1), 0)
+        .unwrap();
+    a.handle_message(C, StreamKind::Subscription, heartbeat(4), 0)
+        .unwrap();
+    assert_eq!(a.poll_resync(), Some(C));
+    // C is removed. What B told is older than the removal: frames from C may have brought it
+    // A's events since, so A waits for B to tell again.
+    a.handle_topology(Topology::full_mesh([A, B]).unwrap(), 0)
+        .unwrap();
+    assert!(
+        a.is_recovering(),
+        "ended on B's word from before the removal"
+    );
+    a.handle_message(B, StreamKind::Subscription, heartbeat(4), 0)
+        .unwrap();
+    assert!(a.is_recovering());
+    assert_eq!(a.poll_resync(), Some(B), "B holds them now");
 }
 
 #[test]
