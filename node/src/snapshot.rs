@@ -177,10 +177,10 @@ pub(crate) async fn serve(
 }
 
 /// Writes one encoded frame. A fetcher that stops reading must not hold the snapshot (and its
-/// thread) for ever: each frame has [`FRAME_WAIT_MS_MAX`] to go.
+/// thread) for ever: each frame has [`transport::FRAME_WRITE_MS_MAX`] to go, as on any stream.
 async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<usize, StreamError> {
     tokio::time::timeout(
-        Duration::from_millis(FRAME_WAIT_MS_MAX),
+        Duration::from_millis(transport::FRAME_WRITE_MS_MAX),
         send.write_all(frame),
     )
     .await
@@ -409,6 +409,15 @@ pub(crate) async fn fetch(
             };
             match (message, &begin) {
                 (Message::SnapshotBegin(head), None) => {
+                    // As for events: no member's vector names more origins than a mesh has ids.
+                    let origins_max = braid_protocol::control::MEMBERS_MAX;
+                    if head.vector.len() > origins_max {
+                        return Err(protocol(format!(
+                            "its vector names {} origins, more than the {origins_max} a mesh \
+                             ever has",
+                            head.vector.len()
+                        )));
+                    }
                     state.keys_estimate = head.keys_estimate;
                     info!(%from, vector = ?head.vector, keys_estimate = head.keys_estimate, "fetching a data snapshot");
                     begin = Some(head);

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -58,7 +58,7 @@ const ERROR_FLUSH_MS_MAX: u64 = 1_000;
 /// but which reads nothing holds the frame back with flow control for ever, and with it the
 /// writer, its queued messages and the stream (the driver's closing of the outbox cannot reach
 /// a writer blocked in a write). Past this the stream ends; the peer subscribes again later.
-const FRAME_WRITE_MS_MAX: u64 = 30_000;
+pub(crate) const FRAME_WRITE_MS_MAX: u64 = 30_000;
 
 /// How long a stream may take to complete its handshake (and an accepted stream to send its
 /// first message after it).
@@ -267,11 +267,14 @@ impl Mesh {
         connections.insert(peer, connection.clone());
     }
 
-    /// Stops sharing the subscription connection to `peer` (its subscriber stopped): it closes
-    /// once the calls still using it end, instead of staying open on keep-alives.
-    fn forget_connection(&self, peer: NodeId) {
+    /// Stops sharing the subscription connection to `peer` whose id is `id` (its subscriber
+    /// stopped): it closes once the calls still using it end, instead of staying open on
+    /// keep-alives. A newer subscriber's connection, shared since, stays.
+    fn forget_connection(&self, peer: NodeId, id: usize) {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        connections.remove(&peer);
+        if connections.get(&peer).is_some_and(|c| c.stable_id() == id) {
+            connections.remove(&peer);
+        }
     }
 
     pub(crate) fn traffic(&self, peer: NodeId) -> Option<Arc<Traffic>> {
@@ -495,6 +498,8 @@ async fn subscriber(
     let mut faults = mesh.faults.watch();
     // The last failure logged as a warning: a repeat of it goes to debug.
     let mut warned: Option<String> = None;
+    // The id of the connection this subscriber shared last (read after an attempt is dropped).
+    let shared = AtomicUsize::new(usize::MAX);
     loop {
         while faults.borrow_and_update().cut.contains(&peer) {
             tokio::select! {
@@ -511,6 +516,7 @@ async fn subscriber(
                 .map_err(|e| e.to_string())?;
             let connection = connecting.await.map_err(|e| told(&e))?;
             mesh.share_connection(peer, &connection);
+            shared.store(connection.stable_id(), Ordering::Relaxed);
             let (send, recv) = connection.open_bi().await.map_err(|e| told(&e))?;
             info!(%peer, %addr, "subscribing");
             let (mut send, mut recv) = (send, recv);
@@ -529,7 +535,7 @@ async fn subscriber(
         let outcome = tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                mesh.forget_connection(peer);
+                mesh.forget_connection(peer, shared.load(Ordering::Relaxed));
                 return;
             }
             outcome = attempt => outcome,
@@ -806,8 +812,9 @@ async fn run_stream(
         // The driver dropped the outbox (or sent an error): end the stream.
         let _ = send.finish();
         if sent_error {
-            // The error is read before the connection may close (a subscriber closes its
-            // connection when its stream ends, which would discard frames not yet delivered).
+            // The error is received (acknowledged by the peer's QUIC stack) before the
+            // connection may close: a subscriber closes its connection when its stream ends,
+            // which would discard frames not yet delivered.
             let flush = Duration::from_millis(ERROR_FLUSH_MS_MAX);
             let _ = tokio::time::timeout(flush, send.stopped()).await;
         }
