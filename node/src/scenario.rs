@@ -507,10 +507,11 @@ impl Scenario {
                         fault.at_ms
                     ));
                 }
-                // The regions in no group are one more group.
+                // The regions in no group are one more group. (An unknown region is named as
+                // such below.)
                 let sides = groups.iter().filter(|g| !g.is_empty()).count()
                     + usize::from(seen.len() < self.regions.len());
-                if sides < 2 {
+                if sides < 2 && seen.iter().all(|r| known(r)) {
                     return invalid(format!(
                         "timeline: the partition at {} ms separates no region from another: \
                          name two groups, or one that leaves some region out",
@@ -793,6 +794,12 @@ converged-within-ms = 5000
     #[test]
     fn refuses_unknown_regions_and_disorder() {
         let err = Scenario::parse(&SAMPLE.replace("region = \"b\"", "region = \"z\"")).unwrap_err();
+        assert!(err.to_string().contains("unknown region z"), "{err}");
+        let grouped = SAMPLE.replace(
+            "[[\"a\"], [\"b\", \"c\"]]",
+            "[[\"a\", \"b\", \"c\", \"z\"]]",
+        );
+        let err = Scenario::parse(&grouped).unwrap_err();
         assert!(err.to_string().contains("unknown region z"), "{err}");
         let err = Scenario::parse(&SAMPLE.replace("at-ms = 5000", "at-ms = 1000")).unwrap_err();
         assert!(err.to_string().contains("time order"), "{err}");

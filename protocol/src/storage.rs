@@ -99,8 +99,9 @@ pub trait Storage {
     /// Deletes, atomically, every change-log event of each origin up to and including
     /// `through[origin]`, and records `through` as what [`Recovered::trimmed`] reports from now
     /// on. The replica calls it only forward, and only within its own vector: at the stable
-    /// frontier (what every region holds), and past it for the retention bounds or below a data
-    /// snapshot installed, so a storage must not assume every region holds what it deletes.
+    /// frontier (what every region holds), and past it for the retention bounds (a data
+    /// snapshot's trim comes in its commit, [`Commit::trim_through`]), so a storage must not
+    /// assume every region holds what it deletes.
     fn trim_log(&mut self, through: &VersionVector) -> Result<(), Self::Error>;
 
     /// Entries of the tombstone index at or below `stable`, oldest first, at most `keys_max`.

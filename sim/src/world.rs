@@ -209,7 +209,7 @@ enum Event {
         sub: usize,
         publ: usize,
     },
-    /// A region that `kill-leader` took down starts again, unless it was restarted since (its
+    /// A region that `kill-leader` took down starts again, unless it was killed again since (its
     /// `kills` moved on from this count): a later kill is another fault's, to end as it says.
     Restart {
         region: usize,
@@ -2174,7 +2174,7 @@ region = "c"
     }
 
     #[test]
-    fn a_leader_kill_restarts_its_region_only_if_nothing_restarted_it_since() {
+    fn a_leader_kill_restarts_its_region_only_if_nothing_killed_it_again_since() {
         let scenario = Scenario::parse(JOINING).unwrap();
         let mut world = world(&scenario);
         world.kill(1);

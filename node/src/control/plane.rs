@@ -77,6 +77,8 @@ const REMOVED_GRACE_MS: u64 = 60_000;
 /// Longest a refused change waits for this node's state machine to show that an earlier try
 /// committed it (see [`ControlPlane::propose_once`]).
 const APPLIED_WAIT_MS_MAX: u64 = 1_000;
+/// How often a wait for this node's state machine looks at it again.
+const APPLIED_POLL_MS: u64 = 20;
 
 /// The control plane could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +383,7 @@ impl ControlPlane {
             if Instant::now() >= deadline {
                 return Ok(reply);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(APPLIED_POLL_MS)).await;
         }
     }
 
@@ -451,7 +453,7 @@ impl ControlPlane {
                 self.follow_members(&state);
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(APPLIED_POLL_MS)).await;
         }
         Ok(reply)
     }
