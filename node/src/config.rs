@@ -84,6 +84,9 @@ fn default_retention_secs() -> Option<u64> {
     Some(RETENTION_SECS_DEFAULT)
 }
 
+/// The least `clock-skew-ms-max` may be.
+const CLOCK_SKEW_MS_MAX_MIN: u64 = 100;
+
 fn default_clock_skew_ms_max() -> u64 {
     braid_conflict::CLOCK_SKEW_MS_MAX_DEFAULT
 }
@@ -203,6 +206,9 @@ impl NodeConfig {
         if self.region.is_empty() || self.peers.iter().any(|p| p.region.is_empty()) {
             return invalid("region names must not be empty".into());
         }
+        // One address per node: a peer given another's address (or this node's) would be
+        // dialled for ever, its certificate naming a different node each time.
+        let mut addresses = BTreeSet::from([self.listen.peer]);
         for peer in &self.peers {
             if !ids.insert(peer.id) {
                 return invalid(format!("node id {} appears twice", peer.id));
@@ -210,6 +216,18 @@ impl NodeConfig {
             if !regions.insert(peer.region.as_str()) {
                 return invalid(format!("region {} appears twice", peer.region));
             }
+            if !addresses.insert(peer.address) {
+                return invalid(format!(
+                    "peer address {} appears twice (the peers' and listen.peer)",
+                    peer.address
+                ));
+            }
+        }
+        if self.clock_skew_ms_max < CLOCK_SKEW_MS_MAX_MIN {
+            return invalid(format!(
+                "clock-skew-ms-max must be at least {CLOCK_SKEW_MS_MAX_MIN}: below it, clocks \
+                 that agree as well as NTP keeps them refuse each other's events"
+            ));
         }
         if self.change_log_retention_events == Some(0) || self.change_log_retention_secs == Some(0)
         {
@@ -412,6 +430,37 @@ address = "127.0.0.1:7012"
         let text = sample().replace("node-id = 1", "node-id = 1\nlinks = [[\"a\", \"z\"]]");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("unknown region"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_peer_address_twice_and_a_clock_bound_no_clock_keeps() {
+        // b given this node's own peer address.
+        let err = load(&sample().replace("127.0.0.1:7012", "127.0.0.1:7002"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("peer address 127.0.0.1:7002 appears twice"),
+            "{err}"
+        );
+        // Two peers at one address.
+        let third = sample() + "[[peers]]\nid = 3\nregion = \"c\"\naddress = \"127.0.0.1:7012\"\n";
+        let err = load(&third).unwrap_err().to_string();
+        assert!(
+            err.contains("peer address 127.0.0.1:7012 appears twice"),
+            "{err}"
+        );
+        let skew = |ms: u64| {
+            sample().replace(
+                "node-id = 1",
+                &format!("node-id = 1\nclock-skew-ms-max = {ms}"),
+            )
+        };
+        let err = load(&skew(0)).unwrap_err().to_string();
+        assert!(
+            err.contains("clock-skew-ms-max must be at least 100"),
+            "{err}"
+        );
+        assert_eq!(load(&skew(100)).unwrap().clock_skew_ms_max, 100);
     }
 
     #[test]
