@@ -155,6 +155,12 @@ pub fn init(options: &InitOptions) -> Result<ClusterFile, InitError> {
             return Err(InitError::Invalid(format!("region {name} appears twice")));
         }
     }
+    // Checked before anything is written (the node's configuration refuses it too).
+    if options.password.as_deref() == Some("") {
+        return Err(InitError::Invalid(
+            "the password, when given, must not be empty".into(),
+        ));
+    }
     if options.fault_injection && !options.host.is_loopback() {
         return Err(InitError::Invalid(format!(
             "fault injection is only for drills on one machine, and {} is not a loopback address",
@@ -454,6 +460,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("region name"));
+        // An empty password is refused before a key is written.
+        options.regions = vec!["a".into()];
+        options.password = Some(String::new());
+        let err = init(&options).unwrap_err().to_string();
+        assert!(err.contains("must not be empty"), "{err}");
+        assert!(
+            !dir.path().join("ca.key").exists(),
+            "keys written before the refusal"
+        );
     }
 
     #[test]

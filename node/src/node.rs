@@ -47,6 +47,14 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The control plane could not start.
     #[error(transparent)]
     Control(#[from] ControlPlaneError),
@@ -159,9 +167,8 @@ async fn run_node(
     let topology = config.topology()?;
     let tls = MeshTls::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
     crate::tls::check_own_certificate(&config.tls.cert, node)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Bind {
-        what: "data directory",
-        addr: config.listen.resp,
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.clone(),
         source,
     })?;
     if config.data_dir.join(REMOVED_MARKER).exists() {
