@@ -150,8 +150,14 @@ impl MeshTls {
             path: path.display().to_string(),
             reason,
         };
-        let ca = CertificateDer::from_pem_slice(&read(ca_cert)?)
-            .map_err(|e| pem_err(ca_cert, format!("no CA certificate: {e}")))?;
+        // Every certificate of the file is trusted (an old and a new CA while nodes move from
+        // one to the other), not only the first.
+        let cas = CertificateDer::pem_slice_iter(&read(ca_cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(ca_cert, format!("bad CA certificate: {e}")))?;
+        if cas.is_empty() {
+            return Err(pem_err(ca_cert, "no CA certificate".into()));
+        }
         let chain = CertificateDer::pem_slice_iter(&read(cert)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_err(cert, format!("bad certificate: {e}")))?;
@@ -160,7 +166,7 @@ impl MeshTls {
         }
         let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
             .map_err(|e| pem_err(key, format!("no private key: {e}")))?;
-        MeshTls::build(ca, chain, key_der)
+        MeshTls::build(cas, chain, key_der)
     }
 
     /// Builds both configurations from PEM text (the CA certificate, this node's certificate and
@@ -170,23 +176,29 @@ impl MeshTls {
             path: what.to_owned(),
             reason,
         };
-        let ca = CertificateDer::from_pem_slice(ca_cert.as_bytes())
+        let cas = CertificateDer::pem_slice_iter(ca_cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_err("CA certificate", e.to_string()))?;
+        if cas.is_empty() {
+            return Err(pem_err("CA certificate", "none".into()));
+        }
         let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_err("certificate", e.to_string()))?;
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
             .map_err(|e| pem_err("private key", e.to_string()))?;
-        MeshTls::build(ca, chain, key)
+        MeshTls::build(cas, chain, key)
     }
 
     fn build(
-        ca: CertificateDer<'static>,
+        cas: Vec<CertificateDer<'static>>,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<MeshTls, TlsError> {
         let mut roots = RootCertStore::empty();
-        roots.add(ca)?;
+        for ca in cas {
+            roots.add(ca)?;
+        }
         let roots = Arc::new(roots);
         let verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
@@ -310,5 +322,45 @@ mod tests {
         );
         std::fs::write(&path, "not a certificate").unwrap();
         assert!(check_own_certificate(&path, NodeId(2)).is_err());
+    }
+
+    /// A CA file with two certificates trusts both: a node whose certificate the second signed
+    /// connects to one whose certificate the first signed, and the other way round.
+    #[test]
+    fn every_ca_of_the_ca_file_is_trusted() {
+        let old = generate_ca("old").unwrap();
+        let new = generate_ca("new").unwrap();
+        let both = format!("{}{}", old.cert_pem, new.cert_pem);
+        let one = generate_node_cert(&old, NodeId(1)).unwrap();
+        let two = generate_node_cert(&new, NodeId(2)).unwrap();
+        let tls = |node: &NodePem| MeshTls::from_pem(&both, &node.cert_pem, &node.key_pem).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for (server, client, name) in [(&one, &two, "node-1"), (&two, &one, "node-2")] {
+                let server =
+                    quinn::Endpoint::server(tls(server).server, "127.0.0.1:0".parse().unwrap())
+                        .unwrap();
+                let addr = server.local_addr().unwrap();
+                let accept = async {
+                    let incoming = server.accept().await.unwrap();
+                    incoming.await.map(|_| ())
+                };
+                let mut client_end =
+                    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                client_end.set_default_client_config(tls(client).client);
+                let connect = async { client_end.connect(addr, name).unwrap().await.map(|_| ()) };
+                let (accepted, connected) =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                        tokio::join!(accept, connect)
+                    })
+                    .await
+                    .expect("the handshake ends");
+                accepted.unwrap();
+                connected.unwrap();
+            }
+        });
     }
 }
