@@ -315,9 +315,10 @@ pub fn zombie(pid: u32) -> bool {
 }
 
 /// The pid `cluster.json` records for `region`, if that process is still the region's node:
-/// alive, and started with the region's configuration (its `/proc/PID/cmdline`). A pid left
-/// from before a reboot, or taken since by another program, is none of the cluster's business
-/// and is never signalled.
+/// alive, and started with `--config` and the region's configuration (its
+/// `/proc/PID/cmdline`). A pid left from before a reboot, or taken since by another program
+/// (an editor open on the configuration, say), is none of the cluster's business and is never
+/// signalled.
 pub fn running_pid(region: &RegionEntry) -> Option<u32> {
     use std::os::unix::ffi::OsStrExt;
     let pid = region.pid.filter(|&pid| pid > 0)?;
@@ -326,24 +327,46 @@ pub fn running_pid(region: &RegionEntry) -> Option<u32> {
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let config = region.config.as_os_str().as_bytes();
-    cmdline
-        .split(|&b| b == 0)
-        .any(|arg| arg == config)
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"--config" && w[1] == config)
         .then_some(pid)
 }
 
+/// When process `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the
+/// pid, it names one process, where a pid alone may be reused.
+fn started_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name's closing parenthesis, the fields from the third on.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// SIGTERM every region of `file` still running (see [`running_pid`]), wait up to
-/// [`STOP_GRACE`], then SIGKILL what is left.
+/// [`STOP_GRACE`], then SIGKILL what is left. Each process is known by its pid and start time:
+/// a pid another process took meanwhile is not waited for or killed.
 pub async fn stop(file: &ClusterFile) {
-    let pids: Vec<u32> = file.regions.iter().filter_map(running_pid).collect();
-    for pid in &pids {
+    let nodes: Vec<(u32, Option<u64>)> = file
+        .regions
+        .iter()
+        .filter_map(running_pid)
+        .map(|pid| (pid, started_ticks(pid)))
+        .collect();
+    for (pid, _) in &nodes {
         signal(*pid, libc::SIGTERM);
     }
+    let running = |&(pid, started): &(u32, Option<u64>)| {
+        alive(pid) && !zombie(pid) && started_ticks(pid) == started
+    };
     let deadline = Instant::now() + STOP_GRACE;
-    while pids.iter().any(|p| alive(*p) && !zombie(*p)) && Instant::now() < deadline {
+    while nodes.iter().any(running) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for pid in pids.iter().filter(|p| alive(**p) && !zombie(**p)) {
+    for (pid, _) in nodes.iter().filter(|node| running(node)) {
         signal(*pid, libc::SIGKILL);
     }
 }
@@ -395,6 +418,44 @@ mod tests {
         assert!(usage.peak_rss_bytes > 0);
         assert!(usage.rss_bytes > 0 && usage.rss_bytes <= usage.peak_rss_bytes);
         assert!(usage.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn a_pid_is_a_regions_node_only_if_it_runs_with_its_configuration() {
+        let config = std::path::PathBuf::from("/abs/braid-cluster/a/braid.toml");
+        // `sh -c CMD NAME ARG`: NAME and ARG land in the command line as given.
+        let spawn = |name: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 30", name])
+                .arg(&config)
+                .spawn()
+                .unwrap()
+        };
+        let entry = |pid: u32| RegionEntry {
+            name: "a".into(),
+            id: 1,
+            resp: String::new(),
+            http: String::new(),
+            peer: String::new(),
+            pid: Some(pid),
+            config: config.clone(),
+        };
+        let mut node = spawn("--config");
+        let mut other = spawn("less");
+        assert_eq!(running_pid(&entry(node.id())), Some(node.id()));
+        assert_eq!(
+            running_pid(&entry(other.id())),
+            None,
+            "the path alone is not enough"
+        );
+        let started = started_ticks(node.id()).expect("a start time");
+        assert_eq!(started_ticks(node.id()), Some(started), "it does not move");
+        for child in [&mut node, &mut other] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        assert_eq!(running_pid(&entry(node.id())), None, "gone");
+        assert_eq!(started_ticks(u32::MAX), None);
     }
 
     #[test]
