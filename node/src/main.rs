@@ -710,6 +710,12 @@ async fn cluster_up(
                 dir.display()
             );
         }
+        let mut file = file;
+        let adopted = adopt_unrecorded(&mut file).await;
+        if !adopted.is_empty() {
+            // Recorded, so that `cluster down` stops them.
+            file.save(dir)?;
+        }
         if let Some(r) = file
             .regions
             .iter()
@@ -959,9 +965,43 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
 }
 
+/// Regions of `file` running though cluster.json records no pid for them (started by hand, as
+/// `braid join` is, or by a `cluster up` whose record was lost): their nodes' pids, from each
+/// one's `/health`, are recorded when the process is that region's node (see
+/// [`launch::running_pid`]). Returns their names.
+async fn adopt_unrecorded(file: &mut ClusterFile) -> Vec<String> {
+    let mut adopted = Vec::new();
+    for region in &mut file.regions {
+        if launch::running_pid(region).is_some() {
+            continue;
+        }
+        let Ok(http) = region.http.parse::<SocketAddr>() else {
+            continue;
+        };
+        let Ok(body) = braid_node::admin_client::get(http, "/health", Duration::from_secs(1)).await
+        else {
+            continue;
+        };
+        let pid = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|health| health["pid"].as_u64())
+            .and_then(|pid| u32::try_from(pid).ok());
+        let candidate = cluster::RegionEntry {
+            pid,
+            ..region.clone()
+        };
+        if launch::running_pid(&candidate).is_some() {
+            region.pid = pid;
+            adopted.push(region.name.clone());
+        }
+    }
+    adopted
+}
+
 async fn cluster_down(dir: &Path) -> Result<()> {
     let mut file =
         ClusterFile::load(dir).with_context(|| format!("no cluster in {}", dir.display()))?;
+    adopt_unrecorded(&mut file).await;
     let running: Vec<&str> = file
         .regions
         .iter()

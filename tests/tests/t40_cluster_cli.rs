@@ -458,3 +458,54 @@ fn runs_with(text: &str) -> bool {
             .is_ok_and(|line| line.windows(text.len()).any(|w| w == text.as_bytes()))
     })
 }
+
+/// A region's node started by hand (as `braid join` runs one) is known by its `/health`:
+/// `cluster up` refuses to start a second one beside it, and `cluster down` stops it.
+#[test]
+fn t47_a_region_started_by_hand_is_found_by_cluster_up_and_stopped_by_cluster_down() {
+    let dir = init_two_regions();
+    let file = ClusterFile::load(dir.path()).unwrap();
+    let mut by_hand = Command::new(braid_bin())
+        .args(["start", "--config"])
+        .arg(&file.regions[0].config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = by_hand.id();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while braid_tests::http_get(file.regions[0].http.parse().unwrap(), "/health").is_err() {
+            assert!(Instant::now() < deadline, "the node did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(ClusterFile::load(dir.path()).unwrap().regions[0].pid, None);
+        let up = Command::new(braid_bin())
+            .args(["cluster", "up", "--detach", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&up.stderr);
+        assert!(!up.status.success(), "{up:?}");
+        assert!(
+            stderr.contains(&format!("already running (region a is pid Some({pid}))")),
+            "{stderr}"
+        );
+        let down = Command::new(braid_bin())
+            .args(["cluster", "down", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(down.status.success(), "{down:?}");
+        let stdout = String::from_utf8_lossy(&down.stdout);
+        assert!(stdout.contains("Stopping regions a"), "{stdout}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while by_hand.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "cluster down left it running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }));
+    let _ = by_hand.kill();
+    let _ = by_hand.wait();
+    outcome.unwrap();
+}
