@@ -413,9 +413,29 @@ fn a_power_failure_loses_only_unshipped_writes_and_a_region_not_told_is_caught()
 
 /// `heal` ends a flap that would run on: after it, the link is never cut again, and the trace
 /// shows no more flaps.
+/// A run of seed 0 of the scenario `text`, its trace kept, which must pass.
+fn traced_run(text: &str) -> braid_sim::Report {
+    let scenario = Scenario::parse(text).unwrap();
+    let report = braid_sim::run(
+        &scenario,
+        RunOptions {
+            keep_trace: true,
+            ..options(0)
+        },
+    )
+    .unwrap();
+    assert!(report.passed, "{:?}", report.checkers);
+    report
+}
+
+/// What a trace line records: the word after its time ("     700 flap a-b cut=false").
+fn record(line: &str) -> Option<&str> {
+    line.split_whitespace().nth(1)
+}
+
 #[test]
 fn heal_ends_a_running_flap() {
-    let scenario = Scenario::parse(
+    let report = traced_run(
         r#"
 name = "flap-then-heal"
 regions = ["a", "b", "c"]
@@ -437,24 +457,13 @@ until-ms = 3900
 at-ms = 1100
 action = "heal"
 "#,
-    )
-    .unwrap();
-    let report = braid_sim::run(
-        &scenario,
-        RunOptions {
-            keep_trace: true,
-            ..options(0)
-        },
-    )
-    .unwrap();
-    assert!(report.passed, "{:?}", report.checkers);
+    );
     let healed = report
         .trace
         .iter()
         .position(|line| line.contains("fault Heal"))
         .expect("the heal is traced");
-    // A line is the time, then the record: "     700 flap a-b cut=false".
-    let is_flap = |line: &&String| line.split_whitespace().nth(1) == Some("flap");
+    let is_flap = |line: &&String| record(line) == Some("flap");
     let flaps = |lines: &[String]| lines.iter().filter(is_flap).count();
     assert!(
         flaps(&report.trace[..healed]) >= 3,
@@ -474,7 +483,7 @@ action = "heal"
 /// A flap over a link a partition holds down: its turns up must not lift the partition.
 #[test]
 fn a_flap_over_a_partitioned_link_leaves_the_partition_in_place() {
-    let scenario = Scenario::parse(
+    let report = traced_run(
         r#"
 name = "flap-over-partition"
 regions = ["a", "b", "c"]
@@ -500,23 +509,13 @@ until-ms = 3000
 at-ms = 5000
 action = "heal"
 "#,
-    )
-    .unwrap();
-    let report = braid_sim::run(
-        &scenario,
-        RunOptions {
-            keep_trace: true,
-            ..options(0)
-        },
-    )
-    .unwrap();
-    assert!(report.passed, "{:?}", report.checkers);
+    );
     // A line is the time, then the record: "    2300 send batch a->b at 2305".
     let at = |line: &String| -> u64 { line.split_whitespace().next().unwrap().parse().unwrap() };
     let flaps = report
         .trace
         .iter()
-        .filter(|line| line.split_whitespace().nth(1) == Some("flap"))
+        .filter(|line| record(line) == Some("flap"))
         .count();
     assert!(flaps >= 3, "the flap ran");
     // From a moment after the partition (frames already in flight land) to the heal, nothing
@@ -526,7 +525,7 @@ action = "heal"
         .iter()
         .filter(|line| (1100..5000).contains(&at(line)))
         .filter(|line| {
-            line.split_whitespace().nth(1) == Some("send")
+            record(line) == Some("send")
                 && ["a->b", "b->a", "a->c", "c->a"]
                     .iter()
                     .any(|link| line.contains(link))
