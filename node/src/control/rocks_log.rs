@@ -340,10 +340,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_purge_waits_for_the_snapshot_that_covers_it_to_be_saved() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = RocksRaftLog::open(dir.path()).unwrap();
+    /// A log in `dir` holding entries 1 to 6.
+    fn log_of_six_entries(dir: &Path) -> RocksRaftLog {
+        let log = RocksRaftLog::open(dir).unwrap();
         let mut batch = WriteBatch::default();
         for index in 1..=6 {
             let entry = Entry::<ControlConfig> {
@@ -357,6 +356,13 @@ mod tests {
             );
         }
         log.db.write(batch).unwrap();
+        log
+    }
+
+    #[test]
+    fn a_purge_waits_for_the_snapshot_that_covers_it_to_be_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_six_entries(dir.path());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -388,20 +394,7 @@ mod tests {
     #[test]
     fn a_purge_no_saved_snapshot_covers_keeps_the_entries_past_the_saved_one() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RocksRaftLog::open(dir.path()).unwrap();
-        let mut batch = WriteBatch::default();
-        for index in 1..=6 {
-            let entry = Entry::<ControlConfig> {
-                log_id: log_id(index),
-                payload: EntryPayload::Blank,
-            };
-            batch.put_cf(
-                log.cf(CF_LOG).unwrap(),
-                index.to_be_bytes(),
-                encode(&entry).unwrap(),
-            );
-        }
-        log.db.write(batch).unwrap();
+        let log = log_of_six_entries(dir.path());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
