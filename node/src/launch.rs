@@ -303,15 +303,18 @@ pub fn signal(pid: u32, signal: i32) -> bool {
     result == 0
 }
 
+/// The fields of `/proc/PID/stat` from the third (the state) on: what follows the command
+/// name's closing parenthesis (a name may hold spaces and parentheses). Field `n` of proc(5)
+/// is at `n - 3`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit(')').next()?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// A child that exited but was not reaped yet still answers signal 0.
 pub fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|state| state == "Z"))
 }
 
 /// The pid `cluster.json` records for `region`, if that process is still the region's node:
@@ -336,14 +339,7 @@ pub fn running_pid(region: &RegionEntry) -> Option<u32> {
 /// When process `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the
 /// pid, it names one process, where a pid alone may be reused.
 fn started_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name's closing parenthesis, the fields from the third on.
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
 /// SIGTERM every region of `file` still running (see [`running_pid`]), wait up to
@@ -384,12 +380,10 @@ pub struct ProcessUsage {
 
 /// Reads [`ProcessUsage`] of `pid`, or `None` if it is gone or `/proc` is unreadable.
 pub fn usage(pid: u32) -> Option<ProcessUsage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit(')').next()?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // utime is field 14, stime 15.
+    let fields = stat_fields(pid)?;
+    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
     #[allow(unsafe_code)]
     // SAFETY: sysconf(3) reads a configuration value and touches no memory of this process.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
