@@ -146,47 +146,47 @@ pub struct MeshTls {
 impl MeshTls {
     /// Builds both configurations from PEM files.
     pub fn load(ca_cert: &Path, cert: &Path, key: &Path) -> Result<MeshTls, TlsError> {
-        let pem_err = |path: &Path, reason: String| TlsError::Pem {
-            path: path.display().to_string(),
-            reason,
-        };
-        // Every certificate of the file is trusted (an old and a new CA while nodes move from
-        // one to the other), not only the first.
-        let cas = CertificateDer::pem_slice_iter(&read(ca_cert)?)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(ca_cert, format!("bad CA certificate: {e}")))?;
-        if cas.is_empty() {
-            return Err(pem_err(ca_cert, "no CA certificate".into()));
-        }
-        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(cert, format!("bad certificate: {e}")))?;
-        if chain.is_empty() {
-            return Err(pem_err(cert, "no certificate".into()));
-        }
-        let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
-            .map_err(|e| pem_err(key, format!("no private key: {e}")))?;
-        MeshTls::build(cas, chain, key_der)
+        let name = |path: &Path| path.display().to_string();
+        MeshTls::parse(
+            [&read(ca_cert)?, &read(cert)?, &read(key)?],
+            [name(ca_cert), name(cert), name(key)],
+        )
     }
 
     /// Builds both configurations from PEM text (the CA certificate, this node's certificate and
     /// its key).
     pub fn from_pem(ca_cert: &str, cert: &str, key: &str) -> Result<MeshTls, TlsError> {
-        let pem_err = |what: &str, reason: String| TlsError::Pem {
-            path: what.to_owned(),
-            reason,
+        MeshTls::parse(
+            [ca_cert.as_bytes(), cert.as_bytes(), key.as_bytes()],
+            ["CA certificate", "certificate", "private key"].map(String::from),
+        )
+    }
+
+    /// Builds both configurations from the PEM bytes of the CA certificates, this node's
+    /// certificate chain and its key; `names` say where each came from, for errors.
+    fn parse(pem: [&[u8]; 3], names: [String; 3]) -> Result<MeshTls, TlsError> {
+        let [ca_name, cert_name, key_name] = names;
+        let certificates = |pem: &[u8], name: String, what: &str| {
+            let pem_err = |reason: String| TlsError::Pem {
+                path: name.clone(),
+                reason,
+            };
+            let all = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(format!("bad {what}: {e}")))?;
+            match all.is_empty() {
+                true => Err(pem_err(format!("no {what}"))),
+                false => Ok(all),
+            }
         };
-        let cas = CertificateDer::pem_slice_iter(ca_cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err("CA certificate", e.to_string()))?;
-        if cas.is_empty() {
-            return Err(pem_err("CA certificate", "none".into()));
-        }
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err("certificate", e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-            .map_err(|e| pem_err("private key", e.to_string()))?;
+        // Every certificate of the CA file is trusted (an old and a new CA while nodes move
+        // from one to the other), not only the first.
+        let cas = certificates(pem[0], ca_name, "CA certificate")?;
+        let chain = certificates(pem[1], cert_name, "certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(pem[2]).map_err(|e| TlsError::Pem {
+            path: key_name,
+            reason: format!("no private key: {e}"),
+        })?;
         MeshTls::build(cas, chain, key)
     }
 
