@@ -328,10 +328,10 @@ impl OwnRecovery {
         Some((most, peers))
     }
 
-    /// The holder of the most to ask next: the first after the one asked last, in id order,
-    /// round again.
-    fn next_source(&mut self, topology: &Topology) -> Option<NodeId> {
-        let (_, peers) = self.most(topology)?;
+    /// The holder of the most to ask next, while that is more than `mine`: the first after the
+    /// one asked last, in id order, round again.
+    fn next_source(&mut self, topology: &Topology, mine: Seq) -> Option<NodeId> {
+        let (_, peers) = self.most(topology).filter(|(most, _)| *most > mine)?;
         let next = match self.asked {
             Some(asked) => peers.iter().find(|p| **p > asked).or(peers.first()),
             None => peers.first(),
@@ -1859,8 +1859,7 @@ impl<S: Storage> Replica<S> {
         let me = self.config.node;
         let mine = self.vector.get(me);
         if let Some(recovery) = self.own_recovery.as_mut() {
-            let behind = recovery.most(topology).is_some_and(|(most, _)| most > mine);
-            if let Some(peer) = recovery.next_source(topology).filter(|_| behind) {
+            if let Some(peer) = recovery.next_source(topology, mine) {
                 if !self.resyncs.contains(&peer) {
                     self.resyncs.push_back(peer);
                 }
