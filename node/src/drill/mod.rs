@@ -244,15 +244,25 @@ struct Watch {
     done_ms: Option<u64>,
 }
 
+/// A region's counters as last read. Events sent are kept per peer: a node's status lists only
+/// its current neighbours, and a peer that leaves the list (a region left, the links changed)
+/// takes its count with it, which a sum over the list would read as a restart.
+#[derive(Clone, Default)]
+struct Counters {
+    writes: u64,
+    conflicts_resolved: u64,
+    /// By peer region: events sent to it, including peers no longer listed.
+    events_sent: BTreeMap<String, u64>,
+}
+
 /// What the observer has seen.
 struct Observed {
     /// Each region's latest status, and when it was read.
     statuses: Vec<Option<(Status, Instant)>>,
     /// Highest sequence number of each origin ever seen anywhere.
     max_seen: BTreeMap<String, u64>,
-    /// Per region: last `writes`, events sent and conflicts resolved, to accumulate across
-    /// restarts.
-    last_counters: Vec<Option<[u64; 3]>>,
+    /// Per region: its last counters read, to accumulate across restarts.
+    last_counters: Vec<Option<Counters>>,
     writes_total: u64,
     events_sent_total: u64,
     conflicts_total: u64,
@@ -306,22 +316,36 @@ impl Observed {
             let seen = self.max_seen.entry(origin.clone()).or_default();
             *seen = (*seen).max(*seq);
         }
-        let sent: u64 = status.peers.iter().map(|p| p.events_sent).sum();
-        let now = [status.writes, sent, status.conflicts_resolved];
-        let before = self.last_counters[i].unwrap_or_default();
+        let before = self.last_counters[i].take().unwrap_or_default();
         // A restarted node counts from zero again.
-        let delta = |k: usize| now[k].checked_sub(before[k]).unwrap_or(now[k]);
-        self.writes_total += delta(0);
-        self.events_sent_total += delta(1);
-        self.conflicts_total += delta(2);
-        self.last_counters[i] = Some(now);
+        let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+        self.writes_total += delta(status.writes, before.writes);
+        self.conflicts_total += delta(status.conflicts_resolved, before.conflicts_resolved);
+        let mut sent = before.events_sent;
+        for peer in &status.peers {
+            let before = sent.get(&peer.region).copied().unwrap_or(0);
+            self.events_sent_total += delta(peer.events_sent, before);
+            sent.insert(peer.region.clone(), peer.events_sent);
+        }
+        self.last_counters[i] = Some(Counters {
+            writes: status.writes,
+            conflicts_resolved: status.conflicts_resolved,
+            events_sent: sent,
+        });
         self.statuses[i] = Some((status, Instant::now()));
     }
 
     /// Readings taken before the workload: later ones count from them.
     fn baseline(&mut self, i: usize, status: &Status, lag: LagHistograms) {
-        let sent: u64 = status.peers.iter().map(|p| p.events_sent).sum();
-        self.last_counters[i] = Some([status.writes, sent, status.conflicts_resolved]);
+        self.last_counters[i] = Some(Counters {
+            writes: status.writes,
+            conflicts_resolved: status.conflicts_resolved,
+            events_sent: status
+                .peers
+                .iter()
+                .map(|p| (p.region.clone(), p.events_sent))
+                .collect(),
+        });
         self.lag_last[i] = Some(lag);
     }
 
@@ -2509,6 +2533,49 @@ region = "a"
         // and neither is one whose regions were last read before it began.
         assert!(observed.watches[2].done_ms.is_none());
         assert_eq!(observed.max_seen.get("a"), Some(&5));
+    }
+
+    #[test]
+    fn events_sent_count_only_what_each_peer_gained() {
+        let mut observed = Observed::new(1);
+        let status = |writes: u64, peers: &[(&str, u64)]| -> Status {
+            let peers: Vec<_> = peers
+                .iter()
+                .map(|(region, sent)| {
+                    serde_json::json!({
+                        "id": 0, "region": region, "state": "connected", "pulling": [],
+                        "vector": {}, "lag_events": 0, "events_sent": sent,
+                        "events_received": 0, "events_applied": 0, "events_duplicate": 0,
+                        "events_clock_refused": 0, "bytes_sent": 0, "bytes_received": 0,
+                        "batches_sent": 0, "frames_dropped": 0
+                    })
+                })
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "node": 1, "region": "a", "durability": "process", "hlc": "0",
+                "vector": {}, "writes": writes, "conflicts_resolved": 0,
+                "held_events": 0, "change_log_events": 0, "peers": peers
+            }))
+            .unwrap()
+        };
+        observed.baseline(
+            0,
+            &status(10, &[("b", 40), ("c", 40)]),
+            LagHistograms::default(),
+        );
+        observed.record_status(0, status(20, &[("b", 100), ("c", 100)]));
+        assert_eq!(observed.events_sent_total, 120);
+        // b left: its count is gone from the list, which is no restart.
+        observed.record_status(0, status(25, &[("c", 110)]));
+        assert_eq!(observed.events_sent_total, 130);
+        assert_eq!(observed.writes_total, 15);
+        // b listed again (the links changed back): only what it gained since counts.
+        observed.record_status(0, status(26, &[("b", 105), ("c", 110)]));
+        assert_eq!(observed.events_sent_total, 135);
+        // A restarted node counts from zero.
+        observed.record_status(0, status(3, &[("b", 7), ("c", 2)]));
+        assert_eq!(observed.events_sent_total, 144);
+        assert_eq!(observed.writes_total, 19);
     }
 
     #[test]
