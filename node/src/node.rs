@@ -20,7 +20,7 @@ use crate::faults::Faults;
 use crate::http::{self, AdminState};
 use crate::resp::{self, RespContext};
 use crate::snapshot::{self, FetchProgress};
-use crate::storage::{Durability, RocksStorage};
+use crate::storage::{Durability, Identity, RocksStorage};
 use crate::tls::MeshTls;
 use crate::transport::{Directory, Mesh};
 use braid_protocol::control::MemberState;
@@ -183,13 +183,15 @@ async fn run_node(
             config.region
         )));
     }
+    // Before any marker is written: a directory of another cluster or region is left as it is.
+    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
+    storage.claim(Identity { cluster, node })?;
     if plan.is_some() {
         // Before anything else: from here on this node never starts a group of its own.
         set_marker(&joined, true)?;
         set_marker(&pending, true)?;
     }
     let initialize = !joined.exists();
-    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
     // After a run in `process` durability (any run in the last boot, whatever this one's), a
     // machine restart (a power loss) may have taken the tail of the write-ahead log, this
     // node's own last writes with it, which the peers may hold.

@@ -7,6 +7,11 @@
 //!   cf "meta"  "vector"                        -> VersionVector
 //!              "hlc"                           -> Hlc (high-water mark)
 //!              "trimmed"                       -> VersionVector (log deleted through it)
+//!              "format"                        -> u32 (the on-disk format version)
+//!              "identity"                      -> cluster id ++ node id u64 BE (whose it is)
+//!              "boot-id", "process-run",
+//!              "recovering"                    -> what a power loss may have taken
+//!                                                 (see `RocksStorage::note_boot`)
 //!   cf "tombstones"  hlc (wall u64 BE ++ logical u32 BE ++ node u64 BE) ++ key bytes -> ()
 //!                                              (the tombstone index: keys by their oldest
 //!                                               tombstone, for garbage collection)
@@ -25,7 +30,7 @@ use std::sync::Arc;
 
 use braid_conflict::{Hlc, KeyState};
 use braid_protocol::storage::{event_size_bytes, Commit, Recovered, Storage};
-use braid_protocol::{ChangeEvent, NodeId, Seq, VersionVector};
+use braid_protocol::{ChangeEvent, ClusterId, NodeId, Seq, VersionVector};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
     WriteOptions, DB,
@@ -48,6 +53,9 @@ const META_RECOVERING: &[u8] = b"recovering";
 /// (`[0]` otherwise): its last writes were not synced, and a reboot may have taken them,
 /// whatever durability the node starts with next.
 const META_PROCESS_RUN: &[u8] = b"process-run";
+/// The cluster id (16 bytes) and node id (u64 BE) the database belongs to, written at the first
+/// start: a data directory of another cluster or region is refused instead of adopted.
+const META_IDENTITY: &[u8] = b"identity";
 /// Bumped whenever the on-disk layout changes; a database of another format is refused.
 /// Format 2 added the tombstone index (and the checkpoints' HLC in the Raft log beside it).
 const FORMAT_VERSION: u32 = 2;
@@ -105,12 +113,61 @@ pub enum StorageError {
         /// The format found.
         found: u32,
     },
+    /// The data directory belongs to another cluster or region.
+    #[error(
+        "this data directory belongs to {found}, not to this node ({expected}): check \
+         `data-dir` in the configuration (each region needs its own)"
+    )]
+    Identity {
+        /// Whose it is.
+        found: Identity,
+        /// Whose the configuration says it should be.
+        expected: Identity,
+    },
     /// A column family is missing (cannot happen for a database this module opened).
     #[error("column family {0} missing")]
     MissingColumnFamily(&'static str),
     /// Encoding failed (cannot happen for these types).
     #[error("encoding {0} failed")]
     Encode(&'static str),
+}
+
+/// Whose a data directory is: a cluster and one of its nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The cluster.
+    pub cluster: ClusterId,
+    /// The node.
+    pub node: NodeId,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {} of cluster {}", self.node.0, self.cluster)
+    }
+}
+
+impl Identity {
+    const BYTES: usize = 16 + 8;
+
+    fn to_bytes(self) -> [u8; Self::BYTES] {
+        let mut bytes = [0; Self::BYTES];
+        bytes[..16].copy_from_slice(&self.cluster.0);
+        bytes[16..].copy_from_slice(&self.node.0.to_be_bytes());
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Identity, StorageError> {
+        let corrupt = || StorageError::Corrupt {
+            what: "identity",
+            reason: format!("{} bytes, not {}", bytes.len(), Self::BYTES),
+        };
+        let (cluster, node) = bytes.split_at_checked(16).ok_or_else(corrupt)?;
+        Ok(Identity {
+            cluster: ClusterId(cluster.try_into().map_err(|_| corrupt())?),
+            node: NodeId(u64::from_be_bytes(node.try_into().map_err(|_| corrupt())?)),
+        })
+    }
 }
 
 /// The most bytes one stored value may decode to. A corrupt length prefix is refused by it
@@ -559,6 +616,27 @@ impl RocksStorage {
         Ok(possible_loss)
     }
 
+    /// Refuses a database that belongs to another cluster or node, and records `identity` in
+    /// one that belongs to none yet (a new one, or one from before identities were recorded).
+    pub fn claim(&self, identity: Identity) -> Result<(), StorageError> {
+        let meta = self.cf(CF_META)?;
+        if let Some(bytes) = self.db.get_cf(meta, META_IDENTITY)? {
+            let found = Identity::from_bytes(&bytes)?;
+            return match found == identity {
+                true => Ok(()),
+                false => Err(StorageError::Identity {
+                    found,
+                    expected: identity,
+                }),
+            };
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(meta, META_IDENTITY, identity.to_bytes(), &options)?;
+        Ok(())
+    }
+
     /// Whether an earlier start marked this node as recovering its own events and the mark is
     /// still there (see [`RocksStorage::note_boot`]), for a machine that tells no boot id.
     pub fn recovery_marked(&self) -> Result<bool, StorageError> {
@@ -730,6 +808,46 @@ impl Storage for RocksStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_belongs_to_the_node_that_first_claimed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = |cluster: u8, node: u64| Identity {
+            cluster: ClusterId([cluster; 16]),
+            node: NodeId(node),
+        };
+        {
+            let storage = RocksStorage::open(dir.path(), Durability::Process).unwrap();
+            storage.claim(identity(1, 1)).unwrap();
+            storage.claim(identity(1, 1)).unwrap();
+        }
+        let storage = RocksStorage::open(dir.path(), Durability::Process).unwrap();
+        storage.claim(identity(1, 1)).unwrap();
+        for other in [identity(2, 1), identity(1, 2)] {
+            let err = storage.claim(other).unwrap_err();
+            assert!(
+                matches!(err, StorageError::Identity { found, expected }
+                    if found == identity(1, 1) && expected == other),
+                "{err}"
+            );
+            assert!(err.to_string().contains("data-dir"), "{err}");
+        }
+        // Refused, not taken over: the first owner still opens it.
+        storage.claim(identity(1, 1)).unwrap();
+        let meta = storage.cf(CF_META).unwrap();
+        storage.db.put_cf(meta, META_IDENTITY, b"short").unwrap();
+        let err = storage.claim(identity(1, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::Corrupt {
+                    what: "identity",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_database_of_another_format_is_refused_and_left_as_it_was() {

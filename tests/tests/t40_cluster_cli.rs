@@ -509,3 +509,70 @@ fn t47_a_region_started_by_hand_is_found_by_cluster_up_and_stopped_by_cluster_do
     let _ = by_hand.wait();
     outcome.unwrap();
 }
+
+/// A region's node given another region's data directory refuses it and leaves it as it was.
+#[test]
+fn t48_a_data_directory_of_another_region_is_refused() {
+    let dir = init_two_regions();
+    let file = ClusterFile::load(dir.path()).unwrap();
+    let run = |config: &std::path::Path| -> std::process::Child {
+        Command::new(braid_bin())
+            .args(["start", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = run(&file.regions[0].config);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while braid_tests::http_get(file.regions[0].http.parse().unwrap(), "/health").is_err() {
+            assert!(Instant::now() < deadline, "region a did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        launch::signal(a.id(), libc::SIGTERM);
+        assert!(a.wait().unwrap().success());
+        // b's configuration pointed at a's data.
+        let b_config = &file.regions[1].config;
+        let text = std::fs::read_to_string(b_config).unwrap();
+        assert!(text.contains("data-dir = \"data\""), "{text}");
+        let a_data = dir.path().join("a").join("data");
+        let text = text.replace(
+            "data-dir = \"data\"",
+            &format!("data-dir = {:?}", a_data.display().to_string()),
+        );
+        std::fs::write(b_config, text).unwrap();
+        let mut b = run(b_config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = b.kill();
+                let _ = b.wait();
+                panic!("b ran on a's data directory");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = b.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("belongs to node 1 of cluster") && stderr.contains("data-dir"),
+            "{stderr}"
+        );
+        // a's data is a's still: a starts on it again.
+        a = run(&file.regions[0].config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while braid_tests::http_get(file.regions[0].http.parse().unwrap(), "/health").is_err() {
+            assert!(
+                a.try_wait().unwrap().is_none(),
+                "region a did not start again"
+            );
+            assert!(Instant::now() < deadline, "region a did not come up again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }));
+    let _ = a.kill();
+    let _ = a.wait();
+    outcome.unwrap();
+}
