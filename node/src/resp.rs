@@ -41,6 +41,13 @@ pub const RESP_OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 /// The buffer space a connection keeps between bursts, each way: what grew past it for a large
 /// request or reply is given back once that is done.
 const RESP_KEPT_BYTES: usize = 16 * 1024;
+/// The most commands parsed from a connection's buffer before they run: a buffer of tiny
+/// pipelined commands (a few bytes each on the wire, a few hundred bytes each parsed) is run
+/// a burst at a time, not parsed whole first.
+pub const RESP_BURST_COMMANDS_MAX: usize = 1024;
+/// The longest multi-bulk count line (`*` and an `i64` need 21 bytes): longer is refused
+/// before it is searched for its end again on every read.
+const RESP_COUNT_LINE_BYTES_MAX: usize = 32;
 /// What a client past `max-clients` is told before its connection is closed (Redis's text).
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// The largest single reply (an MGET of many large values): past it, an error instead.
@@ -111,8 +118,8 @@ pub fn check_command(buf: &[u8], progress: &mut Progress) -> Result<Option<usize
         Some(count) => count,
         None => {
             let Some(end) = line_end(buf, 1) else {
-                return if buf.len() > RESP_INLINE_BYTES_MAX {
-                    protocol("too big count")
+                return if buf.len() > RESP_COUNT_LINE_BYTES_MAX {
+                    protocol("invalid multibulk length")
                 } else {
                     Ok(None)
                 };
@@ -453,19 +460,28 @@ impl Connection {
         let mut input = BytesMut::with_capacity(RESP_KEPT_BYTES);
         let mut output = Vec::with_capacity(RESP_KEPT_BYTES);
         let mut progress = Progress::default();
+        // Whether the buffer may hold whole commands the last burst left for the next.
+        let mut buffered = false;
         loop {
-            let read = tokio::select! {
-                biased;
-                _ = shutdown.changed() => return Ok(()),
-                read = socket.read_buf(&mut input) => read?,
-            };
-            if read == 0 {
-                return Ok(());
+            if !buffered {
+                let read = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return Ok(()),
+                    read = socket.read_buf(&mut input) => read?,
+                };
+                if read == 0 {
+                    return Ok(());
+                }
             }
-            // Every whole command in the buffer is one pipelined burst.
+            // The whole commands in the buffer, up to a bound, are one pipelined burst.
             let mut burst = Vec::new();
             let mut fatal = None;
+            buffered = false;
             loop {
+                if burst.len() == RESP_BURST_COMMANDS_MAX {
+                    buffered = true;
+                    break;
+                }
                 // Check first (resuming where the last read left off), parse once complete.
                 let complete = match check_command(&input, &mut progress) {
                     // Complete: the second check is from the start, once per command.
@@ -491,7 +507,8 @@ impl Connection {
                     }
                 }
             }
-            if fatal.is_none() && input.len() > RESP_BUFFER_BYTES_MAX {
+            // Too large only when what is left is one incomplete command.
+            if fatal.is_none() && !buffered && input.len() > RESP_BUFFER_BYTES_MAX {
                 fatal = Some(RespError::Protocol("request too large".into()));
             }
             let quit = match self.execute(burst, &mut output, &mut socket).await {
@@ -1101,6 +1118,17 @@ mod tests {
             Ok(Some(6))
         );
         assert!(check_command(b"*1\r\n$-5\r\n", &mut Progress::default()).is_err());
+        // A count line with no end in sight is refused, not searched again on every read.
+        let mut count = b"*".to_vec();
+        count.extend(b"1".repeat(RESP_COUNT_LINE_BYTES_MAX));
+        assert!(check_command(&count, &mut Progress::default()).is_err());
+        assert_eq!(
+            check_command(
+                &count[..RESP_COUNT_LINE_BYTES_MAX],
+                &mut Progress::default()
+            ),
+            Ok(None)
+        );
     }
 
     #[test]

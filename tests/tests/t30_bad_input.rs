@@ -328,6 +328,51 @@ fn t35_a_pipeline_of_reads_is_answered_as_it_goes_not_held() {
     );
 }
 
+/// Megabytes of commands of two bytes each, behind a command that grew the connection's buffer:
+/// run a burst at a time, not each parsed (hundreds of bytes apiece) before any runs.
+#[test]
+fn t35_a_buffer_of_tiny_commands_is_run_a_burst_at_a_time() {
+    const VALUE_BYTES: usize = 1024 * 1024;
+    const COMMANDS: usize = 2 * 1024 * 1024;
+    let mut cluster = Cluster::start(Layout::mesh(1));
+    let node = cluster.node("a");
+    let before = node.peak_resident_bytes();
+    let mut request = Vec::with_capacity(2 * VALUE_BYTES + 2 * COMMANDS + 64);
+    request.extend_from_slice(b"*5\r\n$4\r\nMSET\r\n");
+    for key in ["x", "y"] {
+        request.extend_from_slice(format!("$1\r\n{key}\r\n${VALUE_BYTES}\r\n").as_bytes());
+        request.extend(std::iter::repeat_n(b'v', VALUE_BYTES));
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend(b"a\n".repeat(COMMANDS));
+    // Ends inside a command: the buffer is never empty, so it keeps the room it grew to.
+    request.push(b'a');
+    let mut stream = TcpStream::connect(node.resp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(&request));
+    // One line per reply: +OK, then an error for each unknown command `a`.
+    let mut lines = 0;
+    let mut buffer = vec![0u8; 1 << 20];
+    while lines < COMMANDS + 1 {
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(read > 0, "the connection closed after {lines} replies");
+        lines += buffer[..read].iter().filter(|b| **b == b'\n').count();
+    }
+    writing.join().unwrap().unwrap();
+    let grown = node.peak_resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "the node's peak memory grew by {} MiB for {COMMANDS} commands of 2 bytes",
+        grown >> 20
+    );
+    drop(stream);
+    let value: Vec<u8> = node.redis().get("y").unwrap();
+    assert_eq!(value.len(), VALUE_BYTES);
+}
+
 #[test]
 fn t36_every_key_of_a_command_is_checked_and_a_refused_mset_writes_nothing() {
     let mut cluster = Cluster::start(Layout::mesh(2));
