@@ -48,6 +48,13 @@ pub const RESP_BURST_COMMANDS_MAX: usize = 1024;
 /// The longest multi-bulk count line (`*` and an `i64` need 21 bytes): longer is refused
 /// before it is searched for its end again on every read.
 const RESP_COUNT_LINE_BYTES_MAX: usize = 32;
+/// Idle time of a RESP client's connection before the kernel probes it (Redis's
+/// `tcp-keepalive` default), and the time between probes: a client whose machine died, or whose
+/// connection a NAT forgot, gives its `max-clients` place back after about nine and a half
+/// minutes (nine unanswered probes) instead of never.
+pub const RESP_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+/// See [`RESP_KEEPALIVE_IDLE`].
+pub const RESP_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// What a client past `max-clients` is told before its connection is closed (Redis's text).
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// The largest single reply (an MGET of many large values): past it, an error instead.
@@ -442,6 +449,15 @@ struct Connection {
     authenticated: bool,
 }
 
+/// Replies are sent as they are written (no Nagle delay); dead peers are found by keep-alive.
+fn configure(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(RESP_KEEPALIVE_IDLE)
+        .with_interval(RESP_KEEPALIVE_INTERVAL);
+    socket.set_tcp_keepalive(&keepalive)
+}
+
 impl Connection {
     fn new(context: RespContext) -> Connection {
         let authenticated = context.password.is_none();
@@ -456,7 +472,7 @@ impl Connection {
         mut socket: TcpStream,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnectionError> {
-        socket.set_nodelay(true)?;
+        configure(socket2::SockRef::from(&socket))?;
         let mut input = BytesMut::with_capacity(RESP_KEPT_BYTES);
         let mut output = Vec::with_capacity(RESP_KEPT_BYTES);
         let mut progress = Progress::default();
@@ -1129,6 +1145,38 @@ mod tests {
             ),
             Ok(None)
         );
+    }
+
+    #[test]
+    fn client_connections_are_probed_when_idle() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let socket = socket2::SockRef::from(&server);
+        assert!(!socket.keepalive().unwrap());
+        configure(socket2::SockRef::from(&server)).unwrap();
+        assert!(socket.keepalive().unwrap());
+        assert!(socket.tcp_nodelay().unwrap());
+        // TCP_KEEPIDLE and TCP_KEEPINTVL, as the kernel reports them.
+        let option = |name: libc::c_int| -> libc::c_int {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            #[allow(unsafe_code)]
+            // SAFETY: getsockopt writes at most `len` bytes into `value`, which has them.
+            let done = unsafe {
+                libc::getsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&server),
+                    libc::IPPROTO_TCP,
+                    name,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(done, 0);
+            value
+        };
+        assert_eq!(option(libc::TCP_KEEPIDLE), 300);
+        assert_eq!(option(libc::TCP_KEEPINTVL), 30);
     }
 
     #[test]
