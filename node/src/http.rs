@@ -178,6 +178,15 @@ impl AdminState {
             .collect()
     }
 
+    /// The regions a fault may name: the peers, and members removed since they were peers.
+    fn fault_peers(&self) -> BTreeMap<NodeId, String> {
+        let mut peers = self.peers();
+        if let Some(state) = self.control.as_ref().and_then(|c| c.state()) {
+            with_removed(&mut peers, state.members(), self.node);
+        }
+        peers
+    }
+
     fn region(&self, node: NodeId) -> String {
         if node == self.node {
             return self.region.clone();
@@ -441,12 +450,28 @@ async fn lag(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// Adds the removed members among `members` to `peers` (but `me`, and any whose region name a
+/// peer holds now): a drill's faults name a region that is leaving until it sees it gone, a
+/// little after every node dropped it. A fault on a removed member changes nothing.
+fn with_removed<'a>(
+    peers: &mut BTreeMap<NodeId, String>,
+    members: impl Iterator<Item = &'a braid_protocol::control::Member>,
+    me: NodeId,
+) {
+    for member in members {
+        let removed = member.state == braid_protocol::control::MemberState::Removed;
+        if removed && member.id != me && !peers.values().any(|name| *name == member.region) {
+            peers.insert(member.id, member.region.clone());
+        }
+    }
+}
+
 async fn get_faults(State(state): State<AdminState>) -> Response {
     if !state.faults.enabled() {
         let err = crate::faults::FaultError::Disabled;
         return (StatusCode::FORBIDDEN, err.to_string()).into_response();
     }
-    Json(state.faults.get(&state.peers())).into_response()
+    Json(state.faults.get(&state.fault_peers())).into_response()
 }
 
 async fn set_faults(
@@ -459,7 +484,7 @@ async fn set_faults(
         return Err(Refusal(StatusCode::FORBIDDEN, err.to_string()));
     }
     let request = body(request)?;
-    let peers = state.peers();
+    let peers = state.fault_peers();
     Ok(match state.faults.set(&request, &peers) {
         Ok(()) => {
             tracing::warn!(faults = ?request, "injected faults set");
@@ -861,6 +886,35 @@ mod tests {
         ] {
             assert!(!host_is_address(host), "{host}");
         }
+    }
+
+    #[test]
+    fn faults_may_name_removed_members_but_not_over_a_peer() {
+        use braid_protocol::control::{Member, MemberState};
+        let member = |id: u64, region: &str, state: MemberState| Member {
+            id: NodeId(id),
+            region: region.into(),
+            peer_address: String::new(),
+            resp_address: String::new(),
+            http_address: String::new(),
+            state,
+        };
+        let members = [
+            member(1, "a", MemberState::Active),
+            member(2, "b", MemberState::Removed),
+            member(3, "c", MemberState::Removed),
+            member(4, "c", MemberState::Active),
+            member(5, "d", MemberState::Draining),
+            member(6, "e", MemberState::Removed),
+        ];
+        let mut peers = BTreeMap::from([(NodeId(4), "c".to_string())]);
+        with_removed(&mut peers, members.iter(), NodeId(6));
+        // b, removed, is named; c is the peer, not the removed member of that name; neither
+        // this node (e) nor a member that is not removed is added.
+        assert_eq!(
+            peers,
+            BTreeMap::from([(NodeId(2), "b".to_string()), (NodeId(4), "c".to_string())])
+        );
     }
 
     #[test]
