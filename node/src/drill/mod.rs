@@ -1283,6 +1283,43 @@ impl Drill<'_> {
     }
 }
 
+/// Refuses an attached cluster whose committed links are not the scenario's: a drill of a chain
+/// run on a full mesh would measure another topology's lag, messages and partitions.
+fn check_attached_links(scenario: &Scenario, links: &[[String; 2]]) -> Result<(), DrillError> {
+    let pairs = |links: &mut dyn Iterator<Item = (&str, &str)>| -> BTreeSet<(String, String)> {
+        links
+            .map(|(a, b)| (a.min(b).to_string(), a.max(b).to_string()))
+            .collect()
+    };
+    let wanted = match &scenario.links {
+        Some(links) => pairs(&mut links.iter().map(|[a, b]| (a.as_str(), b.as_str()))),
+        None => {
+            let regions = &scenario.regions;
+            pairs(&mut regions.iter().enumerate().flat_map(|(i, a)| {
+                regions[i + 1..]
+                    .iter()
+                    .map(move |b| (a.as_str(), b.as_str()))
+            }))
+        }
+    };
+    let found = pairs(&mut links.iter().map(|[a, b]| (a.as_str(), b.as_str())));
+    if found == wanted {
+        return Ok(());
+    }
+    let text = |set: &BTreeSet<(String, String)>| {
+        set.iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Err(DrillError::Options(format!(
+        "the attached cluster's links ({}) are not the scenario's ({}): set them with `braid \
+         topology`, or start the cluster with the scenario's (`braid cluster up --topology`)",
+        text(&found),
+        text(&wanted)
+    )))
+}
+
 /// Starts the scenario's cluster, or attaches to one; returns it with its directory and, for a
 /// started one, its processes.
 async fn cluster_for(
@@ -1439,6 +1476,7 @@ pub async fn run(
         .is_ok();
     let warnings = check_supported(scenario, durability, faults_available, attached)?;
     if attached {
+        check_attached_links(scenario, &first.control.links)?;
         // A kill finds the region's process through cluster.json: a cluster started with
         // `braid start` by hand records none, and the kill would end the drill midway.
         let kills = scenario.timeline.iter().find(|f| {
@@ -2533,6 +2571,35 @@ region = "a"
         // and neither is one whose regions were last read before it began.
         assert!(observed.watches[2].done_ms.is_none());
         assert_eq!(observed.max_seen.get("a"), Some(&5));
+    }
+
+    #[test]
+    fn an_attached_cluster_must_have_the_scenarios_links() {
+        let text = r#"
+name = "m"
+regions = ["a", "b", "c"]
+duration-ms = 1000
+[workload]
+rate-per-region = 10
+keys = 10
+"#;
+        let mesh = Scenario::parse(text).unwrap();
+        let chain = text.replace(
+            "duration-ms = 1000",
+            "duration-ms = 1000\nlinks = [[\"b\", \"a\"], [\"b\", \"c\"]]",
+        );
+        let chain = Scenario::parse(&chain).unwrap();
+        let link = |a: &str, b: &str| [a.to_string(), b.to_string()];
+        let full = [link("a", "b"), link("a", "c"), link("b", "c")];
+        let line = [link("a", "b"), link("b", "c")];
+        assert!(check_attached_links(&mesh, &full).is_ok());
+        assert!(check_attached_links(&chain, &line).is_ok());
+        let err = check_attached_links(&chain, &full).unwrap_err().to_string();
+        assert!(
+            err.contains("links (a-b a-c b-c) are not the scenario's (a-b b-c)"),
+            "{err}"
+        );
+        assert!(check_attached_links(&mesh, &line).is_err());
     }
 
     #[test]
