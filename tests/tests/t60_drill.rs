@@ -594,3 +594,81 @@ fn t60_a_drill_that_cannot_go_on_still_reports_and_fails() {
         "what it saw until then: {report}"
     );
 }
+
+/// A leave that finds its region down waits for it to run again, as in the simulator: the
+/// drill restarts it at the end of the workload, and it leaves then.
+#[test]
+fn t60_a_leave_of_a_region_that_is_down_waits_for_it_to_run() {
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("down-leave.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "down-leave"
+regions = ["a", "b", "c"]
+duration-ms = 4000
+[network]
+latency-ms-min = 5
+latency-ms-max = 20
+[workload]
+rate-per-region = 50
+keys = 50
+[[timeline]]
+at-ms = 1000
+action = "kill"
+region = "b"
+[[timeline]]
+at-ms = 2000
+action = "leave"
+region = "b"
+[expect]
+converged-within-ms = 10000
+no-lost-writes = true
+"#,
+    )
+    .unwrap();
+    let json = work.path().join("r.json");
+    let base = free_base_port(3).to_string();
+    let dir = work.path().join("d");
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let membership = checker(&report, "membership");
+    assert_eq!(membership["passed"], true, "{membership}");
+    assert!(
+        membership["detail"]
+            .as_str()
+            .unwrap()
+            .contains("b leave at"),
+        "{membership}"
+    );
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("leave b at") && warnings.contains("it leaves once it runs again"),
+        "{warnings}"
+    );
+    let file = ClusterFile::load(&dir.join("cluster")).expect("cluster.json");
+    assert_eq!(
+        file.regions.iter().find(|r| r.name == "b").unwrap().pid,
+        None
+    );
+    for region in &file.regions {
+        if let Some(pid) = region.pid {
+            assert!(
+                !braid_tests::running(pid),
+                "region {} still runs",
+                region.name
+            );
+        }
+    }
+}

@@ -178,6 +178,8 @@ struct Region {
     counters: Arc<WriterCounters>,
     /// How many times the drill killed it.
     kills: u64,
+    /// A leave came while it was down: it leaves once it runs again, as in the simulator.
+    leave_deferred: bool,
 }
 
 /// The network faults in force, from which each node's `POST /faults` body is derived.
@@ -875,10 +877,30 @@ impl Drill<'_> {
         }
         let region = &self.regions[i];
         if !*region.up.borrow() {
-            return Err(DrillError::Cluster(format!(
-                "leave of region {}: it is down, and only a running region leaves",
-                region.name
-            )));
+            // Leaving is the region's own work (it drains, then removes itself).
+            self.warnings.push(format!(
+                "leave {} at {} ms: the region is down; it leaves once it runs again",
+                region.name,
+                self.elapsed_ms()
+            ));
+            self.regions[i].leave_deferred = true;
+            return Ok(());
+        }
+        // A node just restarted serves before its control plane has read its state, and
+        // refuses a leave until then.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let status = get_json::<Status>(region.http, "/status").await;
+            if status.is_ok_and(|s| !s.control.members.is_empty()) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(DrillError::Cluster(format!(
+                    "region {}: its control plane showed no members within {START_TIMEOUT:?}",
+                    region.name
+                )));
+            }
+            tokio::time::sleep(MEMBERSHIP_POLL).await;
         }
         crate::admin_client::post_json(region.http, "/leave", "{}", Duration::from_secs(15))
             .await
@@ -1162,6 +1184,9 @@ impl Drill<'_> {
         let target = lock(&self.shared).frontier(&self.up());
         let watch = self.watch(label, target, None, restarted);
         self.convergence_watches.push(watch);
+        if std::mem::take(&mut self.regions[i].leave_deferred) {
+            self.begin_leave(i).await?;
+        }
         Ok(())
     }
 
@@ -1180,8 +1205,18 @@ impl Drill<'_> {
 
     /// Why a kill of region `i` does nothing, if it does: it is down.
     fn kill_skipped(&self, i: usize) -> Option<String> {
-        let down = !*self.regions[i].up.borrow();
-        down.then(|| format!("region {} is down already", self.names[i]))
+        let name = &self.names[i];
+        match self.regions[i].phase {
+            Phase::Outside | Phase::Left => {
+                Some(format!("region {name} is not a member of the mesh"))
+            }
+            Phase::Joining => Some(format!(
+                "region {name} is still joining (its data snapshot would be cut short)"
+            )),
+            Phase::Member | Phase::Leaving => {
+                (!*self.regions[i].up.borrow()).then(|| format!("region {name} is down already"))
+            }
+        }
     }
 
     /// Why a restart of region `i` does nothing, if it does: it runs, or is no member.
@@ -1196,12 +1231,15 @@ impl Drill<'_> {
 
     /// Why a leave of region `i` does nothing, if it does: it is no member, or leaving.
     fn leave_skipped(&self, i: usize) -> Option<String> {
-        (self.regions[i].phase != Phase::Member).then(|| {
-            format!(
-                "region {} is not a member of the mesh (or leaving already)",
-                self.names[i]
-            )
-        })
+        let name = &self.names[i];
+        if self.regions[i].phase != Phase::Member {
+            return Some(format!(
+                "region {name} is not a member of the mesh (or leaving already)"
+            ));
+        }
+        self.regions[i]
+            .leave_deferred
+            .then(|| format!("region {name} leaves already once it runs again"))
     }
 
     async fn perform(&mut self, action: &Action) -> Result<(), DrillError> {
@@ -1524,6 +1562,7 @@ pub async fn run(
             change_since: None,
             counters: Arc::new(WriterCounters::default()),
             kills: 0,
+            leave_deferred: false,
         });
     }
     let shared: Shared = Arc::new(Mutex::new(Observed::new(n)));
@@ -1671,6 +1710,11 @@ pub async fn run(
                     progress(Progress::Fault(label));
                     if stale.is_none() {
                         drill.restart(i).await?;
+                        // A leave deferred while it was down has begun.
+                        if drill.regions[i].phase == Phase::Leaving {
+                            let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
+                            timeline.push(next, Step::Membership(i));
+                        }
                     }
                 }
                 Step::Fault(i) => {
@@ -1678,9 +1722,10 @@ pub async fn run(
                     let mut label = action_name(action);
                     // A fault that finds nothing to do says so, in the warnings and its mark.
                     if let Some(why) = drill.skipped(action) {
+                        // At the drill's time, as the marks and the other warnings give it.
                         drill.warnings.push(format!(
                             "{label} at {} ms: skipped, {why}",
-                            scenario.timeline[i].at_ms
+                            drill.elapsed_ms()
                         ));
                         label += " (skipped)";
                     }
@@ -1719,7 +1764,17 @@ pub async fn run(
                         }
                     } else {
                         drill.perform(action).await?;
-                        if let Action::Join { region } | Action::Leave { region } = action {
+                        let polled = match action {
+                            Action::Join { region } | Action::Leave { region } => Some(region),
+                            // A restart begins a leave deferred while the region was down.
+                            Action::Restart { region }
+                                if drill.regions[drill.index(region)].phase == Phase::Leaving =>
+                            {
+                                Some(region)
+                            }
+                            _ => None,
+                        };
+                        if let Some(region) = polled {
                             let i = drill.index(region);
                             let next = drill.elapsed_ms() + MEMBERSHIP_POLL.as_millis() as u64;
                             timeline.push(next, Step::Membership(i));
