@@ -113,6 +113,15 @@ pub enum StorageError {
         /// The format found.
         found: u32,
     },
+    /// The directory holds a RocksDB database that no braid format describes.
+    #[error(
+        "the data directory holds a database that is not a braid data directory (column \
+         families: {families}; no format version): check `data-dir` in the configuration"
+    )]
+    Foreign {
+        /// Its column families.
+        families: String,
+    },
     /// The data directory belongs to another cluster or region.
     #[error(
         "this data directory belongs to {found}, not to this node ({expected}): check \
@@ -328,31 +337,34 @@ fn check_format_bytes(bytes: &[u8]) -> Result<(), StorageError> {
     }
 }
 
-/// Refuses a database of another format before the read-write open, which would create the
-/// column families this format has and that one lacks: the version that wrote it could then
-/// not open it again (a read-write open must name every column family), though the refusal
-/// tells the operator to run that version.
+/// Refuses a database of another format, or one that is not a braid data directory, before the
+/// read-write open, which would create the column families this format has and that one lacks:
+/// the program that wrote it could then not open it again (a read-write open must name every
+/// column family), though the refusal tells the operator to run that version.
 fn check_format_before_open(dir: &Path) -> Result<(), StorageError> {
     // No database yet (or none RocksDB can list: the open says why).
     let Ok(existing) = DB::list_cf(&Options::default(), dir) else {
         return Ok(());
     };
     let ours = [CF_DATA, CF_LOG, CF_META, CF_TOMBSTONES];
-    let has = |name: &str| existing.iter().any(|e| e == name);
-    if ours.iter().all(|name| has(name)) || !has(CF_META) {
-        // Every family there (the open checks the format), or no format to read.
+    let known = |name: &String| name == "default" || ours.contains(&name.as_str());
+    let laid_out = |name: &&str| existing.iter().any(|e| e == name);
+    if existing.iter().all(known) && (ours.iter().all(laid_out) || !laid_out(&CF_META)) {
+        // This format's layout (the open checks the version), or a database with none of it
+        // yet (created, and stopped before its families were).
         return Ok(());
     }
+    let foreign = || StorageError::Foreign {
+        families: existing.join(", "),
+    };
     let families = existing
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, families, false)?;
-    let meta = db
-        .cf_handle(CF_META)
-        .ok_or(StorageError::MissingColumnFamily(CF_META))?;
+    let meta = db.cf_handle(CF_META).ok_or_else(foreign)?;
     match db.get_cf(meta, META_FORMAT)? {
         Some(bytes) => check_format_bytes(&bytes),
-        None => Ok(()),
+        None => Err(foreign()),
     }
 }
 
@@ -385,6 +397,7 @@ impl RocksStorage {
     /// Opens the database in `dir` read-only, beside a node that may be running on it (for
     /// checks such as `braid drill`'s): a consistent view as of the moment it opens.
     pub fn open_read_only(dir: &Path) -> Result<RocksStorage, StorageError> {
+        check_format_before_open(dir)?;
         let families = [
             ColumnFamilyDescriptor::new(CF_DATA, data_options()),
             ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
@@ -872,6 +885,54 @@ mod tests {
             "nothing created"
         );
     }
+    #[test]
+    fn a_database_no_format_describes_is_refused_and_left_as_it_was() {
+        let lay_out = |dir: &Path, families: &[&str], format: Option<u32>| {
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let db = DB::open_cf(&options, dir, families).unwrap();
+            let meta = db.cf_handle(CF_META).unwrap();
+            db.put_cf(meta, b"vote", b"1").unwrap();
+            if let Some(format) = format {
+                db.put_cf(meta, META_FORMAT, encode(&format, "format").unwrap())
+                    .unwrap();
+            }
+        };
+        let families = |dir: &Path| {
+            let mut families = DB::list_cf(&Options::default(), dir).unwrap();
+            families.sort();
+            families
+        };
+        // The control plane's database (a log and a meta family, no format): data-dir pointed
+        // at <data-dir>/control.
+        let control = tempfile::tempdir().unwrap();
+        lay_out(control.path(), &[CF_LOG, CF_META], None);
+        for open in [
+            RocksStorage::open(control.path(), Durability::Process).map(drop),
+            RocksStorage::open_read_only(control.path()).map(drop),
+        ] {
+            let err = open.unwrap_err();
+            assert!(matches!(err, StorageError::Foreign { .. }), "{err}");
+            assert!(err.to_string().contains("data-dir"), "{err}");
+        }
+        assert_eq!(families(control.path()), ["default", "log", "meta"]);
+        // A later format, with a family this one does not know: its version is what is told.
+        let later = tempfile::tempdir().unwrap();
+        let mut all = vec![CF_DATA, CF_LOG, CF_META, CF_TOMBSTONES, "extra"];
+        lay_out(later.path(), &all, Some(3));
+        let err = RocksStorage::open(later.path(), Durability::Process).unwrap_err();
+        assert!(matches!(err, StorageError::Format { found: 3 }), "{err}");
+        all.push("default");
+        all.sort();
+        assert_eq!(families(later.path()), all);
+        // An older format, read only: its version too.
+        let older = tempfile::tempdir().unwrap();
+        lay_out(older.path(), &[CF_DATA, CF_LOG, CF_META], Some(1));
+        let err = RocksStorage::open_read_only(older.path()).unwrap_err();
+        assert!(matches!(err, StorageError::Format { found: 1 }), "{err}");
+    }
+
     #[test]
     fn a_view_sees_the_commits_before_it_and_none_after() {
         let dir = tempfile::tempdir().unwrap();
