@@ -9,8 +9,11 @@
 //!     (idempotent)      ◄──── SnapshotChunk ── pipeline; QUIC flow control paces it)
 //!     join the parts    ◄── SnapshotKeyPart* ── a key too large for a frame, in parts
 //!     finish: vector,   ◄──── SnapshotEnd ──── key count, checked
-//!     HLC, trimmed (synced)
+//!     HLC, trimmed
 //! ```
+//!
+//! A joining node syncs the finish (and only then clears its pending-snapshot marker); a running
+//! node's resync commits it at the node's durability, like any other commit.
 //!
 //! The fetcher then subscribes from the snapshot's vector like any region that restarts.
 //! Merging (each key state's own join) rather than overwriting makes a retried or repeated

@@ -100,6 +100,11 @@ fn synced() -> WriteOptions {
 #[error("column family {0} is missing")]
 struct MissingFamily(&'static str);
 
+/// A key of the log family that is no entry index: corruption, or a database of something else.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt Raft log: a key of {0} bytes, not an 8-byte entry index")]
+struct CorruptKey(usize);
+
 /// Files the control database keeps open at most (it is small: its log is purged behind
 /// snapshots). Counted in [`crate::resp::FILE_DESCRIPTORS_RESERVED`].
 pub const CONTROL_OPEN_FILES_MAX: i32 = 64;
@@ -175,7 +180,7 @@ impl SnapshotVault for RocksRaftLog {
 fn index_of(key: &[u8]) -> Result<u64, StorageError<NodeId>> {
     let bytes: [u8; 8] = key
         .try_into()
-        .map_err(|_| read_err(MissingFamily("log (a key is not 8 bytes)")))?;
+        .map_err(|_| read_err(CorruptKey(key.len())))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -411,5 +416,25 @@ mod tests {
             let state = log.clone().get_log_state().await.unwrap();
             assert_eq!(state.last_purged_log_id, Some(log_id(2)));
         });
+    }
+
+    #[test]
+    fn a_corrupt_log_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_six_entries(dir.path());
+        log.db
+            .put_cf(log.cf(CF_LOG).unwrap(), b"abc", b"x")
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = runtime
+            .block_on(log.clone().try_get_log_entries(0..100))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a key of 3 bytes") && !err.contains("missing"),
+            "{err}"
+        );
     }
 }
