@@ -542,6 +542,10 @@ fn body<T>(request: JsonBody<T>) -> Result<T, Refusal> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             rejection.body_text(),
         )),
+        // Too large (413), or cut short: the body's own status.
+        Err(rejection @ JsonRejection::BytesRejection(_)) => {
+            Err(Refusal(rejection.status(), rejection.body_text()))
+        }
         Err(rejection) => Err(Refusal(StatusCode::BAD_REQUEST, rejection.body_text())),
     }
 }

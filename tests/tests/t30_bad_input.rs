@@ -588,6 +588,32 @@ fn t39_admin_posts_a_web_page_could_send_or_that_are_malformed_are_refused_first
     // Fault injection is off: 403, whatever the body.
     let reply = raw_http(http, "POST", "/faults", json, "not json");
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // A body past the 2 MiB an admin request may have: too large, not malformed.
+    let mut stream = TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let body = format!(r#"{{"links": [["{}", "b"]]}}"#, "a".repeat(3 << 20));
+    let request = format!(
+        "POST /topology HTTP/1.1\r\nHost: {http}\r\nContent-Type: {json}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The node may answer and close before it has read the rest.
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let _ = writer.write_all(request.as_bytes());
+    });
+    let mut reply = [0u8; 12];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        &reply,
+        b"HTTP/1.1 413",
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    drop(stream);
+    writing.join().unwrap();
     // The region never began to leave: it takes writes.
     still_serving(&mut cluster, "after-admin-refusals");
 }
