@@ -70,6 +70,10 @@ pub struct Status {
     pub conflicts_resolved: u64,
     /// Events held ahead of a gap.
     pub held_events: usize,
+    /// Events dropped since start because the hold buffer was full (fetched again once the
+    /// gap before them is filled: a count that keeps growing means a region far behind).
+    #[serde(default)]
+    pub held_dropped: u64,
     /// Events in the change log (every applied event not yet garbage-collected).
     pub change_log_events: u64,
     /// Per origin region, what the change log was garbage-collected through.
@@ -156,6 +160,10 @@ pub struct PeerStatus {
     /// Frames to the peer dropped by an injected fault (drills only).
     #[serde(default)]
     pub frames_dropped: u64,
+    /// Streams from or to it refused since start (a bad handshake or frame, another cluster):
+    /// a peer that keeps being refused replicates nothing.
+    #[serde(default)]
+    pub streams_refused: u64,
 }
 
 /// `GET /lag`: every replication-lag histogram of a node, so tools can merge and subtract them.
@@ -248,6 +256,7 @@ impl AdminState {
                 bytes_received: traffic.map_or(0, |t| t.bytes_received.load(Ordering::Relaxed)),
                 batches_sent: counters.batches_sent,
                 frames_dropped: traffic.map_or(0, |t| t.frames_dropped.load(Ordering::Relaxed)),
+                streams_refused: traffic.map_or(0, |t| t.streams_refused.load(Ordering::Relaxed)),
             });
         }
         Status {
@@ -259,6 +268,7 @@ impl AdminState {
             writes: snapshot.stats.writes,
             conflicts_resolved: snapshot.stats.conflicts_lww,
             held_events: snapshot.held_events,
+            held_dropped: snapshot.stats.held_dropped,
             change_log_events: snapshot.log_events,
             change_log_trimmed: named(&snapshot.trimmed),
             change_log_events_trimmed: snapshot.stats.log_events_trimmed,
@@ -310,7 +320,7 @@ impl AdminState {
             status.writes
         );
         type Counter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
-        let peer_counters: [Counter; 7] = [
+        let peer_counters: [Counter; 8] = [
             ("braid_events_sent_total", "Events sent to a peer.", |p| {
                 p.events_sent
             }),
@@ -341,6 +351,11 @@ impl AdminState {
                 "braid_bytes_received_total",
                 "Bytes received from a peer.",
                 |p| p.bytes_received,
+            ),
+            (
+                "braid_streams_refused_total",
+                "Streams from or to a peer refused: a bad handshake or frame, another cluster.",
+                |p| p.streams_refused,
             ),
         ];
         for (name, help, value) in peer_counters {
@@ -393,6 +408,7 @@ impl AdminState {
         }
         let _ = writeln!(out, "# HELP braid_change_log_events Events in the change log.\n# TYPE braid_change_log_events gauge\nbraid_change_log_events{{region=\"{region}\"}} {}", status.change_log_events);
         let _ = writeln!(out, "# HELP braid_change_log_events_trimmed_total Change-log events deleted: below the stable frontier, or by the retention bounds.\n# TYPE braid_change_log_events_trimmed_total counter\nbraid_change_log_events_trimmed_total{{region=\"{region}\"}} {}", status.change_log_events_trimmed);
+        let _ = writeln!(out, "# HELP braid_events_held_dropped_total Events dropped because the hold buffer for events ahead of a gap was full.\n# TYPE braid_events_held_dropped_total counter\nbraid_events_held_dropped_total{{region=\"{region}\"}} {}", status.held_dropped);
         let _ = writeln!(out, "# HELP braid_tombstones_collected_total Keys whose tombstones were dropped at the stable HLC.\n# TYPE braid_tombstones_collected_total counter\nbraid_tombstones_collected_total{{region=\"{region}\"}} {}", status.tombstones_collected);
         let _ = writeln!(out, "# HELP braid_up 1: the node answers.\n# TYPE braid_up gauge\nbraid_up{{region=\"{region}\"}} 1");
         let _ = writeln!(out, "# HELP braid_scrape_time_seconds Seconds since the Unix epoch at scrape time, by the node's clock.\n# TYPE braid_scrape_time_seconds gauge\nbraid_scrape_time_seconds{{region=\"{region}\"}} {:.3}", now_ms() as f64 / 1000.0);

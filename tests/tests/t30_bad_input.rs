@@ -202,6 +202,22 @@ fn t31_oversized_and_garbage_frames_from_a_real_peer_get_errors() {
     refused(|h| h.protocol_version += 1, ErrorCode::UnsupportedVersion);
     refused(|h| h.cluster_id.0[0] ^= 1, ErrorCode::WrongCluster);
     refused(|h| h.node_id = NodeId(2), ErrorCode::UnknownPeer);
+    // Each refusal is counted against the peer, in /status and /metrics.
+    let status = cluster.node("a").status();
+    let c = status.peers.iter().find(|p| p.region == "c").unwrap();
+    assert!(c.streams_refused >= 5, "{c:?}");
+    let metrics = braid_tests::http_get(cluster.node("a").http, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "braid_streams_refused_total{{region=\"a\",peer=\"c\"}} {}",
+            c.streams_refused
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("braid_events_held_dropped_total{region=\"a\"} 0"),
+        "{metrics}"
+    );
     still_serving(&mut cluster, "after-bad-frames");
 }
 
