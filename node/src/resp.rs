@@ -33,7 +33,8 @@ pub const RESP_ARGS_MAX: usize = 1024 * 1024;
 pub const RESP_BULK_BYTES_MAX: usize = VALUE_BYTES_MAX;
 /// Longest inline command line.
 pub const RESP_INLINE_BYTES_MAX: usize = 64 * 1024;
-/// Most bytes a connection may have buffered and not yet parsed: one full command.
+/// Most bytes one command may have (a command of two of the largest values, and room for its
+/// keys), and so a connection may have buffered and not yet parsed.
 pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
 /// Replies are written out as soon as this many bytes are waiting, so a long pipeline does not
 /// buffer all its replies.
@@ -159,6 +160,11 @@ pub fn check_command(buf: &[u8], progress: &mut Progress) -> Result<Option<usize
             return protocol("invalid bulk length");
         }
         let stop = end + 2 + len as usize;
+        // However the bytes arrive (one read may complete what another would have left
+        // waiting), a command is whole within the bound or refused.
+        if stop + 2 > RESP_BUFFER_BYTES_MAX {
+            return protocol("request too large");
+        }
         if buf.len() < stop + 2 {
             return Ok(None);
         }
@@ -1134,6 +1140,30 @@ mod tests {
             Ok(Some(6))
         );
         assert!(check_command(b"*1\r\n$-5\r\n", &mut Progress::default()).is_err());
+        // A command past the bound is refused from its lengths, before its bytes arrive.
+        let mset = |count: usize| {
+            let mut command = format!("*{count}\r\n$4\r\nMSET\r\n").into_bytes();
+            for key in [b"x", b"y"] {
+                command.extend_from_slice(b"$1\r\n");
+                command.extend_from_slice(key);
+                command.extend_from_slice(format!("\r\n${RESP_BULK_BYTES_MAX}\r\n").as_bytes());
+                command.extend(std::iter::repeat_n(b'v', RESP_BULK_BYTES_MAX));
+                command.extend_from_slice(b"\r\n");
+            }
+            command
+        };
+        let two = mset(5);
+        assert_eq!(
+            check_command(&two, &mut Progress::default()),
+            Ok(Some(two.len())),
+            "two of the largest values fit"
+        );
+        let mut three = mset(7);
+        three.extend_from_slice(format!("$1\r\nz\r\n${RESP_BULK_BYTES_MAX}\r\n").as_bytes());
+        assert_eq!(
+            check_command(&three, &mut Progress::default()),
+            Err(RespError::Protocol("request too large".into()))
+        );
         // A count line with no end in sight is refused, not searched again on every read.
         let mut count = b"*".to_vec();
         count.extend(b"1".repeat(RESP_COUNT_LINE_BYTES_MAX));

@@ -389,6 +389,53 @@ fn t35_a_buffer_of_tiny_commands_is_run_a_burst_at_a_time() {
     assert_eq!(value.len(), VALUE_BYTES);
 }
 
+/// The request and reply limits a client meets: a request past the buffer's bound is refused
+/// and the connection closed, having written nothing; a reply past its bound is an error.
+#[test]
+fn t35_a_request_or_a_reply_past_its_limit_is_refused() {
+    const MIB: usize = 1024 * 1024;
+    let mut cluster = Cluster::start(Layout::mesh(1));
+    let node = cluster.node("a");
+    // MSET of three 1 MiB values: 3 MiB, past the 2 MiB and 64 KiB a request may have.
+    let mut request = b"PING\r\n*7\r\n$4\r\nMSET\r\n".to_vec();
+    for key in ["x", "y", "z"] {
+        request.extend_from_slice(format!("$1\r\n{key}\r\n${MIB}\r\n").as_bytes());
+        request.extend(std::iter::repeat_n(b'v', MIB));
+        request.extend_from_slice(b"\r\n");
+    }
+    let mut stream = TcpStream::connect(node.resp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // The node refuses before it has read it all, and closes.
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let _ = writer.write_all(&request);
+    });
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    writing.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "+PONG\r\n-ERR Protocol error: request too large\r\n"
+    );
+    let mut redis = node.redis();
+    let x: Option<Vec<u8>> = redis.get("x").unwrap();
+    assert_eq!(x, None, "a refused request writes nothing");
+    // 65 values of 1 MiB: one MGET of them all is past the 64 MiB a reply may have.
+    let keys: Vec<String> = (0..65).map(|i| format!("big{i}")).collect();
+    for key in &keys {
+        let _: () = redis.set(key, vec![b'v'; MIB]).unwrap();
+    }
+    let err = redis.mget::<_, Vec<Vec<u8>>>(&keys).unwrap_err();
+    assert!(
+        err.to_string().contains("reply larger than 67108864 bytes"),
+        "{err}"
+    );
+    let some: Vec<Vec<u8>> = redis.mget(&keys[..64]).unwrap();
+    assert_eq!(some.len(), 64);
+}
+
 #[test]
 fn t36_every_key_of_a_command_is_checked_and_a_refused_mset_writes_nothing() {
     let mut cluster = Cluster::start(Layout::mesh(2));
