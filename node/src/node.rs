@@ -183,15 +183,16 @@ async fn run_node(
             config.region
         )));
     }
-    // Before any marker is written: a directory of another cluster or region is left as it is.
-    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
-    storage.claim(Identity { cluster, node })?;
     if plan.is_some() {
-        // Before anything else: from here on this node never starts a group of its own.
+        // Before anything else: from here on this node never starts a group of its own. (`braid
+        // join` checked the directory is empty or this region's own.)
         set_marker(&joined, true)?;
         set_marker(&pending, true)?;
     }
     let initialize = !joined.exists();
+    let storage = RocksStorage::open(&config.data_dir, config.durability)?;
+    // A directory of another cluster or region is refused before anything is written to it.
+    storage.claim(Identity { cluster, node })?;
     // After a run in `process` durability (any run in the last boot, whatever this one's), a
     // machine restart (a power loss) may have taken the tail of the write-ahead log, this
     // node's own last writes with it, which the peers may hold.
@@ -237,20 +238,24 @@ async fn run_node(
     if config.fault_injection {
         warn!(%node, "fault injection is enabled: POST /faults can cut links and skew the clock");
     }
+    let invalid =
+        |reason: String| NodeError::Task(format!("{}: {reason}", crate::faults::FAULTS_ENV));
+    let mut peer_names: BTreeMap<NodeId, String> = config
+        .peers
+        .iter()
+        .map(|p| (NodeId(p.id), p.region.clone()))
+        .collect();
+    // Set before the first frame when the configuration names every region it names; a
+    // region that joined lists no peers, and its set waits for the committed members.
+    let mut faults_unset = None;
     if let Some(text) = std::env::var_os(crate::faults::FAULTS_ENV) {
-        let peer_names: BTreeMap<NodeId, String> = config
-            .peers
-            .iter()
-            .map(|p| (NodeId(p.id), p.region.clone()))
-            .collect();
-        let invalid =
-            |reason: String| NodeError::Task(format!("{}: {reason}", crate::faults::FAULTS_ENV));
         let set: crate::faults::FaultSet =
             serde_json::from_str(&text.to_string_lossy()).map_err(|e| invalid(e.to_string()))?;
-        faults
-            .set(&set, &peer_names)
-            .map_err(|e| invalid(e.to_string()))?;
-        warn!(%node, faults = ?set, "injected faults set at start");
+        match faults.set(&set, &peer_names) {
+            Ok(()) => warn!(%node, faults = ?set, "injected faults set at start"),
+            Err(crate::faults::FaultError::UnknownRegion(_)) => faults_unset = Some(set),
+            Err(err) => return Err(invalid(err.to_string())),
+        }
     }
     // The configuration's peers to begin with (a joining region: those it was told of); the
     // control plane keeps the directory equal to the committed members from then on.
@@ -298,6 +303,17 @@ async fn run_node(
     }
     // Set once, here, before the accept loop starts: nothing else sets it.
     let _ = mesh.control.set(control.raft().clone());
+    if let Some(set) = faults_unset {
+        for member in control.state().iter().flat_map(|s| s.members()) {
+            if member.id != node && member.state != MemberState::Removed {
+                peer_names.insert(member.id, member.region.clone());
+            }
+        }
+        faults
+            .set(&set, &peer_names)
+            .map_err(|e| invalid(e.to_string()))?;
+        warn!(%node, faults = ?set, "injected faults set at start, once the members were known");
+    }
     // The replica opens on the committed topology when the control plane holds one that names
     // this node: the configuration's links are only the cluster's first, and a region that
     // joined lists no peers at all. (A node that may have lost its own last writes must wait
