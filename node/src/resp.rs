@@ -33,8 +33,8 @@ pub const RESP_ARGS_MAX: usize = 1024 * 1024;
 pub const RESP_BULK_BYTES_MAX: usize = VALUE_BYTES_MAX;
 /// Longest inline command line.
 pub const RESP_INLINE_BYTES_MAX: usize = 64 * 1024;
-/// Most bytes one command may have (a command of two of the largest values, and room for its
-/// keys), and so a connection may have buffered and not yet parsed.
+/// Most bytes one command may have (two of the largest values, and 64 KiB for keys and
+/// headers), and so a connection may have buffered and not yet parsed.
 pub const RESP_BUFFER_BYTES_MAX: usize = RESP_BULK_BYTES_MAX * 2 + 64 * 1024;
 /// Replies are written out as soon as this many bytes are waiting, so a long pipeline does not
 /// buffer all its replies.
@@ -56,6 +56,8 @@ const RESP_COUNT_LINE_BYTES_MAX: usize = 32;
 pub const RESP_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 /// See [`RESP_KEEPALIVE_IDLE`].
 pub const RESP_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// See [`RESP_KEEPALIVE_IDLE`].
+pub const RESP_KEEPALIVE_PROBES: u32 = 9;
 /// What a client past `max-clients` is told before its connection is closed (Redis's text).
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// The largest single reply (an MGET of many large values): past it, an error instead.
@@ -460,7 +462,8 @@ fn configure(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
     socket.set_tcp_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(RESP_KEEPALIVE_IDLE)
-        .with_interval(RESP_KEEPALIVE_INTERVAL);
+        .with_interval(RESP_KEEPALIVE_INTERVAL)
+        .with_retries(RESP_KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)
 }
 
@@ -485,7 +488,13 @@ impl Connection {
         // Whether the buffer may hold whole commands the last burst left for the next.
         let mut buffered = false;
         loop {
-            if !buffered {
+            if buffered {
+                // Between bursts of one buffer, other tasks run, and a stopping node stops.
+                tokio::task::yield_now().await;
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            } else {
                 let read = tokio::select! {
                     biased;
                     _ = shutdown.changed() => return Ok(()),
@@ -1187,26 +1196,16 @@ mod tests {
         configure(socket2::SockRef::from(&server)).unwrap();
         assert!(socket.keepalive().unwrap());
         assert!(socket.tcp_nodelay().unwrap());
-        // TCP_KEEPIDLE and TCP_KEEPINTVL, as the kernel reports them.
-        let option = |name: libc::c_int| -> libc::c_int {
-            let mut value: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            #[allow(unsafe_code)]
-            // SAFETY: getsockopt writes at most `len` bytes into `value`, which has them.
-            let done = unsafe {
-                libc::getsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&server),
-                    libc::IPPROTO_TCP,
-                    name,
-                    (&mut value as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(done, 0);
-            value
-        };
-        assert_eq!(option(libc::TCP_KEEPIDLE), 300);
-        assert_eq!(option(libc::TCP_KEEPINTVL), 30);
+        // As the kernel reports them.
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), RESP_KEEPALIVE_IDLE);
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            RESP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().unwrap(),
+            RESP_KEEPALIVE_PROBES
+        );
     }
 
     #[test]
