@@ -250,6 +250,17 @@ fn t60_a_drill_tighter_than_reality_fails_with_the_evidence_and_a_nonzero_exit()
     );
     assert!(stderr.contains("FAILED: lag_p99"), "{stderr}");
     assert!(stdout.contains("verdict: FAIL"), "{stdout}");
+    // The temporary directory of a failed drill is kept, with each region's log.
+    let kept = stderr
+        .split("its cluster's directory is kept in ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or_else(|| panic!("no kept directory said: {stderr}"));
+    let kept = std::path::PathBuf::from(kept.trim());
+    let log = kept.join("cluster").join("a").join("braid.log");
+    let logged = log.exists();
+    let _ = std::fs::remove_dir_all(&kept);
+    assert!(logged, "{} kept", log.display());
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["passed"], false);
     let lag = checker(&report, "lag_p99");
@@ -622,7 +633,7 @@ at-ms = 2000
 action = "leave"
 region = "b"
 [expect]
-converged-within-ms = 10000
+converged-within-ms = 30000
 no-lost-writes = true
 "#,
     )
@@ -671,4 +682,70 @@ no-lost-writes = true
             );
         }
     }
+}
+
+/// A region that joined lists no peers in its configuration: restarted with the faults in
+/// force (the scenario's link latency names every peer), it sets them once its members are
+/// known instead of refusing them and exiting.
+#[test]
+fn t60_a_region_that_joined_restarts_with_the_faults_in_force() {
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("join-restart.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "join-restart"
+regions = ["a", "b", "c"]
+duration-ms = 9000
+[network]
+latency-ms-min = 5
+latency-ms-max = 20
+[workload]
+rate-per-region = 50
+keys = 50
+[[timeline]]
+at-ms = 1000
+action = "join"
+region = "c"
+[[timeline]]
+at-ms = 6000
+action = "kill"
+region = "c"
+[[timeline]]
+at-ms = 7000
+action = "restart"
+region = "c"
+[expect]
+converged-within-ms = 30000
+no-lost-writes = true
+"#,
+    )
+    .unwrap();
+    let json = work.path().join("r.json");
+    let base = free_base_port(3).to_string();
+    let dir = work.path().join("d");
+    let out = braid(&[
+        "drill",
+        scenario.to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("failure: kill c") && !stdout.contains("(skipped)"),
+        "{stdout}"
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(checker(&report, "membership")["passed"], true);
+    let log = std::fs::read_to_string(dir.join("cluster").join("c").join("braid.log")).unwrap();
+    assert!(
+        log.contains("once the members were known"),
+        "the restarted c set its faults late: {log}"
+    );
+    processes_gone(&dir.join("cluster"));
 }

@@ -454,6 +454,16 @@ impl WorkDir {
             .map_err(|e| BenchError::Io(path.display().to_string(), e))?;
         Ok(WorkDir { path, remove })
     }
+
+    /// Whether the directory is removed when this is dropped (a temporary one).
+    pub(crate) fn removed(&self) -> bool {
+        self.remove
+    }
+
+    /// Keeps a temporary directory after all.
+    pub(crate) fn keep(&mut self) {
+        self.remove = false;
+    }
 }
 
 impl Drop for WorkDir {

@@ -1472,13 +1472,34 @@ pub async fn run(
     if options.attach.is_none() {
         check_supported(scenario, options.durability, true, false)?;
     }
-    let work = match options.attach {
+    let mut work = match options.attach {
         None => Some(
             WorkDir::new(options.dir.as_deref(), "braid-drill")
                 .map_err(|e| DrillError::Cluster(e.to_string()))?,
         ),
         Some(_) => None,
     };
+    let outcome = run_in(options, progress, work.as_ref()).await;
+    // A temporary directory goes with a drill that passed; one that failed leaves its
+    // evidence (each region's configuration, data and braid.log, which its errors name).
+    let failed = outcome.as_ref().map_or(true, |report| !report.passed);
+    if let Some(work) = work.as_mut().filter(|w| failed && w.removed()) {
+        work.keep();
+        progress(Progress::Phase(format!(
+            "the drill failed: its cluster's directory is kept in {}",
+            work.path.display()
+        )));
+    }
+    outcome
+}
+
+/// [`run`], in `work` (none for an attached cluster).
+async fn run_in(
+    options: &DrillOptions,
+    progress: &mut dyn FnMut(Progress),
+    work: Option<&WorkDir>,
+) -> Result<DrillReport, DrillError> {
+    let scenario = &options.scenario;
     progress(Progress::Phase(match &options.attach {
         Some(dir) => format!("attaching to the cluster in {}", dir.display()),
         None => format!(
@@ -1488,7 +1509,7 @@ pub async fn run(
             options.durability.name()
         ),
     }));
-    let (file, cluster_dir, children) = cluster_for(options, work.as_ref()).await?;
+    let (file, cluster_dir, children) = cluster_for(options, work).await?;
     let attached = children.is_none();
     let mut https = Vec::new();
     let mut resps = Vec::new();
@@ -1504,7 +1525,17 @@ pub async fn run(
     let first: Status = get_json(https[0], "/status")
         .await
         .map_err(DrillError::Cluster)?;
-    let durability = if first.durability == "machine" {
+    // An attached cluster's regions each have their own configuration: a power loss is
+    // emulated only where every region syncs (one that does not answer counts as one that
+    // does not).
+    let mut machine = first.durability == "machine";
+    if attached {
+        for addr in &https[1..] {
+            let status = get_json::<Status>(*addr, "/status").await;
+            machine &= status.is_ok_and(|s| s.durability == "machine");
+        }
+    }
+    let durability = if machine {
         Durability::Machine
     } else {
         Durability::Process
@@ -1514,7 +1545,23 @@ pub async fn run(
         .is_ok();
     let warnings = check_supported(scenario, durability, faults_available, attached)?;
     if attached {
-        check_attached_links(scenario, &first.control.links)?;
+        // A cluster just started shows its links once its control plane has its state.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut control = first.control.clone();
+        while control.members.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(DrillError::Cluster(format!(
+                    "region {}: its control plane showed no members within {START_TIMEOUT:?}",
+                    file.regions[0].name
+                )));
+            }
+            tokio::time::sleep(MEMBERSHIP_POLL).await;
+            let status: Status = get_json(https[0], "/status")
+                .await
+                .map_err(DrillError::Cluster)?;
+            control = status.control;
+        }
+        check_attached_links(scenario, &control.links)?;
         // A kill finds the region's process through cluster.json: a cluster started with
         // `braid start` by hand records none, and the kill would end the drill midway.
         let kills = scenario.timeline.iter().find(|f| {
@@ -1722,10 +1769,10 @@ pub async fn run(
                     let mut label = action_name(action);
                     // A fault that finds nothing to do says so, in the warnings and its mark.
                     if let Some(why) = drill.skipped(action) {
-                        // At the drill's time, as the marks and the other warnings give it.
+                        // At the scenario's time: the fault as its file names it.
                         drill.warnings.push(format!(
                             "{label} at {} ms: skipped, {why}",
-                            drill.elapsed_ms()
+                            scenario.timeline[i].at_ms
                         ));
                         label += " (skipped)";
                     }
@@ -1866,7 +1913,6 @@ pub async fn run(
             }
         }
     }
-    drop(work);
     outcome
 }
 
