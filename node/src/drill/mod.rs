@@ -1636,10 +1636,10 @@ async fn run_in(
         convergence_watches: Vec::new(),
         memberships: Vec::new(),
     };
-    drill.push_faults().await?;
 
     // Each region's own last sequence number before the drill writes: its client's events
-    // follow it.
+    // follow it. Read before any fault is set: a read that fails leaves an attached cluster
+    // as it was.
     // Counters and lag count from these readings (an attached cluster has a history).
     let mut bases = Vec::new();
     for (i, addr) in https.iter().enumerate() {
@@ -1654,6 +1654,7 @@ async fn run_in(
         bases.push(status.vector.get(&drill.names[i]).copied().unwrap_or(0));
         lock(&shared).baseline(i, &status, lag);
     }
+    drill.push_faults().await?;
     // Observer and writers.
     let (stop_tx, stop_rx) = watch::channel(false);
     let observer = tokio::spawn(observe(
