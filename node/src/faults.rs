@@ -69,7 +69,8 @@ pub enum FaultError {
     /// The node's configuration does not allow fault injection.
     #[error(
         "fault injection is off on this node: it needs `fault-injection = true` in its \
-         configuration (loopback clusters only, e.g. `braid cluster up --fault-injection`)"
+         configuration (loopback clusters only; `braid cluster up --fault-injection` makes a \
+         cluster with it)"
     )]
     Disabled,
     /// A region name that is not a peer of this node.

@@ -294,11 +294,12 @@ struct DrillArgs {
     #[arg(value_name = "SCENARIO")]
     scenario: PathBuf,
     /// Working directory for the started cluster (kept afterwards; default: a temporary
-    /// directory, removed).
+    /// directory, removed, or kept and named when the drill fails).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Attach to the running cluster in DIR (its cluster.json) instead of starting one; its
-    /// regions must be the scenario's, and partitions, slow links and clock skew need it started
+    /// regions and links must be the scenario's, it must keep its change logs (started with
+    /// --keep-change-log), and partitions, flaps, slow links and clock skew need it started
     /// with --fault-injection.
     #[arg(long, value_name = "DIR", conflicts_with = "dir")]
     attach: Option<PathBuf>,
@@ -345,7 +346,8 @@ enum ClusterCommand {
         #[command(flatten)]
         layout: Layout,
     },
-    /// Stop a cluster started with --detach.
+    /// Stop the regions of the cluster in DIR that run: started with --detach, or by hand (as
+    /// `braid join` runs one).
     Down {
         /// The cluster's directory.
         #[arg(long, value_name = "DIR", default_value = "braid-cluster")]
@@ -1206,13 +1208,18 @@ async fn drill(args: DrillArgs) -> Result<()> {
     check_output(args.json.as_deref(), "--json")?;
     check_output(args.html.as_deref(), "--html")?;
     let mut signals = Signals::new()?;
+    let interrupted = match &options.attach {
+        Some(dir) => format!(
+            "interrupted: the attached cluster may still have faults set and regions down (POST \
+             {{}} to each node's /faults, or `braid cluster down --dir {0}` and `braid cluster up \
+             --dir {0}`)",
+            dir.display()
+        ),
+        None => "interrupted; every process the drill started has been stopped".into(),
+    };
     let report = tokio::select! {
         report = drill::run(&options, &mut progress) => report?,
-        _ = signals.recv() => bail!(
-            "interrupted; every process the drill started has been stopped (an attached cluster \
-             may still have faults set and regions down: POST {{}} to each node's /faults, or \
-             `braid cluster down` and up again)"
-        ),
+        _ = signals.recv() => bail!("{interrupted}"),
     };
     println!("{}", report.table());
     // Each report is written even if the other cannot be; the verdict comes first.

@@ -492,7 +492,7 @@ fn spawn_resync(
             let mut chunks = 0u64;
             let progress = |p: &FetchProgress| {
                 chunks += 1;
-                if chunks % RESYNC_LOG_CHUNKS == 0 {
+                if chunks.is_multiple_of(RESYNC_LOG_CHUNKS) {
                     info!(%peer, keys = p.keys, keys_estimate = p.keys_estimate, "resynchronising");
                 }
             };

@@ -785,7 +785,7 @@ impl Connection {
                 Ok(Some(Value::Set(members))) => Reply::Integer(members.len() as i64),
                 Ok(_) => Reply::Integer(0),
             }),
-            "hset" if argc >= 4 && argc % 2 == 0 => {
+            "hset" if argc >= 4 && argc.is_multiple_of(2) => {
                 let pairs = args[2..]
                     .chunks(2)
                     .map(|fv| (fv[0].clone(), fv[1].clone()))
@@ -796,7 +796,7 @@ impl Connection {
                     WriteReply::Integer,
                 ))
             }
-            "hmset" if argc >= 4 && argc % 2 == 0 => {
+            "hmset" if argc >= 4 && argc.is_multiple_of(2) => {
                 let pairs = args[2..]
                     .chunks(2)
                     .map(|fv| (fv[0].clone(), fv[1].clone()))

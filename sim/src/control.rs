@@ -175,7 +175,7 @@ impl RaftStateMachine<ControlConfig> for ObservedMachine {
             for entry in &mut entries {
                 if let (EntryPayload::Normal(_), Some(every)) = (&entry.payload, self.drop_every) {
                     self.commands += 1;
-                    if self.commands % every == 0 {
+                    if self.commands.is_multiple_of(every) {
                         // The injected bug: acknowledged as applied, but it never was.
                         entry.payload = EntryPayload::Blank;
                         continue;

@@ -248,7 +248,7 @@ impl Storage for SimStorage {
 
     fn commit(&mut self, mut commit: Commit) -> Result<(), Infallible> {
         self.commits += 1;
-        let faulty = self.commits % 50 == 0;
+        let faulty = self.commits.is_multiple_of(50);
         match self.bug {
             Some(InjectedBug::LoseWrite) if faulty && !commit.keys.is_empty() => {
                 self.watch(&commit);

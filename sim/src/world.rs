@@ -663,7 +663,7 @@ impl<'a> World<'a> {
                 break;
             }
             steps += 1;
-            if steps % WATCHDOG_STEPS == 0 && started.elapsed().as_millis() > WALL_MS_MAX {
+            if steps.is_multiple_of(WATCHDOG_STEPS) && started.elapsed().as_millis() > WALL_MS_MAX {
                 timed_out = true;
                 break;
             }

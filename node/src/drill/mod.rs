@@ -468,7 +468,7 @@ async fn observe(
             if let Ok(status) = get_json::<Status>(*addr, "/status").await {
                 lock(&shared).record_status(i, status);
             }
-            if polls % LAG_EVERY_POLLS == 0 {
+            if polls.is_multiple_of(LAG_EVERY_POLLS) {
                 if let Ok(lag) = get_json::<LagHistograms>(*addr, "/lag").await {
                     let t_ms = start.elapsed().as_millis() as u64;
                     lock(&shared).record_lag(i, lag, t_ms);
@@ -567,7 +567,10 @@ fn check_supported(
                     fault.at_ms,
                     durability.name(),
                     match attached {
-                        true => "Start the cluster with `braid cluster up --durability machine`",
+                        true =>
+                            "Start a cluster in machine durability (`braid cluster up --dir \
+                                 NEW_DIR --durability machine`: a cluster's layout is fixed when \
+                                 it is made)",
                         false => "Run with --durability machine",
                     }
                 )));
@@ -581,7 +584,9 @@ fn check_supported(
             other if !faults_available => {
                 return Err(DrillError::Unsupported(format!(
                     "{} at {} ms needs fault injection, which the attached cluster's nodes do \
-                     not have: start it with `braid cluster up --fault-injection`",
+                     not have: start a cluster with it (`braid cluster up --dir NEW_DIR \
+                     --fault-injection --keep-change-log`: a cluster's layout is fixed when it is \
+                     made)",
                     action_name(other),
                     fault.at_ms
                 )));
@@ -1352,9 +1357,14 @@ fn check_attached_links(scenario: &Scenario, links: &[[String; 2]]) -> Result<()
     };
     Err(DrillError::Options(format!(
         "the attached cluster's links ({}) are not the scenario's ({}): set them with `braid \
-         topology`, or start the cluster with the scenario's (`braid cluster up --topology`)",
+         topology set --links {}` (or `--mesh`)",
         text(&found),
-        text(&wanted)
+        text(&wanted),
+        wanted
+            .iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect::<Vec<_>>()
+            .join(",")
     )))
 }
 
@@ -1390,8 +1400,9 @@ async fn cluster_for(
             if config.change_log_gc {
                 return Err(DrillError::Unsupported(format!(
                     "region {} garbage-collects its change log, and the drill's checks read \
-                     whole change logs: start the cluster with `braid cluster up \
-                     --keep-change-log` (or set change-log-gc = false in every braid.toml)",
+                     whole change logs: set change-log-gc = false in every braid.toml and \
+                     restart the regions, or start a cluster with `braid cluster up --dir NEW_DIR \
+                     --keep-change-log`",
                     entry.name
                 )));
             }
