@@ -329,6 +329,12 @@ impl ControlState {
         ) {
             next.topology()?;
         }
+        if matches!(
+            command,
+            ControlCommand::Drain(_) | ControlCommand::Remove(_) | ControlCommand::SetTopology(_)
+        ) {
+            next.check_drains_can_end()?;
+        }
         debug_assert!(next.invariants_hold());
         *self = next;
         Ok(())
@@ -564,6 +570,34 @@ impl ControlState {
         }
     }
 
+    /// Refuses a state in which the draining members' removals could not all commit: each
+    /// drain ends in a removal, and the links without every draining member must still join the
+    /// others (two drains each fine alone, or links changed during a drain, could cut a member
+    /// off, and leave a region refusing writes for good).
+    fn check_drains_can_end(&self) -> Result<(), ControlError> {
+        let draining: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| m.state == MemberState::Draining)
+            .collect();
+        if draining.is_empty() {
+            return Ok(());
+        }
+        let mut after = self.clone();
+        for member in after.members.values_mut() {
+            if member.state == MemberState::Draining {
+                member.state = MemberState::Removed;
+            }
+        }
+        after.topology().map(drop).map_err(|err| {
+            let regions: Vec<&str> = draining.iter().map(|m| m.region.as_str()).collect();
+            ControlError::Invalid(format!(
+                "once the regions leaving ({}) are removed, {err}: link around them first",
+                regions.join(", ")
+            ))
+        })
+    }
+
     /// The Raft voters: the first [`VOTERS_MAX`] active members by id; the others learn.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.active().take(VOTERS_MAX).map(|m| m.id).collect()
@@ -738,6 +772,48 @@ mod tests {
             TopologySpec::FullMesh,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn drains_and_link_changes_must_leave_every_leaver_removable() {
+        let n = NodeId;
+        // A square: a-b, a-c, b-d, c-d. Draining b alone is fine (a-c-d), c alone too; both
+        // together would leave a and d apart once both are removed.
+        let square =
+            TopologySpec::Links(vec![(n(1), n(2)), (n(1), n(3)), (n(2), n(4)), (n(3), n(4))]);
+        let mut s = ControlState::bootstrap(
+            vec![
+                member(1, "a"),
+                member(2, "b"),
+                member(3, "c"),
+                member(4, "d"),
+            ],
+            square,
+        )
+        .unwrap();
+        s.apply(&ControlCommand::Drain(n(2))).unwrap();
+        let err = s.apply(&ControlCommand::Drain(n(3))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("once the regions leaving (b, c) are removed"),
+            "{err}"
+        );
+        assert_eq!(s.member(n(3)).unwrap().state, MemberState::Active);
+        // Links changed during b's drain must still join the others without b.
+        let through_b = TopologySpec::Links(vec![(n(1), n(2)), (n(2), n(3)), (n(3), n(4))]);
+        let err = s
+            .apply(&ControlCommand::SetTopology(through_b))
+            .unwrap_err();
+        assert!(err.to_string().contains("(b)"), "{err}");
+        let around_b = TopologySpec::Links(vec![(n(1), n(2)), (n(1), n(3)), (n(3), n(4))]);
+        s.apply(&ControlCommand::SetTopology(around_b)).unwrap();
+        s.apply(&ControlCommand::Remove(n(2))).unwrap();
+        // A mesh: a drain and a removal of a dead member beside it are fine.
+        let mut mesh = three();
+        mesh.apply(&ControlCommand::Drain(n(3))).unwrap();
+        let chain = TopologySpec::Links(vec![(n(1), n(3)), (n(3), n(2))]);
+        assert!(mesh.apply(&ControlCommand::SetTopology(chain)).is_err());
+        mesh.apply(&ControlCommand::Remove(n(3))).unwrap();
     }
 
     fn vector(seqs: &[(u64, u64)]) -> VersionVector {
