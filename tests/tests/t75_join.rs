@@ -296,6 +296,11 @@ fn t75_a_dead_region_is_removed_and_collection_resumes_without_it() {
     let http = cluster.node("b").http.to_string();
     let out = braid(&["remove", "--http", &http, "--region", "c"]);
     assert!(out.status.success(), "{out:?}");
+    // Asked again (as after an answer that was lost): removed is what was asked for.
+    let again = braid(&["remove", "--http", &http, "--region", "c"]);
+    assert!(again.status.success(), "{again:?}");
+    let out = braid(&["remove", "--http", &http, "--region", "nowhere"]);
+    assert!(!out.status.success(), "{out:?}");
     // Refused, and nothing changes: the node asked to remove itself.
     let out = braid(&["remove", "--http", &http, "--region", "b"]);
     assert!(!out.status.success());

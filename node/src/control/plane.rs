@@ -490,10 +490,21 @@ impl ControlPlane {
         let state = self.state().ok_or_else(|| {
             ControlPlaneError::Invalid("the group is not bootstrapped yet".into())
         })?;
-        let member = state
+        let Some(member) = state
             .members()
             .find(|m| m.region == region && m.state != MemberState::Removed)
-            .ok_or_else(|| ControlPlaneError::Invalid(format!("no member {region}")))?;
+        else {
+            // Asked again after a try whose answer was lost (it committed): removed is what
+            // was asked for.
+            if state.members().any(|m| m.region == region) {
+                debug!(
+                    region,
+                    "a removal asked for again: the region is removed already"
+                );
+                return Ok(ControlReply::Applied);
+            }
+            return Err(ControlPlaneError::Invalid(format!("no member {region}")));
+        };
         if member.id == self.node {
             return Err(ControlPlaneError::Invalid(format!(
                 "{region} is this node: a running region leaves with `braid leave`"
