@@ -219,8 +219,11 @@ pub fn bootstrap_command(config: &NodeConfig) -> ControlCommand {
     }));
     members.sort_by_key(|m| m.id);
     // A loaded configuration's links form a usable topology (`NodeConfig::validate`).
+    // (A single region's links name none: that is a full mesh of one, not links naming no one.)
     let topology = match (&config.links, config.topology()) {
-        (Some(_), Ok(links)) => TopologySpec::Links(links.links().collect()),
+        (Some(_), Ok(links)) if links.links().next().is_some() => {
+            TopologySpec::Links(links.links().collect())
+        }
         _ => TopologySpec::FullMesh,
     };
     ControlCommand::Bootstrap { members, topology }
@@ -797,6 +800,9 @@ impl ControlPlane {
         }
         let Some(state) = self.state() else {
             match self.propose(bootstrap.clone()).await {
+                Ok(ControlReply::Refused(why)) => {
+                    error!(why, "control plane: bootstrap refused by the state machine")
+                }
                 Ok(reply) => info!(?reply, "control plane: bootstrap committed"),
                 Err(err) => warn!(error = %err, "control plane: bootstrap not committed"),
             }
@@ -1052,4 +1058,40 @@ async fn durable_checkpoint(inputs: &mpsc::Sender<Input>) -> Option<(VersionVect
 /// An HLC as status documents show it: `wall_ms.logical`.
 pub fn hlc_text(hlc: Hlc) -> String {
     format!("{}.{}", hlc.wall_ms, hlc.logical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `braid cluster up --regions 1 --topology chain` lays out one region whose links name
+    /// none: its group must bootstrap all the same.
+    #[test]
+    fn a_single_region_without_links_bootstraps_as_a_mesh_of_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("braid.toml");
+        let text = r#"
+cluster-id = "000102030405060708090a0b0c0d0e0f"
+node-id = 1
+region = "a"
+data-dir = "data"
+links = []
+[listen]
+peer = "127.0.0.1:7002"
+resp = "127.0.0.1:7000"
+http = "127.0.0.1:7001"
+[tls]
+ca-cert = "../ca.pem"
+cert = "node.pem"
+key = "node.key"
+"#;
+        std::fs::write(&path, text).unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        let ControlCommand::Bootstrap { members, topology } = bootstrap_command(&config) else {
+            panic!("not a bootstrap");
+        };
+        assert_eq!(topology, TopologySpec::FullMesh);
+        let state = ControlState::bootstrap(members, topology).unwrap();
+        assert!(state.topology().unwrap().contains(NodeId(1)));
+    }
 }
