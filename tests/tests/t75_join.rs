@@ -523,35 +523,53 @@ fn t75_a_region_removed_while_cut_off_is_told_when_the_link_heals_and_stops() {
 
 #[test]
 fn t75_a_leave_that_would_need_a_dead_voters_vote_is_refused_with_the_way_out() {
-    let mut cluster = Cluster::start(Layout::mesh(3));
+    let mut cluster = Cluster::start(Layout::mesh(4));
     wait_for(
         &mut cluster,
-        &["a", "b", "c"],
+        &["a", "b", "c", "d"],
         "every member reported a checkpoint",
         |s| {
             s.iter().all(|s| {
-                s.control.members.len() == 3
+                s.control.members.len() == 4
                     && s.control.members.iter().all(|m| m.checkpoint.is_some())
             })
         },
     );
-    // b dies; c leaving would change the voters {a, b, c} to {a, b}, which needs b's vote.
     cluster.node("b").kill9();
     // Its last checkpoint ages past 30 s.
     std::thread::sleep(Duration::from_secs(33));
-    let http = cluster.node("c").http.to_string();
-    let out = braid(&["leave", "--http", &http]);
+    // c leaving changes the voters {a, b, c, d} to {a, b, d}: a and d are a majority of it.
+    let out = braid(&["leave", "--http", &cluster.node("c").http.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(&mut cluster, &["a", "d"], "c removed", |s| {
+        s.iter()
+            .all(|s| member_state(s, "c").as_deref() == Some("removed"))
+    });
+    // c's removal made the state forget every checkpoint, b's too: b is still known dead. d
+    // leaving would change the voters to {a, b}, which needs b's vote; so would removing d.
+    let out = braid(&["leave", "--http", &cluster.node("d").http.to_string()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the leave was accepted: {stderr}");
     assert!(
         stderr.contains("needs the votes of b") && stderr.contains("braid remove"),
         "{stderr}"
     );
-    // Nothing changed: c is still active and takes writes.
-    let statuses = wait_for(&mut cluster, &["a", "c"], "c still active", |s| {
+    let http = cluster.node("a").http.to_string();
+    let out = braid(&["remove", "--http", &http, "--region", "d"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the removal was accepted: {stderr}");
+    assert!(
+        stderr.contains("removing d now needs the votes of b"),
+        "{stderr}"
+    );
+    // Nothing changed: d is still active and takes writes.
+    let statuses = wait_for(&mut cluster, &["a", "d"], "d still active", |s| {
         s.iter()
-            .all(|s| member_state(s, "c").as_deref() == Some("active"))
+            .all(|s| member_state(s, "d").as_deref() == Some("active"))
     });
     assert_eq!(statuses.len(), 2);
-    let _: () = cluster.node("c").redis().set("still", "1").unwrap();
+    let _: () = cluster.node("d").redis().set("still", "1").unwrap();
+    // The way out: remove the dead voter first; then d may leave.
+    let out = braid(&["remove", "--http", &http, "--region", "b"]);
+    assert!(out.status.success(), "{out:?}");
 }

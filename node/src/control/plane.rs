@@ -44,7 +44,7 @@ use super::quic::{CallError, QuicRaftClient, QuicRaftNetwork};
 use super::rocks_log::RocksRaftLog;
 use super::store::StateMachineStore;
 use super::{
-    raft_config, ControlRaft, ControlReply, CHECKPOINT_INTERVAL_MS, PROPOSE_MS_MAX,
+    lock, raft_config, ControlRaft, ControlReply, CHECKPOINT_INTERVAL_MS, PROPOSE_MS_MAX,
     PROPOSE_RETRY_MS, UPKEEP_MS,
 };
 use crate::config::NodeConfig;
@@ -113,6 +113,9 @@ pub struct ControlPlane {
     regions: Arc<BTreeMap<NodeId, String>>,
     /// Clients for forwarded proposals, one per leader, kept with their connections.
     forwards: Arc<tokio::sync::Mutex<BTreeMap<NodeId, QuicRaftClient>>>,
+    /// When each member last reported a checkpoint, as far as this node has seen: the state
+    /// forgets every checkpoint at a removal, and a voter dead since must not count as alive.
+    heard: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -297,6 +300,7 @@ impl ControlPlane {
             network,
             regions: Arc::new(config.regions()),
             forwards: Arc::default(),
+            heard: Arc::default(),
         };
         // The directory follows the committed members from the start, before the mesh serves
         // anyone: a member removed while this node was down is refused (and told why) at once,
@@ -514,6 +518,14 @@ impl ControlPlane {
             )));
         }
         let id = member.id;
+        // The voters once it is removed (a learner may take its place).
+        let mut removed_state = state.clone();
+        if removed_state.apply(&ControlCommand::Remove(id)).is_ok() {
+            let after = removed_state.voters();
+            if after != state.voters() {
+                self.refuse_silent_voters(&state, &after, &format!("removing {region} now"))?;
+            }
+        }
         let removed = |state: &ControlState| {
             state
                 .member(id)
@@ -903,28 +915,7 @@ impl ControlPlane {
             return Ok(ControlReply::Applied);
         }
         if let Some(state) = self.state() {
-            let after = state.voters_without(self.node);
-            let now = now_ms();
-            let silent: Vec<&str> = after
-                .iter()
-                // One that has not reported yet (a group just started) is given the benefit
-                // of the doubt.
-                .filter(|id| {
-                    state
-                        .checkpoints()
-                        .get(id)
-                        .is_some_and(|c| now.saturating_sub(c.reported_ms) > VOTER_SILENT_MS)
-                })
-                .filter_map(|id| state.member(*id).map(|m| m.region.as_str()))
-                .collect();
-            if !after.is_empty() && (after.len() - silent.len()) * 2 <= after.len() {
-                return Err(ControlPlaneError::Invalid(format!(
-                    "leaving now needs the votes of {}, which reported no checkpoint for over {} \
-                     s: bring them back, or remove them first (`braid remove --region NAME`)",
-                    silent.join(", "),
-                    VOTER_SILENT_MS / 1000
-                )));
-            }
+            self.refuse_silent_voters(&state, &state.voters_without(self.node), "leaving now")?;
         }
         let node = self.node;
         let draining = |state: &ControlState| {
@@ -1018,12 +1009,57 @@ impl ControlPlane {
         }
     }
 
+    /// Refuses a change of the voters to `after` that needs the votes of voters silent for
+    /// over [`VOTER_SILENT_MS`] (counted dead): it would hold the control plane still, the
+    /// change itself too, until they came back. One never heard from yet (a group just started)
+    /// is given the benefit of the doubt.
+    fn refuse_silent_voters(
+        &self,
+        state: &ControlState,
+        after: &BTreeSet<NodeId>,
+        what: &str,
+    ) -> Result<(), ControlPlaneError> {
+        self.note_reports(state);
+        let heard = lock(&self.heard);
+        let now = now_ms();
+        let silent: Vec<&str> = after
+            .iter()
+            .filter(|id| {
+                heard
+                    .get(id)
+                    .is_some_and(|at| now.saturating_sub(*at) > VOTER_SILENT_MS)
+            })
+            .filter_map(|id| state.member(*id).map(|m| m.region.as_str()))
+            .collect();
+        if !after.is_empty() && (after.len() - silent.len()) * 2 <= after.len() {
+            return Err(ControlPlaneError::Invalid(format!(
+                "{what} needs the votes of {}, which reported no checkpoint for over {} s: bring \
+                 them back, or remove them first (`braid remove --region NAME`)",
+                silent.join(", "),
+                VOTER_SILENT_MS / 1000
+            )));
+        }
+        Ok(())
+    }
+
+    /// Notes the latest report of each member the state holds.
+    fn note_reports(&self, state: &ControlState) {
+        let mut heard = lock(&self.heard);
+        for (node, checkpoint) in state.checkpoints() {
+            let at = heard.entry(*node).or_default();
+            *at = (*at).max(checkpoint.reported_ms);
+        }
+    }
+
     /// Reports this node's vector, made durable first: the others delete what every
     /// checkpoint holds, so a checkpoint must never name what a power loss could take away.
     async fn report_checkpoint(&self, inputs: &mpsc::Sender<Input>) {
         let Some((vector, hlc)) = durable_checkpoint(inputs).await else {
             return;
         };
+        if let Some(state) = self.state() {
+            self.note_reports(&state);
+        }
         let command = ControlCommand::ReportCheckpoint {
             node: self.node,
             vector,
