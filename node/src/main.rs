@@ -1283,14 +1283,14 @@ async fn leave(http: SocketAddr) -> Result<()> {
         .control
         .members
         .iter()
-        .filter(|m| m.name != region)
+        .filter(|m| m.id != status.node)
         .map(|m| m.http_address.clone())
         .collect();
     loop {
         let Ok(body) = braid_node::admin_client::get(http, "/status", Duration::from_secs(5)).await
         else {
             // The node stops once it is removed: another member confirms it.
-            if removed_elsewhere(&others, &region).await {
+            if removed_elsewhere(&others, status.node).await {
                 println!("Region {region} has left the mesh and stopped.");
                 return Ok(());
             }
@@ -1308,7 +1308,7 @@ async fn leave(http: SocketAddr) -> Result<()> {
                 .control
                 .members
                 .iter()
-                .filter(|m| m.name != region && m.state != "removed")
+                .filter(|m| m.id != status.node && m.state != "removed")
                 .map(|m| m.http_address.clone())
                 .collect();
             let mine = status.vector.get(&region).copied().unwrap_or(0);
@@ -1349,8 +1349,8 @@ async fn leave(http: SocketAddr) -> Result<()> {
     }
 }
 
-/// Whether one of the regions at `others` (HTTP addresses) shows `region` removed.
-async fn removed_elsewhere(others: &[String], region: &str) -> bool {
+/// Whether one of the regions at `others` (HTTP addresses) shows the member `node` removed.
+async fn removed_elsewhere(others: &[String], node: u64) -> bool {
     for other in others {
         let Ok(addr) = other.parse::<SocketAddr>() else {
             continue;
@@ -1364,7 +1364,8 @@ async fn removed_elsewhere(others: &[String], region: &str) -> bool {
                 .control
                 .members
                 .iter()
-                .any(|m| m.name == region && m.state == "removed")
+                // By id: a region name may be taken again once its member is removed.
+                .any(|m| m.id == node && m.state == "removed")
             {
                 return true;
             }
