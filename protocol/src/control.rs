@@ -570,6 +570,51 @@ impl ControlState {
         }
     }
 
+    /// The reason `err` gives, with members named by region, as operators name them (the
+    /// error's own text names node ids, which no command takes).
+    pub fn explain(&self, err: &ControlError) -> String {
+        let name = |node: &NodeId| {
+            self.member(*node)
+                .map_or_else(|| node.to_string(), |m| m.region.clone())
+        };
+        match err {
+            ControlError::UnknownMember(node) => format!("{} is not a member", name(node)),
+            ControlError::Transition { node, from, to } => format!(
+                "{} is {}, so it cannot become {}",
+                name(node),
+                from.name(),
+                to.name()
+            ),
+            ControlError::Topology(err) => format!("topology: {}", self.explain_topology(err)),
+            other => other.to_string(),
+        }
+    }
+
+    /// [`ControlState::explain`] for a topology's refusal.
+    fn explain_topology(&self, err: &TopologyError) -> String {
+        let name = |node: &NodeId| {
+            self.member(*node)
+                .map_or_else(|| node.to_string(), |m| m.region.clone())
+        };
+        match err {
+            TopologyError::UnknownNode(a, b) => {
+                format!(
+                    "link {}-{} names a region outside the mesh",
+                    name(a),
+                    name(b)
+                )
+            }
+            TopologyError::SelfLink(node) => format!("link from {} to itself", name(node)),
+            TopologyError::Disconnected(from, to) => format!(
+                "{} cannot reach {} through the links (set links that join them with `braid \
+                 topology set`)",
+                name(from),
+                name(to)
+            ),
+            TopologyError::Empty => err.to_string(),
+        }
+    }
+
     /// Refuses a state in which the draining members' removals could not all commit: each
     /// drain ends in a removal, and the links without every draining member must still join the
     /// others (two drains each fine alone, or links changed during a drain, could cut a member
@@ -592,8 +637,9 @@ impl ControlState {
         after.topology().map(drop).map_err(|err| {
             let regions: Vec<&str> = draining.iter().map(|m| m.region.as_str()).collect();
             ControlError::Invalid(format!(
-                "once the regions leaving ({}) are removed, {err}: link around them first",
-                regions.join(", ")
+                "once the regions leaving ({}) are removed, {}",
+                regions.join(", "),
+                self.explain_topology(&err)
             ))
         })
     }
@@ -814,6 +860,36 @@ mod tests {
         let chain = TopologySpec::Links(vec![(n(1), n(3)), (n(3), n(2))]);
         assert!(mesh.apply(&ControlCommand::SetTopology(chain)).is_err());
         mesh.apply(&ControlCommand::Remove(n(3))).unwrap();
+    }
+
+    #[test]
+    fn refusals_are_explained_by_region_name() {
+        let n = NodeId;
+        let mut s = three();
+        let cut = TopologySpec::Links(vec![(n(1), n(2)), (n(2), n(1))]);
+        let err = s.apply(&ControlCommand::SetTopology(cut)).unwrap_err();
+        let text = s.explain(&err);
+        assert!(
+            text.contains("the links name no link of n3 (region c)"),
+            "{text}"
+        );
+        let chain = TopologySpec::Links(vec![(n(1), n(2)), (n(2), n(3))]);
+        s.apply(&ControlCommand::SetTopology(chain)).unwrap();
+        let err = s.apply(&ControlCommand::Drain(n(2))).unwrap_err();
+        let text = s.explain(&err);
+        assert!(
+            text.contains("a cannot reach c through the links")
+                && text.contains("braid topology set"),
+            "{text}"
+        );
+        s.apply(&ControlCommand::Drain(n(1))).unwrap();
+        let err = s.apply(&ControlCommand::Drain(n(1))).unwrap_err();
+        assert_eq!(
+            s.explain(&err),
+            "a is draining, so it cannot become draining"
+        );
+        let err = s.apply(&ControlCommand::Drain(n(9))).unwrap_err();
+        assert_eq!(s.explain(&err), "n9 is not a member");
     }
 
     fn vector(seqs: &[(u64, u64)]) -> VersionVector {

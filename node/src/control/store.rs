@@ -313,7 +313,11 @@ impl RaftStateMachine<ControlConfig> for StateMachineStore {
                 EntryPayload::Blank => ControlReply::Nothing,
                 EntryPayload::Normal(command) => match apply_to(&mut inner.state, &command) {
                     Ok(()) => ControlReply::Applied,
-                    Err(err) => ControlReply::Refused(err.to_string()),
+                    // A refusal changed nothing: the state names the members it names.
+                    Err(err) => ControlReply::Refused(match &inner.state {
+                        Some(state) => state.explain(&err),
+                        None => err.to_string(),
+                    }),
                 },
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), membership);
