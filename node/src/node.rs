@@ -132,7 +132,9 @@ pub const REMOVED_MARKER: &str = "REMOVED";
 fn removed_error(config: &NodeConfig) -> NodeError {
     NodeError::Task(format!(
         "region {} (node {}) was removed from the mesh, and a removed node's id is never used \
-         again: set this region up anew to bring it back",
+         again: to bring a region back, give it a new id and an empty data directory and join it \
+         (with a local cluster: `braid add-region --dir DIR --region NEW_NAME`, then `braid \
+         join`)",
         config.region,
         config.node()
     ))
