@@ -147,12 +147,36 @@ fn spawn_node(
         command.process_group(0);
     } else {
         command.kill_on_drop(true);
+        stop_with_parent(&mut command);
     }
     let child = command
         .spawn()
         .map_err(|e| LaunchError::Io(format!("cannot start region {}", region.name), e))?;
     region.pid = child.id();
     Ok(child)
+}
+
+/// Has the child told SIGTERM when this process dies without stopping it (SIGKILL, the OOM
+/// killer), which dropping it cannot do: a node it started then stops cleanly instead of holding
+/// its ports after it. (The signal follows the thread that started the child: here a runtime's
+/// worker, which lives as long as the process.)
+fn stop_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec, and calls only prctl(2) and
+    // getppid(2) and makes errors from OS codes: nothing that allocates or takes a lock.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Died before the call: nobody would send the signal.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 fn http_addr(region: &RegionEntry) -> Result<SocketAddr, LaunchError> {

@@ -606,41 +606,30 @@ fn t60_a_drill_that_cannot_go_on_still_reports_and_fails() {
     );
 }
 
-/// A leave that finds its region down waits for it to run again, as in the simulator: the
-/// drill restarts it at the end of the workload, and it leaves then.
-#[test]
-fn t60_a_leave_of_a_region_that_is_down_waits_for_it_to_run() {
-    let work = tempfile::tempdir().unwrap();
-    let scenario = work.path().join("down-leave.toml");
-    std::fs::write(
-        &scenario,
+/// The scenario of three regions a, b, c under a light load, with `timeline` (TOML), run as a
+/// drill in `work`: its output, its JSON report and its cluster's directory.
+fn drill_of_three(work: &Path, timeline: &str) -> (Output, Value, std::path::PathBuf) {
+    let scenario = work.join("scenario.toml");
+    let body = format!(
         r#"
-name = "down-leave"
+name = "three"
 regions = ["a", "b", "c"]
-duration-ms = 4000
+duration-ms = 9000
 [network]
 latency-ms-min = 5
 latency-ms-max = 20
 [workload]
 rate-per-region = 50
 keys = 50
-[[timeline]]
-at-ms = 1000
-action = "kill"
-region = "b"
-[[timeline]]
-at-ms = 2000
-action = "leave"
-region = "b"
 [expect]
 converged-within-ms = 30000
 no-lost-writes = true
-"#,
-    )
-    .unwrap();
-    let json = work.path().join("r.json");
+{timeline}"#
+    );
+    std::fs::write(&scenario, body).unwrap();
+    let json = work.join("r.json");
     let base = free_base_port(3).to_string();
-    let dir = work.path().join("d");
+    let dir = work.join("d");
     let out = braid(&[
         "drill",
         scenario.to_str().unwrap(),
@@ -654,6 +643,27 @@ no-lost-writes = true
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (out, report, dir.join("cluster"))
+}
+
+/// A leave that finds its region down waits for it to run again, as in the simulator: the
+/// drill restarts it at the end of the workload, and it leaves then.
+#[test]
+fn t60_a_leave_of_a_region_that_is_down_waits_for_it_to_run() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, report, cluster) = drill_of_three(
+        work.path(),
+        r#"
+[[timeline]]
+at-ms = 1000
+action = "kill"
+region = "b"
+[[timeline]]
+at-ms = 2000
+action = "leave"
+region = "b"
+"#,
+    );
     let membership = checker(&report, "membership");
     assert_eq!(membership["passed"], true, "{membership}");
     assert!(
@@ -668,7 +678,7 @@ no-lost-writes = true
         warnings.contains("leave b at") && warnings.contains("it leaves once it runs again"),
         "{warnings}"
     );
-    let file = ClusterFile::load(&dir.join("cluster")).expect("cluster.json");
+    let file = ClusterFile::load(&cluster).expect("cluster.json");
     assert_eq!(
         file.regions.iter().find(|r| r.name == "b").unwrap().pid,
         None
@@ -690,19 +700,9 @@ no-lost-writes = true
 #[test]
 fn t60_a_region_that_joined_restarts_with_the_faults_in_force() {
     let work = tempfile::tempdir().unwrap();
-    let scenario = work.path().join("join-restart.toml");
-    std::fs::write(
-        &scenario,
+    let (out, report, cluster) = drill_of_three(
+        work.path(),
         r#"
-name = "join-restart"
-regions = ["a", "b", "c"]
-duration-ms = 9000
-[network]
-latency-ms-min = 5
-latency-ms-max = 20
-[workload]
-rate-per-region = 50
-keys = 50
 [[timeline]]
 at-ms = 1000
 action = "join"
@@ -715,37 +715,74 @@ region = "c"
 at-ms = 7000
 action = "restart"
 region = "c"
-[expect]
-converged-within-ms = 30000
-no-lost-writes = true
 "#,
-    )
-    .unwrap();
-    let json = work.path().join("r.json");
-    let base = free_base_port(3).to_string();
-    let dir = work.path().join("d");
-    let out = braid(&[
-        "drill",
-        scenario.to_str().unwrap(),
-        "--base-port",
-        &base,
-        "--dir",
-        dir.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    );
+    let (stdout, _) = text(&out);
     assert!(
         stdout.contains("failure: kill c") && !stdout.contains("(skipped)"),
         "{stdout}"
     );
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(checker(&report, "membership")["passed"], true);
-    let log = std::fs::read_to_string(dir.join("cluster").join("c").join("braid.log")).unwrap();
+    let log = std::fs::read_to_string(cluster.join("c").join("braid.log")).unwrap();
     assert!(
         log.contains("once the members were known"),
         "the restarted c set its faults late: {log}"
     );
-    processes_gone(&dir.join("cluster"));
+    processes_gone(&cluster);
+}
+
+/// A drill killed outright (SIGKILL, the OOM killer) cannot stop its cluster: its nodes are
+/// told by the kernel and stop, instead of holding their ports for the next drill.
+#[test]
+fn t60_the_nodes_of_a_drill_killed_outright_stop() {
+    let work = tempfile::tempdir().unwrap();
+    let scenario = work.path().join("long.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"long\"\nregions = [\"a\", \"b\"]\nduration-ms = 60000\n\
+         [workload]\nrate-per-region = 10\nkeys = 10\n",
+    )
+    .unwrap();
+    let dir = work.path().join("d");
+    let base = free_base_port(2).to_string();
+    let mut drill = Command::new(braid_bin())
+        .args([
+            "drill",
+            scenario.to_str().unwrap(),
+            "--base-port",
+            &base,
+            "--dir",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its regions run once cluster.json records both.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let pids = loop {
+        let pids: Vec<u32> = ClusterFile::load(&dir.join("cluster"))
+            .map(|f| f.regions.iter().filter_map(|r| r.pid).collect())
+            .unwrap_or_default();
+        if pids.len() == 2 && pids.iter().all(|p| braid_tests::running(*p)) {
+            break pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drill's regions did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    drill.kill().unwrap();
+    drill.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pids.iter().any(|p| braid_tests::running(*p)) {
+        if std::time::Instant::now() > deadline {
+            for pid in &pids {
+                braid_node::launch::signal(*pid, libc::SIGKILL);
+            }
+            panic!("the nodes outlived the drill: {pids:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
