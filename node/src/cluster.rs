@@ -328,57 +328,66 @@ pub fn add_region(dir: &Path, name: &str) -> Result<RegionEntry, InitError> {
         )));
     }
     std::fs::create_dir_all(&region_dir).map_err(|e| InitError::Io(region_dir.clone(), e))?;
-    let cert = tls::generate_node_cert(&ca, node)?;
-    write_file(&region_dir.join("node.pem"), &cert.cert_pem, false)?;
-    write_file(&region_dir.join("node.key"), &cert.key_pem, true)?;
-    let listen = Listen {
-        resp: port(0)?,
-        http: port(1)?,
-        peer: port(2)?,
-    };
-    let config = NodeConfig {
-        node_id: node.0,
-        region: name.to_owned(),
-        data_dir: PathBuf::from("data"),
-        listen: listen.clone(),
-        tls: TlsFiles {
-            ca_cert: PathBuf::from("../ca.pem"),
-            cert: PathBuf::from("node.pem"),
-            key: PathBuf::from("node.key"),
-        },
-        peers: Vec::new(),
-        links: None,
-        ..template
-    };
-    let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
-    let path = region_dir.join("braid.toml");
-    let header = format!(
-        "# Braid node configuration for region {name} (written by `braid add-region`).\n\
-         # It lists no peers: the running mesh tells it when it joins (`braid join`).\n\
-         # Every key is described in docs/operations.md.\n\n"
-    );
-    write_file(&path, &(header + &text), config.password.is_some())?;
-    let config = NodeConfig::load(&path)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| InitError::Io(config.data_dir.clone(), e))?;
-    for marker in [
-        crate::node::JOINED_MARKER,
-        crate::node::SNAPSHOT_PENDING_MARKER,
-    ] {
-        write_file(&config.data_dir.join(marker), "", false)?;
+    // What fails from here on takes the region's directory with it: the same command, run
+    // again once the cause is fixed, lays the region out.
+    let laid_out = (|| -> Result<RegionEntry, InitError> {
+        let cert = tls::generate_node_cert(&ca, node)?;
+        write_file(&region_dir.join("node.pem"), &cert.cert_pem, false)?;
+        write_file(&region_dir.join("node.key"), &cert.key_pem, true)?;
+        let listen = Listen {
+            resp: port(0)?,
+            http: port(1)?,
+            peer: port(2)?,
+        };
+        let config = NodeConfig {
+            node_id: node.0,
+            region: name.to_owned(),
+            data_dir: PathBuf::from("data"),
+            listen: listen.clone(),
+            tls: TlsFiles {
+                ca_cert: PathBuf::from("../ca.pem"),
+                cert: PathBuf::from("node.pem"),
+                key: PathBuf::from("node.key"),
+            },
+            peers: Vec::new(),
+            links: None,
+            ..template
+        };
+        let text =
+            toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
+        let path = region_dir.join("braid.toml");
+        let header = format!(
+            "# Braid node configuration for region {name} (written by `braid add-region`).\n\
+             # It lists no peers: the running mesh tells it when it joins (`braid join`).\n\
+             # Every key is described in docs/operations.md.\n\n"
+        );
+        write_file(&path, &(header + &text), config.password.is_some())?;
+        let config = NodeConfig::load(&path)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| InitError::Io(config.data_dir.clone(), e))?;
+        for marker in [
+            crate::node::JOINED_MARKER,
+            crate::node::SNAPSHOT_PENDING_MARKER,
+        ] {
+            write_file(&config.data_dir.join(marker), "", false)?;
+        }
+        let entry = RegionEntry {
+            name: name.to_owned(),
+            id: node.0,
+            resp: listen.resp.to_string(),
+            http: listen.http.to_string(),
+            peer: listen.peer.to_string(),
+            pid: None,
+            config: path,
+        };
+        file.regions.push(entry.clone());
+        file.save(dir)?;
+        Ok(entry)
+    })();
+    if laid_out.is_err() {
+        let _ = std::fs::remove_dir_all(&region_dir);
     }
-    let entry = RegionEntry {
-        name: name.to_owned(),
-        id: node.0,
-        resp: listen.resp.to_string(),
-        http: listen.http.to_string(),
-        peer: listen.peer.to_string(),
-        pid: None,
-        config: path,
-    };
-    file.regions.push(entry.clone());
-    file.save(dir)?;
-    Ok(entry)
+    laid_out
 }
 
 /// Region names for `cluster up --regions N`: a, b, c, ... (then r27, r28, ...).
@@ -469,6 +478,36 @@ mod tests {
             !dir.path().join("ca.key").exists(),
             "keys written before the refusal"
         );
+    }
+
+    #[test]
+    fn add_region_that_fails_half_way_can_be_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            regions: vec!["a".into()],
+            dir: dir.path().to_owned(),
+            host: "127.0.0.1".parse().unwrap(),
+            base_port: 17000,
+            links: None,
+            durability: Durability::Process,
+            password: None,
+            fault_injection: false,
+            change_log_gc: true,
+        };
+        init(&options).unwrap();
+        // The certificate cannot be made (after the region's directory was): nothing stays.
+        let key = dir.path().join("ca.key");
+        let good = std::fs::read_to_string(&key).unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        assert!(add_region(dir.path(), "b").is_err());
+        assert!(
+            !dir.path().join("b").exists(),
+            "the half-made region is gone"
+        );
+        std::fs::write(&key, good).unwrap();
+        let entry = add_region(dir.path(), "b").unwrap();
+        assert_eq!(entry.name, "b");
+        assert_eq!(ClusterFile::load(dir.path()).unwrap().regions.len(), 2);
     }
 
     #[test]
